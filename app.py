@@ -1,0 +1,8 @@
+"""ModHiFi Studio: the frame (page config, sidebar) and the router over pages/."""
+import streamlit as st
+
+from ui import state
+
+st.set_page_config(page_title="ModHiFi Studio", page_icon="🎛️", layout="wide")
+state.sidebar()
+st.navigation([st.Page("pages/overview.py", title="Overview", default=True)]).run()

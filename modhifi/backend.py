@@ -1,0 +1,96 @@
+"""The scoring backend: the device, chosen once and passed down, and how to time code on it.
+
+This is the only module that knows about CUDA. Everything else takes a `Backend` (or its
+`device`) and runs the same code on the GPU or the CPU.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+from modhifi.errors import UserError
+
+DeviceChoice = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where heavy math runs: a torch device and a human-readable description."""
+
+    device: torch.device
+    description: str
+    threads: int
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def synchronize(self) -> None:
+        """Wait for queued kernels so that wall-clock reads are honest."""
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+
+    def peak_memory_reset(self) -> None:
+        if self.is_cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_memory_bytes(self) -> int | None:
+        """Peak device memory since the last reset (None on the CPU, where torch has no counter)."""
+        return torch.cuda.max_memory_allocated(self.device) if self.is_cuda else None
+
+
+def choose_backend(choice: DeviceChoice = "auto") -> Backend:
+    """Pick the device once: `auto` means CUDA when present, else the CPU.
+
+    Raises UserError when `cuda` is asked for on a machine without one.
+    """
+    if choice not in ("auto", "cpu", "cuda"):
+        raise UserError(f"unknown device {choice!r}: use auto, cpu or cuda")
+    threads = torch.get_num_threads()
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible: use --device auto or cpu")
+    if choice != "cpu" and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+        return Backend(device, f"GPU: {torch.cuda.get_device_name(device)}", threads)
+    return Backend(torch.device("cpu"), f"CPU: {threads} threads", threads)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Wall time of repeated calls, in milliseconds."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    repeats: int
+    warmup: int
+
+
+def time_calls(backend: Backend, fn: Callable[[], object], *, warmup: int = 5,
+               repeats: int = 30) -> Timing:
+    """Time `fn()` the paper's way: warm-up, then many repeats; median and spread.
+
+    CUDA events on the GPU (kernel time without host jitter), `perf_counter` on the CPU.
+    """
+    for _ in range(warmup):
+        fn()
+    backend.synchronize()
+    samples = []
+    for _ in range(repeats):
+        if backend.is_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(backend.device)
+            samples.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - begin) * 1e3)
+    deciles = statistics.quantiles(samples, n=10) if len(samples) > 1 else samples * 9
+    return Timing(statistics.median(samples), deciles[0], deciles[-1], repeats, warmup)

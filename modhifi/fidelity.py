@@ -1,0 +1,368 @@
+"""Input statistics, component similarity Q, singleton fidelity, saliency, subset fidelity and
+compensation (method.md §1–2).
+
+Everything follows from the second moment H of a layer's input patches: the contribution of input
+channel i to output channel c is A_ci = Φ_i ⋆ W_ci, so E⟨A_ci, A_cj⟩ = w_ciᵀ H[i,j] w_cj. Per-sample
+contributions are never materialised.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from modhifi.errors import UserError
+
+# Bound on the elements of one temporary (patch chunk, batch of Q_c) so memory stays ~100 MiB.
+_CHUNK_ELEMENTS = 2**24
+
+
+@dataclass(frozen=True, eq=False)
+class LayerMoments:
+    """Sums over samples of a layer's input patches; shards of data merge with `+`."""
+
+    second: Tensor  # (d, d) Σ over samples and positions of PᵀP, d = c_in·k²
+    position_sum: Tensor  # (L, d) Σ over samples of the patch at each position
+    samples: int  # N
+
+    def __add__(self, other: LayerMoments) -> LayerMoments:
+        if self.position_sum.shape != other.position_sum.shape:
+            raise UserError(
+                f"cannot merge moments with patch shapes {tuple(self.position_sum.shape)} and "
+                f"{tuple(other.position_sum.shape)}; feed inputs of one size to a layer"
+            )
+        return LayerMoments(
+            second=self.second + other.second,
+            position_sum=self.position_sum + other.position_sum,
+            samples=self.samples + other.samples,
+        )
+
+    def mean_second(self) -> Tensor:
+        """(d, d) E[Σ_positions PᵀP] in float64."""
+        return self.second.double() / self.samples
+
+    def centered_second(self) -> Tensor:
+        """(d, d) E[Σ_positions PᵀP] − Σ_p μ_p μ_pᵀ with μ_p the mean patch at position p, in float64.
+
+        Float64 because the subtraction cancels most of the magnitude when the means are large.
+        """
+        mu = self.position_sum.double() / self.samples  # (L, d)
+        return self.mean_second() - mu.T @ mu
+
+
+def _check_supported(layer: nn.Module, inputs: Tensor) -> None:
+    """Raise a one-line UserError unless `layer` can be scored on `inputs`."""
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups != 1:
+            raise UserError(
+                f"Conv2d with groups={layer.groups} is not supported; score only groups=1 convolutions"
+            )
+        if inputs.dim() != 4 or inputs.shape[1] != layer.in_channels:
+            raise UserError(
+                f"expected Conv2d input of shape (N, {layer.in_channels}, H, W), "
+                f"got {tuple(inputs.shape)}; pass the batch this layer receives"
+            )
+    elif isinstance(layer, nn.Linear):
+        if inputs.dim() < 2 or inputs.shape[-1] != layer.in_features:
+            raise UserError(
+                f"expected Linear input of shape (N, [T,] {layer.in_features}), "
+                f"got {tuple(inputs.shape)}; pass the batch this layer receives"
+            )
+    else:
+        raise UserError(f"{type(layer).__name__} is not supported; pass an nn.Conv2d or an nn.Linear")
+    if len(inputs) == 0:
+        raise UserError("the input batch is empty; pass at least one sample")
+
+
+def _patches(layer: nn.Conv2d | nn.Linear, inputs: Tensor) -> Tensor:
+    """(N, L, d): the rows that `layer.weight.reshape(c_out, -1)` multiplies, channel-major."""
+    if isinstance(layer, nn.Linear):
+        return inputs.reshape(len(inputs), -1, layer.in_features)  # (N, [T,] c_in) -> (N, L, c_in)
+    # Pad the way Conv2d itself does: F.unfold's symmetric zero padding cannot express
+    # padding="same" with an even kernel or the reflect/replicate/circular modes.
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    padded = F.pad(inputs, layer._reversed_padding_repeated_twice, mode=mode)
+    # Strided views give F.unfold's patches in F.unfold's order, ~30× faster on a CPU.
+    (kh, kw), (dh, dw), (sh, sw) = layer.kernel_size, layer.dilation, layer.stride
+    windows = padded.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
+    # (N, c_in, H', W', kh, kw) -> (N, H'·W', c_in·kh·kw)
+    return windows.permute(0, 2, 3, 1, 4, 5).reshape(len(inputs), -1, layer.weight[0].numel())
+
+
+def moments_of(layer: nn.Conv2d | nn.Linear, inputs: Tensor) -> LayerMoments:
+    """Input statistics of one layer from one batch of its inputs.
+
+    Args:
+        layer: an `nn.Conv2d` with groups=1 or an `nn.Linear`.
+        inputs: the layer's input, (N, c_in, H, W) for a conv, (N, [T,] c_in) for a linear layer.
+
+    Returns:
+        The batch's `LayerMoments`, in the input's dtype (at least float32) on the input's device.
+
+    Raises:
+        UserError (a ValueError): for an unsupported layer or an input of the wrong shape.
+    """
+    _check_supported(layer, inputs)
+    inputs = inputs.detach().to(torch.promote_types(inputs.dtype, torch.float32))
+    # Unfolding multiplies the data by k², so unfold a few samples at a time.
+    kernel_area = layer.weight[0, 0].numel()
+    chunk = max(1, _CHUNK_ELEMENTS // (inputs[0].numel() * kernel_area))
+    second, position_sum = 0, 0
+    for part in inputs.split(chunk):
+        patches = _patches(layer, part)  # (n, L, d)
+        rows = patches.reshape(-1, patches.shape[-1])  # (n·L, d)
+        second = second + rows.T @ rows
+        position_sum = position_sum + patches.sum(0)
+    return LayerMoments(second, position_sum, len(inputs))
+
+
+def collect_moments(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module] | Iterable[str],
+    batches: Iterable[Tensor],
+    *,
+    device: torch.device | str,
+) -> dict[str, LayerMoments]:
+    """Input statistics of several layers from forward passes of `model`.
+
+    The model is not modified: put it in eval mode and on `device` beforehand.
+
+    Args:
+        model: the network to run.
+        layers: name -> layer, or names resolved with `model.get_submodule`.
+        batches: model inputs; each is moved to `device`.
+        device: where the forward passes and the statistics live.
+
+    Returns:
+        name -> `LayerMoments` over all batches.
+
+    Raises:
+        UserError (a ValueError): for an unsupported layer, or one that no batch reached.
+    """
+    if isinstance(layers, Mapping):
+        named = dict(layers)
+    else:
+        named = {name: model.get_submodule(name) for name in layers}
+    moments: dict[str, LayerMoments] = {}
+
+    def record(name: str):
+        def hook(layer: nn.Module, args: tuple) -> None:
+            batch = moments_of(layer, args[0])
+            moments[name] = moments[name] + batch if name in moments else batch
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(record(name)) for name, layer in named.items()]
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                model(batch.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = named.keys() - moments.keys()
+    if missing:
+        raise UserError(f"no input reached layers {sorted(missing)}; pass layers the forward pass uses")
+    return moments
+
+
+def _ridge_solve(A: Tensor, B: Tensor, lam: float) -> Tensor:
+    """(A + λ·mean(diag A)·I)⁻¹ B for a batch of PSD systems A (..., n, n), B (..., n, m)."""
+    scale = lam * A.diagonal(dim1=-2, dim2=-1).mean(-1)  # (...,): λ relative, so unit-free
+    A = A + scale[..., None, None] * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    factor, info = torch.linalg.cholesky_ex(A)
+    if not info.any():
+        return torch.cholesky_solve(B, factor)
+    # Singular (dead channels, collinear inputs with lam=0): the minimum-norm optimum.
+    return torch.linalg.pinv(A, hermitian=True) @ B
+
+
+def _as_index(S: Iterable[int] | Tensor, device: torch.device) -> Tensor:
+    """Sorted unique LongTensor of component indices."""
+    S = S if isinstance(S, Tensor) else sorted(S)
+    return torch.as_tensor(S, dtype=torch.long, device=device).unique()
+
+
+@dataclass(frozen=True, eq=False)
+class LayerFidelity:
+    """Component similarity, fidelity scores and compensation of one layer (method.md §1–2).
+
+    Results are ordinary tensors (the weight is detached, nothing records autograd), so a returned
+    weight can become an `nn.Parameter`.
+    """
+
+    H: Tensor  # (d, d) float64 second moment of the input patches per sample (centred or not)
+    weight: Tensor  # (c_out, c_in[, k, k]) detached copy of the layer's weight
+    lam: float  # ridge strength, relative to the mean diagonal of the matrix being inverted
+
+    @classmethod
+    def from_moments(
+        cls, weight: Tensor, moments: LayerMoments, *, centered: bool = False, lam: float = 1e-4
+    ) -> LayerFidelity:
+        """Fidelity of a layer from its weight and input statistics.
+
+        Args:
+            weight: (c_out, c_in, k, k) or (c_out, c_in).
+            moments: statistics of the layer's input.
+            centered: subtract per-position means (use when BatchNorm follows the layer).
+            lam: ridge strength relative to the mean diagonal; 0 is exact.
+        """
+        H = moments.centered_second() if centered else moments.mean_second()
+        if weight[0].numel() != H.shape[0]:
+            raise UserError(
+                f"weight {tuple(weight.shape)} does not match input statistics of width {H.shape[0]}; "
+                "pass the moments of this layer's input"
+            )
+        return cls(H=H, weight=weight.detach().clone(), lam=lam)
+
+    @cached_property
+    def w(self) -> Tensor:
+        """(c_out, c_in, K) the weight in float64, K = k² (1 for Linear)."""
+        return self.weight.to(self.H).reshape(self.weight.shape[0], self.weight.shape[1], -1)
+
+    @cached_property
+    def saliency(self) -> Tensor:
+        """(c_out, c_in) r_ci = (Q_c 1)_i = E⟨Y_c, A_ci⟩, one matmul for all output channels."""
+        c_out, c_in, K = self.w.shape
+        # Row c is (H w_c)ᵀ since H is symmetric.
+        Hw = (self.w.reshape(c_out, -1) @ self.H).view(c_out, c_in, K)
+        return (self.w * Hw).sum(-1)
+
+    @cached_property
+    def energy(self) -> Tensor:
+        """(c_out,) E‖Y_c‖² = 1ᵀQ_c 1 (bias ignored)."""
+        return self.saliency.sum(1)
+
+    @cached_property
+    def singleton(self) -> Tensor:
+        """(c_out, c_in) s_ci = r_ci² / (Q_c[i,i] · 1ᵀQ_c 1), the squared cosine of Y_c and A_ci."""
+        c_out, c_in, K = self.w.shape
+        H_ii = self.H.view(c_in, K, c_in, K).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (c_in, K, K)
+        Q_ii = torch.einsum("cik,ikl,cil->ci", self.w, H_ii, self.w)  # (c_out, c_in) diagonals of Q_c
+        denominator = Q_ii * self.energy[:, None]
+        # Dead channels (0/0) get fidelity 0; the clamp only absorbs rounding.
+        return torch.where(denominator > 0, self.saliency**2 / denominator, 0.0).clamp(0, 1)
+
+    def _Q(self, rows: Tensor | slice, keep: Tensor | None = None) -> Tensor:
+        """(n_rows, n_keep, n_keep) Q_c[keep, keep] for the output channels `rows`."""
+        c_out, c_in, K = self.w.shape
+        w, H = self.w[rows], self.H.view(c_in, K, c_in, K)
+        if keep is not None:
+            w, H = w[:, keep], H[keep][:, :, keep]
+        return torch.einsum("cik,ikjl,cjl->cij", w, H, w)
+
+    def Q(self, c: int) -> Tensor:
+        """(c_in, c_in) component similarity of output channel c: Q_c[i,j] = E⟨A_ci, A_cj⟩."""
+        return self._Q(slice(c, c + 1))[0]
+
+    def _delta(self, Q_SS: Tensor, r_S: Tensor) -> Tensor:
+        """(..., n) δ*_S = 1 + Q_SS⁻¹ Q_SS̄ 1, using Q_SS̄ 1 = r_S − Q_SS 1."""
+        return 1 + _ridge_solve(Q_SS, (r_S - Q_SS.sum(-1))[..., None], self.lam)[..., 0]
+
+    def compensation(self, c: int, S: Iterable[int] | Tensor) -> Tensor:
+        """Optimal rescaling δ* of the kept components of output channel c.
+
+        Args:
+            c: output channel.
+            S: kept input channels.
+
+        Returns:
+            (c_in,) δ*_i for i in S, 0 elsewhere.
+        """
+        S = _as_index(S, self.H.device)
+        Q = self.Q(c)
+        delta = torch.zeros(len(Q), dtype=Q.dtype, device=Q.device)
+        delta[S] = self._delta(Q[S][:, S], self.saliency[c, S])
+        return delta
+
+    def subset_fidelity(self, c: int, S: Iterable[int] | Tensor) -> float:
+        """FS_c(S) = 1 − E‖Y_c − Σ_{i∈S} δ*_i A_ci‖² / E‖Y_c‖², in [0, 1] (the maximum when lam=0).
+
+        Args:
+            c: output channel.
+            S: kept input channels.
+
+        Returns:
+            The share of the output's energy the kept components explain; 0 for a dead channel.
+        """
+        energy = self.energy[c]
+        if energy <= 0:
+            return 0.0
+        u = 1 - self.compensation(c, S)  # (c_in,) the share of each contribution that is lost
+        return float((1 - u @ self.Q(c) @ u / energy).clamp(0, 1))
+
+    def _like_weight(self, w: Tensor) -> Tensor:
+        return w.reshape(self.weight.shape).to(self.weight)
+
+    def rescaled_weight(self, keep: Tensor) -> Tensor:
+        """The paper's compensation: each kept slice W[c, i] times δ*_ci, removed slices zero.
+
+        Args:
+            keep: kept input channels, the same for every output channel.
+
+        Returns:
+            A weight of the original shape, dtype and device.
+        """
+        keep = _as_index(keep, self.H.device)
+        c_out, _, K = self.w.shape
+        # One batch of |keep|×|keep| systems per chunk of output channels bounds the memory.
+        chunk = max(1, _CHUNK_ELEMENTS // max(1, len(keep) ** 2 * K))
+        row_chunks = torch.arange(c_out, device=keep.device).split(chunk)
+        delta = torch.cat(
+            [self._delta(self._Q(rows, keep), self.saliency[rows][:, keep]) for rows in row_chunks]
+        )  # (c_out, |keep|)
+        w = torch.zeros_like(self.w)
+        w[:, keep] = self.w[:, keep] * delta[..., None]
+        return self._like_weight(w)
+
+    def refit_weight(self, keep: Tensor) -> Tensor:
+        """Least squares of the kept kernel slices for all outputs: W'_C = (H_CC + λI)⁻¹ H_{C,all} w.
+
+        Args:
+            keep: kept input channels, the same for every output channel.
+
+        Returns:
+            A weight of the original shape, dtype and device, zero on removed channels.
+        """
+        keep = _as_index(keep, self.H.device)
+        c_out, _, K = self.w.shape
+        # The d-indices of the kept channels' k² blocks.
+        C = (keep[:, None] * K + torch.arange(K, device=keep.device)).flatten()
+        W = self.w.reshape(c_out, -1)  # (c_out, d)
+        H_C = self.H[C]  # (|C|, d)
+        w = torch.zeros_like(W)
+        w[:, C] = _ridge_solve(H_C[:, C], H_C @ W.T, self.lam).T
+        return self._like_weight(w)
+
+    def reconstruction_error(self, new_weight: Tensor) -> Tensor:
+        """(c_out,) local error E‖Y_c − Y'_c‖² = (w_c − w'_c)ᵀ H (w_c − w'_c) of a replacement weight.
+
+        Args:
+            new_weight: of the original shape; the original on kept channels and zero elsewhere
+                means no compensation.
+        """
+        c_out = self.w.shape[0]
+        D = self.w.reshape(c_out, -1) - new_weight.detach().to(self.H).reshape(c_out, -1)  # (c_out, d)
+        return ((D @ self.H) * D).sum(1)
+
+
+def layer_fidelity(
+    layer: nn.Conv2d | nn.Linear, inputs: Tensor, *, centered: bool = False, lam: float = 1e-4
+) -> LayerFidelity:
+    """Fidelity of one layer from one batch of its inputs.
+
+    Args:
+        layer: an `nn.Conv2d` with groups=1 or an `nn.Linear`.
+        inputs: (N, c_in, H, W) or (N, [T,] c_in).
+        centered: subtract per-position means (use when BatchNorm follows the layer).
+        lam: ridge strength relative to the mean diagonal of the matrix inverted; 0 is exact.
+
+    Returns:
+        The layer's `LayerFidelity`.
+    """
+    moments = moments_of(layer, inputs)
+    return LayerFidelity.from_moments(layer.weight, moments, centered=centered, lam=lam)

@@ -1,0 +1,121 @@
+"""Measurements of a model: accuracy (top-1, per class, confusion), MACs and parameters, latency.
+
+MACs come from `torch.utils.flop_counter` (FLOPs / 2) for one input. Latency is timed the paper's
+way (forward only, random input of the model's shape, warm-up, many repeats) both in eager mode
+and on an inference-optimised copy (BatchNorm folded into convs, frozen TorchScript), because
+small models are dominated by Python overheads in eager mode.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from modhifi.backend import Backend, Timing, time_calls
+from modhifi.data import Split
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Top-1 accuracy of a model on a split, overall and per class."""
+
+    accuracy: float
+    per_class: tuple[float, ...]
+    confusion: tuple[tuple[int, ...], ...]  # rows: true class, columns: predicted class
+    samples: int
+
+    def to_frame(self, classes: tuple[str, ...]) -> pd.DataFrame:
+        return pd.DataFrame({"class": classes, "accuracy": self.per_class})
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, split: Split, *, device: torch.device,
+            batch_size: int = 500) -> torch.Tensor:
+    """Logits of every image of `split`, (N, num_classes), on the CPU."""
+    model.eval()
+    return torch.cat([model(x).float().cpu() for x in split.batches(batch_size, device=device)])
+
+
+def evaluate(model: nn.Module, split: Split, *, device: torch.device,
+             num_classes: int, batch_size: int = 500) -> Evaluation:
+    """Top-1, per-class accuracy and the confusion matrix on every image of `split`."""
+    predicted = predict(model, split, device=device, batch_size=batch_size).argmax(1)
+    return evaluation_from(predicted, split.labels, num_classes=num_classes)
+
+
+def evaluation_from(predicted: torch.Tensor, labels: torch.Tensor, *, num_classes: int) -> Evaluation:
+    """Evaluation from predicted and true labels, both (N,)."""
+    confusion = torch.bincount(labels * num_classes + predicted,
+                               minlength=num_classes ** 2).view(num_classes, num_classes)
+    per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
+    return Evaluation(accuracy=float((predicted == labels).float().mean()),
+                      per_class=tuple(per_class.tolist()),
+                      confusion=tuple(tuple(row) for row in confusion.tolist()),
+                      samples=len(labels))
+
+
+@dataclass(frozen=True)
+class Cost:
+    """MACs for one input and parameter count, in total and per layer."""
+
+    macs: int
+    params: int
+    per_layer: tuple[tuple[str, int], ...]  # (module name, MACs) for layers that do work
+
+    def to_frame(self) -> pd.DataFrame:
+        frame = pd.DataFrame(self.per_layer, columns=["layer", "macs"])
+        frame["share"] = frame["macs"] / max(self.macs, 1)
+        return frame
+
+
+def count_cost(model: nn.Module, input_shape: tuple[int, ...]) -> Cost:
+    """MACs (FLOPs / 2) of one forward pass on a (1, *input_shape) input, and parameters."""
+    device = next(model.parameters()).device
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model.eval()(torch.zeros(1, *input_shape, device=device))
+    per_module = counter.get_flop_counts()
+    # FlopCounterMode keys submodules "<root class>.<dotted path>". Leaf modules only, so that
+    # a block's MACs are not counted again under its children.
+    root = type(model).__name__
+    leaf_macs = ((name, sum(per_module.get(f"{root}.{name}", {}).values()) // 2)
+                 for name, module in model.named_modules() if name and not list(module.children()))
+    per_layer = tuple((name, int(macs)) for name, macs in leaf_macs if macs)
+    return Cost(macs=int(counter.get_total_flops() // 2),
+                params=sum(p.numel() for p in model.parameters()), per_layer=per_layer)
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Forward latency of one batch, eager and inference-optimised."""
+
+    batch_size: int
+    threads: int
+    device: str
+    eager: Timing
+    optimised: Timing
+
+
+def optimise_for_inference(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    """A frozen TorchScript copy of `model` with BatchNorm folded into the preceding convs."""
+    model = copy.deepcopy(model).eval()
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation notice is not for our users
+        return torch.jit.freeze(torch.jit.trace(model, example))
+
+
+def measure_latency(model: nn.Module, input_shape: tuple[int, ...], *, backend: Backend,
+                    batch_size: int = 64, warmup: int = 5, repeats: int = 30) -> Latency:
+    """Median forward time of a random (batch_size, *input_shape) batch, eager and optimised."""
+    example = torch.randn(batch_size, *input_shape, device=backend.device)
+    model = model.eval()
+    optimised = optimise_for_inference(model, example)
+    with torch.no_grad():
+        eager = time_calls(backend, lambda: model(example), warmup=warmup, repeats=repeats)
+        fast = time_calls(backend, lambda: optimised(example), warmup=warmup, repeats=repeats)
+    return Latency(batch_size, backend.threads, backend.description, eager, fast)

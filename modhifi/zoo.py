@@ -1,0 +1,239 @@
+"""The model registry: built-in zoo models, torchvision architectures, and safe checkpoint loading.
+
+Checkpoints are dicts of tensors and plain values read with `torch.load(weights_only=True)`:
+a file that would need to unpickle code is refused. Train a zoo model with
+`python -m modhifi.zoo train NAME` (writes `assets/NAME.pt` and its model card `assets/NAME.json`).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pickle
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from modhifi import nets
+from modhifi.data import Dataset, load_dataset
+from modhifi.errors import UserError
+from modhifi.training import TrainConfig
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+CHECKPOINT_FORMAT = "modhifi-checkpoint/1"
+TORCHVISION_ARCHS = ("resnet18", "resnet50", "vgg16_bn", "mobilenet_v2", "vit_b_16", "swin_t")
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """A built-in model: how to build it, its data, what it must reach, how it was trained."""
+
+    name: str
+    arch: str
+    dataset: str
+    build: Callable[[], nn.Module]
+    min_accuracy: float
+    train: TrainConfig
+
+    @property
+    def checkpoint(self) -> Path:
+        return ASSETS / f"{self.name}.pt"
+
+    @property
+    def card(self) -> Path:
+        return ASSETS / f"{self.name}.json"
+
+
+ZOO = {entry.name: entry for entry in (
+    ZooEntry("fmnist-resnet", "ResNet (32-64-128, BatchNorm, residual additions)", "fashion-mnist",
+             nets.ResNet, 0.92, TrainConfig(epochs=6)),
+    ZooEntry("fmnist-vgg", "VGG (2x32-2x64-2x128, BatchNorm)", "fashion-mnist",
+             nets.vgg, 0.92, TrainConfig(epochs=6)),
+    ZooEntry("fmnist-vit", "ViT (patch 4, dim 96, depth 4, LayerNorm)", "fashion-mnist",
+             nets.ViT, 0.88, TrainConfig(epochs=12, optimizer="adamw", lr=2e-3,
+                                         weight_decay=0.05)),
+    ZooEntry("digits-cnn", "tiny CNN (16-32, BatchNorm)", "digits",
+             nets.tiny_cnn, 0.95, TrainConfig(epochs=30, lr=0.05, shift=1, flip=False)),
+)}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for inference (eval mode, on the requested device) and where it came from."""
+
+    name: str
+    arch: str
+    dataset: str
+    model: nn.Module
+    trained: bool  # False: random weights, only fit for speed exploration
+
+
+def load_model(spec: str, *, device: torch.device, arch: str | None = None,
+               dataset: str | None = None, num_classes: int = 10,
+               in_channels: int = 3) -> LoadedModel:
+    """Load a zoo model by name, or a user's checkpoint file for a torchvision architecture.
+
+    Args:
+        spec: a zoo name (`fmnist-resnet`), a checkpoint path, or `random` with `arch` (untrained).
+        arch: torchvision architecture of a checkpoint (one of TORCHVISION_ARCHS).
+        dataset: dataset spec of a checkpoint (see data.load_dataset).
+        num_classes, in_channels: shape of the torchvision head and stem.
+    """
+    if spec in ZOO:
+        entry = ZOO[spec]
+        if not entry.checkpoint.is_file():
+            raise UserError(f"zoo checkpoint {entry.checkpoint} is missing: run "
+                            f"`python -m modhifi.zoo train {spec}`")
+        model = entry.build()
+        _load_state(model, read_checkpoint(entry.checkpoint)["state_dict"], entry.checkpoint)
+        return LoadedModel(spec, entry.arch, entry.dataset, model.eval().to(device), True)
+    if arch is None:
+        raise UserError(f"{spec!r} is not a zoo model ({', '.join(ZOO)}); for a checkpoint "
+                        "file also give --arch")
+    if spec == "random":
+        model = build_torchvision(arch, num_classes=num_classes, in_channels=in_channels)
+        return LoadedModel(f"{arch} (untrained)", arch, dataset or "", model.eval().to(device), False)
+    path = Path(spec)
+    state = read_checkpoint(path)
+    model = build_torchvision(arch, num_classes=num_classes, in_channels=in_channels)
+    _load_state(model, state.get("state_dict", state), path)
+    return LoadedModel(path.name, arch, dataset or "", model.eval().to(device), True)
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What every command works on: a loaded model and the dataset it was trained on."""
+
+    loaded: LoadedModel
+    dataset: Dataset
+
+
+def open_subject(spec: str, *, device: torch.device, arch: str | None = None,
+                 data: str | None = None, calibration_size: int | None = None) -> Subject:
+    """Load a model with its dataset (a zoo model's own, or `data` for a checkpoint)."""
+    if spec not in ZOO and arch is None:
+        raise UserError(f"{spec!r} is not a zoo model ({', '.join(ZOO)}); for a checkpoint file "
+                        "also give --arch and --data")
+    data = ZOO[spec].dataset if spec in ZOO else data
+    if data is None:
+        raise UserError(f"no dataset for {spec!r}: give --data (fashion-mnist, digits, "
+                        "cifar10:DIR or imagefolder:DIR)")
+    dataset = load_dataset(data, calibration_size=calibration_size)
+    loaded = load_model(spec, device=device, arch=arch, dataset=data,
+                        num_classes=dataset.num_classes, in_channels=dataset.input_shape[0])
+    return Subject(loaded, dataset)
+
+
+def build_torchvision(arch: str, *, num_classes: int, in_channels: int = 3) -> nn.Module:
+    """A torchvision architecture with random weights (`weights=None`; nothing is downloaded)."""
+    import torchvision
+
+    if arch not in TORCHVISION_ARCHS:
+        raise UserError(f"unknown architecture {arch!r}: use one of {', '.join(TORCHVISION_ARCHS)}")
+    if in_channels != 3:
+        raise UserError(f"{arch} expects 3-channel images but the dataset has {in_channels}: "
+                        "use an RGB dataset (cifar10:DIR or imagefolder:DIR)")
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+def read_checkpoint(path: Path) -> dict:
+    """Read a checkpoint safely (tensors and plain values only, never code)."""
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist: check the path")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "GLOBAL" not in str(error).upper():
+            raise UserError(f"cannot read {path} as a PyTorch checkpoint: save it with "
+                            "torch.save(state_dict)") from None
+        raise UserError(f"refused to load {path}: it needs to unpickle code, which could run "
+                        "anything; save a plain state_dict (tensors only)") from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise UserError(f"cannot read {path} as a PyTorch checkpoint "
+                        f"({str(error).splitlines()[0]}): save it with torch.save(state_dict)") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} holds a {type(state).__name__}, not a state_dict: "
+                        "save it with torch.save(model.state_dict())")
+    return state
+
+
+def _load_state(model: nn.Module, state: dict, path: Path) -> None:
+    """Load a state_dict, or raise one UserError listing every mismatch."""
+    expected = model.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems += [f"{k}: {tuple(v.shape)} in file, {tuple(expected[k].shape)} in model"
+                 for k, v in state.items()
+                 if k in expected and getattr(v, "shape", None) != expected[k].shape]
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+        raise UserError(f"checkpoint {path} does not fit the architecture: {shown}")
+    model.load_state_dict(state)
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder, so no half-written file is ever left."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+
+
+def save_checkpoint(path: Path, model: nn.Module, **meta) -> None:
+    """Save a state_dict with plain metadata (loadable with weights_only=True)."""
+    state = {"format": CHECKPOINT_FORMAT, "state_dict": {k: v.detach().cpu() for k, v in
+                                                         model.state_dict().items()}, **meta}
+    write_atomically(Path(path), lambda p: torch.save(state, p))
+
+
+def model_card(name: str) -> dict:
+    """The committed model card of a zoo model (accuracy, MACs, params, training settings, date)."""
+    card = ZOO[name].card
+    return json.loads(card.read_text()) if card.is_file() else {}
+
+
+def train_zoo_model(name: str) -> dict:
+    """Train a zoo model from scratch on its dataset; save checkpoint and card; return the card."""
+    from modhifi.backend import choose_backend
+    from modhifi.metrics import count_cost, evaluate
+    from modhifi.training import train
+
+    entry = ZOO[name]
+    dataset = load_dataset(entry.dataset)
+    model = entry.build()
+    seconds = train(model, dataset.train, config=entry.train,
+                    log=lambda line: print(f"[{name}] {line}", file=sys.stderr, flush=True))
+    cpu = choose_backend("cpu")
+    result = evaluate(model, dataset.test, device=cpu.device, num_classes=dataset.num_classes)
+    cost = count_cost(model, dataset.input_shape)
+    card = {"name": name, "arch": entry.arch, "dataset": entry.dataset,
+            "test_accuracy": round(result.accuracy, 4), "test_samples": result.samples,
+            "macs": cost.macs, "params": cost.params, "train_samples": len(dataset.train),
+            "training": asdict(entry.train), "training_seconds": round(seconds, 1),
+            "training_machine": cpu.description, "torch": torch.__version__,
+            "date": datetime.date.today().isoformat()}
+    save_checkpoint(entry.checkpoint, model, arch=name)
+    write_atomically(entry.card, lambda p: p.write_text(json.dumps(card, indent=2) + "\n"))
+    return card
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] != "train" or argv[1] not in (*ZOO, "all"):
+        print(f"usage: python -m modhifi.zoo train {{{','.join(ZOO)},all}}", file=sys.stderr)
+        return 2
+    for name in ZOO if argv[1] == "all" else [argv[1]]:
+        print(json.dumps(train_zoo_model(name)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

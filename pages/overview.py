@@ -1,0 +1,34 @@
+"""Overview: the chosen model's accuracy, cost and measured speed."""
+import streamlit as st
+
+from ui import state
+
+
+def render() -> None:
+    name, device = state.selection()
+    chosen = state.subject(name, device)
+    st.title(f"Overview — {name}")
+    st.write(f"**{chosen.loaded.arch}**, trained on **{chosen.dataset.name}** "
+             f"({len(chosen.dataset.test):,} test images). A model's *cost* is its multiply-"
+             "accumulates (MACs) per image and its parameter count; *latency* is the measured "
+             "time of one forward pass of a batch.")
+    result, cost = state.evaluation(name, device), state.cost(name, device)
+    batch = st.select_slider("Latency batch size", (1, 16, 64, 256), value=64, key="overview.batch")
+    timing = state.latency(name, device, batch)
+    cols = st.columns(4)
+    cols[0].metric("Test accuracy", f"{result.accuracy:.2%}")
+    cols[1].metric("MACs / image", f"{cost.macs / 1e6:.2f} M")
+    cols[2].metric("Parameters", f"{cost.params / 1e3:.1f} k")
+    cols[3].metric(f"Latency (batch {batch})", f"{timing.optimised.median_ms:.2f} ms",
+                   help=f"Frozen TorchScript, BatchNorm folded; eager: "
+                        f"{timing.eager.median_ms:.2f} ms. {timing.device}, median of "
+                        f"{timing.optimised.repeats} after {timing.optimised.warmup} warm-up runs.")
+    left, right = st.columns(2)
+    left.subheader("Per-class accuracy")
+    left.bar_chart(result.to_frame(chosen.dataset.classes), x="class", y="accuracy")
+    right.subheader("Where the MACs go")
+    right.dataframe(cost.to_frame(), hide_index=True, column_config={
+        "share": st.column_config.ProgressColumn("share", format="percent", min_value=0, max_value=1)})
+
+
+state.guarded(render)

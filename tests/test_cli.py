@@ -1,0 +1,46 @@
+"""The command line: contract keys, --json purity, one-line errors with exit code 2."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "modhifi", *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600)
+
+
+def test_models_lists_the_zoo_as_json():
+    done = cli("models", "--json")
+    assert done.returncode == 0
+    rows = json.loads(done.stdout)["models"]
+    assert {r["name"] for r in rows} == {"fmnist-resnet", "fmnist-vgg", "fmnist-vit", "digits-cnn"}
+    assert all({"arch", "dataset", "accuracy", "params", "macs"} <= set(r) for r in rows)
+
+
+def test_info_prints_the_contract_keys():
+    done = cli("info", "--model", "digits-cnn", "--json", "--device", "cpu", "--batch-size", "8")
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)  # stdout holds exactly one JSON object
+    assert {"model", "arch", "dataset", "device", "accuracy", "per_class_accuracy", "macs",
+            "params", "batch_size", "latency_ms"} <= set(info)
+    assert info["accuracy"] > 0.95 and info["batch_size"] == 8 and info["latency_ms"] > 0
+    assert len(info["per_class_accuracy"]) == 10
+
+
+@pytest.mark.parametrize("args, message", [
+    (("info", "--model", "no-such-model"), "not a zoo model"),
+    (("info", "--model", "/no/file.pt", "--arch", "resnet18", "--data", "digits"), "does not exist"),
+    (("info", "--model", "digits-cnn", "--device", "cuda"), "no CUDA GPU"),
+])
+def test_bad_input_is_one_line_on_stderr_and_exit_2(args, message):
+    done = cli(*args, "--json")
+    if message == "no CUDA GPU" and "cuda" in done.stdout + done.stderr and done.returncode == 0:
+        pytest.skip("this machine has a GPU")
+    assert done.returncode == 2 and done.stdout == ""
+    errors = [line for line in done.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and message in errors[0]

@@ -1,0 +1,89 @@
+"""Datasets: fixed, disjoint, deterministic splits; clear errors for missing or malformed files."""
+import gzip
+import struct
+
+import pytest
+import torch
+
+from modhifi.data import load_dataset, read_idx
+from modhifi.errors import UserError
+
+
+def _fingerprints(split):
+    # One int per image, so overlaps between splits can be checked by set intersection.
+    return set(torch.tensor([hash(bytes(img.flatten().tolist())) for img in split.images]).tolist())
+
+
+@pytest.mark.parametrize("spec", ["digits", "fashion-mnist"])
+def test_splits_are_deterministic_and_disjoint(spec):
+    first, second = load_dataset(spec), load_dataset(spec)
+    for name in ("train", "calibration", "test"):
+        assert torch.equal(getattr(first, name).images, getattr(second, name).images)
+        assert torch.equal(getattr(first, name).labels, getattr(second, name).labels)
+    if spec == "digits":  # image identity is checkable on the small set
+        assert not _fingerprints(first.calibration) & _fingerprints(first.test)
+    assert len(first.train) + len(first.calibration) + len(first.test) == \
+        {"digits": 1797, "fashion-mnist": 70000}[spec]
+    assert first.calibration.images.dtype == torch.uint8
+
+
+def test_fashion_mnist_has_the_documented_splits():
+    data = load_dataset("fashion-mnist")
+    assert (len(data.train), len(data.calibration), len(data.test)) == (55000, 5000, 10000)
+    assert data.input_shape == (1, 28, 28) and data.classes[5] == "Sandal"
+    # Calibration is held out of the official training split: every class is represented.
+    assert torch.bincount(data.calibration.labels, minlength=10).min() > 400
+
+
+def test_batches_are_normalised_floats():
+    data = load_dataset("digits")
+    x, y = next(data.test.batches(32, labels=True))
+    assert x.shape == (32, 1, 8, 8) and x.dtype == torch.float32 and y.shape == (32,)
+    assert abs(float(x.mean())) < 1.0
+
+
+def test_missing_fashion_mnist_names_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.setattr("modhifi.data.DEBIAN_FASHION_DIR", tmp_path / "nowhere")
+    monkeypatch.setenv("MODHIFI_CACHE", str(tmp_path / "cache"))
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr("torchvision.datasets.FashionMNIST.download", offline)
+    with pytest.raises(UserError, match="Fashion-MNIST not found.*nowhere.*dataset-fashion-mnist"):
+        load_dataset("fashion-mnist", data_dir=tmp_path)
+
+
+def test_malformed_idx_files_are_refused(tmp_path):
+    (tmp_path / "bad").write_bytes(b"not an idx file")
+    with pytest.raises(UserError, match="not an IDX file"):
+        read_idx(tmp_path / "bad")
+    truncated = tmp_path / "short.gz"
+    truncated.write_bytes(gzip.compress(struct.pack(">BBBBI", 0, 0, 8, 1, 100) + b"\0" * 10))
+    with pytest.raises(UserError, match="truncated"):
+        read_idx(truncated)
+
+
+def test_idx_round_trip(tmp_path):
+    path = tmp_path / "ok"
+    path.write_bytes(struct.pack(">BBBBII", 0, 0, 8, 2, 2, 3) + bytes(range(6)))
+    assert read_idx(path).tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+@pytest.mark.parametrize("spec", ["mnist", "cifar10:", "imagefolder:/no/such/dir"])
+def test_unknown_or_missing_datasets_raise_one_line_errors(spec):
+    with pytest.raises(UserError) as error:
+        load_dataset(spec)
+    assert "\n" not in str(error.value)
+
+
+def test_imagefolder_reads_users_images(tmp_path):
+    from PIL import Image
+
+    for label in ("cat", "dog"):
+        (tmp_path / label).mkdir()
+        for i in range(10):
+            Image.new("RGB", (40, 30), (i * 20, 0, 0)).save(tmp_path / label / f"{i}.png")
+    data = load_dataset(f"imagefolder:{tmp_path}", calibration_size=4)
+    assert data.classes == ("cat", "dog") and data.input_shape == (3, 224, 224)
+    assert len(data.train) + len(data.calibration) + len(data.test) == 20

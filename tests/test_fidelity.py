@@ -1,0 +1,257 @@
+"""Oracles for modhifi.fidelity: every formula against explicit per-sample contributions A_ci."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modhifi.fidelity import LayerMoments, collect_moments, layer_fidelity, moments_of
+
+RTOL = 1e-8
+
+
+def assert_rel(actual, expected, rtol=RTOL):
+    """Max error within rtol of the largest expected magnitude (entries of Q can be ~0)."""
+    actual = torch.as_tensor(actual, dtype=torch.float64)
+    expected = torch.as_tensor(expected, dtype=torch.float64)
+    assert actual.shape == expected.shape
+    assert (actual - expected).abs().max() <= rtol * expected.abs().max()
+
+
+def contributions(layer, x):
+    """(N, c_out, c_in, L) explicit A_ci: the layer applied to input channel i alone, minus the bias.
+
+    Zeroing the other channels (rather than unfolding) keeps this oracle independent of the
+    implementation, padding modes included.
+    """
+    is_conv = isinstance(layer, nn.Conv2d)
+    channel_axis = 1 if is_conv else -1
+    bias_only = layer(torch.zeros_like(x))
+    A = []
+    for i in range(x.shape[channel_axis]):
+        alone = torch.zeros_like(x)
+        alone.select(channel_axis, i).copy_(x.select(channel_axis, i))
+        y = layer(alone) - bias_only  # (N, c_out, H', W') or (N, [T,] c_out)
+        A.append(y.flatten(2) if is_conv else y.reshape(len(x), -1, y.shape[-1]).transpose(1, 2))
+    return torch.stack(A, dim=2)
+
+
+def brute_subset(A, c, S):
+    """FS_c(S) and δ* by least squares of Y_c on the kept contributions."""
+    Y = A[:, c].sum(1).flatten()  # (N·L,)
+    X = A[:, c, S].transpose(1, 2).reshape(-1, len(S))  # (N·L, |S|)
+    coef = torch.linalg.lstsq(X, Y[:, None]).solution[:, 0]
+    fidelity = 1 - (Y - X @ coef).square().sum() / Y.square().sum()
+    delta = torch.zeros(A.shape[2], dtype=A.dtype)
+    delta[S] = coef
+    return fidelity, delta
+
+
+CASES = {
+    "conv1x1": (lambda: nn.Conv2d(4, 5, 1), (4, 6, 6)),
+    "conv3x3-stride2-pad1": (lambda: nn.Conv2d(4, 5, 3, stride=2, padding=1), (4, 7, 7)),
+    "conv3x3-dilation2": (lambda: nn.Conv2d(3, 4, 3, padding=2, dilation=2), (3, 6, 6)),
+    "conv-asymmetric": (
+        lambda: nn.Conv2d(3, 4, (3, 2), stride=(1, 2), padding=(2, 0), dilation=(2, 1)),
+        (3, 7, 6),
+    ),
+    "conv-same-reflect": (lambda: nn.Conv2d(3, 4, 2, padding="same", padding_mode="reflect"), (3, 5, 5)),
+    "linear": (lambda: nn.Linear(6, 5), (6,)),
+    "linear-tokens": (lambda: nn.Linear(6, 5), (3, 6)),
+}
+
+
+@pytest.fixture(params=list(CASES))
+def case(request):
+    torch.manual_seed(0)
+    make, shape = CASES[request.param]
+    layer = make().double()  # bias=True: the scores must ignore it
+    x = torch.randn(24, *shape, dtype=torch.float64) + 0.5  # a shared offset makes centring matter
+    return layer, x
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_scores_match_brute_force(case, centered):
+    layer, x = case
+    A = contributions(layer, x)
+    if centered:
+        A = A - A.mean(0)  # per-position means over the samples
+    N = len(A)
+    Y = A.sum(2)  # (N, c_out, L)
+    Q = torch.einsum("ncip,ncjp->cij", A, A) / N
+    energy = Y.square().sum((0, 2)) / N
+    saliency = torch.einsum("ncp,ncip->ci", Y, A) / N
+    own_energy = A.square().sum((0, 3)) / N  # (c_out, c_in)
+
+    lf = layer_fidelity(layer, x, centered=centered, lam=0)
+
+    for c in range(len(Q)):
+        assert_rel(lf.Q(c), Q[c])
+    assert_rel(lf.saliency, saliency)
+    assert_rel(lf.energy, energy)
+    assert_rel(lf.singleton, saliency**2 / (own_energy * energy[:, None]))
+    generator = torch.Generator().manual_seed(1)
+    for c in range(len(Q)):
+        S = torch.randperm(Q.shape[1], generator=generator)[: Q.shape[1] // 2].sort().values
+        fidelity, delta = brute_subset(A, c, S)
+        assert lf.subset_fidelity(c, S) == pytest.approx(fidelity.item(), abs=RTOL)
+        assert_rel(lf.compensation(c, S), delta)
+
+
+def test_default_lam_stays_close_to_exact(case):
+    layer, x = case
+    exact, ridge = layer_fidelity(layer, x, lam=0), layer_fidelity(layer, x)
+    # δ* can move a few percent where Q_c is ill-conditioned; the explained energy barely does.
+    for S in ([0, 2], [1], [0, 1]):
+        best = exact.subset_fidelity(1, S)
+        assert best - 1e-3 <= ridge.subset_fidelity(1, S) <= best + 1e-12
+
+
+def test_top_k_singletons_are_the_best_subsets_when_uncorrelated():
+    torch.manual_seed(0)
+    # Orthogonal input columns make the Gram matrix, hence every Q_c, exactly diagonal.
+    x = torch.linalg.qr(torch.randn(40, 6, dtype=torch.float64)).Q * torch.rand(6, dtype=torch.float64)
+    lf = layer_fidelity(nn.Linear(6, 3).double(), x, lam=0)
+    for c in range(3):
+        Q = lf.Q(c)
+        assert (Q - torch.diag(Q.diagonal())).abs().max() <= 1e-12 * Q.abs().max()
+        hifi_order = lf.singleton[c].argsort(descending=True)
+        for k in range(1, 7):
+            best = max(lf.subset_fidelity(c, S) for S in itertools.combinations(range(6), k))
+            assert lf.subset_fidelity(c, hifi_order[:k]) == pytest.approx(best, abs=1e-12)
+
+
+def test_fidelity_is_bounded_and_monotone_over_nested_subsets(case):
+    layer, x = case
+    lf = layer_fidelity(layer, x, lam=0)
+    c_out, c_in = lf.singleton.shape
+    assert ((lf.singleton >= 0) & (lf.singleton <= 1)).all()
+    generator = torch.Generator().manual_seed(2)
+    for c in range(c_out):
+        order = torch.randperm(c_in, generator=generator)
+        fidelities = [lf.subset_fidelity(c, order[:k]) for k in range(c_in + 1)]
+        assert fidelities[0] == pytest.approx(0, abs=1e-12)
+        assert fidelities[-1] == pytest.approx(1, abs=1e-12)
+        assert fidelities[1] == pytest.approx(lf.singleton[c, order[0]].item(), abs=1e-12)
+        assert all(0 <= f <= 1 for f in fidelities)
+        assert all(b >= a - 1e-12 for a, b in zip(fidelities, fidelities[1:]))
+
+
+def test_dead_channels_score_zero_and_solve():
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3).double()
+    with torch.no_grad():
+        layer.weight[0] = 0  # a dead output channel
+    x = torch.randn(10, 4, dtype=torch.float64)
+    x[:, 1] = 0  # a dead input channel
+    lf = layer_fidelity(layer, x, lam=0)
+    assert (lf.singleton[0] == 0).all() and (lf.singleton[:, 1] == 0).all()
+    assert lf.subset_fidelity(0, [0, 2]) == 0
+    keep = torch.tensor([0, 1, 3])  # singular systems with lam=0: the pseudo-inverse path
+    for weight in (lf.rescaled_weight(keep), lf.refit_weight(keep)):
+        assert weight.isfinite().all()
+        assert (lf.reconstruction_error(weight) <= lf.reconstruction_error(layer.weight * 0) + 1e-12).all()
+
+
+def test_moments_of_halves_add_up_to_the_whole(case):
+    layer, x = case
+    whole, halves = moments_of(layer, x), moments_of(layer, x[:10]) + moments_of(layer, x[10:])
+    assert halves.samples == whole.samples == len(x)
+    assert_rel(halves.second, whole.second, rtol=1e-12)
+    assert_rel(halves.position_sum, whole.position_sum, rtol=1e-12)
+    assert_rel(halves.centered_second(), whole.centered_second(), rtol=1e-12)
+
+
+def test_layer_moments_is_a_plain_sum():
+    moments = LayerMoments(torch.eye(2), torch.ones(1, 2), 4)
+    total = moments + moments
+    assert total.samples == 8 and torch.equal(total.second, 2 * torch.eye(2))
+    assert torch.equal(total.centered_second(), torch.eye(2, dtype=torch.float64) / 4 - 1 / 16)
+
+
+@pytest.mark.parametrize("lam", [0, 1e-4])
+def test_refit_beats_rescale_beats_no_compensation(lam):
+    torch.manual_seed(0)
+    layer = nn.Conv2d(6, 5, 3, padding=1).double()
+    x = torch.randn(16, 6, 6, 6, dtype=torch.float64)
+    lf = layer_fidelity(layer, x, lam=lam)
+    W = layer.weight.detach()
+    Y = layer(x).detach() - layer.bias.detach()[:, None, None]  # (N, c_out, H, W), bias ignored
+    patches = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 6 * 9)  # (N·L, d)
+    generator = torch.Generator().manual_seed(3)
+    for size in (1, 2, 4):
+        keep = torch.randperm(6, generator=generator)[:size].sort().values
+        plain = torch.zeros_like(W)
+        plain[:, keep] = W[:, keep]
+        refit, rescaled = lf.refit_weight(keep), lf.rescaled_weight(keep)
+        errors = [lf.reconstruction_error(w) for w in (refit, rescaled, plain)]
+        assert (errors[0] <= errors[1] * (1 + 1e-10)).all()
+        assert (errors[1] <= errors[2] * (1 + 1e-10)).all()
+
+        # The local error is the measured E‖Y_c − Y'_c‖² of the conv with the new weight.
+        measured = (F.conv2d(x, rescaled, padding=1) - Y).square().sum((2, 3)).mean(0)
+        assert_rel(errors[1], measured)
+        for c in range(5):
+            assert_rel(rescaled[c, keep], W[c, keep] * lf.compensation(c, keep)[keep, None, None])
+        removed = torch.ones(6, dtype=torch.bool)
+        removed[keep] = False
+        assert not refit[:, removed].any() and not rescaled[:, removed].any()
+        if lam == 0:
+            # Refit is least squares of every output on the kept channels' patches.
+            C = (keep[:, None] * 9 + torch.arange(9)).flatten()
+            targets = Y.permute(0, 2, 3, 1).reshape(-1, 5)  # (N·L, c_out)
+            solution = torch.linalg.lstsq(patches[:, C], targets).solution  # (|C|, c_out)
+            assert_rel(refit[:, keep].reshape(5, -1), solution.T)
+
+
+def test_weights_keep_dtype_and_can_become_parameters():
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 4, 3)
+    lf = layer_fidelity(layer, torch.randn(8, 3, 5, 5))
+    for weight in (lf.rescaled_weight(torch.tensor([0, 2])), lf.refit_weight(torch.tensor([1]))):
+        assert weight.dtype == torch.float32 and weight.shape == layer.weight.shape
+        nn.Parameter(weight)
+
+
+def test_collect_moments_matches_moments_of_the_captured_inputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3), nn.Flatten(), nn.Linear(80, 3)
+    ).eval()
+    x = torch.randn(12, 3, 6, 6)
+    moments = collect_moments(model, ["0", "2", "4"], x.split(5), device="cpu")
+    captured = {"0": x, "2": model[:2](x).detach(), "4": model[:4](x).detach()}
+    for name, inputs in captured.items():
+        expected = moments_of(model.get_submodule(name), inputs)
+        assert moments[name].samples == 12
+        assert_rel(moments[name].second, expected.second, rtol=1e-5)
+        assert_rel(moments[name].position_sum, expected.position_sum, rtol=1e-5)
+    by_module = collect_moments(model, {"conv": model[2]}, [x], device="cpu")
+    assert_rel(by_module["conv"].second, moments["2"].second, rtol=1e-5)
+    assert not model.training
+    assert all(p.grad is None for p in model.parameters())
+    assert all(not layer._forward_pre_hooks for layer in model)
+
+
+def test_collect_moments_removes_hooks_when_a_batch_fails():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    with pytest.raises(ValueError):
+        collect_moments(model, ["0"], [torch.randn(2, 3, 5, 5), torch.randn(2, 5)], device="cpu")
+    assert not model[0]._forward_pre_hooks
+
+
+@pytest.mark.parametrize(
+    ("layer", "inputs", "problem"),
+    [
+        (nn.Conv2d(4, 4, 3, groups=2), torch.randn(2, 4, 5, 5), "groups=2"),
+        (nn.Conv2d(3, 4, 3), torch.randn(2, 5, 5, 5), "shape"),
+        (nn.Conv2d(3, 4, 3), torch.randn(3, 5, 5), "shape"),
+        (nn.Linear(6, 2), torch.randn(2, 3, 5), "shape"),
+        (nn.ReLU(), torch.randn(2, 3), "ReLU"),
+    ],
+)
+def test_unsupported_layers_and_shapes_raise_a_clear_value_error(layer, inputs, problem):
+    with pytest.raises(ValueError, match=problem) as error:
+        moments_of(layer, inputs)
+    assert "\n" not in str(error.value)

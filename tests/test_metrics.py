@@ -1,0 +1,45 @@
+"""Metrics against hand counts: MACs of known layers, confusion matrices, latency bookkeeping."""
+import pytest
+import torch
+from torch import nn
+
+from modhifi.metrics import count_cost, evaluation_from, measure_latency, optimise_for_inference
+
+
+def test_macs_of_known_layers_equal_the_hand_count():
+    conv = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)      # output 8 x 16 x 16
+    linear = nn.Linear(8 * 16 * 16, 10)
+    model = nn.Sequential(conv, nn.Flatten(), linear)
+    cost = count_cost(model, (3, 32, 32))
+    conv_macs, linear_macs = 8 * 16 * 16 * 3 * 3 * 3, 8 * 16 * 16 * 10
+    assert cost.macs == conv_macs + linear_macs
+    assert dict(cost.per_layer) == {"0": conv_macs, "2": linear_macs}
+    assert cost.params == 8 * 3 * 9 + 8 * 16 * 16 * 10 + 10
+    assert cost.to_frame()["share"].sum() == pytest.approx(1.0)
+
+
+def test_confusion_matrix_and_per_class_accuracy():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    predicted = torch.tensor([0, 1, 1, 1, 0, 2])
+    result = evaluation_from(predicted, labels, num_classes=3)
+    assert result.accuracy == pytest.approx(4 / 6)
+    assert result.per_class == (0.5, 1.0, 0.5)
+    assert result.confusion == ((1, 1, 0), (0, 2, 0), (1, 0, 1))
+
+
+def test_optimised_model_folds_batchnorm_and_matches_eager():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    model[1].running_mean.normal_()
+    model[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 8, 8)
+    fast = optimise_for_inference(model, x)
+    assert "batch_norm" not in str(fast.graph)
+    torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_latency_records_its_settings(cpu):
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten())
+    latency = measure_latency(model, (1, 8, 8), backend=cpu, batch_size=4, warmup=1, repeats=3)
+    assert latency.batch_size == 4 and latency.threads == cpu.threads
+    assert latency.eager.repeats == 3 and latency.eager.warmup == 1
+    assert 0 < latency.optimised.p10_ms <= latency.optimised.median_ms <= latency.optimised.p90_ms

@@ -1,0 +1,85 @@
+"""The model zoo: every model loads and reaches its accuracy; checkpoints load safely or not at all."""
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from modhifi.errors import UserError
+from modhifi.metrics import evaluate
+from modhifi.zoo import TORCHVISION_ARCHS, ZOO, build_torchvision, load_model, model_card, save_checkpoint
+
+from conftest import subject
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_model_reaches_its_accuracy_on_the_full_test_split(name, cpu):
+    chosen = subject(name)
+    result = evaluate(chosen.loaded.model, chosen.dataset.test, device=cpu.device,
+                      num_classes=chosen.dataset.num_classes)
+    assert result.samples == len(chosen.dataset.test)
+    assert result.accuracy >= ZOO[name].min_accuracy
+    assert result.accuracy == pytest.approx(model_card(name)["test_accuracy"], abs=1e-4)
+
+
+def test_mismatched_checkpoint_lists_every_mismatch(tmp_path):
+    wrong = ZOO["digits-cnn"].build()
+    save_checkpoint(tmp_path / "wrong.pt", wrong)
+    with pytest.raises(UserError, match="does not fit the architecture: missing conv1.weight") as error:
+        load_model(str(tmp_path / "wrong.pt"), device=torch.device("cpu"), arch="resnet18")
+    assert "more" in str(error.value) and "\n" not in str(error.value)
+    state = build_torchvision("resnet18", num_classes=10).state_dict()
+    state["fc.weight"] = torch.zeros(5, 512)
+    torch.save(state, tmp_path / "head.pt")
+    with pytest.raises(UserError, match=r"fc.weight: \(5, 512\) in file, \(10, 512\) in model"):
+        load_model(str(tmp_path / "head.pt"), device=torch.device("cpu"), arch="resnet18")
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = _RunsCode()
+    payload.marker = marker
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": payload}, path)
+    # Proof that the file really runs code when unpickled unsafely (in a throwaway process).
+    subprocess.run([sys.executable, "-c", f"import torch; torch.load({str(path)!r}, weights_only=False)"],
+                   check=False, capture_output=True)
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(UserError, match="refused to load .*unpickle code"):
+        load_model(str(path), device=torch.device("cpu"), arch="resnet18")
+    assert not marker.exists()
+
+
+def test_bad_checkpoint_paths_and_files(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_model(str(tmp_path / "none.pt"), device=torch.device("cpu"), arch="resnet18")
+    (tmp_path / "junk.pt").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="cannot read"):
+        load_model(str(tmp_path / "junk.pt"), device=torch.device("cpu"), arch="resnet18")
+    with pytest.raises(UserError, match="unknown architecture"):
+        load_model("random", device=torch.device("cpu"), arch="alexnet9")
+
+
+@pytest.mark.parametrize("arch", TORCHVISION_ARCHS)
+def test_torchvision_architectures_build_without_downloading(arch):
+    loaded = load_model("random", device=torch.device("cpu"), arch=arch, num_classes=7)
+    assert not loaded.trained and "untrained" in loaded.name
+    out_features = [m for m in loaded.model.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
+    assert out_features == 7
+
+
+def test_checkpoint_round_trip_is_atomic_and_exact(tmp_path):
+    model = ZOO["digits-cnn"].build()
+    save_checkpoint(tmp_path / "m.pt", model, arch="digits-cnn")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary file left behind
+    state = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert all(torch.equal(v, state["state_dict"][k]) for k, v in model.state_dict().items())

@@ -1,0 +1,1 @@
+"""The dashboard's shared pieces: caching and session state (state.py), figures (figures.py)."""
