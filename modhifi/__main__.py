@@ -42,6 +42,68 @@ def _info(args: argparse.Namespace) -> dict:
             "latency_ms_eager": latency.eager.median_ms, "trained": subject.loaded.trained}
 
 
+def _prune(args: argparse.Namespace) -> dict:
+    import time
+
+    from modhifi.metrics import compare
+    from modhifi.prune import analyse
+    from modhifi.zoo import save_checkpoint
+
+    backend, subject = _open(args)
+    model, dataset = subject.loaded.model, subject.dataset
+    compensation = args.compensation or ("refit" if args.method == "modhifi" else "none")
+    _progress(f"statistics and scores on {args.calib_samples} calibration images")
+    start = time.perf_counter()
+    analysis = analyse(model, _calibration(dataset, args.calib_samples), device=backend.device,
+                       input_shape=dataset.input_shape)
+    plan = analysis.plan(args.target, target_kind=args.target_kind, allocation=args.allocation,
+                         method=args.method)
+    pruned = analysis.apply(plan, compensation=compensation, recalibrate=not args.no_bn_recal)
+    seconds = time.perf_counter() - start
+    _progress(f"pruned in {seconds:.1f} s; evaluating and timing")
+    result = compare(model, pruned, dataset=dataset, backend=backend, batch_size=args.batch_size)
+    if args.out:
+        _save_modified(args, subject, pruned, removed=plan.removed_channels())
+    return {"model": subject.loaded.name, "method": args.method, "target": args.target,
+            "target_kind": args.target_kind, "allocation": args.allocation,
+            "compensation": compensation, "bn_recalibrated": not args.no_bn_recal,
+            "calib_samples": args.calib_samples, "device": backend.description,
+            "accuracy_before": result.before.accuracy, "accuracy_after": result.after.accuracy,
+            "macs_before": result.cost_before.macs, "macs_after": result.cost_after.macs,
+            "params_before": result.cost_before.params, "params_after": result.cost_after.params,
+            "channels_before": plan.channels_before, "channels_after": plan.channels_after,
+            "batch_size": args.batch_size,
+            "latency_ms_before": result.latency_before.optimised.median_ms,
+            "latency_ms_after": result.latency_after.optimised.median_ms,
+            "speedup_macs": result.speedup_macs, "speedup_measured": result.speedup_measured,
+            "speedup_eager": result.speedup_eager, "seconds": seconds}
+
+
+def _calibration(dataset, samples: int) -> list:
+    """The first `samples` calibration images (the split is already a seeded random draw)."""
+    if not 0 < samples <= len(dataset.calibration):
+        raise UserError(f"--calib-samples {samples} must be between 1 and "
+                        f"{len(dataset.calibration)} for {dataset.name}")
+    return list(dataset.calibration.subset(slice(0, samples)).batches(500))
+
+
+def _save_modified(args: argparse.Namespace, subject, model, *, removed: dict) -> None:
+    """Write the model (reloadable by `--model FILE`) and its removed channels beside it."""
+    import json
+    from pathlib import Path
+
+    from modhifi.zoo import save_checkpoint, write_atomically
+
+    out = Path(args.out)
+    dataset = subject.dataset
+    base = {"model": args.model, "arch": args.arch, "dataset": dataset.name,
+            "num_classes": dataset.num_classes, "input_shape": list(dataset.input_shape)}
+    save_checkpoint(out, model, base=base, removed=removed)
+    channels = out.with_name(out.name + ".channels.json")
+    write_atomically(channels, lambda p: p.write_text(json.dumps(removed, indent=1) + "\n"))
+    _progress(f"wrote {out} and {channels}")
+
+
 def _open(args: argparse.Namespace):
     from modhifi.backend import choose_backend
     from modhifi.zoo import open_subject
@@ -58,6 +120,7 @@ def _progress(line: str) -> None:
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict], str]] = {
     "models": (_models, "list the built-in model zoo"),
     "info": (_info, "accuracy, MACs, params and latency of a model"),
+    "prune": (_prune, "ModHiFi-P: remove channels, compensate, recalibrate BatchNorm"),
 }
 
 
@@ -76,6 +139,20 @@ def _parser() -> argparse.ArgumentParser:
                                                 "cifar10:DIR, imagefolder:DIR")
             command.add_argument("--batch-size", type=int, default=64,
                                  help="batch size for latency timing")
+            command.add_argument("--calib-samples", type=int, default=2000,
+                                 help="unlabeled calibration images for the statistics")
+        if name == "prune":
+            command.add_argument("--target", type=float, required=True,
+                                 help="fraction of channels (or of MACs) to remove")
+            command.add_argument("--target-kind", choices=("channels", "macs"), default="channels")
+            command.add_argument("--allocation", choices=("uniform", "global"), default="uniform")
+            command.add_argument("--method", choices=("modhifi", "l1", "random", "activation"),
+                                 default="modhifi")
+            command.add_argument("--compensation", choices=("rescale", "refit", "none"),
+                                 help="default: refit for modhifi, none for the baselines")
+            command.add_argument("--no-bn-recal", action="store_true",
+                                 help="keep the old BatchNorm statistics")
+            command.add_argument("--out", help="write the pruned model here (and FILE.channels.json)")
     return parser
 
 

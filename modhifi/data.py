@@ -65,7 +65,7 @@ class Split:
 class Dataset:
     """A dataset with its three disjoint splits."""
 
-    name: str
+    name: str  # the spec it was loaded from: `load_dataset(name)` loads it again
     classes: tuple[str, ...]
     train: Split
     calibration: Split
@@ -102,7 +102,7 @@ def load_dataset(spec: str, *, data_dir: str | Path | None = None,
         return _digits(calibration_size)
     if kind == "cifar10" and path:
         train, test = _cifar10(Path(path))
-        return _split("cifar10", CIFAR10_CLASSES, train, test, calibration_size or 5000,
+        return _split(spec, CIFAR10_CLASSES, train, test, calibration_size or 5000,
                       mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
     if kind == "imagefolder" and path:
         return _imagefolder(Path(path), calibration_size)

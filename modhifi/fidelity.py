@@ -175,10 +175,12 @@ def _ridge_solve(A: Tensor, B: Tensor, lam: float) -> Tensor:
     scale = lam * A.diagonal(dim1=-2, dim2=-1).mean(-1)  # (...,): λ relative, so unit-free
     A = A + scale[..., None, None] * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     factor, info = torch.linalg.cholesky_ex(A)
-    if not info.any():
-        return torch.cholesky_solve(B, factor)
-    # Singular (dead channels, collinear inputs with lam=0): the minimum-norm optimum.
-    return torch.linalg.pinv(A, hermitian=True) @ B
+    X = torch.cholesky_solve(B, factor)
+    failed = info != 0  # (...,) singular: dead channels, or collinear inputs with lam=0
+    if failed.any():
+        # The minimum-norm optimum, only for the systems that need it (an SVD each).
+        X[failed] = torch.linalg.pinv(A[failed], hermitian=True) @ B[failed]
+    return X
 
 
 def _as_index(S: Iterable[int] | Tensor, device: torch.device) -> Tensor:

@@ -119,3 +119,48 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...], *, backend: 
         eager = time_calls(backend, lambda: model(example), warmup=warmup, repeats=repeats)
         fast = time_calls(backend, lambda: optimised(example), warmup=warmup, repeats=repeats)
     return Latency(batch_size, backend.threads, backend.description, eager, fast)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A model before and after a modification, measured side by side in one run."""
+
+    before: Evaluation
+    after: Evaluation
+    cost_before: Cost
+    cost_after: Cost
+    latency_before: Latency | None
+    latency_after: Latency | None
+
+    @property
+    def speedup_macs(self) -> float:
+        return self.cost_before.macs / max(self.cost_after.macs, 1)
+
+    @property
+    def speedup_measured(self) -> float | None:
+        """Ratio of inference-optimised latencies (BatchNorm folded, frozen TorchScript)."""
+        if self.latency_before is None:
+            return None
+        return self.latency_before.optimised.median_ms / self.latency_after.optimised.median_ms
+
+    @property
+    def speedup_eager(self) -> float | None:
+        if self.latency_before is None:
+            return None
+        return self.latency_before.eager.median_ms / self.latency_after.eager.median_ms
+
+
+def compare(before: nn.Module, after: nn.Module, *, dataset, backend: Backend,
+            batch_size: int = 64, latency: bool = True, evaluation_before: Evaluation | None = None,
+            repeats: int = 30) -> Comparison:
+    """Accuracy on the full test split, MACs, params and (optionally) latency of two models."""
+    def measure(model: nn.Module) -> Evaluation:
+        return evaluate(model, dataset.test, device=backend.device, num_classes=dataset.num_classes)
+
+    def timing(model: nn.Module) -> Latency | None:
+        return measure_latency(model, dataset.input_shape, backend=backend, batch_size=batch_size,
+                               repeats=repeats) if latency else None
+
+    return Comparison(evaluation_before or measure(before), measure(after),
+                      count_cost(before, dataset.input_shape), count_cost(after, dataset.input_shape),
+                      timing(before), timing(after))

@@ -76,12 +76,12 @@ class LoadedModel:
 def load_model(spec: str, *, device: torch.device, arch: str | None = None,
                dataset: str | None = None, num_classes: int = 10,
                in_channels: int = 3) -> LoadedModel:
-    """Load a zoo model by name, or a user's checkpoint file for a torchvision architecture.
+    """Load a zoo model by name, or a checkpoint file (ours, pruned ones included, or a user's).
 
     Args:
         spec: a zoo name (`fmnist-resnet`), a checkpoint path, or `random` with `arch` (untrained).
-        arch: torchvision architecture of a checkpoint (one of TORCHVISION_ARCHS).
-        dataset: dataset spec of a checkpoint (see data.load_dataset).
+        arch: torchvision architecture of a user's checkpoint (one of TORCHVISION_ARCHS).
+        dataset: dataset spec of a user's checkpoint (see data.load_dataset).
         num_classes, in_channels: shape of the torchvision head and stem.
     """
     if spec in ZOO:
@@ -92,17 +92,36 @@ def load_model(spec: str, *, device: torch.device, arch: str | None = None,
         model = entry.build()
         _load_state(model, read_checkpoint(entry.checkpoint)["state_dict"], entry.checkpoint)
         return LoadedModel(spec, entry.arch, entry.dataset, model.eval().to(device), True)
-    if arch is None:
-        raise UserError(f"{spec!r} is not a zoo model ({', '.join(ZOO)}); for a checkpoint "
-                        "file also give --arch")
     if spec == "random":
+        if arch is None:
+            raise UserError("an untrained model needs --arch: use one of " + ", ".join(TORCHVISION_ARCHS))
         model = build_torchvision(arch, num_classes=num_classes, in_channels=in_channels)
         return LoadedModel(f"{arch} (untrained)", arch, dataset or "", model.eval().to(device), False)
     path = Path(spec)
     state = read_checkpoint(path)
+    if "base" in state:  # one of ours: a modified copy of a base model
+        return _load_modified(path, state, device=device)
+    if arch is None:
+        raise UserError(f"{spec!r} is not a zoo model ({', '.join(ZOO)}); for a checkpoint file "
+                        "also give --arch and --data")
     model = build_torchvision(arch, num_classes=num_classes, in_channels=in_channels)
     _load_state(model, state.get("state_dict", state), path)
     return LoadedModel(path.name, arch, dataset or "", model.eval().to(device), True)
+
+
+def _load_modified(path: Path, state: dict, *, device: torch.device) -> LoadedModel:
+    """Rebuild a saved modified model: its base, the same channels cut, then its weights."""
+    from modhifi.prune import cut_channels
+
+    base = state["base"]
+    loaded = load_model(base["model"], device=torch.device("cpu"), arch=base.get("arch"),
+                        dataset=base.get("dataset"), num_classes=base.get("num_classes", 10),
+                        in_channels=base["input_shape"][0])
+    model = loaded.model
+    cut_channels(model, state.get("removed", {}), tuple(base["input_shape"]))
+    _load_state(model, state["state_dict"], path)
+    return LoadedModel(path.name, f"{loaded.arch}, modified", loaded.dataset,
+                       model.eval().to(device), True)
 
 
 @dataclass(frozen=True)
@@ -116,10 +135,13 @@ class Subject:
 def open_subject(spec: str, *, device: torch.device, arch: str | None = None,
                  data: str | None = None, calibration_size: int | None = None) -> Subject:
     """Load a model with its dataset (a zoo model's own, or `data` for a checkpoint)."""
-    if spec not in ZOO and arch is None:
+    if spec in ZOO:
+        data = ZOO[spec].dataset
+    elif data is None and Path(spec).is_file():
+        data = read_checkpoint(Path(spec)).get("base", {}).get("dataset")
+    if data is None and spec not in ZOO and arch is None:
         raise UserError(f"{spec!r} is not a zoo model ({', '.join(ZOO)}); for a checkpoint file "
                         "also give --arch and --data")
-    data = ZOO[spec].dataset if spec in ZOO else data
     if data is None:
         raise UserError(f"no dataset for {spec!r}: give --data (fashion-mnist, digits, "
                         "cifar10:DIR or imagefolder:DIR)")
@@ -189,7 +211,11 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def save_checkpoint(path: Path, model: nn.Module, **meta) -> None:
-    """Save a state_dict with plain metadata (loadable with weights_only=True)."""
+    """Save a state_dict with plain metadata (loadable with weights_only=True).
+
+    A modified model passes `base={"model", "arch", "dataset", "num_classes", "input_shape"}`
+    and `removed={group: channels}` so that `load_model(path)` rebuilds its shape.
+    """
     state = {"format": CHECKPOINT_FORMAT, "state_dict": {k: v.detach().cpu() for k, v in
                                                          model.state_dict().items()}, **meta}
     write_atomically(Path(path), lambda p: torch.save(state, p))

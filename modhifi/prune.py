@@ -1,0 +1,441 @@
+"""ModHiFi-P, structured pruning without gradients or labels (method.md §3): score → plan → apply.
+
+- `analyse` traces which channels are coupled (Torch-Pruning's dependency graph), collects the
+  input statistics of every consumer layer on calibration data once, and builds their fidelities.
+- `Analysis.plan` turns a target (a fraction of channels or of MACs) into a `PrunePlan`: a plain
+  value listing, per coupled group, the channels kept and removed, with the resulting MACs and
+  parameters computed exactly before anything changes.
+- `Analysis.apply` returns a new, physically smaller model: consumers compensated (`rescale`,
+  the paper's δ*, or `refit`, full least squares), channels cut by Torch-Pruning, BatchNorm
+  recalibrated. The input model is never modified.
+
+Baselines (random, L1 filter norm, activation magnitude) rank channels through the same path.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable, Literal
+
+import pandas as pd
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from modhifi.errors import UserError
+from modhifi.fidelity import LayerFidelity, LayerMoments, collect_moments
+from modhifi.metrics import count_cost
+
+Method = Literal["modhifi", "l1", "random", "activation"]
+Compensation = Literal["rescale", "refit", "none"]
+Allocation = Literal["uniform", "global"]
+TargetKind = Literal["channels", "macs"]
+
+# The operations a prunable group may pass through: anything else (LayerNorm, attention heads,
+# concatenation, unwrapped parameters) couples channels in ways we do not prune.
+_PASS_THROUGH = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.GELU,
+                 nn.SiLU, nn.Hardswish, nn.Dropout, nn.Identity, nn.MaxPool2d, nn.AvgPool2d,
+                 nn.AdaptiveAvgPool2d, nn.Flatten)
+_PASS_THROUGH_OPS = ("_ElementWiseOp", "_ReshapeOp")
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels that must be removed together, with the layers that make and read them."""
+
+    name: str                          # the first producer's module name
+    size: int
+    producers: tuple[str, ...]         # layers whose output channels these are
+    consumers: tuple[tuple[str, tuple[int, ...]], ...]  # (layer, its input index of each channel)
+    norms: tuple[str, ...]             # BatchNorms over these channels
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """What the exact MACs/params bookkeeping needs to know about one Conv2d/Linear/BatchNorm."""
+
+    macs: int
+    weight: int          # parameters in the weight
+    bias: int
+    depthwise: bool
+    in_group: str | None
+    out_group: str | None
+
+
+@dataclass(frozen=True)
+class Structure:
+    """The coupled channel groups of a model and the per-layer sizes needed to cost a plan."""
+
+    groups: tuple[ChannelGroup, ...]
+    layers: dict[str, _Layer] = field(hash=False)
+    macs: int
+    params: int
+    followed_by_norm: frozenset[str]   # layers whose output goes straight into a BatchNorm
+
+    @property
+    def consumers(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(name for g in self.groups for name, _ in g.consumers))
+
+    def cost(self, kept: dict[str, int]) -> tuple[int, int]:
+        """(MACs, params) of the model once each group keeps `kept[group]` channels."""
+        sizes = {g.name: g.size for g in self.groups}
+        frac = lambda group: kept.get(group, sizes.get(group, 1)) / sizes.get(group, 1)  # noqa: E731
+        macs, params = self.macs, self.params
+        for layer in self.layers.values():
+            out = frac(layer.out_group) if layer.out_group else 1.0
+            inp = 1.0 if layer.depthwise or not layer.in_group else frac(layer.in_group)
+            macs -= layer.macs - round(layer.macs * inp * out)
+            params -= layer.weight - round(layer.weight * inp * out) + layer.bias - round(layer.bias * out)
+        return macs, params
+
+
+def trace_structure(model: nn.Module, input_shape: tuple[int, ...]) -> Structure:
+    """Find the prunable channel groups of `model` with Torch-Pruning's dependency graph."""
+    model = copy.deepcopy(model).eval().cpu()
+    names = {module: name for name, module in model.named_modules()}
+    example = torch.zeros(1, *input_shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unwrapped parameters (ViT tokens) are simply not pruned
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
+    groups = [g for g in (_as_group(group, names, graph) for group in
+                          graph.get_all_groups(ignored_layers=head,
+                                               root_module_types=(nn.Conv2d, nn.Linear))) if g]
+    cost = count_cost(model, input_shape)
+    per_layer = dict(cost.per_layer)
+    owner = {}
+    for group in groups:
+        owner.update({(n, "out"): group.name for n in group.producers + group.norms})
+        owner.update({(n, "in"): group.name for n, _ in group.consumers})
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)):
+            bias = module.bias.numel() if module.bias is not None else 0
+            layers[name] = _Layer(per_layer.get(name, 0), module.weight.numel(), bias,
+                                  getattr(module, "groups", 1) > 1 or isinstance(module, nn.modules.batchnorm._BatchNorm),
+                                  owner.get((name, "in")), owner.get((name, "out")))
+    followed = frozenset(names[node.module] for node in graph.module2node.values()
+                         if isinstance(node.module, (nn.Conv2d, nn.Linear))
+                         and any(isinstance(o.module, nn.modules.batchnorm._BatchNorm)
+                                 for o in node.outputs))
+    return Structure(tuple(groups), layers, cost.macs, cost.params, followed)
+
+
+def _as_group(group: tp.Group, names: dict, graph: tp.DependencyGraph) -> ChannelGroup | None:
+    """A ChannelGroup, or None when the group passes through something we do not prune."""
+    producers, consumers, norms, size = [], [], [], None
+    for dep, idxs in group:
+        module, handler = dep.target.module, dep.handler
+        size = size or len(idxs)
+        kind = type(module).__name__
+        if not isinstance(module, _PASS_THROUGH) and kind not in _PASS_THROUGH_OPS:
+            return None
+        if len(idxs) != size:       # a reshape that is not one-to-one (flatten of a feature map)
+            return None
+        if graph.is_out_channel_pruning_fn(handler) and isinstance(module, (nn.Conv2d, nn.Linear)):
+            producers.append(names[module])
+        elif graph.is_in_channel_pruning_fn(handler) and isinstance(module, (nn.Conv2d, nn.Linear)):
+            if getattr(module, "groups", 1) == 1:
+                consumers.append((names[module], tuple(int(i) for i in idxs)))
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            norms.append(names[module])
+    if not producers or not consumers:
+        return None
+    return ChannelGroup(producers[0], size, tuple(producers), tuple(consumers), tuple(norms))
+
+
+# --- scores: one ranking per group, best channel first --------------------------------------
+
+@dataclass(frozen=True)
+class Ranking:
+    """Channels of one group in keep order, and a score in [0, 1] that never rises along it."""
+
+    order: tuple[int, ...]
+    score: tuple[float, ...]
+
+
+def _ranking(order: torch.Tensor, score: torch.Tensor) -> Ranking:
+    """Normalise `score` (given in `order`) to [0, 1] and make it non-increasing along the order."""
+    score = score.double() / score.max().clamp(min=1e-30)
+    return Ranking(tuple(order.tolist()), tuple(score.cummin(0).values.tolist()))
+
+
+def modhifi_ranking(group: ChannelGroup, fidelity: dict[str, LayerFidelity]) -> Ranking:
+    """The union rule (§3.4): priority = best rank in any output channel of any consumer.
+
+    A channel in the HiFi set (top-k by singleton fidelity) of one output of one consumer is
+    kept at size k; ties are broken by the largest singleton fidelity.
+    """
+    priority = torch.full((group.size,), float("inf"), dtype=torch.float64)
+    best = torch.zeros(group.size, dtype=torch.float64)
+    for name, index in group.consumers:
+        s = fidelity[name].singleton[:, list(index)]               # (c_out, group size)
+        rank = s.argsort(1, descending=True).argsort(1).double()   # rank_c(i), 0 = best
+        priority = torch.minimum(priority, rank.min(0).values)
+        best = torch.maximum(best, s.max(0).values)
+    order = torch.argsort(priority * 2 + (1 - best), stable=True)  # lexicographic: rank, then -s
+    return _ranking(order, best[order])
+
+
+def l1_ranking(group: ChannelGroup, model: nn.Module) -> Ranking:
+    """Baseline: L1 norm of each channel's filters, summed over the group's producers."""
+    norm = sum(model.get_submodule(p).weight.detach().abs().flatten(1).sum(1).double().cpu()
+               for p in group.producers)
+    order = norm.argsort(descending=True)
+    return _ranking(order, norm[order])
+
+
+def activation_ranking(group: ChannelGroup, moments: dict[str, LayerMoments],
+                       model: nn.Module) -> Ranking:
+    """Baseline: root-mean-square activation of each channel at its consumers' inputs."""
+    energy = torch.zeros(group.size, dtype=torch.float64)
+    for name, index in group.consumers:
+        c_in = model.get_submodule(name).weight.shape[1]
+        m = moments[name]
+        # diag of Σ PᵀP / N: (c_in·k²,) -> mean over the k² taps -> (c_in,)
+        energy += (m.second.diagonal().double().cpu() / m.samples).view(c_in, -1).mean(1)[list(index)]
+    rms = energy.sqrt()
+    order = rms.argsort(descending=True)
+    return _ranking(order, rms[order])
+
+
+def random_ranking(group: ChannelGroup, seed: int) -> Ranking:
+    """Baseline: a seeded random order."""
+    generator = torch.Generator().manual_seed(seed + group.size)
+    order = torch.randperm(group.size, generator=generator)
+    return _ranking(order, torch.linspace(1, 1 / group.size, group.size))
+
+
+# --- plan: how many channels each group keeps, and which --------------------------------------
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """One group's part of a plan."""
+
+    name: str
+    size: int
+    kept: tuple[int, ...]       # sorted channel indices
+    removed: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """What `apply` will do, computed before anything changes."""
+
+    method: str
+    target: float
+    target_kind: TargetKind
+    allocation: Allocation
+    groups: tuple[GroupPlan, ...]
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+
+    @property
+    def channels_before(self) -> int:
+        return sum(g.size for g in self.groups)
+
+    @property
+    def channels_after(self) -> int:
+        return sum(len(g.kept) for g in self.groups)
+
+    @property
+    def speedup_macs(self) -> float:
+        return self.macs_before / max(self.macs_after, 1)
+
+    def removed_channels(self) -> dict[str, list[int]]:
+        """group (first producer's name) -> removed channel indices, for export."""
+        return {g.name: list(g.removed) for g in self.groups if g.removed}
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame({"group": [g.name for g in self.groups],
+                             "channels": [g.size for g in self.groups],
+                             "kept": [len(g.kept) for g in self.groups],
+                             "removed": [len(g.removed) for g in self.groups]})
+
+
+def _kept_counts(rankings: dict[str, Ranking], knob: float, allocation: Allocation,
+                 floor: float) -> dict[str, int]:
+    """Channels each group keeps at pruning strength `knob` in [0, 1]."""
+    kept = {}
+    for name, ranking in rankings.items():
+        size = len(ranking.order)
+        least = max(1, math.ceil(floor * size))
+        if allocation == "uniform":
+            kept[name] = max(least, size - round(knob * size))
+        else:  # global: one threshold on the normalised score across groups
+            kept[name] = max(least, sum(s >= knob for s in ranking.score))
+    return kept
+
+
+# --- the analysis of one model on its calibration data ----------------------------------------
+
+@dataclass(frozen=True)
+class Analysis:
+    """Structure, input statistics and fidelities of one model, computed once; plans come from it."""
+
+    model: nn.Module = field(repr=False)   # never modified
+    input_shape: tuple[int, ...]
+    structure: Structure
+    moments: dict[str, LayerMoments] = field(repr=False)
+    fidelity: dict[str, LayerFidelity] = field(repr=False)
+    calibration: tuple[torch.Tensor, ...] = field(repr=False)  # normalised batches, on the device
+    seconds: float
+
+    def ranking(self, method: Method, *, seed: int = 0) -> dict[str, Ranking]:
+        """group name -> Ranking of its channels by `method`."""
+        rank: dict[str, Callable[[ChannelGroup], Ranking]] = {
+            "modhifi": lambda g: modhifi_ranking(g, self.fidelity),
+            "l1": lambda g: l1_ranking(g, self.model),
+            "activation": lambda g: activation_ranking(g, self.moments, self.model),
+            "random": lambda g: random_ranking(g, seed),
+        }
+        if method not in rank:
+            raise UserError(f"unknown method {method!r}: use one of {', '.join(rank)}")
+        return {g.name: rank[method](g) for g in self.structure.groups}
+
+    def plan(self, target: float, *, target_kind: TargetKind = "channels",
+             allocation: Allocation = "uniform", method: Method = "modhifi",
+             floor: float = 0.05, seed: int = 0) -> PrunePlan:
+        """The plan that removes at least `target` of the channels (or of the MACs).
+
+        Args:
+            target: fraction in [0, 1) of prunable channels (target_kind="channels") or of the
+                model's MACs (target_kind="macs") to remove.
+            allocation: "uniform" (the same fraction of every group) or "global" (one threshold
+                on the normalised score across groups).
+            method: how channels are ranked (ModHiFi or a baseline).
+            floor: fraction of each group that is always kept.
+        """
+        if not 0 <= target < 1:
+            raise UserError(f"target {target} must be in [0, 1): a fraction of channels or MACs")
+        if allocation not in ("uniform", "global"):
+            raise UserError(f"unknown allocation {allocation!r}: use uniform or global")
+        if target_kind not in ("channels", "macs"):
+            raise UserError(f"unknown target kind {target_kind!r}: use channels or macs")
+        rankings = self.ranking(method, seed=seed)
+        total = sum(g.size for g in self.structure.groups)
+
+        def removed_share(knob: float) -> float:
+            kept = _kept_counts(rankings, knob, allocation, floor)
+            if target_kind == "channels":
+                return 1 - sum(kept.values()) / total
+            return 1 - self.structure.cost(kept)[0] / self.structure.macs
+
+        # Removal grows with the knob (uniform: fraction removed; global: score threshold).
+        low, high = 0.0, 1.0 + 1e-9
+        if removed_share(high) < target:
+            raise UserError(f"target {target:.2f} {target_kind} cannot be reached: at most "
+                            f"{removed_share(high):.2f} can be removed with this model; lower it")
+        for _ in range(40):
+            middle = (low + high) / 2
+            low, high = (middle, high) if removed_share(middle) < target else (low, middle)
+        kept = _kept_counts(rankings, high if target > 0 else 0.0, allocation, floor)
+        groups = tuple(GroupPlan(g.name, g.size,
+                                 tuple(sorted(rankings[g.name].order[:kept[g.name]])),
+                                 tuple(sorted(rankings[g.name].order[kept[g.name]:])))
+                       for g in self.structure.groups)
+        macs, params = self.structure.cost(kept)
+        return PrunePlan(method, target, target_kind, allocation, groups,
+                         self.structure.macs, macs, self.structure.params, params)
+
+    def apply(self, plan: PrunePlan, *, compensation: Compensation = "refit",
+              recalibrate: bool = True) -> nn.Module:
+        """A new, physically pruned model: compensate consumers, cut channels, recalibrate BN."""
+        if compensation not in ("rescale", "refit", "none"):
+            raise UserError(f"unknown compensation {compensation!r}: use rescale, refit or none")
+        pruned = copy.deepcopy(self.model)
+        removed = {g.name: g.removed for g in plan.groups}
+        if compensation != "none":
+            for name, keep in self._kept_inputs(removed).items():
+                fidelity = self.fidelity[name]
+                weight = (fidelity.refit_weight(keep) if compensation == "refit"
+                          else fidelity.rescaled_weight(keep))
+                pruned.get_submodule(name).weight.data.copy_(weight)
+        cut_channels(pruned, removed, self.input_shape)
+        if recalibrate:
+            recalibrate_batchnorm(pruned, self.calibration)
+        return pruned
+
+    def _kept_inputs(self, removed: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        """consumer -> its kept input channels, for consumers that lose any."""
+        lost: dict[str, set[int]] = {}
+        for group in self.structure.groups:
+            for name, index in group.consumers:
+                lost.setdefault(name, set()).update(index[i] for i in removed.get(group.name, ()))
+        return {name: torch.tensor(sorted(set(range(self.fidelity[name].w.shape[1])) - gone))
+                for name, gone in lost.items() if gone}
+
+
+def analyse(model: nn.Module, calibration: Iterable[torch.Tensor], *, device: torch.device,
+            input_shape: tuple[int, ...], lam: float = 1e-4) -> Analysis:
+    """Trace the model's channel groups and score every consumer layer on calibration batches.
+
+    Args:
+        model: the trained network (eval mode, on `device`); it is never modified.
+        calibration: normalised, unlabeled input batches.
+        input_shape: (C, H, W) of one input.
+        lam: ridge strength of the compensation solves, relative to the mean diagonal.
+    """
+    import time
+
+    start = time.perf_counter()
+    batches = tuple(b.to(device) for b in calibration)
+    structure = trace_structure(model, input_shape)
+    consumers = structure.consumers
+    moments = collect_moments(model, consumers, batches, device=device)
+    fidelity = {name: LayerFidelity.from_moments(model.get_submodule(name).weight, moments[name],
+                                                 centered=name in structure.followed_by_norm,
+                                                 lam=lam)
+                for name in consumers}
+    return Analysis(model, tuple(input_shape), structure, moments, fidelity, batches,
+                    time.perf_counter() - start)
+
+
+# --- apply: surgery and BatchNorm recalibration ----------------------------------------------
+
+def cut_channels(model: nn.Module, removed: dict[str, Iterable[int]],
+                 input_shape: tuple[int, ...]) -> None:
+    """Remove channels in place: group (first producer's name) -> channel indices.
+
+    Torch-Pruning's dependency graph cuts every coupled layer of a group together.
+    """
+    device = next(model.parameters()).device
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = tp.DependencyGraph().build_dependency(
+            model, example_inputs=torch.zeros(1, *input_shape, device=device), verbose=False)
+    for name, index in removed.items():
+        index = sorted(int(i) for i in index)
+        if not index:
+            continue
+        layer = model.get_submodule(name)
+        prune_out = graph.get_pruner_of_module(layer).prune_out_channels
+        group = graph.get_pruning_group(layer, prune_out, idxs=index)
+        if not graph.check_pruning_group(group):
+            raise UserError(f"cannot remove {len(index)} channels of {name}: a layer would "
+                            "be left with none; lower the target")
+        group.prune()
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Re-estimate BatchNorm running statistics with forward passes (no gradients, no labels)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    saved = [(m, m.momentum) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all calibration batches
+        m.train()
+    try:
+        for batch in batches:
+            model(batch)
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+            m.eval()

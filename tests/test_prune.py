@@ -1,0 +1,137 @@
+"""ModHiFi-P: plans are exact, surgery is real, the input model is untouched, compensation helps."""
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from modhifi import nets
+from modhifi.metrics import count_cost
+from modhifi.prune import analyse, recalibrate_batchnorm, trace_structure
+from modhifi.zoo import build_torchvision
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _analysis(model, shape, samples=64, seed=0):
+    torch.manual_seed(seed)
+    batches = [torch.randn(32, *shape) for _ in range(samples // 32)]
+    model.eval()
+    recalibrate_batchnorm(model, batches)  # give random networks sensible BN statistics
+    return analyse(model, batches, device=torch.device("cpu"), input_shape=shape)
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+@pytest.mark.parametrize("target_kind, target", [("channels", 0.3), ("macs", 0.5), ("macs", 0.7)])
+def test_plan_costs_are_exact_and_the_input_model_is_untouched(allocation, target_kind, target):
+    model = nets.ResNet()
+    analysis = _analysis(model, (1, 28, 28))
+    before = _state(model)
+    plan = analysis.plan(target, target_kind=target_kind, allocation=allocation)
+    pruned = analysis.apply(plan, compensation="refit")
+    cost = count_cost(pruned, (1, 28, 28))
+    assert (cost.macs, cost.params) == (plan.macs_after, plan.params_after)
+    removed = 1 - (plan.channels_after / plan.channels_before if target_kind == "channels"
+                   else plan.macs_after / plan.macs_before)
+    assert removed >= target
+    assert pruned(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in [*model.parameters(), *pruned.parameters()])
+
+
+def test_resnet_groups_couple_residual_channels():
+    groups = {g.name: g for g in trace_structure(nets.ResNet(), (1, 28, 28)).groups}
+    # Each block's inner channels, and one residual stream per stage (stem + both convs + shortcut).
+    assert {"layers.0.conv1", "layers.1.conv1", "layers.2.conv1"} <= set(groups)
+    stream = groups["stem.0"]
+    assert set(stream.producers) == {"stem.0", "layers.0.conv2"}
+    assert {name for name, _ in stream.consumers} == {"layers.0.conv1", "layers.1.conv1",
+                                                      "layers.1.shortcut.0"}
+
+
+def test_vit_prunes_only_ffn_hidden_neurons():
+    structure = trace_structure(nets.ViT(), (1, 28, 28))
+    assert [g.name for g in structure.groups] == [f"blocks.{i}.ffn.fc1" for i in range(4)][::-1] or \
+        sorted(g.name for g in structure.groups) == [f"blocks.{i}.ffn.fc1" for i in range(4)]
+    assert all(g.consumers[0][0].endswith("ffn.fc2") for g in structure.groups)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, shape", [("resnet18", (3, 64, 64)), ("resnet50", (3, 64, 64)),
+                                         ("vgg16_bn", (3, 32, 32)), ("mobilenet_v2", (3, 64, 64))])
+def test_torchvision_architectures_prune_to_the_planned_cost(arch, shape):
+    model = build_torchvision(arch, num_classes=10)
+    analysis = _analysis(model, shape, samples=32)
+    plan = analysis.plan(0.4, target_kind="macs", allocation="global")
+    pruned = analysis.apply(plan, compensation="refit")
+    cost = count_cost(pruned, shape)
+    assert (cost.macs, cost.params) == (plan.macs_after, plan.params_after)
+    assert plan.macs_after <= 0.6 * plan.macs_before
+    assert pruned(torch.randn(2, *shape)).shape == (2, 10)
+
+
+def test_refit_beats_rescale_beats_no_compensation_on_every_layer():
+    model = nets.ResNet(widths=(8, 16, 32))
+    analysis = _analysis(model, (1, 16, 16), samples=128)
+    plan = analysis.plan(0.5, target_kind="channels")
+    kept = analysis._kept_inputs({g.name: g.removed for g in plan.groups})
+    assert kept
+    for name, keep in kept.items():
+        lf = analysis.fidelity[name]
+        none = lf.weight.clone()
+        none[:, [i for i in range(lf.w.shape[1]) if i not in keep.tolist()]] = 0
+        errors = [lf.reconstruction_error(w) for w in (lf.refit_weight(keep),
+                                                        lf.rescaled_weight(keep), none)]
+        assert torch.all(errors[0] <= errors[1] * (1 + 1e-6) + 1e-12), name
+        assert torch.all(errors[1] <= errors[2] * (1 + 1e-6) + 1e-12), name
+
+
+def test_batchnorm_recalibration_matches_the_calibration_statistics():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)).eval()
+    batches = [torch.randn(16, 2, 8, 8) * 3 + 1 for _ in range(3)]
+    recalibrate_batchnorm(model, batches)
+    with torch.no_grad():
+        features = torch.cat([model[0](b) for b in batches])       # (N, C, H, W)
+    torch.testing.assert_close(model[1].running_mean, features.mean((0, 2, 3)))
+    torch.testing.assert_close(model[1].running_var, features.var((0, 2, 3)), rtol=1e-3, atol=1e-4)
+    assert not model[1].training
+
+
+def test_unreachable_target_and_bad_options_are_clear_errors():
+    from modhifi.errors import UserError
+
+    analysis = _analysis(nets.tiny_cnn(), (1, 8, 8), samples=32)
+    with pytest.raises(UserError, match="cannot be reached"):
+        analysis.plan(0.9, target_kind="macs", floor=0.5)
+    with pytest.raises(UserError, match="must be in"):
+        analysis.plan(1.5)
+    with pytest.raises(UserError, match="unknown method"):
+        analysis.plan(0.3, method="taylor")
+
+
+def test_cli_prune_writes_a_model_that_reloads_with_the_same_accuracy(tmp_path):
+    out = tmp_path / "pruned.pt"
+
+    def cli(*args):
+        done = subprocess.run([sys.executable, "-m", "modhifi", *args, "--json", "--device", "cpu",
+                               "--batch-size", "8"], capture_output=True, text=True, cwd=ROOT)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    pruned = cli("prune", "--model", "digits-cnn", "--target", "0.3", "--target-kind", "macs",
+                 "--calib-samples", "200", "--out", str(out))
+    assert pruned["macs_after"] <= 0.7 * pruned["macs_before"]
+    assert pruned["accuracy_after"] > 0.85
+    reloaded = cli("info", "--model", str(out))
+    assert reloaded["accuracy"] == pruned["accuracy_after"]
+    assert reloaded["macs"] == pruned["macs_after"]
+    removed = json.loads((tmp_path / "pruned.pt.channels.json").read_text())
+    assert sum(map(len, removed.values())) == pruned["channels_before"] - pruned["channels_after"]
