@@ -46,32 +46,35 @@ def _prune(args: argparse.Namespace) -> dict:
     import time
 
     from modhifi.metrics import compare
-    from modhifi.prune import analyse
-    from modhifi.zoo import save_checkpoint
+    from modhifi.prune import prune_in_steps
 
     backend, subject = _open(args)
     model, dataset = subject.loaded.model, subject.dataset
     compensation = args.compensation or ("refit" if args.method == "modhifi" else "none")
-    _progress(f"statistics and scores on {args.calib_samples} calibration images")
+    _progress("statistics and scores on the calibration images")
     start = time.perf_counter()
-    analysis = analyse(model, _calibration(dataset, args.calib_samples), device=backend.device,
-                       input_shape=dataset.input_shape)
-    plan = analysis.plan(args.target, target_kind=args.target_kind, allocation=args.allocation,
-                         method=args.method)
-    pruned = analysis.apply(plan, compensation=compensation, recalibrate=not args.no_bn_recal)
+    calibration = _calibration(dataset, args.calib_samples)
+    pruned, plans = prune_in_steps(model, calibration,
+                                   device=backend.device, input_shape=dataset.input_shape,
+                                   target=args.target, steps=args.steps,
+                                   target_kind=args.target_kind, allocation=args.allocation,
+                                   method=args.method, compensation=compensation,
+                                   recalibrate=not args.no_bn_recal)
     seconds = time.perf_counter() - start
     _progress(f"pruned in {seconds:.1f} s; evaluating and timing")
     result = compare(model, pruned, dataset=dataset, backend=backend, batch_size=args.batch_size)
     if args.out:
-        _save_modified(args, subject, pruned, removed=plan.removed_channels())
+        removed = [plan.removed_channels() for plan in plans]
+        _save_modified(args, subject, pruned, removed=removed[0] if len(removed) == 1 else removed)
     return {"model": subject.loaded.name, "method": args.method, "target": args.target,
             "target_kind": args.target_kind, "allocation": args.allocation,
             "compensation": compensation, "bn_recalibrated": not args.no_bn_recal,
-            "calib_samples": args.calib_samples, "device": backend.description,
+            "calib_samples": sum(len(b) for b in calibration), "device": backend.description,
             "accuracy_before": result.before.accuracy, "accuracy_after": result.after.accuracy,
             "macs_before": result.cost_before.macs, "macs_after": result.cost_after.macs,
             "params_before": result.cost_before.params, "params_after": result.cost_after.params,
-            "channels_before": plan.channels_before, "channels_after": plan.channels_after,
+            "channels_before": plans[0].channels_before, "channels_after": plans[-1].channels_after,
+            "steps": args.steps,
             "batch_size": args.batch_size,
             "latency_ms_before": result.latency_before.optimised.median_ms,
             "latency_ms_after": result.latency_after.optimised.median_ms,
@@ -79,8 +82,26 @@ def _prune(args: argparse.Namespace) -> dict:
             "speedup_eager": result.speedup_eager, "seconds": seconds}
 
 
-def _calibration(dataset, samples: int) -> list:
+def _scores(args: argparse.Namespace) -> dict:
+    from pathlib import Path
+
+    from modhifi.prune import analyse
+    from modhifi.zoo import write_atomically
+
+    backend, subject = _open(args)
+    dataset = subject.dataset
+    analysis = analyse(subject.loaded.model, _calibration(dataset, args.calib_samples),
+                       device=backend.device, input_shape=dataset.input_shape)
+    plan = None if args.target is None else analysis.plan(args.target)
+    table = analysis.score_table(plan)
+    write_atomically(Path(args.out), lambda p: table.to_csv(p, index=False))
+    return {"model": subject.loaded.name, "out": args.out, "rows": len(table),
+            "layers": int(table["layer"].nunique()), "target": args.target}
+
+
+def _calibration(dataset, samples: int | None) -> list:
     """The first `samples` calibration images (the split is already a seeded random draw)."""
+    samples = samples or min(2000, len(dataset.calibration))
     if not 0 < samples <= len(dataset.calibration):
         raise UserError(f"--calib-samples {samples} must be between 1 and "
                         f"{len(dataset.calibration)} for {dataset.name}")
@@ -121,6 +142,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict], str]] = {
     "models": (_models, "list the built-in model zoo"),
     "info": (_info, "accuracy, MACs, params and latency of a model"),
     "prune": (_prune, "ModHiFi-P: remove channels, compensate, recalibrate BatchNorm"),
+    "scores": (_scores, "per-layer singleton fidelity and saliency as a CSV table"),
 }
 
 
@@ -139,8 +161,12 @@ def _parser() -> argparse.ArgumentParser:
                                                 "cifar10:DIR, imagefolder:DIR")
             command.add_argument("--batch-size", type=int, default=64,
                                  help="batch size for latency timing")
-            command.add_argument("--calib-samples", type=int, default=2000,
-                                 help="unlabeled calibration images for the statistics")
+            command.add_argument("--calib-samples", type=int,
+                                 help="unlabeled calibration images (default: 2000, or all if fewer)")
+        if name == "scores":
+            command.add_argument("--out", required=True, help="CSV file to write")
+            command.add_argument("--target", type=float,
+                                 help="also mark which inputs a uniform channel target keeps")
         if name == "prune":
             command.add_argument("--target", type=float, required=True,
                                  help="fraction of channels (or of MACs) to remove")
@@ -150,6 +176,8 @@ def _parser() -> argparse.ArgumentParser:
                                  default="modhifi")
             command.add_argument("--compensation", choices=("rescale", "refit", "none"),
                                  help="default: refit for modhifi, none for the baselines")
+            command.add_argument("--steps", type=int, default=1,
+                                 help="iterative mode: rounds of score, remove, compensate, recalibrate")
             command.add_argument("--no-bn-recal", action="store_true",
                                  help="keep the old BatchNorm statistics")
             command.add_argument("--out", help="write the pruned model here (and FILE.channels.json)")

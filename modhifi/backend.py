@@ -8,7 +8,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import torch
 
@@ -72,25 +72,40 @@ class Timing:
 
 def time_calls(backend: Backend, fn: Callable[[], object], *, warmup: int = 5,
                repeats: int = 30) -> Timing:
-    """Time `fn()` the paper's way: warm-up, then many repeats; median and spread.
+    """Time `fn()` the paper's way: warm-up, then many repeats; median and spread."""
+    return time_side_by_side(backend, [fn], warmup=warmup, repeats=repeats)[0]
+
+
+def time_side_by_side(backend: Backend, fns: Sequence[Callable[[], object]], *, warmup: int = 5,
+                      repeats: int = 30) -> list[Timing]:
+    """Time several functions in alternation, so that machine noise hits all of them alike.
 
     CUDA events on the GPU (kernel time without host jitter), `perf_counter` on the CPU.
     """
-    for _ in range(warmup):
-        fn()
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
     backend.synchronize()
-    samples = []
+    samples: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        if backend.is_cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(backend.device)
-            samples.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - begin) * 1e3)
+        for fn, times in zip(fns, samples):
+            times.append(_elapsed_ms(backend, fn))
+    return [_summary(times, warmup) for times in samples]
+
+
+def _elapsed_ms(backend: Backend, fn: Callable[[], object]) -> float:
+    if backend.is_cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(backend.device)
+        return start.elapsed_time(end)
+    begin = time.perf_counter()
+    fn()
+    return (time.perf_counter() - begin) * 1e3
+
+
+def _summary(samples: list[float], warmup: int) -> Timing:
     deciles = statistics.quantiles(samples, n=10) if len(samples) > 1 else samples * 9
-    return Timing(statistics.median(samples), deciles[0], deciles[-1], repeats, warmup)
+    return Timing(statistics.median(samples), deciles[0], deciles[-1], len(samples), warmup)

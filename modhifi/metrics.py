@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from modhifi.backend import Backend, Timing, time_calls
+from modhifi.backend import Backend, Timing, time_side_by_side
 from modhifi.data import Split
 
 
@@ -112,13 +112,22 @@ def optimise_for_inference(model: nn.Module, example: torch.Tensor) -> torch.jit
 def measure_latency(model: nn.Module, input_shape: tuple[int, ...], *, backend: Backend,
                     batch_size: int = 64, warmup: int = 5, repeats: int = 30) -> Latency:
     """Median forward time of a random (batch_size, *input_shape) batch, eager and optimised."""
+    return measure_latencies([model], input_shape, backend=backend, batch_size=batch_size,
+                             warmup=warmup, repeats=repeats)[0]
+
+
+def measure_latencies(models: list[nn.Module], input_shape: tuple[int, ...], *, backend: Backend,
+                      batch_size: int = 64, warmup: int = 5, repeats: int = 30) -> list[Latency]:
+    """Latency of several models timed in alternation (side by side), eager and optimised."""
     example = torch.randn(batch_size, *input_shape, device=backend.device)
-    model = model.eval()
-    optimised = optimise_for_inference(model, example)
+    eager = [model.eval() for model in models]
+    optimised = [optimise_for_inference(model, example) for model in models]
     with torch.no_grad():
-        eager = time_calls(backend, lambda: model(example), warmup=warmup, repeats=repeats)
-        fast = time_calls(backend, lambda: optimised(example), warmup=warmup, repeats=repeats)
-    return Latency(batch_size, backend.threads, backend.description, eager, fast)
+        timings = time_side_by_side(backend, [lambda m=m: m(example) for m in eager + optimised],
+                                    warmup=warmup, repeats=repeats)
+    n = len(models)
+    return [Latency(batch_size, backend.threads, backend.description, timings[i], timings[n + i])
+            for i in range(n)]
 
 
 @dataclass(frozen=True)
@@ -157,10 +166,8 @@ def compare(before: nn.Module, after: nn.Module, *, dataset, backend: Backend,
     def measure(model: nn.Module) -> Evaluation:
         return evaluate(model, dataset.test, device=backend.device, num_classes=dataset.num_classes)
 
-    def timing(model: nn.Module) -> Latency | None:
-        return measure_latency(model, dataset.input_shape, backend=backend, batch_size=batch_size,
-                               repeats=repeats) if latency else None
-
+    latencies = (measure_latencies([before, after], dataset.input_shape, backend=backend,
+                                   batch_size=batch_size, repeats=repeats) if latency else [None, None])
     return Comparison(evaluation_before or measure(before), measure(after),
                       count_cost(before, dataset.input_shape), count_cost(after, dataset.input_shape),
-                      timing(before), timing(after))
+                      *latencies)

@@ -360,6 +360,23 @@ class Analysis:
             recalibrate_batchnorm(pruned, self.calibration)
         return pruned
 
+    def score_table(self, plan: PrunePlan | None = None) -> pd.DataFrame:
+        """Long table: layer, out_channel, in_channel, singleton_fidelity, saliency (, kept)."""
+        frames = []
+        for name, fidelity in self.fidelity.items():
+            c_out, c_in = fidelity.singleton.shape
+            frame = pd.DataFrame({
+                "layer": name,
+                "out_channel": torch.arange(c_out).repeat_interleave(c_in).numpy(),
+                "in_channel": torch.arange(c_in).repeat(c_out).numpy(),
+                "singleton_fidelity": fidelity.singleton.flatten().cpu().numpy(),
+                "saliency": fidelity.saliency.flatten().cpu().numpy()})
+            if plan is not None:
+                kept = self._kept_inputs({g.name: g.removed for g in plan.groups}).get(name)
+                frame["kept"] = True if kept is None else frame["in_channel"].isin(kept.tolist())
+            frames.append(frame)
+        return pd.concat(frames, ignore_index=True)
+
     def _kept_inputs(self, removed: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
         """consumer -> its kept input channels, for consumers that lose any."""
         lost: dict[str, set[int]] = {}
@@ -393,6 +410,33 @@ def analyse(model: nn.Module, calibration: Iterable[torch.Tensor], *, device: to
                 for name in consumers}
     return Analysis(model, tuple(input_shape), structure, moments, fidelity, batches,
                     time.perf_counter() - start)
+
+
+def prune_in_steps(model: nn.Module, calibration: Iterable[torch.Tensor], *, device: torch.device,
+                   input_shape: tuple[int, ...], target: float, steps: int,
+                   target_kind: TargetKind = "channels", allocation: Allocation = "uniform",
+                   method: Method = "modhifi", compensation: Compensation = "refit",
+                   recalibrate: bool = True) -> tuple[nn.Module, tuple[PrunePlan, ...]]:
+    """The iterative mode: `steps` rounds of score → remove → compensate → recalibrate.
+
+    Each round removes an equal share of the original channels (or MACs), re-scoring the model
+    that the previous round left. Returns the pruned model and each round's plan.
+    """
+    if steps < 1:
+        raise UserError(f"--steps {steps} must be at least 1")
+    batches = tuple(b.to(device) for b in calibration)
+    current, plans = model, []
+    for step in range(1, steps + 1):
+        analysis = analyse(current, batches, device=device, input_shape=input_shape)
+        size = lambda plan: plan.channels_before if target_kind == "channels" else plan.macs_before  # noqa: E731
+        probe = analysis.plan(0.0, target_kind=target_kind)
+        done = 1 - size(probe) / size(plans[0]) if plans else 0.0
+        goal = target * step / steps  # share of the original model removed after this round
+        plan = analysis.plan(max(0.0, 1 - (1 - goal) / (1 - done)), target_kind=target_kind,
+                             allocation=allocation, method=method)
+        current = analysis.apply(plan, compensation=compensation, recalibrate=recalibrate)
+        plans.append(plan)
+    return current, tuple(plans)
 
 
 # --- apply: surgery and BatchNorm recalibration ----------------------------------------------

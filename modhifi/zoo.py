@@ -118,7 +118,9 @@ def _load_modified(path: Path, state: dict, *, device: torch.device) -> LoadedMo
                         dataset=base.get("dataset"), num_classes=base.get("num_classes", 10),
                         in_channels=base["input_shape"][0])
     model = loaded.model
-    cut_channels(model, state.get("removed", {}), tuple(base["input_shape"]))
+    removed = state.get("removed", {})
+    for step in removed if isinstance(removed, list) else [removed]:  # iterative: one per round
+        cut_channels(model, step, tuple(base["input_shape"]))
     _load_state(model, state["state_dict"], path)
     return LoadedModel(path.name, f"{loaded.arch}, modified", loaded.dataset,
                        model.eval().to(device), True)
