@@ -5,4 +5,8 @@ from ui import state
 
 st.set_page_config(page_title="ModHiFi Studio", page_icon="🎛️", layout="wide")
 state.sidebar()
-st.navigation([st.Page("pages/overview.py", title="Overview", default=True)]).run()
+st.navigation([
+    st.Page("pages/overview.py", title="Overview", icon="📋", default=True),
+    st.Page("pages/fidelity.py", title="Fidelity", icon="🔥"),
+    st.Page("pages/prune.py", title="Prune", icon="✂️"),
+]).run()

@@ -297,6 +297,28 @@ class LayerFidelity:
         u = 1 - self.compensation(c, S)  # (c_in,) the share of each contribution that is lost
         return float((1 - u @ self.Q(c) @ u / energy).clamp(0, 1))
 
+    def fidelity_curves(self) -> Tensor:
+        """(c_out, c_in) FS_c of each output's HiFi set of size k (its top-k inputs), k = 1..c_in.
+
+        HiFi sets of growing size are nested prefixes of one order, so one Cholesky factor L of
+        the reordered Q_c gives every size at once: FS(top-k) = Σ_{j≤k} z_j² / E‖Y_c‖², L z = r
+        (the explained energy r_Sᵀ Q_SS⁻¹ r_S of a prefix only needs the prefix of z).
+        """
+        c_out, c_in, _ = self.w.shape
+        curves = []
+        for rows in torch.arange(c_out, device=self.H.device).split(max(1, _CHUNK_ELEMENTS // c_in**2)):
+            order = self.singleton[rows].argsort(1, descending=True)  # (n, c_in)
+            Q = self._Q(rows)                                          # (n, c_in, c_in)
+            Q = Q.gather(1, order[:, :, None].expand_as(Q)).gather(2, order[:, None, :].expand_as(Q))
+            # A relative ridge, and a tiny one even at lam=0 so dead inputs do not break Cholesky.
+            scale = max(self.lam, 1e-12) * Q.diagonal(dim1=-2, dim2=-1).mean(-1).clamp(min=1e-300)
+            L, _ = torch.linalg.cholesky_ex(Q + scale[:, None, None] * torch.eye(c_in).to(Q))
+            r = self.saliency[rows].gather(1, order)[..., None]      # (n, c_in, 1)
+            z = torch.linalg.solve_triangular(L, r, upper=False)[..., 0]
+            energy = self.energy[rows, None]
+            curves.append(torch.where(energy > 0, z.square().cumsum(1) / energy, 0.0).clamp(0, 1))
+        return torch.cat(curves)
+
     def _like_weight(self, w: Tensor) -> Tensor:
         return w.reshape(self.weight.shape).to(self.weight)
 
@@ -350,6 +372,12 @@ class LayerFidelity:
         c_out = self.w.shape[0]
         D = self.w.reshape(c_out, -1) - new_weight.detach().to(self.H).reshape(c_out, -1)  # (c_out, d)
         return ((D @ self.H) * D).sum(1)
+
+
+def hifi_size(fidelity: LayerFidelity, *, level: float = 0.8) -> Tensor:
+    """(c_out,) the smallest share of inputs whose HiFi set reaches fidelity `level`, per output."""
+    curves = fidelity.fidelity_curves()  # (c_out, c_in)
+    return ((curves < level).sum(1) + 1).clamp(max=curves.shape[1]) / curves.shape[1]
 
 
 def layer_fidelity(

@@ -19,13 +19,14 @@ import warnings
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Literal
 
+import numpy as np
 import pandas as pd
 import torch
 import torch_pruning as tp
 from torch import nn
 
 from modhifi.errors import UserError
-from modhifi.fidelity import LayerFidelity, LayerMoments, collect_moments
+from modhifi.fidelity import LayerFidelity, LayerMoments, collect_moments, hifi_size
 from modhifi.metrics import count_cost
 
 Method = Literal["modhifi", "l1", "random", "activation"]
@@ -376,6 +377,52 @@ class Analysis:
                 frame["kept"] = True if kept is None else frame["in_channel"].isin(kept.tolist())
             frames.append(frame)
         return pd.concat(frames, ignore_index=True)
+
+    def channel_table(self, plan: PrunePlan | None = None, *, method: Method = "modhifi") -> pd.DataFrame:
+        """One row per (consumer layer, input channel): its scores, keep priority and fate.
+
+        Columns: layer, channel, singleton (best over the layer's outputs), saliency_share (mean
+        over outputs of r_ci / E‖Y_c‖², the share of each output that channel i explains),
+        priority (0 = the first channel its group keeps), kept (under `plan`, True if none).
+        """
+        rankings, position = self.ranking(method), {}
+        for group in self.structure.groups:
+            for name, index in group.consumers:
+                position.update({(name, index[j]): rank
+                                 for rank, j in enumerate(rankings[group.name].order)})
+        kept = self._kept_inputs({g.name: g.removed for g in plan.groups}) if plan else {}
+        frames = []
+        for name, fidelity in self.fidelity.items():
+            c_in = fidelity.singleton.shape[1]
+            share = fidelity.saliency / fidelity.energy.clamp(min=1e-30)[:, None]  # (c_out, c_in)
+            frames.append(pd.DataFrame({
+                "layer": name, "channel": range(c_in),
+                "singleton": fidelity.singleton.max(0).values.cpu().numpy(),
+                "saliency_share": share.mean(0).cpu().numpy(),
+                "priority": [position.get((name, i), -1) for i in range(c_in)],
+                "kept": [True] * c_in if name not in kept else
+                        [i in set(kept[name].tolist()) for i in range(c_in)]}))
+        return pd.concat(frames, ignore_index=True)
+
+    def layer_scores(self, layer: str) -> dict[str, np.ndarray]:
+        """(c_out, c_in) singleton fidelity and saliency share of one consumer layer."""
+        fidelity = self.fidelity[layer]
+        share = fidelity.saliency / fidelity.energy.clamp(min=1e-30)[:, None]
+        return {"singleton": fidelity.singleton.cpu().numpy(), "saliency_share": share.cpu().numpy()}
+
+    def fidelity_curve(self, layer: str, out_channel: int) -> pd.DataFrame:
+        """FS(top-k) of one output channel against k, and which inputs the top-k adds."""
+        fidelity = self.fidelity[layer]
+        curve = fidelity.fidelity_curves()[out_channel]
+        order = fidelity.singleton[out_channel].argsort(descending=True)
+        return pd.DataFrame({"k": range(1, len(curve) + 1), "fidelity": curve.cpu().numpy(),
+                             "added_channel": order.cpu().numpy()})
+
+    def hifi_table(self, *, level: float = 0.8) -> pd.DataFrame:
+        """Per consumer layer: the median over outputs of the smallest input share reaching `level`."""
+        rows = [(name, f.w.shape[1], float(hifi_size(f, level=level).median()))
+                for name, f in self.fidelity.items()]
+        return pd.DataFrame(rows, columns=["layer", "inputs", "hifi_share"])
 
     def _kept_inputs(self, removed: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
         """consumer -> its kept input channels, for consumers that lose any."""

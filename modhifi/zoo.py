@@ -7,6 +7,7 @@ a file that would need to unpickle code is refused. Train a zoo model with
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import os
 import pickle
@@ -171,15 +172,12 @@ def read_checkpoint(path: Path) -> dict:
         raise UserError(f"checkpoint {path} does not exist: check the path")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "GLOBAL" not in str(error).upper():
-            raise UserError(f"cannot read {path} as a PyTorch checkpoint: save it with "
-                            "torch.save(state_dict)") from None
-        raise UserError(f"refused to load {path}: it needs to unpickle code, which could run "
-                        "anything; save a plain state_dict (tensors only)") from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise UserError(f"cannot read {path} as a PyTorch checkpoint "
-                        f"({str(error).splitlines()[0]}): save it with torch.save(state_dict)") from None
+    except Exception as error:  # a malformed file can fail anywhere inside the unpickler
+        if isinstance(error, pickle.UnpicklingError) and "GLOBAL" in str(error).upper():
+            raise UserError(f"refused to load {path}: it needs to unpickle code, which could run "
+                            "anything; save a plain state_dict (tensors only)") from None
+        raise UserError(f"cannot read {path} as a PyTorch checkpoint ({type(error).__name__}): "
+                        "save it with torch.save(model.state_dict())") from None
     if not isinstance(state, dict):
         raise UserError(f"{path} holds a {type(state).__name__}, not a state_dict: "
                         "save it with torch.save(model.state_dict())")
@@ -212,15 +210,27 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         Path(temporary).unlink(missing_ok=True)
 
 
-def save_checkpoint(path: Path, model: nn.Module, **meta) -> None:
-    """Save a state_dict with plain metadata (loadable with weights_only=True).
+def checkpoint_state(model: nn.Module, **meta) -> dict:
+    """A state_dict with plain metadata (loadable with weights_only=True).
 
     A modified model passes `base={"model", "arch", "dataset", "num_classes", "input_shape"}`
     and `removed={group: channels}` so that `load_model(path)` rebuilds its shape.
     """
-    state = {"format": CHECKPOINT_FORMAT, "state_dict": {k: v.detach().cpu() for k, v in
-                                                         model.state_dict().items()}, **meta}
+    return {"format": CHECKPOINT_FORMAT,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **meta}
+
+
+def save_checkpoint(path: Path, model: nn.Module, **meta) -> None:
+    """Write `checkpoint_state(model, **meta)` atomically."""
+    state = checkpoint_state(model, **meta)
     write_atomically(Path(path), lambda p: torch.save(state, p))
+
+
+def checkpoint_bytes(model: nn.Module, **meta) -> bytes:
+    """`checkpoint_state(model, **meta)` as the bytes of a .pt file (for downloads)."""
+    buffer = io.BytesIO()
+    torch.save(checkpoint_state(model, **meta), buffer)
+    return buffer.getvalue()
 
 
 def model_card(name: str) -> dict:

@@ -5,9 +5,11 @@ from ui import state
 
 
 def render() -> None:
-    name, device = state.selection()
+    name, device, _ = state.selection()
     chosen = state.subject(name, device)
-    st.title(f"Overview — {name}")
+    st.title(f"Overview — {chosen.loaded.name}")
+    if not chosen.loaded.trained:
+        st.warning("Untrained network: fit for speed exploration only.")
     st.write(f"**{chosen.loaded.arch}**, trained on **{chosen.dataset.name}** "
              f"({len(chosen.dataset.test):,} test images). A model's *cost* is its multiply-"
              "accumulates (MACs) per image and its parameter count; *latency* is the measured "

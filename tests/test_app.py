@@ -1,23 +1,59 @@
-"""Every dashboard page renders headlessly (Streamlit AppTest) without an exception."""
+"""Every dashboard page renders headlessly (Streamlit AppTest); controls change the numbers."""
 from pathlib import Path
 
+import pytest
 from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
+PAGES = ["pages/overview.py", "pages/fidelity.py", "pages/prune.py"]
 
 
-def run_app(model: str = "digits-cnn") -> AppTest:
-    app = AppTest.from_file(APP, default_timeout=180)
-    app.session_state["sidebar.model"] = model
+def open_page(page: str, **state) -> AppTest:
+    app = AppTest.from_file(APP, default_timeout=300)
+    app.session_state["sidebar.model"] = "digits-cnn"
     app.session_state["sidebar.device"] = "cpu"
-    return app.run()
+    app.session_state["sidebar.calibration"] = 250
+    for key, value in state.items():
+        app.session_state[key] = value
+    app.run()
+    return app.switch_page(page).run()
+
+
+def metrics(app: AppTest) -> dict[str, str]:
+    return {metric.label: metric.value for metric in app.metric}
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_without_exception(page):
+    app = open_page(page)
+    assert not app.exception and not app.error
+    assert app.title[0].value
 
 
 def test_overview_shows_accuracy_macs_params_latency():
-    app = run_app()
-    assert not app.exception
-    shown = {metric.label: metric.value for metric in app.metric}
+    shown = metrics(open_page("pages/overview.py"))
     assert float(shown["Test accuracy"].rstrip("%")) > 90
     assert shown["MACs / image"] == "0.30 M"
     assert shown["Parameters"] == "5.2 k"
     assert any(label.startswith("Latency") for label in shown)
+
+
+def test_moving_the_sparsity_slider_changes_accuracy_and_macs():
+    app = open_page("pages/prune.py")
+    before = metrics(app)
+    app.slider(key="prune.target").set_value(0.7).run()
+    after = metrics(app)
+    assert not app.exception
+    assert after["MACs / image"] != before["MACs / image"]
+    assert after["Accuracy"] != before["Accuracy"]
+    assert float(after["MACs / image"].split()[0]) < float(before["MACs / image"].split()[0])
+
+
+def test_a_bad_upload_shows_an_error_not_an_exception(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"this is not a checkpoint")
+    app = open_page("pages/overview.py", **{"sidebar.model": "your checkpoint…",
+                                            "sidebar.checkpoint_path": str(bad),
+                                            "sidebar.checkpoint_data": "digits"})
+    assert not app.exception
+    assert app.error and "cannot read" in app.error[0].value

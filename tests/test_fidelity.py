@@ -255,3 +255,16 @@ def test_unsupported_layers_and_shapes_raise_a_clear_value_error(layer, inputs, 
     with pytest.raises(ValueError, match=problem) as error:
         moments_of(layer, inputs)
     assert "\n" not in str(error.value)
+
+
+def test_fidelity_curves_equal_subset_fidelity_of_each_top_k():
+    torch.manual_seed(3)
+    layer = nn.Conv2d(5, 4, 3, padding=1).double()
+    lf = layer_fidelity(layer, torch.randn(16, 5, 6, 6, dtype=torch.float64), lam=0.0)
+    curves = lf.fidelity_curves()
+    assert curves.shape == (4, 5)
+    for c in range(4):
+        order = lf.singleton[c].argsort(descending=True)
+        for k in range(1, 6):
+            assert curves[c, k - 1].item() == pytest.approx(lf.subset_fidelity(c, order[:k]), abs=1e-8)
+    assert torch.all(curves.diff(dim=1) >= -1e-12) and torch.allclose(curves[:, -1], torch.ones(4, dtype=torch.float64))

@@ -1,62 +1,70 @@
 """The only place with Streamlit caches and session-state keys.
 
-Models and the backend live in `st.cache_resource` and are shared by every session, so they are
-never mutated: pages get results computed from them, and modifications work on copies.
-Derived numbers live in `st.cache_data`, keyed by plain ids (model name, device).
+Models, analyses and the backend live in `st.cache_resource` and are shared by every session, so
+they are never mutated: modifications always work on copies made by the library. Derived numbers
+and tables live in `st.cache_data`, keyed by plain ids (model, device, calibration size, options).
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pandas as pd
 import streamlit as st
 
 from modhifi import backend as _backend
-from modhifi import metrics, zoo
+from modhifi import metrics, prune, zoo
 from modhifi.errors import UserError
 
-MODEL = "sidebar.model"  # session-state key of the chosen zoo model
+# --- session-state keys ------------------------------------------------------------------------
+MODEL = "sidebar.model"
 DEVICE = "sidebar.device"
+CALIBRATION = "sidebar.calibration"
+CHECKPOINT_PATH = "sidebar.checkpoint_path"
+CHECKPOINT_ARCH = "sidebar.checkpoint_arch"
+CHECKPOINT_DATA = "sidebar.checkpoint_data"
+CHECKPOINT_UPLOAD = "sidebar.checkpoint_upload"
+FIDELITY_SCORE = "fidelity.score"
+FIDELITY_LAYER = "fidelity.layer"
+FIDELITY_OUTPUT = "fidelity.output"
+FIDELITY_TARGET = "fidelity.target"
+PRUNE_TARGET = "prune.target"
+PRUNE_KIND = "prune.kind"
+PRUNE_ALLOCATION = "prune.allocation"
+PRUNE_METHOD = "prune.method"
+PRUNE_COMPENSATION = "prune.compensation"
+PRUNE_RECALIBRATE = "prune.recalibrate"
+PRUNE_FULL = "prune.full"
+PRUNE_SPEED = "prune.speed"
+UNLEARN_CLASS = "unlearn.class"
+UNLEARN_LAYERS = "unlearn.layers"
+UNLEARN_K = "unlearn.k"
+UNLEARN_EDIT = "unlearn.edit"
+
+OWN_CHECKPOINT = "your checkpoint…"
+LIVE_TEST_IMAGES = 2000  # live numbers use this fixed prefix of the test split; a button runs all
+UPLOADS = Path.home() / ".cache" / "modhifi" / "uploads"
 
 
-@st.cache_resource(show_spinner=False)
-def backend(choice: str) -> _backend.Backend:
-    return _backend.choose_backend(choice)
-
-
-@st.cache_resource(show_spinner="Loading model and data…")
-def subject(name: str, device_choice: str) -> zoo.Subject:
-    return zoo.open_subject(name, device=backend(device_choice).device)
-
-
-@st.cache_data(show_spinner="Evaluating on the test split…")
-def evaluation(name: str, device_choice: str) -> metrics.Evaluation:
-    chosen = subject(name, device_choice)
-    return metrics.evaluate(chosen.loaded.model, chosen.dataset.test,
-                            device=backend(device_choice).device,
-                            num_classes=chosen.dataset.num_classes)
-
-
-@st.cache_data(show_spinner="Counting MACs…")
-def cost(name: str, device_choice: str) -> metrics.Cost:
-    chosen = subject(name, device_choice)
-    return metrics.count_cost(chosen.loaded.model, chosen.dataset.input_shape)
-
-
-@st.cache_data(show_spinner="Timing the forward pass…")
-def latency(name: str, device_choice: str, batch_size: int) -> metrics.Latency:
-    chosen = subject(name, device_choice)
-    return metrics.measure_latency(chosen.loaded.model, chosen.dataset.input_shape,
-                                   backend=backend(device_choice), batch_size=batch_size)
-
-
-def selection() -> tuple[str, str]:
-    """(model name, device choice) picked in the sidebar."""
-    return st.session_state.get(MODEL, next(iter(zoo.ZOO))), st.session_state.get(DEVICE, "auto")
-
+# --- the sidebar ---------------------------------------------------------------------------------
 
 def sidebar() -> None:
-    """Model and device pickers; shows which device the scoring backend uses."""
-    names = [n for n, e in zoo.ZOO.items() if e.checkpoint.is_file()]
+    """Model (zoo or own checkpoint), calibration size and device pickers."""
+    names = [n for n, e in zoo.ZOO.items() if e.checkpoint.is_file()] + [OWN_CHECKPOINT]
     st.sidebar.selectbox("Model", names, key=MODEL,
-                         format_func=lambda n: f"{n} — {zoo.ZOO[n].dataset}")
+                         format_func=lambda n: n if n == OWN_CHECKPOINT else f"{n} — {zoo.ZOO[n].dataset}")
+    if st.session_state[MODEL] == OWN_CHECKPOINT:
+        st.sidebar.selectbox("Architecture", zoo.TORCHVISION_ARCHS, key=CHECKPOINT_ARCH)
+        st.sidebar.text_input("Dataset", key=CHECKPOINT_DATA, placeholder="cifar10:/data/cifar",
+                              help="fashion-mnist, digits, cifar10:DIR or imagefolder:DIR")
+        upload = st.sidebar.file_uploader("Checkpoint (.pt state_dict)", type=["pt", "pth"],
+                                          key=CHECKPOINT_UPLOAD)
+        if upload is not None:
+            st.session_state[CHECKPOINT_PATH] = str(_store_upload(upload.name, upload.getvalue()))
+        else:
+            st.sidebar.text_input("…or a path on the server", key=CHECKPOINT_PATH)
+    st.sidebar.select_slider("Calibration images", (250, 500, 1000, 2000), value=1000,
+                             key=CALIBRATION, help="Unlabeled held-out images the method reads.")
     st.sidebar.selectbox("Device", ("auto", "cpu", "cuda"), key=DEVICE)
     try:
         st.sidebar.caption(f"Scoring backend: {backend(st.session_state[DEVICE]).description}")
@@ -64,9 +72,175 @@ def sidebar() -> None:
         st.sidebar.error(str(error))
 
 
+def _store_upload(name: str, data: bytes) -> Path:
+    """Keep an upload on disk under a content-addressed name (checkpoints are read by path)."""
+    import hashlib
+
+    path = UPLOADS / f"{hashlib.sha256(data).hexdigest()[:16]}-{Path(name).name}"
+    if not path.exists():
+        zoo.write_atomically(path, lambda p: p.write_bytes(data))
+    return path
+
+
+def selection() -> tuple[str, str, int]:
+    """(model id, device choice, calibration images) picked in the sidebar.
+
+    The model id is a zoo name, or `path|arch|dataset` for a user's checkpoint.
+    """
+    name = st.session_state.get(MODEL, next(iter(zoo.ZOO)))
+    if name == OWN_CHECKPOINT:
+        path = st.session_state.get(CHECKPOINT_PATH) or ""
+        data = st.session_state.get(CHECKPOINT_DATA) or ""
+        if not path or not data:
+            raise UserError("choose a checkpoint (upload or path) and its dataset in the sidebar")
+        name = f"{path}|{st.session_state.get(CHECKPOINT_ARCH)}|{data}"
+    return name, st.session_state.get(DEVICE, "auto"), st.session_state.get(CALIBRATION, 1000)
+
+
 def guarded(render) -> None:
-    """Run a page body; a UserError becomes a message in the page, never a traceback."""
+    """Run a page body; bad input or a full device becomes a message, never a traceback."""
     try:
         render()
     except UserError as error:
         st.error(str(error))
+    except MemoryError:
+        st.error("out of memory: choose fewer calibration images or a smaller model")
+    except RuntimeError as error:
+        if "out of memory" not in str(error):
+            raise
+        st.error("the device ran out of memory: choose fewer calibration images, or the CPU")
+
+
+# --- cached resources (never mutated) --------------------------------------------------------------
+
+@st.cache_resource(show_spinner=False)
+def backend(choice: str) -> _backend.Backend:
+    return _backend.choose_backend(choice)
+
+
+@st.cache_resource(show_spinner="Loading model and data…")
+def subject(model_id: str, device: str) -> zoo.Subject:
+    spec, _, rest = model_id.partition("|")
+    arch, _, data = rest.partition("|")
+    return zoo.open_subject(spec, device=backend(device).device, arch=arch or None, data=data or None)
+
+
+@st.cache_resource(show_spinner="Input statistics and fidelity scores of every layer…")
+def analysis(model_id: str, device: str, samples: int) -> prune.Analysis:
+    chosen = subject(model_id, device)
+    calibration = chosen.dataset.calibration
+    batches = calibration.subset(slice(0, min(samples, len(calibration)))).batches(250)
+    return prune.analyse(chosen.loaded.model, batches, device=backend(device).device,
+                         input_shape=chosen.dataset.input_shape)
+
+
+@st.cache_resource(show_spinner="Pruning: compensating, cutting, recalibrating BatchNorm…",
+                   max_entries=16)
+def pruned(model_id: str, device: str, samples: int, plan: prune.PrunePlan,
+           compensation: str, recalibrate: bool):
+    return analysis(model_id, device, samples).apply(plan, compensation=compensation,
+                                                     recalibrate=recalibrate)
+
+
+# --- cached numbers and tables --------------------------------------------------------------------
+
+@st.cache_data(show_spinner="Evaluating on the test split…")
+def evaluation(model_id: str, device: str, *, full: bool = True) -> metrics.Evaluation:
+    chosen = subject(model_id, device)
+    return _evaluate(chosen, chosen.loaded.model, device, full=full)
+
+
+def _evaluate(chosen: zoo.Subject, model, device: str, *, full: bool) -> metrics.Evaluation:
+    test = chosen.dataset.test
+    split = test if full else test.subset(slice(0, LIVE_TEST_IMAGES))
+    return metrics.evaluate(model, split, device=backend(device).device,
+                            num_classes=chosen.dataset.num_classes)
+
+
+@st.cache_data(show_spinner="Counting MACs…")
+def cost(model_id: str, device: str) -> metrics.Cost:
+    chosen = subject(model_id, device)
+    return metrics.count_cost(chosen.loaded.model, chosen.dataset.input_shape)
+
+
+@st.cache_data(show_spinner="Timing the forward pass…")
+def latency(model_id: str, device: str, batch_size: int) -> metrics.Latency:
+    chosen = subject(model_id, device)
+    return metrics.measure_latency(chosen.loaded.model, chosen.dataset.input_shape,
+                                   backend=backend(device), batch_size=batch_size)
+
+
+@st.cache_data(show_spinner=False)
+def plan(model_id: str, device: str, samples: int, target: float, kind: str, allocation: str,
+         method: str) -> prune.PrunePlan:
+    return analysis(model_id, device, samples).plan(target, target_kind=kind,
+                                                    allocation=allocation, method=method)
+
+
+@st.cache_data(show_spinner=False)
+def channel_table(model_id: str, device: str, samples: int, target: float) -> pd.DataFrame:
+    chosen = analysis(model_id, device, samples)
+    return chosen.channel_table(chosen.plan(target))
+
+
+@st.cache_data(show_spinner=False)
+def layer_scores(model_id: str, device: str, samples: int, layer: str) -> dict:
+    return analysis(model_id, device, samples).layer_scores(layer)
+
+
+@st.cache_data(show_spinner="Fidelity of growing HiFi sets…")
+def fidelity_curve(model_id: str, device: str, samples: int, layer: str, out: int) -> pd.DataFrame:
+    return analysis(model_id, device, samples).fidelity_curve(layer, out)
+
+
+@st.cache_data(show_spinner="Smallest HiFi sets of every layer…")
+def hifi_table(model_id: str, device: str, samples: int) -> pd.DataFrame:
+    return analysis(model_id, device, samples).hifi_table()
+
+
+@st.cache_data(show_spinner="Evaluating the pruned model…")
+def pruned_evaluation(model_id: str, device: str, samples: int, plan: prune.PrunePlan,
+                      compensation: str, recalibrate: bool, full: bool) -> metrics.Evaluation:
+    model = pruned(model_id, device, samples, plan, compensation, recalibrate)
+    return _evaluate(subject(model_id, device), model, device, full=full)
+
+
+@st.cache_data(show_spinner="Timing dense and pruned models side by side…")
+def pruned_latency(model_id: str, device: str, samples: int, plan: prune.PrunePlan,
+                   compensation: str, recalibrate: bool, batch_size: int = 64) -> list[metrics.Latency]:
+    chosen = subject(model_id, device)
+    model = pruned(model_id, device, samples, plan, compensation, recalibrate)
+    return metrics.measure_latencies([chosen.loaded.model, model], chosen.dataset.input_shape,
+                                     backend=backend(device), batch_size=batch_size, repeats=15)
+
+
+@st.cache_data(show_spinner="Accuracy against sparsity for ModHiFi and the baselines…")
+def sparsity_curve(model_id: str, device: str, samples: int, kind: str,
+                   targets: tuple[float, ...]) -> pd.DataFrame:
+    chosen, study = subject(model_id, device), analysis(model_id, device, samples)
+    rows = []
+    for method, compensation in (("modhifi", "refit"), ("modhifi", "rescale"), ("l1", "none"),
+                                 ("activation", "none"), ("random", "none")):
+        for target in targets:
+            chosen_plan = study.plan(target, target_kind=kind, method=method)
+            model = study.apply(chosen_plan, compensation=compensation)
+            rows.append({"method": f"{method} ({compensation})", "target": target,
+                         "macs_reduction": chosen_plan.speedup_macs,
+                         "accuracy": _evaluate(chosen, model, device, full=False).accuracy})
+    return pd.DataFrame(rows)
+
+
+@st.cache_data(show_spinner="Packing the pruned model…")
+def pruned_download(model_id: str, device: str, samples: int, plan: prune.PrunePlan,
+                    compensation: str, recalibrate: bool) -> tuple[bytes, str, str]:
+    """(checkpoint bytes, removed channels as JSON, as CSV)."""
+    chosen = subject(model_id, device)
+    model = pruned(model_id, device, samples, plan, compensation, recalibrate)
+    spec, _, rest = model_id.partition("|")
+    arch = rest.partition("|")[0] or None
+    base = {"model": spec, "arch": arch, "dataset": chosen.dataset.name,
+            "num_classes": chosen.dataset.num_classes, "input_shape": list(chosen.dataset.input_shape)}
+    removed = plan.removed_channels()
+    csv = pd.DataFrame([(g, c) for g, cs in removed.items() for c in cs],
+                       columns=["group", "channel"]).to_csv(index=False)
+    return zoo.checkpoint_bytes(model, base=base, removed=removed), json.dumps(removed, indent=1), csv

@@ -1,0 +1,55 @@
+"""Fidelity: which input channels of every layer carry its output, and what the method keeps."""
+import streamlit as st
+
+from ui import figures, state
+
+
+def render() -> None:
+    model_id, device, samples = state.selection()
+    st.title("Fidelity — which channels matter")
+    st.write(
+        "Each input channel *i* of a layer adds a **contribution** to every output channel *c*. "
+        "The **singleton fidelity** of *i* is the share of output *c*'s energy that channel *i* "
+        "alone explains once optimally rescaled (the squared cosine between the two); a small "
+        "**HiFi set** of channels usually explains most of an output. ModHiFi keeps a channel if it "
+        "is in the HiFi set of at least one output it feeds.")
+    with st.expander("The formulas"):
+        st.latex(r"A_{ci} = \Phi_i \star W_{ci},\quad Y_c = \sum_i A_{ci},\quad "
+                 r"Q_c[i,j] = \mathbb{E}\langle A_{ci}, A_{cj}\rangle")
+        st.latex(r"FS_c(C) = \max_\delta\ 1 - \frac{\mathbb{E}\|Y_c - \sum_{i\in C}\delta_i A_{ci}\|^2}"
+                 r"{\mathbb{E}\|Y_c\|^2},\qquad s_{ci} = FS_c(\{i\}) = "
+                 r"\frac{(Q_c\mathbf{1})_i^2}{Q_c[i,i]\;\mathbf{1}^\top Q_c \mathbf{1}}")
+        st.write("Saliency share: r_ci / E‖Y_c‖² with r_ci = (Q_c 1)_i, the part of output c that "
+                 "channel i accounts for; it sums to one over the inputs.")
+    st.caption(f"Statistics from {samples} unlabeled calibration images; no labels, no gradients.")
+
+    left, right = st.columns([2, 1])
+    score = left.radio("Colour", list(figures.SCORE_LABELS), horizontal=True, key=state.FIDELITY_SCORE,
+                       format_func=figures.SCORE_LABELS.get)
+    target = right.slider("Channels removed (to mark kept / removed)", 0.0, 0.9, 0.5, 0.05,
+                          key=state.FIDELITY_TARGET)
+    table = state.channel_table(model_id, device, samples, target)
+    hifi = state.hifi_table(model_id, device, samples)
+    share = float((hifi["hifi_share"] < 0.2).mean())
+    st.metric("Layers where fewer than 20% of inputs reach fidelity ≥ 0.8", f"{share:.0%}",
+              help="Per layer: the median over output channels of the smallest HiFi set reaching "
+                   "subset fidelity 0.8, as a share of the inputs (the paper's first observation).")
+    st.plotly_chart(figures.channel_heatmap(table, score), use_container_width=True)
+
+    st.subheader("One layer, one output channel")
+    layers = list(dict.fromkeys(table["layer"]))
+    layer = st.selectbox("Layer", layers, key=state.FIDELITY_LAYER)
+    matrix = state.layer_scores(model_id, device, samples, layer)[score]
+    out = st.number_input("Output channel", 0, matrix.shape[0] - 1, 0, key=state.FIDELITY_OUTPUT)
+    left, right = st.columns(2)
+    left.plotly_chart(figures.layer_heatmap(matrix, score, layer), use_container_width=True)
+    right.plotly_chart(figures.fidelity_curve(state.fidelity_curve(model_id, device, samples, layer,
+                                                                   int(out))),
+                       use_container_width=True)
+    st.dataframe(hifi, hide_index=True, column_config={
+        "hifi_share": st.column_config.ProgressColumn(
+            "smallest HiFi set reaching 0.8 (share of inputs)", min_value=0, max_value=1,
+            format="percent")})
+
+
+state.guarded(render)

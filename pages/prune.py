@@ -1,0 +1,83 @@
+"""Prune: slide the sparsity, see the physically smaller model's accuracy, cost and speed."""
+import streamlit as st
+
+from ui import figures, state
+
+METHODS = {"modhifi": "ModHiFi", "l1": "L1 filter norm", "activation": "activation magnitude",
+           "random": "random"}
+
+
+def render() -> None:
+    model_id, device, samples = state.selection()
+    st.title("Prune — ModHiFi-P")
+    st.write(
+        "Move the slider: the model is **physically** cut (channels removed from the weights, so "
+        "fewer MACs and really faster), the layers that read the removed channels are "
+        "**compensated** (the kept inputs are refitted to reproduce the old output), and "
+        "**BatchNorm statistics are recalibrated** on unlabeled images — no labels, no training.")
+    with st.expander("Why compensation and BatchNorm recalibration matter"):
+        st.write("Removing inputs shifts every output's mean and scale; BatchNorm then normalises "
+                 "with stale statistics, which alone can ruin accuracy. Recalibration re-estimates "
+                 "them; compensation re-weights the kept inputs so that each output is as close as "
+                 "possible to the original (least squares on the input statistics):")
+        st.latex(r"\delta^*_C = \mathbf{1} + Q_c[C,C]^{-1} Q_c[C,\bar C]\,\mathbf{1}"
+                 r"\quad\text{(rescale)},\qquad W'_C = (H_{CC}+\lambda I)^{-1} H_{C,:}\,w"
+                 r"\quad\text{(refit)}")
+
+    cols = st.columns(3)
+    kind = cols[0].radio("Target", ("macs", "channels"), horizontal=True, key=state.PRUNE_KIND,
+                         format_func={"macs": "share of MACs", "channels": "share of channels"}.get)
+    target = cols[0].slider("Remove", 0.0, 0.8, 0.5, 0.05, key=state.PRUNE_TARGET)
+    method = cols[1].selectbox("Method", list(METHODS), format_func=METHODS.get, key=state.PRUNE_METHOD)
+    allocation = cols[1].radio("Allocation", ("uniform", "global"), horizontal=True,
+                               key=state.PRUNE_ALLOCATION)
+    compensation = cols[2].selectbox("Compensation", ("refit", "rescale", "none"),
+                                     key=state.PRUNE_COMPENSATION)
+    recalibrate = cols[2].toggle("Recalibrate BatchNorm", True, key=state.PRUNE_RECALIBRATE)
+    full = st.toggle(f"Evaluate on the full test split (live numbers use the first "
+                     f"{state.LIVE_TEST_IMAGES:,} test images)", key=state.PRUNE_FULL)
+
+    plan = state.plan(model_id, device, samples, target, kind, allocation, method)
+    options = (model_id, device, samples, plan, compensation, recalibrate)
+    before = state.evaluation(model_id, device, full=full)
+    after = state.pruned_evaluation(*options, full)
+    cols = st.columns(4)
+    cols[0].metric("Accuracy", f"{after.accuracy:.2%}", f"{(after.accuracy - before.accuracy) * 100:+.2f} pts")
+    cols[1].metric("MACs / image", f"{plan.macs_after / 1e6:.2f} M", f"{plan.speedup_macs:.2f}× fewer",
+                   delta_color="off")
+    cols[2].metric("Parameters", f"{plan.params_after / 1e3:.1f} k",
+                   f"{plan.params_after / plan.params_before - 1:+.0%}", delta_color="off")
+    cols[3].metric("Channels kept", f"{plan.channels_after} / {plan.channels_before}")
+    st.caption(f"Before: {before.accuracy:.2%} on {before.samples:,} test images.")
+
+    if st.toggle("Measure the real speed-up (batch 64, dense and pruned timed side by side)",
+                 key=state.PRUNE_SPEED):
+        dense, small = state.pruned_latency(*options)
+        cols = st.columns(3)
+        cols[0].metric("Latency, optimised", f"{small.optimised.median_ms:.2f} ms",
+                       f"{dense.optimised.median_ms / small.optimised.median_ms:.2f}× faster",
+                       help="BatchNorm folded, frozen TorchScript; the MACs ratio is the ideal.")
+        cols[1].metric("Latency, eager", f"{small.eager.median_ms:.2f} ms",
+                       f"{dense.eager.median_ms / small.eager.median_ms:.2f}× faster")
+        cols[2].metric("Ideal (MACs ratio)", f"{plan.speedup_macs:.2f}×")
+        st.caption(f"{dense.device}, median of {dense.eager.repeats} runs after {dense.eager.warmup} warm-up.")
+
+    st.subheader("Channels kept per group")
+    st.plotly_chart(figures.kept_bars(plan.to_frame()), use_container_width=True)
+
+    model_bytes, removed_json, removed_csv = state.pruned_download(*options)
+    cols = st.columns(3)
+    cols[0].download_button("Pruned model (.pt)", model_bytes, "pruned.pt")
+    cols[1].download_button("Removed channels (JSON)", removed_json, "removed_channels.json")
+    cols[2].download_button("Removed channels (CSV)", removed_csv, "removed_channels.csv")
+    st.caption("The .pt file reloads with `python -m modhifi info --model pruned.pt`.")
+
+    st.subheader("Accuracy against sparsity")
+    if st.button("Compute the curve for ModHiFi and the baselines", key="prune.curve"):
+        curve = state.sparsity_curve(model_id, device, samples, kind, (0.2, 0.35, 0.5, 0.6, 0.7))
+        st.plotly_chart(figures.sparsity_curve(curve), use_container_width=True)
+        st.caption(f"First {state.LIVE_TEST_IMAGES:,} test images; baselines with BatchNorm "
+                   "recalibration and no compensation.")
+
+
+state.guarded(render)

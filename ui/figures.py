@@ -1,0 +1,83 @@
+"""Plotly figure builders for the pages: tables in, figures out (no tensor math)."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+
+SCORE_LABELS = {"singleton": "singleton fidelity", "saliency_share": "saliency share"}
+
+
+def channel_heatmap(table: pd.DataFrame, score: str) -> go.Figure:
+    """Layers × channels, each row sorted by keep priority (kept channels on the left)."""
+    layers = list(dict.fromkeys(table["layer"]))
+    width = int(table.groupby("layer").size().max())
+    z = np.full((len(layers), width), np.nan)
+    text = np.full((len(layers), width), "", dtype=object)
+    for row, layer in enumerate(layers):
+        rows = table[table["layer"] == layer].sort_values(["priority", score], ascending=[True, False])
+        z[row, :len(rows)] = rows[score]
+        text[row, :len(rows)] = [f"channel {c}<br>{'kept' if k else 'removed'}"
+                                 for c, k in zip(rows["channel"], rows["kept"])]
+    figure = go.Figure(go.Heatmap(
+        z=z, y=layers, customdata=text, colorscale="Viridis", colorbar={"title": SCORE_LABELS[score]},
+        hovertemplate="layer %{y}<br>%{customdata}<br>score %{z:.3f}<extra></extra>"))
+    figure.update_layout(xaxis_title="input channels, by keep priority →", yaxis_title="layer",
+                         height=120 + 28 * len(layers), margin={"t": 20})
+    return figure
+
+
+def layer_heatmap(matrix: np.ndarray, score: str, layer: str) -> go.Figure:
+    """Output × input scores of one layer."""
+    figure = px.imshow(matrix, color_continuous_scale="Viridis", aspect="auto",
+                       labels={"x": "input channel i", "y": "output channel c", "color": SCORE_LABELS[score]})
+    figure.update_layout(title=f"{layer}: {SCORE_LABELS[score]} of every (output, input) pair",
+                         margin={"t": 40})
+    return figure
+
+
+def fidelity_curve(curve: pd.DataFrame, *, level: float = 0.8) -> go.Figure:
+    """FS(top-k) against k, with the smallest HiFi set reaching `level` marked."""
+    figure = px.line(curve, x="k", y="fidelity", markers=True, hover_data=["added_channel"],
+                     labels={"k": "HiFi set size k", "fidelity": "subset fidelity FS(top-k)"})
+    reached = curve[curve["fidelity"] >= level]
+    if len(reached):
+        k = int(reached["k"].iloc[0])
+        figure.add_vline(x=k, line_dash="dash", annotation_text=f"HiFi set: k = {k}")
+    figure.add_hline(y=level, line_dash="dot", line_color="grey")
+    figure.update_yaxes(range=[0, 1.02])
+    return figure
+
+
+def kept_bars(plan_frame: pd.DataFrame) -> go.Figure:
+    """Kept and removed channels of every group."""
+    long = plan_frame.drop(columns="channels").melt(id_vars="group", var_name="fate",
+                           value_name="channels")
+    figure = px.bar(long, x="group", y="channels", color="fate", barmode="stack",
+                    color_discrete_map={"kept": "#2a9d8f", "removed": "#e76f51"})
+    figure.update_layout(xaxis_title="channel group (first producer)", margin={"t": 20})
+    return figure
+
+
+def sparsity_curve(curve: pd.DataFrame) -> go.Figure:
+    """Accuracy against MACs reduction for ModHiFi and the baselines."""
+    figure = px.line(curve, x="macs_reduction", y="accuracy", color="method", markers=True,
+                     labels={"macs_reduction": "MACs reduction (×)", "accuracy": "test accuracy"})
+    figure.update_layout(margin={"t": 20})
+    return figure
+
+
+def class_bars(frame: pd.DataFrame) -> go.Figure:
+    """Per-class accuracy before and after a modification (columns: class, when, accuracy)."""
+    figure = px.bar(frame, x="class", y="accuracy", color="when", barmode="group")
+    figure.update_layout(margin={"t": 20}, yaxis_range=[0, 1])
+    return figure
+
+
+def confusion(matrix: list[list[int]], classes: list[str]) -> go.Figure:
+    figure = px.imshow(np.array(matrix), x=classes, y=classes, text_auto=True,
+                       color_continuous_scale="Blues",
+                       labels={"x": "predicted", "y": "true", "color": "images"})
+    figure.update_layout(margin={"t": 20})
+    return figure
