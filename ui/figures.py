@@ -25,6 +25,7 @@ def channel_heatmap(table: pd.DataFrame, score: str) -> go.Figure:
         hovertemplate="layer %{y}<br>%{customdata}<br>score %{z:.3f}<extra></extra>"))
     figure.update_layout(xaxis_title="input channels, by keep priority →", yaxis_title="layer",
                          height=120 + 28 * len(layers), margin={"t": 20})
+    figure.update_yaxes(type="category", autorange="reversed")  # forward order, top to bottom
     return figure
 
 

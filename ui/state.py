@@ -51,6 +51,8 @@ UPLOADS = Path.home() / ".cache" / "modhifi" / "uploads"
 def sidebar() -> None:
     """Model (zoo or own checkpoint), calibration size and device pickers."""
     names = [n for n, e in zoo.ZOO.items() if e.checkpoint.is_file()] + [OWN_CHECKPOINT]
+    if MODEL not in st.session_state and st.query_params.get("model") in names:
+        st.session_state[MODEL] = st.query_params["model"]  # shareable links: ?model=digits-cnn
     st.sidebar.selectbox("Model", names, key=MODEL,
                          format_func=lambda n: n if n == OWN_CHECKPOINT else f"{n} — {zoo.ZOO[n].dataset}")
     if st.session_state[MODEL] == OWN_CHECKPOINT:

@@ -1,0 +1,99 @@
+"""The real app in headless Debian Chromium (Playwright, no downloaded browser): every page
+renders, the sparsity slider changes the numbers; screenshots land in docs/screenshots/."""
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "docs" / "screenshots"
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
+         "--server.port", str(port), "--server.headless", "true",
+         "--browser.gatherUsageStats", "false"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{url}/_stcore/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("the Streamlit server did not come up within 60 s")
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def page():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: run ./setup.sh (installs Debian's chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield browser.new_page(viewport={"width": 1400, "height": 1000})
+        browser.close()
+
+
+def _settle(page, timeout: float = 120) -> None:
+    """Wait until Streamlit has finished the current run (no 'Running…' status widget)."""
+    page.wait_for_timeout(500)
+    page.wait_for_selector("[data-testid='stStatusWidget']", state="detached", timeout=timeout * 1000)
+    page.wait_for_timeout(300)
+
+
+def _metric(page, label: str) -> str:
+    box = page.locator("[data-testid='stMetric']", has_text=label).first
+    return box.locator("[data-testid='stMetricValue']").inner_text()
+
+
+def test_pages_render_and_the_slider_updates_the_numbers(app_url, page):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.goto(f"{app_url}/?model=digits-cnn")
+    page.wait_for_selector("[data-testid='stMetric']", timeout=120_000)
+    _settle(page)
+    assert "%" in _metric(page, "Test accuracy")
+    page.screenshot(path=str(SHOTS / "overview.png"), full_page=True)
+
+    for name in ("fidelity", "prune"):
+        page.goto(f"{app_url}/{name}?model=digits-cnn")
+        page.wait_for_selector("[data-testid='stMetric']", timeout=120_000)
+        _settle(page)
+        assert not page.locator("[data-testid='stException']").count()
+        page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+    macs, accuracy = _metric(page, "MACs / image"), _metric(page, "Accuracy")
+    thumb = page.locator("[data-testid='stSlider']", has_text="Remove").get_by_role("slider")
+    thumb.focus()
+    for _ in range(4):
+        page.keyboard.press("ArrowRight")
+    _settle(page)
+    page.wait_for_function(
+        "old => [...document.querySelectorAll(\"[data-testid='stMetricValue']\")]"
+        ".some(e => e.innerText.includes(' M') && e.innerText !== old)", arg=macs, timeout=60_000)
+    assert _metric(page, "MACs / image") != macs
+    assert _metric(page, "Accuracy") != accuracy
+    page.screenshot(path=str(SHOTS / "prune-moved.png"), full_page=True)
