@@ -82,6 +82,31 @@ def _prune(args: argparse.Namespace) -> dict:
             "speedup_eager": result.speedup_eager, "seconds": seconds}
 
 
+def _unlearn(args: argparse.Namespace) -> dict:
+    from modhifi.unlearn import unlearn
+
+    backend, subject = _open(args)
+    dataset = subject.dataset
+    forget = _class_index(dataset, args.forget_class)
+    _progress(f"forgetting class {forget} ({dataset.classes[forget]})")
+    result = unlearn(subject.loaded.model, dataset, forget_class=forget, device=backend.device,
+                     edit=args.edit, layers=args.layers, k=args.k)
+    if args.out:
+        _save_modified(args, subject, result.model, removed={})
+    return result.summary(model=subject.loaded.name, device=backend.description)
+
+
+def _class_index(dataset, name: str) -> int:
+    """A class given by index (`5`) or by name (`Sandal`)."""
+    if name.isdigit():
+        return int(name)
+    lowered = [c.lower() for c in dataset.classes]
+    if name.lower() not in lowered:
+        raise UserError(f"no class {name!r} in {dataset.name}: use an index or one of "
+                        f"{', '.join(dataset.classes)}")
+    return lowered.index(name.lower())
+
+
 def _scores(args: argparse.Namespace) -> dict:
     from pathlib import Path
 
@@ -94,6 +119,15 @@ def _scores(args: argparse.Namespace) -> dict:
                        device=backend.device, input_shape=dataset.input_shape)
     plan = None if args.target is None else analysis.plan(args.target)
     table = analysis.score_table(plan)
+    if args.forget_class is not None:  # the forget-class centred saliency of the edited layers
+        from modhifi.unlearn import score_forget_class, unlearnable_layers
+
+        forget = _class_index(dataset, args.forget_class)
+        example = next(dataset.calibration.batches(1, device=backend.device))
+        scores = score_forget_class(subject.loaded.model, dataset.calibration, forget_class=forget,
+                                    layers=unlearnable_layers(subject.loaded.model, example),
+                                    device=backend.device).to_frame()
+        table = table.drop(columns="saliency").merge(scores, on=["layer", "out_channel", "in_channel"])
     write_atomically(Path(args.out), lambda p: table.to_csv(p, index=False))
     return {"model": subject.loaded.name, "out": args.out, "rows": len(table),
             "layers": int(table["layer"].nunique()), "target": args.target}
@@ -142,6 +176,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict], str]] = {
     "models": (_models, "list the built-in model zoo"),
     "info": (_info, "accuracy, MACs, params and latency of a model"),
     "prune": (_prune, "ModHiFi-P: remove channels, compensate, recalibrate BatchNorm"),
+    "unlearn": (_unlearn, "ModHiFi-U: forget one class without fine-tuning, and audit it"),
     "scores": (_scores, "per-layer singleton fidelity and saliency as a CSV table"),
 }
 
@@ -163,10 +198,20 @@ def _parser() -> argparse.ArgumentParser:
                                  help="batch size for latency timing")
             command.add_argument("--calib-samples", type=int,
                                  help="unlabeled calibration images (default: 2000, or all if fewer)")
+        if name == "unlearn":
+            command.add_argument("--forget-class", required=True, help="class index or name")
+            command.add_argument("--edit", choices=("zero", "negate"),
+                                 help="default: zero for BatchNorm networks, negate for LayerNorm ones")
+            command.add_argument("--layers", type=int, help="edit the last L layers (default 4)")
+            command.add_argument("--k", type=float, help="share of (output, input) pairs edited "
+                                                         "per layer (default: chosen automatically)")
+            command.add_argument("--out", help="write the edited model here")
         if name == "scores":
             command.add_argument("--out", required=True, help="CSV file to write")
             command.add_argument("--target", type=float,
                                  help="also mark which inputs a uniform channel target keeps")
+            command.add_argument("--forget-class",
+                                 help="saliency centred for forgetting this class (index or name)")
         if name == "prune":
             command.add_argument("--target", type=float, required=True,
                                  help="fraction of channels (or of MACs) to remove")

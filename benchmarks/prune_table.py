@@ -1,0 +1,60 @@
+"""ModHiFi-P against the baselines through the CLI, one fresh process per row (issue 3's table).
+
+    python benchmarks/prune_table.py --model fmnist-resnet --targets 0.5 0.67 --kind macs
+
+Every row is `python -m modhifi prune ... --json` on the full test split; writes
+docs/benchmarks/prune_<model>.csv and prints a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+from _table import markdown
+
+ROOT = Path(__file__).resolve().parent.parent
+ROWS = (  # (method, compensation, BatchNorm recalibration)
+    ("modhifi", "refit", True), ("modhifi", "rescale", True), ("modhifi", "none", True),
+    ("l1", "none", True), ("random", "none", True), ("activation", "none", True),
+    ("l1", "none", False))
+
+
+def run(model: str, target: float, kind: str, method: str, compensation: str, recal: bool,
+        device: str) -> dict:
+    command = [sys.executable, "-m", "modhifi", "prune", "--model", model, "--target", str(target),
+               "--target-kind", kind, "--method", method, "--compensation", compensation,
+               "--device", device, "--json"] + ([] if recal else ["--no-bn-recal"])
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=True)
+    return json.loads(done.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="fmnist-resnet")
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.67])
+    parser.add_argument("--kind", choices=("macs", "channels"), default="macs")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    rows = []
+    for target in args.targets:
+        for method, compensation, recal in ROWS:
+            result = run(args.model, target, args.kind, method, compensation, recal, args.device)
+            rows.append(result)
+            print(f"{target} {method} {compensation} recal={recal}: "
+                  f"{result['accuracy_after']:.4f} at {result['speedup_macs']:.2f}x", file=sys.stderr)
+    table = pd.DataFrame(rows)
+    out = ROOT / "docs" / "benchmarks" / f"prune_{args.model}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False)
+    table["drop_points"] = (table["accuracy_before"] - table["accuracy_after"]) * 100
+    columns = ["target", "method", "compensation", "bn_recalibrated", "speedup_macs",
+               "accuracy_after", "drop_points", "speedup_measured", "speedup_eager", "seconds"]
+    print(markdown(table[columns]))
+
+
+if __name__ == "__main__":
+    main()
