@@ -13,7 +13,7 @@ import pandas as pd
 import streamlit as st
 
 from modhifi import backend as _backend
-from modhifi import metrics, prune, zoo
+from modhifi import bench, metrics, prune, unlearn, zoo
 from modhifi.errors import UserError
 
 # --- session-state keys ------------------------------------------------------------------------
@@ -42,7 +42,7 @@ UNLEARN_K = "unlearn.k"
 UNLEARN_EDIT = "unlearn.edit"
 
 OWN_CHECKPOINT = "your checkpoint…"
-LIVE_TEST_IMAGES = 2000  # live numbers use this fixed prefix of the test split; a button runs all
+LIVE_TEST_IMAGES = bench.LIVE_TEST_IMAGES  # live numbers use this prefix of the test split
 UPLOADS = Path.home() / ".cache" / "modhifi" / "uploads"
 
 
@@ -246,3 +246,53 @@ def pruned_download(model_id: str, device: str, samples: int, plan: prune.PruneP
     csv = pd.DataFrame([(g, c) for g, cs in removed.items() for c in cs],
                        columns=["group", "channel"]).to_csv(index=False)
     return zoo.checkpoint_bytes(model, base=base, removed=removed), json.dumps(removed, indent=1), csv
+
+
+@st.cache_data(show_spinner=False)
+def editable_layers(model_id: str, device: str) -> int:
+    """How many layers before the classifier ModHiFi-U can edit."""
+    chosen = subject(model_id, device)
+    example = next(chosen.dataset.calibration.batches(1, device=backend(device).device))
+    return len(unlearn.editable_layers(chosen.loaded.model, example))
+
+
+@st.cache_resource(show_spinner="Forgetting: forget-class statistics, choosing k, editing, auditing…",
+                   max_entries=8)
+def unlearned(model_id: str, device: str, forget_class: int, layers: int | None, k: float | None,
+              edit: str | None) -> unlearn.UnlearnResult:
+    chosen = subject(model_id, device)
+    return unlearn.unlearn(chosen.loaded.model, chosen.dataset, forget_class=forget_class,
+                           device=backend(device).device, edit=edit, layers=layers, k=k)
+
+
+@st.cache_data(show_spinner=False)
+def unlearned_evaluation(model_id: str, device: str, forget_class: int, layers: int | None,
+                         k: float | None, edit: str | None) -> metrics.Evaluation:
+    model = unlearned(model_id, device, forget_class, layers, k, edit).model
+    return _evaluate(subject(model_id, device), model, device, full=True)
+
+
+@st.cache_data(show_spinner=False)
+def forget_examples(model_id: str, device: str, forget_class: int, layers: int | None,
+                    k: float | None, edit: str | None, count: int = 8) -> pd.DataFrame:
+    """Test images of the forget class with the predictions before and after (image as uint8)."""
+    chosen = subject(model_id, device)
+    test = chosen.dataset.test
+    images = test.subset((test.labels == forget_class).nonzero().flatten()[:count])
+    after = unlearned(model_id, device, forget_class, layers, k, edit).model
+    predict = lambda model: metrics.predict(model, images, device=backend(device).device).argmax(1)  # noqa: E731
+    classes = chosen.dataset.classes
+    return pd.DataFrame({"image": [img.permute(1, 2, 0).squeeze(-1).numpy() for img in images.images],
+                         "before": [classes[i] for i in predict(chosen.loaded.model)],
+                         "after": [classes[i] for i in predict(after)]})
+
+
+@st.cache_data(show_spinner="Packing the edited model…")
+def unlearned_download(model_id: str, device: str, forget_class: int, layers: int | None,
+                       k: float | None, edit: str | None) -> bytes:
+    chosen = subject(model_id, device)
+    result = unlearned(model_id, device, forget_class, layers, k, edit)
+    spec, _, rest = model_id.partition("|")
+    base = {"model": spec, "arch": rest.partition("|")[0] or None, "dataset": chosen.dataset.name,
+            "num_classes": chosen.dataset.num_classes, "input_shape": list(chosen.dataset.input_shape)}
+    return zoo.checkpoint_bytes(result.model, base=base, removed={})

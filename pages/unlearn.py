@@ -1,0 +1,74 @@
+"""Unlearn: make the model forget one class without fine-tuning, and audit what remains."""
+import pandas as pd
+import streamlit as st
+
+from ui import figures, state
+
+
+def render() -> None:
+    model_id, device, _ = state.selection()
+    chosen = state.subject(model_id, device)
+    classes = list(chosen.dataset.classes)
+    st.title("Unlearn — ModHiFi-U")
+    st.write(
+        "Pick a class to forget. ModHiFi-U reads the calibration images of that class only, finds "
+        "the (output, input) kernel slices of the last layers whose contributions are most "
+        "specific to it, and **zeroes** them (or **negates** them in LayerNorm networks, where the "
+        "residual path would otherwise carry the class through). No labels beyond choosing the "
+        "class, no gradients, no fine-tuning.")
+    with st.expander("The score, and how to read the audit"):
+        st.latex(r"r_{ci} = \mathbb{E}_{\text{forget}}\,\langle Y_c - m_c,\ A_{ci} - m_{ci}\rangle"
+                 r"\quad(m:\ \text{means over all classes})")
+        st.write("Forget accuracy should fall to zero and retain accuracy stay close. The "
+                 "membership-inference AUC tells whether an attacker can tell the forget class's "
+                 "training images from unseen ones (0.5 = cannot tell). The linear probe asks whether "
+                 "the penultimate features still separate the class: a high probe accuracy means the "
+                 "information is still in the representation, only the head no longer uses it.")
+
+    cols = st.columns(4)
+    forget = cols[0].selectbox("Forget class", range(len(classes)), format_func=classes.__getitem__,
+                               key=state.UNLEARN_CLASS)
+    most = state.editable_layers(model_id, device)
+    layers = cols[1].number_input("Layers edited (last L)", 1, most, min(4, most), key=state.UNLEARN_LAYERS)
+    auto = cols[2].toggle("Choose k automatically", True)
+    k = None if auto else cols[2].slider("k (share of slices per layer)", 0.005, 0.2, 0.03, 0.005,
+                                         key=state.UNLEARN_K)
+    edit = cols[3].selectbox("Edit", (None, "zero", "negate"), key=state.UNLEARN_EDIT,
+                             format_func=lambda e: "by architecture" if e is None else e)
+
+    result = state.unlearned(model_id, device, forget, int(layers), k, edit)
+    before, after = result.before, result.after
+    cols = st.columns(4)
+    cols[0].metric("Forget accuracy", f"{after.forget_accuracy:.1%}",
+                   f"{(after.forget_accuracy - before.forget_accuracy) * 100:+.1f} pts")
+    cols[1].metric("Retain accuracy", f"{after.retain_accuracy:.2%}",
+                   f"{(after.retain_accuracy - before.retain_accuracy) * 100:+.2f} pts")
+    cols[2].metric("Membership attack AUC", f"{after.mia_auc:.3f}", f"{after.mia_auc - before.mia_auc:+.3f}",
+                   delta_color="off", help="0.5 = the attacker cannot tell members from non-members.")
+    cols[3].metric("Probe accuracy, forget class", f"{after.probe_forget_accuracy:.1%}",
+                   f"{(after.probe_forget_accuracy - before.probe_forget_accuracy) * 100:+.1f} pts",
+                   delta_color="off")
+    st.caption(f"k = {result.plan.k:.4f} of each layer's (output, input) pairs, edit = "
+               f"{result.plan.edit}, layers: {', '.join(result.plan.layers)}; "
+               f"{result.seconds:.1f} s without the audits. Full test split.")
+
+    per_class = result.per_class_frame().melt(id_vars="class", var_name="when", value_name="accuracy")
+    left, right = st.columns(2)
+    left.subheader("Per-class accuracy")
+    left.plotly_chart(figures.class_bars(per_class), use_container_width=True)
+    right.subheader("Confusion after forgetting")
+    confusion = state.unlearned_evaluation(model_id, device, forget, int(layers), k, edit).confusion
+    right.plotly_chart(figures.confusion(confusion, classes), use_container_width=True)
+
+    st.subheader(f"Test images of “{classes[forget]}”")
+    examples = state.forget_examples(model_id, device, forget, int(layers), k, edit)
+    for col, row in zip(st.columns(len(examples)), examples.itertuples()):
+        col.image(row.image, clamp=True, use_container_width=True)
+        col.caption(f"before: {row.before}  \nafter: {row.after}")
+    st.dataframe(pd.DataFrame(result.to_frame()), hide_index=True)
+    st.download_button("Edited model (.pt)",
+                       state.unlearned_download(model_id, device, forget, int(layers), k, edit),
+                       "unlearned.pt")
+
+
+state.guarded(render)
