@@ -10,4 +10,5 @@ st.navigation([
     st.Page("pages/fidelity.py", title="Fidelity", icon=":material/local_fire_department:"),
     st.Page("pages/prune.py", title="Prune", icon=":material/content_cut:"),
     st.Page("pages/unlearn.py", title="Unlearn", icon=":material/visibility_off:"),
+    st.Page("pages/theory.py", title="Theory", icon=":material/functions:"),
 ]).run()

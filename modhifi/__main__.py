@@ -96,6 +96,27 @@ def _unlearn(args: argparse.Namespace) -> dict:
     return result.summary(model=subject.loaded.name, device=backend.description)
 
 
+def _theory(args: argparse.Namespace) -> dict:
+    from modhifi.theory import theory_report
+    from modhifi.zoo import ZOO
+
+    backend, subject = _open(args)
+    build = ZOO[args.model].build if args.model in ZOO else None
+    return theory_report(subject.loaded.model, subject.dataset, device=backend.device,
+                         name=subject.loaded.name, calib_samples=args.calib_samples, build=build)
+
+
+def _bench(args: argparse.Namespace) -> dict:
+    from modhifi.bench import quick
+
+    if not args.quick:
+        raise UserError("only `bench --quick` runs from the CLI: the full benchmarks are the "
+                        "scripts in benchmarks/ (see docs/results.md)")
+    backend, subject = _open(args)
+    return {"model": subject.loaded.name,
+            **quick(subject.loaded.model, subject.dataset, backend=backend)}
+
+
 def _class_index(dataset, name: str) -> int:
     """A class given by index (`5`) or by name (`Sandal`)."""
     if name.isdigit():
@@ -177,6 +198,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict], str]] = {
     "info": (_info, "accuracy, MACs, params and latency of a model"),
     "prune": (_prune, "ModHiFi-P: remove channels, compensate, recalibrate BatchNorm"),
     "unlearn": (_unlearn, "ModHiFi-U: forget one class without fine-tuning, and audit it"),
+    "theory": (_theory, "local vs global error, Lipschitz bound constants, HiFi existence"),
+    "bench": (_bench, "short benchmark: ModHiFi vs baselines, speed-up, slider latency"),
     "scores": (_scores, "per-layer singleton fidelity and saliency as a CSV table"),
 }
 
@@ -188,8 +211,10 @@ def _parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--json", action="store_true", help="print one JSON object")
         command.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+        if name == "bench":
+            command.add_argument("--quick", action="store_true", help="the short version")
         if name != "models":
-            command.add_argument("--model", required=True,
+            command.add_argument("--model", required=name != "bench", default="fmnist-resnet",
                                  help="zoo name or checkpoint path (with --arch and --data)")
             command.add_argument("--arch", help="torchvision architecture of a checkpoint")
             command.add_argument("--data", help="dataset of a checkpoint: fashion-mnist, digits, "

@@ -5,7 +5,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
-PAGES = ["pages/overview.py", "pages/fidelity.py", "pages/prune.py"]
+PAGES = ["pages/overview.py", "pages/fidelity.py", "pages/prune.py", "pages/unlearn.py",
+         "pages/theory.py"]
 
 
 def open_page(page: str, **state) -> AppTest:
@@ -57,3 +58,13 @@ def test_a_bad_upload_shows_an_error_not_an_exception(tmp_path):
                                             "sidebar.checkpoint_data": "digits"})
     assert not app.exception
     assert app.error and "cannot read" in app.error[0].value
+
+
+def test_choosing_a_forget_class_changes_forget_accuracy():
+    app = open_page("pages/unlearn.py")
+    before = metrics(app)["Forget accuracy"]
+    assert float(before.rstrip("%")) < 50  # the default class is forgotten
+    app.selectbox(key="unlearn.class").set_value(7).run()
+    assert not app.exception
+    after = metrics(app)
+    assert after["Forget accuracy"] != before or after["Retain accuracy"] != metrics(app)["Retain accuracy"]

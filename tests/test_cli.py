@@ -44,3 +44,27 @@ def test_bad_input_is_one_line_on_stderr_and_exit_2(args, message):
     assert done.returncode == 2 and done.stdout == ""
     errors = [line for line in done.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and message in errors[0]
+
+
+def test_bench_quick_prints_its_keys():
+    done = cli("bench", "--quick", "--model", "digits-cnn", "--json", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert {"accuracy_modhifi", "accuracy_best_baseline", "macs_ratio", "speedup_measured",
+            "slider_median_s", "slider_p95_s"} <= set(result)
+    assert result["macs_ratio"] >= 2.0 and 0 < result["slider_median_s"] <= result["slider_p95_s"]
+
+
+def test_unlearn_and_scores_follow_the_contract(tmp_path):
+    done = cli("unlearn", "--model", "digits-cnn", "--forget-class", "3", "--json", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert {"model", "forget_class", "edit", "layers", "k", "device", "forget_accuracy_before",
+            "forget_accuracy_after", "retain_accuracy_before", "retain_accuracy_after", "mia_before",
+            "mia_after", "probe_accuracy_before", "probe_accuracy_after", "seconds"} <= set(result)
+    assert result["forget_accuracy_after"] < result["forget_accuracy_before"]
+    out = tmp_path / "scores.csv"
+    done = cli("scores", "--model", "digits-cnn", "--target", "0.3", "--out", str(out), "--json")
+    assert done.returncode == 0, done.stderr
+    header = out.read_text().splitlines()[0]
+    assert header == "layer,out_channel,in_channel,singleton_fidelity,saliency,kept"

@@ -82,3 +82,37 @@ def confusion(matrix: list[list[int]], classes: list[str]) -> go.Figure:
                        labels={"x": "predicted", "y": "true", "color": "images"})
     figure.update_layout(margin={"t": 20})
     return figure
+
+
+def local_global(table: pd.DataFrame, fitted: float) -> go.Figure:
+    """Measured global error against the local error of each mask, with the fitted ratio."""
+    figure = px.scatter(table, x="local_error", y="global_error", color="kind", symbol="kind",
+                        hover_data=["kept_share", "ratio"], log_x=True, log_y=True,
+                        labels={"local_error": "local error Σ_c (1−m)ᵀQ_c(1−m)",
+                                "global_error": "global error E‖f(x) − f_m(x)‖²"})
+    span = np.geomspace(table["local_error"].min(), table["local_error"].max(), 20)
+    figure.add_scatter(x=span, y=fitted * span, mode="lines", name=f"fitted ratio {fitted:.3g}",
+                       line={"dash": "dash", "color": "grey"})
+    figure.update_layout(margin={"t": 20})
+    return figure
+
+
+def invariance(table: pd.DataFrame) -> go.Figure:
+    """Relative change of the features by depth, per transform and amount, dense against pruned."""
+    figure = px.line(table, x="depth", y="relative_change", color="model", line_dash="amount",
+                     facet_col="transform", hover_data=["layer"], markers=True,
+                     labels={"relative_change": "‖Φ(x) − Φ(Tx)‖ / ‖Φ(x)‖", "depth": "layer depth"})
+    figure.update_layout(margin={"t": 40})
+    return figure
+
+
+def hifi_existence(table: pd.DataFrame) -> go.Figure:
+    """Median smallest share of inputs reaching the fidelity level, per layer and model."""
+    long = table.melt(id_vars=["model", "layer"], value_vars=["topk_share", "random_share"],
+                      var_name="search", value_name="share")
+    long["series"] = long["model"] + ", " + long["search"].str.replace("_share", "")
+    figure = px.bar(long, x="layer", y="share", color="series", barmode="group",
+                    labels={"share": "smallest share of inputs reaching fidelity 0.8"})
+    figure.add_hline(y=0.2, line_dash="dot", line_color="grey")
+    figure.update_layout(margin={"t": 20})
+    return figure

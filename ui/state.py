@@ -13,7 +13,7 @@ import pandas as pd
 import streamlit as st
 
 from modhifi import backend as _backend
-from modhifi import bench, metrics, prune, unlearn, zoo
+from modhifi import bench, metrics, prune, theory, unlearn, zoo
 from modhifi.errors import UserError
 
 # --- session-state keys ------------------------------------------------------------------------
@@ -40,6 +40,7 @@ UNLEARN_CLASS = "unlearn.class"
 UNLEARN_LAYERS = "unlearn.layers"
 UNLEARN_K = "unlearn.k"
 UNLEARN_EDIT = "unlearn.edit"
+THEORY_LAYER = "theory.layer"
 
 OWN_CHECKPOINT = "your checkpoint…"
 LIVE_TEST_IMAGES = bench.LIVE_TEST_IMAGES  # live numbers use this prefix of the test split
@@ -296,3 +297,24 @@ def unlearned_download(model_id: str, device: str, forget_class: int, layers: in
     base = {"model": spec, "arch": rest.partition("|")[0] or None, "dataset": chosen.dataset.name,
             "num_classes": chosen.dataset.num_classes, "input_shape": list(chosen.dataset.input_shape)}
     return zoo.checkpoint_bytes(result.model, base=base, removed={})
+
+
+@st.cache_data(show_spinner="Masking the layer's inputs: local error from statistics, global measured…")
+def local_global(model_id: str, device: str, samples: int, layer: str) -> theory.LocalGlobal:
+    return theory.local_global(analysis(model_id, device, samples), layer)
+
+
+@st.cache_data(show_spinner="Feature changes under translations and deformations, by depth…")
+def invariance(model_id: str, device: str, samples: int) -> pd.DataFrame:
+    chosen, study = subject(model_id, device), analysis(model_id, device, samples)
+    half = study.apply(study.plan(0.5, target_kind="macs"))
+    images = next(chosen.dataset.test.batches(128, device=backend(device).device))
+    return theory.invariance({"dense": chosen.loaded.model, "pruned (½ MACs)": half}, images)
+
+
+@st.cache_data(show_spinner="Smallest HiFi sets, trained against untrained…")
+def hifi_existence(model_id: str, device: str, samples: int) -> theory.HifiExistence:
+    study = analysis(model_id, device, samples)
+    untrained = (theory.untrained_analysis(zoo.ZOO[model_id].build, study).fidelity
+                 if model_id in zoo.ZOO else None)
+    return theory.hifi_existence(study.fidelity, untrained=untrained)

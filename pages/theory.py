@@ -1,0 +1,56 @@
+"""Theory: check the two theories the method rests on, on the chosen model."""
+import streamlit as st
+
+from ui import figures, state
+
+
+def render() -> None:
+    model_id, device, samples = state.selection()
+    st.title("Theory — from local to global")
+    st.write(
+        "ModHiFi judges channels **locally**, one layer at a time. The paper's main theorem says a "
+        "small local error stays small at the output: the global error is at most C_l² times the "
+        "local one, with C_l the product of the Lipschitz constants of the layers after l. Here "
+        "you can check how loose that worst case is next to what actually happens.")
+    with st.expander("The bound"):
+        st.latex(r"\mathbb{E}\|f(x) - f_m(x)\|^2 \;\le\; C_l^2 \sum_c (1-m)^\top Q_c (1-m),"
+                 r"\qquad C_l = \prod_{k>l} \mathrm{Lip}(g_k)")
+        st.write("Lipschitz constants: the largest singular value of each conv/linear operator at "
+                 "its true input size (power iteration), |γ|/σ for BatchNorm, 1 for ReLU; a residual "
+                 "block contributes Lip(branch) + Lip(shortcut).")
+
+    layers = list(state.analysis(model_id, device, samples).fidelity)
+    layer = st.selectbox("Layer whose inputs are masked", layers,
+                         index=min(len(layers) - 1, len(layers) // 2), key=state.THEORY_LAYER)
+    result = state.local_global(model_id, device, samples, layer)
+    cols = st.columns(3)
+    cols[0].metric("Fitted global / local", f"{result.fitted_ratio:.3g}")
+    cols[1].metric("Worst global / local", f"{result.worst_ratio:.3g}")
+    cols[2].metric("Bound's C_l²", f"{result.bound_constant ** 2:.3g}",
+                   help=f"kind: {result.bound_kind}; every measured point lies below C_l² × local.")
+    st.plotly_chart(figures.local_global(result.to_frame(), result.fitted_ratio), use_container_width=True)
+    st.caption("Each point is one mask over the layer's input channels (random, or the HiFi set of "
+               "that size); global error measured on the calibration images, logits, no recalibration.")
+
+    st.subheader("Feature extractor: invariance grows with depth")
+    st.write("Wiatowski & Bölcskei: with Lipschitz non-linearities and pooling, deeper features "
+             "change less under small translations and smooth deformations. Below, the relative "
+             "change of each layer's output for 1–4 pixel shifts and small deformations, in the "
+             "dense model and in the model pruned to half its MACs.")
+    st.plotly_chart(figures.invariance(state.invariance(model_id, device, samples)),
+                    use_container_width=True)
+
+    st.subheader("Do HiFi sets exist?")
+    existence = state.hifi_existence(model_id, device, samples)
+    cols = st.columns(2)
+    cols[0].metric("Layers where < 20% of inputs reach fidelity 0.8 (trained)",
+                   f"{existence.share('trained'):.0%}")
+    cols[1].metric("…the same architecture untrained", f"{existence.share('untrained'):.0%}")
+    st.write("The paper's first observation: in trained networks a few inputs explain most of an "
+             "output; untrained networks lack that structure. Bars: the median over output "
+             "channels of the smallest share of inputs reaching fidelity 0.8, by the top-k of "
+             "singleton fidelity and by the best of several random subsets.")
+    st.plotly_chart(figures.hifi_existence(existence.to_frame()), use_container_width=True)
+
+
+state.guarded(render)
