@@ -60,7 +60,7 @@ class _Layer:
     macs: int
     weight: int          # parameters in the weight
     bias: int
-    depthwise: bool
+    per_channel: bool    # depthwise conv or norm: the weight scales with the output channels only
     in_group: str | None
     out_group: str | None
 
@@ -82,11 +82,14 @@ class Structure:
     def cost(self, kept: dict[str, int]) -> tuple[int, int]:
         """(MACs, params) of the model once each group keeps `kept[group]` channels."""
         sizes = {g.name: g.size for g in self.groups}
-        frac = lambda group: kept.get(group, sizes.get(group, 1)) / sizes.get(group, 1)  # noqa: E731
+
+        def share(group: str | None) -> float:
+            return kept.get(group, sizes[group]) / sizes[group] if group else 1.0
+
         macs, params = self.macs, self.params
         for layer in self.layers.values():
-            out = frac(layer.out_group) if layer.out_group else 1.0
-            inp = 1.0 if layer.depthwise or not layer.in_group else frac(layer.in_group)
+            out = share(layer.out_group)
+            inp = 1.0 if layer.per_channel else share(layer.in_group)
             macs -= layer.macs - round(layer.macs * inp * out)
             params -= layer.weight - round(layer.weight * inp * out) + layer.bias - round(layer.bias * out)
         return macs, params
@@ -114,8 +117,9 @@ def trace_structure(model: nn.Module, input_shape: tuple[int, ...]) -> Structure
     for name, module in model.named_modules():
         if isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)):
             bias = module.bias.numel() if module.bias is not None else 0
-            layers[name] = _Layer(per_layer.get(name, 0), module.weight.numel(), bias,
-                                  getattr(module, "groups", 1) > 1 or isinstance(module, nn.modules.batchnorm._BatchNorm),
+            per_channel = (isinstance(module, nn.modules.batchnorm._BatchNorm)
+                           or getattr(module, "groups", 1) > 1)
+            layers[name] = _Layer(per_layer.get(name, 0), module.weight.numel(), bias, per_channel,
                                   owner.get((name, "in")), owner.get((name, "out")))
     followed = frozenset(names[node.module] for node in graph.module2node.values()
                          if isinstance(node.module, (nn.Conv2d, nn.Linear))
