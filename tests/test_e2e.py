@@ -78,7 +78,7 @@ def test_pages_render_and_the_slider_updates_the_numbers(app_url, page):
     assert "%" in _metric(page, "Test accuracy")
     page.screenshot(path=str(SHOTS / "overview.png"), full_page=True)
 
-    for name in ("fidelity", "prune"):
+    for name in ("fidelity", "unlearn", "theory", "prune"):
         page.goto(f"{app_url}/{name}?model=digits-cnn")
         page.wait_for_selector("[data-testid='stMetric']", timeout=120_000)
         _settle(page)
