@@ -27,7 +27,6 @@ from typing import Literal
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modhifi.data import Dataset, Split
@@ -43,7 +42,7 @@ EDITS: tuple[str, ...] = ("zero", "negate")
 # first grid point that reaches the target is refined by bisection.
 K_GRID: tuple[float, ...] = tuple(round(0.0025 * 2 ** (j / 2), 6) for j in range(14)) + (0.25,)
 K_REFINE_STEPS = 3  # bisection steps in log k: the chosen k is within 2^(1/16) ≈ 4.4% of the best
-DEFAULT_LAYERS = 4  # edit the last 4 prunable layers before the classifier (all, when fewer)
+_REPLAY_BYTES = 2**30  # at most 1 GiB of recorded activations for the search of k
 
 
 # --- layers --------------------------------------------------------------------------------------
@@ -54,7 +53,7 @@ def _is_prunable(module: nn.Module) -> bool:
 
 @torch.inference_mode()
 def forward_order(model: nn.Module, example: Tensor) -> list[str]:
-    """Names of the prunable layers (Conv2d with groups=1, Linear) in the order a forward pass calls them.
+    """Names of the prunable layers (Conv2d with groups=1, Linear) in the order they are called.
 
     Args:
         model: the network, in eval mode.
@@ -74,15 +73,66 @@ def forward_order(model: nn.Module, example: Tensor) -> list[str]:
     return list(dict.fromkeys(order))
 
 
-def _split_layers(model: nn.Module, example: Tensor) -> tuple[list[str], str]:
-    """(prunable layers before the classifier, the classifier): the classifier is the last Linear called."""
-    order = forward_order(model, example)
+def _classifier(model: nn.Module, order: list[str]) -> str:
+    """The final classifier: the last nn.Linear a forward pass calls."""
     linears = [name for name in order if isinstance(model.get_submodule(name), nn.Linear)]
     if not linears:
         raise UserError("the model has no final nn.Linear classifier; ModHiFi-U needs one to "
                         "know which layers to edit")
-    classifier = linears[-1]
-    return [name for name in order if name != classifier], classifier
+    return linears[-1]
+
+
+def editable_layers(model: nn.Module, example: Tensor) -> tuple[str, ...]:
+    """Every prunable layer before the final classifier, in forward order.
+
+    Args:
+        model: the network, in eval mode.
+        example: one input batch on the model's device.
+
+    Returns:
+        Module names.
+    """
+    order = forward_order(model, example)
+    classifier = _classifier(model, order)
+    return tuple(name for name in order if name != classifier)
+
+
+@torch.inference_mode()
+def feature_writers(model: nn.Module, example: Tensor) -> tuple[str, ...]:
+    """The editable layers whose outputs reach the classifier without passing another editable layer.
+
+    They write the features the classifier reads (the last block's convs and shortcut in a ResNet,
+    the last conv in a VGG, the last FFN output in a Transformer). Found by perturbing each
+    layer's output and checking that no later editable layer's input changes.
+
+    Args:
+        model: the network, in eval mode.
+        example: one input batch on the model's device.
+
+    Returns:
+        Module names, in forward order.
+    """
+    names = editable_layers(model, example)
+    inputs: dict[str, Tensor] = {}
+    handles = [model.get_submodule(name).register_forward_pre_hook(
+        lambda m, args, name=name: inputs.setdefault(name, args[0].clone())) for name in names]
+    try:
+        model(example)
+        clean, writers = dict(inputs), []
+        for j, name in enumerate(names):
+            inputs.clear()
+            noise = model.get_submodule(name).register_forward_hook(
+                lambda m, args, out: out + (1 + out.abs().max()) * torch.randn_like(out))
+            try:
+                model(example)
+            finally:
+                noise.remove()
+            if all(torch.equal(inputs[later], clean[later]) for later in names[j + 1:]):
+                writers.append(name)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return tuple(writers)
 
 
 def unlearnable_layers(model: nn.Module, example: Tensor, *,
@@ -92,17 +142,19 @@ def unlearnable_layers(model: nn.Module, example: Tensor, *,
     Args:
         model: the network, in eval mode.
         example: one input batch on the model's device.
-        layers: how many layers to edit, at least 1; None = `DEFAULT_LAYERS` or all, when fewer.
+        layers: how many layers to edit, at least 1; None = from the first of the
+            `feature_writers` to the end (2 in the zoo's ResNet, 1 in its VGG and ViT).
 
     Returns:
         Module names.
     """
-    candidates, _ = _split_layers(model, example)
+    candidates = editable_layers(model, example)
     if layers is None:
-        layers = min(DEFAULT_LAYERS, len(candidates))
-    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= len(candidates):
-        raise UserError(f"layers={layers!r} is out of range: this model has {len(candidates)} "
-                        f"editable layers before its classifier; pass --layers 1..{len(candidates)}")
+        layers = len(candidates) - candidates.index(feature_writers(model, example)[0])
+    most = len(candidates)
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= most:
+        raise UserError(f"layers={layers!r} is out of range: this model has {most} editable "
+                        f"layers before its classifier; pass --layers 1..{most}")
     return tuple(candidates[-layers:])
 
 
@@ -243,14 +295,20 @@ class UnlearnPlan:
     forget_class: int
     edit: Edit
     k: float  # share of each layer's c_out·c_in pairs
-    layers: tuple[LayerEdit, ...]
+    edits: tuple[LayerEdit, ...]  # one per edited layer, in forward order
     calibration_forget_accuracy: float | None = None  # at this k, when k was chosen automatically
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """Names of the edited layers."""
+        return tuple(layer.name for layer in self.edits)
 
     def to_frame(self) -> pd.DataFrame:
         """One row per edited slice: layer, out_channel, in_channel, saliency, edit."""
         return pd.DataFrame([
-            {"layer": layer.name, "out_channel": c, "in_channel": i, "saliency": r, "edit": self.edit}
-            for layer in self.layers
+            {"layer": layer.name, "out_channel": c, "in_channel": i, "saliency": r,
+             "edit": self.edit}
+            for layer in self.edits
             for (c, i), r in zip(layer.pairs.tolist(), layer.saliency.tolist())])
 
 
@@ -262,7 +320,8 @@ def _pairs_per_layer(shape: tuple[int, int], k: float) -> int:
 def _check_k(k: float) -> None:
     if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 1:
         raise UserError(f"k={k!r} is out of range: pass a share of each layer's (output, input) "
-                        "pairs in (0, 1], e.g. --k 0.03, or leave it out to choose it automatically")
+                        "pairs in (0, 1], e.g. --k 0.03, or leave it out to choose it "
+                        "automatically")
 
 
 def _check_edit(edit: str) -> None:
@@ -297,9 +356,10 @@ def plan_unlearning(scores: ForgetScores, *, k: float, edit: Edit = "zero",
 
 
 @torch.no_grad()
-def _edit_in_place(model: nn.Module, plan: UnlearnPlan, originals: dict[str, Tensor] | None = None) -> None:
+def _edit_in_place(model: nn.Module, plan: UnlearnPlan,
+                   originals: dict[str, Tensor] | None = None) -> None:
     """Write the plan into `model`'s weights (starting from `originals` when given)."""
-    for layer in plan.layers:
+    for layer in plan.edits:
         weight = model.get_submodule(layer.name).weight  # (c_out, c_in[, k, k])
         if originals is not None:
             weight.copy_(originals[layer.name])
@@ -330,15 +390,128 @@ def default_edit(model: nn.Module) -> Edit:
     return "negate" if any(isinstance(m, nn.LayerNorm) for m in model.modules()) else "zero"
 
 
+class _Replay(nn.Module):
+    """Stands in for a module whose output was recorded: returns the rows of the current batch."""
+
+    def __init__(self, outputs: Tensor, rows: dict[str, Tensor]):
+        super().__init__()
+        self.outputs, self.rows = outputs, rows  # (N, ...) recorded; rows["index"] (b,) current
+        self.mode: Literal["copy", "unused", "noise"] = "copy"
+        self.spare = outputs[:0]  # "unused": a buffer of the right shape, whatever it holds
+
+    def forward(self, *args, **kwargs) -> Tensor:
+        index = self.rows["index"]
+        shape = (len(index), *self.outputs.shape[1:])
+        if self.mode == "copy":
+            return self.outputs[index]  # a copy, so in-place ops downstream are harmless
+        if self.mode == "noise":
+            return 100 * torch.randn(shape, dtype=self.outputs.dtype, device=self.outputs.device)
+        if len(self.spare) < len(index):
+            self.spare = self.outputs.new_zeros(shape)
+        return self.spare[:len(index)]
+
+
+@torch.inference_mode()
+def _prefix_modules(model: nn.Module, first_edited: str, example: Tensor) -> list[str]:
+    """The outermost modules that run once, return a tensor and finish before `first_edited` starts.
+
+    Their outputs do not depend on the edit: the search of k records them once and replays them.
+    """
+    calls: dict[str, int] = {}
+    finished: list[str] = []
+    edited_started = []
+
+    def before(name: str):
+        def hook(module, args):
+            calls[name] = calls.get(name, 0) + 1
+            if name == first_edited:
+                edited_started.append(True)
+        return hook
+
+    def after(name: str):
+        def hook(module, args, output):
+            if not edited_started and isinstance(output, Tensor):
+                finished.append(name)
+        return hook
+
+    handles = []
+    for name, module in model.named_modules():
+        if name:
+            handles += [module.register_forward_pre_hook(before(name)),
+                        module.register_forward_hook(after(name))]
+    try:
+        model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    done = {name for name in finished if calls[name] == 1}
+    ancestors = lambda name: {name.rsplit(".", j)[0] for j in range(1, name.count(".") + 1)}
+    return [name for name in finished if name in done and not ancestors(name) & done]
+
+
+@torch.inference_mode()
+def _install_replay(working: nn.Module, first_edited: str, images: Tensor,
+                    rows: dict[str, Tensor], *, batch_size: int) -> None:
+    """Record the outputs of `working`'s prefix modules on `images` and swap in `_Replay`s.
+
+    Replayed outputs that no later computation reads (large random replacements of all of them
+    together leave the logits unchanged) are not copied at all. Nothing is swapped (the search
+    then runs whole forward passes) when the recording would exceed `_REPLAY_BYTES` or the
+    replayed model fails on a probe batch.
+    """
+    names = _prefix_modules(working, first_edited, images[:1])
+    recorded: dict[str, list[Tensor]] = {name: [] for name in names}
+    handles = [working.get_submodule(name).register_forward_hook(
+        lambda m, a, out, name=name: recorded[name].append(out)) for name in names]
+    try:
+        for start in range(0, len(images), batch_size):
+            working(images[start:start + batch_size])
+            per_image = sum(r[0][0].numel() * r[0].element_size() for r in recorded.values())
+            if start == 0 and per_image * len(images) > _REPLAY_BYTES:
+                return
+    finally:
+        for handle in handles:
+            handle.remove()
+    originals = {name: working.get_submodule(name) for name in names}
+    replays = {name: _Replay(torch.cat(recorded.pop(name)), rows) for name in names}
+    for name, module in replays.items():
+        parent, _, child = name.rpartition(".")
+        setattr(working.get_submodule(parent), child, module)
+    rows["index"] = torch.arange(min(4, len(images)), device=images.device)
+    probe = lambda: working(images[rows["index"]])  # noqa: E731
+    try:
+        expected = probe()
+        unused = []
+        for replay in replays.values():
+            replay.mode = "noise"
+            if torch.equal(probe(), expected):
+                unused.append(replay)
+            replay.mode = "copy"
+        for replay in unused:
+            replay.mode = "noise"
+        if not torch.equal(probe(), expected):  # they matter together: copy them all
+            unused = []
+        for replay in replays.values():
+            replay.mode = "unused" if replay in unused else "copy"
+            if replay.mode == "unused":
+                replay.outputs = replay.outputs[:1].clone()  # keep the shape, free the recording
+    except (AttributeError, RuntimeError, TypeError):  # a parent reads its child's attributes
+        for name, module in originals.items():
+            parent, _, child = name.rpartition(".")
+            setattr(working.get_submodule(parent), child, module)
+
+
 def choose_k(model: nn.Module, scores: ForgetScores, forget_images: Split, *, edit: Edit,
              target: float = 0.0, device: torch.device | str, batch_size: int = 256,
              grid: tuple[float, ...] = K_GRID, refine: int = K_REFINE_STEPS) -> UnlearnPlan:
     """The plan with the smallest k whose edit takes accuracy on `forget_images` to ≤ `target`.
 
     Scans `grid` upwards, then bisects in log k between the last failing and the first passing
-    grid point. An evaluation stops as soon as more than `target` of the images are still right,
-    and images that survived an edit are tried first next time, so failing candidates are cheap.
-    When no grid point reaches the target, the largest is returned (its accuracy is recorded).
+    grid point. Only the edited layers and what follows them are recomputed (the outputs of the
+    modules before them are recorded once), an evaluation stops as soon as more than `target` of
+    the images are still recognised, and images that survived an edit are tried first next time.
+    When no grid point reaches the target, the grid point that leaves the fewest of a seeded
+    sample of 256 images recognised is returned. The plan records its accuracy on all images.
 
     Args:
         model: the original network, in eval mode; not modified (a working copy is edited).
@@ -355,53 +528,57 @@ def choose_k(model: nn.Module, scores: ForgetScores, forget_images: Split, *, ed
         The chosen `UnlearnPlan`, with its `calibration_forget_accuracy`.
     """
     working = copy.deepcopy(model).eval()
-    originals = {name: working.get_submodule(name).weight.detach().clone() for name in scores.layers}
-    allowed = math.floor(target * len(forget_images) + 1e-9)  # images that may stay correct
-    order = torch.arange(len(forget_images))  # hardest images (survived an edit) first
+    originals = {name: working.get_submodule(name).weight.detach().clone()
+                 for name in scores.layers}
+    images = forget_images.normalise(forget_images.images.to(device))  # (n, C, H, W)
+    rows: dict[str, Tensor] = {}  # the batch's image indices, read by the replayed modules
+    _install_replay(working, scores.layers[0], images, rows, batch_size=batch_size)
+    labels = forget_images.labels
+    n = len(labels)
+    allowed = math.floor(target * n + 1e-9)  # images that may stay recognised
+    order = torch.arange(n)  # hardest images (survived an edit) first
     chunk = min(batch_size, 128)  # small batches so that a failing candidate stops early
-    seen: dict[tuple[int, ...], float | None] = {}  # pair counts -> accuracy (None: failed early)
+    seen: dict[tuple[int, ...], int | None] = {}  # pair counts -> count (None: above `allowed`)
 
-    def accuracy(k: float) -> float | None:
-        """Accuracy on the forget images at k, or None as soon as it exceeds the target."""
+    def recognised(k: float, *, among: Tensor | None = None) -> int | None:
+        """How many forget images the edit at k still recognises: all of `among` are counted,
+        otherwise counting stops (None) once more than `allowed` are."""
         nonlocal order
         key = tuple(_pairs_per_layer((r.shape[0], r.shape[1]), k) for r in scores.saliency)
-        if key in seen:
+        if among is None and key in seen:
             return seen[key]
         _edit_in_place(working, plan_unlearning(scores, k=k, edit=edit), originals)
-        correct, result = [], None
+        cap = n if among is not None else allowed
+        survivors, count = [], 0
         with torch.inference_mode():
-            for start in range(0, len(order), chunk):
-                index = order[start:start + chunk]
-                part = forget_images.subset(index)
-                hit = working(part.normalise(part.images.to(device))).argmax(1).cpu() == part.labels
-                correct.append(index[hit])  # (b,) -> the images still recognised
-                if sum(len(c) for c in correct) > allowed:
+            for index in (order if among is None else among).split(chunk):
+                rows["index"] = index.to(device)
+                hit = working(images[rows["index"]]).argmax(1).cpu() == labels[index]  # (b,)
+                survivors.append(index[hit])
+                count += int(hit.sum())
+                if count > cap:
                     break
-            else:
-                result = sum(len(c) for c in correct) / len(forget_images)
-        survivors = torch.cat(correct)
-        order = torch.cat([survivors, order[~torch.isin(order, survivors)]])
-        seen[key] = result
-        return result
+        if among is None:  # images that survived go first next time
+            survived = torch.cat(survivors)
+            order = torch.cat([survived, order[~torch.isin(order, survived)]])
+            seen[key] = count if count <= cap else None
+        return count if count <= cap else None
 
-    first = next((i for i, k in enumerate(grid) if accuracy(k) is not None), None)
-    if first is None:
-        k = grid[-1]
-        _edit_in_place(working, plan_unlearning(scores, k=k, edit=edit), originals)
-        with torch.inference_mode():
-            labelled = forget_images.batches(batch_size, device=device, labels=True)
-            hits = sum(int((working(x).argmax(1) == y).sum()) for x, y in labelled)
-        return plan_unlearning(scores, k=k, edit=edit,
-                               calibration_forget_accuracy=hits / len(forget_images))
-    hi = grid[first]
-    lo = grid[first - 1] if first else hi / 2
+    i = next((i for i, k in enumerate(grid) if recognised(k) is not None), None)
+    if i is None:  # the target is out of reach: the k that forgets most, on a seeded sample
+        sample = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:2 * chunk]
+        k = min(grid, key=lambda k: recognised(k, among=sample))
+        return plan_unlearning(scores, k=k, edit=edit, calibration_forget_accuracy=recognised(
+            k, among=torch.arange(n)) / n)
+    hi = grid[i]
+    lo = grid[i - 1] if i else hi / 2
     for _ in range(refine):
         middle = math.sqrt(lo * hi)
-        if accuracy(middle) is None:
+        if recognised(middle) is None:
             lo = middle
         else:
             hi = middle
-    return plan_unlearning(scores, k=hi, edit=edit, calibration_forget_accuracy=accuracy(hi))
+    return plan_unlearning(scores, k=hi, edit=edit, calibration_forget_accuracy=recognised(hi) / n)
 
 
 # --- audit ---------------------------------------------------------------------------------------
@@ -431,7 +608,7 @@ def _balanced(members: Tensor, non_members: Tensor, seed: int) -> tuple[Tensor, 
 
 
 def membership_auc(members: Tensor, non_members: Tensor, *, seed: int = 0, folds: int = 5) -> float:
-    """How well a logistic-regression attack tells members from non-members: cross-validated ROC AUC.
+    """How well a logistic-regression attack tells members from non-members (cross-validated AUC).
 
     Args:
         members: (N1, F) attack features of samples the model was trained on.
@@ -486,7 +663,7 @@ def probe(train_features: Tensor, train_labels: Tensor, test_features: Tensor, t
 @torch.inference_mode()
 def _logits_and_features(model: nn.Module, classifier: nn.Module, split: Split, *,
                          device: torch.device | str, batch_size: int) -> tuple[Tensor, Tensor]:
-    """(N, num_classes) logits and (N, F) penultimate features (the classifier's input), on the CPU."""
+    """(N, num_classes) logits and (N, F) penultimate features (the classifier's input), on CPU."""
     features: list[Tensor] = []
     handle = classifier.register_forward_pre_hook(
         lambda layer, args: features.append(args[0].reshape(len(args[0]), -1).float().cpu()))
@@ -510,8 +687,39 @@ class Audit:
     probe_accuracy: float  # the same probe on all test samples
 
 
+@dataclass(frozen=True, eq=False)
+class Outputs:
+    """What the audits read from one model whatever the forget class (reusable across classes)."""
+
+    test_logits: Tensor  # (M, num_classes) on the whole test split, on the CPU
+    probe: Evaluation  # linear probe on penultimate features: fit on calibration, tested on test
+
+
+def model_outputs(model: nn.Module, dataset: Dataset, *, device: torch.device | str,
+                  batch_size: int = 256) -> Outputs:
+    """Test logits and the linear probe of one model (one pass over test and calibration splits).
+
+    Args:
+        model: the network, in eval mode on `device`.
+        dataset: its dataset.
+        device: where the forward passes run.
+        batch_size: images per forward pass.
+
+    Returns:
+        The `Outputs`.
+    """
+    example = next(dataset.test.batches(1, device=device))
+    classifier = model.get_submodule(_classifier(model, forward_order(model, example)))
+    run = dict(device=device, batch_size=batch_size)
+    test_logits, test_features = _logits_and_features(model, classifier, dataset.test, **run)
+    _, calibration_features = _logits_and_features(model, classifier, dataset.calibration, **run)
+    probed = probe(calibration_features, dataset.calibration.labels, test_features,
+                   dataset.test.labels, num_classes=dataset.num_classes)
+    return Outputs(test_logits, probed)
+
+
 def audit(model: nn.Module, dataset: Dataset, *, forget_class: int, device: torch.device | str,
-          batch_size: int = 256, seed: int = 0) -> Audit:
+          batch_size: int = 256, seed: int = 0, outputs: Outputs | None = None) -> Audit:
     """Accuracies, membership attack and linear probe of one model for one forget class.
 
     Labels are used here (and only here). Members are forget-class training images, subsampled
@@ -524,34 +732,32 @@ def audit(model: nn.Module, dataset: Dataset, *, forget_class: int, device: torc
         device: where the forward passes run.
         batch_size: images per forward pass.
         seed: for the membership attack's subsample and folds.
+        outputs: this model's `model_outputs`, when already computed.
 
     Returns:
         The `Audit`.
     """
     test, train = dataset.test, dataset.train
-    example = next(test.batches(1, device=device))
-    classifier = model.get_submodule(_split_layers(model, example)[1])
-    run = dict(device=device, batch_size=batch_size)
-    test_logits, test_features = _logits_and_features(model, classifier, test, **run)
-    calibration_logits, calibration_features = _logits_and_features(
-        model, classifier, dataset.calibration, **run)
-    evaluation = evaluation_from(test_logits.argmax(1), test.labels, num_classes=dataset.num_classes)
+    outputs = outputs or model_outputs(model, dataset, device=device, batch_size=batch_size)
+    predicted = outputs.test_logits.argmax(1)  # (M,)
+    evaluation = evaluation_from(predicted, test.labels, num_classes=dataset.num_classes)
     is_forget = test.labels == forget_class  # (M,)
-    correct = test_logits.argmax(1) == test.labels  # (M,)
+    correct = predicted == test.labels  # (M,)
 
-    members = (train.labels == forget_class).nonzero().squeeze(1)
-    members, _ = _balanced(members, is_forget.nonzero().squeeze(1), seed)
-    member_logits, _ = _logits_and_features(model, classifier, train.subset(members.sort().values),
-                                            **run)
-    mia = membership_auc(attack_features(member_logits, train.labels[members.sort().values]),
-                         attack_features(test_logits[is_forget], test.labels[is_forget]), seed=seed)
-    probed = probe(calibration_features, dataset.calibration.labels, test_features, test.labels,
-                   num_classes=dataset.num_classes)
+    members, _ = _balanced((train.labels == forget_class).nonzero().squeeze(1),
+                           is_forget.nonzero().squeeze(1), seed)
+    members = members.sort().values
+    with torch.inference_mode():
+        member_logits = torch.cat([model(x).float().cpu() for x in train.subset(members).batches(
+            batch_size, device=device)])
+    mia = membership_auc(attack_features(member_logits, train.labels[members]),
+                         attack_features(outputs.test_logits[is_forget], test.labels[is_forget]),
+                         seed=seed)
     return Audit(forget_accuracy=float(correct[is_forget].float().mean()),
                  retain_accuracy=float(correct[~is_forget].float().mean()),
                  test_accuracy=evaluation.accuracy, per_class=evaluation.per_class, mia_auc=mia,
-                 probe_forget_accuracy=probed.per_class[forget_class],
-                 probe_accuracy=probed.accuracy)
+                 probe_forget_accuracy=outputs.probe.per_class[forget_class],
+                 probe_accuracy=outputs.probe.accuracy)
 
 
 # --- the entry point -----------------------------------------------------------------------------
@@ -583,7 +789,7 @@ class UnlearnResult:
                              "after": self.after.per_class})
 
     def summary(self, *, model: str, device: str) -> dict:
-        """The flat dict of the `unlearn` command (contract.md), given the model's and device's names."""
+        """The flat dict of the `unlearn` command (contract.md), given model and device names."""
         return {"model": model, "forget_class": self.plan.forget_class, "edit": self.plan.edit,
                 "layers": len(self.plan.layers), "k": self.plan.k, "device": device,
                 "forget_accuracy_before": self.before.forget_accuracy,
@@ -599,7 +805,7 @@ class UnlearnResult:
 def unlearn(model: nn.Module, dataset: Dataset, *, forget_class: int, device: torch.device | str,
             edit: Edit | None = None, layers: int | None = None, k: float | None = None,
             target_forget_accuracy: float = 0.0, reference_samples: int | None = 1000,
-            batch_size: int = 256, seed: int = 0) -> UnlearnResult:
+            batch_size: int = 256, seed: int = 0, before: Outputs | None = None) -> UnlearnResult:
     """Make `model` forget one class without fine-tuning (ModHiFi-U), and audit the result.
 
     Args:
@@ -609,14 +815,15 @@ def unlearn(model: nn.Module, dataset: Dataset, *, forget_class: int, device: to
         device: where everything runs.
         edit: `zero` or `negate` the selected kernel slices; default by architecture
             (`default_edit`).
-        layers: how many of the last prunable layers before the classifier to edit; None = 4
-            (`DEFAULT_LAYERS`), or all when the model has fewer.
+        layers: how many of the last prunable layers before the classifier to edit; None =
+            those from the first of the `feature_writers` on.
         k: share of each edited layer's (output, input) pairs, in (0, 1]; None chooses the
             smallest k that takes the forget-class calibration accuracy to the target.
         target_forget_accuracy: that target, in [0, 1] (only used when k is None).
         reference_samples: calibration samples of all classes that centre the scores (None: all).
         batch_size: images per forward pass.
         seed: for the reference sample and the membership attack.
+        before: `model_outputs` of `model`, to reuse across forget classes.
 
     Returns:
         The `UnlearnResult`; `seconds` times statistics, plan and edit, not the audits.
@@ -657,5 +864,5 @@ def unlearn(model: nn.Module, dataset: Dataset, *, forget_class: int, device: to
     seconds = time.perf_counter() - begin
 
     run = dict(forget_class=forget_class, device=device, batch_size=batch_size, seed=seed)
-    return UnlearnResult(edited, scores, plan, audit(original, dataset, **run),
+    return UnlearnResult(edited, scores, plan, audit(original, dataset, outputs=before, **run),
                          audit(edited, dataset, **run), seconds, dataset.classes)

@@ -1,0 +1,320 @@
+"""Oracles for modhifi.unlearn: the centred saliency against explicit contributions, the plan
+against a sort, the edit slice by slice, the audits on synthetic features, and real unlearning on
+the zoo models."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from modhifi import nets
+from modhifi.data import Dataset, Split
+from modhifi.errors import UserError
+from modhifi.fidelity import LayerFidelity, collect_moments, moments_of
+from modhifi.metrics import evaluate
+from modhifi.unlearn import (ForgetScores, apply_plan, attack_features, centred_forget_second,
+                             choose_k, default_edit, editable_layers, feature_writers,
+                             membership_auc, plan_unlearning, probe, score_forget_class, unlearn,
+                             unlearnable_layers)
+from modhifi.unlearn import _edit_in_place, _install_replay, _reference_index, _Replay
+from conftest import subject
+
+RTOL = 1e-8
+
+
+def contributions(layer, x):
+    """(N, c_out, c_in, L) explicit A_ci: the layer on input channel i alone, minus the bias."""
+    is_conv = isinstance(layer, nn.Conv2d)
+    axis = 1 if is_conv else -1
+    bias_only = layer(torch.zeros_like(x))
+    A = []
+    for i in range(x.shape[axis]):
+        alone = torch.zeros_like(x)
+        alone.select(axis, i).copy_(x.select(axis, i))
+        y = layer(alone) - bias_only  # (N, c_out, H', W') or (N, [T,] c_out)
+        A.append(y.flatten(2) if is_conv else y.reshape(len(x), -1, y.shape[-1]).transpose(1, 2))
+    return torch.stack(A, dim=2)
+
+
+def brute_centred_saliency(layer, x, forget, reference=slice(None)):
+    """r_ci = E_forget⟨Y_c − m_c, A_ci − m_ci⟩ with per-position means m over the reference
+    samples (all of them by default)."""
+    A = contributions(layer, x)  # (N, c_out, c_in, L)
+    A = A - A[reference].mean(0)  # per position
+    Y = A.sum(2, keepdim=True)  # (N, c_out, 1, L): centring is linear, so Y − m = Σ_i (A_i − m_i)
+    return (Y * A).sum(-1)[forget].mean(0)  # (c_out, c_in)
+
+
+LAYERS = {
+    "conv3x3-stride2-pad1": (lambda: nn.Conv2d(4, 5, 3, stride=2, padding=1), (4, 7, 7)),
+    "conv-same-reflect": (lambda: nn.Conv2d(3, 4, 2, padding="same", padding_mode="reflect"),
+                          (3, 5, 5)),
+    "linear-tokens": (lambda: nn.Linear(6, 5), (3, 6)),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_centred_saliency_matches_brute_force(name):
+    torch.manual_seed(0)
+    make, shape = LAYERS[name]
+    layer = make().double()
+    x = torch.randn(30, *shape, dtype=torch.float64) + 0.5  # a shared offset makes centring matter
+    x[:10] += torch.randn(1, *shape, dtype=torch.float64)  # the "forget class" differs in mean
+    forget = torch.arange(30) < 10
+    everything = moments_of(layer, x)
+    H = centred_forget_second(moments_of(layer, x[forget]),
+                              everything.position_sum / everything.samples)
+    saliency = LayerFidelity(H=H, weight=layer.weight.detach(), lam=0.0).saliency
+    expected = brute_centred_saliency(layer, x, forget)
+    assert (saliency - expected).abs().max() <= RTOL * expected.abs().max()
+
+
+# --- a tiny seeded model with a dataset, for the pipeline ---------------------------------------
+
+def tiny_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(6),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 5), nn.ReLU(),
+                         nn.Linear(5, 3)).eval()
+
+
+def tiny_dataset():
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (45, 1, 8, 8), dtype=torch.uint8, generator=generator)
+    labels = torch.arange(45) % 3
+    split = Split(images, labels, (0.5,), (0.25,))
+    return Dataset("tiny", ("a", "b", "c"), split, split, split)
+
+
+def layer_inputs(model, names, batch):
+    """The inputs the named layers receive on `batch`, in float64."""
+    captured = {}
+    handles = [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: captured.__setitem__(n, a[0].double())) for n in names]
+    with torch.no_grad():
+        model(batch)
+    for handle in handles:
+        handle.remove()
+    return captured
+
+
+def test_layers_are_the_last_prunable_ones_in_forward_order():
+    model, example = tiny_model(), torch.zeros(1, 1, 8, 8)
+    assert unlearnable_layers(model, example, layers=3) == ("0", "3", "7")
+    assert unlearnable_layers(model, example, layers=1) == ("7",)
+    assert unlearnable_layers(model, example) == ("7",)  # from the first feature writer on
+    assert editable_layers(model, example) == ("0", "3", "7")  # everything before the classifier
+
+
+@pytest.mark.parametrize("reference_samples", [None, 20])
+def test_pipeline_scores_match_brute_force_across_batches(reference_samples):
+    model, data = tiny_model(), tiny_dataset()
+    names = ("3", "7")
+    scores = score_forget_class(model, data.calibration, forget_class=1, layers=names,
+                                device="cpu", reference_samples=reference_samples, batch_size=7)
+    inputs = layer_inputs(model, names, next(data.calibration.batches(len(data.calibration))))
+    forget = data.calibration.labels == 1
+    reference = _reference_index(len(data.calibration), reference_samples, seed=0)
+    assert len(reference) == (reference_samples or 45) == scores.reference_samples
+    for name, saliency in zip(names, scores.saliency):
+        layer = copy.deepcopy(model.get_submodule(name)).double()
+        expected = brute_centred_saliency(layer, inputs[name], forget, reference)
+        assert (saliency - expected).abs().max() <= 1e-4 * expected.abs().max()  # float32 sums
+
+
+def test_reference_moments_from_collect_moments_agree():
+    """The one-pass statistics equal collect_moments over the forget class and over all samples."""
+    model, data = tiny_model(), tiny_dataset()
+    scores = score_forget_class(model, data.calibration, forget_class=2, layers=("3",),
+                                device="cpu", reference_samples=None)
+    forget = data.calibration.subset(data.calibration.labels == 2)
+    f = collect_moments(model, ["3"], forget.batches(8), device="cpu")["3"]
+    a = collect_moments(model, ["3"], data.calibration.batches(8), device="cpu")["3"]
+    H = centred_forget_second(f, a.position_sum / a.samples)
+    expected = LayerFidelity(H=H, weight=model[3].weight.detach(), lam=0.0).saliency
+    assert torch.allclose(scores.saliency[0], expected, rtol=1e-4, atol=1e-5 * expected.abs().max())
+
+
+# --- plan and edit -----------------------------------------------------------------------------
+
+def random_scores():
+    torch.manual_seed(3)
+    return ForgetScores(0, ("3", "7"), (torch.randn(6, 4, dtype=torch.float64),
+                                        torch.randn(5, 96, dtype=torch.float64)), 15, 45)
+
+
+@pytest.mark.parametrize("k", [0.01, 0.1, 0.5, 1.0])
+def test_plan_picks_exactly_the_top_k_pairs(k):
+    scores = random_scores()
+    plan = plan_unlearning(scores, k=k)
+    for layer, r in zip(plan.edits, scores.saliency):
+        n = max(1, round(k * r.numel()))
+        order = sorted(range(r.numel()), key=lambda j: -r.flatten()[j].item())[:n]
+        assert layer.pairs.tolist() == [[j // r.shape[1], j % r.shape[1]] for j in order]
+        assert torch.equal(layer.saliency, r.flatten()[order])
+    assert len(plan.to_frame()) == sum(len(layer.pairs) for layer in plan.edits)
+
+
+@pytest.mark.parametrize("edit", ["zero", "negate"])
+def test_edit_touches_exactly_the_planned_slices(edit):
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = plan_unlearning(random_scores(), k=0.2, edit=edit)
+    edited = apply_plan(model, plan)
+    for key, value in model.state_dict().items():  # the input is bit-identical
+        assert torch.equal(value, before[key]), key
+    changed = {f"{layer.name}.weight": layer for layer in plan.edits}
+    for key, value in edited.state_dict().items():
+        expected = before[key].clone()
+        if key in changed:
+            c, i = changed[key].pairs.unbind(1)
+            expected[c, i] = 0 if edit == "zero" else -expected[c, i]
+            assert not torch.equal(value, before[key])
+        assert torch.equal(value, expected), key
+
+
+REPLAY_MODELS = {
+    "tiny": lambda: tiny_model(),
+    "resnet": lambda: nets.ResNet(in_channels=1, num_classes=3, widths=(4, 8, 8)).eval(),
+    "vit": lambda: nets.ViT(in_channels=1, num_classes=3, image_size=8, patch=4, dim=8, depth=2,
+                            heads=2, hidden=16).eval(),
+}
+
+
+@pytest.mark.parametrize("name", list(REPLAY_MODELS))
+@pytest.mark.parametrize("layers", [1, 2])
+def test_replayed_prefix_gives_the_full_forward(name, layers):
+    """The search of k recomputes only the edited layers onward: same logits as a whole pass."""
+    torch.manual_seed(0)
+    model, data = REPLAY_MODELS[name](), tiny_dataset()
+    images = next(data.calibration.batches(len(data.calibration)))
+    names = unlearnable_layers(model, images[:1], layers=layers)
+    for k in (0.1, 0.5):
+        saliency = tuple(torch.randn(*model.get_submodule(n).weight.shape[:2]) for n in names)
+        plan = plan_unlearning(ForgetScores(0, names, saliency, 1, 1), k=k)
+        working, rows = copy.deepcopy(model), {}
+        _install_replay(working, names[0], images, rows, batch_size=16)  # records, then edits
+        assert any(isinstance(m, _Replay) for m in working.modules())
+        _edit_in_place(working, plan)
+        rows["index"] = torch.tensor([5, 0, 17, 3])
+        with torch.inference_mode():
+            expected = apply_plan(model, plan)(images[rows["index"]])
+            assert torch.allclose(working(images[rows["index"]]), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, writers", [
+    ("resnet", ("layers.2.conv2", "layers.2.shortcut.0")), ("vit", ("blocks.1.ffn.fc2",)),
+    ("tiny", ("7",))])
+def test_feature_writers_feed_the_classifier_directly(name, writers):
+    torch.manual_seed(0)
+    model = REPLAY_MODELS[name]()
+    assert feature_writers(model, torch.randn(2, 1, 8, 8)) == writers
+
+
+def test_default_edit_follows_the_normalisation():
+    assert default_edit(tiny_model()) == "zero"
+    transformer_like = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3), nn.Linear(3, 2))
+    assert default_edit(transformer_like) == "negate"
+
+
+# --- audits on synthetic features ---------------------------------------------------------------
+
+def test_membership_auc_separable_and_identical():
+    generator = torch.Generator().manual_seed(0)
+    members = torch.randn(300, 3, generator=generator) + 4
+    non_members = torch.randn(200, 3, generator=generator)
+    assert membership_auc(members, non_members) > 0.99
+    same = torch.randn(400, 3, generator=generator)
+    assert abs(membership_auc(same[:200], same[200:]) - 0.5) < 0.1
+
+
+def test_attack_features_are_loss_confidence_entropy():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    features = attack_features(logits, torch.tensor([0, 2]))
+    p = logits.double().softmax(1)
+    assert torch.allclose(features[:, 0], -p[[0, 1], [0, 2]].log())
+    assert torch.allclose(features[:, 1], p.max(1).values)
+    assert torch.allclose(features[:, 2], -(p * p.log()).sum(1))
+
+
+def test_probe_on_separable_features():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(300) % 3
+    centres = torch.eye(3, 8) * 10
+    features = centres[labels] + torch.randn(300, 8, generator=generator)
+    result = probe(features[:150], labels[:150], features[150:], labels[150:], num_classes=3)
+    assert result.accuracy == 1.0 and result.per_class == (1.0, 1.0, 1.0)
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("options, words", [
+    ({"forget_class": 10}, "forget class"), ({"forget_class": -1}, "forget class"),
+    ({"forget_class": 0, "layers": 0}, "layers"), ({"forget_class": 0, "layers": 3}, "layers"),
+    ({"forget_class": 0, "k": 0.0}, "k="), ({"forget_class": 0, "k": 1.5}, "k="),
+    ({"forget_class": 0, "edit": "shrink"}, "edit"),
+    ({"forget_class": 0, "target_forget_accuracy": 2.0}, "target"),
+])
+def test_bad_input_is_one_line(options, words):
+    digits = subject("digits-cnn")
+    with pytest.raises(UserError) as error:
+        unlearn(digits.loaded.model, digits.dataset, device="cpu", **options)
+    assert words in str(error.value) and "\n" not in str(error.value)
+
+
+# --- real unlearning ----------------------------------------------------------------------------
+
+def test_digits_unlearning_end_to_end():
+    """digits-cnn (2 convs of 16 and 32 channels): the forget class goes, the input model stays
+    bit-identical and no gradient is computed."""
+    digits = subject("digits-cnn")
+    model = digits.loaded.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = unlearn(model, digits.dataset, forget_class=5, device="cpu")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in [*model.parameters(), *result.model.parameters()])
+    assert result.plan.edit == "zero" and result.plan.calibration_forget_accuracy == 0.0
+    assert result.before.forget_accuracy > 0.9 and result.after.forget_accuracy <= 0.05
+    # A 16/32-channel net has little room: retain falls from 0.978 to 0.674 (measured).
+    assert result.after.retain_accuracy > 0.6
+    summary = result.summary(model="digits-cnn", device="cpu")
+    assert list(summary) == ["model", "forget_class", "edit", "layers", "k", "device",
+                             "forget_accuracy_before", "forget_accuracy_after",
+                             "retain_accuracy_before", "retain_accuracy_after", "mia_before",
+                             "mia_after", "probe_accuracy_before", "probe_accuracy_after",
+                             "seconds"]
+    assert summary["layers"] == 1 and 0 < summary["k"] <= 0.25
+    assert len(result.to_frame()) == 6 and len(result.per_class_frame()) == 10
+
+
+def forget_and_retain(evaluation, forget_class):
+    """(accuracy on the forget class, accuracy on all other samples) from an Evaluation."""
+    confusion = torch.tensor(evaluation.confusion)
+    others = torch.arange(len(confusion)) != forget_class
+    return evaluation.per_class[forget_class], float(confusion.diag()[others].sum()
+                                                     / confusion[others].sum())
+
+
+@pytest.mark.parametrize("forget_class", [0, 7])
+def test_fmnist_resnet_forgets_one_class_and_keeps_the_rest(forget_class):
+    """The library's defaults, step by step (no audits, to stay fast), on a seeded 2,000-image
+    sample of the test split."""
+    chosen = subject("fmnist-resnet")
+    model, data = chosen.loaded.model, chosen.dataset
+    names = unlearnable_layers(model, next(data.calibration.batches(1)))
+    scores = score_forget_class(model, data.calibration, forget_class=forget_class, layers=names,
+                                device="cpu")
+    forget_images = data.calibration.subset(data.calibration.labels == forget_class)
+    plan = choose_k(model, scores, forget_images, edit=default_edit(model), device="cpu")
+    edited = apply_plan(model, plan)
+    assert plan.calibration_forget_accuracy == 0.0  # the target, reached on calibration data
+    assert evaluate(edited, forget_images, device="cpu", num_classes=10).per_class[
+        forget_class] == 0.0  # the search's replayed forward passes agree with whole ones
+    sample = data.test.subset(torch.randperm(len(data.test),
+                                             generator=torch.Generator().manual_seed(0))[:2000])
+    (forget_before, retain_before), (forget_after, retain_after) = (
+        forget_and_retain(evaluate(m, sample, device="cpu", num_classes=10), forget_class)
+        for m in (model, edited))
+    assert forget_before > 0.8 and forget_after <= 0.02
+    assert retain_after >= retain_before - 0.05  # measured on the full test split: −3.6, −3.9 points
