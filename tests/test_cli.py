@@ -68,3 +68,13 @@ def test_unlearn_and_scores_follow_the_contract(tmp_path):
     assert done.returncode == 0, done.stderr
     header = out.read_text().splitlines()[0]
     assert header == "layer,out_channel,in_channel,singleton_fidelity,saliency,kept"
+
+
+def test_theory_prints_the_contract_keys():
+    done = cli("theory", "--model", "digits-cnn", "--json", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert {"model", "layers", "max_ratio", "hifi_share"} <= set(report)
+    for layer in report["layers"]:
+        assert {"layer", "local_error", "global_error", "ratio", "bound_constant"} <= set(layer)
+        assert layer["global_error"] <= layer["bound_constant"] ** 2 * layer["local_error"] * (1 + 1e-6)
