@@ -467,6 +467,11 @@ def analyse(model: nn.Module, calibration: Iterable[torch.Tensor], *, device: to
                     time.perf_counter() - start)
 
 
+def _size(plan: PrunePlan, target_kind: TargetKind) -> int:
+    """What a target counts, before the plan: prunable channels or MACs."""
+    return plan.channels_before if target_kind == "channels" else plan.macs_before
+
+
 def prune_in_steps(model: nn.Module, calibration: Iterable[torch.Tensor], *, device: torch.device,
                    input_shape: tuple[int, ...], target: float, steps: int,
                    target_kind: TargetKind = "channels", allocation: Allocation = "uniform",
@@ -483,9 +488,8 @@ def prune_in_steps(model: nn.Module, calibration: Iterable[torch.Tensor], *, dev
     current, plans = model, []
     for step in range(1, steps + 1):
         analysis = analyse(current, batches, device=device, input_shape=input_shape)
-        size = lambda plan: plan.channels_before if target_kind == "channels" else plan.macs_before  # noqa: E731
-        probe = analysis.plan(0.0, target_kind=target_kind)
-        done = 1 - size(probe) / size(plans[0]) if plans else 0.0
+        now = analysis.plan(0.0, target_kind=target_kind)  # the model as this round finds it
+        done = 1 - _size(now, target_kind) / _size(plans[0], target_kind) if plans else 0.0
         goal = target * step / steps  # share of the original model removed after this round
         plan = analysis.plan(max(0.0, 1 - (1 - goal) / (1 - done)), target_kind=target_kind,
                              allocation=allocation, method=method)

@@ -135,3 +135,19 @@ def test_cli_prune_writes_a_model_that_reloads_with_the_same_accuracy(tmp_path):
     assert reloaded["macs"] == pruned["macs_after"]
     removed = json.loads((tmp_path / "pruned.pt.channels.json").read_text())
     assert sum(map(len, removed.values())) == pruned["channels_before"] - pruned["channels_after"]
+
+
+def test_iterative_mode_reaches_the_target_in_rounds():
+    from modhifi.prune import prune_in_steps
+
+    model = nets.ResNet(widths=(16, 32, 64))
+    torch.manual_seed(1)
+    batches = [torch.randn(32, 1, 16, 16) for _ in range(2)]
+    recalibrate_batchnorm(model.eval(), batches)
+    before = _state(model)
+    pruned, plans = prune_in_steps(model, batches, device=torch.device("cpu"), input_shape=(1, 16, 16),
+                                   target=0.5, steps=3, target_kind="macs")
+    assert len(plans) == 3
+    assert plans[1].macs_before == plans[0].macs_after  # each round starts where the last ended
+    assert count_cost(pruned, (1, 16, 16)).macs == plans[-1].macs_after <= 0.5 * plans[0].macs_before
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

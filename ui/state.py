@@ -281,11 +281,13 @@ def forget_examples(model_id: str, device: str, forget_class: int, layers: int |
     test = chosen.dataset.test
     images = test.subset((test.labels == forget_class).nonzero().flatten()[:count])
     after = unlearned(model_id, device, forget_class, layers, k, edit).model
-    predict = lambda model: metrics.predict(model, images, device=backend(device).device).argmax(1)  # noqa: E731
     classes = chosen.dataset.classes
+
+    def predicted(model) -> list[str]:
+        return [classes[i] for i in metrics.predict(model, images, device=backend(device).device).argmax(1)]
+
     return pd.DataFrame({"image": [img.permute(1, 2, 0).squeeze(-1).numpy() for img in images.images],
-                         "before": [classes[i] for i in predict(chosen.loaded.model)],
-                         "after": [classes[i] for i in predict(after)]})
+                         "before": predicted(chosen.loaded.model), "after": predicted(after)})
 
 
 @st.cache_data(show_spinner="Packing the edited model…")
