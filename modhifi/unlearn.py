@@ -43,6 +43,10 @@ EDITS: tuple[str, ...] = ("zero", "negate")
 K_GRID: tuple[float, ...] = tuple(round(0.0025 * 2 ** (j / 2), 6) for j in range(14)) + (0.25,)
 K_REFINE_STEPS = 3  # bisection steps in log k: the chosen k is within 2^(1/16) ≈ 4.4% of the best
 _REPLAY_BYTES = 2**30  # at most 1 GiB of recorded activations for the search of k
+# Edit the last 2 prunable layers before the classifier: on fmnist-resnet these are the last
+# block's conv2 and shortcut, which write the classifier's features; chosen on calibration data
+# (retain drop 3.2 points there vs 25-29 for 3-4 layers; docs/benchmarks/unlearn_*.csv).
+DEFAULT_LAYERS = 2
 
 
 # --- layers --------------------------------------------------------------------------------------
@@ -97,44 +101,6 @@ def editable_layers(model: nn.Module, example: Tensor) -> tuple[str, ...]:
     return tuple(name for name in order if name != classifier)
 
 
-@torch.inference_mode()
-def feature_writers(model: nn.Module, example: Tensor) -> tuple[str, ...]:
-    """The editable layers whose outputs reach the classifier without passing another editable layer.
-
-    They write the features the classifier reads (the last block's convs and shortcut in a ResNet,
-    the last conv in a VGG, the last FFN output in a Transformer). Found by perturbing each
-    layer's output and checking that no later editable layer's input changes.
-
-    Args:
-        model: the network, in eval mode.
-        example: one input batch on the model's device.
-
-    Returns:
-        Module names, in forward order.
-    """
-    names = editable_layers(model, example)
-    inputs: dict[str, Tensor] = {}
-    handles = [model.get_submodule(name).register_forward_pre_hook(
-        lambda m, args, name=name: inputs.setdefault(name, args[0].clone())) for name in names]
-    try:
-        model(example)
-        clean, writers = dict(inputs), []
-        for j, name in enumerate(names):
-            inputs.clear()
-            noise = model.get_submodule(name).register_forward_hook(
-                lambda m, args, out: out + (1 + out.abs().max()) * torch.randn_like(out))
-            try:
-                model(example)
-            finally:
-                noise.remove()
-            if all(torch.equal(inputs[later], clean[later]) for later in names[j + 1:]):
-                writers.append(name)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return tuple(writers)
-
-
 def unlearnable_layers(model: nn.Module, example: Tensor, *,
                        layers: int | None = None) -> tuple[str, ...]:
     """The last `layers` prunable layers before the final classifier, in forward order.
@@ -142,15 +108,14 @@ def unlearnable_layers(model: nn.Module, example: Tensor, *,
     Args:
         model: the network, in eval mode.
         example: one input batch on the model's device.
-        layers: how many layers to edit, at least 1; None = from the first of the
-            `feature_writers` to the end (2 in the zoo's ResNet, 1 in its VGG and ViT).
+        layers: how many layers to edit, at least 1; None = `DEFAULT_LAYERS`, or all when fewer.
 
     Returns:
         Module names.
     """
     candidates = editable_layers(model, example)
     if layers is None:
-        layers = len(candidates) - candidates.index(feature_writers(model, example)[0])
+        layers = min(DEFAULT_LAYERS, len(candidates))
     most = len(candidates)
     if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= most:
         raise UserError(f"layers={layers!r} is out of range: this model has {most} editable "
@@ -816,7 +781,7 @@ def unlearn(model: nn.Module, dataset: Dataset, *, forget_class: int, device: to
         edit: `zero` or `negate` the selected kernel slices; default by architecture
             (`default_edit`).
         layers: how many of the last prunable layers before the classifier to edit; None =
-            those from the first of the `feature_writers` on.
+            `DEFAULT_LAYERS` (2), or all when the model has fewer.
         k: share of each edited layer's (output, input) pairs, in (0, 1]; None chooses the
             smallest k that takes the forget-class calibration accuracy to the target.
         target_forget_accuracy: that target, in [0, 1] (only used when k is None).

@@ -13,8 +13,8 @@ from modhifi.errors import UserError
 from modhifi.fidelity import LayerFidelity, collect_moments, moments_of
 from modhifi.metrics import evaluate
 from modhifi.unlearn import (ForgetScores, apply_plan, attack_features, centred_forget_second,
-                             choose_k, default_edit, editable_layers, feature_writers,
-                             membership_auc, plan_unlearning, probe, score_forget_class, unlearn,
+                             choose_k, default_edit, editable_layers, membership_auc,
+                             plan_unlearning, probe, score_forget_class, unlearn,
                              unlearnable_layers)
 from modhifi.unlearn import _edit_in_place, _install_replay, _reference_index, _Replay
 from conftest import subject
@@ -103,7 +103,7 @@ def test_layers_are_the_last_prunable_ones_in_forward_order():
     model, example = tiny_model(), torch.zeros(1, 1, 8, 8)
     assert unlearnable_layers(model, example, layers=3) == ("0", "3", "7")
     assert unlearnable_layers(model, example, layers=1) == ("7",)
-    assert unlearnable_layers(model, example) == ("7",)  # from the first feature writer on
+    assert unlearnable_layers(model, example) == ("3", "7")  # DEFAULT_LAYERS = 2
     assert editable_layers(model, example) == ("0", "3", "7")  # everything before the classifier
 
 
@@ -203,15 +203,6 @@ def test_replayed_prefix_gives_the_full_forward(name, layers):
             assert torch.allclose(working(images[rows["index"]]), expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("name, writers", [
-    ("resnet", ("layers.2.conv2", "layers.2.shortcut.0")), ("vit", ("blocks.1.ffn.fc2",)),
-    ("tiny", ("7",))])
-def test_feature_writers_feed_the_classifier_directly(name, writers):
-    torch.manual_seed(0)
-    model = REPLAY_MODELS[name]()
-    assert feature_writers(model, torch.randn(2, 1, 8, 8)) == writers
-
-
 def test_default_edit_follows_the_normalisation():
     assert default_edit(tiny_model()) == "zero"
     transformer_like = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3), nn.Linear(3, 2))
@@ -276,15 +267,15 @@ def test_digits_unlearning_end_to_end():
     assert all(p.grad is None for p in [*model.parameters(), *result.model.parameters()])
     assert result.plan.edit == "zero" and result.plan.calibration_forget_accuracy == 0.0
     assert result.before.forget_accuracy > 0.9 and result.after.forget_accuracy <= 0.05
-    # A 16/32-channel net has little room: retain falls from 0.978 to 0.674 (measured).
-    assert result.after.retain_accuracy > 0.6
+    # A 16/32-channel net has little room: retain falls from 0.978 to 0.749 (measured).
+    assert result.after.retain_accuracy > 0.7
     summary = result.summary(model="digits-cnn", device="cpu")
     assert list(summary) == ["model", "forget_class", "edit", "layers", "k", "device",
                              "forget_accuracy_before", "forget_accuracy_after",
                              "retain_accuracy_before", "retain_accuracy_after", "mia_before",
                              "mia_after", "probe_accuracy_before", "probe_accuracy_after",
                              "seconds"]
-    assert summary["layers"] == 1 and 0 < summary["k"] <= 0.25
+    assert summary["layers"] == 2 and 0 < summary["k"] <= 0.25
     assert len(result.to_frame()) == 6 and len(result.per_class_frame()) == 10
 
 
