@@ -29,7 +29,8 @@ def render() -> None:
     forget = cols[0].selectbox("Forget class", range(len(classes)), format_func=classes.__getitem__,
                                key=state.UNLEARN_CLASS)
     most = state.editable_layers(model_id, device)
-    layers = cols[1].number_input("Layers edited (last L)", 1, most, min(4, most), key=state.UNLEARN_LAYERS)
+    layers = cols[1].number_input("Layers edited (last L)", 1, most,
+                                  min(state.UNLEARN_DEFAULT_LAYERS, most), key=state.UNLEARN_LAYERS)
     auto = cols[2].toggle("Choose k automatically", True)
     k = None if auto else cols[2].slider("k (share of slices per layer)", 0.005, 0.2, 0.03, 0.005,
                                          key=state.UNLEARN_K)
