@@ -18,22 +18,9 @@ from modhifi.unlearn import (ForgetScores, apply_plan, attack_features, centred_
                              unlearnable_layers)
 from modhifi.unlearn import _edit_in_place, _install_replay, _reference_index, _Replay
 from conftest import subject
+from oracles import contributions
 
 RTOL = 1e-8
-
-
-def contributions(layer, x):
-    """(N, c_out, c_in, L) explicit A_ci: the layer on input channel i alone, minus the bias."""
-    is_conv = isinstance(layer, nn.Conv2d)
-    axis = 1 if is_conv else -1
-    bias_only = layer(torch.zeros_like(x))
-    A = []
-    for i in range(x.shape[axis]):
-        alone = torch.zeros_like(x)
-        alone.select(axis, i).copy_(x.select(axis, i))
-        y = layer(alone) - bias_only  # (N, c_out, H', W') or (N, [T,] c_out)
-        A.append(y.flatten(2) if is_conv else y.reshape(len(x), -1, y.shape[-1]).transpose(1, 2))
-    return torch.stack(A, dim=2)
 
 
 def brute_centred_saliency(layer, x, forget, reference=slice(None)):
