@@ -120,6 +120,9 @@ def _bench(args: argparse.Namespace) -> dict:
 def _class_index(dataset, name: str) -> int:
     """A class given by index (`5`) or by name (`Sandal`)."""
     if name.isdigit():
+        if int(name) >= len(dataset.classes):
+            raise UserError(f"forget class {name} is out of range for {dataset.name}: use "
+                            f"0..{len(dataset.classes) - 1} or a class name")
         return int(name)
     lowered = [c.lower() for c in dataset.classes]
     if name.lower() not in lowered:
