@@ -171,13 +171,10 @@ def _save_modified(args: argparse.Namespace, subject, model, *, removed: dict) -
     import json
     from pathlib import Path
 
-    from modhifi.zoo import save_checkpoint, write_atomically
+    from modhifi.zoo import base_of, save_checkpoint, write_atomically
 
     out = Path(args.out)
-    dataset = subject.dataset
-    base = {"model": args.model, "arch": args.arch, "dataset": dataset.name,
-            "num_classes": dataset.num_classes, "input_shape": list(dataset.input_shape)}
-    save_checkpoint(out, model, base=base, removed=removed)
+    save_checkpoint(out, model, base=base_of(args.model, args.arch, subject.dataset), removed=removed)
     channels = out.with_name(out.name + ".channels.json")
     write_atomically(channels, lambda p: p.write_text(json.dumps(removed, indent=1) + "\n"))
     _progress(f"wrote {out} and {channels}")

@@ -210,6 +210,12 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         Path(temporary).unlink(missing_ok=True)
 
 
+def base_of(spec: str, arch: str | None, dataset: Dataset) -> dict:
+    """The `base` entry of a modified model's checkpoint: what `load_model` rebuilds it from."""
+    return {"model": spec, "arch": arch, "dataset": dataset.name,
+            "num_classes": dataset.num_classes, "input_shape": list(dataset.input_shape)}
+
+
 def checkpoint_state(model: nn.Module, **meta) -> dict:
     """A state_dict with plain metadata (loadable with weights_only=True).
 

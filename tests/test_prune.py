@@ -1,5 +1,4 @@
 """ModHiFi-P: plans are exact, surgery is real, the input model is untouched, compensation helps."""
-import copy
 import json
 import subprocess
 import sys

@@ -1,6 +1,5 @@
 """The model zoo: every model loads and reaches its accuracy; checkpoints load safely or not at all."""
 import os
-import pickle
 import subprocess
 import sys
 

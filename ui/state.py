@@ -240,14 +240,11 @@ def pruned_download(model_id: str, device: str, samples: int, plan: prune.PruneP
     """(checkpoint bytes, removed channels as JSON, as CSV)."""
     chosen = subject(model_id, device)
     model = pruned(model_id, device, samples, plan, compensation, recalibrate)
-    spec, _, rest = model_id.partition("|")
-    arch = rest.partition("|")[0] or None
-    base = {"model": spec, "arch": arch, "dataset": chosen.dataset.name,
-            "num_classes": chosen.dataset.num_classes, "input_shape": list(chosen.dataset.input_shape)}
     removed = plan.removed_channels()
     csv = pd.DataFrame([(g, c) for g, cs in removed.items() for c in cs],
                        columns=["group", "channel"]).to_csv(index=False)
-    return zoo.checkpoint_bytes(model, base=base, removed=removed), json.dumps(removed, indent=1), csv
+    return (zoo.checkpoint_bytes(model, base=_base(model_id, chosen), removed=removed),
+            json.dumps(removed, indent=1), csv)
 
 
 @st.cache_data(show_spinner=False)
@@ -296,10 +293,13 @@ def unlearned_download(model_id: str, device: str, forget_class: int, layers: in
                        k: float | None, edit: str | None) -> bytes:
     chosen = subject(model_id, device)
     result = unlearned(model_id, device, forget_class, layers, k, edit)
+    return zoo.checkpoint_bytes(result.model, base=_base(model_id, chosen), removed={})
+
+
+def _base(model_id: str, chosen: zoo.Subject) -> dict:
+    """What a downloaded modified model is rebuilt from (see `selection` for the id's form)."""
     spec, _, rest = model_id.partition("|")
-    base = {"model": spec, "arch": rest.partition("|")[0] or None, "dataset": chosen.dataset.name,
-            "num_classes": chosen.dataset.num_classes, "input_shape": list(chosen.dataset.input_shape)}
-    return zoo.checkpoint_bytes(result.model, base=base, removed={})
+    return zoo.base_of(spec, rest.partition("|")[0] or None, chosen.dataset)
 
 
 @st.cache_data(show_spinner="Masking the layer's inputs: local error from statistics, global measured…")
