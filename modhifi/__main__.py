@@ -58,7 +58,7 @@ def _prune(args: argparse.Namespace) -> dict:
                                    device=backend.device, input_shape=dataset.input_shape,
                                    target=args.target, steps=args.steps,
                                    target_kind=args.target_kind, allocation=args.allocation,
-                                   method=args.method, compensation=compensation,
+                                   method=args.method, scope=args.scope, compensation=compensation,
                                    recalibrate=not args.no_bn_recal)
     seconds = time.perf_counter() - start
     _progress(f"pruned in {seconds:.1f} s; evaluating and timing")
@@ -67,7 +67,7 @@ def _prune(args: argparse.Namespace) -> dict:
         removed = [plan.removed_channels() for plan in plans]
         _save_modified(args, subject, pruned, removed=removed[0] if len(removed) == 1 else removed)
     return {"model": subject.loaded.name, "method": args.method, "target": args.target,
-            "target_kind": args.target_kind, "allocation": args.allocation,
+            "target_kind": args.target_kind, "allocation": args.allocation, "scope": args.scope,
             "compensation": compensation, "bn_recalibrated": not args.no_bn_recal,
             "calib_samples": sum(len(b) for b in calibration), "device": backend.description,
             "accuracy_before": result.before.accuracy, "accuracy_after": result.after.accuracy,
@@ -242,6 +242,8 @@ def _parser() -> argparse.ArgumentParser:
                                  help="fraction of channels (or of MACs) to remove")
             command.add_argument("--target-kind", choices=("channels", "macs"), default="channels")
             command.add_argument("--allocation", choices=("uniform", "global"), default="uniform")
+            command.add_argument("--scope", choices=("all", "internal"), default="all",
+                                 help="internal: leave residual-stream channels alone")
             command.add_argument("--method", choices=("modhifi", "l1", "random", "activation"),
                                  default="modhifi")
             command.add_argument("--compensation", choices=("rescale", "refit", "none"),

@@ -16,6 +16,7 @@ from modhifi.metrics import evaluate, measure_latencies
 from modhifi.prune import Analysis, analyse
 
 LIVE_TEST_IMAGES = 2000  # the dashboard's live numbers use this prefix of the test split
+LIVE_CALIBRATION_IMAGES = 1000  # the dashboard's default calibration set
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,9 @@ def quick(model, dataset: Dataset, *, backend: Backend, calibration_samples: int
     baselines = {m: accuracy(m, "none")[0] for m in ("l1", "random", "activation")}
     dense, small = measure_latencies([model, pruned], dataset.input_shape, backend=backend,
                                      batch_size=batch_size)
-    slider = slider_latency(analysis, dataset, backend=backend, positions=positions)
+    live = dataset.calibration.subset(slice(0, LIVE_CALIBRATION_IMAGES)).batches(250)
+    live_analysis = analyse(model, live, device=backend.device, input_shape=dataset.input_shape)
+    slider = slider_latency(live_analysis, dataset, backend=backend, positions=positions)
     best = max(baselines, key=baselines.get)
     return {"accuracy_modhifi": ours, "accuracy_best_baseline": baselines[best],
             "best_baseline": best, "macs_ratio": plan.speedup_macs,

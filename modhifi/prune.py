@@ -27,12 +27,13 @@ from torch import nn
 
 from modhifi.errors import UserError
 from modhifi.fidelity import LayerFidelity, LayerMoments, collect_moments, hifi_size
-from modhifi.metrics import count_cost
+from modhifi.metrics import channels_last, count_cost
 
 Method = Literal["modhifi", "l1", "random", "activation"]
 Compensation = Literal["rescale", "refit", "none"]
 Allocation = Literal["uniform", "global"]
 TargetKind = Literal["channels", "macs"]
+Scope = Literal["all", "internal"]  # internal: leave channels shared by residual additions alone
 
 # The operations a prunable group may pass through: anything else (LayerNorm, attention heads,
 # concatenation, unwrapped parameters) couples channels in ways we do not prune.
@@ -78,6 +79,9 @@ class Structure:
     @property
     def consumers(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(name for g in self.groups for name, _ in g.consumers))
+
+    def group(self, name: str) -> ChannelGroup:
+        return next(g for g in self.groups if g.name == name)
 
     def cost(self, kept: dict[str, int]) -> tuple[int, int]:
         """(MACs, params) of the model once each group keeps `kept[group]` channels."""
@@ -233,7 +237,8 @@ class PrunePlan:
     target: float
     target_kind: TargetKind
     allocation: Allocation
-    groups: tuple[GroupPlan, ...]
+    scope: Scope
+    groups: tuple[GroupPlan, ...]  # the groups in scope; the others keep every channel
     macs_before: int
     macs_after: int
     params_before: int
@@ -306,7 +311,8 @@ class Analysis:
 
     def plan(self, target: float, *, target_kind: TargetKind = "channels",
              allocation: Allocation = "uniform", method: Method = "modhifi",
-             floor: float = 0.05, round_to: int = 8, seed: int = 0) -> PrunePlan:
+             scope: Scope = "all", floor: float = 0.05, round_to: int = 8,
+             seed: int = 0) -> PrunePlan:
         """The plan that removes at least `target` of the channels (or of the MACs).
 
         Args:
@@ -315,6 +321,8 @@ class Analysis:
             allocation: "uniform" (the same fraction of every group) or "global" (one threshold
                 on the normalised score across groups).
             method: how channels are ranked (ModHiFi or a baseline).
+            scope: "all" groups, or "internal": only groups with a single producer, i.e. not
+                the residual streams that several layers add into (inside residual blocks).
             floor: fraction of each group that is always kept.
             round_to: kept channels per group are rounded up to a multiple of this (1 = exact
                 counts); multiples of 8 run measurably faster on CPUs and GPUs.
@@ -325,8 +333,11 @@ class Analysis:
             raise UserError(f"unknown allocation {allocation!r}: use uniform or global")
         if target_kind not in ("channels", "macs"):
             raise UserError(f"unknown target kind {target_kind!r}: use channels or macs")
-        rankings = self.ranking(method, seed=seed)
-        total = sum(g.size for g in self.structure.groups)
+        if scope not in ("all", "internal"):
+            raise UserError(f"unknown scope {scope!r}: use all or internal")
+        rankings = {name: ranking for name, ranking in self.ranking(method, seed=seed).items()
+                    if scope == "all" or len(self.structure.group(name).producers) == 1}
+        total = sum(len(r.order) for r in rankings.values())
 
         def removed_share(knob: float) -> float:
             kept = _kept_counts(rankings, knob, allocation, floor, round_to)
@@ -346,9 +357,9 @@ class Analysis:
         groups = tuple(GroupPlan(g.name, g.size,
                                  tuple(sorted(rankings[g.name].order[:kept[g.name]])),
                                  tuple(sorted(rankings[g.name].order[kept[g.name]:])))
-                       for g in self.structure.groups)
+                       for g in self.structure.groups if g.name in rankings)
         macs, params = self.structure.cost(kept)
-        return PrunePlan(method, target, target_kind, allocation, groups,
+        return PrunePlan(method, target, target_kind, allocation, scope, groups,
                          self.structure.macs, macs, self.structure.params, params)
 
     def apply(self, plan: PrunePlan, *, compensation: Compensation = "refit",
@@ -468,14 +479,15 @@ def analyse(model: nn.Module, calibration: Iterable[torch.Tensor], *, device: to
 
 
 def _size(plan: PrunePlan, target_kind: TargetKind) -> int:
-    """What a target counts, before the plan: prunable channels or MACs."""
+    """What a target counts, before the plan: channels in scope or MACs."""
     return plan.channels_before if target_kind == "channels" else plan.macs_before
 
 
 def prune_in_steps(model: nn.Module, calibration: Iterable[torch.Tensor], *, device: torch.device,
                    input_shape: tuple[int, ...], target: float, steps: int,
                    target_kind: TargetKind = "channels", allocation: Allocation = "uniform",
-                   method: Method = "modhifi", compensation: Compensation = "refit",
+                   method: Method = "modhifi", scope: Scope = "all",
+                   compensation: Compensation = "refit",
                    recalibrate: bool = True) -> tuple[nn.Module, tuple[PrunePlan, ...]]:
     """The iterative mode: `steps` rounds of score → remove → compensate → recalibrate.
 
@@ -488,11 +500,11 @@ def prune_in_steps(model: nn.Module, calibration: Iterable[torch.Tensor], *, dev
     current, plans = model, []
     for step in range(1, steps + 1):
         analysis = analyse(current, batches, device=device, input_shape=input_shape)
-        now = analysis.plan(0.0, target_kind=target_kind)  # the model as this round finds it
+        now = analysis.plan(0.0, target_kind=target_kind, scope=scope)  # the model as it is now
         done = 1 - _size(now, target_kind) / _size(plans[0], target_kind) if plans else 0.0
         goal = target * step / steps  # share of the original model removed after this round
         plan = analysis.plan(max(0.0, 1 - (1 - goal) / (1 - done)), target_kind=target_kind,
-                             allocation=allocation, method=method)
+                             allocation=allocation, method=method, scope=scope)
         current = analysis.apply(plan, compensation=compensation, recalibrate=recalibrate)
         plans.append(plan)
     return current, tuple(plans)
@@ -525,8 +537,13 @@ def cut_channels(model: nn.Module, removed: dict[str, Iterable[int]],
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
-    """Re-estimate BatchNorm running statistics with forward passes (no gradients, no labels)."""
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], *,
+                          chunk: int = 128) -> None:
+    """Re-estimate BatchNorm running statistics with forward passes (no gradients, no labels).
+
+    Leaves the model in channels-last layout (same numbers; oneDNN's faster convolutions) and
+    feeds `chunk` images at a time, which keeps activations in cache.
+    """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
@@ -535,9 +552,11 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
         m.reset_running_stats()
         m.momentum = None  # cumulative average over all calibration batches
         m.train()
+    model.to(memory_format=torch.channels_last)
     try:
         for batch in batches:
-            model(batch)
+            for part in batch.split(chunk):
+                model(channels_last(part))
     finally:
         for m, momentum in saved:
             m.momentum = momentum

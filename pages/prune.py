@@ -31,13 +31,16 @@ def render() -> None:
     method = cols[1].selectbox("Method", list(METHODS), format_func=METHODS.get, key=state.PRUNE_METHOD)
     allocation = cols[1].radio("Allocation", ("uniform", "global"), horizontal=True,
                                key=state.PRUNE_ALLOCATION)
+    scope = cols[1].radio("Channels", ("all", "internal"), horizontal=True, key=state.PRUNE_SCOPE,
+                          format_func={"all": "all groups", "internal": "inside blocks"}.get,
+                          help="Inside blocks: channels that residual additions share stay whole.")
     compensation = cols[2].selectbox("Compensation", ("refit", "rescale", "none"),
                                      key=state.PRUNE_COMPENSATION)
     recalibrate = cols[2].toggle("Recalibrate BatchNorm", True, key=state.PRUNE_RECALIBRATE)
     full = st.toggle(f"Evaluate on the full test split (live numbers use the first "
                      f"{state.LIVE_TEST_IMAGES:,} test images)", key=state.PRUNE_FULL)
 
-    plan = state.plan(model_id, device, samples, target, kind, allocation, method)
+    plan = state.plan(model_id, device, samples, target, kind, allocation, method, scope)
     options = (model_id, device, samples, plan, compensation, recalibrate)
     before = state.evaluation(model_id, device, full=full)
     after = state.pruned_evaluation(*options, full)

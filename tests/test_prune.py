@@ -56,6 +56,22 @@ def test_resnet_groups_couple_residual_channels():
                                                       "layers.1.shortcut.0"}
 
 
+@pytest.mark.parametrize("target_kind", ["channels", "macs"])
+def test_internal_scope_leaves_residual_streams_whole(target_kind):
+    model = nets.ResNet()
+    analysis = _analysis(model, (1, 28, 28))
+    plan = analysis.plan(0.4, target_kind=target_kind, scope="internal")
+    assert {g.name for g in plan.groups} == {"layers.0.conv1", "layers.1.conv1", "layers.2.conv1"}
+    pruned = analysis.apply(plan)
+    assert (count_cost(pruned, (1, 28, 28)).macs, count_cost(pruned, (1, 28, 28)).params) == (
+        plan.macs_after, plan.params_after)
+    # Stream widths (the stem's and the shortcuts' outputs) are unchanged.
+    assert [pruned.get_submodule(n).out_channels for n in ("stem.0", "layers.1.shortcut.0",
+                                                           "layers.2.shortcut.0")] == [32, 64, 128]
+    if target_kind == "channels":
+        assert 1 - plan.channels_after / plan.channels_before >= 0.4
+
+
 def test_vit_prunes_only_ffn_hidden_neurons():
     structure = trace_structure(nets.ViT(), (1, 28, 28))
     assert [g.name for g in structure.groups] == [f"blocks.{i}.ffn.fc1" for i in range(4)][::-1] or \

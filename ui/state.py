@@ -31,6 +31,7 @@ FIDELITY_TARGET = "fidelity.target"
 PRUNE_TARGET = "prune.target"
 PRUNE_KIND = "prune.kind"
 PRUNE_ALLOCATION = "prune.allocation"
+PRUNE_SCOPE = "prune.scope"
 PRUNE_METHOD = "prune.method"
 PRUNE_COMPENSATION = "prune.compensation"
 PRUNE_RECALIBRATE = "prune.recalibrate"
@@ -45,6 +46,7 @@ THEORY_LAYER = "theory.layer"
 OWN_CHECKPOINT = "your checkpoint…"
 UNLEARN_DEFAULT_LAYERS = unlearn.DEFAULT_LAYERS
 LIVE_TEST_IMAGES = bench.LIVE_TEST_IMAGES  # live numbers use this prefix of the test split
+CALIBRATION_DEFAULT = bench.LIVE_CALIBRATION_IMAGES
 UPLOADS = Path.home() / ".cache" / "modhifi" / "uploads"
 
 
@@ -67,7 +69,7 @@ def sidebar() -> None:
             st.session_state[CHECKPOINT_PATH] = str(_store_upload(upload.name, upload.getvalue()))
         else:
             st.sidebar.text_input("…or a path on the server", key=CHECKPOINT_PATH)
-    st.sidebar.select_slider("Calibration images", (250, 500, 1000, 2000), value=1000,
+    st.sidebar.select_slider("Calibration images", (250, 500, 1000, 2000), value=CALIBRATION_DEFAULT,
                              key=CALIBRATION, help="Unlabeled held-out images the method reads.")
     st.sidebar.selectbox("Device", ("auto", "cpu", "cuda"), key=DEVICE)
     try:
@@ -98,7 +100,7 @@ def selection() -> tuple[str, str, int]:
         if not path or not data:
             raise UserError("choose a checkpoint (upload or path) and its dataset in the sidebar")
         name = f"{path}|{st.session_state.get(CHECKPOINT_ARCH)}|{data}"
-    return name, st.session_state.get(DEVICE, "auto"), st.session_state.get(CALIBRATION, 1000)
+    return name, st.session_state.get(DEVICE, "auto"), st.session_state.get(CALIBRATION, CALIBRATION_DEFAULT)
 
 
 def guarded(render) -> None:
@@ -176,9 +178,9 @@ def latency(model_id: str, device: str, batch_size: int) -> metrics.Latency:
 
 @st.cache_data(show_spinner=False)
 def plan(model_id: str, device: str, samples: int, target: float, kind: str, allocation: str,
-         method: str) -> prune.PrunePlan:
-    return analysis(model_id, device, samples).plan(target, target_kind=kind,
-                                                    allocation=allocation, method=method)
+         method: str, scope: str = "all") -> prune.PrunePlan:
+    return analysis(model_id, device, samples).plan(target, target_kind=kind, allocation=allocation,
+                                                    method=method, scope=scope)
 
 
 @st.cache_data(show_spinner=False)
