@@ -118,16 +118,19 @@ class Latency:
     optimised: Timing
 
 
-def optimise_for_inference(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
-    """A frozen TorchScript copy of `model`, BatchNorm folded into the convs, channels-last.
+def optimise_for_inference(model: nn.Module, example: torch.Tensor, *,
+                           nhwc: bool = True) -> torch.jit.ScriptModule:
+    """A frozen TorchScript copy of `model`, BatchNorm folded into the convs.
 
-    Channels-last (NHWC) lets oneDNN / cuDNN pick their fastest convolution kernels; call the
-    result with `channels_last(x)`.
+    With `nhwc` (channels-last) oneDNN / cuDNN pick their fastest convolution kernels; call the
+    result with `channels_last(x)`. `nhwc=False` is the plain NCHW export papers usually time.
     """
-    model = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
+    model = copy.deepcopy(model).eval()
+    if nhwc:
+        model, example = model.to(memory_format=torch.channels_last), channels_last(example)
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript's deprecation notice is not for our users
-        return torch.jit.freeze(torch.jit.trace(model, channels_last(example)))
+        return torch.jit.freeze(torch.jit.trace(model, example))
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:

@@ -541,8 +541,8 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], *,
                           chunk: int = 128) -> None:
     """Re-estimate BatchNorm running statistics with forward passes (no gradients, no labels).
 
-    Leaves the model in channels-last layout (same numbers; oneDNN's faster convolutions) and
-    feeds `chunk` images at a time, which keeps activations in cache.
+    Runs in channels-last layout (oneDNN's faster convolutions) `chunk` images at a time, which
+    keeps activations in cache, and hands the model back in the usual contiguous layout.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
@@ -558,6 +558,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], *,
             for part in batch.split(chunk):
                 model(channels_last(part))
     finally:
+        model.to(memory_format=torch.contiguous_format)  # channels-last weights slow NCHW exports
         for m, momentum in saved:
             m.momentum = momentum
             m.eval()
