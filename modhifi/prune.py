@@ -454,7 +454,8 @@ class Analysis:
 
 
 def analyse(model: nn.Module, calibration: Iterable[torch.Tensor], *, device: torch.device,
-            input_shape: tuple[int, ...], lam: float = 1e-4) -> Analysis:
+            input_shape: tuple[int, ...], lam: float = 1e-4,
+            progress: Callable[[float], None] | None = None) -> Analysis:
     """Trace the model's channel groups and score every consumer layer on calibration batches.
 
     Args:
@@ -462,6 +463,7 @@ def analyse(model: nn.Module, calibration: Iterable[torch.Tensor], *, device: to
         calibration: normalised, unlabeled input batches.
         input_shape: (C, H, W) of one input.
         lam: ridge strength of the compensation solves, relative to the mean diagonal.
+        progress: called with the share of calibration batches read so far (for progress bars).
     """
     import time
 
@@ -469,7 +471,14 @@ def analyse(model: nn.Module, calibration: Iterable[torch.Tensor], *, device: to
     batches = tuple(b.to(device) for b in calibration)
     structure = trace_structure(model, input_shape)
     consumers = structure.consumers
-    moments = collect_moments(model, consumers, batches, device=device)
+
+    def reporting():
+        for done, batch in enumerate(batches, 1):
+            yield batch
+            if progress:
+                progress(done / len(batches))
+
+    moments = collect_moments(model, consumers, reporting(), device=device)
     fidelity = {name: LayerFidelity.from_moments(model.get_submodule(name).weight, moments[name],
                                                  centered=name in structure.followed_by_norm,
                                                  lam=lam)

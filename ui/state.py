@@ -131,13 +131,49 @@ def subject(model_id: str, device: str) -> zoo.Subject:
     return zoo.open_subject(spec, device=backend(device).device, arch=arch or None, data=data or None)
 
 
-@st.cache_resource(show_spinner="Input statistics and fidelity scores of every layer…")
+class _Progress:
+    """A progress bar that appears at the first report, so that reused results show nothing."""
+
+    def __init__(self, text: str):
+        self.text, self.bar = text, None
+
+    def __call__(self, fraction: float) -> None:
+        self.bar = self.bar or st.progress(0.0, text=self.text)
+        self.bar.progress(min(max(fraction, 0.0), 1.0), text=self.text)
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *_) -> None:
+        if self.bar is not None:
+            self.bar.empty()
+
+
+@st.cache_resource(show_spinner=False)
+def _store(kind: str) -> dict:
+    """Shared results of long work that draws a progress bar. Streamlit's caches replay what a
+    cached function draws, so this work runs outside them and keeps its results here."""
+    return {}
+
+
+def _with_progress(kind: str, key: tuple, text: str, work):
+    store = _store(kind)
+    if key not in store:
+        with _Progress(text) as report:
+            store[key] = work(report)
+    return store[key]
+
+
 def analysis(model_id: str, device: str, samples: int) -> prune.Analysis:
-    chosen = subject(model_id, device)
-    calibration = chosen.dataset.calibration
-    batches = calibration.subset(slice(0, min(samples, len(calibration)))).batches(250)
-    return prune.analyse(chosen.loaded.model, batches, device=backend(device).device,
-                         input_shape=chosen.dataset.input_shape)
+    def work(report) -> prune.Analysis:
+        chosen = subject(model_id, device)
+        calibration = chosen.dataset.calibration
+        batches = calibration.subset(slice(0, min(samples, len(calibration)))).batches(250)
+        return prune.analyse(chosen.loaded.model, batches, device=backend(device).device,
+                             input_shape=chosen.dataset.input_shape, progress=report)
+
+    return _with_progress("analysis", (model_id, device, samples), "Input statistics of every "
+                          f"layer on {samples:,} calibration images, then fidelity scores…", work)
 
 
 @st.cache_resource(show_spinner="Pruning: compensating, cutting, recalibrating BatchNorm…",
@@ -220,20 +256,28 @@ def pruned_latency(model_id: str, device: str, samples: int, plan: prune.PrunePl
                                      backend=backend(device), batch_size=batch_size, repeats=15)
 
 
-@st.cache_data(show_spinner="Accuracy against sparsity for ModHiFi and the baselines…")
+CURVE_METHODS = (("modhifi", "refit"), ("modhifi", "rescale"), ("l1", "none"),
+                 ("activation", "none"), ("random", "none"))
+
+
 def sparsity_curve(model_id: str, device: str, samples: int, kind: str,
                    targets: tuple[float, ...]) -> pd.DataFrame:
-    chosen, study = subject(model_id, device), analysis(model_id, device, samples)
-    rows = []
-    for method, compensation in (("modhifi", "refit"), ("modhifi", "rescale"), ("l1", "none"),
-                                 ("activation", "none"), ("random", "none")):
-        for target in targets:
+    def work(report) -> pd.DataFrame:
+        chosen, study = subject(model_id, device), analysis(model_id, device, samples)
+        runs = [(method, compensation, target) for method, compensation in CURVE_METHODS
+                for target in targets]
+        rows = []
+        for done, (method, compensation, target) in enumerate(runs, 1):
             chosen_plan = study.plan(target, target_kind=kind, method=method)
             model = study.apply(chosen_plan, compensation=compensation)
             rows.append({"method": f"{method} ({compensation})", "target": target,
                          "macs_reduction": chosen_plan.speedup_macs,
                          "accuracy": _evaluate(chosen, model, device, full=False).accuracy})
-    return pd.DataFrame(rows)
+            report(done / len(runs))
+        return pd.DataFrame(rows)
+
+    return _with_progress("sparsity_curve", (model_id, device, samples, kind, targets),
+                          "Pruning, recalibrating and evaluating ModHiFi and the baselines…", work)
 
 
 @st.cache_data(show_spinner="Packing the pruned model…")
