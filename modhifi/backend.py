@@ -56,7 +56,8 @@ def choose_backend(choice: DeviceChoice = "auto") -> Backend:
     if choice != "cpu" and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
         return Backend(device, f"GPU: {torch.cuda.get_device_name(device)}", threads)
-    return Backend(torch.device("cpu"), f"CPU: {threads} threads", threads)
+    plural = "s" if threads > 1 else ""
+    return Backend(torch.device("cpu"), f"CPU: {threads} thread{plural}", threads)
 
 
 @dataclass(frozen=True)

@@ -47,9 +47,10 @@ def render() -> None:
     cols = st.columns(4)
     cols[0].metric("Accuracy", f"{after.accuracy:.2%}", f"{(after.accuracy - before.accuracy) * 100:+.2f} pts")
     cols[1].metric("MACs / image", f"{plan.macs_after / 1e6:.2f} M", f"{plan.speedup_macs:.2f}× fewer",
-                   delta_color="off")
+                   delta_color="off", delta_arrow="off")
     cols[2].metric("Parameters", f"{plan.params_after / 1e3:.1f} k",
-                   f"{plan.params_after / plan.params_before - 1:+.0%}", delta_color="off")
+                   f"{plan.params_after / plan.params_before - 1:+.0%}", delta_color="off",
+                   delta_arrow="off")
     cols[3].metric("Channels kept", f"{plan.channels_after} / {plan.channels_before}")
     st.caption(f"Before: {before.accuracy:.2%} on {before.samples:,} test images.")
 

@@ -45,10 +45,11 @@ def render() -> None:
     cols[1].metric("Retain accuracy", f"{after.retain_accuracy:.2%}",
                    f"{(after.retain_accuracy - before.retain_accuracy) * 100:+.2f} pts")
     cols[2].metric("Membership attack AUC", f"{after.mia_auc:.3f}", f"{after.mia_auc - before.mia_auc:+.3f}",
-                   delta_color="off", help="0.5 = the attacker cannot tell members from non-members.")
+                   delta_color="off", delta_arrow="off",
+                   help="0.5 = the attacker cannot tell members from non-members.")
     cols[3].metric("Probe accuracy, forget class", f"{after.probe_forget_accuracy:.1%}",
                    f"{(after.probe_forget_accuracy - before.probe_forget_accuracy) * 100:+.1f} pts",
-                   delta_color="off")
+                   delta_color="off", delta_arrow="off")
     st.caption(f"k = {result.plan.k:.4f} of each layer's (output, input) pairs, edit = "
                f"{result.plan.edit}, layers: {', '.join(result.plan.layers)}; "
                f"{result.seconds:.1f} s without the audits. Full test split.")
