@@ -1,9 +1,9 @@
 """ModHiFi-P against the baselines through the CLI, one fresh process per row (issue 3's table).
 
-    python benchmarks/prune_table.py --model fmnist-resnet --targets 0.5 0.67 --kind macs
+    python benchmarks/prune_table.py --model fmnist-resnet --targets 0.5 0.67 --kind macs [--scope internal]
 
 Every row is `python -m modhifi prune ... --json` on the full test split; writes
-docs/benchmarks/prune_<model>.csv and prints a Markdown table.
+docs/benchmarks/prune_<model>[_internal].csv and prints a Markdown table.
 """
 from __future__ import annotations
 
@@ -23,11 +23,12 @@ ROWS = (  # (method, compensation, BatchNorm recalibration)
     ("l1", "none", False))
 
 
-def run(model: str, target: float, kind: str, method: str, compensation: str, recal: bool,
-        device: str) -> dict:
+def run(model: str, target: float, kind: str, scope: str, method: str, compensation: str,
+        recal: bool, device: str) -> dict:
     command = [sys.executable, "-m", "modhifi", "prune", "--model", model, "--target", str(target),
-               "--target-kind", kind, "--method", method, "--compensation", compensation,
-               "--device", device, "--json"] + ([] if recal else ["--no-bn-recal"])
+               "--target-kind", kind, "--scope", scope, "--method", method,
+               "--compensation", compensation, "--device", device, "--json"]
+    command += [] if recal else ["--no-bn-recal"]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=True)
     return json.loads(done.stdout)
 
@@ -37,17 +38,20 @@ def main() -> None:
     parser.add_argument("--model", default="fmnist-resnet")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.67])
     parser.add_argument("--kind", choices=("macs", "channels"), default="macs")
+    parser.add_argument("--scope", choices=("all", "internal"), default="all")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     rows = []
     for target in args.targets:
         for method, compensation, recal in ROWS:
-            result = run(args.model, target, args.kind, method, compensation, recal, args.device)
+            result = run(args.model, target, args.kind, args.scope, method, compensation, recal,
+                         args.device)
             rows.append(result)
             print(f"{target} {method} {compensation} recal={recal}: "
                   f"{result['accuracy_after']:.4f} at {result['speedup_macs']:.2f}x", file=sys.stderr)
     table = pd.DataFrame(rows)
-    out = ROOT / "docs" / "benchmarks" / f"prune_{args.model}.csv"
+    suffix = "" if args.scope == "all" else f"_{args.scope}"
+    out = ROOT / "docs" / "benchmarks" / f"prune_{args.model}{suffix}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     table["drop_points"] = (table["accuracy_before"] - table["accuracy_after"]) * 100
