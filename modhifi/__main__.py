@@ -227,7 +227,7 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("--forget-class", required=True, help="class index or name")
             command.add_argument("--edit", choices=("zero", "negate"),
                                  help="default: zero for BatchNorm networks, negate for LayerNorm ones")
-            command.add_argument("--layers", type=int, help="edit the last L layers (default 2)")
+            command.add_argument("--layers", type=int, help="edit the last L layers (default: chosen with k, 1 to 4)")
             command.add_argument("--k", type=float, help="share of (output, input) pairs edited "
                                                          "per layer (default: chosen automatically)")
             command.add_argument("--out", help="write the edited model here")

@@ -1,15 +1,21 @@
 """ModHiFi-U, class unlearning without fine-tuning (method.md §4): forget-class statistics ->
-centred saliency -> plan -> edit -> audit.
+contrastive centred saliency -> plan (layers and k chosen on calibration images) -> edit -> audit.
 
-1. **Statistics.** One forward pass over calibration data: the input moments of the last `layers`
-   prunable layers on the forget-class samples, and the per-position mean input over a reference
-   sample of all classes (the class label only selects samples; no loss, no gradients).
+1. **Statistics.** One forward pass over calibration data: the input moments of the last
+   `MAX_LAYERS` prunable layers on the forget-class samples and on a seeded reference sample of
+   all classes (the class label only selects the forget samples; no loss, no gradients). Only
+   the output positions that reach the head are counted (`reaching_positions`: in a ViT's last
+   block that is the class token alone).
 2. **Score.** The centred saliency r_ci = E_forget⟨Y_c − m_c, A_ci − m_ci⟩, means m over all
-   classes, so that what every class shares cancels. It is `LayerFidelity.saliency` of the matrix
-   E_forget Σ_p (P_p − μ_p)(P_p − μ_p)ᵀ (μ_p the reference mean patch at position p).
-3. **Plan.** The top-k (output c, input i) pairs of every scored layer, k a fraction of the layer's
-   c_out·c_in pairs, chosen (unless given) as the smallest k that takes the accuracy on the
-   forget-class *calibration* samples down to a target. The test split is never looked at.
+   classes, so that what every class shares cancels (method.md §4.2); by default minus the same
+   expectation over all classes (`contrastive`), so that variation every class shows cancels
+   too. Both are `LayerFidelity.saliency` of a matrix of centred input moments.
+3. **Plan.** The top-k (output c, input i) pairs of each of the last L scored layers, k a share of
+   the layer's c_out·c_in pairs. Unless given, `choose_plan` picks for each L the smallest k
+   that takes the accuracy on the forget-class *calibration* samples down to a target, and
+   keeps the L whose edit changes the fewest predictions on calibration samples of the other
+   classes (compared with the unedited model: no labels are read). The test split is never
+   looked at.
 4. **Edit.** Zero the kernel slices W[c, i] (BatchNorm networks) or negate them (LayerNorm /
    residual networks, where the skip path would otherwise carry the class through). The input
    model is never modified: `apply_plan` edits a deep copy.
@@ -22,7 +28,7 @@ import copy
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import pandas as pd
@@ -31,22 +37,31 @@ from torch import Tensor, nn
 
 from modhifi.data import Dataset, Split
 from modhifi.errors import UserError
-from modhifi.fidelity import LayerFidelity, LayerMoments, moments_of
+from modhifi.fidelity import LayerFidelity, LayerMoments, _patches, moments_of
 from modhifi.metrics import Evaluation, evaluation_from
 
 Edit = Literal["zero", "negate"]
 EDITS: tuple[str, ...] = ("zero", "negate")
+Score = Literal["contrastive", "centred"]
+SCORES: tuple[str, ...] = ("contrastive", "centred")
 
 # Candidate k (share of a layer's (output, input) pairs) for the automatic choice: geometric with
 # ratio √2 from 0.25% to 25% (the forget accuracy is not monotone in k, so the grid is fine); the
 # first grid point that reaches the target is refined by bisection.
 K_GRID: tuple[float, ...] = tuple(round(0.0025 * 2 ** (j / 2), 6) for j in range(14)) + (0.25,)
 K_REFINE_STEPS = 3  # bisection steps in log k: the chosen k is within 2^(1/16) ≈ 4.4% of the best
+# The plan edits K_MARGIN times the smallest k that forgets the calibration images: at that k some
+# of them sit on the decision boundary, and unseen images of the class cross it. Chosen on
+# fmnist-resnet with the calibration split halved (choose on one half, measure on the other):
+# forget accuracy on the unseen half ≤ 1.6% without the margin, 0% for every class with 2^(1/4),
+# at +0.5 points of mean retain drop.
+K_MARGIN = 2 ** 0.25
 _REPLAY_BYTES = 2**30  # at most 1 GiB of recorded activations for the search of k
-# Edit the last 2 prunable layers before the classifier: on fmnist-resnet these are the last
-# block's conv2 and shortcut, which write the classifier's features; chosen on calibration data
-# (retain drop 3.2 points there vs 25-29 for 3-4 layers; docs/benchmarks/unlearn_*.csv).
-DEFAULT_LAYERS = 2
+# The automatic choice tries editing the last 1..MAX_LAYERS prunable layers before the classifier
+# and keeps the one that forgets the calibration images with the fewest changed predictions on
+# the other classes: on fmnist-resnet it picks 2-4 (docs/benchmarks/unlearn_classes.md).
+MAX_LAYERS = 4
+RETAIN_SAMPLES = 512  # calibration images of the other classes that judge retain damage
 
 
 # --- layers --------------------------------------------------------------------------------------
@@ -86,41 +101,140 @@ def _classifier(model: nn.Module, order: list[str]) -> str:
     return linears[-1]
 
 
-def editable_layers(model: nn.Module, example: Tensor) -> tuple[str, ...]:
-    """Every prunable layer before the final classifier, in forward order.
+def editable_layers(model: nn.Module, example: Tensor, *,
+                    edit: Edit | None = None) -> tuple[str, ...]:
+    """The prunable layers before the final classifier that an edit can act on, in forward order.
+
+    Zeroing a slice removes its contribution whatever follows, so every layer qualifies.
+    Negating one reverses what it adds to the residual stream only in a layer that writes the
+    stream, i.e. the features the head reads (output width = the classifier's input width: a
+    ViT's patch embedding, attention output projections and second FFN layers). Inside a block
+    the sign of q/k/v or of an FFN hidden unit has no such meaning, and negating both FFN layers
+    of a hidden unit cancels out.
 
     Args:
         model: the network, in eval mode.
         example: one input batch on the model's device.
+        edit: `zero` or `negate`; None = `default_edit(model)`.
 
     Returns:
-        Module names.
+        Module names (all prunable layers before the classifier when none writes the stream).
     """
     order = forward_order(model, example)
-    classifier = _classifier(model, order)
-    return tuple(name for name in order if name != classifier)
+    classifier = model.get_submodule(_classifier(model, order))
+    layers = [name for name in order if model.get_submodule(name) is not classifier]
+    if (edit or default_edit(model)) == "negate":
+        width = classifier.weight.shape[1]
+        layers = [name for name in layers
+                  if model.get_submodule(name).weight.shape[0] == width] or layers
+    return tuple(layers)
 
 
-def unlearnable_layers(model: nn.Module, example: Tensor, *,
-                       layers: int | None = None) -> tuple[str, ...]:
+def unlearnable_layers(model: nn.Module, example: Tensor, *, layers: int | None = None,
+                       edit: Edit | None = None) -> tuple[str, ...]:
     """The last `layers` prunable layers before the final classifier, in forward order.
 
     Args:
         model: the network, in eval mode.
         example: one input batch on the model's device.
-        layers: how many layers to edit, at least 1; None = `DEFAULT_LAYERS`, or all when fewer.
+        layers: how many layers, at least 1; None = `MAX_LAYERS` (the candidates of the
+            automatic choice), or all when fewer.
+        edit: `zero` or `negate` (see `editable_layers`); None = `default_edit(model)`.
 
     Returns:
         Module names.
     """
-    candidates = editable_layers(model, example)
+    candidates = editable_layers(model, example, edit=edit)
     if layers is None:
-        layers = min(DEFAULT_LAYERS, len(candidates))
+        layers = min(MAX_LAYERS, len(candidates))
     most = len(candidates)
     if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= most:
         raise UserError(f"layers={layers!r} is out of range: this model has {most} editable "
                         f"layers before its classifier; pass --layers 1..{most}")
     return tuple(candidates[-layers:])
+
+
+# --- which outputs reach the head ----------------------------------------------------------------
+
+# Layers with more output positions than this are taken to reach the head everywhere: the check
+# runs the model once per position (batched), and such early, high-resolution layers are never
+# the ones whose outputs a head discards.
+REACH_MAX_POSITIONS = 1024
+_REACH_CHUNK = 256  # perturbed copies per forward pass
+
+
+def _output_positions(layer: nn.Module, shape: torch.Size) -> tuple[int, int]:
+    """(positions, channels) of a layer output: H'·W' for a conv, the token axes for a Linear."""
+    if isinstance(layer, nn.Conv2d):
+        return math.prod(shape[2:]), shape[1]  # (B, c_out, H', W')
+    return math.prod(shape[1:-1]), shape[-1]  # (B, [T,] c_out)
+
+
+@torch.inference_mode()
+def reaching_positions(model: nn.Module, name: str, example: Tensor, *,
+                       seed: int = 0) -> Tensor | None:
+    """The output positions of one layer that the logits depend on; None when all of them do.
+
+    In a ViT only the class token leaves the last block (the head reads `x[:, 0]`): the block's
+    per-token layers also process the patch tokens, whose outputs are discarded. The saliency
+    must sum over the positions that reach the head only, or the patch tokens (49 of 50) decide
+    the ranking. Found without gradients: copy p of one image gets large random noise at output
+    position p of the layer, and p reaches the head when that copy's logits change.
+
+    Args:
+        model: the network, in eval mode; not modified.
+        name: a Conv2d or Linear in `model`.
+        example: one input batch (its first image is used) on the model's device.
+        seed: for the noise.
+
+    Returns:
+        Sorted (n,) long indices into the positions (H'·W' of a conv output in row-major order,
+        the flattened token axes of a Linear output), or None for all positions.
+    """
+    layer = model.get_submodule(name)
+    shapes: list[torch.Size] = []
+    handle = layer.register_forward_hook(lambda m, args, out: shapes.append(out.shape))
+    try:
+        clean = model(example[:1])  # (1, K)
+    finally:
+        handle.remove()
+    positions, channels = _output_positions(layer, shapes[0])
+    if positions == 1 or positions > REACH_MAX_POSITIONS:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    reached = torch.zeros(positions, dtype=torch.bool)
+    for index in torch.arange(positions).split(_REACH_CHUNK):
+        copies = example[:1].expand(len(index), *example.shape[1:])
+        noise = torch.zeros(len(index), positions, channels)  # (b, L, C): copy j at index[j]
+        noise[torch.arange(len(index)), index] = torch.randn(len(index), channels,
+                                                             generator=generator)
+
+        def perturb(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+            scale = 10 * out.abs().amax().clamp(min=1)  # larger than anything the layer writes
+            n = noise.to(out) * scale
+            return out + (n.transpose(1, 2) if isinstance(module, nn.Conv2d) else n).reshape(
+                out.shape)
+
+        handle = layer.register_forward_hook(perturb)
+        try:
+            changed = (model(copies) - clean).abs().amax(1)  # (b,)
+        finally:
+            handle.remove()
+        # Far above the rounding differences between batch sizes (~1e-6 relative), far below
+        # what noise ten times the layer's largest output does to the logits where it reaches.
+        reached[index] = (changed > 1e-3 * clean.abs().amax().clamp(min=1e-6)).cpu()
+    return None if reached.all() else reached.nonzero().squeeze(1)
+
+
+def _moments_at(layer: nn.Conv2d | nn.Linear, inputs: Tensor,
+                positions: Tensor | None) -> LayerMoments:
+    """`moments_of` a layer's input counting only the patches of the given output positions."""
+    if positions is None:
+        return moments_of(layer, inputs)
+    inputs = inputs.detach().to(torch.promote_types(inputs.dtype, torch.float32))
+    patches = _patches(layer, inputs)[:, positions.to(inputs.device)]  # (N, n, d)
+    rows = patches.reshape(-1, patches.shape[-1])  # (N·n, d)
+    return LayerMoments(rows.T @ rows, patches.sum(0), len(inputs))
 
 
 # --- statistics and scores -----------------------------------------------------------------------
@@ -147,13 +261,21 @@ def centred_forget_second(forget: LayerMoments, reference_mean: Tensor) -> Tenso
 
 @dataclass(frozen=True, eq=False)
 class ForgetScores:
-    """Centred saliency of every (output, input) pair of the scored layers, for one forget class."""
+    """Saliency (contrastive or centred) of every (output, input) pair of the scored layers, for
+    one forget class."""
 
     forget_class: int
     layers: tuple[str, ...]  # module names, in forward order
     saliency: tuple[Tensor, ...]  # per layer (c_out, c_in) float64 r_ci
     forget_samples: int  # calibration samples of the forget class
     reference_samples: int  # calibration samples (all classes) behind the means
+    positions: tuple[int | None, ...] = ()  # per layer: output positions scored (None: all)
+    score: Score = "contrastive"
+
+    def last(self, layers: int) -> ForgetScores:
+        """The scores of the last `layers` layers only."""
+        return replace(self, layers=self.layers[-layers:], saliency=self.saliency[-layers:],
+                       positions=self.positions[-layers:] if self.positions else ())
 
     def to_frame(self) -> pd.DataFrame:
         """Long table: layer, out_channel, in_channel, saliency."""
@@ -177,12 +299,14 @@ def _reference_index(n: int, samples: int | None, seed: int) -> Tensor:
 @torch.inference_mode()
 def score_forget_class(model: nn.Module, calibration: Split, *, forget_class: int,
                        layers: tuple[str, ...], device: torch.device | str,
-                       reference_samples: int | None = 1000, batch_size: int = 256,
-                       seed: int = 0) -> ForgetScores:
-    """Centred saliency of the given layers from one forward pass over calibration data.
+                       score: Score = "contrastive", reference_samples: int | None = 1000,
+                       batch_size: int = 128, seed: int = 0) -> ForgetScores:
+    """Forget-class saliency of the given layers from one forward pass over calibration data.
 
-    Each batch is split by label: forget-class rows feed the second moments, reference rows the
-    per-position mean input (a mean of inputs, unfolded once: unfolding is linear).
+    Each batch is split by label: forget-class rows feed the forget moments, rows of a seeded
+    reference sample of all classes (no labels needed) the reference moments, whose
+    per-position means centre both. Only the output positions that reach the head count
+    (`reaching_positions`: the class token in a ViT's last block, everything in a CNN).
 
     Args:
         model: the network, in eval mode on `device`; not modified.
@@ -190,14 +314,19 @@ def score_forget_class(model: nn.Module, calibration: Split, *, forget_class: in
         forget_class: the class to forget.
         layers: module names to score (see `unlearnable_layers`).
         device: where the forward passes and statistics run.
-        reference_samples: calibration samples of all classes (seeded) whose means centre the
-            scores; None = all of them. A sample of 1,000 keeps the pass fast.
+        score: `contrastive` (default): the centred saliency on the forget class minus the same
+            on the reference sample, r_ci = E_f⟨Ỹ_c, Ã_ci⟩ − E_all⟨Ỹ_c, Ã_ci⟩ (~: minus the
+            all-class mean), so that variation every class has cancels too; `centred`: the first
+            term alone (method.md §4.2).
+        reference_samples: calibration samples of all classes (seeded) behind the means and the
+            contrast; None = all of them. A sample of 1,000 keeps the pass fast.
         batch_size: images per forward pass.
         seed: the reference sample's seed.
 
     Returns:
         The `ForgetScores`.
     """
+    _check_score(score)
     is_forget = calibration.labels == forget_class  # (N,)
     if not is_forget.any():
         raise UserError(f"the calibration split has no samples of class {forget_class}; "
@@ -207,18 +336,18 @@ def score_forget_class(model: nn.Module, calibration: Split, *, forget_class: in
     used = (is_forget | is_reference).nonzero().squeeze(1)
     rows = {"forget": is_forget[used].to(device), "reference": is_reference[used].to(device)}
     modules = {name: model.get_submodule(name) for name in layers}
-    forget: dict[str, LayerMoments] = {}
-    input_sum: dict[str, Tensor] = {}
+    example = next(calibration.subset(used[:1]).batches(1, device=device))
+    positions = {name: reaching_positions(model, name, example, seed=seed) for name in layers}
+    moments: dict[str, dict[str, LayerMoments]] = {"forget": {}, "reference": {}}
     batch = {}  # the masks of the batch being run, read by the hooks
 
     def record(name: str):
         def hook(layer: nn.Module, args: tuple) -> None:
             x = args[0]  # (B, c_in, H, W) or (B, [T,] c_in)
-            if batch["forget"].any():
-                part = moments_of(layer, x[batch["forget"]])
-                forget[name] = forget[name] + part if name in forget else part
-            total = x[batch["reference"]].float().sum(0)  # (c_in, H, W) or ([T,] c_in)
-            input_sum[name] = input_sum[name] + total if name in input_sum else total
+            for key, store in moments.items():
+                if batch[key].any():
+                    part = _moments_at(layer, x[batch[key]], positions[name])
+                    store[name] = store[name] + part if name in store else part
         return hook
 
     handles = [module.register_forward_pre_hook(record(name)) for name, module in modules.items()]
@@ -230,15 +359,16 @@ def score_forget_class(model: nn.Module, calibration: Split, *, forget_class: in
     finally:
         for handle in handles:
             handle.remove()
-    n_reference = int(is_reference.sum())
     saliency = []
     for name, module in modules.items():
-        mean_input = input_sum[name][None] / n_reference  # (1, c_in, H, W) or (1, [T,] c_in)
-        reference_mean = moments_of(module, mean_input).position_sum  # (L, d) mean patch
-        H = centred_forget_second(forget[name], reference_mean)
+        forget, reference = moments["forget"][name], moments["reference"][name]
+        H = centred_forget_second(forget, reference.position_sum / reference.samples)
+        if score == "contrastive":
+            H = H - reference.centered_second()  # E_all Σ_p (P_p − μ_p)(P_p − μ_p)ᵀ
         saliency.append(LayerFidelity(H=H, weight=module.weight.detach(), lam=0.0).saliency)
     return ForgetScores(forget_class, tuple(layers), tuple(saliency), int(is_forget.sum()),
-                        n_reference)
+                        int(is_reference.sum()), tuple(None if p is None else len(p)
+                                                       for p in positions.values()), score)
 
 
 # --- plan and edit -------------------------------------------------------------------------------
@@ -261,7 +391,8 @@ class UnlearnPlan:
     edit: Edit
     k: float  # share of each layer's c_out·c_in pairs
     edits: tuple[LayerEdit, ...]  # one per edited layer, in forward order
-    calibration_forget_accuracy: float | None = None  # at this k, when k was chosen automatically
+    calibration_forget_accuracy: float | None = None  # when chosen on calibration images
+    calibration_retain_agreement: float | None = None  # share of retain predictions unchanged
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -289,6 +420,12 @@ def _check_k(k: float) -> None:
                         "automatically")
 
 
+def _check_score(score: str) -> None:
+    if score not in SCORES:
+        raise UserError(f"unknown score {score!r}: use contrastive (forget class against all "
+                        "classes) or centred (method.md §4.2)")
+
+
 def _check_edit(edit: str) -> None:
     if edit not in EDITS:
         raise UserError(f"unknown edit {edit!r}: use zero (BatchNorm networks) or negate "
@@ -303,7 +440,7 @@ def plan_unlearning(scores: ForgetScores, *, k: float, edit: Edit = "zero",
         scores: from `score_forget_class`.
         k: share of each layer's c_out·c_in pairs, in (0, 1]; at least one pair per layer.
         edit: `zero` or `negate` the selected kernel slices.
-        calibration_forget_accuracy: recorded in the plan (set by `choose_k`).
+        calibration_forget_accuracy: recorded in the plan (set by `choose_plan`).
 
     Returns:
         The `UnlearnPlan`.
@@ -323,11 +460,12 @@ def plan_unlearning(scores: ForgetScores, *, k: float, edit: Edit = "zero",
 @torch.no_grad()
 def _edit_in_place(model: nn.Module, plan: UnlearnPlan,
                    originals: dict[str, Tensor] | None = None) -> None:
-    """Write the plan into `model`'s weights (starting from `originals` when given)."""
+    """Write the plan into `model`'s weights, after restoring the layers of `originals` (name ->
+    weight) when given."""
+    for name, weight in (originals or {}).items():
+        model.get_submodule(name).weight.copy_(weight)
     for layer in plan.edits:
         weight = model.get_submodule(layer.name).weight  # (c_out, c_in[, k, k])
-        if originals is not None:
-            weight.copy_(originals[layer.name])
         c, i = layer.pairs.to(weight.device).unbind(1)
         if plan.edit == "zero":
             weight[c, i] = 0
@@ -340,7 +478,7 @@ def apply_plan(model: nn.Module, plan: UnlearnPlan) -> nn.Module:
 
     Args:
         model: the original network.
-        plan: from `plan_unlearning` or `choose_k`.
+        plan: from `plan_unlearning` or `choose_plan`.
 
     Returns:
         An edited deep copy, in eval mode.
@@ -466,84 +604,167 @@ def _install_replay(working: nn.Module, first_edited: str, images: Tensor,
             setattr(working.get_submodule(parent), child, module)
 
 
-def choose_k(model: nn.Module, scores: ForgetScores, forget_images: Split, *, edit: Edit,
-             target: float = 0.0, device: torch.device | str, batch_size: int = 256,
-             grid: tuple[float, ...] = K_GRID, refine: int = K_REFINE_STEPS) -> UnlearnPlan:
-    """The plan with the smallest k whose edit takes accuracy on `forget_images` to ≤ `target`.
-
-    Scans `grid` upwards, then bisects in log k between the last failing and the first passing
-    grid point. Only the edited layers and what follows them are recomputed (the outputs of the
-    modules before them are recorded once), an evaluation stops as soon as more than `target` of
-    the images are still recognised, and images that survived an edit are tried first next time.
-    When no grid point reaches the target, the grid point that leaves the fewest of a seeded
-    sample of 256 images recognised is returned. The plan records its accuracy on all images.
-
-    Args:
-        model: the original network, in eval mode; not modified (a working copy is edited).
-        scores: from `score_forget_class`.
-        forget_images: the forget-class calibration samples (never the test split).
-        edit: `zero` or `negate`.
-        target: the highest acceptable accuracy on `forget_images`, in [0, 1].
-        device: where the evaluations run.
-        batch_size: images per forward pass.
-        grid: increasing candidate k.
-        refine: bisection steps after the grid scan.
-
-    Returns:
-        The chosen `UnlearnPlan`, with its `calibration_forget_accuracy`.
+class _Search:
+    """A working copy whose scored layers are edited in place, the modules before them replayed
+    from a recording, to count what an edit does on forget- and retain-class calibration images.
     """
-    working = copy.deepcopy(model).eval()
-    originals = {name: working.get_submodule(name).weight.detach().clone()
-                 for name in scores.layers}
-    images = forget_images.normalise(forget_images.images.to(device))  # (n, C, H, W)
-    rows: dict[str, Tensor] = {}  # the batch's image indices, read by the replayed modules
-    _install_replay(working, scores.layers[0], images, rows, batch_size=batch_size)
-    labels = forget_images.labels
-    n = len(labels)
-    allowed = math.floor(target * n + 1e-9)  # images that may stay recognised
-    order = torch.arange(n)  # hardest images (survived an edit) first
-    chunk = min(batch_size, 128)  # small batches so that a failing candidate stops early
-    seen: dict[tuple[int, ...], int | None] = {}  # pair counts -> count (None: above `allowed`)
 
-    def recognised(k: float, *, among: Tensor | None = None) -> int | None:
-        """How many forget images the edit at k still recognises: all of `among` are counted,
-        otherwise counting stops (None) once more than `allowed` are."""
-        nonlocal order
-        key = tuple(_pairs_per_layer((r.shape[0], r.shape[1]), k) for r in scores.saliency)
-        if among is None and key in seen:
-            return seen[key]
-        _edit_in_place(working, plan_unlearning(scores, k=k, edit=edit), originals)
-        cap = n if among is not None else allowed
+    def __init__(self, model: nn.Module, scores: ForgetScores, forget_images: Split,
+                 retain_images: Split | None, *, device: torch.device | str, batch_size: int):
+        self.working = copy.deepcopy(model).eval()
+        self.originals = {name: self.working.get_submodule(name).weight.detach().clone()
+                          for name in scores.layers}
+        both = [forget_images] + ([retain_images] if retain_images is not None else [])
+        self.images = forget_images.normalise(
+            torch.cat([split.images for split in both]).to(device))  # (n_f + n_r, C, H, W)
+        self.rows: dict[str, Tensor] = {}  # the batch's image indices, read by the replays
+        _install_replay(self.working, scores.layers[0], self.images, self.rows,
+                        batch_size=batch_size)
+        self.forget_class = scores.forget_class
+        self.forget = torch.arange(len(forget_images))  # hardest images (survived) first
+        self.retain = torch.arange(len(forget_images), len(self.images))
+        self.chunk = min(batch_size, 64)  # small batches so that a failing edit stops early
+        self.original = self._predict(self.retain)  # (n_r,) what the unedited model says
+        self.seen: dict[tuple, int | None] = {}
+
+    @torch.inference_mode()
+    def _predict(self, index: Tensor) -> Tensor:
+        predicted = []
+        for part in index.split(self.chunk):
+            self.rows["index"] = part.to(self.images.device)
+            predicted.append(self.working(self.images[self.rows["index"]]).argmax(1).cpu())
+        return torch.cat(predicted) if predicted else index
+
+    @torch.no_grad()
+    def _apply(self, plan: UnlearnPlan) -> None:
+        _edit_in_place(self.working, plan, self.originals)
+
+    @torch.inference_mode()
+    def recognised(self, plan: UnlearnPlan, *, cap: int, among: Tensor | None = None) -> int | None:
+        """How many forget images the edited model still classifies as the forget class.
+
+        Counting stops (None) once more than `cap` are; without `among`, all forget images are
+        tried, those that survived an earlier edit first.
+        """
+        key = (plan.layers, tuple(len(layer.pairs) for layer in plan.edits))
+        if among is None and key in self.seen:
+            return self.seen[key]
+        self._apply(plan)
         survivors, count = [], 0
-        with torch.inference_mode():
-            for index in (order if among is None else among).split(chunk):
-                rows["index"] = index.to(device)
-                hit = working(images[rows["index"]]).argmax(1).cpu() == labels[index]  # (b,)
-                survivors.append(index[hit])
-                count += int(hit.sum())
-                if count > cap:
-                    break
-        if among is None:  # images that survived go first next time
+        for index in (self.forget if among is None else among).split(self.chunk):
+            self.rows["index"] = index.to(self.images.device)
+            predicted = self.working(self.images[self.rows["index"]]).argmax(1).cpu()  # (b,)
+            hit = predicted == self.forget_class
+            survivors.append(index[hit])
+            count += int(hit.sum())
+            if count > cap:
+                break
+        if among is None:
             survived = torch.cat(survivors)
-            order = torch.cat([survived, order[~torch.isin(order, survived)]])
-            seen[key] = count if count <= cap else None
+            self.forget = torch.cat([survived, self.forget[~torch.isin(self.forget, survived)]])
+            self.seen[key] = count if count <= cap else None
         return count if count <= cap else None
 
-    i = next((i for i, k in enumerate(grid) if recognised(k) is not None), None)
-    if i is None:  # the target is out of reach: the k that forgets most, on a seeded sample
-        sample = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:2 * chunk]
-        k = min(grid, key=lambda k: recognised(k, among=sample))
-        return plan_unlearning(scores, k=k, edit=edit, calibration_forget_accuracy=recognised(
-            k, among=torch.arange(n)) / n)
+    def agreement(self, plan: UnlearnPlan) -> float:
+        """Share of the retain images on which the edited model predicts what the original did."""
+        self._apply(plan)
+        return float((self._predict(self.retain) == self.original).float().mean())
+
+
+def other_classes(calibration: Split, *, forget_class: int, samples: int | None = RETAIN_SAMPLES,
+                  seed: int = 0) -> Split:
+    """A seeded sample of the calibration images that are not of the forget class.
+
+    Args:
+        calibration: the calibration split; its labels are only compared with `forget_class`.
+        forget_class: the class to forget.
+        samples: how many (None or more than there are: all of them).
+        seed: for the sample.
+
+    Returns:
+        The sample, in calibration order.
+    """
+    others = (calibration.labels != forget_class).nonzero().squeeze(1)
+    return calibration.subset(others[_reference_index(len(others), samples, seed)])
+
+
+def _smallest_passing(passes, grid: tuple[float, ...], refine: int) -> float | None:
+    """The smallest k of `grid` for which `passes(k)`, refined by bisection in log k towards the
+    grid point below (None when no grid point passes)."""
+    i = next((i for i, k in enumerate(grid) if passes(k)), None)
+    if i is None:
+        return None
     hi = grid[i]
     lo = grid[i - 1] if i else hi / 2
     for _ in range(refine):
         middle = math.sqrt(lo * hi)
-        if recognised(middle) is None:
-            lo = middle
-        else:
-            hi = middle
-    return plan_unlearning(scores, k=hi, edit=edit, calibration_forget_accuracy=recognised(hi) / n)
+        lo, hi = (middle, hi) if not passes(middle) else (lo, middle)
+    return hi
+
+
+def choose_plan(model: nn.Module, scores: ForgetScores, forget_images: Split, *, edit: Edit,
+                target: float = 0.0, retain_images: Split | None = None,
+                layer_counts: tuple[int, ...] | None = None, device: torch.device | str,
+                batch_size: int = 128, grid: tuple[float, ...] = K_GRID,
+                refine: int = K_REFINE_STEPS, margin: float = K_MARGIN) -> UnlearnPlan:
+    """The plan that forgets on calibration images: how many layers, and k for them.
+
+    For each number L of last layers: the smallest k whose edit takes the accuracy on
+    `forget_images` to ≤ `target` (the grid scanned upwards, then bisection in log k between
+    the last failing and the first passing grid point), times `margin` unless that breaks the
+    target. Of the L that reach the target, the one whose edit changes the fewest predictions on
+    `retain_images` (agreement with the unedited model, so no labels are read) wins; ties and
+    the absence of retain images go to fewer layers. When no L reaches the target, the (L, k) that leaves the fewest of a seeded sample
+    of 256 forget images recognised is returned. Only the edited layers and what follows them
+    are recomputed, and an evaluation stops as soon as more than `target` of the images are
+    still recognised.
+
+    Args:
+        model: the original network, in eval mode; not modified (a working copy is edited).
+        scores: from `score_forget_class`, for the largest candidate set of layers.
+        forget_images: the forget-class calibration samples (never the test split).
+        edit: `zero` or `negate`.
+        target: the highest acceptable accuracy on `forget_images`, in [0, 1].
+        retain_images: calibration samples of the other classes (their labels are not read).
+        layer_counts: the candidate L, each ≤ len(scores.layers); None = all of scores.layers.
+        device: where the evaluations run.
+        batch_size: images per forward pass.
+        grid: increasing candidate k.
+        refine: bisection steps after the grid scan.
+        margin: factor (≥ 1) on the smallest passing k, so unseen images are forgotten too.
+
+    Returns:
+        The chosen `UnlearnPlan`, with its calibration forget accuracy and retain agreement.
+    """
+    counts = layer_counts or (len(scores.layers),)
+    search = _Search(model, scores, forget_images, retain_images, device=device,
+                     batch_size=batch_size)
+    n = len(forget_images)
+    allowed = math.floor(target * n + 1e-9)  # images that may stay recognised
+
+    def plan(count: int, k: float) -> UnlearnPlan:
+        return plan_unlearning(scores.last(count), k=k, edit=edit)
+
+    def passes(count: int, k: float) -> bool:
+        return search.recognised(plan(count, k), cap=allowed) is not None
+
+    reached = []
+    for count in counts:
+        k = _smallest_passing(lambda k: passes(count, k), grid, refine)
+        if k is not None:  # with the margin unless that breaks the target (k is not monotone)
+            reached.append(plan(count, min(1.0, k * margin) if passes(count, min(1.0, k * margin))
+                                else k))
+    if reached:
+        chosen = reached[0] if retain_images is None or len(reached) == 1 else max(
+            reached, key=search.agreement)
+    else:  # the target is out of reach: the edit that forgets most, on a seeded sample
+        sample = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:256]
+        chosen = min((plan(count, k) for count in counts for k in grid),
+                     key=lambda p: search.recognised(p, cap=n, among=sample))
+    forget_accuracy = search.recognised(chosen, cap=n, among=torch.arange(n)) / n
+    agreement = search.agreement(chosen) if retain_images is not None else None
+    return replace(chosen, calibration_forget_accuracy=forget_accuracy,
+                               calibration_retain_agreement=agreement)
 
 
 # --- audit ---------------------------------------------------------------------------------------
@@ -769,8 +990,9 @@ class UnlearnResult:
 
 def unlearn(model: nn.Module, dataset: Dataset, *, forget_class: int, device: torch.device | str,
             edit: Edit | None = None, layers: int | None = None, k: float | None = None,
-            target_forget_accuracy: float = 0.0, reference_samples: int | None = 1000,
-            batch_size: int = 256, seed: int = 0, before: Outputs | None = None) -> UnlearnResult:
+            score: Score = "contrastive", target_forget_accuracy: float = 0.0,
+            reference_samples: int | None = 1000, retain_samples: int | None = RETAIN_SAMPLES,
+            batch_size: int = 128, seed: int = 0, before: Outputs | None = None) -> UnlearnResult:
     """Make `model` forget one class without fine-tuning (ModHiFi-U), and audit the result.
 
     Args:
@@ -781,11 +1003,16 @@ def unlearn(model: nn.Module, dataset: Dataset, *, forget_class: int, device: to
         edit: `zero` or `negate` the selected kernel slices; default by architecture
             (`default_edit`).
         layers: how many of the last prunable layers before the classifier to edit; None =
-            `DEFAULT_LAYERS` (2), or all when the model has fewer.
+            chosen with k (`choose_plan`) among 1..`MAX_LAYERS` (all `MAX_LAYERS` when k is
+            given).
         k: share of each edited layer's (output, input) pairs, in (0, 1]; None chooses the
             smallest k that takes the forget-class calibration accuracy to the target.
+        score: `contrastive` (default) or `centred` (`score_forget_class`).
         target_forget_accuracy: that target, in [0, 1] (only used when k is None).
         reference_samples: calibration samples of all classes that centre the scores (None: all).
+        retain_samples: calibration samples of the other classes (seeded; labels unread beyond
+            "not the forget class") whose changed predictions decide the number of layers; None =
+            all of them.
         batch_size: images per forward pass.
         seed: for the reference sample and the membership attack.
         before: `model_outputs` of `model`, to reuse across forget classes.
@@ -805,27 +1032,36 @@ def unlearn(model: nn.Module, dataset: Dataset, *, forget_class: int, device: to
     if not 0 <= target_forget_accuracy <= 1:
         raise UserError(f"target forget accuracy {target_forget_accuracy!r} is out of range: "
                         "pass a fraction in [0, 1]")
-    if reference_samples is not None and reference_samples < 1:
-        raise UserError(f"reference_samples={reference_samples!r} must be at least 1 (or None "
-                        "for all calibration samples)")
+    _check_score(score)
+    for name, samples in (("reference_samples", reference_samples),
+                          ("retain_samples", retain_samples)):
+        if samples is not None and samples < 1:
+            raise UserError(f"{name}={samples!r} must be at least 1 (or None for all "
+                            "calibration samples)")
     if batch_size < 1:
         raise UserError(f"batch size {batch_size!r} must be at least 1")
 
     begin = time.perf_counter()
-    original = copy.deepcopy(model).eval()  # eval() and hooks touch only this copy
+    # eval() and hooks touch only this copy; channels-last convolutions are ~1.7x faster on a CPU
+    original = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
     example = next(dataset.calibration.batches(1, device=device))
-    names = unlearnable_layers(original, example, layers=layers)
     edit = edit or default_edit(original)
+    names = unlearnable_layers(original, example, layers=layers, edit=edit)
     scores = score_forget_class(original, dataset.calibration, forget_class=forget_class,
-                                layers=names, device=device, reference_samples=reference_samples,
-                                batch_size=batch_size, seed=seed)
+                                layers=names, device=device, score=score,
+                                reference_samples=reference_samples, batch_size=batch_size,
+                                seed=seed)
     if k is None:
-        forget_images = dataset.calibration.subset(dataset.calibration.labels == forget_class)
-        plan = choose_k(original, scores, forget_images, edit=edit, target=target_forget_accuracy,
-                        device=device, batch_size=batch_size)
+        calibration = dataset.calibration
+        plan = choose_plan(original, scores, calibration.subset(calibration.labels == forget_class),
+                           edit=edit, target=target_forget_accuracy,
+                           retain_images=other_classes(calibration, forget_class=forget_class,
+                                                       samples=retain_samples, seed=seed),
+                           layer_counts=tuple(range(1, len(names) + 1)) if layers is None
+                           else None, device=device, batch_size=batch_size)
     else:
         plan = plan_unlearning(scores, k=k, edit=edit)
-    edited = apply_plan(original, plan)
+    edited = apply_plan(model, plan)  # in the caller's memory format
     seconds = time.perf_counter() - begin
 
     run = dict(forget_class=forget_class, device=device, batch_size=batch_size, seed=seed)

@@ -17,7 +17,8 @@ def render() -> None:
         "residual path would otherwise carry the class through). No labels beyond choosing the "
         "class, no gradients, no fine-tuning.")
     with st.expander("The score, and how to read the audit"):
-        st.latex(r"r_{ci} = \mathbb{E}_{\text{forget}}\,\langle Y_c - m_c,\ A_{ci} - m_{ci}\rangle"
+        st.latex(r"r_{ci} = (\mathbb{E}_{\text{forget}} - \mathbb{E}_{\text{all}})\,"
+                 r"\langle Y_c - m_c,\ A_{ci} - m_{ci}\rangle"
                  r"\quad(m:\ \text{means over all classes})")
         st.write("Forget accuracy should fall to zero and retain accuracy stay close. The "
                  "membership-inference AUC tells whether an attacker can tell the forget class's "
@@ -29,15 +30,16 @@ def render() -> None:
     forget = cols[0].selectbox("Forget class", range(len(classes)), format_func=classes.__getitem__,
                                key=state.UNLEARN_CLASS)
     most = state.editable_layers(model_id, device)
-    layers = cols[1].number_input("Layers edited (last L)", 1, most,
-                                  min(state.UNLEARN_DEFAULT_LAYERS, most), key=state.UNLEARN_LAYERS)
+    layers = cols[1].number_input("Layers edited (last L; empty: chosen with k)", 1, most, None,
+                                  key=state.UNLEARN_LAYERS)
+    layers = None if layers is None else int(layers)
     auto = cols[2].toggle("Choose k automatically", True)
     k = None if auto else cols[2].slider("k (share of slices per layer)", 0.005, 0.2, 0.03, 0.005,
                                          key=state.UNLEARN_K)
     edit = cols[3].selectbox("Edit", (None, "zero", "negate"), key=state.UNLEARN_EDIT,
                              format_func=lambda e: "by architecture" if e is None else e)
 
-    result = state.unlearned(model_id, device, forget, int(layers), k, edit)
+    result = state.unlearned(model_id, device, forget, layers, k, edit)
     before, after = result.before, result.after
     cols = st.columns(4)
     cols[0].metric("Forget accuracy", f"{after.forget_accuracy:.1%}",
@@ -59,17 +61,17 @@ def render() -> None:
     left.subheader("Per-class accuracy")
     left.plotly_chart(figures.class_bars(per_class), use_container_width=True)
     right.subheader("Confusion after forgetting")
-    confusion = state.unlearned_evaluation(model_id, device, forget, int(layers), k, edit).confusion
+    confusion = state.unlearned_evaluation(model_id, device, forget, layers, k, edit).confusion
     right.plotly_chart(figures.confusion(confusion, classes), use_container_width=True)
 
     st.subheader(f"Test images of “{classes[forget]}”")
-    examples = state.forget_examples(model_id, device, forget, int(layers), k, edit)
+    examples = state.forget_examples(model_id, device, forget, layers, k, edit)
     for col, row in zip(st.columns(len(examples)), examples.itertuples()):
         col.image(row.image, clamp=True, use_container_width=True)
         col.caption(f"before: {row.before}  \nafter: {row.after}")
     st.dataframe(pd.DataFrame(result.to_frame()), hide_index=True)
     st.download_button("Edited model (.pt)",
-                       state.unlearned_download(model_id, device, forget, int(layers), k, edit),
+                       state.unlearned_download(model_id, device, forget, layers, k, edit),
                        "unlearned.pt")
 
 

@@ -13,23 +13,33 @@ from modhifi.errors import UserError
 from modhifi.fidelity import LayerFidelity, collect_moments, moments_of
 from modhifi.metrics import evaluate
 from modhifi.unlearn import (ForgetScores, apply_plan, attack_features, centred_forget_second,
-                             choose_k, default_edit, editable_layers, membership_auc,
-                             plan_unlearning, probe, score_forget_class, unlearn,
-                             unlearnable_layers)
-from modhifi.unlearn import _edit_in_place, _install_replay, _reference_index, _Replay
+                             choose_plan, default_edit, editable_layers, membership_auc,
+                             other_classes,
+                             plan_unlearning, probe, reaching_positions, score_forget_class,
+                             unlearn, unlearnable_layers)
+from modhifi.unlearn import _edit_in_place, _install_replay, _reference_index, _Replay, _Search
 from conftest import subject
 from oracles import contributions
 
 RTOL = 1e-8
 
 
-def brute_centred_saliency(layer, x, forget, reference=slice(None)):
+def brute_centred_saliency(layer, x, forget, reference=slice(None), positions=slice(None)):
     """r_ci = E_forget⟨Y_c − m_c, A_ci − m_ci⟩ with per-position means m over the reference
-    samples (all of them by default)."""
-    A = contributions(layer, x)  # (N, c_out, c_in, L)
+    samples (all of them by default), summed over the given output positions (all by default)."""
+    A = contributions(layer, x)[..., positions]  # (N, c_out, c_in, L)
     A = A - A[reference].mean(0)  # per position
     Y = A.sum(2, keepdim=True)  # (N, c_out, 1, L): centring is linear, so Y − m = Σ_i (A_i − m_i)
     return (Y * A).sum(-1)[forget].mean(0)  # (c_out, c_in)
+
+
+def brute_saliency(layer, x, forget, reference=slice(None), positions=slice(None), *,
+                   score="contrastive"):
+    """The centred saliency, minus (contrastive) the same expectation over the reference."""
+    r = brute_centred_saliency(layer, x, forget, reference, positions)
+    if score == "contrastive":
+        r = r - brute_centred_saliency(layer, x, reference, reference, positions)
+    return r
 
 
 LAYERS = {
@@ -90,23 +100,25 @@ def test_layers_are_the_last_prunable_ones_in_forward_order():
     model, example = tiny_model(), torch.zeros(1, 1, 8, 8)
     assert unlearnable_layers(model, example, layers=3) == ("0", "3", "7")
     assert unlearnable_layers(model, example, layers=1) == ("7",)
-    assert unlearnable_layers(model, example) == ("3", "7")  # DEFAULT_LAYERS = 2
+    assert unlearnable_layers(model, example) == ("0", "3", "7")  # MAX_LAYERS = 4 > 3
     assert editable_layers(model, example) == ("0", "3", "7")  # everything before the classifier
 
 
+@pytest.mark.parametrize("score", ["contrastive", "centred"])
 @pytest.mark.parametrize("reference_samples", [None, 20])
-def test_pipeline_scores_match_brute_force_across_batches(reference_samples):
+def test_pipeline_scores_match_brute_force_across_batches(reference_samples, score):
     model, data = tiny_model(), tiny_dataset()
     names = ("3", "7")
     scores = score_forget_class(model, data.calibration, forget_class=1, layers=names,
-                                device="cpu", reference_samples=reference_samples, batch_size=7)
+                                device="cpu", score=score, reference_samples=reference_samples,
+                                batch_size=7)
     inputs = layer_inputs(model, names, next(data.calibration.batches(len(data.calibration))))
     forget = data.calibration.labels == 1
     reference = _reference_index(len(data.calibration), reference_samples, seed=0)
     assert len(reference) == (reference_samples or 45) == scores.reference_samples
     for name, saliency in zip(names, scores.saliency):
         layer = copy.deepcopy(model.get_submodule(name)).double()
-        expected = brute_centred_saliency(layer, inputs[name], forget, reference)
+        expected = brute_saliency(layer, inputs[name], forget, reference, score=score)
         assert (saliency - expected).abs().max() <= 1e-4 * expected.abs().max()  # float32 sums
 
 
@@ -114,13 +126,66 @@ def test_reference_moments_from_collect_moments_agree():
     """The one-pass statistics equal collect_moments over the forget class and over all samples."""
     model, data = tiny_model(), tiny_dataset()
     scores = score_forget_class(model, data.calibration, forget_class=2, layers=("3",),
-                                device="cpu", reference_samples=None)
+                                device="cpu", score="centred", reference_samples=None)
     forget = data.calibration.subset(data.calibration.labels == 2)
     f = collect_moments(model, ["3"], forget.batches(8), device="cpu")["3"]
     a = collect_moments(model, ["3"], data.calibration.batches(8), device="cpu")["3"]
     H = centred_forget_second(f, a.position_sum / a.samples)
     expected = LayerFidelity(H=H, weight=model[3].weight.detach(), lam=0.0).saliency
     assert torch.allclose(scores.saliency[0], expected, rtol=1e-4, atol=1e-5 * expected.abs().max())
+
+
+def tiny_vit():
+    torch.manual_seed(0)
+    return nets.ViT(in_channels=1, num_classes=3, image_size=8, patch=4, dim=8, depth=2, heads=2,
+                    hidden=16).eval()
+
+
+class CornerHead(nn.Module):
+    """A CNN whose head reads one position of the last conv's output (row 1, column 2 of 4×4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 5, 3, padding=1)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        y = self.conv2(torch.relu(self.conv1(x[:, :, ::2, ::2])))  # (B, 5, 4, 4)
+        return self.head(y[:, :, 1, 2])
+
+
+def test_reaching_positions_follow_the_architecture():
+    """Only the class token leaves a ViT's last block; every token of the block before and every
+    token of the last block's keys and values count; one pixel of the corner-head CNN."""
+    vit, example = tiny_vit(), torch.randn(2, 1, 8, 8)
+    for name in ("blocks.1.attn.proj", "blocks.1.ffn.fc1", "blocks.1.ffn.fc2"):
+        assert reaching_positions(vit, name, example).tolist() == [0], name
+    for name in ("embed", "blocks.0.attn.qkv", "blocks.0.ffn.fc2", "blocks.1.attn.qkv"):
+        assert reaching_positions(vit, name, example) is None, name
+    corner = CornerHead().eval()
+    assert reaching_positions(corner, "conv2", example).tolist() == [1 * 4 + 2]
+    # conv1's 3×3 neighbourhood of that pixel reaches the head, nothing else
+    assert reaching_positions(corner, "conv1", example).tolist() == [
+        4 * r + c for r in (0, 1, 2) for c in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("score", ["contrastive", "centred"])
+@pytest.mark.parametrize("model, name, positions", [
+    (tiny_vit, "blocks.1.ffn.fc2", [0]), (tiny_vit, "blocks.1.attn.qkv", slice(None)),
+    (lambda: CornerHead().eval(), "conv2", [6]), (lambda: CornerHead().eval(), "conv1",
+                                                  [1, 2, 3, 5, 6, 7, 9, 10, 11])])
+def test_scores_count_only_the_positions_that_reach_the_head(model, name, positions, score):
+    """The pipeline's statistics equal brute-force contributions at the reaching positions only
+    (the class token of a ViT's last block)."""
+    model, data = model(), tiny_dataset()
+    scores = score_forget_class(model, data.calibration, forget_class=0, layers=(name,),
+                                device="cpu", score=score, reference_samples=None, batch_size=10)
+    inputs = layer_inputs(model, [name], next(data.calibration.batches(len(data.calibration))))
+    layer = copy.deepcopy(model.get_submodule(name)).double()
+    expected = brute_saliency(layer, inputs[name], data.calibration.labels == 0,
+                              positions=positions, score=score)
+    assert (scores.saliency[0] - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert scores.positions == (None if positions == slice(None) else len(positions),)
 
 
 # --- plan and edit -----------------------------------------------------------------------------
@@ -190,10 +255,79 @@ def test_replayed_prefix_gives_the_full_forward(name, layers):
             assert torch.allclose(working(images[rows["index"]]), expected, atol=1e-6)
 
 
+def test_negate_edits_only_the_layers_that_write_the_stream():
+    """In a ViT, negation acts on the layers whose outputs are added to the residual stream (the
+    head's input width): the patch embedding, attention projections and second FFN layers."""
+    vit, example = tiny_vit(), torch.zeros(1, 1, 8, 8)
+    writers = ("embed", "blocks.0.attn.proj", "blocks.0.ffn.fc2", "blocks.1.attn.proj",
+               "blocks.1.ffn.fc2")
+    assert editable_layers(vit, example) == writers  # default edit: negate (LayerNorm)
+    assert unlearnable_layers(vit, example) == writers[-4:]
+    assert len(editable_layers(vit, example, edit="zero")) == 1 + 2 * 4  # all before the head
+    assert editable_layers(tiny_model(), example, edit="negate") == ("7",)  # 5 wide, as the head
+    flat = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    assert editable_layers(flat, example, edit="negate") == ("0",)  # none writes 144: all
+
+
 def test_default_edit_follows_the_normalisation():
     assert default_edit(tiny_model()) == "zero"
     transformer_like = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3), nn.Linear(3, 2))
     assert default_edit(transformer_like) == "negate"
+
+
+def predictions(model, split):
+    with torch.inference_mode():
+        return model(next(split.batches(len(split)))).argmax(1)
+
+
+@pytest.mark.parametrize("name", list(REPLAY_MODELS))
+def test_search_counts_match_whole_forward_passes(name):
+    """What the search counts (forget images still recognised, retain predictions unchanged)
+    equals whole forward passes of `apply_plan`'s model."""
+    torch.manual_seed(0)
+    model, data = REPLAY_MODELS[name](), tiny_dataset()
+    names = unlearnable_layers(model, next(data.calibration.batches(1)), layers=2)
+    saliency = tuple(torch.randn(*model.get_submodule(n).weight.shape[:2]) for n in names)
+    scores = ForgetScores(1, names, saliency, 1, 1)
+    forget, retain = (data.calibration.subset(mask) for mask in
+                      (data.calibration.labels == 1, data.calibration.labels != 1))
+    search = _Search(model, scores, forget, retain, device="cpu", batch_size=4)
+    for count, k, edit in ((2, 0.3, "zero"), (1, 0.5, "negate"), (2, 0.05, "negate")):
+        plan = plan_unlearning(scores.last(count), k=k, edit=edit)
+        edited = apply_plan(model, plan)
+        expected = int((predictions(edited, forget) == 1).sum())
+        assert search.recognised(plan, cap=len(forget), among=torch.arange(len(forget))) == expected
+        assert search.recognised(plan, cap=expected) == expected  # the hardest-first order
+        if expected:
+            assert search.recognised(plan, cap=expected - 1, among=torch.arange(len(forget))) \
+                is None
+        agree = (predictions(edited, retain) == predictions(model, retain)).float().mean()
+        assert search.agreement(plan) == pytest.approx(float(agree))
+
+
+def test_choose_plan_keeps_the_layer_count_that_changes_retain_least():
+    """Each layer count alone gives its own plan; together, the one among those that reach the
+    target with the highest agreement on retain images (whole forward passes) is chosen."""
+    digits = subject("digits-cnn")
+    model, data = digits.loaded.model, digits.dataset
+    names = unlearnable_layers(model, next(data.calibration.batches(1)))
+    assert len(names) == 2
+    scores = score_forget_class(model, data.calibration, forget_class=3, layers=names, device="cpu")
+    is_forget = data.calibration.labels == 3
+    forget, retain = data.calibration.subset(is_forget), data.calibration.subset(~is_forget)
+    run = dict(edit="zero", retain_images=retain, device="cpu")
+    alone = [choose_plan(model, scores, forget, layer_counts=(count,), **run) for count in (1, 2)]
+    both = choose_plan(model, scores, forget, layer_counts=(1, 2), **run)
+    for plan in (*alone, both):
+        edited = apply_plan(model, plan)
+        assert plan.calibration_forget_accuracy == float((predictions(edited, forget) == 3)
+                                                         .float().mean())
+        assert plan.calibration_retain_agreement == pytest.approx(float(
+            (predictions(edited, retain) == predictions(model, retain)).float().mean()))
+    reached = [plan for plan in alone if plan.calibration_forget_accuracy == 0.0]
+    assert reached, "digits-cnn forgets class 3 with either layer count"
+    best = max(reached, key=lambda plan: plan.calibration_retain_agreement)
+    assert both.layers == best.layers and both.k == best.k
 
 
 # --- audits on synthetic features ---------------------------------------------------------------
@@ -254,15 +388,16 @@ def test_digits_unlearning_end_to_end():
     assert all(p.grad is None for p in [*model.parameters(), *result.model.parameters()])
     assert result.plan.edit == "zero" and result.plan.calibration_forget_accuracy == 0.0
     assert result.before.forget_accuracy > 0.9 and result.after.forget_accuracy <= 0.05
-    # A 16/32-channel net has little room: retain falls from 0.978 to 0.749 (measured).
-    assert result.after.retain_accuracy > 0.7
+    # A 16/32-channel net has little room: retain falls from 0.978 to 0.903 (measured; 0.749
+    # with the centred score and both layers).
+    assert result.after.retain_accuracy > 0.85
     summary = result.summary(model="digits-cnn", device="cpu")
     assert list(summary) == ["model", "forget_class", "edit", "layers", "k", "device",
                              "forget_accuracy_before", "forget_accuracy_after",
                              "retain_accuracy_before", "retain_accuracy_after", "mia_before",
                              "mia_after", "probe_accuracy_before", "probe_accuracy_after",
                              "seconds"]
-    assert summary["layers"] == 2 and 0 < summary["k"] <= 0.25
+    assert summary["layers"] in (1, 2) and 0 < summary["k"] <= 0.25
     assert len(result.to_frame()) == 6 and len(result.per_class_frame()) == 10
 
 
@@ -274,17 +409,21 @@ def forget_and_retain(evaluation, forget_class):
                                                      / confusion[others].sum())
 
 
-@pytest.mark.parametrize("forget_class", [0, 7])
+@pytest.mark.parametrize("forget_class", [4, 6])
 def test_fmnist_resnet_forgets_one_class_and_keeps_the_rest(forget_class):
     """The library's defaults, step by step (no audits, to stay fast), on a seeded 2,000-image
-    sample of the test split."""
+    sample of the test split: Coat loses the most retain accuracy, Shirt was the class the
+    centred score could not forget (22.9%)."""
     chosen = subject("fmnist-resnet")
     model, data = chosen.loaded.model, chosen.dataset
     names = unlearnable_layers(model, next(data.calibration.batches(1)))
     scores = score_forget_class(model, data.calibration, forget_class=forget_class, layers=names,
                                 device="cpu")
     forget_images = data.calibration.subset(data.calibration.labels == forget_class)
-    plan = choose_k(model, scores, forget_images, edit=default_edit(model), device="cpu")
+    retain_images = other_classes(data.calibration, forget_class=forget_class)
+    assert len(retain_images) == 512 and (retain_images.labels != forget_class).all()
+    plan = choose_plan(model, scores, forget_images, edit=default_edit(model),
+                       retain_images=retain_images, layer_counts=(1, 2, 3, 4), device="cpu")
     edited = apply_plan(model, plan)
     assert plan.calibration_forget_accuracy == 0.0  # the target, reached on calibration data
     assert evaluate(edited, forget_images, device="cpu", num_classes=10).per_class[
@@ -294,5 +433,5 @@ def test_fmnist_resnet_forgets_one_class_and_keeps_the_rest(forget_class):
     (forget_before, retain_before), (forget_after, retain_after) = (
         forget_and_retain(evaluate(m, sample, device="cpu", num_classes=10), forget_class)
         for m in (model, edited))
-    assert forget_before > 0.8 and forget_after <= 0.02
-    assert retain_after >= retain_before - 0.05  # measured on the full test split: −3.6, −3.9 points
+    assert forget_before > 0.7 and forget_after <= 0.01
+    assert retain_after >= retain_before - 0.07  # full test split: −6.0 (Coat), −0.8 (Shirt)

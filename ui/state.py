@@ -44,7 +44,6 @@ UNLEARN_EDIT = "unlearn.edit"
 THEORY_LAYER = "theory.layer"
 
 OWN_CHECKPOINT = "your checkpoint…"
-UNLEARN_DEFAULT_LAYERS = unlearn.DEFAULT_LAYERS
 LIVE_TEST_IMAGES = bench.LIVE_TEST_IMAGES  # live numbers use this prefix of the test split
 CALIBRATION_DEFAULT = bench.LIVE_CALIBRATION_IMAGES
 UPLOADS = Path.home() / ".cache" / "modhifi" / "uploads"
