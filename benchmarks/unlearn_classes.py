@@ -18,9 +18,10 @@ import pandas as pd
 import torch
 from _table import markdown
 
+from modhifi.audit import model_outputs
 from modhifi.backend import choose_backend
 from modhifi.errors import UserError
-from modhifi.unlearn import model_outputs, unlearn
+from modhifi.unlearn import unlearn
 from modhifi.zoo import open_subject
 
 ROOT = Path(__file__).resolve().parent.parent

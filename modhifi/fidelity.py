@@ -3,7 +3,8 @@ compensation (method.md §1–2).
 
 Everything follows from the second moment H of a layer's input patches: the contribution of input
 channel i to output channel c is A_ci = Φ_i ⋆ W_ci, so E⟨A_ci, A_cj⟩ = w_ciᵀ H[i,j] w_cj. Per-sample
-contributions are never materialised.
+contributions are never materialised. The layers this applies to (Conv2d with groups=1, Linear)
+are listed in call order by `forward_order`; `classifier_name` finds the final one.
 """
 from __future__ import annotations
 
@@ -118,6 +119,52 @@ def moments_of(layer: nn.Conv2d | nn.Linear, inputs: Tensor) -> LayerMoments:
         second = second + rows.T @ rows
         position_sum = position_sum + patches.sum(0)
     return LayerMoments(second, position_sum, len(inputs))
+
+
+def _is_prunable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
+
+
+@torch.inference_mode()
+def forward_order(model: nn.Module, example: Tensor) -> list[str]:
+    """Names of the prunable layers (Conv2d with groups=1, Linear) in the order they are called.
+
+    Args:
+        model: the network, in eval mode.
+        example: one input batch, (B, C, H, W), already on the model's device.
+
+    Returns:
+        Module names, each once, in the order of their first call.
+    """
+    order: list[str] = []
+    handles = [module.register_forward_pre_hook(lambda m, a, name=name: order.append(name))
+               for name, module in model.named_modules() if _is_prunable(module)]
+    try:
+        model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(dict.fromkeys(order))
+
+
+def classifier_name(model: nn.Module, order: list[str]) -> str:
+    """The final classifier: the last nn.Linear a forward pass calls.
+
+    Args:
+        model: the network.
+        order: its `forward_order`.
+
+    Returns:
+        The classifier's module name.
+
+    Raises:
+        UserError (a ValueError): when no nn.Linear is called.
+    """
+    linears = [name for name in order if isinstance(model.get_submodule(name), nn.Linear)]
+    if not linears:
+        raise UserError("the model has no final nn.Linear classifier; one is needed to know "
+                        "which layers come before it and which features it reads")
+    return linears[-1]
 
 
 def collect_moments(

@@ -1,6 +1,6 @@
 """Oracles for modhifi.unlearn: the centred saliency against explicit contributions, the plan
-against a sort, the edit slice by slice, the audits on synthetic features, and real unlearning on
-the zoo models."""
+against a sort, the edit slice by slice, and real unlearning on the zoo models (the audit's own
+oracles are in test_audit.py)."""
 import copy
 
 import pytest
@@ -12,11 +12,9 @@ from modhifi.data import Dataset, Split
 from modhifi.errors import UserError
 from modhifi.fidelity import LayerFidelity, collect_moments, moments_of
 from modhifi.metrics import evaluate
-from modhifi.unlearn import (ForgetScores, apply_plan, attack_features, centred_forget_second,
-                             choose_plan, default_edit, editable_layers, membership_auc,
-                             other_classes,
-                             plan_unlearning, probe, reaching_positions, score_forget_class,
-                             unlearn, unlearnable_layers)
+from modhifi.unlearn import (ForgetScores, apply_plan, centred_forget_second, choose_plan,
+                             default_edit, editable_layers, other_classes, plan_unlearning,
+                             reaching_positions, score_forget_class, unlearn, unlearnable_layers)
 from modhifi.unlearn import _edit_in_place, _install_replay, _reference_index, _Replay, _Search
 from conftest import subject
 from oracles import contributions
@@ -328,35 +326,6 @@ def test_choose_plan_keeps_the_layer_count_that_changes_retain_least():
     assert reached, "digits-cnn forgets class 3 with either layer count"
     best = max(reached, key=lambda plan: plan.calibration_retain_agreement)
     assert both.layers == best.layers and both.k == best.k
-
-
-# --- audits on synthetic features ---------------------------------------------------------------
-
-def test_membership_auc_separable_and_identical():
-    generator = torch.Generator().manual_seed(0)
-    members = torch.randn(300, 3, generator=generator) + 4
-    non_members = torch.randn(200, 3, generator=generator)
-    assert membership_auc(members, non_members) > 0.99
-    same = torch.randn(400, 3, generator=generator)
-    assert abs(membership_auc(same[:200], same[200:]) - 0.5) < 0.1
-
-
-def test_attack_features_are_loss_confidence_entropy():
-    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
-    features = attack_features(logits, torch.tensor([0, 2]))
-    p = logits.double().softmax(1)
-    assert torch.allclose(features[:, 0], -p[[0, 1], [0, 2]].log())
-    assert torch.allclose(features[:, 1], p.max(1).values)
-    assert torch.allclose(features[:, 2], -(p * p.log()).sum(1))
-
-
-def test_probe_on_separable_features():
-    generator = torch.Generator().manual_seed(0)
-    labels = torch.arange(300) % 3
-    centres = torch.eye(3, 8) * 10
-    features = centres[labels] + torch.randn(300, 8, generator=generator)
-    result = probe(features[:150], labels[:150], features[150:], labels[150:], num_classes=3)
-    assert result.accuracy == 1.0 and result.per_class == (1.0, 1.0, 1.0)
 
 
 # --- bad input ----------------------------------------------------------------------------------

@@ -1,0 +1,199 @@
+"""The audit of forgetting (method.md §4, item 4): what a model still knows about one class.
+
+Forget, retain, test and per-class accuracy on the test split; a membership-inference attack on
+the forget class (forget-class training images against forget-class test images); a linear probe
+on penultimate features (the final classifier's input). Labels are read here and only here: the
+edit in `modhifi.unlearn` uses them only to select the forget class.
+
+`forward_order` and `classifier_name` live in `modhifi.fidelity` beside the other per-layer
+helpers, so unlearn imports audit and audit never imports unlearn.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from modhifi.data import Dataset, Split
+from modhifi.errors import UserError
+from modhifi.fidelity import classifier_name, forward_order
+from modhifi.metrics import Evaluation, evaluation_from
+
+
+def attack_features(logits: Tensor, labels: Tensor) -> Tensor:
+    """The membership attack's features of each sample: loss, max confidence, softmax entropy.
+
+    Args:
+        logits: (N, num_classes).
+        labels: (N,) true classes.
+
+    Returns:
+        (N, 3) float64.
+    """
+    log_p = logits.double().log_softmax(1)  # (N, K)
+    p = log_p.exp()
+    loss = -log_p.gather(1, labels[:, None].long())[:, 0]  # (N,)
+    return torch.stack([loss, p.max(1).values, -(p * log_p).sum(1)], dim=1)
+
+
+def _balanced(members: Tensor, non_members: Tensor, seed: int) -> tuple[Tensor, Tensor]:
+    """Seeded subsamples of both sets down to the smaller set's size."""
+    n = min(len(members), len(non_members))
+    generator = torch.Generator().manual_seed(seed)
+    return (members[torch.randperm(len(members), generator=generator)[:n]],
+            non_members[torch.randperm(len(non_members), generator=generator)[:n]])
+
+
+def membership_auc(members: Tensor, non_members: Tensor, *, seed: int = 0, folds: int = 5) -> float:
+    """How well a logistic-regression attack tells members from non-members (cross-validated AUC).
+
+    Args:
+        members: (N1, F) attack features of samples the model was trained on.
+        non_members: (N2, F) features of samples it never saw.
+        seed: for the balancing subsample and the folds.
+        folds: stratified cross-validation folds.
+
+    Returns:
+        Mean ROC AUC over the folds: ~0.5 means the attack cannot tell, 1.0 means it always can.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    members, non_members = _balanced(members, non_members, seed)
+    if len(members) < 2:
+        raise UserError("the membership attack needs at least 2 members and 2 non-members; "
+                        "use a dataset with more samples of the forget class")
+    X = torch.cat([members, non_members]).double().numpy()
+    y = [1] * len(members) + [0] * len(non_members)
+    folds = StratifiedKFold(n_splits=min(folds, len(members)), shuffle=True, random_state=seed)
+    attack = make_pipeline(StandardScaler(), LogisticRegression())
+    return float(cross_val_score(attack, X, y, cv=folds, scoring="roc_auc").mean())
+
+
+def probe(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
+          *, num_classes: int) -> Evaluation:
+    """A linear probe: logistic regression on standardised features, evaluated on held-out ones.
+
+    Args:
+        train_features: (N, F) features to fit on; train_labels: (N,).
+        test_features: (M, F) features to evaluate on; test_labels: (M,).
+        num_classes: classes of the task.
+
+    Returns:
+        The probe's `Evaluation` on the test features (overall and per class).
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a near-optimum is enough for a probe
+        model.fit(train_features.double().numpy(), train_labels.numpy())
+    predicted = torch.from_numpy(model.predict(test_features.double().numpy())).long()
+    return evaluation_from(predicted, test_labels.long(), num_classes=num_classes)
+
+
+@torch.inference_mode()
+def _logits_and_features(model: nn.Module, classifier: nn.Module, split: Split, *,
+                         device: torch.device | str, batch_size: int) -> tuple[Tensor, Tensor]:
+    """(N, num_classes) logits and (N, F) penultimate features (the classifier's input), on CPU."""
+    features: list[Tensor] = []
+    handle = classifier.register_forward_pre_hook(
+        lambda layer, args: features.append(args[0].reshape(len(args[0]), -1).float().cpu()))
+    try:
+        logits = [model(x).float().cpu() for x in split.batches(batch_size, device=device)]
+    finally:
+        handle.remove()
+    return torch.cat(logits), torch.cat(features)
+
+
+@dataclass(frozen=True)
+class Audit:
+    """What a model knows about the forget class (all accuracies on the full test split)."""
+
+    forget_accuracy: float  # test samples of the forget class
+    retain_accuracy: float  # test samples of every other class
+    test_accuracy: float
+    per_class: tuple[float, ...]
+    mia_auc: float  # membership attack on the forget class: ~0.5 = members look like non-members
+    probe_forget_accuracy: float  # linear probe on penultimate features, forget-class test samples
+    probe_accuracy: float  # the same probe on all test samples
+
+
+@dataclass(frozen=True, eq=False)
+class Outputs:
+    """What the audits read from one model whatever the forget class (reusable across classes)."""
+
+    test_logits: Tensor  # (M, num_classes) on the whole test split, on the CPU
+    probe: Evaluation  # linear probe on penultimate features: fit on calibration, tested on test
+
+
+def model_outputs(model: nn.Module, dataset: Dataset, *, device: torch.device | str,
+                  batch_size: int = 256) -> Outputs:
+    """Test logits and the linear probe of one model (one pass over test and calibration splits).
+
+    Args:
+        model: the network, in eval mode on `device`.
+        dataset: its dataset.
+        device: where the forward passes run.
+        batch_size: images per forward pass.
+
+    Returns:
+        The `Outputs`.
+    """
+    example = next(dataset.test.batches(1, device=device))
+    classifier = model.get_submodule(classifier_name(model, forward_order(model, example)))
+    run = dict(device=device, batch_size=batch_size)
+    test_logits, test_features = _logits_and_features(model, classifier, dataset.test, **run)
+    _, calibration_features = _logits_and_features(model, classifier, dataset.calibration, **run)
+    probed = probe(calibration_features, dataset.calibration.labels, test_features,
+                   dataset.test.labels, num_classes=dataset.num_classes)
+    return Outputs(test_logits, probed)
+
+
+def audit(model: nn.Module, dataset: Dataset, *, forget_class: int, device: torch.device | str,
+          batch_size: int = 256, seed: int = 0, outputs: Outputs | None = None) -> Audit:
+    """Accuracies, membership attack and linear probe of one model for one forget class.
+
+    Labels are used here (and only here). Members are forget-class training images, subsampled
+    (seeded) to the number of forget-class test images, the non-members.
+
+    Args:
+        model: the network, in eval mode on `device`.
+        dataset: its dataset.
+        forget_class: the class that should be forgotten.
+        device: where the forward passes run.
+        batch_size: images per forward pass.
+        seed: for the membership attack's subsample and folds.
+        outputs: this model's `model_outputs`, when already computed.
+
+    Returns:
+        The `Audit`.
+    """
+    test, train = dataset.test, dataset.train
+    outputs = outputs or model_outputs(model, dataset, device=device, batch_size=batch_size)
+    predicted = outputs.test_logits.argmax(1)  # (M,)
+    evaluation = evaluation_from(predicted, test.labels, num_classes=dataset.num_classes)
+    is_forget = test.labels == forget_class  # (M,)
+    correct = predicted == test.labels  # (M,)
+
+    members, _ = _balanced((train.labels == forget_class).nonzero().squeeze(1),
+                           is_forget.nonzero().squeeze(1), seed)
+    members = members.sort().values
+    with torch.inference_mode():
+        member_logits = torch.cat([model(x).float().cpu() for x in train.subset(members).batches(
+            batch_size, device=device)])
+    mia = membership_auc(attack_features(member_logits, train.labels[members]),
+                         attack_features(outputs.test_logits[is_forget], test.labels[is_forget]),
+                         seed=seed)
+    return Audit(forget_accuracy=float(correct[is_forget].float().mean()),
+                 retain_accuracy=float(correct[~is_forget].float().mean()),
+                 test_accuracy=evaluation.accuracy, per_class=evaluation.per_class, mia_auc=mia,
+                 probe_forget_accuracy=outputs.probe.per_class[forget_class],
+                 probe_accuracy=outputs.probe.accuracy)

@@ -1,0 +1,86 @@
+"""Oracles for modhifi.audit: the membership attack, its features and the linear probe on
+synthetic features, and a whole audit of a tiny seeded model against its own forward passes."""
+import pytest
+import torch
+from torch import nn
+
+from modhifi.audit import attack_features, audit, membership_auc, model_outputs, probe
+from modhifi.data import Dataset, Split
+from modhifi.errors import UserError
+
+# --- audits on synthetic features ---------------------------------------------------------------
+
+def test_membership_auc_separable_and_identical():
+    generator = torch.Generator().manual_seed(0)
+    members = torch.randn(300, 3, generator=generator) + 4
+    non_members = torch.randn(200, 3, generator=generator)
+    assert membership_auc(members, non_members) > 0.99
+    same = torch.randn(400, 3, generator=generator)
+    assert abs(membership_auc(same[:200], same[200:]) - 0.5) < 0.1
+
+
+def test_attack_features_are_loss_confidence_entropy():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    features = attack_features(logits, torch.tensor([0, 2]))
+    p = logits.double().softmax(1)
+    assert torch.allclose(features[:, 0], -p[[0, 1], [0, 2]].log())
+    assert torch.allclose(features[:, 1], p.max(1).values)
+    assert torch.allclose(features[:, 2], -(p * p.log()).sum(1))
+
+
+def test_probe_on_separable_features():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(300) % 3
+    centres = torch.eye(3, 8) * 10
+    features = centres[labels] + torch.randn(300, 8, generator=generator)
+    result = probe(features[:150], labels[:150], features[150:], labels[150:], num_classes=3)
+    assert result.accuracy == 1.0 and result.per_class == (1.0, 1.0, 1.0)
+
+
+# --- a whole audit of a tiny seeded model --------------------------------------------------------
+
+def tiny_dataset():
+    """60 random 8x8 images of 3 classes in three disjoint splits of 20 (the attack needs
+    forget-class training images as members and forget-class test images as non-members)."""
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (60, 1, 8, 8), dtype=torch.uint8, generator=generator)
+    labels = torch.arange(60) % 3
+    split = [Split(images[i:i + 20], labels[i:i + 20], (0.5,), (0.25,)) for i in (0, 20, 40)]
+    return Dataset("tiny", ("a", "b", "c"), *split)
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 8 * 8, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+
+
+def test_audit_matches_whole_forward_passes():
+    model, data, forget = tiny_model(), tiny_dataset(), 1
+    result = audit(model, data, forget_class=forget, device="cpu", batch_size=7)
+    with torch.no_grad():
+        predicted = model(next(data.test.batches(len(data.test)))).argmax(1)
+        features = {name: model[:-1](next(split.batches(len(split))))
+                    for name, split in (("calibration", data.calibration), ("test", data.test))}
+    correct = predicted == data.test.labels
+    is_forget = data.test.labels == forget
+    assert result.forget_accuracy == float(correct[is_forget].float().mean())
+    assert result.retain_accuracy == float(correct[~is_forget].float().mean())
+    assert result.test_accuracy == float(correct.float().mean())
+    assert result.per_class == tuple(float(correct[data.test.labels == c].float().mean())
+                                     for c in range(3))
+    # the probe reads the final classifier's input, whatever the batch size
+    expected = probe(features["calibration"], data.calibration.labels, features["test"],
+                     data.test.labels, num_classes=3)
+    assert result.probe_forget_accuracy == expected.per_class[forget]
+    assert result.probe_accuracy == expected.accuracy
+    assert 0.0 <= result.mia_auc <= 1.0
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_model_outputs_need_a_final_linear_classifier():
+    torch.manual_seed(0)  # a fully convolutional head: pooling 3 channels gives the logits
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    with pytest.raises(UserError) as error:
+        model_outputs(model, tiny_dataset(), device="cpu")
+    assert "nn.Linear classifier" in str(error.value) and "\n" not in str(error.value)
