@@ -1,4 +1,5 @@
-"""The Torch-Pruning adapter of benchmarks/quality.py: the groups ours prunes, at matched MACs."""
+"""The benchmarks' own machinery: the Torch-Pruning adapter of benchmarks/quality.py (the groups
+ours prunes, at matched MACs) and the gradient baselines of benchmarks/unlearn_baselines.py."""
 import sys
 from pathlib import Path
 
@@ -9,9 +10,11 @@ from torch import nn
 from modhifi import nets
 from modhifi.metrics import count_cost
 from modhifi.prune import trace_structure
+from modhifi.unlearn import other_classes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from _torch_pruning import IMPORTANCES, matched_ratio, prune
+from unlearn_baselines import BASELINES, run_baseline
 
 
 def _widths(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -48,3 +51,28 @@ def test_every_importance_cuts_to_the_same_macs_at_one_ratio():
             for method in IMPORTANCES}
     assert len(set(macs.values())) == 1 and macs["tp-taylor"] < structure.macs
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("baseline", list(BASELINES), ids=lambda b: b.name)
+def test_gradient_baselines_train_a_copy_with_batchnorm_frozen(baseline):
+    """The unlearning baselines change only a copy's weights, keep BatchNorm's statistics, stop
+    at the budget, and move the forget class the way they claim (ascent: fewer of its calibration
+    images recognised; retain fine-tuning: retain loss down)."""
+    from conftest import subject
+
+    digits = subject("digits-cnn")
+    model, calibration = digits.loaded.model, digits.dataset.calibration
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    forget = calibration.subset(calibration.labels == 3)
+    images = forget if baseline.ascend else other_classes(calibration, forget_class=3, samples=None)
+    trained, steps, seconds = run_baseline(model, images, baseline, budget_s=0.5,
+                                           device=torch.device("cpu"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # input intact
+    assert all(p.grad is None for p in trained.parameters())
+    buffers = dict(trained.named_buffers())
+    assert all(torch.equal(buffers[k], before[k]) for k in buffers if "running" in k)
+    assert steps >= 1 and seconds < 0.5 + 5.0  # stops at the first step past the budget
+    x, y = images.normalise(images.images), images.labels
+    with torch.no_grad():
+        loss = [nn.functional.cross_entropy(m(x), y).item() for m in (model, trained)]
+    assert loss[1] > loss[0] if baseline.ascend else loss[1] < loss[0]
