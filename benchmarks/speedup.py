@@ -1,6 +1,6 @@
 """Real speed-up: dense against ModHiFi-pruned against Torch-Pruning-pruned at the same MACs.
 
-    python benchmarks/speedup.py [--device cpu] [--target 0.5] [--quick]
+    python benchmarks/speedup.py [--device cpu] [--target 0.5] [--quick] [--threads 1 2]
 
 Each model is pruned to `target` of its MACs removed by ModHiFi-P (default options: all groups,
 uniform, kept channels in multiples of 8) and by Torch-Pruning's L1 magnitude pruner on the same
@@ -9,7 +9,9 @@ timed side by side in one process (alternating calls, median after warm-up) in t
 PyTorch, frozen TorchScript in NCHW (BatchNorm folded; the usual export) and frozen TorchScript in
 channels-last (NHWC). `best` compares each model's fastest optimised form. The torchvision models
 run at 224×224 with random weights (latency does not depend on the values; their plan comes from
-random-normal calibration images). Writes docs/benchmarks/speedup[_quick].csv and .png.
+random-normal calibration images). `--threads` times every model at each CPU thread count (the
+ratio depends on it; docs/results.md). Writes
+docs/benchmarks/speedup[_quick|_threads].csv and .png.
 """
 from __future__ import annotations
 
@@ -66,7 +68,8 @@ def time_models(models: dict[str, torch.nn.Module], shape: tuple[int, ...], batc
     return table
 
 
-def run(name: str, *, backend: Backend, target: float, batches: tuple[int, ...]) -> list[dict]:
+def run(name: str, *, backend: Backend, target: float, batches: tuple[int, ...],
+        threads: tuple[int, ...]) -> list[dict]:
     model, shape, calibration = subject(name, backend.device)
     analysis = analyse(model, calibration, device=backend.device, input_shape=shape)
     target = min(target, TARGET_CAP.get(name, target))
@@ -77,10 +80,12 @@ def run(name: str, *, backend: Backend, target: float, batches: tuple[int, ...])
     theirs = tp_prune(model, "tp-magnitude-l1", ratio, structure=analysis.structure, input_shape=shape)
     dense_macs = count_cost(model, shape).macs
     rows = []
-    for batch in batches:
+    for count, batch in ((count, batch) for count in threads for batch in batches):
+        torch.set_num_threads(count)
+        timer = choose_backend(backend.device.type)  # describes this thread count
         big = dense_macs * batch > 5e10  # seconds per call on a CPU: fewer repeats
         table = time_models({"dense": model, "modhifi": ours, "torch-pruning": theirs}, shape, batch,
-                            backend=backend, repeats=7 if big else 30)
+                            backend=timer, repeats=7 if big else 30)
         for mode, ms in table.items():
             rows.append({"model": name, "target": target, "batch": batch, "mode": mode,
                          "dense_ms": ms["dense"],
@@ -89,8 +94,8 @@ def run(name: str, *, backend: Backend, target: float, batches: tuple[int, ...])
                          "macs_ratio_torch_pruning": dense_macs / tp_macs,
                          "speedup_modhifi": ms["dense"] / ms["modhifi"],
                          "speedup_torch_pruning": ms["dense"] / ms["torch-pruning"],
-                         "device": backend.description, "threads": backend.threads})
-        print(f"{name} batch {batch}: best {rows[-1]['speedup_modhifi']:.2f}× ours, "
+                         "device": timer.description, "threads": timer.threads})
+        print(f"{name} batch {batch}, {timer.description}: best {rows[-1]['speedup_modhifi']:.2f}× ours, "
               f"{rows[-1]['speedup_torch_pruning']:.2f}× Torch-Pruning", file=sys.stderr)
     return rows
 
@@ -102,7 +107,9 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     best = table[table["mode"] == "best"]
-    labels = [f"{m}\nbatch {b}" for m, b in zip(best["model"], best["batch"])]
+    several = best["threads"].nunique() > 1
+    labels = [f"{m}\nbatch {b}" + (f", {t} thr." if several else "")
+              for m, b, t in zip(best["model"], best["batch"], best["threads"])]
     x = range(len(best))
     figure, axis = plt.subplots(figsize=(max(6, len(best) * 1.1), 4.5))
     axis.bar([i - 0.27 for i in x], best["macs_ratio_modhifi"], 0.27, label="MACs ratio (ideal)",
@@ -113,7 +120,8 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     axis.axhline(1, color="black", linewidth=0.8)
     axis.set_xticks(list(x), labels, fontsize=8)
     axis.set_ylabel("speed-up over dense (best optimised form)")
-    axis.set_title(f"Measured speed-up at ~½ the MACs ({best['device'].iloc[0]})")
+    device = "CPU" if several else best["device"].iloc[0]
+    axis.set_title(f"Measured speed-up at ~½ the MACs ({device})")
     axis.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -125,17 +133,22 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.5, help="share of the MACs to remove")
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--quick", action="store_true", help="fmnist-resnet at batch 64 only")
+    parser.add_argument("--threads", type=int, nargs="+",
+                        help="CPU thread counts to time each model at (default: torch's, once); "
+                             "writes speedup_threads.csv")
     args = parser.parse_args()
     backend = choose_backend(args.device)
     models = ["fmnist-resnet"] if args.quick else args.models
     batches = (64,) if args.quick else BATCHES[backend.device.type]
-    rows = [row for name in models
-            for row in run(name, backend=backend, target=args.target, batches=batches)]
+    threads = tuple(args.threads or (backend.threads,))
+    rows = [row for name in models for row in run(name, backend=backend, target=args.target,
+                                                  batches=batches, threads=threads)]
     table = pd.DataFrame(rows)
-    out = ROOT / "docs" / "benchmarks" / f"speedup{'_quick' if args.quick else ''}.csv"
+    suffix = "_quick" if args.quick else "_threads" if args.threads else ""
+    out = ROOT / "docs" / "benchmarks" / f"speedup{suffix}.csv"
     table.to_csv(out, index=False)
     plot(table, out.with_suffix(".png"))
-    columns = ["model", "batch", "mode", "dense_ms", "modhifi_ms", "torch_pruning_ms",
+    columns = ["model", "threads", "batch", "mode", "dense_ms", "modhifi_ms", "torch_pruning_ms",
                "macs_ratio_modhifi", "speedup_modhifi", "macs_ratio_torch_pruning",
                "speedup_torch_pruning"]
     print(markdown(table[columns], digits=2))
