@@ -4,7 +4,7 @@ Runs `modhifi.unlearn.unlearn` once per class with the library's defaults (the n
 and k chosen per class from calibration samples; the test split only audits) and writes one CSV
 row per class to docs/benchmarks/unlearn_<model>.csv, then prints a summary line.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/unlearn_classes.py --model fmnist-resnet
+    .venv/bin/python benchmarks/unlearn_classes.py --model fmnist-resnet
     .venv/bin/python benchmarks/unlearn_classes.py --summary  # docs/benchmarks/unlearn_classes.md
     .venv/bin/python benchmarks/unlearn_classes.py --quick    # 2 classes, into a temporary file
 """
@@ -165,10 +165,10 @@ def write_summary() -> None:
             "number of layers, 1 to 4, and k chosen per class on calibration images; no labels "
             "beyond the forget class, no gradients, no fine-tuning). Accuracies on the full "
             "Fashion-MNIST test split, which the method never sees. `seconds` is the wall time "
-            "of statistics, choice of layers and k, and edit (not the audits) on a 2-core CPU "
-            "shared with other jobs, `OMP_NUM_THREADS=1`.", "",
+            "of statistics, choice of layers and k, and edit (not the audits) on the quiet "
+            "2-core CPU, 2 threads.", "",
             *NOTES, "", "Commands:", "", "```"]
-    text += [f"OMP_NUM_THREADS=1 .venv/bin/python benchmarks/unlearn_classes.py --model {name}"
+    text += [f".venv/bin/python benchmarks/unlearn_classes.py --model {name}"
              for name in frames]
     text += [".venv/bin/python benchmarks/unlearn_classes.py --summary", "```", "",
              "## Summary (retain drop in points)", "", markdown(summary, digits=3), ""]
