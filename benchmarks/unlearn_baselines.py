@@ -85,7 +85,9 @@ def run_baseline(model: nn.Module, images: Split, baseline: Baseline, *, budget_
             (-loss if baseline.ascend else loss).backward()
             optimizer.step()
             steps += 1
-            forgotten = baseline.ascend and bool((logits.argmax(1) != y).all())
+            # A whole batch misclassified, never the short remainder batch of an epoch.
+            full = len(y) == min(batch_size, len(images))
+            forgotten = baseline.ascend and full and bool((logits.argmax(1) != y).all())
             if forgotten or time.perf_counter() - begin >= budget_s:
                 trained.zero_grad(set_to_none=True)
                 return trained, steps, time.perf_counter() - begin
