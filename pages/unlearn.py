@@ -29,15 +29,15 @@ def render() -> None:
     cols = st.columns(4)
     forget = cols[0].selectbox("Forget class", range(len(classes)), format_func=classes.__getitem__,
                                key=state.UNLEARN_CLASS)
-    most = state.editable_layers(model_id, device)
+    edit = cols[3].selectbox("Edit", (None, "zero", "negate"), key=state.UNLEARN_EDIT,
+                             format_func=lambda e: "by architecture" if e is None else e)
+    most = state.editable_layers(model_id, device, edit)  # negate acts on fewer layers
     layers = cols[1].number_input("Layers edited (last L; empty: chosen with k)", 1, most, None,
                                   key=state.UNLEARN_LAYERS)
     layers = None if layers is None else int(layers)
     auto = cols[2].toggle("Choose k automatically", True)
     k = None if auto else cols[2].slider("k (share of slices per layer)", 0.005, 0.2, 0.03, 0.005,
                                          key=state.UNLEARN_K)
-    edit = cols[3].selectbox("Edit", (None, "zero", "negate"), key=state.UNLEARN_EDIT,
-                             format_func=lambda e: "by architecture" if e is None else e)
 
     result = state.unlearned(model_id, device, forget, layers, k, edit)
     before, after = result.before, result.after

@@ -73,3 +73,14 @@ def test_choosing_a_forget_class_changes_forget_accuracy():
     assert not app.exception
     assert forget() != first
     assert "“6”" in app.subheader[-1].value
+
+
+def test_switching_to_negate_lowers_a_layer_count_that_no_longer_fits():
+    """digits-cnn: 2 layers can be zeroed, 1 negated (the one as wide as the head's input)."""
+    app = open_page("pages/unlearn.py")
+    app.number_input(key="unlearn.layers").set_value(2).run()
+    assert not app.exception and app.number_input(key="unlearn.layers").max == 2
+    app.selectbox(key="unlearn.edit").set_value("negate").run()
+    assert not app.exception and not app.error
+    assert app.number_input(key="unlearn.layers").max == 1
+    assert app.number_input(key="unlearn.layers").value == 1

@@ -293,11 +293,19 @@ def pruned_download(model_id: str, device: str, samples: int, plan: prune.PruneP
 
 
 @st.cache_data(show_spinner=False)
-def editable_layers(model_id: str, device: str) -> int:
-    """How many layers before the classifier ModHiFi-U can edit."""
+def _editable_count(model_id: str, device: str, edit: str | None) -> int:
     chosen = subject(model_id, device)
     example = next(chosen.dataset.calibration.batches(1, device=backend(device).device))
-    return len(unlearn.editable_layers(chosen.loaded.model, example))
+    return len(unlearn.editable_layers(chosen.loaded.model, example, edit=edit))
+
+
+def editable_layers(model_id: str, device: str, edit: str | None) -> int:
+    """How many layers before the classifier ModHiFi-U can edit with this edit (None: the
+    model's default); a layer count chosen earlier for another edit is lowered to fit."""
+    most = _editable_count(model_id, device, edit)
+    if (st.session_state.get(UNLEARN_LAYERS) or 0) > most:
+        st.session_state[UNLEARN_LAYERS] = most
+    return most
 
 
 @st.cache_resource(show_spinner="Forgetting: forget-class statistics, choosing k, editing, auditing…",
