@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from modhifi.audit import attack_features, audit, membership_auc, model_outputs, probe
+from modhifi.audit import _balanced, attack_features, audit, membership_auc, model_outputs, probe
 from modhifi.data import Dataset, Split
 from modhifi.errors import UserError
 
@@ -74,7 +74,17 @@ def test_audit_matches_whole_forward_passes():
                      data.test.labels, num_classes=3)
     assert result.probe_forget_accuracy == expected.per_class[forget]
     assert result.probe_accuracy == expected.accuracy
-    assert 0.0 <= result.mia_auc <= 1.0
+    # the attack: seeded forget-class training images (as many as forget-class test images)
+    # against the forget-class test images, on logits of whole forward passes
+    train = data.train
+    members = _balanced((train.labels == forget).nonzero().squeeze(1),
+                        is_forget.nonzero().squeeze(1), 0)[0].sort().values
+    with torch.no_grad():
+        member_logits = model(next(train.subset(members).batches(len(members))))
+        test_logits = model(next(data.test.batches(len(data.test))))
+    attack = membership_auc(attack_features(member_logits, train.labels[members]),
+                            attack_features(test_logits[is_forget], data.test.labels[is_forget]))
+    assert result.mia_auc == pytest.approx(attack, abs=1e-9)
     assert all(p.grad is None for p in model.parameters())
 
 

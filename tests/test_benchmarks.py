@@ -71,7 +71,9 @@ def test_gradient_baselines_train_a_copy_with_batchnorm_frozen(baseline):
     assert all(p.grad is None for p in trained.parameters())
     buffers = dict(trained.named_buffers())
     assert all(torch.equal(buffers[k], before[k]) for k in buffers if "running" in k)
-    assert steps >= 1 and seconds < 0.5 + 5.0  # stops at the first step past the budget
+    step = seconds / steps  # stops at the first step past the budget (ascent may stop sooner)
+    assert steps >= 1 and seconds <= 0.5 + 2 * step
+    assert baseline.ascend or seconds >= 0.5
     x, y = images.normalise(images.images), images.labels
     with torch.no_grad():
         loss = [nn.functional.cross_entropy(m(x), y).item() for m in (model, trained)]

@@ -15,7 +15,7 @@ from modhifi.metrics import evaluate
 from modhifi.unlearn import (ForgetScores, apply_plan, centred_forget_second, choose_plan,
                              default_edit, editable_layers, other_classes, plan_unlearning,
                              reaching_positions, score_forget_class, unlearn, unlearnable_layers)
-from modhifi.unlearn import _edit_in_place, _install_replay, _reference_index, _Replay, _Search
+from modhifi.unlearn import K_GRID, K_MARGIN, _edit_in_place, _install_replay, _reference_index, _Replay, _Search
 from conftest import subject
 from oracles import contributions
 
@@ -366,7 +366,8 @@ def test_digits_unlearning_end_to_end():
                              "retain_accuracy_before", "retain_accuracy_after", "mia_before",
                              "mia_after", "probe_accuracy_before", "probe_accuracy_after",
                              "seconds"]
-    assert summary["layers"] in (1, 2) and 0 < summary["k"] <= 0.25
+    assert summary["layers"] == len(result.plan.layers) == len(result.plan.edits)
+    assert summary["k"] == result.plan.k and 0 < summary["k"] <= K_GRID[-1] * K_MARGIN
     assert len(result.to_frame()) == 6 and len(result.per_class_frame()) == 10
 
 
