@@ -94,12 +94,15 @@ def _patches(layer: nn.Conv2d | nn.Linear, inputs: Tensor) -> Tensor:
     return windows.permute(0, 2, 3, 1, 4, 5).reshape(len(inputs), -1, layer.weight[0].numel())
 
 
-def moments_of(layer: nn.Conv2d | nn.Linear, inputs: Tensor) -> LayerMoments:
+def moments_of(layer: nn.Conv2d | nn.Linear, inputs: Tensor, *,
+               positions: Tensor | None = None) -> LayerMoments:
     """Input statistics of one layer from one batch of its inputs.
 
     Args:
         layer: an `nn.Conv2d` with groups=1 or an `nn.Linear`.
         inputs: the layer's input, (N, c_in, H, W) for a conv, (N, [T,] c_in) for a linear layer.
+        positions: (n,) indices of the output positions whose patches count (H'·W' of a conv
+            output in row-major order, the flattened token axes of a linear one); None = all.
 
     Returns:
         The batch's `LayerMoments`, in the input's dtype (at least float32) on the input's device.
@@ -115,6 +118,8 @@ def moments_of(layer: nn.Conv2d | nn.Linear, inputs: Tensor) -> LayerMoments:
     second, position_sum = 0, 0
     for part in inputs.split(chunk):
         patches = _patches(layer, part)  # (n, L, d)
+        if positions is not None:
+            patches = patches[:, positions.to(patches.device)]  # (n, |positions|, d)
         rows = patches.reshape(-1, patches.shape[-1])  # (n·L, d)
         second = second + rows.T @ rows
         position_sum = position_sum + patches.sum(0)

@@ -41,7 +41,6 @@ from modhifi.errors import UserError
 from modhifi.fidelity import (
     LayerFidelity,
     LayerMoments,
-    _patches,
     classifier_name,
     forward_order,
     moments_of,
@@ -198,17 +197,6 @@ def reaching_positions(model: nn.Module, name: str, example: Tensor, *,
     return None if reached.all() else reached.nonzero().squeeze(1)
 
 
-def _moments_at(layer: nn.Conv2d | nn.Linear, inputs: Tensor,
-                positions: Tensor | None) -> LayerMoments:
-    """`moments_of` a layer's input counting only the patches of the given output positions."""
-    if positions is None:
-        return moments_of(layer, inputs)
-    inputs = inputs.detach().to(torch.promote_types(inputs.dtype, torch.float32))
-    patches = _patches(layer, inputs)[:, positions.to(inputs.device)]  # (N, n, d)
-    rows = patches.reshape(-1, patches.shape[-1])  # (N·n, d)
-    return LayerMoments(rows.T @ rows, patches.sum(0), len(inputs))
-
-
 # --- statistics and scores -----------------------------------------------------------------------
 
 def centred_forget_second(forget: LayerMoments, reference_mean: Tensor) -> Tensor:
@@ -318,7 +306,7 @@ def score_forget_class(model: nn.Module, calibration: Split, *, forget_class: in
             x = args[0]  # (B, c_in, H, W) or (B, [T,] c_in)
             for key, store in moments.items():
                 if batch[key].any():
-                    part = _moments_at(layer, x[batch[key]], positions[name])
+                    part = moments_of(layer, x[batch[key]], positions=positions[name])
                     store[name] = store[name] + part if name in store else part
         return hook
 
