@@ -48,10 +48,12 @@ def conv_inputs(model: torch.nn.Module, example: torch.Tensor) -> dict[str, torc
 
     handles = [module.register_forward_pre_hook(record(name)) for name, module in model.named_modules()
                if isinstance(module, torch.nn.Conv2d)]
-    with torch.no_grad():
-        model(example)
-    for handle in handles:
-        handle.remove()
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
     return shapes
 
 
@@ -109,6 +111,9 @@ def aligned(analysis: Analysis, dataset, *, target: float, step: int) -> pd.Data
                                 num_classes=dataset.num_classes).accuracy
             rows.append({**kept, "macs_ratio": ratio, "accuracy": accuracy})
             print(f"{widths} {ratio:.2f}× {accuracy:.4f}", file=sys.stderr, flush=True)
+    if not rows:
+        raise SystemExit(f"speed_anatomy: no allocation in multiples of {step} lands within 10% "
+                         f"above {goal:.2f}× fewer MACs; try another --target or --aligned")
     return pd.DataFrame(rows).sort_values("accuracy", ascending=False)
 
 

@@ -16,6 +16,7 @@ docs/benchmarks/speedup[_quick|_threads].csv and .png.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -80,7 +81,8 @@ def run(name: str, *, backend: Backend, target: float, batches: tuple[int, ...],
     theirs = tp_prune(model, "tp-magnitude-l1", ratio, structure=analysis.structure, input_shape=shape)
     dense_macs = count_cost(model, shape).macs
     rows = []
-    for count, batch in ((count, batch) for count in threads for batch in batches):
+    default_threads = torch.get_num_threads()
+    for count, batch in itertools.product(threads, batches):
         torch.set_num_threads(count)
         timer = choose_backend(backend.device.type)  # describes this thread count
         big = dense_macs * batch > 5e10  # seconds per call on a CPU: fewer repeats
@@ -97,6 +99,7 @@ def run(name: str, *, backend: Backend, target: float, batches: tuple[int, ...],
                          "device": timer.description, "threads": timer.threads})
         print(f"{name} batch {batch}, {timer.description}: best {rows[-1]['speedup_modhifi']:.2f}× ours, "
               f"{rows[-1]['speedup_torch_pruning']:.2f}× Torch-Pruning", file=sys.stderr)
+    torch.set_num_threads(default_threads)
     return rows
 
 

@@ -143,7 +143,7 @@ def _scores(args: argparse.Namespace) -> dict:
                        device=backend.device, input_shape=dataset.input_shape)
     plan = None if args.target is None else analysis.plan(args.target)
     table = analysis.score_table(plan)
-    if args.forget_class is not None:  # the forget-class centred saliency of the edited layers
+    if args.forget_class is not None:  # the forget-class saliency of the edited layers
         from modhifi.unlearn import score_forget_class, unlearnable_layers
 
         forget = _class_index(dataset, args.forget_class)
@@ -227,7 +227,9 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("--forget-class", required=True, help="class index or name")
             command.add_argument("--edit", choices=("zero", "negate"),
                                  help="default: zero for BatchNorm networks, negate for LayerNorm ones")
-            command.add_argument("--layers", type=int, help="edit the last L layers (default: chosen with k, 1 to 4)")
+            command.add_argument("--layers", type=int,
+                                 help="edit the last L layers (default: chosen with k, 1 to 4; "
+                                      "the last 4 when --k is given)")
             command.add_argument("--k", type=float, help="share of (output, input) pairs edited "
                                                          "per layer (default: chosen automatically)")
             command.add_argument("--out", help="write the edited model here")

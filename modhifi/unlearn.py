@@ -55,7 +55,8 @@ SCORES: tuple[str, ...] = ("contrastive", "centred")
 # ratio √2 from 0.25% to 25% (the forget accuracy is not monotone in k, so the grid is fine); the
 # first grid point that reaches the target is refined by bisection.
 K_GRID: tuple[float, ...] = tuple(round(0.0025 * 2 ** (j / 2), 6) for j in range(14)) + (0.25,)
-K_REFINE_STEPS = 3  # bisection steps in log k: the chosen k is within 2^(1/16) ≈ 4.4% of the best
+K_REFINE_STEPS = 3  # bisection steps in log k: within 2^(1/16) ≈ 4.4% of the best passing k
+# (2^(1/8) when the first grid point already passes: the bisection then starts from half of it)
 # The plan edits K_MARGIN times the smallest k that forgets the calibration images: at that k some
 # of them sit on the decision boundary, and unseen images of the class cross it. Chosen on
 # fmnist-resnet with the calibration split halved (choose on one half, measure on the other):
@@ -78,10 +79,12 @@ def editable_layers(model: nn.Module, example: Tensor, *,
 
     Zeroing a slice removes its contribution whatever follows, so every layer qualifies.
     Negating one reverses what it adds to the residual stream only in a layer that writes the
-    stream, i.e. the features the head reads (output width = the classifier's input width: a
-    ViT's patch embedding, attention output projections and second FFN layers). Inside a block
-    the sign of q/k/v or of an FFN hidden unit has no such meaning, and negating both FFN layers
-    of a hidden unit cancels out.
+    stream, i.e. the features the head reads. The test used is a proxy: output width = the
+    classifier's input width, which in a ViT picks the patch embedding, attention output
+    projections and second FFN layers (a ViT whose FFN hidden width equals its model width
+    would also match its first FFN layers; a CNN's last-stage convs match too, though negate is
+    not its default). Inside a block the sign of q/k/v or of an FFN hidden unit has no such
+    meaning, and negating both FFN layers of a hidden unit cancels out.
 
     Args:
         model: the network, in eval mode.
@@ -229,7 +232,8 @@ class ForgetScores:
     saliency: tuple[Tensor, ...]  # per layer (c_out, c_in) float64 r_ci
     forget_samples: int  # calibration samples of the forget class
     reference_samples: int  # calibration samples (all classes) behind the means
-    positions: tuple[int | None, ...] = ()  # per layer: output positions scored (None: all)
+    positions: tuple[int | None, ...] = ()  # per layer: how many output positions were scored
+    # (None: all of them; fewer where only some reach the head, see `reaching_positions`)
     score: Score = "contrastive"
 
     def last(self, layers: int) -> ForgetScores:
@@ -339,7 +343,7 @@ class LayerEdit:
 
     name: str
     shape: tuple[int, int]  # (c_out, c_in)
-    pairs: Tensor  # (n, 2) long (output c, input i), largest centred saliency first
+    pairs: Tensor  # (n, 2) long (output c, input i), largest saliency first
     saliency: Tensor  # (n,) their scores
 
 
@@ -392,15 +396,13 @@ def _check_edit(edit: str) -> None:
                         "(LayerNorm/residual networks)")
 
 
-def plan_unlearning(scores: ForgetScores, *, k: float, edit: Edit = "zero",
-                    calibration_forget_accuracy: float | None = None) -> UnlearnPlan:
-    """The top-k (output, input) pairs of every scored layer by centred saliency.
+def plan_unlearning(scores: ForgetScores, *, k: float, edit: Edit = "zero") -> UnlearnPlan:
+    """The top-k (output, input) pairs of every scored layer by saliency.
 
     Args:
         scores: from `score_forget_class`.
         k: share of each layer's c_out·c_in pairs, in (0, 1]; at least one pair per layer.
         edit: `zero` or `negate` the selected kernel slices.
-        calibration_forget_accuracy: recorded in the plan (set by `choose_plan`).
 
     Returns:
         The `UnlearnPlan`.
@@ -413,8 +415,7 @@ def plan_unlearning(scores: ForgetScores, *, k: float, edit: Edit = "zero",
         top = r.flatten().topk(_pairs_per_layer(shape, k))  # sorted, largest first
         pairs = torch.stack([top.indices // shape[1], top.indices % shape[1]], dim=1)  # (n, 2)
         layers.append(LayerEdit(name, shape, pairs.cpu(), top.values.cpu()))
-    return UnlearnPlan(scores.forget_class, edit, float(k), tuple(layers),
-                       calibration_forget_accuracy)
+    return UnlearnPlan(scores.forget_class, edit, float(k), tuple(layers))
 
 
 @torch.no_grad()
