@@ -607,7 +607,7 @@ class _Search:
         Counting stops (None) once more than `cap` are; without `among`, all forget images are
         tried, those that survived an earlier edit first.
         """
-        key = (plan.layers, tuple(len(layer.pairs) for layer in plan.edits))
+        key = (plan.layers, tuple(len(layer.pairs) for layer in plan.edits), cap)
         if among is None and key in self.seen:
             return self.seen[key]
         self._apply(plan)
