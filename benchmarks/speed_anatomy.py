@@ -4,8 +4,8 @@
 
 1. Every convolution of the dense and of the default half-MACs model (ModHiFi-P, uniform, multiples
    of 8) timed alone on its real input at batch 64 (frozen TorchScript, channels-last, BatchNorm
-   folded): milliseconds and GMAC/s per layer, beside the whole models timed side by side, with
-   and without oneDNN graph fusion. Writes docs/benchmarks/speed_anatomy_<model>.csv.
+   folded): milliseconds and GMAC/s per layer (docs/benchmarks/speed_anatomy_<model>.csv), and the
+   whole models timed side by side, with and without oneDNN graph fusion (…_whole.csv).
 2. `--aligned N`: every allocation whose groups keep multiples of N channels with a MACs reduction
    within 10% above the target's, each compensated and recalibrated, with its test accuracy, and
    the most accurate one timed side by side with the dense and the default model. This reads the
@@ -140,11 +140,18 @@ def main() -> None:
     totals = table.groupby("model", sort=False)["ms"].sum()
     print(f"all convolutions: dense {totals['dense']:.2f} ms, pruned {totals['modhifi']:.2f} ms "
           f"({totals['dense'] / totals['modhifi']:.2f}×; {backend.description}, batch {BATCH})")
+    whole = []
     for fusion in (False, True):
         dense_ms, pruned_ms = whole_models((model, default), example, backend, onednn_fusion=fusion)
-        print(f"whole models{' with oneDNN graph fusion' if fusion else ''}: dense {dense_ms:.2f} ms, "
-              f"pruned {pruned_ms:.2f} ms ({dense_ms / pruned_ms:.2f}×); the convolutions alone are "
-              f"{totals['dense'] / dense_ms:.0%} and {totals['modhifi'] / pruned_ms:.0%} of them")
+        whole.append({"form": "frozen TorchScript, channels-last"
+                      + (", oneDNN graph fusion" if fusion else ""),
+                      "dense_ms": dense_ms, "modhifi_ms": pruned_ms, "speedup": dense_ms / pruned_ms,
+                      "convolutions_share_dense": totals["dense"] / dense_ms,
+                      "convolutions_share_modhifi": totals["modhifi"] / pruned_ms,
+                      "device": backend.description, "batch": BATCH})
+    whole = pd.DataFrame(whole)
+    whole.to_csv(out.with_name(f"{out.stem}_whole.csv"), index=False)
+    print(markdown(whole, digits=2))
 
     if args.aligned:
         found = aligned(analysis, dataset, target=args.target, step=args.aligned)
