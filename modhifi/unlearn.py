@@ -813,7 +813,7 @@ def unlearn(model: nn.Module, dataset: Dataset, *, forget_class: int, device: to
         _check_k(k)
     if not 0 <= target_forget_accuracy <= 1:
         raise UserError(f"target forget accuracy {target_forget_accuracy!r} is out of range: "
-                        "pass a fraction in [0, 1]")
+                        "pass a fraction in [0, 1] (--forget-target)")
     _check_score(score)
     for name, samples in (("reference_samples", reference_samples),
                           ("retain_samples", retain_samples)):

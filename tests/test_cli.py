@@ -37,6 +37,8 @@ def test_info_prints_the_contract_keys():
     (("info", "--model", "/no/file.pt", "--arch", "resnet18", "--data", "digits"), "does not exist"),
     (("info", "--model", "digits-cnn", "--device", "cuda"), "no CUDA GPU"),
     (("unlearn", "--model", "digits-cnn", "--forget-class", "12"), "out of range"),
+    (("unlearn", "--model", "digits-cnn", "--forget-class", "3", "--forget-target", "1.5"),
+     "out of range"),
 ])
 def test_bad_input_is_one_line_on_stderr_and_exit_2(args, message):
     done = cli(*args, "--json")
