@@ -55,6 +55,13 @@ def render() -> None:
     st.caption(f"k = {result.plan.k:.4f} of each layer's (output, input) pairs, edit = "
                f"{result.plan.edit}, layers: {', '.join(result.plan.layers)}; "
                f"{result.seconds:.1f} s without the audits. Full test split.")
+    agreement = result.plan.calibration_retain_agreement
+    if agreement is not None and agreement < state.UNLEARN_LOW_AGREEMENT:
+        st.warning(f"This edit changes {1 - agreement:.0%} of the other classes' predictions on "
+                   "calibration images (known before any test image is read): few of this "
+                   "model's channels belong to this class alone, so forgetting it costs the "
+                   "others. A larger model, or a forget target above 0 (`--forget-target`), "
+                   "spares them.")
 
     per_class = result.per_class_frame().melt(id_vars="class", var_name="when", value_name="accuracy")
     left, right = st.columns(2)

@@ -84,3 +84,12 @@ def test_switching_to_negate_lowers_a_layer_count_that_no_longer_fits():
     assert not app.exception and not app.error
     assert app.number_input(key="unlearn.layers").max == 1
     assert app.number_input(key="unlearn.layers").value == 1
+
+
+def test_a_damaging_edit_is_flagged_before_the_test_split_says_so():
+    """digits-cnn: forgetting "0" changes 68% of the other classes' calibration predictions (a
+    warning), forgetting "5" 10% (none)."""
+    app = open_page("pages/unlearn.py")
+    assert any("other classes' predictions" in w.value for w in app.warning)
+    app.selectbox(key="unlearn.class").set_value(5).run()
+    assert not app.exception and not app.warning
