@@ -38,8 +38,13 @@ def render() -> None:
     auto = cols[2].toggle("Choose k automatically", True)
     k = None if auto else cols[2].slider("k (share of slices per layer)", 0.005, 0.2, 0.03, 0.005,
                                          key=state.UNLEARN_K)
+    target = cols[2].number_input(
+        "Forget target (calibration accuracy)", 0.0, 0.5, 0.0, 0.01, key=state.UNLEARN_TARGET,
+        disabled=not auto, help="What the automatic k aims for on the forget class's calibration "
+        "images; a little above 0 spares the other classes when 0 costs them much.")
 
-    result = state.unlearned(model_id, device, forget, layers, k, edit)
+    choice = (model_id, device, forget, layers, k, edit, target)  # what every cached view keys on
+    result = state.unlearned(*choice)
     before, after = result.before, result.after
     cols = st.columns(4)
     cols[0].metric("Forget accuracy", f"{after.forget_accuracy:.1%}",
@@ -60,25 +65,25 @@ def render() -> None:
         st.warning(f"This edit changes {1 - agreement:.0%} of the other classes' predictions on "
                    "calibration images (known before any test image is read): few of this "
                    "model's channels belong to this class alone, so forgetting it costs the "
-                   "others. A larger model, or a forget target above 0 (`--forget-target`), "
-                   "spares them.")
+                   "others. A larger model, or a forget target above 0, spares "
+                   "them.")
 
     per_class = result.per_class_frame().melt(id_vars="class", var_name="when", value_name="accuracy")
     left, right = st.columns(2)
     left.subheader("Per-class accuracy")
     left.plotly_chart(figures.class_bars(per_class), use_container_width=True)
     right.subheader("Confusion after forgetting")
-    confusion = state.unlearned_evaluation(model_id, device, forget, layers, k, edit).confusion
+    confusion = state.unlearned_evaluation(*choice).confusion
     right.plotly_chart(figures.confusion(confusion, classes), use_container_width=True)
 
     st.subheader(f"Test images of “{classes[forget]}”")
-    examples = state.forget_examples(model_id, device, forget, layers, k, edit)
+    examples = state.forget_examples(*choice)
     for col, row in zip(st.columns(len(examples)), examples.itertuples()):
         col.image(row.image, clamp=True, use_container_width=True)
         col.caption(f"before: {row.before}  \nafter: {row.after}")
     st.dataframe(pd.DataFrame(result.to_frame()), hide_index=True)
     st.download_button("Edited model (.pt)",
-                       state.unlearned_download(model_id, device, forget, layers, k, edit),
+                       state.unlearned_download(*choice),
                        "unlearned.pt")
 
 

@@ -41,6 +41,7 @@ UNLEARN_CLASS = "unlearn.class"
 UNLEARN_LAYERS = "unlearn.layers"
 UNLEARN_K = "unlearn.k"
 UNLEARN_EDIT = "unlearn.edit"
+UNLEARN_TARGET = "unlearn.target"
 THEORY_LAYER = "theory.layer"
 
 OWN_CHECKPOINT = "your checkpoint…"
@@ -315,27 +316,28 @@ def editable_layers(model_id: str, device: str, edit: str | None) -> int:
 @st.cache_resource(show_spinner="Forgetting: forget-class statistics, choosing k, editing, auditing…",
                    max_entries=8)
 def unlearned(model_id: str, device: str, forget_class: int, layers: int | None, k: float | None,
-              edit: str | None) -> unlearn.UnlearnResult:
+              edit: str | None, target: float) -> unlearn.UnlearnResult:
     chosen = subject(model_id, device)
     return unlearn.unlearn(chosen.loaded.model, chosen.dataset, forget_class=forget_class,
-                           device=backend(device).device, edit=edit, layers=layers, k=k)
+                           device=backend(device).device, edit=edit, layers=layers, k=k,
+                           target_forget_accuracy=target)
 
 
 @st.cache_data(show_spinner=False)
 def unlearned_evaluation(model_id: str, device: str, forget_class: int, layers: int | None,
-                         k: float | None, edit: str | None) -> metrics.Evaluation:
-    model = unlearned(model_id, device, forget_class, layers, k, edit).model
+                         k: float | None, edit: str | None, target: float) -> metrics.Evaluation:
+    model = unlearned(model_id, device, forget_class, layers, k, edit, target).model
     return _evaluate(subject(model_id, device), model, device, full=True)
 
 
 @st.cache_data(show_spinner=False)
 def forget_examples(model_id: str, device: str, forget_class: int, layers: int | None,
-                    k: float | None, edit: str | None, count: int = 8) -> pd.DataFrame:
+                    k: float | None, edit: str | None, target: float, count: int = 8) -> pd.DataFrame:
     """Test images of the forget class with the predictions before and after (image as uint8)."""
     chosen = subject(model_id, device)
     test = chosen.dataset.test
     images = test.subset((test.labels == forget_class).nonzero().flatten()[:count])
-    after = unlearned(model_id, device, forget_class, layers, k, edit).model
+    after = unlearned(model_id, device, forget_class, layers, k, edit, target).model
     classes = chosen.dataset.classes
 
     def predicted(model) -> list[str]:
@@ -347,9 +349,9 @@ def forget_examples(model_id: str, device: str, forget_class: int, layers: int |
 
 @st.cache_data(show_spinner="Packing the edited model…")
 def unlearned_download(model_id: str, device: str, forget_class: int, layers: int | None,
-                       k: float | None, edit: str | None) -> bytes:
+                       k: float | None, edit: str | None, target: float) -> bytes:
     chosen = subject(model_id, device)
-    result = unlearned(model_id, device, forget_class, layers, k, edit)
+    result = unlearned(model_id, device, forget_class, layers, k, edit, target)
     return zoo.checkpoint_bytes(result.model, base=_base(model_id, chosen), removed={})
 
 
