@@ -43,7 +43,8 @@ def render() -> None:
         disabled=not auto, help="What the automatic k aims for on the forget class's calibration "
         "images; a little above 0 spares the other classes when 0 costs them much.")
 
-    choice = (model_id, device, forget, layers, k, edit, target)  # what every cached view keys on
+    # What every cached view keys on (the target only steers the automatic k).
+    choice = (model_id, device, forget, layers, k, edit, target if auto else 0.0)
     result = state.unlearned(*choice)
     before, after = result.before, result.after
     cols = st.columns(4)
@@ -65,8 +66,7 @@ def render() -> None:
         st.warning(f"This edit changes {1 - agreement:.0%} of the other classes' predictions on "
                    "calibration images (known before any test image is read): few of this "
                    "model's channels belong to this class alone, so forgetting it costs the "
-                   "others. A larger model, or a forget target above 0, spares "
-                   "them.")
+                   "others. A larger model, or a forget target above 0, spares them.")
 
     per_class = result.per_class_frame().melt(id_vars="class", var_name="when", value_name="accuracy")
     left, right = st.columns(2)
