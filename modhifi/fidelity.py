@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modhifi.errors import UserError
+from modhifi.trace import trace_forward
 
 # Bound on the elements of one temporary (patch chunk, batch of Q_c) so memory stays ~100 MiB.
 _CHUNK_ELEMENTS = 2**24
@@ -130,7 +131,6 @@ def _is_prunable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
 
 
-@torch.inference_mode()
 def forward_order(model: nn.Module, example: Tensor) -> list[str]:
     """Names of the prunable layers (Conv2d with groups=1, Linear) in the order they are called.
 
@@ -141,15 +141,8 @@ def forward_order(model: nn.Module, example: Tensor) -> list[str]:
     Returns:
         Module names, each once, in the order of their first call.
     """
-    order: list[str] = []
-    handles = [module.register_forward_pre_hook(lambda m, a, name=name: order.append(name))
-               for name, module in model.named_modules() if _is_prunable(module)]
-    try:
-        model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return list(dict.fromkeys(order))
+    return [name for name in trace_forward(model, example).in_call_order()
+            if _is_prunable(model.get_submodule(name))]
 
 
 def classifier_name(model: nn.Module, order: list[str]) -> str:

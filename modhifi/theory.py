@@ -39,7 +39,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
-from itertools import count
 from typing import Literal
 
 import pandas as pd
@@ -52,6 +51,7 @@ from modhifi.data import Dataset
 from modhifi.errors import UserError
 from modhifi.fidelity import LayerFidelity, hifi_size
 from modhifi.prune import Analysis, ChannelGroup, analyse, modhifi_ranking, recalibrate_batchnorm
+from modhifi.trace import Trace, trace_forward
 
 BoundKind = Literal["composition", "sequential", "unavailable"]
 Transform = Literal["translation", "deformation"]
@@ -231,53 +231,10 @@ def module_lipschitz(module: nn.Module, input_shape: tuple[int, ...] | None, *,
     return _SLOPE.get(type(module))
 
 
-@dataclass(frozen=True, eq=False)
-class _Trace:
-    """One forward pass, recorded: call order, call counts and the input shape of every module."""
-
-    start: dict[str, int]  # name -> event number of its first call's start
-    end: dict[str, int]    # name -> event number of its first call's end
-    calls: dict[str, int]
-    shapes: dict[str, tuple[int, ...]]  # first input without the batch dim
-    leaves: tuple[str, ...]  # modules without children that ran, in forward order
-
-
-def _trace(model: nn.Module, example: Tensor) -> _Trace:
-    """Record one forward pass of `model` (a private copy: hooks are added and removed)."""
-    events = count()
-    start, end, calls, shapes = {}, {}, {}, {}
-
-    def before(name):
-        def hook(module, args):
-            calls[name] = calls.get(name, 0) + 1
-            start.setdefault(name, next(events))
-            if args and isinstance(args[0], Tensor):
-                shapes.setdefault(name, tuple(args[0].shape[1:]))
-        return hook
-
-    def after(name):
-        def hook(module, args, output):
-            end.setdefault(name, next(events))
-        return hook
-
-    named = [(n, m) for n, m in model.named_modules() if n]
-    handles = [h for n, m in named for h in (m.register_forward_pre_hook(before(n)),
-                                             m.register_forward_hook(after(n)))]
-    try:
-        with torch.inference_mode():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    leaves = sorted((n for n, m in named if n in start and next(m.children(), None) is None),
-                    key=start.get)
-    return _Trace(start, end, calls, shapes, tuple(leaves))
-
-
 class _Lipschitz:
     """Lipschitz constants of the modules of one model (a private eval-mode copy), cached."""
 
-    def __init__(self, model: nn.Module, trace: _Trace, *, seed: int = 0):
+    def __init__(self, model: nn.Module, trace: Trace, *, seed: int = 0):
         self.model, self.trace, self.seed = model, trace, seed
         self._cache: dict[str, float | None] = {}
 
@@ -360,7 +317,7 @@ def lipschitz_table(model: nn.Module, *, input_shape: tuple[int, ...],
         input_shape: (C, H, W) of one input.
     """
     copy_ = _private_copy(model)
-    trace = _trace(copy_, torch.zeros(1, *input_shape, device=_device_of(copy_)))
+    trace = trace_forward(copy_, torch.zeros(1, *input_shape, device=_device_of(copy_)))
     lipschitz = _Lipschitz(copy_, trace, seed=seed)
     rows = [(depth, name, type(copy_.get_submodule(name)).__name__, trace.shapes.get(name),
              lipschitz.of(name)) for depth, name in enumerate(trace.leaves, 1)]
@@ -379,7 +336,7 @@ def bound_constants(model: nn.Module, layers: Iterable[str], *, input_shape: tup
     has no known constant.
     """
     copy_ = _private_copy(model)
-    trace = _trace(copy_, torch.zeros(1, *input_shape, device=_device_of(copy_)))
+    trace = trace_forward(copy_, torch.zeros(1, *input_shape, device=_device_of(copy_)))
     lipschitz = _Lipschitz(copy_, trace, seed=seed)
     rows = [(layer, *lipschitz.after(layer)) for layer in layers]
     frame = pd.DataFrame(rows, columns=["layer", "bound_constant", "bound_kind"])
@@ -419,7 +376,7 @@ class _MaskedRuns:
 
     def __init__(self, model: nn.Module, batches: Sequence[Tensor], layers: Iterable[str]):
         self.model, self.batches = _private_copy(model), tuple(map(_channels_last, batches))
-        self.trace = _trace(self.model, self.batches[0][:1])
+        self.trace = trace_forward(self.model, self.batches[0][:1])
         self.replayed = {layer: self._finished_before(layer) for layer in layers}
         # name -> its output for each batch; ~0.4 GB for fmnist-resnet at 500 images.
         self.saved: dict[str, list[Tensor]] = {n: [] for n in set().union(*self.replayed.values())}
@@ -650,7 +607,7 @@ def invariance(models: Mapping[str, nn.Module], images: Tensor, *,
     for label, model in models.items():
         copy_ = _private_copy(model)
         device = _device_of(copy_)
-        trace = _trace(copy_, images[:1].to(device))
+        trace = trace_forward(copy_, images[:1].to(device))
         layers = [n for n in trace.leaves
                   if isinstance(copy_.get_submodule(n), (nn.Conv2d, nn.Linear))]
         lipschitz = _Lipschitz(copy_, trace, seed=seed)

@@ -45,6 +45,7 @@ from modhifi.fidelity import (
     forward_order,
     moments_of,
 )
+from modhifi.trace import trace_forward
 
 Edit = Literal["zero", "negate"]
 EDITS: tuple[str, ...] = ("zero", "negate")
@@ -475,42 +476,17 @@ class _Replay(nn.Module):
         return self.spare[:len(index)]
 
 
-@torch.inference_mode()
 def _prefix_modules(model: nn.Module, first_edited: str, example: Tensor) -> list[str]:
     """The outermost modules that run once, return a tensor and finish before `first_edited` starts.
 
     Their outputs do not depend on the edit: the search of k records them once and replays them.
     """
-    calls: dict[str, int] = {}
-    finished: list[str] = []
-    edited_started = []
-
-    def before(name: str):
-        def hook(module, args):
-            calls[name] = calls.get(name, 0) + 1
-            if name == first_edited:
-                edited_started.append(True)
-        return hook
-
-    def after(name: str):
-        def hook(module, args, output):
-            if not edited_started and isinstance(output, Tensor):
-                finished.append(name)
-        return hook
-
-    handles = []
-    for name, module in model.named_modules():
-        if name:
-            handles += [module.register_forward_pre_hook(before(name)),
-                        module.register_forward_hook(after(name))]
-    try:
-        model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    done = {name for name in finished if calls[name] == 1}
+    run = trace_forward(model, example)
+    begin = run.start[first_edited]
+    done = {name for name, end in run.end.items()
+            if end < begin and run.calls[name] == 1 and name in run.returns_tensor}
     ancestors = lambda name: {name.rsplit(".", j)[0] for j in range(1, name.count(".") + 1)}
-    return [name for name in finished if name in done and not ancestors(name) & done]
+    return [name for name in sorted(done, key=run.end.get) if not ancestors(name) & done]
 
 
 @torch.inference_mode()
