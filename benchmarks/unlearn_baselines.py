@@ -51,8 +51,7 @@ class Baseline:
 
     name: str
     ascend: bool  # True: maximise the loss (forget images); False: minimise it (retain images)
-    lr: float
-    needs_labels: bool = True
+    lr: float  # every baseline reads labels and gradients; ModHiFi-U reads neither
 
 
 # Gradient ascent's lr was chosen on calibration images only (classes 0 and 6 of fmnist-resnet,
@@ -124,7 +123,7 @@ def compare(model_name: str, classes: list[int] | None, *, device_name: str) -> 
             trained, steps, seconds = run_baseline(model, images[baseline.ascend], baseline,
                                                    budget_s=budget, device=backend.device)
             after = audit(trained, dataset, forget_class=forget_class, device=backend.device)
-            rows.append(row(model_name, baseline.name, baseline.needs_labels, forget_class,
+            rows.append(row(model_name, baseline.name, True, forget_class,
                             dataset, result.before, after, seconds=seconds, steps=steps,
                             budget_s=budget))
         for r in rows[-1 - len(BASELINES):]:
