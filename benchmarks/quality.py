@@ -1,9 +1,9 @@
 """Accuracy against MACs reduction, no fine-tuning, at equal MACs (issue 5, item 1).
 
 Our rows go through the library: one `analyse` per model, then `plan` (a MACs target, uniform
-allocation) and `apply` per target, for ModHiFi-P with each compensation (refit, rescale, none)
-and the baselines (L1, random, activation; no compensation), each with and without BatchNorm
-recalibration (the paper's ablation). Torch-Pruning's own pruners (magnitude L1/L2, LAMP,
+allocation) and `apply` per target, for ModHiFi-P with each compensation (refit, rescale, none),
+its greedy subset selection (`modhifi-greedy`, refit) and the baselines (L1, random, activation;
+no compensation), each with and without BatchNorm recalibration (the paper's ablation). Torch-Pruning's own pruners (magnitude L1/L2, LAMP,
 activation, and Taylor, which needs gradients and labels: an upper reference) prune the same
 groups at the ratio whose MACs come closest to our plan's (benchmarks/_torch_pruning.py).
 
@@ -45,8 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("fmnist-resnet", "fmnist-vgg", "fmnist-vit")
 TARGETS = (1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0)  # MACs reduction factors
 QUICK = {"models": ("fmnist-resnet",), "targets": (1.25, 2.0, 4.0), "test_images": 2000}
-OURS = (("modhifi", "refit"), ("modhifi", "rescale"), ("modhifi", "none"),
-        ("l1", "none"), ("random", "none"), ("activation", "none"))
+OURS = (("modhifi-greedy", "refit"), ("modhifi", "refit"), ("modhifi", "rescale"),
+        ("modhifi", "none"), ("l1", "none"), ("random", "none"), ("activation", "none"))
 COLUMNS = ("model", "method", "compensation", "bn_recalibrated", "needs_labels", "target_factor",
            "macs_reduction", "macs", "accuracy", "seconds", "error")
 
@@ -194,9 +194,9 @@ def plot(rows: pd.DataFrame, *, model: str, dense: float, test_images: int, out:
             axis.plot(line["macs_reduction"], line["accuracy"] * 100,
                       marker="x" if method == "tp-lamp" else "s" if theirs else "o", markersize=4,
                       linestyle="--" if theirs else "-",
-                      linewidth=2.2 if method == "modhifi" else 1.2,
+                      linewidth=2.2 if method.startswith("modhifi") else 1.2,
                       color=colours[i % len(colours)],
-                      label=f"modhifi ({compensation})" if method == "modhifi" else method)
+                      label=f"{method} ({compensation})" if method.startswith("modhifi") else method)
         axis.axhline(dense * 100, color="black", linestyle=":", linewidth=1.2, label="dense")
         axis.set_xlabel("MACs reduction (dense MACs / pruned MACs)")
         axis.set_title("with BatchNorm recalibration" if recal else

@@ -50,7 +50,7 @@ def _prune(args: argparse.Namespace) -> dict:
 
     backend, subject = _open(args)
     model, dataset = subject.loaded.model, subject.dataset
-    compensation = args.compensation or ("refit" if args.method == "modhifi" else "none")
+    compensation = args.compensation or ("refit" if args.method.startswith("modhifi") else "none")
     _progress("statistics and scores on the calibration images")
     start = time.perf_counter()
     calibration = _calibration(dataset, args.calib_samples)
@@ -59,7 +59,7 @@ def _prune(args: argparse.Namespace) -> dict:
                                    target=args.target, steps=args.steps,
                                    target_kind=args.target_kind, allocation=args.allocation,
                                    method=args.method, scope=args.scope, compensation=compensation,
-                                   recalibrate=not args.no_bn_recal)
+                                   recalibrate=not args.no_bn_recal, round_to=args.round_to)
     seconds = time.perf_counter() - start
     _progress(f"pruned in {seconds:.1f} s; evaluating and timing")
     result = compare(model, pruned, dataset=dataset, backend=backend, batch_size=args.batch_size)
@@ -68,6 +68,7 @@ def _prune(args: argparse.Namespace) -> dict:
         _save_modified(args, subject, pruned, removed=removed[0] if len(removed) == 1 else removed)
     return {"model": subject.loaded.name, "method": args.method, "target": args.target,
             "target_kind": args.target_kind, "allocation": args.allocation, "scope": args.scope,
+            "round_to": args.round_to,
             "compensation": compensation, "bn_recalibrated": not args.no_bn_recal,
             "calib_samples": sum(len(b) for b in calibration), "device": backend.description,
             "accuracy_before": result.before.accuracy, "accuracy_after": result.after.accuracy,
@@ -252,10 +253,15 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("--allocation", choices=("uniform", "global"), default="uniform")
             command.add_argument("--scope", choices=("all", "internal"), default="all",
                                  help="internal: leave residual-stream channels alone")
-            command.add_argument("--method", choices=("modhifi", "l1", "random", "activation"),
-                                 default="modhifi")
+            command.add_argument("--method", default="modhifi",
+                                 choices=("modhifi", "modhifi-greedy", "l1", "random", "activation"),
+                                 help="modhifi: the paper's union of HiFi sets; modhifi-greedy: "
+                                      "greedy subset fidelity (more accurate, docs/results.md)")
+            command.add_argument("--round-to", type=int, default=8,
+                                 help="keep multiples of this many channels per group (16 suits "
+                                      "AVX-512 CPUs; 1: exact counts)")
             command.add_argument("--compensation", choices=("rescale", "refit", "none"),
-                                 help="default: refit for modhifi, none for the baselines")
+                                 help="default: refit for modhifi and modhifi-greedy, none for the baselines")
             command.add_argument("--steps", type=int, default=1,
                                  help="iterative mode: rounds of score, remove, compensate, recalibrate")
             command.add_argument("--no-bn-recal", action="store_true",

@@ -9,7 +9,9 @@
   the paper's δ*, or `refit`, full least squares), channels cut by Torch-Pruning, BatchNorm
   recalibrated. The input model is never modified.
 
-Baselines (random, L1 filter norm, activation magnitude) rank channels through the same path.
+Channels are ranked by the paper's union of HiFi sets (`modhifi`), by greedy subset fidelity
+(`modhifi-greedy`), or by a baseline (random, L1 filter norm, activation magnitude), all through
+the same path.
 """
 from __future__ import annotations
 
@@ -26,10 +28,16 @@ import torch_pruning as tp
 from torch import nn
 
 from modhifi.errors import UserError
-from modhifi.fidelity import LayerFidelity, LayerMoments, collect_moments, hifi_size
+from modhifi.fidelity import (
+    LayerFidelity,
+    LayerMoments,
+    collect_moments,
+    greedy_subset,
+    hifi_size,
+)
 from modhifi.metrics import channels_last, count_cost
 
-Method = Literal["modhifi", "l1", "random", "activation"]
+Method = Literal["modhifi", "modhifi-greedy", "l1", "random", "activation"]
 Compensation = Literal["rescale", "refit", "none"]
 Allocation = Literal["uniform", "global"]
 TargetKind = Literal["channels", "macs"]
@@ -188,6 +196,14 @@ def modhifi_ranking(group: ChannelGroup, fidelity: dict[str, LayerFidelity]) -> 
     return _ranking(order, best[order])
 
 
+def greedy_ranking(group: ChannelGroup, fidelity: dict[str, LayerFidelity]) -> Ranking:
+    """Greedy subset fidelity: keep first the channel that adds the most refit fidelity, summed
+    over every output of every consumer, given the channels already kept (fidelity.greedy_subset)."""
+    order, gains = greedy_subset([(fidelity[name], index) for name, index in group.consumers],
+                                 group.size)
+    return _ranking(torch.tensor(order), torch.tensor(gains))
+
+
 def l1_ranking(group: ChannelGroup, model: nn.Module) -> Ranking:
     """Baseline: L1 norm of each channel's filters, summed over the group's producers."""
     norm = sum(model.get_submodule(p).weight.detach().abs().flatten(1).sum(1).double().cpu()
@@ -301,6 +317,7 @@ class Analysis:
         """group name -> Ranking of its channels by `method`."""
         rank: dict[str, Callable[[ChannelGroup], Ranking]] = {
             "modhifi": lambda g: modhifi_ranking(g, self.fidelity),
+            "modhifi-greedy": lambda g: greedy_ranking(g, self.fidelity),
             "l1": lambda g: l1_ranking(g, self.model),
             "activation": lambda g: activation_ranking(g, self.moments, self.model),
             "random": lambda g: random_ranking(g, seed),
@@ -320,12 +337,14 @@ class Analysis:
                 model's MACs (target_kind="macs") to remove.
             allocation: "uniform" (the same fraction of every group) or "global" (one threshold
                 on the normalised score across groups).
-            method: how channels are ranked (ModHiFi or a baseline).
+            method: how channels are ranked: "modhifi" (the paper's union of singleton HiFi
+                sets), "modhifi-greedy" (greedy subset fidelity under refit) or a baseline.
             scope: "all" groups, or "internal": only groups with a single producer, i.e. not
                 the residual streams that several layers add into (inside residual blocks).
             floor: fraction of each group that is always kept.
             round_to: kept channels per group are rounded up to a multiple of this (1 = exact
-                counts); multiples of 8 run measurably faster on CPUs and GPUs.
+                counts); multiples of 8 run measurably faster on CPUs and GPUs, multiples of 16
+                on CPUs with AVX-512 (docs/results.md, "speed").
         """
         if not 0 <= target < 1:
             raise UserError(f"target {target} must be in [0, 1): a fraction of channels or MACs")
@@ -335,6 +354,8 @@ class Analysis:
             raise UserError(f"unknown target kind {target_kind!r}: use channels or macs")
         if scope not in ("all", "internal"):
             raise UserError(f"unknown scope {scope!r}: use all or internal")
+        if round_to < 1:
+            raise UserError(f"round to {round_to} channels: must be at least 1 (1 keeps exact counts)")
         rankings = {name: ranking for name, ranking in self.ranking(method, seed=seed).items()
                     if scope == "all" or len(self.structure.group(name).producers) == 1}
         total = sum(len(r.order) for r in rankings.values())
@@ -496,8 +517,8 @@ def prune_in_steps(model: nn.Module, calibration: Iterable[torch.Tensor], *, dev
                    input_shape: tuple[int, ...], target: float, steps: int,
                    target_kind: TargetKind = "channels", allocation: Allocation = "uniform",
                    method: Method = "modhifi", scope: Scope = "all",
-                   compensation: Compensation = "refit",
-                   recalibrate: bool = True) -> tuple[nn.Module, tuple[PrunePlan, ...]]:
+                   compensation: Compensation = "refit", recalibrate: bool = True,
+                   round_to: int = 8) -> tuple[nn.Module, tuple[PrunePlan, ...]]:
     """The iterative mode: `steps` rounds of score → remove → compensate → recalibrate.
 
     Each round removes an equal share of the original channels (or MACs), re-scoring the model
@@ -513,7 +534,7 @@ def prune_in_steps(model: nn.Module, calibration: Iterable[torch.Tensor], *, dev
         done = 1 - _size(now, target_kind) / _size(plans[0], target_kind) if plans else 0.0
         goal = target * step / steps  # share of the original model removed after this round
         plan = analysis.plan(max(0.0, 1 - (1 - goal) / (1 - done)), target_kind=target_kind,
-                             allocation=allocation, method=method, scope=scope)
+                             allocation=allocation, method=method, scope=scope, round_to=round_to)
         current = analysis.apply(plan, compensation=compensation, recalibrate=recalibrate)
         plans.append(plan)
     return current, tuple(plans)

@@ -3,7 +3,8 @@ import streamlit as st
 
 from ui import figures, state
 
-METHODS = {"modhifi": "ModHiFi", "l1": "L1 filter norm", "activation": "activation magnitude",
+METHODS = {"modhifi": "ModHiFi (union of HiFi sets)",
+           "modhifi-greedy": "ModHiFi, greedy subset fidelity", "l1": "L1 filter norm", "activation": "activation magnitude",
            "random": "random"}
 
 
@@ -34,13 +35,17 @@ def render() -> None:
     scope = cols[1].radio("Channels", ("all", "internal"), horizontal=True, key=state.PRUNE_SCOPE,
                           format_func={"all": "all groups", "internal": "inside blocks"}.get,
                           help="Inside blocks: channels that residual additions share stay whole.")
+    round_to = cols[1].select_slider(
+        "Keep multiples of", (1, 8, 16), value=8, key=state.PRUNE_ROUND_TO,
+        help="Channels kept per group are rounded up to this multiple: vector units run whole "
+             "blocks of 8 (16 on AVX-512 CPUs) at full speed.")
     compensation = cols[2].selectbox("Compensation", ("refit", "rescale", "none"),
                                      key=state.PRUNE_COMPENSATION)
     recalibrate = cols[2].toggle("Recalibrate BatchNorm", True, key=state.PRUNE_RECALIBRATE)
     full = st.toggle(f"Evaluate on the full test split (live numbers use the first "
                      f"{state.LIVE_TEST_IMAGES:,} test images)", key=state.PRUNE_FULL)
 
-    plan = state.plan(model_id, device, samples, target, kind, allocation, method, scope)
+    plan = state.plan(model_id, device, samples, target, kind, allocation, method, scope, round_to)
     options = (model_id, device, samples, plan, compensation, recalibrate)
     before = state.evaluation(model_id, device, full=full)
     after = state.pruned_evaluation(*options, full)

@@ -105,3 +105,15 @@ def test_a_forget_target_above_zero_spares_the_other_classes():
     strict = retain()
     app.number_input(key="unlearn.target").set_value(0.05).run()
     assert not app.exception and retain() > strict + 10
+
+
+def test_greedy_selection_and_channel_multiples_change_the_plan():
+    app = open_page("pages/prune.py")
+    app.slider(key="prune.target").set_value(0.3).run()  # within reach in multiples of 16
+    app.selectbox(key="prune.method").set_value("modhifi-greedy").run()
+    app.select_slider(key="prune.round_to").set_value(1).run()
+    exact = metrics(app)["Channels kept"]
+    app.select_slider(key="prune.round_to").set_value(16).run()
+    assert not app.exception
+    kept = metrics(app)["Channels kept"]  # "kept / total"
+    assert kept != exact and int(kept.split("/")[0]) % 16 == 0

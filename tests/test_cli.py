@@ -39,6 +39,7 @@ def test_info_prints_the_contract_keys():
     (("unlearn", "--model", "digits-cnn", "--forget-class", "12"), "out of range"),
     (("unlearn", "--model", "digits-cnn", "--forget-class", "3", "--forget-target", "1.5"),
      "out of range"),
+    (("prune", "--model", "digits-cnn", "--target", "0.3", "--round-to", "0"), "must be at least 1"),
 ])
 def test_bad_input_is_one_line_on_stderr_and_exit_2(args, message):
     done = cli(*args, "--json")

@@ -1,4 +1,5 @@
 """Oracles for modhifi.fidelity: every formula against explicit per-sample contributions A_ci."""
+import copy
 import itertools
 
 import pytest
@@ -8,7 +9,13 @@ from torch import nn
 
 from oracles import contributions
 
-from modhifi.fidelity import LayerMoments, collect_moments, layer_fidelity, moments_of
+from modhifi.fidelity import (
+    LayerMoments,
+    collect_moments,
+    greedy_subset,
+    layer_fidelity,
+    moments_of,
+)
 
 RTOL = 1e-8
 
@@ -252,3 +259,58 @@ def test_fidelity_curves_equal_subset_fidelity_of_each_top_k():
         for k in range(1, 6):
             assert curves[c, k - 1].item() == pytest.approx(lf.subset_fidelity(c, order[:k]), abs=1e-8)
     assert torch.all(curves.diff(dim=1) >= -1e-12) and torch.allclose(curves[:, -1], torch.ones(4, dtype=torch.float64))
+
+
+def _refit_span(layer, x, channel):
+    """(N·L, K) the outputs input `channel` can produce through any one kernel slice: one column per
+    tap, each the layer run with a one-hot weight (independent of how the implementation unfolds)."""
+    probe = copy.deepcopy(layer)
+    probe.bias = None
+    taps = probe.weight[0, channel].numel()
+    columns = []
+    for tap in range(taps):
+        with torch.no_grad():
+            probe.weight.zero_()
+            probe.weight[0, channel].view(-1)[tap] = 1
+            y = probe(x)  # (N, c_out, H', W') or (N, [T,] c_out)
+        columns.append((y[:, 0] if isinstance(layer, nn.Conv2d) else y[..., 0]).flatten())
+    return torch.stack(columns, 1)
+
+
+def _summed_refit_fidelity(layer, x, kept):
+    """Σ_c FS_c(kept) under full refit: least squares of each output on the kept channels' spans."""
+    with torch.no_grad():
+        outputs = contributions(layer, x).sum(2)  # (N, c_out, L): the bias-free output
+    Y = outputs.transpose(1, 2).reshape(-1, outputs.shape[1])  # (N·L, c_out)
+    if not kept:
+        return 0.0
+    X = torch.cat([_refit_span(layer, x, i) for i in kept], 1)
+    residual = Y - X @ torch.linalg.lstsq(X, Y).solution
+    return float((1 - residual.square().sum(0) / Y.square().sum(0)).sum())
+
+
+@pytest.mark.parametrize("name", ["conv3x3-stride2-pad1", "linear-tokens"])
+def test_greedy_subset_adds_the_best_component_each_step_and_its_gains_are_exact(name):
+    torch.manual_seed(0)
+    make, shape = CASES[name]
+    x = torch.randn(24, *shape, dtype=torch.float64) + 0.5
+    x = x + 0.8 * x.roll(1, dims=1 if len(shape) == 3 else -1)  # correlated channels
+    axis = 1 if len(shape) == 3 else -1
+    c_in = x.shape[axis]
+    # Two consumers of the same components; the second reads component g as its channel perm[g].
+    perm = torch.randperm(c_in).tolist()
+    x_perm = torch.empty_like(x)
+    x_perm.index_copy_(axis % x.dim(), torch.tensor(perm), x)
+    consumers = [(make().double(), x, list(range(c_in))), (make().double(), x_perm, perm)]
+
+    def brute(components):
+        return sum(_summed_refit_fidelity(layer, inputs, [index[g] for g in components])
+                   for layer, inputs, index in consumers)
+
+    order, gains = greedy_subset([(layer_fidelity(layer, inputs, lam=0), index)
+                                  for layer, inputs, index in consumers], c_in)
+    assert sorted(order) == list(range(c_in))
+    for k in range(1, c_in + 1):
+        assert sum(gains[:k]) == pytest.approx(brute(order[:k]), rel=1e-8)
+        best = max(brute(order[:k - 1] + [j]) for j in range(c_in) if j not in order[:k - 1])
+        assert brute(order[:k]) == pytest.approx(best, rel=1e-8)

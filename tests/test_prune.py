@@ -130,6 +130,21 @@ def test_unreachable_target_and_bad_options_are_clear_errors():
         analysis.plan(1.5)
     with pytest.raises(UserError, match="unknown method"):
         analysis.plan(0.3, method="taylor")
+    with pytest.raises(UserError, match="must be at least 1"):
+        analysis.plan(0.3, round_to=0)
+
+
+def test_greedy_plans_keep_multiples_of_round_to_at_the_planned_cost():
+    analysis = _analysis(nets.ResNet(), (1, 28, 28))
+    for ranking in analysis.ranking("modhifi-greedy").values():
+        assert sorted(ranking.order) == list(range(len(ranking.order)))
+        assert all(a >= b for a, b in zip(ranking.score, ranking.score[1:]))
+    plan = analysis.plan(0.5, target_kind="macs", method="modhifi-greedy", scope="internal",
+                         round_to=16)
+    assert all(len(g.kept) % 16 == 0 for g in plan.groups)
+    assert plan.macs_after <= 0.5 * plan.macs_before
+    cost = count_cost(analysis.apply(plan), (1, 28, 28))
+    assert (cost.macs, cost.params) == (plan.macs_after, plan.params_after)
 
 
 def test_cli_prune_writes_a_model_that_reloads_with_the_same_accuracy(tmp_path):

@@ -32,6 +32,7 @@ PRUNE_TARGET = "prune.target"
 PRUNE_KIND = "prune.kind"
 PRUNE_ALLOCATION = "prune.allocation"
 PRUNE_SCOPE = "prune.scope"
+PRUNE_ROUND_TO = "prune.round_to"
 PRUNE_METHOD = "prune.method"
 PRUNE_COMPENSATION = "prune.compensation"
 PRUNE_RECALIBRATE = "prune.recalibrate"
@@ -218,9 +219,9 @@ def latency(model_id: str, device: str, batch_size: int) -> metrics.Latency:
 
 @st.cache_data(show_spinner=False)
 def plan(model_id: str, device: str, samples: int, target: float, kind: str, allocation: str,
-         method: str, scope: str = "all") -> prune.PrunePlan:
+         method: str, scope: str = "all", round_to: int = 8) -> prune.PrunePlan:
     return analysis(model_id, device, samples).plan(target, target_kind=kind, allocation=allocation,
-                                                    method=method, scope=scope)
+                                                    method=method, scope=scope, round_to=round_to)
 
 
 @st.cache_data(show_spinner=False)
@@ -260,8 +261,8 @@ def pruned_latency(model_id: str, device: str, samples: int, plan: prune.PrunePl
                                      backend=backend(device), batch_size=batch_size, repeats=15)
 
 
-CURVE_METHODS = (("modhifi", "refit"), ("modhifi", "rescale"), ("l1", "none"),
-                 ("activation", "none"), ("random", "none"))
+CURVE_METHODS = (("modhifi-greedy", "refit"), ("modhifi", "refit"), ("modhifi", "rescale"),
+                 ("l1", "none"), ("activation", "none"), ("random", "none"))
 
 
 def sparsity_curve(model_id: str, device: str, samples: int, kind: str,
