@@ -369,8 +369,9 @@ class Analysis:
         # Removal grows with the knob (uniform: fraction removed; global: score threshold).
         low, high = 0.0, 1.0 + 1e-9
         if removed_share(high) < target:
-            raise UserError(f"target {target:.2f} {target_kind} cannot be reached: at most "
-                            f"{removed_share(high):.2f} can be removed with this model; lower it")
+            raise UserError(f"target {target:g} {target_kind} cannot be reached: at most "
+                            f"{math.floor(removed_share(high) * 1000) / 1000:g} can be removed "
+                            "with this model; lower it")
         for _ in range(40):
             middle = (low + high) / 2
             low, high = (middle, high) if removed_share(middle) < target else (low, middle)
