@@ -444,26 +444,37 @@ def greedy_subset(consumers: Sequence[tuple[LayerFidelity, Sequence[int]]], size
     """
     states = []
     for fidelity, index in consumers:
-        c_out, c_in, K = fidelity.w.shape
+        c_out, _, K = fidelity.w.shape
         weight = fidelity.w.reshape(c_out, -1) / fidelity.energy.clamp(min=1e-30).sqrt()[:, None]
         H = fidelity.H.clone()                                     # (d, d) complement of H on S
-        states.append((H, H @ weight.T, list(index), K, fidelity.lam))  # b: (d, c_out)
+        # Below this a block's complement is rounding: its input is already explained (or dead).
+        negligible = 1e-9 * H.diagonal().mean()
+        states.append((H, H @ weight.T, torch.as_tensor(index, device=H.device), K, fidelity.lam,
+                       negligible))
     chosen = torch.zeros(size, dtype=torch.bool)
     order, gains = [], []
     for _ in range(size):
-        gain = torch.zeros(size, dtype=torch.float64)
-        for H, b, index, K, lam in states:
-            c_in = H.shape[0] // K
-            blocks = H.view(c_in, K, c_in, K).diagonal(dim1=0, dim2=2).permute(2, 0, 1)[index]
-            rhs = b.view(c_in, K, -1)[index]                       # (size, K, c_out)
-            gain += (rhs * _ridge_solve(blocks, rhs, lam)).sum((1, 2)).cpu()
-        best = int(gain.masked_fill(chosen, -1.0).argmax())
+        open_ = (~chosen).nonzero()[:, 0]                          # components still to rank
+        gain = torch.zeros(len(open_), dtype=torch.float64)
+        for H, b, index, K, lam, negligible in states:
+            c_in, channels = H.shape[0] // K, index[open_.to(index.device)]
+            blocks = H.view(c_in, K, c_in, K).diagonal(dim1=0, dim2=2).permute(2, 0, 1)[channels]
+            rhs = b.view(c_in, K, -1)[channels]                    # (open, K, c_out)
+            # Explained blocks add nothing; solving them would need a pseudo-inverse each.
+            live = blocks.diagonal(dim1=-2, dim2=-1).mean(-1) > negligible  # (open,)
+            # tr(rhsᵀ A⁻¹ rhs) = tr(A⁻¹ rhs rhsᵀ): K right-hand sides instead of c_out.
+            outer = rhs[live] @ rhs[live].mT                       # (live, K, K)
+            solved = _ridge_solve(blocks[live], outer, lam)
+            gain[live.cpu()] += solved.diagonal(dim1=-2, dim2=-1).sum(-1).cpu()
+        best = int(open_[gain.argmax()])
         chosen[best] = True
         order.append(best)
-        gains.append(float(gain[best]))
-        for H, b, index, K, lam in states:
+        gains.append(float(gain.max()))
+        for H, b, index, K, lam, negligible in states:
             block = slice(int(index[best]) * K, (int(index[best]) + 1) * K)
             explained = H[:, block]                                # (d, K)
+            if explained[block].diagonal().mean() <= negligible:
+                continue  # nothing new to take out of the other components
             step = _ridge_solve(explained[block], torch.cat([explained.T, b[block]], 1), lam)
             b -= explained @ step[:, H.shape[0]:]
             H -= explained @ step[:, :H.shape[0]]

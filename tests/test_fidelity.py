@@ -314,3 +314,16 @@ def test_greedy_subset_adds_the_best_component_each_step_and_its_gains_are_exact
         assert sum(gains[:k]) == pytest.approx(brute(order[:k]), rel=1e-8)
         best = max(brute(order[:k - 1] + [j]) for j in range(c_in) if j not in order[:k - 1])
         assert brute(order[:k]) == pytest.approx(best, rel=1e-8)
+
+
+def test_greedy_subset_ranks_a_duplicate_and_a_dead_channel_last():
+    """The union of singleton HiFi sets would keep both twins; greedy sees the second adds nothing."""
+    torch.manual_seed(0)
+    x = torch.randn(200, 5, dtype=torch.float64)
+    x = torch.cat([x, x[:, :1], torch.zeros(200, 1, dtype=torch.float64)], 1)  # 5 = twin of 0, 6 dead
+    lf = layer_fidelity(nn.Linear(7, 4).double(), x, lam=0)
+    order, gains = greedy_subset([(lf, range(7))], 7)
+    later_twin = 5 if order.index(0) < order.index(5) else 0
+    assert set(order[-2:]) == {later_twin, 6}
+    assert gains[-2:] == pytest.approx([0, 0], abs=1e-9)
+    assert sum(gains) == pytest.approx(4)  # all kept: each of the 4 outputs is fully explained
