@@ -31,46 +31,30 @@ from modhifi.metrics import (
     optimise_for_inference,
 )
 from modhifi.prune import Analysis, GroupPlan, PrunePlan, analyse
+from modhifi.trace import trace_forward
 from modhifi.zoo import open_subject
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = 64
 
 
-def conv_inputs(model: torch.nn.Module, example: torch.Tensor) -> dict[str, torch.Size]:
-    """Input shape of every Conv2d on one forward pass."""
-    shapes: dict[str, torch.Size] = {}
-
-    def record(name: str):
-        def hook(module, args) -> None:  # returning a value would replace the inputs
-            shapes.setdefault(name, args[0].shape)
-        return hook
-
-    handles = [module.register_forward_pre_hook(record(name)) for name, module in model.named_modules()
-               if isinstance(module, torch.nn.Conv2d)]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return shapes
-
-
 def per_convolution(name: str, model: torch.nn.Module, example: torch.Tensor, backend) -> list[dict]:
     """Each convolution of the BatchNorm-folded model timed alone: ms and GMAC/s."""
     folded = inference_copy(model)
+    trace = trace_forward(folded, example)  # each layer's input shape, in call order
+    convolutions = [n for n in trace.in_call_order()
+                    if isinstance(folded.get_submodule(n), torch.nn.Conv2d)]
     rows = []
-    for layer, shape in conv_inputs(folded, channels_last(example)).items():
+    for layer in convolutions:
         conv = folded.get_submodule(layer)
-        x = channels_last(torch.randn(shape))
+        x = channels_last(torch.randn(example.shape[0], *trace.shapes[layer]))  # (B, c_in, H, W)
         with torch.no_grad():
             out = conv(x)  # (B, c_out, H', W')
             frozen = torch.jit.freeze(torch.jit.trace(conv.eval(), x))
             timing = time_calls(backend, lambda f=frozen, x=x: f(x))
         macs = out.numel() * conv.weight[0].numel()
         rows.append({"model": name, "layer": layer, "c_in": conv.weight.shape[1],
-                     "c_out": conv.weight.shape[0], "input_hw": shape[-1], "ms": timing.median_ms,
+                     "c_out": conv.weight.shape[0], "input_hw": x.shape[-1], "ms": timing.median_ms,
                      "gmacs_per_s": macs / timing.median_ms / 1e6})
     return rows
 

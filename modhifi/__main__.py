@@ -261,7 +261,8 @@ def _parser() -> argparse.ArgumentParser:
                                  help="keep multiples of this many channels per group (16 suits "
                                       "AVX-512 CPUs; 1: exact counts)")
             command.add_argument("--compensation", choices=("rescale", "refit", "none"),
-                                 help="default: refit for modhifi and modhifi-greedy, none for the baselines")
+                                 help="default: refit for modhifi and modhifi-greedy, none for "
+                                      "the baselines")
             command.add_argument("--steps", type=int, default=1,
                                  help="iterative mode: rounds of score, remove, compensate, recalibrate")
             command.add_argument("--no-bn-recal", action="store_true",

@@ -312,9 +312,17 @@ class Analysis:
     fidelity: dict[str, LayerFidelity] = field(repr=False)
     calibration: tuple[torch.Tensor, ...] = field(repr=False)  # normalised batches, on the device
     seconds: float
+    # (method, seed) -> rankings: they do not depend on the target, and the greedy one is costly.
+    _rankings: dict[tuple[str, int], dict[str, Ranking]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     def ranking(self, method: Method, *, seed: int = 0) -> dict[str, Ranking]:
-        """group name -> Ranking of its channels by `method`."""
+        """group name -> Ranking of its channels by `method` (computed once per method and seed)."""
+        if (method, seed) not in self._rankings:
+            self._rankings[method, seed] = self._rank(method, seed)
+        return dict(self._rankings[method, seed])
+
+    def _rank(self, method: Method, seed: int) -> dict[str, Ranking]:
         rank: dict[str, Callable[[ChannelGroup], Ranking]] = {
             "modhifi": lambda g: modhifi_ranking(g, self.fidelity),
             "modhifi-greedy": lambda g: greedy_ranking(g, self.fidelity),

@@ -3,9 +3,8 @@ import streamlit as st
 
 from ui import figures, state
 
-METHODS = {"modhifi": "ModHiFi (union of HiFi sets)",
-           "modhifi-greedy": "ModHiFi, greedy subset fidelity", "l1": "L1 filter norm", "activation": "activation magnitude",
-           "random": "random"}
+METHODS = {"modhifi": "ModHiFi (union of HiFi sets)", "modhifi-greedy": "ModHiFi, greedy subset fidelity",
+           "l1": "L1 filter norm", "activation": "activation magnitude", "random": "random"}
 
 
 def render() -> None:
