@@ -40,7 +40,7 @@ BATCH = 64
 
 def per_convolution(name: str, model: torch.nn.Module, example: torch.Tensor, backend) -> list[dict]:
     """Each convolution of the BatchNorm-folded model timed alone: ms and GMAC/s."""
-    folded = inference_copy(model)
+    folded = inference_copy(model, example)
     trace = trace_forward(folded, example)  # each layer's input shape, in call order
     convolutions = [n for n in trace.in_call_order()
                     if isinstance(folded.get_submodule(n), torch.nn.Conv2d)]

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from modhifi.data import Dataset, Split
 from modhifi.errors import UserError
 from modhifi.fidelity import classifier_name, forward_order
+from modhifi.hooks import hooked
 from modhifi.metrics import Evaluation, evaluation_from
 
 
@@ -100,16 +101,13 @@ def probe(train_features: Tensor, train_labels: Tensor, test_features: Tensor, t
 
 
 @torch.inference_mode()
-def _logits_and_features(model: nn.Module, classifier: nn.Module, split: Split, *,
+def _logits_and_features(model: nn.Module, classifier: str, split: Split, *,
                          device: torch.device | str, batch_size: int) -> tuple[Tensor, Tensor]:
     """(N, num_classes) logits and (N, F) penultimate features (the classifier's input), on CPU."""
     features: list[Tensor] = []
-    handle = classifier.register_forward_pre_hook(
-        lambda layer, args: features.append(args[0].reshape(len(args[0]), -1).float().cpu()))
-    try:
-        logits = [model(x).float().cpu() for x in split.batches(batch_size, device=device)]
-    finally:
-        handle.remove()
+    keep = lambda layer, args: features.append(args[0].reshape(len(args[0]), -1).float().cpu())  # noqa: E731
+    with hooked(model, before={classifier: keep}) as run:
+        logits = [run(x).float().cpu() for x in split.batches(batch_size, device=device)]
     return torch.cat(logits), torch.cat(features)
 
 
@@ -148,7 +146,7 @@ def model_outputs(model: nn.Module, dataset: Dataset, *, device: torch.device | 
         The `Outputs`.
     """
     example = next(dataset.test.batches(1, device=device))
-    classifier = model.get_submodule(classifier_name(model, forward_order(model, example)))
+    classifier = classifier_name(model, forward_order(model, example))
     run = dict(device=device, batch_size=batch_size)
     test_logits, test_features = _logits_and_features(model, classifier, dataset.test, **run)
     _, calibration_features = _logits_and_features(model, classifier, dataset.calibration, **run)

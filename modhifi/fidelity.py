@@ -8,6 +8,7 @@ are listed in call order by `forward_order`; `classifier_name` finds the final o
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modhifi.errors import UserError
+from modhifi.hooks import hooked
 from modhifi.trace import trace_forward
 
 # Bound on the elements of one temporary (patch chunk, batch of Q_c) so memory stays ~100 MiB.
@@ -78,6 +80,9 @@ def _check_supported(layer: nn.Module, inputs: Tensor) -> None:
         raise UserError(f"{type(layer).__name__} is not supported; pass an nn.Conv2d or an nn.Linear")
     if len(inputs) == 0:
         raise UserError("the input batch is empty; pass at least one sample")
+    if not torch.isfinite(inputs).all():
+        raise UserError("the layer's inputs contain NaN or infinite values; check the data and "
+                        "the weights that feed this layer")
 
 
 def _patches(layer: nn.Conv2d | nn.Linear, inputs: Tensor) -> Tensor:
@@ -174,42 +179,44 @@ def collect_moments(
 ) -> dict[str, LayerMoments]:
     """Input statistics of several layers from forward passes of `model`.
 
-    The model is not modified: put it in eval mode and on `device` beforehand.
+    The passes run on a private eval-mode copy (`hooks.hooked`): the model is only read.
 
     Args:
-        model: the network to run.
-        layers: name -> layer, or names resolved with `model.get_submodule`.
+        model: the network to run, on `device`.
+        layers: label -> layer of `model`, or module names.
         batches: model inputs; each is moved to `device`.
         device: where the forward passes and the statistics live.
 
     Returns:
-        name -> `LayerMoments` over all batches.
+        label (or name) -> `LayerMoments` over all batches.
 
     Raises:
-        UserError (a ValueError): for an unsupported layer, or one that no batch reached.
+        UserError (a ValueError): for an unsupported layer, non-finite inputs, or a layer that no
+            batch reached.
     """
     if isinstance(layers, Mapping):
-        named = dict(layers)
+        path = {module: name for name, module in model.named_modules()}
+        named = {path[layer]: label for label, layer in layers.items()}  # name -> label
     else:
-        named = {name: model.get_submodule(name) for name in layers}
+        named = {name: name for name in layers}
     moments: dict[str, LayerMoments] = {}
 
-    def record(name: str):
+    def record(label: str):
         def hook(layer: nn.Module, args: tuple) -> None:
             batch = moments_of(layer, args[0])
-            moments[name] = moments[name] + batch if name in moments else batch
+            moments[label] = moments[label] + batch if label in moments else batch
 
         return hook
 
-    handles = [layer.register_forward_pre_hook(record(name)) for name, layer in named.items()]
-    try:
-        with torch.inference_mode():
-            for batch in batches:
-                model(batch.to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = named.keys() - moments.keys()
+    with torch.inference_mode(), hooked(model, before={name: record(label)
+                                                       for name, label in named.items()}) as run:
+        for batch in batches:
+            batch = batch.to(device)
+            if not torch.isfinite(batch).all():
+                raise UserError("the calibration inputs contain NaN or infinite values; "
+                                "clean the data (every pixel must be a finite number)")
+            run(batch)
+    missing = set(named.values()) - moments.keys()
     if missing:
         raise UserError(f"no input reached layers {sorted(missing)}; pass layers the forward pass uses")
     return moments
@@ -228,10 +235,14 @@ def _ridge_solve(A: Tensor, B: Tensor, lam: float) -> Tensor:
     return X
 
 
-def _as_index(S: Iterable[int] | Tensor, device: torch.device) -> Tensor:
-    """Sorted unique LongTensor of component indices."""
+def _as_index(S: Iterable[int] | Tensor, device: torch.device, size: int) -> Tensor:
+    """Sorted unique LongTensor of component indices, each checked to be in 0..size-1."""
     S = S if isinstance(S, Tensor) else sorted(S)
-    return torch.as_tensor(S, dtype=torch.long, device=device).unique()
+    index = torch.as_tensor(S, dtype=torch.long, device=device).unique()
+    if len(index) and not 0 <= int(index[0]) <= int(index[-1]) < size:
+        raise UserError(f"input channels {index.tolist()} are out of range for a layer with "
+                        f"{size} inputs; pass indices 0..{size - 1}")
+    return index
 
 
 @dataclass(frozen=True, eq=False)
@@ -245,6 +256,19 @@ class LayerFidelity:
     H: Tensor  # (d, d) float64 second moment of the input patches per sample (centred or not)
     weight: Tensor  # (c_out, c_in[, k, k]) detached copy of the layer's weight
     lam: float  # ridge strength, relative to the mean diagonal of the matrix being inverted
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0):
+            raise UserError(f"lam={self.lam!r} must be a finite number ≥ 0 (the ridge strength "
+                            "relative to the mean diagonal; 0 is exact)")
+
+    def _output(self, c: int) -> int:
+        """`c` checked to be an output channel."""
+        c_out = self.weight.shape[0]
+        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < c_out:
+            raise UserError(f"output channel {c!r} is out of range for a layer with {c_out} "
+                            f"outputs; pass 0..{c_out - 1}")
+        return c
 
     @classmethod
     def from_moments(
@@ -304,6 +328,7 @@ class LayerFidelity:
 
     def Q(self, c: int) -> Tensor:
         """(c_in, c_in) component similarity of output channel c: Q_c[i,j] = E⟨A_ci, A_cj⟩."""
+        c = self._output(c)
         return self._Q(slice(c, c + 1))[0]
 
     def _delta(self, Q_SS: Tensor, r_S: Tensor) -> Tensor:
@@ -320,8 +345,8 @@ class LayerFidelity:
         Returns:
             (c_in,) δ*_i for i in S, 0 elsewhere.
         """
-        S = _as_index(S, self.H.device)
         Q = self.Q(c)
+        S = _as_index(S, self.H.device, len(Q))
         delta = torch.zeros(len(Q), dtype=Q.dtype, device=Q.device)
         delta[S] = self._delta(Q[S][:, S], self.saliency[c, S])
         return delta
@@ -336,7 +361,7 @@ class LayerFidelity:
         Returns:
             The share of the output's energy the kept components explain; 0 for a dead channel.
         """
-        energy = self.energy[c]
+        energy = self.energy[self._output(c)]
         if energy <= 0:
             return 0.0
         u = 1 - self.compensation(c, S)  # (c_in,) the share of each contribution that is lost
@@ -376,8 +401,8 @@ class LayerFidelity:
         Returns:
             A weight of the original shape, dtype and device.
         """
-        keep = _as_index(keep, self.H.device)
-        c_out, _, K = self.w.shape
+        c_out, c_in, K = self.w.shape
+        keep = _as_index(keep, self.H.device, c_in)
         # One batch of |keep|×|keep| systems per chunk of output channels bounds the memory.
         chunk = max(1, _CHUNK_ELEMENTS // max(1, len(keep) ** 2 * K))
         row_chunks = torch.arange(c_out, device=keep.device).split(chunk)
@@ -397,8 +422,8 @@ class LayerFidelity:
         Returns:
             A weight of the original shape, dtype and device, zero on removed channels.
         """
-        keep = _as_index(keep, self.H.device)
-        c_out, _, K = self.w.shape
+        c_out, c_in, K = self.w.shape
+        keep = _as_index(keep, self.H.device, c_in)
         # The d-indices of the kept channels' k² blocks.
         C = (keep[:, None] * K + torch.arange(K, device=keep.device)).flatten()
         W = self.w.reshape(c_out, -1)  # (c_out, d)

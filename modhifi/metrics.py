@@ -8,18 +8,21 @@ small models are dominated by Python overheads in eager mode.
 """
 from __future__ import annotations
 
-import copy
+import itertools
+import threading
 import warnings
 from dataclasses import dataclass
 
 import pandas as pd
 import torch
 from torch import nn
-from torch.fx.experimental.optimization import fuse
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.flop_counter import FlopCounterMode
 
 from modhifi.backend import Backend, Timing, time_side_by_side
 from modhifi.data import Split
+from modhifi.errors import UserError
+from modhifi.hooks import hooked, private_copy
 
 
 @dataclass(frozen=True)
@@ -35,27 +38,63 @@ class Evaluation:
         return pd.DataFrame({"class": classes, "accuracy": self.per_class})
 
 
-def inference_copy(model: nn.Module) -> nn.Module:
+def inference_copy(model: nn.Module, example: torch.Tensor) -> nn.Module:
     """An eval-mode copy for fast forward passes: BatchNorm folded into convs, channels-last.
 
     Same function as `model` up to float rounding; about 3× faster than eager NCHW on CPU for
-    the zoo CNNs. Models that torch.fx cannot trace are only copied.
+    the zoo CNNs. A BatchNorm is folded into the Conv2d whose output it reads directly (seen in
+    one recorded pass on `example`, no torch.fx: its tracer patches `nn.Module` for the whole
+    process and breaks other threads' forward passes). The folded copy must reproduce the
+    model's outputs on `example`; where it does not (a conv output read by something else
+    too), the copy is returned unfolded.
     """
-    copied = copy.deepcopy(model).eval()
-    try:
-        copied = fuse(copied)
-    except Exception:  # noqa: BLE001 - untraceable control flow: evaluate unfused
-        pass
-    return copied.to(memory_format=torch.channels_last)
+    copied, example = private_copy(model), example[:16]  # a few images tell the wiring
+    convs = {n for n, m in copied.named_modules() if isinstance(m, nn.Conv2d)}
+    norms = {n for n, m in copied.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    outputs: dict[str, list[torch.Tensor]] = {}   # conv -> its outputs in this pass
+    inputs: dict[str, list[torch.Tensor]] = {}    # BatchNorm -> its inputs
+
+    def output_of(name):
+        return lambda module, args, out: outputs.setdefault(name, []).append(out)
+
+    def input_of(name):
+        return lambda module, args: inputs.setdefault(name, []).append(args[0])
+
+    with torch.inference_mode(), hooked(copied, private=True,
+                                        after={n: output_of(n) for n in convs},
+                                        before={n: input_of(n) for n in norms}) as run:
+        expected = run(example)
+    made_by = {id(out[0]): conv for conv, out in outputs.items() if len(out) == 1}
+    pairs = {norm: made_by[id(x[0])] for norm, x in inputs.items()
+             if len(x) == 1 and id(x[0]) in made_by}
+    if not pairs:
+        return copied.to(memory_format=torch.channels_last)
+    folded = private_copy(copied)
+    for norm, conv in pairs.items():
+        _replace(folded, conv, fuse_conv_bn_eval(folded.get_submodule(conv),
+                                                 folded.get_submodule(norm)))
+        _replace(folded, norm, nn.Identity())
+    with torch.inference_mode():
+        same = torch.allclose(folded(example), expected, rtol=1e-3,
+                              atol=1e-4 * float(expected.abs().max().clamp(min=1)))
+    return (folded if same else copied).to(memory_format=torch.channels_last)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
 
 
 @torch.inference_mode()
 def predict(model: nn.Module, split: Split, *, device: torch.device,
             batch_size: int = 128) -> torch.Tensor:
     """Logits of every image of `split`, (N, num_classes), on the CPU."""
-    fast = inference_copy(model)
-    return torch.cat([fast(channels_last(x)).float().cpu()
-                      for x in split.batches(batch_size, device=device)])
+    batches = split.batches(batch_size, device=device)
+    first = next(batches, None)
+    if first is None:
+        raise UserError("the split to evaluate is empty; it needs at least one image")
+    fast = inference_copy(model, first)
+    return torch.cat([fast(channels_last(x)).float().cpu() for x in itertools.chain([first], batches)])
 
 
 def evaluate(model: nn.Module, split: Split, *, device: torch.device,
@@ -90,19 +129,46 @@ class Cost:
         return frame
 
 
+class _GlobalOnly:
+    """Stands in for FlopCounterMode's module tracker, which registers process-wide module hooks
+    (every forward pass in every thread would enter them and scramble its attribution). Only
+    the total is kept; per-layer MACs come from our own hooks on a private copy."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> _GlobalOnly:
+        return self
+
+    def __exit__(self, *args) -> None:
+        pass
+
+
 def count_cost(model: nn.Module, input_shape: tuple[int, ...]) -> Cost:
-    """MACs (FLOPs / 2) of one forward pass on a (1, *input_shape) input, and parameters."""
+    """MACs (FLOPs / 2) of one forward pass on a (1, *input_shape) input, and parameters.
+
+    Counted on a private copy: `model` is only read. A layer's MACs are the FLOPs counted while
+    it runs (leaf modules only, so that a block's MACs are not counted again under its children).
+    """
     device = next(model.parameters()).device
     counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        model.eval()(torch.zeros(1, *input_shape, device=device))
-    per_module = counter.get_flop_counts()
-    # FlopCounterMode keys submodules "<root class>.<dotted path>". Leaf modules only, so that
-    # a block's MACs are not counted again under its children.
-    root = type(model).__name__
-    leaf_macs = ((name, sum(per_module.get(f"{root}.{name}", {}).values()) // 2)
-                 for name, module in model.named_modules() if name and not list(module.children()))
-    per_layer = tuple((name, int(macs)) for name, macs in leaf_macs if macs)
+    counter.mod_tracker = _GlobalOnly()  # thread-local counting: the dispatch mode alone
+    leaves = [name for name, module in model.named_modules()
+              if name and next(module.children(), None) is None]
+    flops: dict[str, int] = {}
+    started: dict[str, int] = {}
+
+    def enter(name):
+        return lambda module, args: started.__setitem__(name, counter.get_total_flops())
+
+    def leave(name):
+        return lambda module, args, out: flops.__setitem__(
+            name, flops.get(name, 0) + counter.get_total_flops() - started[name])
+
+    with hooked(model, before={n: enter(n) for n in leaves},
+                after={n: leave(n) for n in leaves}) as run:
+        with torch.inference_mode(), counter:
+            run(torch.zeros(1, *input_shape, device=device))
+    per_layer = tuple((name, int(flops[name] // 2)) for name in leaves if flops.get(name))
     return Cost(macs=int(counter.get_total_flops() // 2),
                 params=sum(p.numel() for p in model.parameters()), per_layer=per_layer)
 
@@ -118,6 +184,9 @@ class Latency:
     optimised: Timing
 
 
+_TRACING = threading.Lock()
+
+
 def optimise_for_inference(model: nn.Module, example: torch.Tensor, *,
                            nhwc: bool = True) -> torch.jit.ScriptModule:
     """A frozen TorchScript copy of `model`, BatchNorm folded into the convs.
@@ -125,10 +194,11 @@ def optimise_for_inference(model: nn.Module, example: torch.Tensor, *,
     With `nhwc` (channels-last) oneDNN / cuDNN pick their fastest convolution kernels; call the
     result with `channels_last(x)`. `nhwc=False` is the plain NCHW export papers usually time.
     """
-    model = copy.deepcopy(model).eval()
+    model = private_copy(model)
     if nhwc:
         model, example = model.to(memory_format=torch.channels_last), channels_last(example)
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+    # The tracer keeps process-wide state (torch.jit's module map), so one trace at a time.
+    with _TRACING, torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript's deprecation notice is not for our users
         return torch.jit.freeze(torch.jit.trace(model, example))
 
@@ -150,7 +220,7 @@ def measure_latencies(models: list[nn.Module], input_shape: tuple[int, ...], *, 
     """Latency of several models timed in alternation (side by side), eager and optimised."""
     example = torch.randn(batch_size, *input_shape, device=backend.device)
     fast = channels_last(example)
-    eager = [lambda m=model.eval(): m(example) for model in models]
+    eager = [lambda m=private_copy(model): m(example) for model in models]
     optimised = [lambda m=optimise_for_inference(model, example): m(fast) for model in models]
     with torch.no_grad():
         timings = time_side_by_side(backend, eager + optimised, warmup=warmup, repeats=repeats)

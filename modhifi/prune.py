@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Literal
@@ -35,6 +36,7 @@ from modhifi.fidelity import (
     greedy_subset,
     hifi_size,
 )
+from modhifi.hooks import private_copy
 from modhifi.metrics import channels_last, count_cost
 
 Method = Literal["modhifi", "modhifi-greedy", "l1", "random", "activation"]
@@ -109,7 +111,7 @@ class Structure:
 
 def trace_structure(model: nn.Module, input_shape: tuple[int, ...]) -> Structure:
     """Find the prunable channel groups of `model` with Torch-Pruning's dependency graph."""
-    model = copy.deepcopy(model).eval().cpu()
+    model = private_copy(model).cpu()
     names = {module: name for name, module in model.named_modules()}
     example = torch.zeros(1, *input_shape)
     with warnings.catch_warnings():
@@ -283,6 +285,13 @@ class PrunePlan:
                              "removed": [len(g.removed) for g in self.groups]})
 
 
+def check_target(target: float) -> None:
+    """Raise a one-line UserError unless `target` is a finite fraction in [0, 1)."""
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 <= target < 1:
+        raise UserError(f"target {target!r} must be in [0, 1): the fraction of channels or MACs "
+                        "to remove, e.g. --target 0.5")
+
+
 def _kept_counts(rankings: dict[str, Ranking], knob: float, allocation: Allocation,
                  floor: float, round_to: int) -> dict[str, int]:
     """Channels each group keeps at pruning strength `knob` in [0, 1]."""
@@ -305,7 +314,7 @@ def _kept_counts(rankings: dict[str, Ranking], knob: float, allocation: Allocati
 class Analysis:
     """Structure, input statistics and fidelities of one model, computed once; plans come from it."""
 
-    model: nn.Module = field(repr=False)   # never modified
+    model: nn.Module = field(repr=False)   # the analysis' own eval-mode copy, never modified
     input_shape: tuple[int, ...]
     structure: Structure
     moments: dict[str, LayerMoments] = field(repr=False)
@@ -316,11 +325,16 @@ class Analysis:
     _rankings: dict[tuple[str, int], dict[str, Ranking]] = field(
         default_factory=dict, init=False, repr=False, compare=False)
 
+    # Sessions share one Analysis: the first to ask for a ranking computes it, the others wait.
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False,
+                                  compare=False)
+
     def ranking(self, method: Method, *, seed: int = 0) -> dict[str, Ranking]:
         """group name -> Ranking of its channels by `method` (computed once per method and seed)."""
-        if (method, seed) not in self._rankings:
-            self._rankings[method, seed] = self._rank(method, seed)
-        return dict(self._rankings[method, seed])
+        with self._lock:
+            if (method, seed) not in self._rankings:
+                self._rankings[method, seed] = self._rank(method, seed)
+            return dict(self._rankings[method, seed])
 
     def _rank(self, method: Method, seed: int) -> dict[str, Ranking]:
         rank: dict[str, Callable[[ChannelGroup], Ranking]] = {
@@ -354,18 +368,23 @@ class Analysis:
                 counts); multiples of 8 run measurably faster on CPUs and GPUs, multiples of 16
                 on CPUs with AVX-512 (docs/results.md, "speed").
         """
-        if not 0 <= target < 1:
-            raise UserError(f"target {target} must be in [0, 1): a fraction of channels or MACs")
+        check_target(target)
         if allocation not in ("uniform", "global"):
             raise UserError(f"unknown allocation {allocation!r}: use uniform or global")
         if target_kind not in ("channels", "macs"):
             raise UserError(f"unknown target kind {target_kind!r}: use channels or macs")
         if scope not in ("all", "internal"):
             raise UserError(f"unknown scope {scope!r}: use all or internal")
-        if round_to < 1:
-            raise UserError(f"round to {round_to} channels: must be at least 1 (1 keeps exact counts)")
+        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+            raise UserError(f"round to {round_to!r} channels: must be at least 1, a whole number "
+                            "(1 keeps exact counts)")
+        if not 0 <= floor <= 1:
+            raise UserError(f"floor {floor!r} must be a fraction in [0, 1] of each group kept")
         rankings = {name: ranking for name, ranking in self.ranking(method, seed=seed).items()
                     if scope == "all" or len(self.structure.group(name).producers) == 1}
+        if not rankings:
+            raise UserError(f"no channel group is in scope {scope!r} for this model; use "
+                            "--scope all")
         total = sum(len(r.order) for r in rankings.values())
 
         def removed_share(knob: float) -> float:
@@ -397,7 +416,7 @@ class Analysis:
         """A new, physically pruned model: compensate consumers, cut channels, recalibrate BN."""
         if compensation not in ("rescale", "refit", "none"):
             raise UserError(f"unknown compensation {compensation!r}: use rescale, refit or none")
-        pruned = copy.deepcopy(self.model)
+        pruned = private_copy(self.model)
         removed = {g.name: g.removed for g in plan.groups}
         if compensation != "none":
             for name, keep in self._kept_inputs(removed).items():
@@ -489,7 +508,7 @@ def analyse(model: nn.Module, calibration: Iterable[torch.Tensor], *, device: to
     """Trace the model's channel groups and score every consumer layer on calibration batches.
 
     Args:
-        model: the trained network (eval mode, on `device`); it is never modified.
+        model: the trained network, on `device`; only read (the analysis works on a copy).
         calibration: normalised, unlabeled input batches.
         input_shape: (C, H, W) of one input.
         lam: ridge strength of the compensation solves, relative to the mean diagonal.
@@ -498,8 +517,17 @@ def analyse(model: nn.Module, calibration: Iterable[torch.Tensor], *, device: to
     import time
 
     start = time.perf_counter()
+    # The analysis keeps its own eval-mode copy: the caller's model (perhaps in train mode, or
+    # shared by several dashboard sessions) is only read, its BatchNorm buffers left as they are.
+    model = private_copy(model)
     batches = tuple(b.to(device) for b in calibration)
+    if not batches or not sum(len(b) for b in batches):
+        raise UserError("the calibration set is empty; pass at least one unlabeled image")
     structure = trace_structure(model, input_shape)
+    if not structure.groups:
+        raise UserError("this model has no channel group ModHiFi can prune: it needs a Conv2d or "
+                        "Linear layer whose outputs only a Conv2d or Linear reads (through "
+                        "BatchNorm, activations or pooling)")
     consumers = structure.consumers
 
     def reporting():
@@ -533,8 +561,9 @@ def prune_in_steps(model: nn.Module, calibration: Iterable[torch.Tensor], *, dev
     Each round removes an equal share of the original channels (or MACs), re-scoring the model
     that the previous round left. Returns the pruned model and each round's plan.
     """
-    if steps < 1:
-        raise UserError(f"--steps {steps} must be at least 1")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise UserError(f"--steps {steps!r} must be at least 1, a whole number of rounds")
+    check_target(target)
     batches = tuple(b.to(device) for b in calibration)
     current, plans = model, []
     for step in range(1, steps + 1):

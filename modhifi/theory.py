@@ -31,12 +31,10 @@ CPU thread and keeps ~0.4 GB of replayed activations.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
@@ -50,6 +48,7 @@ from modhifi import nets
 from modhifi.data import Dataset
 from modhifi.errors import UserError
 from modhifi.fidelity import LayerFidelity, hifi_size
+from modhifi.hooks import hooked, private_copy
 from modhifi.prune import Analysis, ChannelGroup, analyse, modhifi_ranking, recalibrate_batchnorm
 from modhifi.trace import Trace, trace_forward
 
@@ -90,23 +89,7 @@ def _power_iteration(apply: _Map, adjoint: _Map | None, shape: tuple[int, ...], 
     rises to it. Clustered top singular values (convolutions on large inputs) make it slow: on
     fmnist-resnet 100 steps leave it ~0.2% low, ~1000 reach float32 precision.
     """
-    with _one_thread():
-        return _iterate(apply, adjoint, shape, like=like, iterations=iterations, tol=tol, seed=seed)
-
-
-@contextmanager
-def _one_thread():
-    """Run small ops on one CPU thread, then restore the thread count.
-
-    On a CPU shared with other jobs, multi-threaded ops this small wait on each other's threads
-    and run ~100x slower (35 ms instead of 0.2 ms per 28x28 convolution, measured).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    return _iterate(apply, adjoint, shape, like=like, iterations=iterations, tol=tol, seed=seed)
 
 
 def _iterate(apply: _Map, adjoint: _Map | None, shape: tuple[int, ...], *, like: Tensor,
@@ -297,7 +280,7 @@ class _Lipschitz:
 
 def _private_copy(model: nn.Module) -> nn.Module:
     """An eval-mode deep copy, channels-last (~1.3x faster convolutions on a CPU, same results)."""
-    return copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
+    return private_copy(model).to(memory_format=torch.channels_last)
 
 
 def _channels_last(x: Tensor) -> Tensor:
@@ -380,14 +363,9 @@ class _MaskedRuns:
         self.replayed = {layer: self._finished_before(layer) for layer in layers}
         # name -> its output for each batch; ~0.4 GB for fmnist-resnet at 500 images.
         self.saved: dict[str, list[Tensor]] = {n: [] for n in set().union(*self.replayed.values())}
-        handles = [self.model.get_submodule(n).register_forward_hook(
-            lambda module, args, output, n=n: self.saved[n].append(output)) for n in self.saved]
-        try:
-            with torch.inference_mode():
-                self.reference = [self.model(batch) for batch in self.batches]  # (B, classes) each
-        finally:
-            for handle in handles:
-                handle.remove()
+        keep = {n: lambda module, args, output, n=n: self.saved[n].append(output) for n in self.saved}
+        with torch.inference_mode(), hooked(self.model, after=keep, private=True) as run:
+            self.reference = [run(batch) for batch in self.batches]  # (B, classes) each
 
     def _finished_before(self, layer: str) -> set[str]:
         """The outermost modules that end before `layer` starts (not its ancestors)."""
@@ -402,7 +380,6 @@ class _MaskedRuns:
 
     def global_errors(self, layer: str, masks: Tensor) -> Tensor:
         """(n,) E‖f(x) − f_m(x)‖² over the batches for each mask (n, c_in) on `layer`'s inputs."""
-        module = self.model.get_submodule(layer)
         current = {"batch": 0, "mask": None}
 
         def mask_inputs(module: nn.Module, args: tuple) -> tuple:
@@ -413,18 +390,17 @@ class _MaskedRuns:
         for name in self.replayed[layer]:  # a clone, in case a later module works in place
             self.model.get_submodule(name).forward = (
                 lambda *args, name=name, **kwargs: self.saved[name][current["batch"]].clone())
-        handle = module.register_forward_pre_hook(mask_inputs)
         errors = []
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), hooked(self.model, before={layer: mask_inputs},
+                                                private=True) as run:
                 for mask in masks:
                     current["mask"], total = mask.to(self.batches[0]), 0.0
                     for index, (batch, clean) in enumerate(zip(self.batches, self.reference)):
                         current["batch"] = index
-                        total += float((self.model(batch) - clean).double().square().sum())
+                        total += float((run(batch) - clean).double().square().sum())
                     errors.append(total / sum(len(b) for b in self.batches))
         finally:
-            handle.remove()
             for name in self.replayed[layer]:
                 del self.model.get_submodule(name).forward
         return torch.tensor(errors, dtype=torch.float64)
@@ -563,7 +539,7 @@ def deform(images: Tensor, amount: float, *, generator: torch.Generator) -> Tens
 
 
 def _features(model: nn.Module, layers: Sequence[str], images: Tensor) -> list[Tensor]:
-    """(N, features) outputs of `layers` (on a private copy), the input itself first."""
+    """(N, features) outputs of `layers`, the input itself first; `model` is a private copy."""
     outputs: dict[str, Tensor] = {}
 
     def keep(name: str):
@@ -571,13 +547,9 @@ def _features(model: nn.Module, layers: Sequence[str], images: Tensor) -> list[T
             outputs.setdefault(name, output.flatten(1))  # (N, features) of the first call
         return hook
 
-    handles = [model.get_submodule(n).register_forward_hook(keep(n)) for n in layers]
-    try:
-        with torch.inference_mode():
-            model(images)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with torch.inference_mode(), hooked(model, after={n: keep(n) for n in layers},
+                                        private=True) as run:
+        run(images)
     return [images.flatten(1), *(outputs[n] for n in layers)]
 
 
@@ -718,12 +690,11 @@ def hifi_existence(fidelity: Mapping[str, LayerFidelity], *,
         A `HifiExistence`; `topk_not_worse` is the share of outputs where top-k needs no more
         inputs than the random search.
     """
-    with _one_thread():  # batches of small Cholesky factors
-        rows = _existence_rows("trained", fidelity, level=level, trials=trials, outputs=outputs,
-                               seed=seed)
-        if untrained is not None:
-            rows += _existence_rows("untrained", untrained, level=level, trials=trials,
-                                    outputs=outputs, seed=seed)
+    rows = _existence_rows("trained", fidelity, level=level, trials=trials, outputs=outputs,
+                           seed=seed)
+    if untrained is not None:
+        rows += _existence_rows("untrained", untrained, level=level, trials=trials,
+                                outputs=outputs, seed=seed)
     table = pd.DataFrame(rows, columns=["model", "layer", "inputs", "outputs", "topk_share",
                                         "random_share", "topk_not_worse"])
     return HifiExistence(table, level, threshold)

@@ -1,8 +1,8 @@
 """One forward pass, recorded: which modules ran, in what order, how often, on what inputs.
 
-The single place that hooks every module of a model for one pass. `fidelity.forward_order` (the
-scorable layers in call order), the theory's layer walk and ModHiFi-U's replay of the modules
-before an edit all read it.
+`fidelity.forward_order` (the scorable layers in call order), the theory's layer walk and
+ModHiFi-U's replay of the modules before an edit all read it. The pass runs on a private copy
+(`hooks.hooked`), so the model given is never hooked.
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from itertools import count
 
 import torch
 from torch import Tensor, nn
+
+from modhifi.hooks import hooked
 
 
 @dataclass(frozen=True, eq=False)
@@ -31,10 +33,10 @@ class Trace:
 
 @torch.inference_mode()
 def trace_forward(model: nn.Module, example: Tensor) -> Trace:
-    """Record one forward pass of `model` on `example` (hooks are added and removed).
+    """Record one forward pass of `model` on `example` (on a private copy, in eval mode).
 
     Args:
-        model: the network, in eval mode.
+        model: the network; only read.
         example: one input batch on the model's device.
 
     Returns:
@@ -59,13 +61,9 @@ def trace_forward(model: nn.Module, example: Tensor) -> Trace:
         return hook
 
     named = [(n, m) for n, m in model.named_modules() if n]
-    handles = [h for n, m in named for h in (m.register_forward_pre_hook(before(n)),
-                                             m.register_forward_hook(after(n)))]
-    try:
-        model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooked(model, before={n: before(n) for n, _ in named},
+                after={n: after(n) for n, _ in named}) as run:
+        run(example)
     leaves = sorted((n for n, m in named if n in start and next(m.children(), None) is None),
                     key=start.get)
     return Trace(start, end, calls, shapes, tuple(leaves), frozenset(tensors))

@@ -25,7 +25,6 @@ contrastive centred saliency -> plan (layers and k chosen on calibration images)
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, replace
@@ -45,6 +44,7 @@ from modhifi.fidelity import (
     forward_order,
     moments_of,
 )
+from modhifi.hooks import hooked, private_copy
 from modhifi.trace import trace_forward
 
 Edit = Literal["zero", "negate"]
@@ -166,13 +166,12 @@ def reaching_positions(model: nn.Module, name: str, example: Tensor, *,
         Sorted (n,) long indices into the positions (H'·W' of a conv output in row-major order,
         the flattened token axes of a Linear output), or None for all positions.
     """
-    layer = model.get_submodule(name)
+    working = private_copy(model)
+    layer = working.get_submodule(name)
     shapes: list[torch.Size] = []
-    handle = layer.register_forward_hook(lambda m, args, out: shapes.append(out.shape))
-    try:
-        clean = model(example[:1])  # (1, K)
-    finally:
-        handle.remove()
+    with hooked(working, after={name: lambda m, args, out: shapes.append(out.shape)},
+                private=True) as run:
+        clean = run(example[:1])  # (1, K)
     positions, channels = _output_positions(layer, shapes[0])
     if positions == 1 or positions > REACH_MAX_POSITIONS:
         return None
@@ -190,11 +189,8 @@ def reaching_positions(model: nn.Module, name: str, example: Tensor, *,
             return out + (n.transpose(1, 2) if isinstance(module, nn.Conv2d) else n).reshape(
                 out.shape)
 
-        handle = layer.register_forward_hook(perturb)
-        try:
-            changed = (model(copies) - clean).abs().amax(1)  # (b,)
-        finally:
-            handle.remove()
+        with hooked(working, after={name: perturb}, private=True) as run:
+            changed = (run(copies) - clean).abs().amax(1)  # (b,)
         # Far above the rounding differences between batch sizes (~1e-6 relative), far below
         # what noise ten times the layer's largest output does to the logits where it reaches.
         reached[index] = (changed > 1e-3 * clean.abs().amax().clamp(min=1e-6)).cpu()
@@ -315,15 +311,11 @@ def score_forget_class(model: nn.Module, calibration: Split, *, forget_class: in
                     store[name] = store[name] + part if name in store else part
         return hook
 
-    handles = [module.register_forward_pre_hook(record(name)) for name, module in modules.items()]
-    try:
+    with hooked(model, before={name: record(name) for name in layers}) as run:
         for start, images in zip(range(0, len(used), batch_size),
                                  calibration.subset(used).batches(batch_size, device=device)):
             batch = {key: mask[start:start + len(images)] for key, mask in rows.items()}
-            model(images)
-    finally:
-        for handle in handles:
-            handle.remove()
+            run(images)
     saliency = []
     for name, module in modules.items():
         forget, reference = moments["forget"][name], moments["reference"][name]
@@ -445,7 +437,7 @@ def apply_plan(model: nn.Module, plan: UnlearnPlan) -> nn.Module:
     Returns:
         An edited deep copy, in eval mode.
     """
-    edited = copy.deepcopy(model).eval()
+    edited = private_copy(model)
     _edit_in_place(edited, plan)
     return edited
 
@@ -501,17 +493,13 @@ def _install_replay(working: nn.Module, first_edited: str, images: Tensor,
     """
     names = _prefix_modules(working, first_edited, images[:1])
     recorded: dict[str, list[Tensor]] = {name: [] for name in names}
-    handles = [working.get_submodule(name).register_forward_hook(
-        lambda m, a, out, name=name: recorded[name].append(out)) for name in names]
-    try:
+    keep = {name: lambda m, a, out, name=name: recorded[name].append(out) for name in names}
+    with hooked(working, after=keep, private=True) as run:
         for start in range(0, len(images), batch_size):
-            working(images[start:start + batch_size])
+            run(images[start:start + batch_size])
             per_image = sum(r[0][0].numel() * r[0].element_size() for r in recorded.values())
             if start == 0 and per_image * len(images) > _REPLAY_BYTES:
                 return
-    finally:
-        for handle in handles:
-            handle.remove()
     originals = {name: working.get_submodule(name) for name in names}
     replays = {name: _Replay(torch.cat(recorded.pop(name)), rows) for name in names}
     for name, module in replays.items():
@@ -548,7 +536,7 @@ class _Search:
 
     def __init__(self, model: nn.Module, scores: ForgetScores, forget_images: Split,
                  retain_images: Split | None, *, device: torch.device | str, batch_size: int):
-        self.working = copy.deepcopy(model).eval()
+        self.working = private_copy(model)
         self.originals = {name: self.working.get_submodule(name).weight.detach().clone()
                           for name in scores.layers}
         both = [forget_images] + ([retain_images] if retain_images is not None else [])
@@ -801,7 +789,7 @@ def unlearn(model: nn.Module, dataset: Dataset, *, forget_class: int, device: to
 
     begin = time.perf_counter()
     # eval() and hooks touch only this copy; channels-last convolutions are ~1.7x faster on a CPU
-    original = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
+    original = private_copy(model).to(memory_format=torch.channels_last)
     example = next(dataset.calibration.batches(1, device=device))
     edit = edit or default_edit(original)
     names = unlearnable_layers(original, example, layers=layers, edit=edit)
