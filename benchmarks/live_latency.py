@@ -25,6 +25,8 @@ from pathlib import Path
 import pandas as pd
 from _table import markdown
 
+from modhifi.backend import percentile
+
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
 
@@ -39,7 +41,7 @@ def _open(model: str, page: str):
 
 
 def _summary(kind: str, seconds: list[float]) -> dict:
-    p95 = statistics.quantiles(seconds, n=20)[-1] if len(seconds) > 1 else seconds[0]
+    p95 = percentile(seconds, 0.95)
     return {"measurement": kind, "runs": len(seconds), "median_s": statistics.median(seconds),
             "p95_s": p95, "max_s": max(seconds)}
 

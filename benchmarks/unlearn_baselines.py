@@ -62,8 +62,10 @@ BASELINES = (Baseline("gradient_ascent", ascend=True, lr=3e-5),
 
 
 def run_baseline(model: nn.Module, images: Split, baseline: Baseline, *, budget_s: float,
-                 device: torch.device, batch_size: int = 64, seed: int = 0) -> tuple[nn.Module, int, float]:
-    """Train a copy of `model` on `images` for `budget_s` seconds (BatchNorm frozen).
+                 device: torch.device, batch_size: int = 64, seed: int = 0,
+                 max_steps: int | None = None) -> tuple[nn.Module, int, float]:
+    """Train a copy of `model` on `images` for `budget_s` seconds or `max_steps` SGD steps,
+    whichever comes first (BatchNorm frozen).
 
     Returns:
         (the trained copy, SGD steps taken, seconds spent).
@@ -87,7 +89,7 @@ def run_baseline(model: nn.Module, images: Split, baseline: Baseline, *, budget_
             # A whole batch misclassified, never the short remainder batch of an epoch.
             full = len(y) == min(batch_size, len(images))
             forgotten = baseline.ascend and full and bool((logits.argmax(1) != y).all())
-            if forgotten or time.perf_counter() - begin >= budget_s:
+            if forgotten or steps == max_steps or time.perf_counter() - begin >= budget_s:
                 trained.zero_grad(set_to_none=True)
                 return trained, steps, time.perf_counter() - begin
 

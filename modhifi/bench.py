@@ -10,7 +10,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from modhifi.backend import Backend
+from modhifi.backend import Backend, percentile
 from modhifi.data import Dataset
 from modhifi.metrics import evaluate, measure_latencies
 from modhifi.prune import Analysis, analyse
@@ -41,8 +41,7 @@ def slider_latency(analysis: Analysis, dataset: Dataset, *, backend: Backend, po
         model = analysis.apply(plan, compensation="refit")
         evaluate(model, live, device=backend.device, num_classes=dataset.num_classes)
         seconds.append(time.perf_counter() - start)
-    p95 = statistics.quantiles(seconds, n=20)[-1] if len(seconds) > 1 else seconds[0]
-    return SliderLatency(statistics.median(seconds), p95, positions)
+    return SliderLatency(statistics.median(seconds), percentile(seconds, 0.95), positions)
 
 
 def quick(model, dataset: Dataset, *, backend: Backend, calibration_samples: int = 2000,

@@ -7,6 +7,7 @@ and tables live in `st.cache_data`, keyed by plain ids (model, device, calibrati
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +16,7 @@ import streamlit as st
 from modhifi import backend as _backend
 from modhifi import bench, metrics, prune, theory, unlearn, zoo
 from modhifi.errors import UserError
+from ui.store import SharedResults
 
 # --- session-state keys ------------------------------------------------------------------------
 MODEL = "sidebar.model"
@@ -53,6 +55,17 @@ UNLEARN_LOW_AGREEMENT = 0.8
 LIVE_TEST_IMAGES = bench.LIVE_TEST_IMAGES  # live numbers use this prefix of the test split
 CALIBRATION_DEFAULT = bench.LIVE_CALIBRATION_IMAGES
 UPLOADS = Path.home() / ".cache" / "modhifi" / "uploads"
+SERVER_MODELS_VARIABLE = "MODHIFI_MODEL_DIR"  # a folder whose checkpoints visitors may pick
+
+# --- how much one server keeps (README, "Running it for a room") --------------------------------
+# Each open model holds its dataset; each analysis its private copy of the model and the input
+# moments of every layer (docs/results.md measures both). Least recently used entries go first.
+OPEN_MODELS = 4          # models with their datasets
+SHARED_RESULTS = {"analysis": 4, "sparsity_curve": 16}
+PRUNED_MODELS = 16       # pruned models behind the Prune page's slider positions
+UNLEARNED_MODELS = 8
+CACHED_TABLES = 256      # each st.cache_data function: numbers and tables, small
+CACHED_DOWNLOADS = 16    # checkpoint bytes ready for the download buttons
 
 
 # --- the sidebar ---------------------------------------------------------------------------------
@@ -72,8 +85,12 @@ def sidebar() -> None:
                                           key=CHECKPOINT_UPLOAD)
         if upload is not None:
             st.session_state[CHECKPOINT_PATH] = str(_store_upload(upload.name, upload.getvalue()))
-        else:
-            st.sidebar.text_input("…or a path on the server", key=CHECKPOINT_PATH)
+        elif server_checkpoints():
+            # Only files the server's owner published: a free path field would tell a visitor
+            # which files exist anywhere on the server.
+            st.sidebar.selectbox(f"…or a checkpoint on the server ({SERVER_MODELS_VARIABLE})",
+                                 server_checkpoints(), key=CHECKPOINT_PATH, index=None,
+                                 format_func=lambda path: Path(path).name)
     st.sidebar.select_slider("Calibration images", (250, 500, 1000, 2000), value=CALIBRATION_DEFAULT,
                              key=CALIBRATION, help="Unlabeled held-out images the method reads.")
     st.sidebar.selectbox("Device", ("auto", "cpu", "cuda"), key=DEVICE)
@@ -81,6 +98,14 @@ def sidebar() -> None:
         st.sidebar.caption(f"Scoring backend: {backend(st.session_state[DEVICE]).description}")
     except UserError as error:
         st.sidebar.error(str(error))
+
+
+def server_checkpoints() -> list[str]:
+    """The .pt/.pth files in the folder named by MODHIFI_MODEL_DIR (none when it is unset)."""
+    folder = os.environ.get(SERVER_MODELS_VARIABLE)
+    if not folder or not Path(folder).is_dir():
+        return []
+    return sorted(str(p) for p in Path(folder).iterdir() if p.suffix in (".pt", ".pth") and p.is_file())
 
 
 def _store_upload(name: str, data: bytes) -> Path:
@@ -129,7 +154,7 @@ def backend(choice: str) -> _backend.Backend:
     return _backend.choose_backend(choice)
 
 
-@st.cache_resource(show_spinner="Loading model and data…")
+@st.cache_resource(show_spinner="Loading model and data…", max_entries=OPEN_MODELS)
 def subject(model_id: str, device: str) -> zoo.Subject:
     spec, _, rest = model_id.partition("|")
     arch, _, data = rest.partition("|")
@@ -155,18 +180,17 @@ class _Progress:
 
 
 @st.cache_resource(show_spinner=False)
-def _store(kind: str) -> dict:
-    """Shared results of long work that draws a progress bar. Streamlit's caches replay what a
-    cached function draws, so this work runs outside them and keeps its results here."""
-    return {}
+def _store(kind: str) -> SharedResults:
+    """Shared results of long work that draws a progress bar (see `ui.store`), bounded."""
+    return SharedResults(SHARED_RESULTS[kind])
 
 
 def _with_progress(kind: str, key: tuple, text: str, work):
-    store = _store(kind)
-    if key not in store:
+    def compute():
         with _Progress(text) as report:
-            store[key] = work(report)
-    return store[key]
+            return work(report)
+
+    return _store(kind).get(key, compute)
 
 
 def analysis(model_id: str, device: str, samples: int) -> prune.Analysis:
@@ -182,7 +206,7 @@ def analysis(model_id: str, device: str, samples: int) -> prune.Analysis:
 
 
 @st.cache_resource(show_spinner="Pruning: compensating, cutting, recalibrating BatchNorm…",
-                   max_entries=16)
+                   max_entries=PRUNED_MODELS)
 def pruned(model_id: str, device: str, samples: int, plan: prune.PrunePlan,
            compensation: str, recalibrate: bool):
     return analysis(model_id, device, samples).apply(plan, compensation=compensation,
@@ -191,7 +215,7 @@ def pruned(model_id: str, device: str, samples: int, plan: prune.PrunePlan,
 
 # --- cached numbers and tables --------------------------------------------------------------------
 
-@st.cache_data(show_spinner="Evaluating on the test split…")
+@st.cache_data(show_spinner="Evaluating on the test split…", max_entries=CACHED_TABLES)
 def evaluation(model_id: str, device: str, *, full: bool = True) -> metrics.Evaluation:
     chosen = subject(model_id, device)
     return _evaluate(chosen, chosen.loaded.model, device, full=full)
@@ -204,55 +228,56 @@ def _evaluate(chosen: zoo.Subject, model, device: str, *, full: bool) -> metrics
                             num_classes=chosen.dataset.num_classes)
 
 
-@st.cache_data(show_spinner="Counting MACs…")
+@st.cache_data(show_spinner="Counting MACs…", max_entries=CACHED_TABLES)
 def cost(model_id: str, device: str) -> metrics.Cost:
     chosen = subject(model_id, device)
     return metrics.count_cost(chosen.loaded.model, chosen.dataset.input_shape)
 
 
-@st.cache_data(show_spinner="Timing the forward pass…")
+@st.cache_data(show_spinner="Timing the forward pass…", max_entries=CACHED_TABLES)
 def latency(model_id: str, device: str, batch_size: int) -> metrics.Latency:
     chosen = subject(model_id, device)
     return metrics.measure_latency(chosen.loaded.model, chosen.dataset.input_shape,
                                    backend=backend(device), batch_size=batch_size)
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)
 def plan(model_id: str, device: str, samples: int, target: float, kind: str, allocation: str,
          method: str, scope: str = "all", round_to: int = 8) -> prune.PrunePlan:
     return analysis(model_id, device, samples).plan(target, target_kind=kind, allocation=allocation,
                                                     method=method, scope=scope, round_to=round_to)
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)
 def channel_table(model_id: str, device: str, samples: int, target: float) -> pd.DataFrame:
     chosen = analysis(model_id, device, samples)
     return chosen.channel_table(chosen.plan(target))
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)
 def layer_scores(model_id: str, device: str, samples: int, layer: str) -> dict:
     return analysis(model_id, device, samples).layer_scores(layer)
 
 
-@st.cache_data(show_spinner="Fidelity of growing HiFi sets…")
+@st.cache_data(show_spinner="Fidelity of growing HiFi sets…", max_entries=CACHED_TABLES)
 def fidelity_curve(model_id: str, device: str, samples: int, layer: str, out: int) -> pd.DataFrame:
     return analysis(model_id, device, samples).fidelity_curve(layer, out)
 
 
-@st.cache_data(show_spinner="Smallest HiFi sets of every layer…")
+@st.cache_data(show_spinner="Smallest HiFi sets of every layer…", max_entries=CACHED_TABLES)
 def hifi_table(model_id: str, device: str, samples: int) -> pd.DataFrame:
     return analysis(model_id, device, samples).hifi_table()
 
 
-@st.cache_data(show_spinner="Evaluating the pruned model…")
+@st.cache_data(show_spinner="Evaluating the pruned model…", max_entries=CACHED_TABLES)
 def pruned_evaluation(model_id: str, device: str, samples: int, plan: prune.PrunePlan,
                       compensation: str, recalibrate: bool, full: bool) -> metrics.Evaluation:
     model = pruned(model_id, device, samples, plan, compensation, recalibrate)
     return _evaluate(subject(model_id, device), model, device, full=full)
 
 
-@st.cache_data(show_spinner="Timing dense and pruned models side by side…")
+@st.cache_data(show_spinner="Timing dense and pruned models side by side…",
+               max_entries=CACHED_TABLES)
 def pruned_latency(model_id: str, device: str, samples: int, plan: prune.PrunePlan,
                    compensation: str, recalibrate: bool, batch_size: int = 64) -> list[metrics.Latency]:
     chosen = subject(model_id, device)
@@ -285,7 +310,7 @@ def sparsity_curve(model_id: str, device: str, samples: int, kind: str,
                           "Pruning, recalibrating and evaluating ModHiFi and the baselines…", work)
 
 
-@st.cache_data(show_spinner="Packing the pruned model…")
+@st.cache_data(show_spinner="Packing the pruned model…", max_entries=CACHED_DOWNLOADS)
 def pruned_download(model_id: str, device: str, samples: int, plan: prune.PrunePlan,
                     compensation: str, recalibrate: bool) -> tuple[bytes, str, str]:
     """(checkpoint bytes, removed channels as JSON, as CSV)."""
@@ -298,7 +323,7 @@ def pruned_download(model_id: str, device: str, samples: int, plan: prune.PruneP
             json.dumps(removed, indent=1), csv)
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)
 def _editable_count(model_id: str, device: str, edit: str | None) -> int:
     chosen = subject(model_id, device)
     example = next(chosen.dataset.calibration.batches(1, device=backend(device).device))
@@ -315,7 +340,7 @@ def editable_layers(model_id: str, device: str, edit: str | None) -> int:
 
 
 @st.cache_resource(show_spinner="Forgetting: forget-class statistics, choosing k, editing, auditing…",
-                   max_entries=8)
+                   max_entries=UNLEARNED_MODELS)
 def unlearned(model_id: str, device: str, forget_class: int, layers: int | None, k: float | None,
               edit: str | None, target: float) -> unlearn.UnlearnResult:
     chosen = subject(model_id, device)
@@ -324,14 +349,14 @@ def unlearned(model_id: str, device: str, forget_class: int, layers: int | None,
                            target_forget_accuracy=target)
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)
 def unlearned_evaluation(model_id: str, device: str, forget_class: int, layers: int | None,
                          k: float | None, edit: str | None, target: float) -> metrics.Evaluation:
     model = unlearned(model_id, device, forget_class, layers, k, edit, target).model
     return _evaluate(subject(model_id, device), model, device, full=True)
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)
 def forget_examples(model_id: str, device: str, forget_class: int, layers: int | None,
                     k: float | None, edit: str | None, target: float, count: int = 8) -> pd.DataFrame:
     """Test images of the forget class with the predictions before and after (image as uint8)."""
@@ -348,7 +373,7 @@ def forget_examples(model_id: str, device: str, forget_class: int, layers: int |
                          "before": predicted(chosen.loaded.model), "after": predicted(after)})
 
 
-@st.cache_data(show_spinner="Packing the edited model…")
+@st.cache_data(show_spinner="Packing the edited model…", max_entries=CACHED_DOWNLOADS)
 def unlearned_download(model_id: str, device: str, forget_class: int, layers: int | None,
                        k: float | None, edit: str | None, target: float) -> bytes:
     chosen = subject(model_id, device)
@@ -362,12 +387,14 @@ def _base(model_id: str, chosen: zoo.Subject) -> dict:
     return zoo.base_of(spec, rest.partition("|")[0] or None, chosen.dataset)
 
 
-@st.cache_data(show_spinner="Masking the layer's inputs: local error from statistics, global measured…")
+@st.cache_data(show_spinner="Masking the layer's inputs: local error from statistics, global measured…",
+               max_entries=CACHED_TABLES)
 def local_global(model_id: str, device: str, samples: int, layer: str) -> theory.LocalGlobal:
     return theory.local_global(analysis(model_id, device, samples), layer)
 
 
-@st.cache_data(show_spinner="Feature changes under translations and deformations, by depth…")
+@st.cache_data(show_spinner="Feature changes under translations and deformations, by depth…",
+               max_entries=CACHED_TABLES)
 def invariance(model_id: str, device: str, samples: int) -> pd.DataFrame:
     chosen, study = subject(model_id, device), analysis(model_id, device, samples)
     half = study.apply(study.plan(0.5, target_kind="macs"))
@@ -375,7 +402,8 @@ def invariance(model_id: str, device: str, samples: int) -> pd.DataFrame:
     return theory.invariance({"dense": chosen.loaded.model, "pruned (½ MACs)": half}, images)
 
 
-@st.cache_data(show_spinner="Smallest HiFi sets, trained against untrained…")
+@st.cache_data(show_spinner="Smallest HiFi sets, trained against untrained…",
+               max_entries=CACHED_TABLES)
 def hifi_existence(model_id: str, device: str, samples: int) -> theory.HifiExistence:
     study = analysis(model_id, device, samples)
     untrained = (theory.untrained_analysis(zoo.ZOO[model_id].build, study).fidelity
