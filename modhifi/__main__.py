@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Callable
 
 from modhifi.errors import UserError
@@ -51,9 +52,9 @@ def _prune(args: argparse.Namespace) -> dict:
     backend, subject = _open(args)
     model, dataset = subject.loaded.model, subject.dataset
     compensation = args.compensation or ("refit" if args.method.startswith("modhifi") else "none")
+    calibration = _calibration(subject, args.calib_samples)
     _progress("statistics and scores on the calibration images")
     start = time.perf_counter()
-    calibration = _calibration(dataset, args.calib_samples)
     pruned, plans = prune_in_steps(model, calibration,
                                    device=backend.device, input_shape=dataset.input_shape,
                                    target=args.target, steps=args.steps,
@@ -121,27 +122,25 @@ def _bench(args: argparse.Namespace) -> dict:
 
 def _class_index(dataset, name: str) -> int:
     """A class given by index (`5`) or by name (`Sandal`)."""
-    if name.isdigit():
+    if name.isascii() and name.isdigit():
         if int(name) >= len(dataset.classes):
             raise UserError(f"forget class {name} is out of range for {dataset.name}: use "
                             f"0..{len(dataset.classes) - 1} or a class name")
         return int(name)
     lowered = [c.lower() for c in dataset.classes]
     if name.lower() not in lowered:
-        raise UserError(f"no class {name!r} in {dataset.name}: use an index or one of "
-                        f"{', '.join(dataset.classes)}")
+        raise UserError(f"no class {name!r} in {dataset.name}: use an index "
+                        f"0..{len(dataset.classes) - 1} or one of {', '.join(dataset.classes)}")
     return lowered.index(name.lower())
 
 
 def _scores(args: argparse.Namespace) -> dict:
-    from pathlib import Path
-
     from modhifi.prune import analyse
     from modhifi.zoo import write_atomically
 
     backend, subject = _open(args)
     dataset = subject.dataset
-    analysis = analyse(subject.loaded.model, _calibration(dataset, args.calib_samples),
+    analysis = analyse(subject.loaded.model, _calibration(subject, args.calib_samples),
                        device=backend.device, input_shape=dataset.input_shape)
     plan = None if args.target is None else analysis.plan(args.target)
     table = analysis.score_table(plan)
@@ -159,27 +158,41 @@ def _scores(args: argparse.Namespace) -> dict:
             "layers": int(table["layer"].nunique()), "target": args.target}
 
 
-def _calibration(dataset, samples: int | None) -> list:
-    """The first `samples` calibration images (the split is already a seeded random draw)."""
-    samples = samples or min(2000, len(dataset.calibration))
+def _calibration(subject, samples: int | None) -> list:
+    """The first `samples` calibration images (the split is already a seeded random draw), with
+    a warning on stderr when they are too few for the model."""
+    from modhifi.prune import calibration_caveats
+
+    dataset = subject.dataset
+    samples = min(2000, len(dataset.calibration)) if samples is None else samples
     if not 0 < samples <= len(dataset.calibration):
         raise UserError(f"--calib-samples {samples} must be between 1 and "
                         f"{len(dataset.calibration)} for {dataset.name}")
+    for caveat in calibration_caveats(subject.loaded.model, samples):
+        _progress(f"warning: {caveat}")
     return list(dataset.calibration.subset(slice(0, samples)).batches(500))
 
 
-def _save_modified(args: argparse.Namespace, subject, model, *, removed: dict) -> None:
-    """Write the model (reloadable by `--model FILE`) and its removed channels beside it."""
+def _save_modified(args: argparse.Namespace, subject, model, *, removed: dict | list) -> None:
+    """Write the model (reloadable by `--model FILE`) and, for a pruned one, its removed channels
+    beside it, as one unit (`zoo.write_together`): never one without the other."""
     import json
-    from pathlib import Path
 
-    from modhifi.zoo import base_of, save_checkpoint, write_atomically
+    import torch
+
+    from modhifi.zoo import base_of, checkpoint_state, write_together
 
     out = Path(args.out)
-    save_checkpoint(out, model, base=base_of(args.model, args.arch, subject.dataset), removed=removed)
-    channels = out.with_name(out.name + ".channels.json")
-    write_atomically(channels, lambda p: p.write_text(json.dumps(removed, indent=1) + "\n"))
-    _progress(f"wrote {out} and {channels}")
+    state = checkpoint_state(model, base=base_of(args.model, args.arch, subject.dataset),
+                             removed=removed)
+    files = {out: lambda p: torch.save(state, p),  # the model (it holds its channel list too)
+             _channels_path(out): lambda p: p.write_text(json.dumps(removed, indent=1) + "\n")}
+    write_together(files)
+    _progress(f"wrote {' and '.join(map(str, files))}")
+
+
+def _channels_path(out: Path) -> Path:
+    return out.with_name(out.name + ".channels.json")
 
 
 def _open(args: argparse.Namespace):
@@ -188,7 +201,10 @@ def _open(args: argparse.Namespace):
 
     backend = choose_backend(args.device)
     _progress(f"loading {args.model} on {backend.description}")
-    return backend, open_subject(args.model, device=backend.device, arch=args.arch, data=args.data)
+    subject = open_subject(args.model, device=backend.device, arch=args.arch, data=args.data)
+    for caveat in subject.dataset.caveats:
+        _progress(f"warning: {caveat}")
+    return backend, subject
 
 
 def _progress(line: str) -> None:
@@ -283,9 +299,50 @@ def _print(result: dict, *, as_json: bool) -> None:
             print(f"{key:>20}: {value}")
 
 
+def _check(args: argparse.Namespace) -> None:
+    """Every numeric option in range and every output path writable, before any work starts."""
+    import math
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise UserError(message)
+
+    def given(name: str):
+        return getattr(args, name, None)
+
+    finite = lambda x: x is None or math.isfinite(x)  # noqa: E731
+    need(given("batch_size") is None or args.batch_size >= 1,
+         f"--batch-size {given('batch_size')} must be at least 1 (images per timed batch)")
+    need(given("calib_samples") is None or args.calib_samples >= 1,
+         f"--calib-samples {given('calib_samples')} must be at least 1; leave it out for the "
+         "default (2,000, or all if fewer)")
+    if given("target") is not None:
+        from modhifi.prune import check_target
+
+        check_target(args.target)
+    need(given("steps") is None or args.steps >= 1,
+         f"--steps {given('steps')} must be at least 1, a whole number of rounds")
+    need(given("round_to") is None or args.round_to >= 1,
+         f"round to {given('round_to')} channels: must be at least 1 (1 keeps exact counts)")
+    need(finite(given("k")) and (given("k") is None or 0 < args.k <= 1),
+         f"--k {given('k')} must be a share in (0, 1] of each layer's (output, input) pairs")
+    need(finite(given("forget_target")) and (given("forget_target") is None
+                                             or 0 <= args.forget_target <= 1),
+         f"--forget-target {given('forget_target')} must be a fraction in [0, 1]")
+    need(given("layers") is None or args.layers >= 1,
+         f"--layers {given('layers')} must be at least 1 (how many layers to edit)")
+    if given("out"):
+        from modhifi.zoo import check_output
+
+        check_output(Path(args.out))
+        if args.command != "scores":
+            check_output(_channels_path(Path(args.out)))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        _check(args)
         result = COMMANDS[args.command][0](args)
     except UserError as error:
         print(f"modhifi: error: {error}", file=sys.stderr)

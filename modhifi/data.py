@@ -80,6 +80,15 @@ class Dataset:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def caveats(self) -> tuple[str, ...]:
+        """Warnings for data that is legal but makes the accuracies meaningless."""
+        present = int(self.test.labels.unique().numel())
+        if present > 1:
+            return ()
+        return (f"the test split of {self.name} holds only {present} class: every accuracy on it "
+                "is trivially high or low; use a dataset with several classes",)
+
 
 def load_dataset(spec: str, *, data_dir: str | Path | None = None,
                  calibration_size: int | None = None) -> Dataset:
@@ -226,6 +235,15 @@ def _cifar10(root: Path):
                   torch.tensor(p.targets)) for p in parts)
 
 
+def _read_image(found, index: int) -> tuple[torch.Tensor, int]:
+    """One (image, label) of a torchvision ImageFolder, or a UserError naming the bad file."""
+    try:
+        return found[index]
+    except (OSError, ValueError, SyntaxError) as error:  # PIL: unreadable, truncated, not an image
+        raise UserError(f"cannot read image {found.samples[index][0]} ({type(error).__name__}): "
+                        "remove or replace the file") from None
+
+
 def _imagefolder(root: Path, calibration_size: int | None, image_size: int = 224) -> Dataset:
     """`root/{train,test}/<class>/*.jpg` (or a single `root/<class>/` split 80/20)."""
     from torchvision.datasets import ImageFolder
@@ -239,7 +257,7 @@ def _imagefolder(root: Path, calibration_size: int | None, image_size: int = 224
         except (FileNotFoundError, OSError) as error:
             raise UserError(f"cannot read image folder {folder} ({error}): expected "
                             "<folder>/<class name>/<images>") from None
-        pairs = [found[i] for i in range(len(found))]
+        pairs = [_read_image(found, i) for i in range(len(found))]
         return torch.stack([p[0].expand(3, -1, -1) for p in pairs]), torch.tensor(
             [p[1] for p in pairs]), tuple(found.classes)
 

@@ -321,6 +321,7 @@ class Analysis:
     fidelity: dict[str, LayerFidelity] = field(repr=False)
     calibration: tuple[torch.Tensor, ...] = field(repr=False)  # normalised batches, on the device
     seconds: float
+    caveats: tuple[str, ...] = ()  # why the numbers may mean little (see `calibration_caveats`)
     # (method, seed) -> rankings: they do not depend on the target, and the greedy one is costly.
     _rankings: dict[tuple[str, int], dict[str, Ranking]] = field(
         default_factory=dict, init=False, repr=False, compare=False)
@@ -542,7 +543,30 @@ def analyse(model: nn.Module, calibration: Iterable[torch.Tensor], *, device: to
                                                  lam=lam)
                 for name in consumers}
     return Analysis(model, tuple(input_shape), structure, moments, fidelity, batches,
-                    time.perf_counter() - start)
+                    time.perf_counter() - start,
+                    calibration_caveats(model, sum(len(b) for b in batches)))
+
+
+def calibration_caveats(model: nn.Module, images: int) -> tuple[str, ...]:
+    """Warnings for a calibration set that is legal but too small for the statistics to mean much.
+
+    Args:
+        model: the network to be analysed.
+        images: calibration images.
+
+    Returns:
+        One line per problem (none when the set is large enough).
+    """
+    widths = {name: m.weight.shape[1] for name, m in model.named_modules()
+              if isinstance(m, (nn.Conv2d, nn.Linear))}
+    if not widths:
+        return ()
+    widest = max(widths, key=widths.get)
+    if images >= widths[widest]:
+        return ()
+    return (f"{images} calibration images are fewer than the {widths[widest]} input channels of "
+            f"{widest}: its statistics cannot tell those channels apart; use at least "
+            f"{widths[widest]} (more is better)",)
 
 
 def _size(plan: PrunePlan, target_kind: TargetKind) -> int:

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
@@ -76,7 +77,7 @@ class LoadedModel:
 
 def load_model(spec: str, *, device: torch.device, arch: str | None = None,
                dataset: str | None = None, num_classes: int = 10,
-               in_channels: int = 3) -> LoadedModel:
+               in_channels: int = 3, modified_ok: bool = True) -> LoadedModel:
     """Load a zoo model by name, or a checkpoint file (ours, pruned ones included, or a user's).
 
     Args:
@@ -84,6 +85,7 @@ def load_model(spec: str, *, device: torch.device, arch: str | None = None,
         arch: torchvision architecture of a user's checkpoint (one of TORCHVISION_ARCHS).
         dataset: dataset spec of a user's checkpoint (see data.load_dataset).
         num_classes, in_channels: shape of the torchvision head and stem.
+        modified_ok: accept a modified model's checkpoint (a base is never one: no chains).
     """
     if spec in ZOO:
         entry = ZOO[spec]
@@ -101,6 +103,9 @@ def load_model(spec: str, *, device: torch.device, arch: str | None = None,
     path = Path(spec)
     state = read_checkpoint(path)
     if "base" in state:  # one of ours: a modified copy of a base model
+        if not modified_ok:
+            raise UserError(f"{path} is itself a modified model and cannot be the base of "
+                            "another; the checkpoint was edited: save the modified model again")
         return _load_modified(path, state, device=device)
     if arch is None:
         raise UserError(f"{spec!r} is not a zoo model ({', '.join(ZOO)}); for a checkpoint file "
@@ -114,17 +119,46 @@ def _load_modified(path: Path, state: dict, *, device: torch.device) -> LoadedMo
     """Rebuild a saved modified model: its base, the same channels cut, then its weights."""
     from modhifi.prune import cut_channels
 
-    base = state["base"]
+    base, removed = _checked_base(state, path)
     loaded = load_model(base["model"], device=torch.device("cpu"), arch=base.get("arch"),
-                        dataset=base.get("dataset"), num_classes=base.get("num_classes", 10),
-                        in_channels=base["input_shape"][0])
+                        dataset=base.get("dataset"), num_classes=base["num_classes"],
+                        in_channels=base["input_shape"][0], modified_ok=False)
     model = loaded.model
-    removed = state.get("removed", {})
-    for step in removed if isinstance(removed, list) else [removed]:  # iterative: one per round
-        cut_channels(model, step, tuple(base["input_shape"]))
+    try:
+        for step in removed:  # iterative pruning: one step per round
+            cut_channels(model, step, tuple(base["input_shape"]))
+    except (UserError, AttributeError, IndexError, RuntimeError) as error:
+        raise UserError(f"checkpoint {path} lists channels its base model {base['model']} does "
+                        f"not have ({type(error).__name__}); the file is damaged or was edited: "
+                        "save the modified model again") from None
     _load_state(model, state["state_dict"], path)
     return LoadedModel(path.name, f"{loaded.arch}, modified", loaded.dataset,
                        model.eval().to(device), True)
+
+
+def _checked_base(state: dict, path: Path) -> tuple[dict, list[dict]]:
+    """The `base` entry and the removed channels (one dict per round) of a modified model's
+    checkpoint, or a one-line UserError naming what is malformed."""
+    base, removed = state.get("base"), state.get("removed", {})
+    steps = removed if isinstance(removed, list) else [removed]
+    shape = base.get("input_shape") if isinstance(base, dict) else None
+    problem = (
+        "`base` is not a dict" if not isinstance(base, dict) else
+        "`base.model` is not a name or path" if not isinstance(base.get("model"), str) else
+        "`base.input_shape` is not three positive integers" if not (
+            isinstance(shape, (list, tuple)) and len(shape) == 3
+            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)) else
+        "`base.num_classes` is not a positive integer" if not (
+            isinstance(base.get("num_classes"), int) and base["num_classes"] > 0) else
+        "`removed` is not {group: [channel, ...]}" if not all(
+            isinstance(step, dict) and all(isinstance(k, str) and isinstance(v, (list, tuple))
+                                           and all(isinstance(i, int) and i >= 0 for i in v)
+                                           for k, v in step.items()) for step in steps) else
+        "`state_dict` is missing" if not isinstance(state.get("state_dict"), dict) else None)
+    if problem:
+        raise UserError(f"checkpoint {path} is damaged or was edited: {problem}; save the "
+                        "modified model again")
+    return base, steps
 
 
 @dataclass(frozen=True)
@@ -138,10 +172,19 @@ class Subject:
 def open_subject(spec: str, *, device: torch.device, arch: str | None = None,
                  data: str | None = None, calibration_size: int | None = None) -> Subject:
     """Load a model with its dataset (a zoo model's own, or `data` for a checkpoint)."""
+    base = None
     if spec in ZOO:
+        if data is not None and data != ZOO[spec].dataset:
+            raise UserError(f"--data {data} does not apply to zoo model {spec}, which is "
+                            f"evaluated on its own dataset ({ZOO[spec].dataset}); leave --data out")
+        if arch is not None:
+            raise UserError(f"--arch {arch} does not apply to zoo model {spec}, which has its "
+                            "own architecture; leave --arch out")
         data = ZOO[spec].dataset
-    elif data is None and Path(spec).is_file():
-        data = read_checkpoint(Path(spec)).get("base", {}).get("dataset")
+    elif Path(spec).is_file():
+        base = read_checkpoint(Path(spec)).get("base")
+        if data is None and isinstance(base, dict):
+            data = base.get("dataset")
     if data is None and spec not in ZOO and arch is None:
         raise UserError(f"{spec!r} is not a zoo model ({', '.join(ZOO)}); for a checkpoint file "
                         "also give --arch and --data")
@@ -149,6 +192,13 @@ def open_subject(spec: str, *, device: torch.device, arch: str | None = None,
         raise UserError(f"no dataset for {spec!r}: give --data (fashion-mnist, digits, "
                         "cifar10:DIR or imagefolder:DIR)")
     dataset = load_dataset(data, calibration_size=calibration_size)
+    if isinstance(base, dict) and (list(dataset.input_shape) != base.get("input_shape")
+                                   or dataset.num_classes != base.get("num_classes")):
+        raise UserError(f"{spec} was made for {base.get('num_classes')} classes of "
+                        f"{'×'.join(map(str, base.get('input_shape') or []))} images, but "
+                        f"--data {data} has {dataset.num_classes} classes of "
+                        f"{'×'.join(map(str, dataset.input_shape))}; use the dataset it was "
+                        "made for")
     loaded = load_model(spec, device=device, arch=arch, dataset=data,
                         num_classes=dataset.num_classes, in_channels=dataset.input_shape[0])
     return Subject(loaded, dataset)
@@ -198,16 +248,64 @@ def _load_state(model: nn.Module, state: dict, path: Path) -> None:
     model.load_state_dict(state)
 
 
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, so no half-written file is ever left."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(handle)
+def check_output(path: Path) -> Path:
+    """Raise a one-line UserError unless a file can be written at `path` (checked before work)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--out {path} is a folder: give a file name inside it, e.g. {path / 'model.pt'}")
+    folder = path.parent
+    while not folder.exists():  # the folders to create: the first existing ancestor decides
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"cannot write {path}: {folder} is a file, not a folder; choose another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {path}: no permission to write in {folder}; choose another path")
+    return path
+
+
+def write_together(files: dict[Path, Callable[[Path], None]]) -> None:
+    """Write several files as one unit: each is written and flushed to disk in a private
+    temporary folder beside its target, then renamed into place in the order given; if any step
+    fails, those already placed are removed, so a partial set is never left behind.
+
+    New files get the usual permissions (0666 less the umask), unlike `tempfile.mkstemp`'s 0600.
+
+    Args:
+        files: target path -> a function that writes the file at the path it is given.
+    """
+    staged: list[tuple[Path, Path]] = []
+    folders: list[Path] = []
+    placed: list[Path] = []
     try:
-        write(Path(temporary))
-        os.replace(temporary, path)
+        for path, write in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            folders.append(Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.")))
+            temporary = folders[-1] / path.name
+            write(temporary)
+            with open(temporary, "rb") as handle:
+                os.fsync(handle.fileno())
+            staged.append((temporary, path))
+        for temporary, path in staged:
+            os.replace(temporary, path)
+            placed.append(path)
+        for folder in {path.parent for path in files}:
+            descriptor = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)  # the renames themselves reach the disk
+            finally:
+                os.close(descriptor)
+    except BaseException:
+        for path in placed:
+            path.unlink(missing_ok=True)
+        raise
     finally:
-        Path(temporary).unlink(missing_ok=True)
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write one file through a temporary one beside it, so no half-written file is ever left."""
+    write_together({Path(path): write})
 
 
 def base_of(spec: str, arch: str | None, dataset: Dataset) -> dict:
