@@ -325,10 +325,11 @@ def _check(args: argparse.Namespace) -> None:
     need(given("round_to") is None or args.round_to >= 1,
          f"round to {given('round_to')} channels: must be at least 1 (1 keeps exact counts)")
     need(finite(given("k")) and (given("k") is None or 0 < args.k <= 1),
-         f"--k {given('k')} must be a share in (0, 1] of each layer's (output, input) pairs")
+         f"--k {given('k')} is out of range: a share in (0, 1] of each layer's (output, input) "
+         "pairs, e.g. --k 0.03")
     need(finite(given("forget_target")) and (given("forget_target") is None
                                              or 0 <= args.forget_target <= 1),
-         f"--forget-target {given('forget_target')} must be a fraction in [0, 1]")
+         f"--forget-target {given('forget_target')} is out of range: a fraction in [0, 1]")
     need(given("layers") is None or args.layers >= 1,
          f"--layers {given('layers')} must be at least 1 (how many layers to edit)")
     if given("out"):

@@ -619,7 +619,11 @@ def cut_channels(model: nn.Module, removed: dict[str, Iterable[int]],
         index = sorted(int(i) for i in index)
         if not index:
             continue
-        layer = model.get_submodule(name)
+        layer = dict(model.named_modules()).get(name)
+        width = getattr(layer, "out_channels", getattr(layer, "out_features", 0))
+        if not width or not 0 <= index[0] <= index[-1] < width:
+            raise UserError(f"cannot remove channels {index[:4]}… of {name}: the model has no "
+                            "such layer or channels; pass a plan made for this model")
         prune_out = graph.get_pruner_of_module(layer).prune_out_channels
         group = graph.get_pruning_group(layer, prune_out, idxs=index)
         if not graph.check_pruning_group(group):

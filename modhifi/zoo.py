@@ -182,9 +182,10 @@ def open_subject(spec: str, *, device: torch.device, arch: str | None = None,
                             "own architecture; leave --arch out")
         data = ZOO[spec].dataset
     elif Path(spec).is_file():
-        base = read_checkpoint(Path(spec)).get("base")
-        if data is None and isinstance(base, dict):
-            data = base.get("dataset")
+        state = read_checkpoint(Path(spec))
+        if "base" in state:  # a modified model: it knows its dataset
+            base, _ = _checked_base(state, Path(spec))
+            data = data or base.get("dataset")
     if data is None and spec not in ZOO and arch is None:
         raise UserError(f"{spec!r} is not a zoo model ({', '.join(ZOO)}); for a checkpoint file "
                         "also give --arch and --data")
@@ -192,10 +193,10 @@ def open_subject(spec: str, *, device: torch.device, arch: str | None = None,
         raise UserError(f"no dataset for {spec!r}: give --data (fashion-mnist, digits, "
                         "cifar10:DIR or imagefolder:DIR)")
     dataset = load_dataset(data, calibration_size=calibration_size)
-    if isinstance(base, dict) and (list(dataset.input_shape) != base.get("input_shape")
-                                   or dataset.num_classes != base.get("num_classes")):
-        raise UserError(f"{spec} was made for {base.get('num_classes')} classes of "
-                        f"{'×'.join(map(str, base.get('input_shape') or []))} images, but "
+    if base is not None and (list(dataset.input_shape) != list(base["input_shape"])
+                             or dataset.num_classes != base["num_classes"]):
+        raise UserError(f"{spec} was made for {base['num_classes']} classes of "
+                        f"{'×'.join(map(str, base['input_shape']))} images, but "
                         f"--data {data} has {dataset.num_classes} classes of "
                         f"{'×'.join(map(str, dataset.input_shape))}; use the dataset it was "
                         "made for")

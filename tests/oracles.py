@@ -19,3 +19,31 @@ def contributions(layer, x):
         y = layer(alone) - bias_only  # (N, c_out, H', W') or (N, [T,] c_out)
         A.append(y.flatten(2) if is_conv else y.reshape(len(x), -1, y.shape[-1]).transpose(1, 2))
     return torch.stack(A, dim=2)
+
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+          "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs")
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything a call could change on a model: values and layout of every parameter and
+    buffer, each module's training flag and hooks, and its forward method."""
+    return {
+        "tensors": {k: (v.detach().clone(), v.stride(), v.device) for k, v in
+                    [*model.named_parameters(), *model.named_buffers()]},
+        "modes": {n: m.training for n, m in model.named_modules()},
+        "hooks": {n: {h: len(getattr(m, h, {})) for h in _HOOKS} for n, m in model.named_modules()},
+        "forward": {n: "forward" in vars(m) for n, m in model.named_modules()},
+        "modules": {n: type(m) for n, m in model.named_modules()},
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    """The model is bit-identical to its `snapshot`: weights, buffers, layout, modes, hooks."""
+    after = snapshot(model)
+    assert after["tensors"].keys() == before["tensors"].keys()
+    for key, (value, stride, device) in before["tensors"].items():
+        now, now_stride, now_device = after["tensors"][key]
+        assert torch.equal(now, value) and now_stride == stride and now_device == device, key
+    for part in ("modes", "hooks", "forward", "modules"):
+        assert after[part] == before[part], part

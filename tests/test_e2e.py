@@ -1,5 +1,6 @@
 """The real app in headless Debian Chromium (Playwright, no downloaded browser): every page
-renders, the sparsity slider changes the numbers; screenshots land in docs/screenshots/."""
+renders, the sparsity slider changes the numbers. Screenshots go to a temporary folder; to refresh
+the README's: MODHIFI_SCREENSHOTS=docs/screenshots .venv/bin/python -m pytest tests/test_e2e.py"""
 import os
 import socket
 import subprocess
@@ -11,7 +12,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHOTS = ROOT / "docs" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -70,20 +70,27 @@ def _metric(page, label: str) -> str:
     return box.locator("[data-testid='stMetricValue']").inner_text()
 
 
-def test_pages_render_and_the_slider_updates_the_numbers(app_url, page):
-    SHOTS.mkdir(parents=True, exist_ok=True)
+@pytest.fixture
+def shots(tmp_path) -> Path:
+    """Where the screenshots go: a temporary folder unless MODHIFI_SCREENSHOTS names one."""
+    folder = Path(os.environ.get("MODHIFI_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def test_pages_render_and_the_slider_updates_the_numbers(app_url, page, shots):
     page.goto(f"{app_url}/?model=digits-cnn")
     page.wait_for_selector("[data-testid='stMetric']", timeout=120_000)
     _settle(page)
     assert "%" in _metric(page, "Test accuracy")
-    page.screenshot(path=str(SHOTS / "overview.png"), full_page=True)
+    page.screenshot(path=str(shots / "overview.png"), full_page=True)
 
     for name in ("fidelity", "unlearn", "theory", "prune"):
         page.goto(f"{app_url}/{name}?model=digits-cnn")
         page.wait_for_selector("[data-testid='stMetric']", timeout=120_000)
         _settle(page)
         assert not page.locator("[data-testid='stException']").count()
-        page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+        page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
 
     macs, accuracy = _metric(page, "MACs / image"), _metric(page, "Accuracy")
     thumb = page.locator("[data-testid='stSlider']", has_text="Remove").get_by_role("slider")
@@ -96,4 +103,4 @@ def test_pages_render_and_the_slider_updates_the_numbers(app_url, page):
         ".some(e => e.innerText.includes(' M') && e.innerText !== old)", arg=macs, timeout=60_000)
     assert _metric(page, "MACs / image") != macs
     assert _metric(page, "Accuracy") != accuracy
-    page.screenshot(path=str(SHOTS / "prune-moved.png"), full_page=True)
+    page.screenshot(path=str(shots / "prune-moved.png"), full_page=True)

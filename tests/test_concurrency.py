@@ -1,0 +1,124 @@
+"""Many sessions on one shared model (the dashboard's situation): each gets exactly its serial
+numbers, and the shared model stays bit-identical, with no hook, mode or thread-count change.
+
+Streamlit runs each session's script in a thread of one process and hands every session the same
+cached model object, so threads calling the library paths the pages call are the real thing.
+"""
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from torch import nn
+
+from modhifi.metrics import count_cost, evaluate, measure_latency
+from modhifi.prune import analyse
+from modhifi.theory import invariance
+from modhifi.unlearn import editable_layers, unlearn
+from oracles import assert_unchanged, snapshot
+from ui.store import SharedResults
+
+SESSIONS = 8
+
+
+def _session(shared, index: int) -> dict:
+    """What one visitor's pages compute: statistics and scores on their calibration size, a plan
+    at their slider position, the pruned model's accuracy and MACs, a forgotten class, the
+    editable layers, invariance by depth, and a latency measurement."""
+    model, data, cpu = shared.loaded.model, shared.dataset, torch.device("cpu")
+    calibration = data.calibration.subset(slice(0, 96 + 24 * index)).batches(48)
+    analysis = analyse(model, calibration, device=cpu, input_shape=data.input_shape)
+    plan = analysis.plan(0.15 + 0.05 * index, target_kind="macs",
+                         method=("modhifi", "modhifi-greedy")[index % 2])
+    pruned = analysis.apply(plan)
+    live = data.test.subset(slice(0, 200))
+    forgotten = unlearn(model, data, forget_class=index, device=cpu, k=0.05, layers=2)
+    images = next(data.test.batches(16))
+    measure_latency(model, data.input_shape, backend=_cpu(), batch_size=8, warmup=1, repeats=2)
+    return {
+        "singleton": {n: f.singleton for n, f in analysis.fidelity.items()},
+        "kept": [g.kept for g in plan.groups],
+        "macs": (plan.macs_after, count_cost(pruned, data.input_shape).macs),
+        "accuracy": evaluate(pruned, live, device=cpu, num_classes=data.num_classes).confusion,
+        "dense": evaluate(model, live, device=cpu, num_classes=data.num_classes).confusion,
+        "forgotten": (forgotten.plan.layers, forgotten.after.per_class),
+        "editable": editable_layers(model, images),
+        "invariance": invariance({"dense": model}, images, shifts=(0, 1), deformations=(1.0,)),
+    }
+
+
+def _cpu():
+    from modhifi.backend import choose_backend
+
+    return choose_backend("cpu")
+
+
+def _assert_same(a: dict, b: dict, session: int) -> None:
+    for name in a["singleton"]:
+        assert torch.equal(a["singleton"][name], b["singleton"][name]), (session, name)
+    assert a["kept"] == b["kept"], session
+    assert a["macs"] == b["macs"] and a["macs"][0] == a["macs"][1], session
+    assert a["accuracy"] == b["accuracy"] and a["dense"] == b["dense"], session
+    assert a["forgotten"] == b["forgotten"], session
+    assert a["editable"] == b["editable"], session
+    assert a["invariance"].equals(b["invariance"]), session
+
+
+@pytest.mark.slow
+def test_eight_sessions_at_once_get_their_serial_numbers_and_leave_the_model_alone():
+    from conftest import subject
+
+    shared = subject("digits-cnn")
+    before = snapshot(shared.loaded.model)
+    threads = torch.get_num_threads()
+    serial = [_session(shared, i) for i in range(SESSIONS)]
+    start = threading.Barrier(SESSIONS)
+
+    def concurrent(index: int) -> dict:
+        start.wait()  # every session starts at the same moment
+        return _session(shared, index)
+
+    with ThreadPoolExecutor(SESSIONS) as pool:
+        together = list(pool.map(concurrent, range(SESSIONS)))
+    for index, (alone, crowded) in enumerate(zip(serial, together)):
+        _assert_same(alone, crowded, index)
+    assert_unchanged(shared.loaded.model, before)
+    assert torch.get_num_threads() == threads
+    assert not nn.modules.module._global_forward_hooks  # no process-wide hook was left behind
+    assert not nn.modules.module._global_forward_pre_hooks
+
+
+def test_shared_results_compute_each_key_once_and_stay_bounded():
+    store: SharedResults[int] = SharedResults(size=3)
+    calls: list[int] = []
+    gate = threading.Event()
+
+    def slow(key: int):
+        def compute() -> int:
+            calls.append(key)
+            gate.wait(5)  # every session asks while the first is still computing
+            return key * key
+        return compute
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(store.get, 7, slow(7)) for _ in range(8)]
+        gate.set()
+        assert [f.result() for f in futures] == [49] * 8
+    assert calls == [7]  # computed once, the other seven sessions waited for it
+    for key in range(5):
+        store.get(key, slow(key))
+    assert len(store) == 3 and calls == [7, 0, 1, 2, 3, 4]
+    store.get(4, slow(99))  # still there: not recomputed
+    store.get(0, slow(0))   # evicted (least recently used): computed again
+    assert calls == [7, 0, 1, 2, 3, 4, 0]
+
+
+def test_a_failed_computation_is_not_stored_and_can_be_retried():
+    store: SharedResults[int] = SharedResults(size=2)
+
+    def failing() -> int:
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        store.get("k", failing)
+    assert len(store) == 0 and store.get("k", lambda: 1) == 1
