@@ -1,4 +1,5 @@
-"""Brute-force oracles shared by the tests: explicit per-sample contributions."""
+"""Oracles shared by the tests: explicit per-sample contributions (brute force), and a snapshot
+of everything a call could change on a model, to assert that it changed nothing."""
 import torch
 from torch import nn
 

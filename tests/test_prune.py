@@ -12,6 +12,7 @@ from modhifi import nets
 from modhifi.metrics import count_cost
 from modhifi.prune import analyse, recalibrate_batchnorm, trace_structure
 from modhifi.zoo import build_torchvision
+from oracles import assert_unchanged, snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,16 +25,12 @@ def _analysis(model, shape, samples=64, seed=0):
     return analyse(model, batches, device=torch.device("cpu"), input_shape=shape)
 
 
-def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
 @pytest.mark.parametrize("target_kind, target", [("channels", 0.3), ("macs", 0.5), ("macs", 0.7)])
 def test_plan_costs_are_exact_and_the_input_model_is_untouched(allocation, target_kind, target):
     model = nets.ResNet()
     analysis = _analysis(model, (1, 28, 28))
-    before = _state(model)
+    before = snapshot(model)
     plan = analysis.plan(target, target_kind=target_kind, allocation=allocation)
     pruned = analysis.apply(plan, compensation="refit")
     cost = count_cost(pruned, (1, 28, 28))
@@ -42,7 +39,7 @@ def test_plan_costs_are_exact_and_the_input_model_is_untouched(allocation, targe
                    else plan.macs_after / plan.macs_before)
     assert removed >= target
     assert pruned(torch.randn(2, 1, 28, 28)).shape == (2, 10)
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert_unchanged(model, before)
     assert all(p.grad is None for p in [*model.parameters(), *pruned.parameters()])
 
 
@@ -174,10 +171,10 @@ def test_iterative_mode_reaches_the_target_in_rounds():
     torch.manual_seed(1)
     batches = [torch.randn(32, 1, 16, 16) for _ in range(2)]
     recalibrate_batchnorm(model.eval(), batches)
-    before = _state(model)
+    before = snapshot(model)
     pruned, plans = prune_in_steps(model, batches, device=torch.device("cpu"), input_shape=(1, 16, 16),
                                    target=0.5, steps=3, target_kind="macs")
     assert len(plans) == 3
     assert plans[1].macs_before == plans[0].macs_after  # each round starts where the last ended
     assert count_cost(pruned, (1, 16, 16)).macs == plans[-1].macs_after <= 0.5 * plans[0].macs_before
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert_unchanged(model, before)

@@ -14,6 +14,7 @@ from modhifi.errors import UserError
 from modhifi.fidelity import hifi_size, layer_fidelity
 from modhifi.prune import analyse, recalibrate_batchnorm
 from modhifi.zoo import ZOO
+from oracles import assert_unchanged, snapshot
 
 CPU = torch.device("cpu")
 
@@ -186,7 +187,7 @@ def test_every_global_error_is_below_the_bound_on_digits_cnn():
 def test_every_global_error_is_below_the_bound_on_fmnist_resnet():
     analysis = _zoo_analysis("fmnist-resnet", 64)
     model = analysis.model
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = snapshot(model)
     errors = theory.layer_errors(analysis, masks=2)
     assert set(errors.layer) == set(analysis.fidelity)
     assert (errors.bound_kind == "composition").all()
@@ -194,9 +195,8 @@ def test_every_global_error_is_below_the_bound_on_fmnist_resnet():
     # The head sees the logits directly: C = 1 and global = local.
     head = errors.set_index("layer").loc["head.2"]
     assert head.bound_constant == 1.0 and head.ratio == pytest.approx(1.0, rel=1e-5)
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert_unchanged(model, before)
     assert all(p.grad is None for p in model.parameters())
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 # --- the feature-extractor view ----------------------------------------------------------------

@@ -17,7 +17,7 @@ from modhifi.unlearn import (ForgetScores, apply_plan, centred_forget_second, ch
                              reaching_positions, score_forget_class, unlearn, unlearnable_layers)
 from modhifi.unlearn import K_GRID, K_MARGIN, _edit_in_place, _install_replay, _reference_index, _Replay, _Search
 from conftest import subject
-from oracles import contributions
+from oracles import assert_unchanged, contributions, snapshot
 
 RTOL = 1e-8
 
@@ -210,10 +210,10 @@ def test_plan_picks_exactly_the_top_k_pairs(k):
 def test_edit_touches_exactly_the_planned_slices(edit):
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    untouched = snapshot(model)
     plan = plan_unlearning(random_scores(), k=0.2, edit=edit)
     edited = apply_plan(model, plan)
-    for key, value in model.state_dict().items():  # the input is bit-identical
-        assert torch.equal(value, before[key]), key
+    assert_unchanged(model, untouched)  # the input is bit-identical
     changed = {f"{layer.name}.weight": layer for layer in plan.edits}
     for key, value in edited.state_dict().items():
         expected = before[key].clone()
@@ -351,9 +351,9 @@ def test_digits_unlearning_end_to_end():
     bit-identical and no gradient is computed."""
     digits = subject("digits-cnn")
     model = digits.loaded.model
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = snapshot(model)
     result = unlearn(model, digits.dataset, forget_class=5, device="cpu")
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert_unchanged(model, before)
     assert all(p.grad is None for p in [*model.parameters(), *result.model.parameters()])
     assert result.plan.edit == "zero" and result.plan.calibration_forget_accuracy == 0.0
     assert result.before.forget_accuracy > 0.9 and result.after.forget_accuracy <= 0.05
