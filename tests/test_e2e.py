@@ -47,15 +47,20 @@ def app_url():
 
 
 @pytest.fixture(scope="module")
-def page():
+def browser():
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: run ./setup.sh (installs Debian's chromium)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        yield browser.new_page(viewport={"width": 1400, "height": 1000})
+        yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser):
+    return browser.new_page(viewport={"width": 1400, "height": 1000})
 
 
 def _settle(page, timeout: float = 120) -> None:
@@ -104,3 +109,54 @@ def test_pages_render_and_the_slider_updates_the_numbers(app_url, page, shots):
     assert _metric(page, "MACs / image") != macs
     assert _metric(page, "Accuracy") != accuracy
     page.screenshot(path=str(shots / "prune-moved.png"), full_page=True)
+
+
+def _expected_prune_numbers(target: float) -> tuple[str, str]:
+    """What a lone session's Prune page shows for digits-cnn at `target` (default options),
+    computed by the library directly: the serial oracle."""
+    import torch
+
+    from modhifi import bench, metrics
+    from modhifi.prune import analyse
+    from modhifi.zoo import open_subject
+
+    subject = open_subject("digits-cnn", device=torch.device("cpu"))
+    data = subject.dataset
+    calibration = data.calibration.subset(slice(0, bench.LIVE_CALIBRATION_IMAGES)).batches(250)
+    analysis = analyse(subject.loaded.model, calibration, device=torch.device("cpu"),
+                       input_shape=data.input_shape)
+    plan = analysis.plan(target, target_kind="macs")
+    pruned = analysis.apply(plan, compensation="refit")
+    live = data.test.subset(slice(0, bench.LIVE_TEST_IMAGES))
+    accuracy = metrics.evaluate(pruned, live, device=torch.device("cpu"),
+                                num_classes=data.num_classes).accuracy
+    return f"{accuracy:.2%}", f"{plan.macs_after / 1e6:.2f} M"
+
+
+def test_four_browsers_moving_sliders_at_once_each_see_their_own_numbers(app_url, browser):
+    """Four visitors on one server move the Prune slider to different positions at the same
+    moment; each sees exactly what the library computes for their position alone."""
+    targets = (0.45, 0.40, 0.35, 0.30)  # 1..4 steps left of the default 0.50
+    pages = [browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+             for _ in targets]
+    for page in pages:
+        page.goto(f"{app_url}/prune?model=digits-cnn")
+    for page in pages:
+        page.wait_for_selector("[data-testid='stMetric']", timeout=120_000)
+        _settle(page)
+    thumbs = [p.locator("[data-testid='stSlider']", has_text="Remove").get_by_role("slider")
+              for p in pages]
+    for steps, thumb in enumerate(thumbs, 1):  # all four reruns overlap on the server
+        thumb.focus()
+        for _ in range(steps):
+            thumb.press("ArrowLeft")
+    for page, thumb, target in zip(pages, thumbs, targets):
+        _settle(page)
+        value = page.locator("[data-testid='stSlider']", has_text="Remove").locator(
+            "[data-testid='stSliderThumbValue']").inner_text()
+        assert float(value) == pytest.approx(target)
+        assert not page.locator("[data-testid='stException']").count()
+        shown = (_metric(page, "Accuracy"), _metric(page, "MACs / image"))
+        assert shown == _expected_prune_numbers(target), target
+    for page in pages:
+        page.context.close()

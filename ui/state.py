@@ -201,8 +201,11 @@ def analysis(model_id: str, device: str, samples: int) -> prune.Analysis:
         return prune.analyse(chosen.loaded.model, batches, device=backend(device).device,
                              input_shape=chosen.dataset.input_shape, progress=report)
 
-    return _with_progress("analysis", (model_id, device, samples), "Input statistics of every "
-                          f"layer on {samples:,} calibration images, then fidelity scores…", work)
+    result = _with_progress("analysis", (model_id, device, samples), "Input statistics of every "
+                            f"layer on {samples:,} calibration images, then fidelity scores…", work)
+    for caveat in result.caveats + subject(model_id, device).dataset.caveats:
+        st.warning(caveat)  # legal but meaningless: say so beside the numbers
+    return result
 
 
 @st.cache_resource(show_spinner="Pruning: compensating, cutting, recalibrating BatchNorm…",
