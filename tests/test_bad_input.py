@@ -289,3 +289,23 @@ def test_the_dashboard_offers_only_the_servers_published_checkpoints(tmp_path, m
     assert not app.sidebar.text_input or all("path" not in t.label for t in app.sidebar.text_input)
     picker = [s for s in app.sidebar.selectbox if "server" in s.label]
     assert len(picker) == 1 and picker[0].options == ["published.pt"]
+
+
+def test_legal_but_meaningless_inputs_carry_a_caveat():
+    from conftest import subject
+
+    from modhifi.data import Dataset
+    from modhifi.prune import calibration_caveats
+
+    model = nets.tiny_cnn()
+    assert calibration_caveats(model, 32) == ()
+    (caveat,) = calibration_caveats(model, 31)
+    assert "31 calibration images are fewer than the 32 input channels" in caveat
+    digits = subject("digits-cnn").dataset
+    assert digits.caveats == ()
+    test = digits.test.subset(digits.test.labels == 3)
+    one_class = Dataset("one-class", digits.classes, digits.train, digits.calibration, test)
+    assert "holds only 1 class" in one_class.caveats[0]
+    assert "32 input channels" in analyse(model.eval(), [torch.randn(8, 1, 8, 8)],
+                                          device=torch.device("cpu"),
+                                          input_shape=(1, 8, 8)).caveats[0]

@@ -130,7 +130,13 @@ def selection() -> tuple[str, str, int]:
         if not path or not data:
             raise UserError("choose a checkpoint (upload or path) and its dataset in the sidebar")
         name = f"{path}|{st.session_state.get(CHECKPOINT_ARCH)}|{data}"
-    return name, st.session_state.get(DEVICE, "auto"), st.session_state.get(CALIBRATION, CALIBRATION_DEFAULT)
+    device = st.session_state.get(DEVICE, "auto")
+    samples = st.session_state.get(CALIBRATION, CALIBRATION_DEFAULT)
+    chosen = subject(name, device)
+    images = min(samples, len(chosen.dataset.calibration))
+    for caveat in chosen.dataset.caveats + prune.calibration_caveats(chosen.loaded.model, images):
+        st.warning(caveat)  # legal but meaningless: say so above the numbers
+    return name, device, samples
 
 
 def guarded(render) -> None:
@@ -201,11 +207,8 @@ def analysis(model_id: str, device: str, samples: int) -> prune.Analysis:
         return prune.analyse(chosen.loaded.model, batches, device=backend(device).device,
                              input_shape=chosen.dataset.input_shape, progress=report)
 
-    result = _with_progress("analysis", (model_id, device, samples), "Input statistics of every "
-                            f"layer on {samples:,} calibration images, then fidelity scores…", work)
-    for caveat in result.caveats + subject(model_id, device).dataset.caveats:
-        st.warning(caveat)  # legal but meaningless: say so beside the numbers
-    return result
+    return _with_progress("analysis", (model_id, device, samples), "Input statistics of every "
+                          f"layer on {samples:,} calibration images, then fidelity scores…", work)
 
 
 @st.cache_resource(show_spinner="Pruning: compensating, cutting, recalibrating BatchNorm…",
