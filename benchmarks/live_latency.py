@@ -49,15 +49,11 @@ def _summary(kind: str, seconds: list[float]) -> dict:
 def library_slider(model: str, positions: int) -> dict:
     from modhifi import bench, zoo
     from modhifi.backend import choose_backend
-    from modhifi.prune import analyse
 
     backend = choose_backend("cpu")
     subject = zoo.open_subject(model, device=backend.device)
-    dataset = subject.dataset
-    batches = dataset.calibration.subset(slice(0, bench.LIVE_CALIBRATION_IMAGES)).batches(250)
-    analysis = analyse(subject.loaded.model, batches, device=backend.device,
-                       input_shape=dataset.input_shape)
-    result = bench.slider_latency(analysis, dataset, backend=backend, positions=positions)
+    analysis = bench.live_analysis(subject.loaded.model, subject.dataset, backend=backend)
+    result = bench.slider_latency(analysis, subject.dataset, backend=backend, positions=positions)
     return {"measurement": "library slider path", "runs": result.positions,
             "median_s": result.median_s, "p95_s": result.p95_s, "max_s": float("nan")}
 

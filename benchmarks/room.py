@@ -54,14 +54,11 @@ def slider_moves(analysis, dataset, backend, *, session: int, moves: int,
 def responses(model: str, sessions_list: list[int], moves: int) -> pd.DataFrame:
     from modhifi import bench, zoo
     from modhifi.backend import choose_backend, percentile
-    from modhifi.prune import analyse
 
     backend = choose_backend("cpu")
     subject = zoo.open_subject(model, device=backend.device)
     dataset = subject.dataset
-    batches = dataset.calibration.subset(slice(0, bench.LIVE_CALIBRATION_IMAGES)).batches(250)
-    analysis = analyse(subject.loaded.model, batches, device=backend.device,
-                       input_shape=dataset.input_shape)
+    analysis = bench.live_analysis(subject.loaded.model, dataset, backend=backend)
     analysis.ranking("modhifi")  # cached once per server, before the first visitor
     slider_moves(analysis, dataset, backend, session=99, moves=2,
                  start=threading.Barrier(1))  # warm-up
@@ -95,15 +92,13 @@ def memory_of(model: str) -> dict:
     import torch
 
     from modhifi import bench, zoo
-    from modhifi.prune import analyse
+    from modhifi.backend import choose_backend
 
     def open_and_analyse(name: str) -> tuple[float, float, object]:
         subject = zoo.open_subject(name, device=torch.device("cpu"))
         opened = _resident_mib()
-        batches = subject.dataset.calibration.subset(
-            slice(0, bench.LIVE_CALIBRATION_IMAGES)).batches(250)
-        analysis = analyse(subject.loaded.model, batches, device=torch.device("cpu"),
-                           input_shape=subject.dataset.input_shape)
+        analysis = bench.live_analysis(subject.loaded.model, subject.dataset,
+                                       backend=choose_backend("cpu"))
         return opened, _resident_mib(), (subject, analysis)
 
     warm = open_and_analyse("digits-cnn")  # noqa: F841 - kept alive, as on a server

@@ -19,6 +19,13 @@ LIVE_TEST_IMAGES = 2000  # the dashboard's live numbers use this prefix of the t
 LIVE_CALIBRATION_IMAGES = 1000  # the dashboard's default calibration set
 
 
+def live_analysis(model, dataset: Dataset, *, backend: Backend) -> Analysis:
+    """The analysis the dashboard caches by default: the first `LIVE_CALIBRATION_IMAGES`
+    calibration images in batches of 250."""
+    live = dataset.calibration.subset(slice(0, LIVE_CALIBRATION_IMAGES)).batches(250)
+    return analyse(model, live, device=backend.device, input_shape=dataset.input_shape)
+
+
 @dataclass(frozen=True)
 class SliderLatency:
     """Seconds from a new slider position to updated numbers (plan, apply, live evaluation)."""
@@ -60,9 +67,8 @@ def quick(model, dataset: Dataset, *, backend: Backend, calibration_samples: int
     baselines = {m: accuracy(m, "none")[0] for m in ("l1", "random", "activation")}
     dense, small = measure_latencies([model, pruned], dataset.input_shape, backend=backend,
                                      batch_size=batch_size)
-    live = dataset.calibration.subset(slice(0, LIVE_CALIBRATION_IMAGES)).batches(250)
-    live_analysis = analyse(model, live, device=backend.device, input_shape=dataset.input_shape)
-    slider = slider_latency(live_analysis, dataset, backend=backend, positions=positions)
+    slider = slider_latency(live_analysis(model, dataset, backend=backend), dataset,
+                            backend=backend, positions=positions)
     best = max(baselines, key=baselines.get)
     return {"accuracy_modhifi": ours, "accuracy_best_baseline": baselines[best],
             "best_baseline": best, "macs_ratio": plan.speedup_macs,

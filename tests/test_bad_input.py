@@ -51,18 +51,13 @@ def files(tmp_path_factory) -> dict[str, Path]:
     made["chain"] = root / "chain.pt"  # a modified model whose base is itself modified
     torch.save(checkpoint_state(tiny, base={**base, "model": str(made["pruned"])}, removed={}),
                made["chain"])
-    images = root / "images"
-    for label in ("cat", "dog"):
-        (images / label).mkdir(parents=True)
-        for i in range(3):
-            Image.new("RGB", (16, 16), (40 * i, 80, 120)).save(images / label / f"{i}.png")
-    made["rgb"] = root / "rgb"
-    for label in ("cat", "dog"):
-        (made["rgb"] / label).mkdir(parents=True)
-        for i in range(3):
-            Image.new("RGB", (16, 16), (40 * i, 80, 120)).save(made["rgb"] / label / f"{i}.png")
-    (images / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    made["images"] = images
+    for name in ("rgb", "images"):  # two-class RGB image folders; "images" has a broken file
+        made[name] = root / name
+        for label in ("cat", "dog"):
+            (made[name] / label).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (16, 16), (40 * i, 80, 120)).save(made[name] / label / f"{i}.png")
+    (made["images"] / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     return made
 
 

@@ -117,14 +117,12 @@ def _expected_prune_numbers(target: float) -> tuple[str, str]:
     import torch
 
     from modhifi import bench, metrics
-    from modhifi.prune import analyse
+    from modhifi.backend import choose_backend
     from modhifi.zoo import open_subject
 
     subject = open_subject("digits-cnn", device=torch.device("cpu"))
     data = subject.dataset
-    calibration = data.calibration.subset(slice(0, bench.LIVE_CALIBRATION_IMAGES)).batches(250)
-    analysis = analyse(subject.loaded.model, calibration, device=torch.device("cpu"),
-                       input_shape=data.input_shape)
+    analysis = bench.live_analysis(subject.loaded.model, data, backend=choose_backend("cpu"))
     plan = analysis.plan(target, target_kind="macs")
     pruned = analysis.apply(plan, compensation="refit")
     live = data.test.subset(slice(0, bench.LIVE_TEST_IMAGES))
