@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import math
 import threading
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Literal
 
@@ -26,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch_pruning as tp
+from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 from torch import nn
 
 from modhifi.errors import UserError
@@ -51,6 +51,14 @@ _PASS_THROUGH = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, 
                  nn.SiLU, nn.Hardswish, nn.Dropout, nn.Identity, nn.MaxPool2d, nn.AvgPool2d,
                  nn.AdaptiveAvgPool2d, nn.Flatten)
 _PASS_THROUGH_OPS = ("_ElementWiseOp", "_ReshapeOp")
+# Torch-Pruning calls every functional op it does not know "element-wise". Only these act on each
+# channel alone (autograd names, without "Backward"); any other (the matmuls of attention, the
+# transpose of a channel shuffle, a softmax or a mean over an unknown axis) mixes channels, so a
+# group through it is left whole: never cut half-way, e.g. a value projection without its query.
+_CHANNELWISE_OPS = frozenset({
+    "Add", "Sub", "Mul", "Div", "Neg", "Clone", "Relu", "Relu6", "Gelu", "Silu", "Sigmoid",
+    "Tanh", "Elu", "LeakyRelu", "Hardswish", "Hardsigmoid", "Hardtanh", "Clamp", "Threshold",
+    "MaxPool2DWithIndices", "AvgPool2D", "AdaptiveAvgPool2D", "AdaptiveMaxPool2D"})
 
 
 @dataclass(frozen=True)
@@ -109,16 +117,52 @@ class Structure:
         return macs, params
 
 
+def dependency_graph(model: nn.Module, example: torch.Tensor
+                     ) -> tuple[tp.DependencyGraph, frozenset[tp.Node]]:
+    """Torch-Pruning's dependency graph of `model`, and its reshapes that are not one-to-one.
+
+    A group that passes through such a reshape (a feature map flattened into a Linear, a Swin
+    window partition) is never pruned (`_as_group`). Torch-Pruning would still expand each channel
+    into all its flattened positions while collecting the group, which runs out of memory on
+    window attention (tens of GiB for swin_t at 64×64), so these reshapes are recorded, then made
+    plain pass-throughs that Torch-Pruning maps one-to-one.
+
+    Raises:
+        UserError: when Torch-Pruning cannot trace the model at all.
+    """
+    try:
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+    except (ZeroDivisionError, IndexError, KeyError, ValueError) as error:
+        raise UserError(f"Torch-Pruning cannot trace the channels of this model "
+                        f"({type(error).__name__} in its {_failing_stage(error)}; a channel "
+                        "shuffle or an unusual reshape does this): it cannot be pruned") from None
+    nodes = list(graph.module2node.values())
+    flattening = frozenset(node for node in nodes if node.type == tp.ops.OPTYPE.RESHAPE and any(
+        isinstance(m, _FlattenIndexMapping) for dep in node.dependencies for m in dep.index_mapping))
+    for node in flattening:
+        node.type = tp.ops.OPTYPE.ELEMENTWISE  # Torch-Pruning re-maps only RESHAPE nodes
+    for node in nodes:
+        for dep in node.dependencies:
+            dep.index_mapping = [None if isinstance(m, _FlattenIndexMapping) else m
+                                 for m in dep.index_mapping]
+    return graph, flattening
+
+
+def _failing_stage(error: BaseException) -> str:
+    """Torch-Pruning's function where `error` was raised, e.g. update_reshape_index_mapping."""
+    frame = error.__traceback__
+    while frame and frame.tb_next:
+        frame = frame.tb_next
+    return frame.tb_frame.f_code.co_name if frame else "graph"
+
+
 def trace_structure(model: nn.Module, input_shape: tuple[int, ...]) -> Structure:
     """Find the prunable channel groups of `model` with Torch-Pruning's dependency graph."""
     model = private_copy(model).cpu()
     names = {module: name for name, module in model.named_modules()}
-    example = torch.zeros(1, *input_shape)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # unwrapped parameters (ViT tokens) are simply not pruned
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+    graph, flattening = dependency_graph(model, torch.zeros(1, *input_shape))
     head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
-    groups = [g for g in (_as_group(group, names, graph) for group in
+    groups = [g for g in (_as_group(group, names, graph, flattening) for group in
                           graph.get_all_groups(ignored_layers=head,
                                                root_module_types=(nn.Conv2d, nn.Linear))) if g]
     cost = count_cost(model, input_shape)
@@ -142,7 +186,33 @@ def trace_structure(model: nn.Module, input_shape: tuple[int, ...]) -> Structure
     return Structure(tuple(groups), layers, cost.macs, cost.params, followed)
 
 
-def _as_group(group: tp.Group, names: dict, graph: tp.DependencyGraph) -> ChannelGroup | None:
+def _multiplies_a_weight(grad_fn) -> bool:
+    """A transpose of a parameter, or a matrix product with one (what nn.Linear runs); not a
+    product of two activations (attention)."""
+    inputs = [f for f, _ in getattr(grad_fn, "next_functions", ()) if f is not None]
+    if grad_fn.name().startswith("TBackward"):
+        return any(type(f).__name__ == "AccumulateGrad" for f in inputs)
+    return any(f.name().startswith("TBackward") and _multiplies_a_weight(f) for f in inputs)
+
+
+def _is_channelwise(node: tp.Node) -> bool:
+    """Whether a functional op that Torch-Pruning traced acts on each channel alone."""
+    grad_fn = node.grad_fn
+    name = (grad_fn.name() if hasattr(grad_fn, "name") else "").split("Backward")[0]
+    if name in ("T", "Addmm", "Mm"):  # inside a Linear: its weight transposed, then x @ Wᵀ (+ b)
+        return _multiplies_a_weight(grad_fn)
+    if name == "Mean":  # a global average pool, if it keeps the channel axis
+        sizes = getattr(grad_fn, "_saved_self_sym_sizes", None)
+        dims = getattr(grad_fn, "_saved_dim", None)
+        if sizes is None or dims is None:
+            return False
+        channel = 1 if len(sizes) == 4 else len(sizes) - 1  # NCHW, or (N, [T,] C)
+        return all(d % len(sizes) != channel for d in dims)
+    return name in _CHANNELWISE_OPS
+
+
+def _as_group(group: tp.Group, names: dict, graph: tp.DependencyGraph,
+              flattening: frozenset[tp.Node]) -> ChannelGroup | None:
     """A ChannelGroup, or None when the group passes through something we do not prune."""
     producers, consumers, norms, size = [], [], [], None
     for dep, idxs in group:
@@ -151,7 +221,12 @@ def _as_group(group: tp.Group, names: dict, graph: tp.DependencyGraph) -> Channe
         kind = type(module).__name__
         if not isinstance(module, _PASS_THROUGH) and kind not in _PASS_THROUGH_OPS:
             return None
-        if len(idxs) != size:       # a reshape that is not one-to-one (flatten of a feature map)
+        if kind == "_ElementWiseOp" and not _is_channelwise(dep.target):
+            return None
+        if isinstance(module, nn.Conv2d) and 1 < module.groups and not (
+                module.groups == module.in_channels == module.out_channels):
+            return None  # grouped (not depthwise): a cut would leave counts `groups` cannot divide
+        if len(idxs) != size or dep.target in flattening:  # e.g. a feature map flattened
             return None
         if graph.is_out_channel_pruning_fn(handler) and isinstance(module, (nn.Conv2d, nn.Linear)):
             producers.append(names[module])
@@ -611,10 +686,7 @@ def cut_channels(model: nn.Module, removed: dict[str, Iterable[int]],
     Torch-Pruning's dependency graph cuts every coupled layer of a group together.
     """
     device = next(model.parameters()).device
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        graph = tp.DependencyGraph().build_dependency(
-            model, example_inputs=torch.zeros(1, *input_shape, device=device), verbose=False)
+    graph, _ = dependency_graph(model, torch.zeros(1, *input_shape, device=device))
     for name, index in removed.items():
         index = sorted(int(i) for i in index)
         if not index:

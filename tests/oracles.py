@@ -48,3 +48,17 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
         assert torch.equal(now, value) and now_stride == stride and now_device == device, key
     for part in ("modes", "hooks", "forward", "modules"):
         assert after[part] == before[part], part
+
+
+def masked_dense(model: nn.Module, structure, plan) -> nn.Module:
+    """The dense model with every consumer's inputs from the plan's removed channels zeroed: what
+    physically removing those channels must compute (without compensation or recalibration)."""
+    import copy
+
+    masked = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for group in plan.groups:
+            for name, index in structure.group(group.name).consumers:
+                weight = masked.get_submodule(name).weight  # (c_out, c_in[, k, k])
+                weight[:, [index[i] for i in group.removed]] = 0
+    return masked
