@@ -1,7 +1,10 @@
 """ModHiFi Studio: the frame (page config, sidebar) and the router over pages/."""
 import streamlit as st
 
+from modhifi.backend import quiet_dependency_warnings
 from ui import state
+
+quiet_dependency_warnings()  # once per server process, before any session's work
 
 st.set_page_config(page_title="ModHiFi Studio", page_icon=":material/tune:", layout="wide")
 state.sidebar()

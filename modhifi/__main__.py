@@ -15,7 +15,7 @@ from modhifi.errors import UserError
 
 
 def _models(args: argparse.Namespace) -> dict:
-    from modhifi.zoo import ZOO, model_card
+    from modhifi.zoo import ZOO, model_card, torchvision_archs
 
     rows = []
     for name, entry in ZOO.items():
@@ -23,7 +23,7 @@ def _models(args: argparse.Namespace) -> dict:
         rows.append({"name": name, "arch": entry.arch, "dataset": entry.dataset,
                      "accuracy": card.get("test_accuracy"), "params": card.get("params"),
                      "macs": card.get("macs"), "trained": entry.checkpoint.is_file()})
-    return {"models": rows}
+    return {"models": rows, "architectures": list(torchvision_archs())}  # for --arch
 
 
 def _info(args: argparse.Namespace) -> dict:
@@ -212,7 +212,7 @@ def _progress(line: str) -> None:
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict], str]] = {
-    "models": (_models, "list the built-in model zoo"),
+    "models": (_models, "list the built-in model zoo and the architectures --arch takes"),
     "info": (_info, "accuracy, MACs, params and latency of a model"),
     "prune": (_prune, "ModHiFi-P: remove channels, compensate, recalibrate BatchNorm"),
     "unlearn": (_unlearn, "ModHiFi-U: forget one class without fine-tuning, and audit it"),
@@ -234,7 +234,8 @@ def _parser() -> argparse.ArgumentParser:
         if name != "models":
             command.add_argument("--model", required=name != "bench", default="fmnist-resnet",
                                  help="zoo name or checkpoint path (with --arch and --data)")
-            command.add_argument("--arch", help="torchvision architecture of a checkpoint")
+            command.add_argument("--arch", help="torchvision classification architecture of a "
+                                                "checkpoint (any builder: `modhifi models`)")
             command.add_argument("--data", help="dataset of a checkpoint: fashion-mnist, digits, "
                                                 "cifar10:DIR, imagefolder:DIR")
             command.add_argument("--batch-size", type=int, default=64,
@@ -292,9 +293,11 @@ def _print(result: dict, *, as_json: bool) -> None:
         print(json.dumps(result))
         return
     for key, value in result.items():
-        if isinstance(value, list):
+        if isinstance(value, list) and all(isinstance(row, dict) for row in value):
             for row in value:
                 print("  ".join(f"{k}={v}" for k, v in row.items()))
+        elif isinstance(value, list):
+            print(f"{key:>20}: {' '.join(map(str, value))}")
         else:
             print(f"{key:>20}: {value}")
 
@@ -341,6 +344,9 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from modhifi.backend import quiet_dependency_warnings
+
+    quiet_dependency_warnings()  # this process is ours: hide notices not meant for users
     args = _parser().parse_args(argv)
     try:
         _check(args)

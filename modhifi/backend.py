@@ -44,6 +44,25 @@ class Backend:
         return torch.cuda.max_memory_allocated(self.device) if self.is_cuda else None
 
 
+def quiet_dependency_warnings() -> None:
+    """Hide the dependencies' notices that are not for our users, for the whole process: a
+    TorchScript deprecation (latency is timed on frozen TorchScript on purpose), Torch-Pruning's
+    depth limit on shape inference (the groups it affects are left whole), and scikit-learn's
+    convergence notice for the audit's linear probe (a near-optimum is enough).
+
+    Process-wide, so only applications call it, once at start (the CLI, the dashboard); the
+    library itself never changes warning filters (`warnings.catch_warnings` is not thread-safe).
+    """
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated",
+                            category=FutureWarning)
+    warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
+    warnings.filterwarnings("ignore", category=ConvergenceWarning)
+
+
 def choose_backend(choice: DeviceChoice = "auto") -> Backend:
     """Pick the device once: `auto` means CUDA when present, else the CPU.
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-import warnings
 from dataclasses import dataclass
 
 import pandas as pd
@@ -198,8 +197,7 @@ def optimise_for_inference(model: nn.Module, example: torch.Tensor, *,
     if nhwc:
         model, example = model.to(memory_format=torch.channels_last), channels_last(example)
     # The tracer keeps process-wide state (torch.jit's module map), so one trace at a time.
-    with _TRACING, torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TorchScript's deprecation notice is not for our users
+    with _TRACING, torch.inference_mode(False), torch.no_grad():
         return torch.jit.freeze(torch.jit.trace(model, example))
 
 

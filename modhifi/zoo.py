@@ -28,7 +28,14 @@ from modhifi.training import TrainConfig
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 CHECKPOINT_FORMAT = "modhifi-checkpoint/1"
-TORCHVISION_ARCHS = ("resnet18", "resnet50", "vgg16_bn", "mobilenet_v2", "vit_b_16", "swin_t")
+
+
+def torchvision_archs() -> tuple[str, ...]:
+    """Every torchvision classification builder (`torchvision.models.list_models`)."""
+    import torchvision
+
+    return tuple(torchvision.models.list_models(module=torchvision.models))
+
 
 
 @dataclass(frozen=True)
@@ -82,7 +89,7 @@ def load_model(spec: str, *, device: torch.device, arch: str | None = None,
 
     Args:
         spec: a zoo name (`fmnist-resnet`), a checkpoint path, or `random` with `arch` (untrained).
-        arch: torchvision architecture of a user's checkpoint (one of TORCHVISION_ARCHS).
+        arch: torchvision classification architecture of a user's checkpoint (`torchvision_archs`).
         dataset: dataset spec of a user's checkpoint (see data.load_dataset).
         num_classes, in_channels: shape of the torchvision head and stem.
         modified_ok: accept a modified model's checkpoint (a base is never one: no chains).
@@ -97,7 +104,8 @@ def load_model(spec: str, *, device: torch.device, arch: str | None = None,
         return LoadedModel(spec, entry.arch, entry.dataset, model.eval().to(device), True)
     if spec == "random":
         if arch is None:
-            raise UserError("an untrained model needs --arch: use one of " + ", ".join(TORCHVISION_ARCHS))
+            raise UserError("an untrained model needs --arch: a torchvision classification "
+                            "builder such as resnet18 (python -m modhifi models lists them)")
         model = build_torchvision(arch, num_classes=num_classes, in_channels=in_channels)
         return LoadedModel(f"{arch} (untrained)", arch, dataset or "", model.eval().to(device), False)
     path = Path(spec)
@@ -209,8 +217,9 @@ def build_torchvision(arch: str, *, num_classes: int, in_channels: int = 3) -> n
     """A torchvision architecture with random weights (`weights=None`; nothing is downloaded)."""
     import torchvision
 
-    if arch not in TORCHVISION_ARCHS:
-        raise UserError(f"unknown architecture {arch!r}: use one of {', '.join(TORCHVISION_ARCHS)}")
+    if arch not in torchvision_archs():
+        raise UserError(f"unknown architecture {arch!r}: use a torchvision classification "
+                        "builder such as resnet18 (python -m modhifi models lists them)")
     if in_channels != 3:
         raise UserError(f"{arch} expects 3-channel images but the dataset has {in_channels}: "
                         "use an RGB dataset (cifar10:DIR or imagefolder:DIR)")

@@ -78,7 +78,7 @@ def sidebar() -> None:
     st.sidebar.selectbox("Model", names, key=MODEL,
                          format_func=lambda n: n if n == OWN_CHECKPOINT else f"{n} — {zoo.ZOO[n].dataset}")
     if st.session_state[MODEL] == OWN_CHECKPOINT:
-        st.sidebar.selectbox("Architecture", zoo.TORCHVISION_ARCHS, key=CHECKPOINT_ARCH)
+        st.sidebar.selectbox("Architecture", zoo.torchvision_archs(), key=CHECKPOINT_ARCH)
         st.sidebar.text_input("Dataset", key=CHECKPOINT_DATA, placeholder="cifar10:/data/cifar",
                               help="fashion-mnist, digits, cifar10:DIR or imagefolder:DIR")
         upload = st.sidebar.file_uploader("Checkpoint (.pt state_dict)", type=["pt", "pth"],
