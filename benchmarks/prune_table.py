@@ -17,6 +17,8 @@ from pathlib import Path
 import pandas as pd
 from _table import markdown
 
+from modhifi.options import Scope, choices
+
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = (  # (method, compensation, BatchNorm recalibration)
     ("modhifi-greedy", "refit", True), ("modhifi", "refit", True), ("modhifi", "rescale", True), ("modhifi", "none", True),
@@ -40,7 +42,7 @@ def main() -> None:
     parser.add_argument("--model", default="fmnist-resnet")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.67])
     parser.add_argument("--kind", choices=("macs", "channels"), default="macs")
-    parser.add_argument("--scope", choices=("all", "internal"), default="all")
+    parser.add_argument("--scope", choices=choices(Scope), default="all")
     parser.add_argument("--round-to", type=int, default=8, help="kept channels in multiples of this")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()

@@ -38,6 +38,7 @@ from torch import nn
 from modhifi.backend import choose_backend
 from modhifi.errors import UserError
 from modhifi.metrics import count_cost, evaluate
+from modhifi.options import DeviceChoice, choices
 from modhifi.prune import analyse, recalibrate_batchnorm
 from modhifi.zoo import open_subject, write_atomically
 
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                              "Torch-Pruning's alike (default 1: with the library's 8, the "
                              "32-channel groups allow four widths, targets collapse onto the same "
                              "plan and Torch-Pruning, which rounds down, cannot match our MACs)")
-    parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--device", default="cpu", choices=choices(DeviceChoice))
     args = parser.parse_args(argv)
     models = args.model or (QUICK["models"] if args.quick else MODELS)
     targets = tuple(args.targets or (QUICK["targets"] if args.quick else TARGETS))

@@ -38,6 +38,7 @@ from torch import nn
 from modhifi.audit import audit, model_outputs
 from modhifi.backend import choose_backend
 from modhifi.data import Dataset, Split
+from modhifi.options import DeviceChoice, choices
 from modhifi.unlearn import other_classes, unlearn
 from modhifi.zoo import open_subject
 
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classes", help="comma-separated class indices (default: all)")
     parser.add_argument("--quick", action="store_true",
                         help=f"classes {QUICK_CLASSES} of fmnist-resnet into a temporary directory")
-    parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--device", default="cpu", choices=choices(DeviceChoice))
     parser.add_argument("--out-dir", type=Path,
                         help="where the CSVs, PNG and Markdown go (default: docs/benchmarks)")
     args = parser.parse_args(argv)

@@ -23,6 +23,7 @@ from _table import markdown
 from modhifi.audit import model_outputs
 from modhifi.backend import choose_backend
 from modhifi.errors import UserError
+from modhifi.options import DeviceChoice, Edit, choices
 from modhifi.unlearn import unlearn
 from modhifi.zoo import open_subject
 
@@ -40,8 +41,8 @@ COLUMNS = ("forget_class", "class_name", "score", "edit", "layers", "k",
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="fmnist-resnet")
-    parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--edit", choices=("zero", "negate"), help="default: by architecture")
+    parser.add_argument("--device", default="cpu", choices=choices(DeviceChoice))
+    parser.add_argument("--edit", choices=choices(Edit), help="default: by architecture")
     parser.add_argument("--layers", type=int,
                         help="edit the last L layers (default: chosen per class with k)")
     parser.add_argument("--score", choices=("contrastive", "centred"), default="contrastive")

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Callable
 
 from modhifi.errors import UserError
+from modhifi.options import (Allocation, Compensation, DeviceChoice, Edit, Method, Scope,
+                             CALIBRATION_CLI, TargetKind, choices, default_compensation)
 
 
 def _models(args: argparse.Namespace) -> dict:
@@ -51,7 +53,7 @@ def _prune(args: argparse.Namespace) -> dict:
 
     backend, subject = _open(args)
     model, dataset = subject.loaded.model, subject.dataset
-    compensation = args.compensation or ("refit" if args.method.startswith("modhifi") else "none")
+    compensation = args.compensation or default_compensation(args.method)
     calibration = _calibration(subject, args.calib_samples)
     _progress("statistics and scores on the calibration images")
     start = time.perf_counter()
@@ -164,7 +166,7 @@ def _calibration(subject, samples: int | None) -> list:
     from modhifi.prune import calibration_caveats
 
     dataset = subject.dataset
-    samples = min(2000, len(dataset.calibration)) if samples is None else samples
+    samples = min(CALIBRATION_CLI, len(dataset.calibration)) if samples is None else samples
     if not 0 < samples <= len(dataset.calibration):
         raise UserError(f"--calib-samples {samples} must be between 1 and "
                         f"{len(dataset.calibration)} for {dataset.name}")
@@ -228,7 +230,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in COMMANDS.items():
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--json", action="store_true", help="print one JSON object")
-        command.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+        command.add_argument("--device", default="auto", choices=choices(DeviceChoice))
         if name == "bench":
             command.add_argument("--quick", action="store_true", help="the short version")
         if name != "models":
@@ -244,7 +246,7 @@ def _parser() -> argparse.ArgumentParser:
                                  help="unlabeled calibration images (default: 2000, or all if fewer)")
         if name == "unlearn":
             command.add_argument("--forget-class", required=True, help="class index or name")
-            command.add_argument("--edit", choices=("zero", "negate"),
+            command.add_argument("--edit", choices=choices(Edit),
                                  help="default: zero for BatchNorm networks, negate for LayerNorm ones")
             command.add_argument("--layers", type=int,
                                  help="edit the last L layers (default: chosen with k, 1 to 4; "
@@ -266,18 +268,18 @@ def _parser() -> argparse.ArgumentParser:
         if name == "prune":
             command.add_argument("--target", type=float, required=True,
                                  help="fraction of channels (or of MACs) to remove")
-            command.add_argument("--target-kind", choices=("channels", "macs"), default="channels")
-            command.add_argument("--allocation", choices=("uniform", "global"), default="uniform")
-            command.add_argument("--scope", choices=("all", "internal"), default="all",
+            command.add_argument("--target-kind", choices=choices(TargetKind), default="channels")
+            command.add_argument("--allocation", choices=choices(Allocation), default="uniform")
+            command.add_argument("--scope", choices=choices(Scope), default="all",
                                  help="internal: leave residual-stream channels alone")
             command.add_argument("--method", default="modhifi",
-                                 choices=("modhifi", "modhifi-greedy", "l1", "random", "activation"),
+                                 choices=choices(Method),
                                  help="modhifi: the paper's union of HiFi sets; modhifi-greedy: "
                                       "greedy subset fidelity (more accurate, docs/results.md)")
             command.add_argument("--round-to", type=int, default=8,
                                  help="keep multiples of this many channels per group (16 suits "
                                       "AVX-512 CPUs; 1: exact counts)")
-            command.add_argument("--compensation", choices=("rescale", "refit", "none"),
+            command.add_argument("--compensation", choices=choices(Compensation),
                                  help="default: refit for modhifi and modhifi-greedy, none for "
                                       "the baselines")
             command.add_argument("--steps", type=int, default=1,

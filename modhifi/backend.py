@@ -8,14 +8,14 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from modhifi.errors import UserError
+from modhifi.options import DeviceChoice, check
 
-DeviceChoice = Literal["auto", "cpu", "cuda"]
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,7 @@ def choose_backend(choice: DeviceChoice = "auto") -> Backend:
 
     Raises UserError when `cuda` is asked for on a machine without one.
     """
-    if choice not in ("auto", "cpu", "cuda"):
-        raise UserError(f"unknown device {choice!r}: use auto, cpu or cuda")
+    check(DeviceChoice, choice)
     threads = torch.get_num_threads()
     if choice == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is visible: use --device auto or cpu")

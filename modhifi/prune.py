@@ -19,7 +19,7 @@ import copy
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Literal
+from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -38,12 +38,7 @@ from modhifi.fidelity import (
 )
 from modhifi.hooks import private_copy
 from modhifi.metrics import channels_last, count_cost
-
-Method = Literal["modhifi", "modhifi-greedy", "l1", "random", "activation"]
-Compensation = Literal["rescale", "refit", "none"]
-Allocation = Literal["uniform", "global"]
-TargetKind = Literal["channels", "macs"]
-Scope = Literal["all", "internal"]  # internal: leave channels shared by residual additions alone
+from modhifi.options import Allocation, Compensation, Method, Scope, TargetKind, check
 
 # The operations a prunable group may pass through: anything else (LayerNorm, attention heads,
 # concatenation, unwrapped parameters) couples channels in ways we do not prune.
@@ -420,9 +415,7 @@ class Analysis:
             "activation": lambda g: activation_ranking(g, self.moments, self.model),
             "random": lambda g: random_ranking(g, seed),
         }
-        if method not in rank:
-            raise UserError(f"unknown method {method!r}: use one of {', '.join(rank)}")
-        return {g.name: rank[method](g) for g in self.structure.groups}
+        return {g.name: rank[check(Method, method)](g) for g in self.structure.groups}
 
     def plan(self, target: float, *, target_kind: TargetKind = "channels",
              allocation: Allocation = "uniform", method: Method = "modhifi",
@@ -445,12 +438,7 @@ class Analysis:
                 on CPUs with AVX-512 (docs/results.md, "speed").
         """
         check_target(target)
-        if allocation not in ("uniform", "global"):
-            raise UserError(f"unknown allocation {allocation!r}: use uniform or global")
-        if target_kind not in ("channels", "macs"):
-            raise UserError(f"unknown target kind {target_kind!r}: use channels or macs")
-        if scope not in ("all", "internal"):
-            raise UserError(f"unknown scope {scope!r}: use all or internal")
+        check(Allocation, allocation), check(TargetKind, target_kind), check(Scope, scope)
         if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
             raise UserError(f"round to {round_to!r} channels: must be at least 1, a whole number "
                             "(1 keeps exact counts)")
@@ -490,8 +478,7 @@ class Analysis:
     def apply(self, plan: PrunePlan, *, compensation: Compensation = "refit",
               recalibrate: bool = True) -> nn.Module:
         """A new, physically pruned model: compensate consumers, cut channels, recalibrate BN."""
-        if compensation not in ("rescale", "refit", "none"):
-            raise UserError(f"unknown compensation {compensation!r}: use rescale, refit or none")
+        check(Compensation, compensation)
         pruned = private_copy(self.model)
         removed = {g.name: g.removed for g in plan.groups}
         if compensation != "none":

@@ -49,6 +49,7 @@ from modhifi.data import Dataset
 from modhifi.errors import UserError
 from modhifi.fidelity import LayerFidelity, hifi_size
 from modhifi.hooks import hooked, private_copy
+from modhifi.options import CALIBRATION_THEORY
 from modhifi.prune import Analysis, ChannelGroup, analyse, modhifi_ranking, recalibrate_batchnorm
 from modhifi.trace import Trace, trace_forward
 
@@ -726,7 +727,8 @@ def theory_report(model: nn.Module, dataset: Dataset, *, device: torch.device, n
         max_ratio, hifi_share (share of layers where < 20% of inputs reach fidelity ≥ 0.8, median
         over output channels), calib_samples, kept, masks, seconds (and hifi_share_untrained).
     """
-    calib_samples = calib_samples or min(500, len(dataset.calibration))
+    calib_samples = min(CALIBRATION_THEORY, len(dataset.calibration)) if calib_samples is None \
+        else calib_samples
     if not 0 < calib_samples <= len(dataset.calibration):
         raise UserError(f"calibration samples {calib_samples} must be between 1 and "
                         f"{len(dataset.calibration)} for {dataset.name}")

@@ -45,12 +45,9 @@ from modhifi.fidelity import (
     moments_of,
 )
 from modhifi.hooks import hooked, private_copy
+from modhifi.options import Edit, Score, check
 from modhifi.trace import trace_forward
 
-Edit = Literal["zero", "negate"]
-EDITS: tuple[str, ...] = ("zero", "negate")
-Score = Literal["contrastive", "centred"]
-SCORES: tuple[str, ...] = ("contrastive", "centred")
 
 # Candidate k (share of a layer's (output, input) pairs) for the automatic choice: geometric with
 # ratio √2 from 0.25% to 25% (the forget accuracy is not monotone in k, so the grid is fine); the
@@ -287,7 +284,7 @@ def score_forget_class(model: nn.Module, calibration: Split, *, forget_class: in
     Returns:
         The `ForgetScores`.
     """
-    _check_score(score)
+    check(Score, score)
     is_forget = calibration.labels == forget_class  # (N,)
     if not is_forget.any():
         raise UserError(f"the calibration split has no samples of class {forget_class}; "
@@ -377,18 +374,6 @@ def _check_k(k: float) -> None:
                         "automatically")
 
 
-def _check_score(score: str) -> None:
-    if score not in SCORES:
-        raise UserError(f"unknown score {score!r}: use contrastive (forget class against all "
-                        "classes) or centred (method.md §4.2)")
-
-
-def _check_edit(edit: str) -> None:
-    if edit not in EDITS:
-        raise UserError(f"unknown edit {edit!r}: use zero (BatchNorm networks) or negate "
-                        "(LayerNorm/residual networks)")
-
-
 def plan_unlearning(scores: ForgetScores, *, k: float, edit: Edit = "zero") -> UnlearnPlan:
     """The top-k (output, input) pairs of every scored layer by saliency.
 
@@ -401,7 +386,7 @@ def plan_unlearning(scores: ForgetScores, *, k: float, edit: Edit = "zero") -> U
         The `UnlearnPlan`.
     """
     _check_k(k)
-    _check_edit(edit)
+    check(Edit, edit)
     layers = []
     for name, r in zip(scores.layers, scores.saliency):
         shape = (r.shape[0], r.shape[1])
@@ -772,13 +757,13 @@ def unlearn(model: nn.Module, dataset: Dataset, *, forget_class: int, device: to
         raise UserError(f"forget class {forget_class!r} is out of range for {dataset.name} "
                         f"({classes} classes): pass --forget-class 0..{classes - 1}")
     if edit is not None:
-        _check_edit(edit)
+        check(Edit, edit)
     if k is not None:
         _check_k(k)
     if not 0 <= target_forget_accuracy <= 1:
         raise UserError(f"target forget accuracy {target_forget_accuracy!r} is out of range: "
                         "pass a fraction in [0, 1] (--forget-target)")
-    _check_score(score)
+    check(Score, score)
     for name, samples in (("reference_samples", reference_samples),
                           ("retain_samples", retain_samples)):
         if samples is not None and samples < 1:

@@ -1,6 +1,7 @@
 """Prune: slide the sparsity, see the physically smaller model's accuracy, cost and speed."""
 import streamlit as st
 
+from modhifi.options import Allocation, Compensation, Scope, choices
 from ui import figures, state
 
 METHODS = {"modhifi": "ModHiFi (union of HiFi sets)", "modhifi-greedy": "ModHiFi, greedy subset fidelity",
@@ -29,16 +30,16 @@ def render() -> None:
                          format_func={"macs": "share of MACs", "channels": "share of channels"}.get)
     target = cols[0].slider("Remove", 0.0, 0.8, 0.5, 0.05, key=state.PRUNE_TARGET)
     method = cols[1].selectbox("Method", list(METHODS), format_func=METHODS.get, key=state.PRUNE_METHOD)
-    allocation = cols[1].radio("Allocation", ("uniform", "global"), horizontal=True,
+    allocation = cols[1].radio("Allocation", choices(Allocation), horizontal=True,
                                key=state.PRUNE_ALLOCATION)
-    scope = cols[1].radio("Channels", ("all", "internal"), horizontal=True, key=state.PRUNE_SCOPE,
+    scope = cols[1].radio("Channels", choices(Scope), horizontal=True, key=state.PRUNE_SCOPE,
                           format_func={"all": "all groups", "internal": "inside blocks"}.get,
                           help="Inside blocks: channels that residual additions share stay whole.")
     round_to = cols[1].select_slider(
         "Keep multiples of", (1, 8, 16), value=8, key=state.PRUNE_ROUND_TO,
         help="Channels kept per group are rounded up to this multiple: vector units run whole "
              "blocks of 8 (16 on AVX-512 CPUs) at full speed.")
-    compensation = cols[2].selectbox("Compensation", ("refit", "rescale", "none"),
+    compensation = cols[2].selectbox("Compensation", choices(Compensation),
                                      key=state.PRUNE_COMPENSATION)
     recalibrate = cols[2].toggle("Recalibrate BatchNorm", True, key=state.PRUNE_RECALIBRATE)
     full = st.toggle(f"Evaluate on the full test split (live numbers use the first "

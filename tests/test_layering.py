@@ -19,3 +19,37 @@ def test_library_imports_no_ui_packages():
 def test_pages_do_no_tensor_math():
     for path in [ROOT / "app.py", *(ROOT / "pages").glob("*.py")]:
         assert not re.search(r"^\s*(import|from)\s+torch", path.read_text(), re.M), path
+
+
+def test_options_are_defined_once_and_the_cli_help_needs_no_torch():
+    """Every choice comes from modhifi.options; listing them does not load torch."""
+    code = ("import sys, modhifi.options, modhifi.__main__\n"
+            "modhifi.__main__._parser()\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=ROOT).stdout
+    assert out.strip() == "False"
+    sources = [p.read_text() for p in [*(ROOT / "modhifi").glob("*.py"), *(ROOT / "pages").glob("*.py"),
+                                       *(ROOT / "ui").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]
+               if p.name != "options.py"]
+    for spelled in ('("auto", "cpu", "cuda")', '("uniform", "global")', '("channels", "macs")',
+                    '("zero", "negate")', '("rescale", "refit", "none")', '("all", "internal")'):
+        assert not any(spelled in source for source in sources), spelled
+
+
+def test_the_prune_page_labels_every_method():
+    from modhifi.options import Method, choices
+
+    page = (ROOT / "pages" / "prune.py").read_text()
+    labels = re.search(r"METHODS = \{(.*?)\}", page, re.S).group(1)
+    assert sorted(re.findall(r'"([a-z0-9-]+)":', labels)) == sorted(choices(Method))
+
+
+def test_the_front_door_exports_the_public_api():
+    import modhifi
+
+    for name in modhifi.__all__:
+        assert getattr(modhifi, name) is not None, name
+    from modhifi.prune import analyse
+
+    assert modhifi.analyse is analyse

@@ -14,7 +14,7 @@ import pandas as pd
 import streamlit as st
 
 from modhifi import backend as _backend
-from modhifi import bench, metrics, prune, theory, unlearn, zoo
+from modhifi import bench, metrics, options, prune, theory, unlearn, zoo
 from modhifi.errors import UserError
 from ui.store import SharedResults
 
@@ -93,7 +93,7 @@ def sidebar() -> None:
                                  format_func=lambda path: Path(path).name)
     st.sidebar.select_slider("Calibration images", (250, 500, 1000, 2000), value=CALIBRATION_DEFAULT,
                              key=CALIBRATION, help="Unlabeled held-out images the method reads.")
-    st.sidebar.selectbox("Device", ("auto", "cpu", "cuda"), key=DEVICE)
+    st.sidebar.selectbox("Device", options.choices(options.DeviceChoice), key=DEVICE)
     try:
         st.sidebar.caption(f"Scoring backend: {backend(st.session_state[DEVICE]).description}")
     except UserError as error:
