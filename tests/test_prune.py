@@ -178,3 +178,35 @@ def test_iterative_mode_reaches_the_target_in_rounds():
     assert plans[1].macs_before == plans[0].macs_after  # each round starts where the last ended
     assert count_cost(pruned, (1, 16, 16)).macs == plans[-1].macs_after <= 0.5 * plans[0].macs_before
     assert_unchanged(model, before)
+
+
+def test_union_rule_keeps_every_hifi_set_union_as_a_prefix():
+    """Brute force of the paper's rule (§3.4): for every size k, the channels that are in the
+    top-k by singleton fidelity of some output of some consumer come first in the order."""
+    analysis = _analysis(nets.ResNet(widths=(8, 16, 24)), (1, 12, 12), samples=64)
+    rankings = analysis.ranking("modhifi")
+    for group in analysis.structure.groups:
+        order = rankings[group.name].order
+        for k in range(1, group.size + 1):
+            union = set()
+            for name, index in group.consumers:
+                s = analysis.fidelity[name].singleton[:, list(index)]  # (c_out, group size)
+                union.update(int(i) for row in s.argsort(1, descending=True)[:, :k] for i in row)
+            assert set(order[:len(union)]) == union, (group.name, k)
+
+
+@pytest.mark.parametrize("target", [0.2, 0.45])
+def test_global_allocation_keeps_the_best_scores_across_groups(target):
+    """Brute force of the global allocation: with exact counts, no removed channel of any
+    group scores above a kept one (groups' scores normalised to [0, 1]), unless a group's floor
+    of one channel forced it."""
+    analysis = _analysis(nets.vgg(stages=((8, 12), (16,))), (1, 12, 12), samples=64)
+    rankings = analysis.ranking("modhifi")
+    plan = analysis.plan(target, allocation="global", round_to=1, floor=0.0)
+    kept, removed = [], []
+    for group in plan.groups:
+        score = dict(zip(rankings[group.name].order, rankings[group.name].score))
+        kept += [score[c] for c in group.kept if len(group.kept) > 1]  # floor-forced: not chosen
+        removed += [score[c] for c in group.removed]
+    assert removed and min(kept) >= max(removed)
+    assert plan.channels_after / plan.channels_before <= 1 - target
