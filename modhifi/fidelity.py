@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from modhifi.batch import call, finite, to_device
 from modhifi.errors import UserError
 from modhifi.hooks import hooked
 from modhifi.trace import trace_forward
@@ -184,7 +185,8 @@ def collect_moments(
     Args:
         model: the network to run, on `device`.
         layers: label -> layer of `model`, or module names.
-        batches: model inputs; each is moved to `device`.
+        batches: model inputs (tensors, tuples or dicts of tensors: `modhifi.batch`); each is
+            moved to `device`.
         device: where the forward passes and the statistics live.
 
     Returns:
@@ -211,11 +213,11 @@ def collect_moments(
     with torch.inference_mode(), hooked(model, before={name: record(label)
                                                        for name, label in named.items()}) as run:
         for batch in batches:
-            batch = batch.to(device)
-            if not torch.isfinite(batch).all():
+            batch = to_device(batch, device)
+            if not finite(batch):
                 raise UserError("the calibration inputs contain NaN or infinite values; "
-                                "clean the data (every pixel must be a finite number)")
-            run(batch)
+                                "clean the data (every value must be a finite number)")
+            call(run, batch)
     missing = set(named.values()) - moments.keys()
     if missing:
         raise UserError(f"no input reached layers {sorted(missing)}; pass layers the forward pass uses")

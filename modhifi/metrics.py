@@ -19,6 +19,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.flop_counter import FlopCounterMode
 
 from modhifi.backend import Backend, Timing, time_side_by_side
+from modhifi.batch import call, example_of
 from modhifi.data import Split
 from modhifi.errors import UserError
 from modhifi.hooks import hooked, private_copy
@@ -142,8 +143,11 @@ class _GlobalOnly:
         pass
 
 
-def count_cost(model: nn.Module, input_shape: tuple[int, ...]) -> Cost:
-    """MACs (FLOPs / 2) of one forward pass on a (1, *input_shape) input, and parameters.
+def count_cost(model: nn.Module, input_shape) -> Cost:
+    """MACs (FLOPs / 2) of one forward pass on one sample, and parameters.
+
+    `input_shape` is the shape of one input (zeros of (1, *input_shape) are fed) or a one-sample
+    example of any form (`modhifi.batch`: a tensor, a tuple or a dict of tensors).
 
     Counted on a private copy: `model` is only read. A layer's MACs are the FLOPs counted while
     it runs (leaf modules only, so that a block's MACs are not counted again under its children).
@@ -166,7 +170,7 @@ def count_cost(model: nn.Module, input_shape: tuple[int, ...]) -> Cost:
     with hooked(model, before={n: enter(n) for n in leaves},
                 after={n: leave(n) for n in leaves}) as run:
         with torch.inference_mode(), counter:
-            run(torch.zeros(1, *input_shape, device=device))
+            call(run, example_of(input_shape, device))
     per_layer = tuple((name, int(flops[name] // 2)) for name in leaves if flops.get(name))
     return Cost(macs=int(counter.get_total_flops() // 2),
                 params=sum(p.numel() for p in model.parameters()), per_layer=per_layer)

@@ -28,6 +28,7 @@ import torch_pruning as tp
 from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 from torch import nn
 
+from modhifi.batch import Batch, call, example_of, head, size, to_device
 from modhifi.errors import UserError
 from modhifi.fidelity import (
     LayerFidelity,
@@ -151,11 +152,14 @@ def _failing_stage(error: BaseException) -> str:
     return frame.tb_frame.f_code.co_name if frame else "graph"
 
 
-def trace_structure(model: nn.Module, input_shape: tuple[int, ...]) -> Structure:
-    """Find the prunable channel groups of `model` with Torch-Pruning's dependency graph."""
+def trace_structure(model: nn.Module, input_shape) -> Structure:
+    """Find the prunable channel groups of `model` with Torch-Pruning's dependency graph.
+
+    `input_shape`: the shape of one input, or a one-sample example of any form (`modhifi.batch`).
+    """
     model = private_copy(model).cpu()
     names = {module: name for name, module in model.named_modules()}
-    graph, flattening = dependency_graph(model, torch.zeros(1, *input_shape))
+    graph, flattening = dependency_graph(model, example_of(input_shape))
     head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
     groups = [g for g in (_as_group(group, names, graph, flattening) for group in
                           graph.get_all_groups(ignored_layers=head,
@@ -385,7 +389,7 @@ class Analysis:
     """Structure, input statistics and fidelities of one model, computed once; plans come from it."""
 
     model: nn.Module = field(repr=False)   # the analysis' own eval-mode copy, never modified
-    input_shape: tuple[int, ...]
+    input_shape: tuple[int, ...] | Batch  # one input's shape, or a one-sample example
     structure: Structure
     moments: dict[str, LayerMoments] = field(repr=False)
     fidelity: dict[str, LayerFidelity] = field(repr=False)
@@ -565,15 +569,17 @@ class Analysis:
                 for name, gone in lost.items() if gone}
 
 
-def analyse(model: nn.Module, calibration: Iterable[torch.Tensor], *, device: torch.device,
-            input_shape: tuple[int, ...], lam: float = 1e-4,
+def analyse(model: nn.Module, calibration: Iterable[Batch], *, device: torch.device,
+            input_shape: tuple[int, ...] | None = None, lam: float = 1e-4,
             progress: Callable[[float], None] | None = None) -> Analysis:
     """Trace the model's channel groups and score every consumer layer on calibration batches.
 
     Args:
         model: the trained network, on `device`; only read (the analysis works on a copy).
-        calibration: normalised, unlabeled input batches.
-        input_shape: (C, H, W) of one input.
+        calibration: normalised, unlabeled input batches: tensors, or tuples or dicts of tensors
+            (`modhifi.batch`; e.g. token ids with an attention mask).
+        input_shape: (C, H, W) of one input; None: the first calibration sample is the example
+            the structure is traced on.
         lam: ridge strength of the compensation solves, relative to the mean diagonal.
         progress: called with the share of calibration batches read so far (for progress bars).
     """
@@ -583,9 +589,11 @@ def analyse(model: nn.Module, calibration: Iterable[torch.Tensor], *, device: to
     # The analysis keeps its own eval-mode copy: the caller's model (perhaps in train mode, or
     # shared by several dashboard sessions) is only read, its BatchNorm buffers left as they are.
     model = private_copy(model)
-    batches = tuple(b.to(device) for b in calibration)
-    if not batches or not sum(len(b) for b in batches):
-        raise UserError("the calibration set is empty; pass at least one unlabeled image")
+    batches = tuple(to_device(b, device) for b in calibration)
+    if not batches or not sum(size(b) for b in batches):
+        raise UserError("the calibration set is empty; pass at least one unlabeled sample")
+    if input_shape is None:  # inputs of any form: one calibration sample is the example
+        input_shape = head(batches[0], 1)
     structure = trace_structure(model, input_shape)
     if not structure.groups:
         raise UserError("this model has no channel group ModHiFi can prune: it needs a Conv2d or "
@@ -604,9 +612,9 @@ def analyse(model: nn.Module, calibration: Iterable[torch.Tensor], *, device: to
                                                  centered=name in structure.followed_by_norm,
                                                  lam=lam)
                 for name in consumers}
-    return Analysis(model, tuple(input_shape), structure, moments, fidelity, batches,
+    return Analysis(model, input_shape, structure, moments, fidelity, batches,
                     time.perf_counter() - start,
-                    calibration_caveats(model, sum(len(b) for b in batches)))
+                    calibration_caveats(model, sum(size(b) for b in batches)))
 
 
 def calibration_caveats(model: nn.Module, images: int) -> tuple[str, ...]:
@@ -666,14 +674,13 @@ def prune_in_steps(model: nn.Module, calibration: Iterable[torch.Tensor], *, dev
 
 # --- apply: surgery and BatchNorm recalibration ----------------------------------------------
 
-def cut_channels(model: nn.Module, removed: dict[str, Iterable[int]],
-                 input_shape: tuple[int, ...]) -> None:
+def cut_channels(model: nn.Module, removed: dict[str, Iterable[int]], input_shape) -> None:
     """Remove channels in place: group (first producer's name) -> channel indices.
 
     Torch-Pruning's dependency graph cuts every coupled layer of a group together.
     """
     device = next(model.parameters()).device
-    graph, _ = dependency_graph(model, torch.zeros(1, *input_shape, device=device))
+    graph, _ = dependency_graph(model, example_of(input_shape, device))
     for name, index in removed.items():
         index = sorted(int(i) for i in index)
         if not index:
@@ -710,6 +717,9 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], *,
     model.to(memory_format=torch.channels_last)
     try:
         for batch in batches:
+            if not isinstance(batch, torch.Tensor):  # token ids with a mask, say: as it comes
+                call(model, batch)
+                continue
             for part in batch.split(chunk):
                 model(channels_last(part))
     finally:

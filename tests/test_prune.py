@@ -210,3 +210,36 @@ def test_global_allocation_keeps_the_best_scores_across_groups(target):
         removed += [score[c] for c in group.removed]
     assert removed and min(kept) >= max(removed)
     assert plan.channels_after / plan.channels_before <= 1 - target
+
+
+class _TwoInputs(nn.Module):
+    """Takes features and a mask, as a text encoder takes token embeddings and attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.ffn = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 6))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, features, mask):  # (B, T, 6), (B, T)
+        hidden = self.ffn(features) * mask[..., None]
+        return self.head(hidden.sum(1) / mask.sum(1, keepdim=True))
+
+
+@pytest.mark.parametrize("form", ["dict", "tuple"])
+def test_inputs_of_any_form_are_analysed_planned_and_pruned(form):
+    from oracles import masked_dense
+
+    torch.manual_seed(0)
+    model = _TwoInputs().eval()
+    features, mask = torch.randn(16, 5, 6), (torch.rand(16, 5) > 0.3).float()
+    mask[:, 0] = 1
+    batch = {"features": features, "mask": mask} if form == "dict" else (features, mask)
+    call = (lambda m: m(**batch)) if form == "dict" else (lambda m: m(*batch))
+    analysis = analyse(model, [batch], device=torch.device("cpu"))
+    assert [g.producers for g in analysis.structure.groups] == [("ffn.0",)]
+    plan = analysis.plan(0.5, target_kind="channels", round_to=1)
+    pruned = analysis.apply(plan, compensation="none", recalibrate=False)
+    one = {k: v[:1] for k, v in batch.items()} if form == "dict" else (features[:1], mask[:1])
+    assert count_cost(pruned, one).macs == plan.macs_after < plan.macs_before
+    with torch.inference_mode():
+        torch.testing.assert_close(call(pruned), call(masked_dense(model, analysis.structure, plan)))
