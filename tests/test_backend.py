@@ -26,7 +26,19 @@ def test_unknown_device_is_refused():
 def test_time_calls_counts_repeats_and_warmup(cpu):
     calls = []
     timing = time_calls(cpu, lambda: calls.append(1), warmup=2, repeats=5)
-    assert len(calls) == 7 and timing.repeats == 5 and timing.median_ms >= 0
+    assert len(calls) == 7 and timing.repeats == 5 and timing.warmup == 2
+    assert 0 < timing.p10_ms <= timing.median_ms <= timing.p90_ms
+
+
+def test_percentiles_never_leave_the_range_of_the_samples():
+    """statistics.quantiles' default (exclusive) method put p10 of [1, 2, 3] at 0.4."""
+    from modhifi.backend import percentile
+
+    assert percentile([1.0, 2.0, 3.0], 0.1) == pytest.approx(1.2)
+    assert percentile([1.0, 2.0, 3.0], 0.95) == pytest.approx(2.9)
+    assert percentile([5.0], 0.5) == 5.0
+    with pytest.raises(ValueError):
+        percentile([], 0.5)
 
 
 @pytest.mark.gpu
