@@ -36,12 +36,14 @@ def input_size(name: str) -> int:
         least = max(next(iter(weights)).meta.get("min_size", (1, 1)))
     except (ValueError, StopIteration):
         least = 1
-    fixed = 224 if name.startswith(("vit_", "maxvit")) else 1  # position embeddings fix the size
-    return max(64, least, fixed)
+    if name.startswith(("vit_", "maxvit")):
+        return 224  # position embeddings fix the size (vit_h_14's weights alone ask for 518)
+    return max(64, least)
 
 
-def one(name: str) -> dict:
-    """Analyse, plan and apply one architecture; the row of the coverage table."""
+def one(name: str, *, images: int = 16, size: int | None = None) -> dict:
+    """Analyse, plan and apply one architecture on `images` random calibration images of
+    `size` pixels (default `input_size(name)`); the row of the coverage table."""
     import torch
     import torchvision
 
@@ -52,11 +54,11 @@ def one(name: str) -> dict:
     row: dict = {"model": name}
     begin = time.perf_counter()
     model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
-    size = input_size(name)
+    size = size or input_size(name)
     shape = (3, size, size)
-    row.update(input=size, params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+    row.update(input=size, images=images, threads=torch.get_num_threads(), params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
                build_s=time.perf_counter() - begin)
-    batches = [torch.randn(8, *shape) for _ in range(2)]
+    batches = list(torch.randn(images, *shape).split(8))
     begin = time.perf_counter()
     analysis = analyse(model, batches, device=torch.device("cpu"), input_shape=shape)
     row.update(analyse_s=time.perf_counter() - begin, groups=len(analysis.structure.groups),
@@ -80,9 +82,9 @@ def one(name: str) -> dict:
     return row
 
 
-def _run(name: str, timeout: float, max_gib: float) -> dict:
+def _run(name: str, timeout: float, max_gib: float, extra: list[str]) -> dict:
     """`one(name)` in a fresh process, killed past `timeout` seconds or `max_gib` resident."""
-    process = subprocess.Popen([sys.executable, __file__, "--one", name], cwd=ROOT,
+    process = subprocess.Popen([sys.executable, __file__, "--one", name, *extra], cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     begin, peak = time.perf_counter(), 0.0
     while process.poll() is None:
@@ -118,13 +120,15 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--max-gib", type=float, default=16)
     parser.add_argument("--quick", action="store_true", help="five small builders")
+    parser.add_argument("--images", type=int, default=16, help="random calibration images")
+    parser.add_argument("--size", type=int, help="input size (default: 64 or the minimum)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one model, this process
     args = parser.parse_args()
     if args.one:
         from modhifi.errors import UserError
 
         try:
-            row = one(args.one)
+            row = one(args.one, images=args.images, size=args.size)
         except UserError as error:  # the one-line message a user would see
             row = {"model": args.one, "status": "refused", "message": str(error)}
         print(json.dumps(row))
@@ -137,10 +141,14 @@ def main() -> None:
                  "squeezenet1_0"]
     rows = []
     for name in names:
-        rows.append(_run(name, args.timeout, args.max_gib))
+        extra = ["--images", str(args.images)] + (["--size", str(args.size)] if args.size else [])
+        rows.append(_run(name, args.timeout, args.max_gib, extra))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    table = pd.DataFrame(rows)
-    suffix = "_quick" if args.quick or args.only else ""
+    write(pd.DataFrame(rows), "_quick" if args.quick or args.only else "")
+
+
+def write(table: pd.DataFrame, suffix: str = "") -> None:
+    """coverage{suffix}.csv and .md under docs/benchmarks, with the summary line."""
     table.to_csv(OUT / f"coverage{suffix}.csv", index=False)
     counts = table.status.value_counts().to_dict()
     summary = (f"{counts.get('ok', 0)} of {len(table)} classification builders pruned end to end; "
@@ -149,7 +157,6 @@ def main() -> None:
                            "apply_s", "speedup_macs", "peak_gib", "message") if c in table]
     (OUT / f"coverage{suffix}.md").write_text(summary + "\n\n" + markdown(table[columns], 2) + "\n")
     print(summary)
-
 
 if __name__ == "__main__":
     main()

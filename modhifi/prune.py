@@ -128,10 +128,11 @@ def dependency_graph(model: nn.Module, example: torch.Tensor
     """
     try:
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
-    except (ZeroDivisionError, IndexError, KeyError, ValueError) as error:
+    except (ZeroDivisionError, IndexError, KeyError, ValueError, TypeError) as error:
         raise UserError(f"Torch-Pruning cannot trace the channels of this model "
                         f"({type(error).__name__} in its {_failing_stage(error)}; a channel "
-                        "shuffle or an unusual reshape does this): it cannot be pruned") from None
+                        "shuffle or an unusual reshape or concatenation does this): it cannot be "
+                        "pruned") from None
     nodes = list(graph.module2node.values())
     flattening = frozenset(node for node in nodes if node.type == tp.ops.OPTYPE.RESHAPE and any(
         isinstance(m, _FlattenIndexMapping) for dep in node.dependencies for m in dep.index_mapping))
