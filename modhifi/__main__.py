@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Callable
 
 from modhifi.errors import UserError
-from modhifi.options import (Allocation, Compensation, DeviceChoice, Edit, Method, Scope,
-                             CALIBRATION_CLI, TargetKind, choices, default_compensation)
+from modhifi.options import (CALIBRATION_CLI, WHY_ROUND_TO, WHY_STEPS, Allocation, Compensation,
+                             DeviceChoice, Edit, Method, Scope, TargetKind, check_target,
+                             check_whole, choices, default_compensation)
 
 
 def _models(args: argparse.Namespace) -> dict:
@@ -316,27 +317,21 @@ def _check(args: argparse.Namespace) -> None:
         return getattr(args, name, None)
 
     finite = lambda x: x is None or math.isfinite(x)  # noqa: E731
-    need(given("batch_size") is None or args.batch_size >= 1,
-         f"--batch-size {given('batch_size')} must be at least 1 (images per timed batch)")
-    need(given("calib_samples") is None or args.calib_samples >= 1,
-         f"--calib-samples {given('calib_samples')} must be at least 1; leave it out for the "
-         "default (2,000, or all if fewer)")
+    for option, label, why in (("batch_size", "--batch-size", "images per timed batch"),
+                               ("calib_samples", "--calib-samples", "leave it out for the "
+                                "default: 2,000, or all if fewer"),
+                               ("steps", "--steps", WHY_STEPS), ("round_to", "--round-to", WHY_ROUND_TO),
+                               ("layers", "--layers", "how many layers to edit")):
+        if given(option) is not None:
+            check_whole(label, given(option), why)
     if given("target") is not None:
-        from modhifi.prune import check_target
-
         check_target(args.target)
-    need(given("steps") is None or args.steps >= 1,
-         f"--steps {given('steps')} must be at least 1, a whole number of rounds")
-    need(given("round_to") is None or args.round_to >= 1,
-         f"round to {given('round_to')} channels: must be at least 1 (1 keeps exact counts)")
     need(finite(given("k")) and (given("k") is None or 0 < args.k <= 1),
          f"--k {given('k')} is out of range: a share in (0, 1] of each layer's (output, input) "
          "pairs, e.g. --k 0.03")
     need(finite(given("forget_target")) and (given("forget_target") is None
                                              or 0 <= args.forget_target <= 1),
          f"--forget-target {given('forget_target')} is out of range: a fraction in [0, 1]")
-    need(given("layers") is None or args.layers >= 1,
-         f"--layers {given('layers')} must be at least 1 (how many layers to edit)")
     if given("out"):
         from modhifi.zoo import check_output
 

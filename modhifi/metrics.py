@@ -67,17 +67,16 @@ def inference_copy(model: nn.Module, example: torch.Tensor) -> nn.Module:
     made_by = {id(out[0]): conv for conv, out in outputs.items() if len(out) == 1}
     pairs = {norm: made_by[id(x[0])] for norm, x in inputs.items()
              if len(x) == 1 and id(x[0]) in made_by}
-    if not pairs:
-        return copied.to(memory_format=torch.channels_last)
-    folded = private_copy(copied)
-    for norm, conv in pairs.items():
-        _replace(folded, conv, fuse_conv_bn_eval(folded.get_submodule(conv),
-                                                 folded.get_submodule(norm)))
-        _replace(folded, norm, nn.Identity())
-    with torch.inference_mode():
-        same = torch.allclose(folded(example), expected, rtol=1e-3,
-                              atol=1e-4 * float(expected.abs().max().clamp(min=1)))
-    return (folded if same else copied).to(memory_format=torch.channels_last)
+    for norm, conv in pairs.items():  # folded in place: the copy is ours
+        _replace(copied, conv, fuse_conv_bn_eval(copied.get_submodule(conv),
+                                                 copied.get_submodule(norm)))
+        _replace(copied, norm, nn.Identity())
+    if pairs:
+        with torch.inference_mode():
+            same = torch.allclose(copied(example), expected, rtol=1e-3,
+                                  atol=1e-4 * float(expected.abs().max().clamp(min=1)))
+        copied = copied if same else private_copy(model)  # rare: a conv output read twice
+    return copied.to(memory_format=torch.channels_last)
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

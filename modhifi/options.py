@@ -34,6 +34,8 @@ HIFI_LEVEL = 0.8   # a HiFi set reaches this fidelity (paper §3)
 HIFI_SHARE = 0.2   # "small": fewer than this share of a layer's inputs reach HIFI_LEVEL
 CALIBRATION_CLI = 2000   # calibration images the CLI reads by default (or all, if fewer)
 CALIBRATION_THEORY = 500  # the theory report's default
+WHY_ROUND_TO = "1 keeps exact counts"
+WHY_STEPS = "rounds of score, remove, compensate, recalibrate"
 
 
 def choices(kind) -> tuple[str, ...]:
@@ -44,6 +46,21 @@ def choices(kind) -> tuple[str, ...]:
 def default_compensation(method: str) -> str:
     """Refit for ModHiFi's selections, none for the baselines (they come without one)."""
     return "refit" if method.startswith("modhifi") else "none"
+
+
+def check_whole(label: str, value, why: str) -> int:
+    """`value` if it is a whole number ≥ 1, else a one-line UserError naming `label`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{label} {value!r} must be at least 1, a whole number ({why})")
+    return value
+
+
+def check_target(target: float) -> float:
+    """`target` if it is a finite fraction in [0, 1), else a one-line UserError."""
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 <= target < 1:
+        raise UserError(f"target {target!r} must be in [0, 1): the fraction of channels or MACs "
+                        "to remove, e.g. --target 0.5")
+    return target
 
 
 def check(kind, value: str) -> str:

@@ -39,7 +39,8 @@ from modhifi.fidelity import (
 )
 from modhifi.hooks import private_copy
 from modhifi.metrics import channels_last, count_cost
-from modhifi.options import Allocation, Compensation, Method, Scope, TargetKind, check
+from modhifi.options import (WHY_ROUND_TO, WHY_STEPS, Allocation, Compensation, Method, Scope,
+                             TargetKind, check, check_target, check_whole)
 
 # The operations a prunable group may pass through: anything else (LayerNorm, attention heads,
 # concatenation, unwrapped parameters) couples channels in ways we do not prune.
@@ -360,13 +361,6 @@ class PrunePlan:
                              "removed": [len(g.removed) for g in self.groups]})
 
 
-def check_target(target: float) -> None:
-    """Raise a one-line UserError unless `target` is a finite fraction in [0, 1)."""
-    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 <= target < 1:
-        raise UserError(f"target {target!r} must be in [0, 1): the fraction of channels or MACs "
-                        "to remove, e.g. --target 0.5")
-
-
 def _kept_counts(rankings: dict[str, Ranking], knob: float, allocation: Allocation,
                  floor: float, round_to: int) -> dict[str, int]:
     """Channels each group keeps at pruning strength `knob` in [0, 1]."""
@@ -443,10 +437,10 @@ class Analysis:
                 on CPUs with AVX-512 (docs/results.md, "speed").
         """
         check_target(target)
-        check(Allocation, allocation), check(TargetKind, target_kind), check(Scope, scope)
-        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-            raise UserError(f"round to {round_to!r} channels: must be at least 1, a whole number "
-                            "(1 keeps exact counts)")
+        check(Allocation, allocation)
+        check(TargetKind, target_kind)
+        check(Scope, scope)
+        check_whole("--round-to", round_to, WHY_ROUND_TO)
         if not 0 <= floor <= 1:
             raise UserError(f"floor {floor!r} must be a fraction in [0, 1] of each group kept")
         rankings = {name: ranking for name, ranking in self.ranking(method, seed=seed).items()
@@ -656,8 +650,7 @@ def prune_in_steps(model: nn.Module, calibration: Iterable[torch.Tensor], *, dev
     Each round removes an equal share of the original channels (or MACs), re-scoring the model
     that the previous round left. Returns the pruned model and each round's plan.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise UserError(f"--steps {steps!r} must be at least 1, a whole number of rounds")
+    check_whole("--steps", steps, WHY_STEPS)
     check_target(target)
     batches = tuple(b.to(device) for b in calibration)
     current, plans = model, []
