@@ -41,7 +41,8 @@ def measure(model_name: str, images: int, device_choice: str) -> dict:
 
     from modhifi import zoo
     from modhifi.backend import choose_backend
-    from modhifi.fidelity import LayerFidelity, collect_moments
+    from modhifi.fidelity import LayerFidelity
+    from modhifi.moments import collect_moments
     from modhifi.prune import Analysis, trace_structure
 
     backend = choose_backend(device_choice)

@@ -13,7 +13,7 @@ _EXPORTS = {
     "load_dataset": "modhifi.data", "Dataset": "modhifi.data",
     "open_subject": "modhifi.zoo", "load_model": "modhifi.zoo", "save_checkpoint": "modhifi.zoo",
     "layer_fidelity": "modhifi.fidelity", "LayerFidelity": "modhifi.fidelity",
-    "collect_moments": "modhifi.fidelity",
+    "collect_moments": "modhifi.moments", "LayerMoments": "modhifi.moments",
     "analyse": "modhifi.prune", "Analysis": "modhifi.prune", "PrunePlan": "modhifi.prune",
     "prune_in_steps": "modhifi.prune",
     "unlearn": "modhifi.unlearn", "UnlearnResult": "modhifi.unlearn",

@@ -139,6 +139,7 @@ def _class_index(dataset, name: str) -> int:
 
 def _scores(args: argparse.Namespace) -> dict:
     from modhifi.prune import analyse
+    from modhifi.prune.tables import score_table
     from modhifi.zoo import write_atomically
 
     backend, subject = _open(args)
@@ -146,7 +147,7 @@ def _scores(args: argparse.Namespace) -> dict:
     analysis = analyse(subject.loaded.model, _calibration(subject, args.calib_samples),
                        device=backend.device, input_shape=dataset.input_shape)
     plan = None if args.target is None else analysis.plan(args.target)
-    table = analysis.score_table(plan)
+    table = score_table(analysis, plan)
     if args.forget_class is not None:  # the forget-class saliency of the edited layers
         from modhifi.unlearn import score_forget_class, unlearnable_layers
 

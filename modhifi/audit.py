@@ -5,8 +5,8 @@ the forget class (forget-class training images against forget-class test images)
 on penultimate features (the final classifier's input). Labels are read here and only here: the
 edit in `modhifi.unlearn` uses them only to select the forget class.
 
-`forward_order` and `classifier_name` live in `modhifi.fidelity` beside the other per-layer
-helpers, so unlearn imports audit and audit never imports unlearn.
+`forward_order` and `classifier_name` live in `modhifi.trace`, so unlearn imports audit and
+audit never imports unlearn.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from modhifi.data import Dataset, Split
 from modhifi.errors import UserError
-from modhifi.fidelity import classifier_name, forward_order
+from modhifi.trace import classifier_name, forward_order
 from modhifi.hooks import hooked
 from modhifi.metrics import Evaluation, evaluation_from
 

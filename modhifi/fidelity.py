@@ -1,228 +1,22 @@
-"""Input statistics, component similarity Q, singleton fidelity, saliency, subset fidelity,
-compensation (method.md §1–2) and greedy subset selection.
+"""The per-layer quantities of method.md §1–2: component similarity Q, singleton fidelity,
+saliency, subset fidelity, compensation (δ* and refit) and greedy subset selection.
 
-Everything follows from the second moment H of a layer's input patches: the contribution of input
-channel i to output channel c is A_ci = Φ_i ⋆ W_ci, so E⟨A_ci, A_cj⟩ = w_ciᵀ H[i,j] w_cj. Per-sample
-contributions are never materialised. The layers this applies to (Conv2d with groups=1, Linear)
-are listed in call order by `forward_order`; `classifier_name` finds the final one.
+Everything follows from the second moment H of a layer's input patches (`modhifi.moments`): the
+contribution of input channel i to output channel c is A_ci = Φ_i ⋆ W_ci, so
+E⟨A_ci, A_cj⟩ = w_ciᵀ H[i,j] w_cj. Per-sample contributions are never materialised.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modhifi.batch import call, finite, to_device
 from modhifi.errors import UserError
-from modhifi.hooks import hooked
-from modhifi.trace import trace_forward
-
-# Bound on the elements of one temporary (patch chunk, batch of Q_c) so memory stays ~100 MiB.
-_CHUNK_ELEMENTS = 2**24
-
-
-@dataclass(frozen=True, eq=False)
-class LayerMoments:
-    """Sums over samples of a layer's input patches; shards of data merge with `+`."""
-
-    second: Tensor  # (d, d) Σ over samples and positions of PᵀP, d = c_in·k²
-    position_sum: Tensor  # (L, d) Σ over samples of the patch at each position
-    samples: int  # N
-
-    def __add__(self, other: LayerMoments) -> LayerMoments:
-        if self.position_sum.shape != other.position_sum.shape:
-            raise UserError(
-                f"cannot merge moments with patch shapes {tuple(self.position_sum.shape)} and "
-                f"{tuple(other.position_sum.shape)}; feed inputs of one size to a layer"
-            )
-        return LayerMoments(
-            second=self.second + other.second,
-            position_sum=self.position_sum + other.position_sum,
-            samples=self.samples + other.samples,
-        )
-
-    def mean_second(self) -> Tensor:
-        """(d, d) E[Σ_positions PᵀP] in float64."""
-        return self.second.double() / self.samples
-
-    def centered_second(self) -> Tensor:
-        """(d, d) E[Σ_positions PᵀP] − Σ_p μ_p μ_pᵀ with μ_p the mean patch at position p, in float64.
-
-        Float64 because the subtraction cancels most of the magnitude when the means are large.
-        """
-        mu = self.position_sum.double() / self.samples  # (L, d)
-        return self.mean_second() - mu.T @ mu
-
-
-def _check_supported(layer: nn.Module, inputs: Tensor) -> None:
-    """Raise a one-line UserError unless `layer` can be scored on `inputs`."""
-    if isinstance(layer, nn.Conv2d):
-        if layer.groups != 1:
-            raise UserError(
-                f"Conv2d with groups={layer.groups} is not supported; score only groups=1 convolutions"
-            )
-        if inputs.dim() != 4 or inputs.shape[1] != layer.in_channels:
-            raise UserError(
-                f"expected Conv2d input of shape (N, {layer.in_channels}, H, W), "
-                f"got {tuple(inputs.shape)}; pass the batch this layer receives"
-            )
-    elif isinstance(layer, nn.Linear):
-        if inputs.dim() < 2 or inputs.shape[-1] != layer.in_features:
-            raise UserError(
-                f"expected Linear input of shape (N, [T,] {layer.in_features}), "
-                f"got {tuple(inputs.shape)}; pass the batch this layer receives"
-            )
-    else:
-        raise UserError(f"{type(layer).__name__} is not supported; pass an nn.Conv2d or an nn.Linear")
-    if len(inputs) == 0:
-        raise UserError("the input batch is empty; pass at least one sample")
-    if not torch.isfinite(inputs).all():
-        raise UserError("the layer's inputs contain NaN or infinite values; check the data and "
-                        "the weights that feed this layer")
-
-
-def _patches(layer: nn.Conv2d | nn.Linear, inputs: Tensor) -> Tensor:
-    """(N, L, d): the rows that `layer.weight.reshape(c_out, -1)` multiplies, channel-major."""
-    if isinstance(layer, nn.Linear):
-        return inputs.reshape(len(inputs), -1, layer.in_features)  # (N, [T,] c_in) -> (N, L, c_in)
-    # Pad the way Conv2d itself does: F.unfold's symmetric zero padding cannot express
-    # padding="same" with an even kernel or the reflect/replicate/circular modes.
-    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
-    padded = F.pad(inputs, layer._reversed_padding_repeated_twice, mode=mode)
-    # Strided views give F.unfold's patches in F.unfold's order, ~30× faster on a CPU.
-    (kh, kw), (dh, dw), (sh, sw) = layer.kernel_size, layer.dilation, layer.stride
-    windows = padded.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
-    # (N, c_in, H', W', kh, kw) -> (N, H'·W', c_in·kh·kw)
-    return windows.permute(0, 2, 3, 1, 4, 5).reshape(len(inputs), -1, layer.weight[0].numel())
-
-
-def moments_of(layer: nn.Conv2d | nn.Linear, inputs: Tensor, *,
-               positions: Tensor | None = None) -> LayerMoments:
-    """Input statistics of one layer from one batch of its inputs.
-
-    Args:
-        layer: an `nn.Conv2d` with groups=1 or an `nn.Linear`.
-        inputs: the layer's input, (N, c_in, H, W) for a conv, (N, [T,] c_in) for a linear layer.
-        positions: (n,) indices of the output positions whose patches count (H'·W' of a conv
-            output in row-major order, the flattened token axes of a linear one); None = all.
-
-    Returns:
-        The batch's `LayerMoments`, in the input's dtype (at least float32) on the input's device.
-
-    Raises:
-        UserError (a ValueError): for an unsupported layer or an input of the wrong shape.
-    """
-    _check_supported(layer, inputs)
-    inputs = inputs.detach().to(torch.promote_types(inputs.dtype, torch.float32))
-    # Unfolding multiplies the data by k², so unfold a few samples at a time.
-    kernel_area = layer.weight[0, 0].numel()
-    chunk = max(1, _CHUNK_ELEMENTS // (inputs[0].numel() * kernel_area))
-    second, position_sum = 0, 0
-    for part in inputs.split(chunk):
-        patches = _patches(layer, part)  # (n, L, d)
-        if positions is not None:
-            patches = patches[:, positions.to(patches.device)]  # (n, |positions|, d)
-        rows = patches.reshape(-1, patches.shape[-1])  # (n·L, d)
-        second = second + rows.T @ rows
-        position_sum = position_sum + patches.sum(0)
-    return LayerMoments(second, position_sum, len(inputs))
-
-
-def _is_prunable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
-
-
-def forward_order(model: nn.Module, example: Tensor) -> list[str]:
-    """Names of the prunable layers (Conv2d with groups=1, Linear) in the order they are called.
-
-    Args:
-        model: the network, in eval mode.
-        example: one input batch, (B, C, H, W), already on the model's device.
-
-    Returns:
-        Module names, each once, in the order of their first call.
-    """
-    return [name for name in trace_forward(model, example).in_call_order()
-            if _is_prunable(model.get_submodule(name))]
-
-
-def classifier_name(model: nn.Module, order: list[str]) -> str:
-    """The final classifier: the last nn.Linear a forward pass calls.
-
-    Args:
-        model: the network.
-        order: its `forward_order`.
-
-    Returns:
-        The classifier's module name.
-
-    Raises:
-        UserError (a ValueError): when no nn.Linear is called.
-    """
-    linears = [name for name in order if isinstance(model.get_submodule(name), nn.Linear)]
-    if not linears:
-        raise UserError("the model has no final nn.Linear classifier; one is needed to know "
-                        "which layers come before it and which features it reads")
-    return linears[-1]
-
-
-def collect_moments(
-    model: nn.Module,
-    layers: Mapping[str, nn.Module] | Iterable[str],
-    batches: Iterable[Tensor],
-    *,
-    device: torch.device | str,
-) -> dict[str, LayerMoments]:
-    """Input statistics of several layers from forward passes of `model`.
-
-    The passes run on a private eval-mode copy (`hooks.hooked`): the model is only read.
-
-    Args:
-        model: the network to run, on `device`.
-        layers: label -> layer of `model`, or module names.
-        batches: model inputs (tensors, tuples or dicts of tensors: `modhifi.batch`); each is
-            moved to `device`.
-        device: where the forward passes and the statistics live.
-
-    Returns:
-        label (or name) -> `LayerMoments` over all batches.
-
-    Raises:
-        UserError (a ValueError): for an unsupported layer, non-finite inputs, or a layer that no
-            batch reached.
-    """
-    if isinstance(layers, Mapping):
-        path = {module: name for name, module in model.named_modules()}
-        named = {path[layer]: label for label, layer in layers.items()}  # name -> label
-    else:
-        named = {name: name for name in layers}
-    moments: dict[str, LayerMoments] = {}
-
-    def record(label: str):
-        def hook(layer: nn.Module, args: tuple) -> None:
-            batch = moments_of(layer, args[0])
-            moments[label] = moments[label] + batch if label in moments else batch
-
-        return hook
-
-    with torch.inference_mode(), hooked(model, before={name: record(label)
-                                                       for name, label in named.items()}) as run:
-        for batch in batches:
-            batch = to_device(batch, device)
-            if not finite(batch):
-                raise UserError("the calibration inputs contain NaN or infinite values; "
-                                "clean the data (every value must be a finite number)")
-            call(run, batch)
-    missing = set(named.values()) - moments.keys()
-    if missing:
-        raise UserError(f"no input reached layers {sorted(missing)}; pass layers the forward pass uses")
-    return moments
-
+from modhifi.moments import CHUNK_ELEMENTS, LayerMoments, moments_of
 
 def _ridge_solve(A: Tensor, B: Tensor, lam: float) -> Tensor:
     """(A + λ·mean(diag A)·I)⁻¹ B for a batch of PSD systems A (..., n, n), B (..., n, m)."""
@@ -378,7 +172,7 @@ class LayerFidelity:
         """
         c_out, c_in, _ = self.w.shape
         curves = []
-        for rows in torch.arange(c_out, device=self.H.device).split(max(1, _CHUNK_ELEMENTS // c_in**2)):
+        for rows in torch.arange(c_out, device=self.H.device).split(max(1, CHUNK_ELEMENTS // c_in**2)):
             order = self.singleton[rows].argsort(1, descending=True)  # (n, c_in)
             Q = self._Q(rows)                                          # (n, c_in, c_in)
             Q = Q.gather(1, order[:, :, None].expand_as(Q)).gather(2, order[:, None, :].expand_as(Q))
@@ -406,7 +200,7 @@ class LayerFidelity:
         c_out, c_in, K = self.w.shape
         keep = _as_index(keep, self.H.device, c_in)
         # One batch of |keep|×|keep| systems per chunk of output channels bounds the memory.
-        chunk = max(1, _CHUNK_ELEMENTS // max(1, len(keep) ** 2 * K))
+        chunk = max(1, CHUNK_ELEMENTS // max(1, len(keep) ** 2 * K))
         row_chunks = torch.arange(c_out, device=keep.device).split(chunk)
         delta = torch.cat(
             [self._delta(self._Q(rows, keep), self.saliency[rows][:, keep]) for rows in row_chunks]

@@ -30,6 +30,11 @@ _MEANING = {
     Score: "score",
 }
 
+# How each method is named on the pages and in help texts (the importances: `prune.importance`).
+METHOD_LABELS = {"modhifi": "ModHiFi (union of HiFi sets)",
+                 "modhifi-greedy": "ModHiFi, greedy subset fidelity",
+                 "l1": "L1 filter norm", "random": "random", "activation": "activation magnitude"}
+
 HIFI_LEVEL = 0.8   # a HiFi set reaches this fidelity (paper §3)
 HIFI_SHARE = 0.2   # "small": fewer than this share of a layer's inputs reach HIFI_LEVEL
 CALIBRATION_CLI = 2000   # calibration images the CLI reads by default (or all, if fewer)

@@ -1,7 +1,8 @@
 """One forward pass, recorded: which modules ran, in what order, how often, on what inputs.
 
-`fidelity.forward_order` (the scorable layers in call order), the theory's layer walk and
-ModHiFi-U's replay of the modules before an edit all read it. The pass runs on a private copy
+`forward_order` (the scorable layers in call order), `classifier_name` (the last Linear called),
+the theory's layer walk and the replay of the modules before a layer (`modhifi.replay`) all read
+it. The pass runs on a private copy
 (`hooks.hooked`), so the model given is never hooked.
 """
 from __future__ import annotations
@@ -12,7 +13,10 @@ from itertools import count
 import torch
 from torch import Tensor, nn
 
+from modhifi.batch import Batch, call
+from modhifi.errors import UserError
 from modhifi.hooks import hooked
+from modhifi.moments import is_scorable
 
 
 @dataclass(frozen=True, eq=False)
@@ -32,12 +36,12 @@ class Trace:
 
 
 @torch.inference_mode()
-def trace_forward(model: nn.Module, example: Tensor) -> Trace:
+def trace_forward(model: nn.Module, example: Batch) -> Trace:
     """Record one forward pass of `model` on `example` (on a private copy, in eval mode).
 
     Args:
         model: the network; only read.
-        example: one input batch on the model's device.
+        example: one input batch (of any form: `modhifi.batch`) on the model's device.
 
     Returns:
         The `Trace`.
@@ -63,7 +67,47 @@ def trace_forward(model: nn.Module, example: Tensor) -> Trace:
     named = [(n, m) for n, m in model.named_modules() if n]
     with hooked(model, before={n: before(n) for n, _ in named},
                 after={n: after(n) for n, _ in named}) as run:
-        run(example)
+        call(run, example)
     leaves = sorted((n for n, m in named if n in start and next(m.children(), None) is None),
                     key=start.get)
     return Trace(start, end, calls, shapes, tuple(leaves), frozenset(tensors))
+
+
+def forward_order(model: nn.Module, example: Batch) -> list[str]:
+    """Names of the scorable layers (Conv2d with groups=1, Linear) in the order they are called.
+
+    Args:
+        model: the network, in eval mode.
+        example: one input batch, already on the model's device.
+
+    Returns:
+        Module names, each once, in the order of their first call.
+    """
+    return [name for name in trace_forward(model, example).in_call_order()
+            if is_scorable(model.get_submodule(name))]
+
+
+def last_linear(model: nn.Module, order: list[str]) -> str | None:
+    """The last nn.Linear in `order` (a `forward_order`), or None when there is none."""
+    linears = [name for name in order if isinstance(model.get_submodule(name), nn.Linear)]
+    return linears[-1] if linears else None
+
+
+def classifier_name(model: nn.Module, order: list[str]) -> str:
+    """The final classifier: the last nn.Linear a forward pass calls.
+
+    Args:
+        model: the network.
+        order: its `forward_order`.
+
+    Returns:
+        The classifier's module name.
+
+    Raises:
+        UserError (a ValueError): when no nn.Linear is called.
+    """
+    name = last_linear(model, order)
+    if name is None:
+        raise UserError("the model has no final nn.Linear classifier; one is needed to know "
+                        "which layers come before it and which features it reads")
+    return name

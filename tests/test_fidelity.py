@@ -9,13 +9,8 @@ from torch import nn
 
 from oracles import contributions
 
-from modhifi.fidelity import (
-    LayerMoments,
-    collect_moments,
-    greedy_subset,
-    layer_fidelity,
-    moments_of,
-)
+from modhifi.fidelity import greedy_subset, layer_fidelity
+from modhifi.moments import LayerMoments, collect_moments, moments_of
 
 RTOL = 1e-8
 

@@ -10,7 +10,10 @@ from torch import nn
 
 from modhifi import nets
 from modhifi.metrics import count_cost
-from modhifi.prune import analyse, recalibrate_batchnorm, trace_structure
+from modhifi.errors import UserError
+from modhifi.options import METHOD_LABELS, Method, choices
+from modhifi.prune import (IMPORTANCES, Evidence, analyse, kept_inputs, rank, recalibrate_batchnorm,
+                           trace_structure)
 from modhifi.zoo import build_torchvision
 from oracles import assert_unchanged, snapshot
 
@@ -93,7 +96,7 @@ def test_refit_beats_rescale_beats_no_compensation_on_every_layer():
     model = nets.ResNet(widths=(8, 16, 32))
     analysis = _analysis(model, (1, 16, 16), samples=128)
     plan = analysis.plan(0.5, target_kind="channels")
-    kept = analysis._kept_inputs({g.name: g.removed for g in plan.groups})
+    kept = kept_inputs(analysis.structure, analysis.model, plan.removed_channels())
     assert kept
     for name, keep in kept.items():
         lf = analysis.fidelity[name]
@@ -177,6 +180,24 @@ def test_iterative_mode_reaches_the_target_in_rounds():
     assert plans[1].macs_before == plans[0].macs_after  # each round starts where the last ended
     assert count_cost(pruned, (1, 16, 16)).macs == plans[-1].macs_after <= 0.5 * plans[0].macs_before
     assert_unchanged(model, before)
+
+
+def test_every_method_is_one_importance_of_the_registry_with_a_valid_ranking():
+    """The CLI's, the pages' and the library's methods are the registry's; each importance ranks
+    every channel of every group once, scores in [0, 1] never rising along the order."""
+    analysis = _analysis(nets.ResNet(widths=(8, 16, 24)), (1, 12, 12), samples=64)
+    assert tuple(IMPORTANCES) == choices(Method) == tuple(METHOD_LABELS)
+    evidence = Evidence(analysis.model, analysis.fidelity, analysis.moments, seed=3)
+    for method, importance in IMPORTANCES.items():
+        for group in analysis.structure.groups:
+            ranking = importance(group, evidence)
+            assert sorted(ranking.order) == list(range(group.size)), method
+            score = torch.tensor(ranking.score)
+            assert score.max() == 1 and score.min() >= 0 and (score.diff() <= 0).all(), method
+        assert rank(analysis.structure.groups, method, evidence) == \
+            analysis.ranking(method, seed=3), method
+    with pytest.raises(UserError, match="unknown method 'l2'"):
+        analysis.ranking("l2")
 
 
 def test_union_rule_keeps_every_hifi_set_union_as_a_prefix():

@@ -12,6 +12,7 @@ from conftest import subject
 from modhifi import nets, theory
 from modhifi.errors import UserError
 from modhifi.fidelity import hifi_size, layer_fidelity
+from modhifi.replay import Replay
 from modhifi.prune import analyse, recalibrate_batchnorm
 from modhifi.zoo import ZOO
 from oracles import assert_unchanged, snapshot
@@ -161,12 +162,13 @@ def test_replayed_prefix_gives_the_same_global_error_as_full_passes():
     batches = [torch.randn(16, 1, 28, 28) for _ in range(2)]
     recalibrate_batchnorm(model, batches)
     layers = ["layers.0.conv1", "layers.1.conv2", "layers.1.shortcut.0", "layers.2.conv1", "head.2"]
-    runs = theory._MaskedRuns(model, batches, layers)
-    assert runs.replayed["layers.1.conv2"] == {"stem", "layers.0", "layers.1.conv1", "layers.1.bn1"}
+    replay = Replay(model, torch.cat(batches), layers, batch_size=16)
+    assert set(replay.prefix("layers.1.conv2")) == {"stem", "layers.0", "layers.1.conv1",
+                                                     "layers.1.bn1"}
     for layer in layers:
         c_in = model.get_submodule(layer).weight.shape[1]
-        masks = theory._random_masks(c_in, 0.5, 2, torch.Generator().manual_seed(1))
-        measured = runs.global_errors(layer, masks)
+        masks = theory.draw_masks(c_in, 0.5, 2, torch.Generator().manual_seed(1))
+        measured = theory.global_errors(replay, layer, masks, batch_size=16)
         for mask, value in zip(masks, measured):
             expected = _brute_global(model, batches, layer, mask)
             assert float(value) == pytest.approx(expected, rel=1e-5)
@@ -232,7 +234,7 @@ def test_random_order_curves_are_subset_fidelities(float64):
     layer = nn.Conv2d(6, 3, 3, padding=1)
     f = layer_fidelity(layer, torch.randn(32, 6, 5, 5) + 0.5, lam=0.0)
     scores = torch.rand(3, 6)
-    curves = theory._RandomOrder(f.H, f.weight, f.lam, scores).fidelity_curves()
+    curves = theory.RandomOrder(f.H, f.weight, f.lam, scores).fidelity_curves()
     for c in range(3):
         order = scores[c].argsort(descending=True)
         for k in range(1, 7):
@@ -249,7 +251,7 @@ def test_top_k_is_never_worse_than_random_when_contributions_are_uncorrelated(fl
     result = theory.hifi_existence({"fc": f}, trials=8, outputs=None)
     assert result.table.topk_not_worse[0] == 1.0
     generator = torch.Generator().manual_seed(0)
-    search = theory._random_search(f, level=0.8, trials=8, generator=generator)
+    search = theory.random_search(f, level=0.8, trials=8, generator=generator)
     assert (hifi_size(f) <= search).all()
 
 

@@ -10,12 +10,14 @@ from torch import nn
 from modhifi import nets
 from modhifi.data import Dataset, Split
 from modhifi.errors import UserError
-from modhifi.fidelity import LayerFidelity, collect_moments, moments_of
+from modhifi.fidelity import LayerFidelity
+from modhifi.moments import collect_moments, moments_of
 from modhifi.metrics import evaluate
 from modhifi.unlearn import (ForgetScores, apply_plan, centred_forget_second, choose_plan,
                              default_edit, editable_layers, other_classes, plan_unlearning,
                              reaching_positions, score_forget_class, unlearn, unlearnable_layers)
-from modhifi.unlearn import K_GRID, K_MARGIN, _edit_in_place, _install_replay, _reference_index, _Replay, _Search
+from modhifi.replay import Replay
+from modhifi.unlearn import K_GRID, K_MARGIN, EditSearch, edit_in_place, reference_index
 from conftest import subject
 from oracles import assert_unchanged, contributions, snapshot
 
@@ -112,7 +114,7 @@ def test_pipeline_scores_match_brute_force_across_batches(reference_samples, sco
                                 batch_size=7)
     inputs = layer_inputs(model, names, next(data.calibration.batches(len(data.calibration))))
     forget = data.calibration.labels == 1
-    reference = _reference_index(len(data.calibration), reference_samples, seed=0)
+    reference = reference_index(len(data.calibration), reference_samples, seed=0)
     assert len(reference) == (reference_samples or 45) == scores.reference_samples
     for name, saliency in zip(names, scores.saliency):
         layer = copy.deepcopy(model.get_submodule(name)).double()
@@ -243,14 +245,15 @@ def test_replayed_prefix_gives_the_full_forward(name, layers):
     for k in (0.1, 0.5):
         saliency = tuple(torch.randn(*model.get_submodule(n).weight.shape[:2]) for n in names)
         plan = plan_unlearning(ForgetScores(0, names, saliency, 1, 1), k=k)
-        working, rows = copy.deepcopy(model), {}
-        _install_replay(working, names[0], images, rows, batch_size=16)  # records, then edits
-        assert any(isinstance(m, _Replay) for m in working.modules())
-        _edit_in_place(working, plan)
-        rows["index"] = torch.tensor([5, 0, 17, 3])
+        replay = Replay(model, images, [names[0]], batch_size=16)  # records, then edits
+        assert replay.prefix(names[0])  # something runs from the recording
+        edit_in_place(replay.model, plan)
+        index = torch.tensor([5, 0, 17, 3])
+        with replay.before(names[0]) as run:
+            replayed = run(index)
         with torch.inference_mode():
-            expected = apply_plan(model, plan)(images[rows["index"]])
-            assert torch.allclose(working(images[rows["index"]]), expected, atol=1e-6)
+            expected = apply_plan(model, plan)(images[index])
+        assert torch.allclose(replayed, expected, atol=1e-6)
 
 
 def test_negate_edits_only_the_layers_that_write_the_stream():
@@ -289,7 +292,7 @@ def test_search_counts_match_whole_forward_passes(name):
     scores = ForgetScores(1, names, saliency, 1, 1)
     forget, retain = (data.calibration.subset(mask) for mask in
                       (data.calibration.labels == 1, data.calibration.labels != 1))
-    search = _Search(model, scores, forget, retain, device="cpu", batch_size=4)
+    search = EditSearch(model, scores, forget, retain, device="cpu", batch_size=4)
     for count, k, edit in ((2, 0.3, "zero"), (1, 0.5, "negate"), (2, 0.05, "negate")):
         plan = plan_unlearning(scores.last(count), k=k, edit=edit)
         edited = apply_plan(model, plan)

@@ -16,6 +16,7 @@ import streamlit as st
 from modhifi import backend as _backend
 from modhifi import bench, metrics, options, prune, theory, unlearn, zoo
 from modhifi.errors import UserError
+from modhifi.prune import tables
 from ui.store import SharedResults
 
 # --- session-state keys ------------------------------------------------------------------------
@@ -257,22 +258,22 @@ def plan(model_id: str, device: str, samples: int, target: float, kind: str, all
 @st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)
 def channel_table(model_id: str, device: str, samples: int, target: float) -> pd.DataFrame:
     chosen = analysis(model_id, device, samples)
-    return chosen.channel_table(chosen.plan(target))
+    return tables.channel_table(chosen, chosen.plan(target))
 
 
 @st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)
 def layer_scores(model_id: str, device: str, samples: int, layer: str) -> dict:
-    return analysis(model_id, device, samples).layer_scores(layer)
+    return tables.layer_scores(analysis(model_id, device, samples), layer)
 
 
 @st.cache_data(show_spinner="Fidelity of growing HiFi sets…", max_entries=CACHED_TABLES)
 def fidelity_curve(model_id: str, device: str, samples: int, layer: str, out: int) -> pd.DataFrame:
-    return analysis(model_id, device, samples).fidelity_curve(layer, out)
+    return tables.fidelity_curve(analysis(model_id, device, samples), layer, out)
 
 
 @st.cache_data(show_spinner="Smallest HiFi sets of every layer…", max_entries=CACHED_TABLES)
 def hifi_table(model_id: str, device: str, samples: int) -> pd.DataFrame:
-    return analysis(model_id, device, samples).hifi_table()
+    return tables.hifi_table(analysis(model_id, device, samples))
 
 
 @st.cache_data(show_spinner="Evaluating the pruned model…", max_entries=CACHED_TABLES)

@@ -1,0 +1,227 @@
+"""Input statistics (method.md §1): the sums of a layer's input patches, from which every score,
+fidelity and compensation follows.
+
+`moments_of` reads one batch of a layer's inputs; `collect_moments` runs a model over batches
+with hooks on several layers at once, optionally split into row subsets (the forget class and a
+reference sample, say) and restricted to some output positions (those that reach the head).
+Only Conv2d with groups=1 and Linear layers have such statistics (`is_scorable`).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from modhifi.batch import Batch, call, finite, size, to_device
+from modhifi.errors import UserError
+from modhifi.hooks import hooked
+
+# Bound on the elements of one temporary (patch chunk, batch of Q_c) so memory stays ~100 MiB.
+CHUNK_ELEMENTS = 2**24
+
+
+@dataclass(frozen=True, eq=False)
+class LayerMoments:
+    """Sums over samples of a layer's input patches; shards of data merge with `+`."""
+
+    second: Tensor  # (d, d) Σ over samples and positions of PᵀP, d = c_in·k²
+    position_sum: Tensor  # (L, d) Σ over samples of the patch at each position
+    samples: int  # N
+
+    def __add__(self, other: LayerMoments) -> LayerMoments:
+        if self.position_sum.shape != other.position_sum.shape:
+            raise UserError(
+                f"cannot merge moments with patch shapes {tuple(self.position_sum.shape)} and "
+                f"{tuple(other.position_sum.shape)}; feed inputs of one size to a layer"
+            )
+        return LayerMoments(
+            second=self.second + other.second,
+            position_sum=self.position_sum + other.position_sum,
+            samples=self.samples + other.samples,
+        )
+
+    def mean_second(self) -> Tensor:
+        """(d, d) E[Σ_positions PᵀP] in float64."""
+        return self.second.double() / self.samples
+
+    def centered_second(self) -> Tensor:
+        """(d, d) E[Σ_positions PᵀP] − Σ_p μ_p μ_pᵀ with μ_p the mean patch at position p, in float64.
+
+        Float64 because the subtraction cancels most of the magnitude when the means are large.
+        """
+        mu = self.position_sum.double() / self.samples  # (L, d)
+        return self.mean_second() - mu.T @ mu
+
+
+def is_scorable(module: nn.Module) -> bool:
+    """A layer whose input statistics we compute: Linear, or Conv2d with groups=1."""
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
+
+
+def _check_supported(layer: nn.Module, inputs: Tensor) -> None:
+    """Raise a one-line UserError unless `layer` can be scored on `inputs`."""
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups != 1:
+            raise UserError(
+                f"Conv2d with groups={layer.groups} is not supported; score only groups=1 convolutions"
+            )
+        if inputs.dim() != 4 or inputs.shape[1] != layer.in_channels:
+            raise UserError(
+                f"expected Conv2d input of shape (N, {layer.in_channels}, H, W), "
+                f"got {tuple(inputs.shape)}; pass the batch this layer receives"
+            )
+    elif isinstance(layer, nn.Linear):
+        if inputs.dim() < 2 or inputs.shape[-1] != layer.in_features:
+            raise UserError(
+                f"expected Linear input of shape (N, [T,] {layer.in_features}), "
+                f"got {tuple(inputs.shape)}; pass the batch this layer receives"
+            )
+    else:
+        raise UserError(f"{type(layer).__name__} is not supported; pass an nn.Conv2d or an nn.Linear")
+    if len(inputs) == 0:
+        raise UserError("the input batch is empty; pass at least one sample")
+    if not torch.isfinite(inputs).all():
+        raise UserError("the layer's inputs contain NaN or infinite values; check the data and "
+                        "the weights that feed this layer")
+
+
+def _patches(layer: nn.Conv2d | nn.Linear, inputs: Tensor) -> Tensor:
+    """(N, L, d): the rows that `layer.weight.reshape(c_out, -1)` multiplies, channel-major."""
+    if isinstance(layer, nn.Linear):
+        return inputs.reshape(len(inputs), -1, layer.in_features)  # (N, [T,] c_in) -> (N, L, c_in)
+    # Pad the way Conv2d itself does: F.unfold's symmetric zero padding cannot express
+    # padding="same" with an even kernel or the reflect/replicate/circular modes.
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    padded = F.pad(inputs, layer._reversed_padding_repeated_twice, mode=mode)
+    # Strided views give F.unfold's patches in F.unfold's order, ~30× faster on a CPU.
+    (kh, kw), (dh, dw), (sh, sw) = layer.kernel_size, layer.dilation, layer.stride
+    windows = padded.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
+    # (N, c_in, H', W', kh, kw) -> (N, H'·W', c_in·kh·kw)
+    return windows.permute(0, 2, 3, 1, 4, 5).reshape(len(inputs), -1, layer.weight[0].numel())
+
+
+def moments_of(layer: nn.Conv2d | nn.Linear, inputs: Tensor, *,
+               positions: Tensor | None = None) -> LayerMoments:
+    """Input statistics of one layer from one batch of its inputs.
+
+    Args:
+        layer: an `nn.Conv2d` with groups=1 or an `nn.Linear`.
+        inputs: the layer's input, (N, c_in, H, W) for a conv, (N, [T,] c_in) for a linear layer.
+        positions: (n,) indices of the output positions whose patches count (H'·W' of a conv
+            output in row-major order, the flattened token axes of a linear one); None = all.
+
+    Returns:
+        The batch's `LayerMoments`, in the input's dtype (at least float32) on the input's device.
+
+    Raises:
+        UserError (a ValueError): for an unsupported layer or an input of the wrong shape.
+    """
+    _check_supported(layer, inputs)
+    inputs = inputs.detach().to(torch.promote_types(inputs.dtype, torch.float32))
+    # Unfolding multiplies the data by k², so unfold a few samples at a time.
+    kernel_area = layer.weight[0, 0].numel()
+    chunk = max(1, CHUNK_ELEMENTS // (inputs[0].numel() * kernel_area))
+    second, position_sum = 0, 0
+    for part in inputs.split(chunk):
+        patches = _patches(layer, part)  # (n, L, d)
+        if positions is not None:
+            patches = patches[:, positions.to(patches.device)]  # (n, |positions|, d)
+        rows = patches.reshape(-1, patches.shape[-1])  # (n·L, d)
+        second = second + rows.T @ rows
+        position_sum = position_sum + patches.sum(0)
+    return LayerMoments(second, position_sum, len(inputs))
+
+
+def collect_moments(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module] | Iterable[str],
+    batches: Iterable[Batch],
+    *,
+    device: torch.device | str,
+    positions: Mapping[str, Tensor | None] | None = None,
+) -> dict[str, LayerMoments]:
+    """Input statistics of several layers from forward passes of `model` over every sample.
+
+    The passes run on a private eval-mode copy (`hooks.hooked`): the model is only read.
+
+    Args:
+        model: the network to run, on `device`.
+        layers: label -> layer of `model`, or module names.
+        batches: model inputs (tensors, tuples or dicts of tensors: `modhifi.batch`); each is
+            moved to `device`.
+        device: where the forward passes and the statistics live.
+        positions: module name -> the output positions that count (`moments_of`); None = all.
+
+    Returns:
+        label (or name) -> `LayerMoments` over all batches.
+
+    Raises:
+        UserError (a ValueError): for an unsupported layer, non-finite inputs, or a layer that no
+            batch reached.
+    """
+    return collect_row_moments(model, layers, batches, device=device, positions=positions)[None]
+
+
+def collect_row_moments(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module] | Iterable[str],
+    batches: Iterable[Batch],
+    *,
+    device: torch.device | str,
+    rows: Mapping[str, Tensor] | None = None,
+    positions: Mapping[str, Tensor | None] | None = None,
+) -> dict[str | None, dict[str, LayerMoments]]:
+    """`collect_moments` for several subsets of the samples at once, in one pass.
+
+    Args:
+        rows: subset label -> (N,) bool mask over all samples in the order the batches deliver
+            them; a sample may be in several subsets. None: one subset, labelled None, of all.
+        Other arguments as in `collect_moments`.
+
+    Returns:
+        subset label -> layer label -> `LayerMoments` of that subset's samples.
+    """
+    if isinstance(layers, Mapping):
+        path = {module: name for name, module in model.named_modules()}
+        named = {path[layer]: label for label, layer in layers.items()}  # name -> label
+    else:
+        named = {name: name for name in layers}
+    positions = positions or {}
+    subsets = dict(rows) if rows is not None else {None: None}
+    moments: dict[str | None, dict[str, LayerMoments]] = {key: {} for key in subsets}
+    current: dict[str | None, Tensor | None] = {}  # subset -> the running batch's rows in it
+
+    def record(name: str, label: str):
+        def hook(layer: nn.Module, args: tuple) -> None:
+            x = args[0]  # (B, c_in, H, W) or (B, [T,] c_in)
+            for key, mask in current.items():
+                if mask is not None and not mask.any():
+                    continue
+                part = moments_of(layer, x if mask is None else x[mask],
+                                  positions=positions.get(name))
+                store = moments[key]
+                store[label] = store[label] + part if label in store else part
+        return hook
+
+    start = 0
+    with torch.inference_mode(), hooked(model, before={name: record(name, label)
+                                                       for name, label in named.items()}) as run:
+        for batch in batches:
+            batch = to_device(batch, device)
+            if not finite(batch):
+                raise UserError("the calibration inputs contain NaN or infinite values; "
+                                "clean the data (every value must be a finite number)")
+            n = size(batch)
+            current = {key: None if mask is None else mask[start:start + n].to(device)
+                       for key, mask in subsets.items()}
+            call(run, batch)
+            start += n
+    for key, store in moments.items():
+        missing = set(named.values()) - store.keys()
+        if missing and (key is None or subsets[key].any()):
+            raise UserError(f"no input reached layers {sorted(missing)}; pass layers the "
+                            "forward pass uses")
+    return moments

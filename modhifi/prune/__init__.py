@@ -1,0 +1,22 @@
+"""ModHiFi-P, structured pruning without gradients or labels (method.md §3): score → plan → apply.
+
+- `structure`: which channels must go together (Torch-Pruning's dependency graph, filtered).
+- `analysis`: `analyse` collects every consumer's input statistics once and builds fidelities.
+- `importance`: the registry of rankings (the paper's union of HiFi sets, greedy subset
+  fidelity, baselines), one small callable each.
+- `plan`: a target (a fraction of channels or of MACs) becomes a `PrunePlan`, a plain value with
+  the exact MACs and parameters, before anything changes.
+- `apply`: compensation (δ* or refit), surgery by Torch-Pruning, BatchNorm recalibration, on a
+  copy; `steps`: the iterative mode; `tables`: the analysis as tables for the pages.
+"""
+from modhifi.prune.analysis import Analysis, analyse, calibration_caveats
+from modhifi.prune.apply import compensate, cut_channels, kept_inputs, recalibrate_batchnorm
+from modhifi.prune.importance import IMPORTANCES, Evidence, Ranking, rank
+from modhifi.prune.plan import GroupPlan, PrunePlan, kept_counts, plan_pruning
+from modhifi.prune.steps import prune_in_steps
+from modhifi.prune.structure import ChannelGroup, Structure, dependency_graph, trace_structure
+
+__all__ = ["IMPORTANCES", "Analysis", "ChannelGroup", "Evidence", "GroupPlan", "PrunePlan",
+           "Ranking", "Structure", "analyse", "calibration_caveats", "compensate", "cut_channels",
+           "dependency_graph", "kept_counts", "kept_inputs", "plan_pruning", "prune_in_steps",
+           "rank", "recalibrate_batchnorm", "trace_structure"]

@@ -1,0 +1,144 @@
+"""One model analysed on its calibration data, once: structure, input statistics, fidelities,
+and rankings computed on first use. Plans come from it and pruned copies are made from it
+(score → plan → apply); the model given is only read.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from modhifi.batch import Batch, head, size, to_device
+from modhifi.errors import UserError
+from modhifi.fidelity import LayerFidelity
+from modhifi.hooks import private_copy
+from modhifi.moments import LayerMoments, collect_moments
+from modhifi.options import Allocation, Compensation, Method, Scope, TargetKind
+from modhifi.prune.apply import compensate, cut_channels, kept_inputs, recalibrate_batchnorm
+from modhifi.prune.importance import Evidence, Ranking, rank
+from modhifi.prune.plan import PrunePlan, plan_pruning
+from modhifi.prune.structure import Structure, trace_structure
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """Structure, input statistics and fidelities of one model, computed once; plans come from it."""
+
+    model: nn.Module = field(repr=False)   # the analysis' own eval-mode copy, never modified
+    input_shape: tuple[int, ...] | Batch  # one input's shape, or a one-sample example
+    structure: Structure
+    moments: dict[str, LayerMoments] = field(repr=False)
+    fidelity: dict[str, LayerFidelity] = field(repr=False)
+    calibration: tuple[torch.Tensor, ...] = field(repr=False)  # normalised batches, on the device
+    seconds: float
+    caveats: tuple[str, ...] = ()  # why the numbers may mean little (see `calibration_caveats`)
+    # (method, seed) -> rankings: they do not depend on the target, and the greedy one is costly.
+    _rankings: dict[tuple[str, int], dict[str, Ranking]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
+
+    # Sessions share one Analysis: the first to ask for a ranking computes it, the others wait.
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False,
+                                  compare=False)
+
+    def ranking(self, method: Method, *, seed: int = 0) -> dict[str, Ranking]:
+        """group name -> Ranking of its channels by `method` (computed once per method and seed)."""
+        with self._lock:
+            if (method, seed) not in self._rankings:
+                evidence = Evidence(self.model, self.fidelity, self.moments, seed)
+                self._rankings[method, seed] = rank(self.structure.groups, method, evidence)
+            return dict(self._rankings[method, seed])
+
+    def plan(self, target: float, *, target_kind: TargetKind = "channels",
+             allocation: Allocation = "uniform", method: Method = "modhifi",
+             scope: Scope = "all", floor: float = 0.05, round_to: int = 8,
+             seed: int = 0) -> PrunePlan:
+        """The plan that removes at least `target` of the channels (or of the MACs); the
+        arguments are `plan.plan_pruning`'s, `seed` the random baseline's."""
+        return plan_pruning(self.structure, self.ranking(method, seed=seed), target,
+                            method=method, target_kind=target_kind, allocation=allocation,
+                            scope=scope, floor=floor, round_to=round_to)
+
+    def apply(self, plan: PrunePlan, *, compensation: Compensation = "refit",
+              recalibrate: bool = True) -> nn.Module:
+        """A new, physically pruned model: compensate consumers, cut channels, recalibrate BN."""
+        pruned = private_copy(self.model)
+        removed = plan.removed_channels()
+        compensate(pruned, self.fidelity, kept_inputs(self.structure, self.model, removed),
+                   compensation)
+        cut_channels(pruned, removed, self.input_shape)
+        if recalibrate:
+            recalibrate_batchnorm(pruned, self.calibration)
+        return pruned
+
+
+def analyse(model: nn.Module, calibration: Iterable[Batch], *, device: torch.device,
+            input_shape: tuple[int, ...] | None = None, lam: float = 1e-4,
+            progress: Callable[[float], None] | None = None) -> Analysis:
+    """Trace the model's channel groups and score every consumer layer on calibration batches.
+
+    Args:
+        model: the trained network, on `device`; only read (the analysis works on a copy).
+        calibration: normalised, unlabeled input batches: tensors, or tuples or dicts of tensors
+            (`modhifi.batch`; e.g. token ids with an attention mask).
+        input_shape: (C, H, W) of one input; None: the first calibration sample is the example
+            the structure is traced on.
+        lam: ridge strength of the compensation solves, relative to the mean diagonal.
+        progress: called with the share of calibration batches read so far (for progress bars).
+    """
+    start = time.perf_counter()
+    # The analysis keeps its own eval-mode copy: the caller's model (perhaps in train mode, or
+    # shared by several dashboard sessions) is only read, its BatchNorm buffers left as they are.
+    model = private_copy(model)
+    batches = tuple(to_device(b, device) for b in calibration)
+    if not batches or not sum(size(b) for b in batches):
+        raise UserError("the calibration set is empty; pass at least one unlabeled sample")
+    if input_shape is None:  # inputs of any form: one calibration sample is the example
+        input_shape = head(batches[0], 1)
+    structure = trace_structure(model, input_shape)
+    if not structure.groups:
+        raise UserError("this model has no channel group ModHiFi can prune: it needs a Conv2d or "
+                        "Linear layer whose outputs only a Conv2d or Linear reads (through "
+                        "BatchNorm, activations or pooling)")
+    consumers = structure.consumers
+
+    def reporting():
+        for done, batch in enumerate(batches, 1):
+            yield batch
+            if progress:
+                progress(done / len(batches))
+
+    moments = collect_moments(model, consumers, reporting(), device=device)
+    fidelity = {name: LayerFidelity.from_moments(model.get_submodule(name).weight, moments[name],
+                                                 centered=name in structure.followed_by_norm,
+                                                 lam=lam)
+                for name in consumers}
+    return Analysis(model, input_shape, structure, moments, fidelity, batches,
+                    time.perf_counter() - start,
+                    calibration_caveats(model, sum(size(b) for b in batches)))
+
+
+def calibration_caveats(model: nn.Module, images: int) -> tuple[str, ...]:
+    """Warnings for a calibration set that is legal but too small for the statistics to mean much.
+
+    Args:
+        model: the network to be analysed.
+        images: calibration images.
+
+    Returns:
+        One line per problem (none when the set is large enough).
+    """
+    widths = {name: m.weight.shape[1] for name, m in model.named_modules()
+              if isinstance(m, (nn.Conv2d, nn.Linear))}
+    if not widths:
+        return ()
+    widest = max(widths, key=widths.get)
+    if images >= widths[widest]:
+        return ()
+    return (f"{images} calibration images are fewer than the {widths[widest]} input channels of "
+            f"{widest}: its statistics cannot tell those channels apart; use at least "
+            f"{widths[widest]} (more is better)",)
+

@@ -1,0 +1,140 @@
+"""The plan (method.md §3.5): how many channels each group keeps, and which, for a target
+fraction of channels or of MACs. A `PrunePlan` is a plain value, with the exact MACs and
+parameters it leads to, shown before anything changes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+
+from modhifi.errors import UserError
+from modhifi.options import (WHY_ROUND_TO, Allocation, Scope, TargetKind, check, check_target,
+                             check_whole)
+from modhifi.prune.importance import Ranking
+from modhifi.prune.structure import Structure
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """One group's part of a plan."""
+
+    name: str
+    size: int
+    kept: tuple[int, ...]       # sorted channel indices
+    removed: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """What `apply` will do, computed before anything changes."""
+
+    method: str
+    target: float
+    target_kind: TargetKind
+    allocation: Allocation
+    scope: Scope
+    groups: tuple[GroupPlan, ...]  # the groups in scope; the others keep every channel
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+
+    @property
+    def channels_before(self) -> int:
+        return sum(g.size for g in self.groups)
+
+    @property
+    def channels_after(self) -> int:
+        return sum(len(g.kept) for g in self.groups)
+
+    @property
+    def speedup_macs(self) -> float:
+        return self.macs_before / max(self.macs_after, 1)
+
+    def removed_channels(self) -> dict[str, list[int]]:
+        """group (first producer's name) -> removed channel indices, for export."""
+        return {g.name: list(g.removed) for g in self.groups if g.removed}
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame({"group": [g.name for g in self.groups],
+                             "channels": [g.size for g in self.groups],
+                             "kept": [len(g.kept) for g in self.groups],
+                             "removed": [len(g.removed) for g in self.groups]})
+
+
+def kept_counts(rankings: dict[str, Ranking], knob: float, allocation: Allocation,
+                 floor: float, round_to: int) -> dict[str, int]:
+    """Channels each group keeps at pruning strength `knob` in [0, 1]."""
+    kept = {}
+    for name, ranking in rankings.items():
+        size = len(ranking.order)
+        least = max(1, math.ceil(floor * size))
+        if allocation == "uniform":
+            count = max(least, size - round(knob * size))
+        else:  # global: one threshold on the normalised score across groups
+            count = max(least, sum(s >= knob for s in ranking.score))
+        # Vector units and GEMM kernels run whole multiples of 8 (or 16) channels at full speed.
+        kept[name] = min(size, -(-count // round_to) * round_to)
+    return kept
+
+
+def plan_pruning(structure: Structure, rankings: dict[str, Ranking], target: float, *,
+                 method: str, target_kind: TargetKind = "channels",
+                 allocation: Allocation = "uniform", scope: Scope = "all", floor: float = 0.05,
+                 round_to: int = 8) -> PrunePlan:
+    """The plan that removes at least `target` of the channels (or of the MACs).
+
+    Args:
+        structure: the model's channel groups and layer sizes (`trace_structure`).
+        rankings: group name -> its channels in keep order (`importance.rank`).
+        target: fraction in [0, 1) of prunable channels (target_kind="channels") or of the
+            model's MACs (target_kind="macs") to remove.
+        method: the importance behind `rankings`, recorded in the plan.
+        allocation: "uniform" (the same fraction of every group) or "global" (one threshold
+            on the normalised score across groups).
+        scope: "all" groups, or "internal": only groups with a single producer, i.e. not
+            the residual streams that several layers add into (inside residual blocks).
+        floor: fraction of each group that is always kept.
+        round_to: kept channels per group are rounded up to a multiple of this (1 = exact
+            counts); multiples of 8 run measurably faster on CPUs and GPUs, multiples of 16
+            on CPUs with AVX-512 (docs/results.md, "speed").
+    """
+    check_target(target)
+    check(Allocation, allocation)
+    check(TargetKind, target_kind)
+    check(Scope, scope)
+    check_whole("--round-to", round_to, WHY_ROUND_TO)
+    if not 0 <= floor <= 1:
+        raise UserError(f"floor {floor!r} must be a fraction in [0, 1] of each group kept")
+    rankings = {name: ranking for name, ranking in rankings.items()
+                if scope == "all" or len(structure.group(name).producers) == 1}
+    if not rankings:
+        raise UserError(f"no channel group is in scope {scope!r} for this model; use "
+                        "--scope all")
+    total = sum(len(r.order) for r in rankings.values())
+
+    def removed_share(knob: float) -> float:
+        kept = kept_counts(rankings, knob, allocation, floor, round_to)
+        if target_kind == "channels":
+            return 1 - sum(kept.values()) / total
+        return 1 - structure.cost(kept)[0] / structure.macs
+
+    # Removal grows with the knob (uniform: fraction removed; global: score threshold).
+    low, high = 0.0, 1.0 + 1e-9
+    if removed_share(high) < target:
+        raise UserError(f"target {target:g} {target_kind} cannot be reached: at most "
+                        f"{math.floor(removed_share(high) * 1000) / 1000:g} can be removed "
+                        "with this model; lower it")
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (middle, high) if removed_share(middle) < target else (low, middle)
+    kept = kept_counts(rankings, high if target > 0 else 0.0, allocation, floor, round_to)
+    groups = tuple(GroupPlan(g.name, g.size,
+                             tuple(sorted(rankings[g.name].order[:kept[g.name]])),
+                             tuple(sorted(rankings[g.name].order[kept[g.name]:])))
+                   for g in structure.groups if g.name in rankings)
+    macs, params = structure.cost(kept)
+    return PrunePlan(method, target, target_kind, allocation, scope, groups,
+                     structure.macs, macs, structure.params, params)

@@ -1,0 +1,46 @@
+"""The iterative mode: several rounds of score → plan → apply, each on the model the previous
+round left."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from modhifi.options import (WHY_STEPS, Allocation, Compensation, Method, Scope, TargetKind,
+                             check_target, check_whole)
+from modhifi.prune.analysis import analyse
+from modhifi.prune.plan import PrunePlan
+
+
+def _size(plan: PrunePlan, target_kind: TargetKind) -> int:
+    """What a target counts, before the plan: channels in scope or MACs."""
+    return plan.channels_before if target_kind == "channels" else plan.macs_before
+
+
+def prune_in_steps(model: nn.Module, calibration: Iterable[torch.Tensor], *, device: torch.device,
+                   input_shape: tuple[int, ...], target: float, steps: int,
+                   target_kind: TargetKind = "channels", allocation: Allocation = "uniform",
+                   method: Method = "modhifi", scope: Scope = "all",
+                   compensation: Compensation = "refit", recalibrate: bool = True,
+                   round_to: int = 8) -> tuple[nn.Module, tuple[PrunePlan, ...]]:
+    """The iterative mode: `steps` rounds of score → remove → compensate → recalibrate.
+
+    Each round removes an equal share of the original channels (or MACs), re-scoring the model
+    that the previous round left. Returns the pruned model and each round's plan.
+    """
+    check_whole("--steps", steps, WHY_STEPS)
+    check_target(target)
+    batches = tuple(b.to(device) for b in calibration)
+    current, plans = model, []
+    for step in range(1, steps + 1):
+        analysis = analyse(current, batches, device=device, input_shape=input_shape)
+        now = analysis.plan(0.0, target_kind=target_kind, scope=scope)  # the model as it is now
+        done = 1 - _size(now, target_kind) / _size(plans[0], target_kind) if plans else 0.0
+        goal = target * step / steps  # share of the original model removed after this round
+        plan = analysis.plan(max(0.0, 1 - (1 - goal) / (1 - done)), target_kind=target_kind,
+                             allocation=allocation, method=method, scope=scope, round_to=round_to)
+        current = analysis.apply(plan, compensation=compensation, recalibrate=recalibrate)
+        plans.append(plan)
+    return current, tuple(plans)
+

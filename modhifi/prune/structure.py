@@ -1,0 +1,221 @@
+"""Which channels must be removed together (method.md §3.1): Torch-Pruning's dependency graph,
+filtered to the groups that only pass through operations acting on each channel alone, and the
+per-layer sizes that cost a plan exactly before anything changes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
+
+from modhifi.batch import example_of
+from modhifi.errors import UserError
+from modhifi.hooks import private_copy
+from modhifi.metrics import count_cost
+from modhifi.moments import is_scorable
+from modhifi.trace import forward_order, last_linear
+
+# The operations a prunable group may pass through: anything else (LayerNorm, attention heads,
+# concatenation, unwrapped parameters) couples channels in ways we do not prune.
+_PASS_THROUGH = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.GELU,
+                 nn.SiLU, nn.Hardswish, nn.Dropout, nn.Identity, nn.MaxPool2d, nn.AvgPool2d,
+                 nn.AdaptiveAvgPool2d, nn.Flatten)
+_PASS_THROUGH_OPS = ("_ElementWiseOp", "_ReshapeOp")
+# Torch-Pruning calls every functional op it does not know "element-wise". Only these act on each
+# channel alone (autograd names, without "Backward"); any other (the matmuls of attention, the
+# transpose of a channel shuffle, a softmax or a mean over an unknown axis) mixes channels, so a
+# group through it is left whole: never cut half-way, e.g. a value projection without its query.
+_CHANNELWISE_OPS = frozenset({
+    "Add", "Sub", "Mul", "Div", "Neg", "Clone", "Relu", "Relu6", "Gelu", "Silu", "Sigmoid",
+    "Tanh", "Elu", "LeakyRelu", "Hardswish", "Hardsigmoid", "Hardtanh", "Clamp", "Threshold",
+    "MaxPool2DWithIndices", "AvgPool2D", "AdaptiveAvgPool2D", "AdaptiveMaxPool2D"})
+
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels that must be removed together, with the layers that make and read them."""
+
+    name: str                          # the first producer's module name
+    size: int
+    producers: tuple[str, ...]         # layers whose output channels these are
+    consumers: tuple[tuple[str, tuple[int, ...]], ...]  # (layer, its input index of each channel)
+    norms: tuple[str, ...]             # BatchNorms over these channels
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """What the exact MACs/params bookkeeping needs to know about one Conv2d/Linear/BatchNorm."""
+
+    macs: int
+    weight: int          # parameters in the weight
+    bias: int
+    per_channel: bool    # depthwise conv or norm: the weight scales with the output channels only
+    in_group: str | None
+    out_group: str | None
+
+
+@dataclass(frozen=True)
+class Structure:
+    """The coupled channel groups of a model and the per-layer sizes needed to cost a plan."""
+
+    groups: tuple[ChannelGroup, ...]
+    layers: dict[str, _Layer] = field(hash=False)
+    macs: int
+    params: int
+    followed_by_norm: frozenset[str]   # layers whose output goes straight into a BatchNorm
+
+    @property
+    def consumers(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(name for g in self.groups for name, _ in g.consumers))
+
+    def group(self, name: str) -> ChannelGroup:
+        return next(g for g in self.groups if g.name == name)
+
+    def cost(self, kept: dict[str, int]) -> tuple[int, int]:
+        """(MACs, params) of the model once each group keeps `kept[group]` channels."""
+        sizes = {g.name: g.size for g in self.groups}
+
+        def share(group: str | None) -> float:
+            return kept.get(group, sizes[group]) / sizes[group] if group else 1.0
+
+        macs, params = self.macs, self.params
+        for layer in self.layers.values():
+            out = share(layer.out_group)
+            inp = 1.0 if layer.per_channel else share(layer.in_group)
+            macs -= layer.macs - round(layer.macs * inp * out)
+            params -= layer.weight - round(layer.weight * inp * out) + layer.bias - round(layer.bias * out)
+        return macs, params
+
+
+def dependency_graph(model: nn.Module, example: torch.Tensor
+                     ) -> tuple[tp.DependencyGraph, frozenset[tp.Node]]:
+    """Torch-Pruning's dependency graph of `model`, and its reshapes that are not one-to-one.
+
+    A group that passes through such a reshape (a feature map flattened into a Linear, a Swin
+    window partition) is never pruned (`_as_group`). Torch-Pruning would still expand each channel
+    into all its flattened positions while collecting the group, which runs out of memory on
+    window attention (tens of GiB for swin_t at 64×64), so these reshapes are recorded, then made
+    plain pass-throughs that Torch-Pruning maps one-to-one.
+
+    Raises:
+        UserError: when Torch-Pruning cannot trace the model at all.
+    """
+    try:
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+    except (ZeroDivisionError, IndexError, KeyError, ValueError, TypeError) as error:
+        raise UserError(f"Torch-Pruning cannot trace the channels of this model "
+                        f"({type(error).__name__} in its {_failing_stage(error)}; a channel "
+                        "shuffle or an unusual reshape or concatenation does this): it cannot be "
+                        "pruned") from None
+    nodes = list(graph.module2node.values())
+    flattening = frozenset(node for node in nodes if node.type == tp.ops.OPTYPE.RESHAPE and any(
+        isinstance(m, _FlattenIndexMapping) for dep in node.dependencies for m in dep.index_mapping))
+    for node in flattening:
+        node.type = tp.ops.OPTYPE.ELEMENTWISE  # Torch-Pruning re-maps only RESHAPE nodes
+    for node in nodes:
+        for dep in node.dependencies:
+            dep.index_mapping = [None if isinstance(m, _FlattenIndexMapping) else m
+                                 for m in dep.index_mapping]
+    return graph, flattening
+
+
+def _failing_stage(error: BaseException) -> str:
+    """Torch-Pruning's function where `error` was raised, e.g. update_reshape_index_mapping."""
+    frame = error.__traceback__
+    while frame and frame.tb_next:
+        frame = frame.tb_next
+    return frame.tb_frame.f_code.co_name if frame else "graph"
+
+
+def trace_structure(model: nn.Module, input_shape) -> Structure:
+    """Find the prunable channel groups of `model` with Torch-Pruning's dependency graph.
+
+    `input_shape`: the shape of one input, or a one-sample example of any form (`modhifi.batch`).
+    """
+    model = private_copy(model).cpu()
+    names = {module: name for name, module in model.named_modules()}
+    example = example_of(input_shape)
+    graph, flattening = dependency_graph(model, example)
+    classifier = last_linear(model, forward_order(model, example))
+    head = [model.get_submodule(classifier)] if classifier else []  # its outputs are the classes
+    groups = [g for g in (_as_group(group, names, graph, flattening) for group in
+                          graph.get_all_groups(ignored_layers=head,
+                                               root_module_types=(nn.Conv2d, nn.Linear))) if g]
+    cost = count_cost(model, input_shape)
+    per_layer = dict(cost.per_layer)
+    owner = {}
+    for group in groups:
+        owner.update({(n, "out"): group.name for n in group.producers + group.norms})
+        owner.update({(n, "in"): group.name for n, _ in group.consumers})
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)):
+            bias = module.bias.numel() if module.bias is not None else 0
+            per_channel = (isinstance(module, nn.modules.batchnorm._BatchNorm)
+                           or getattr(module, "groups", 1) > 1)
+            layers[name] = _Layer(per_layer.get(name, 0), module.weight.numel(), bias, per_channel,
+                                  owner.get((name, "in")), owner.get((name, "out")))
+    followed = frozenset(names[node.module] for node in graph.module2node.values()
+                         if isinstance(node.module, (nn.Conv2d, nn.Linear))
+                         and any(isinstance(o.module, nn.modules.batchnorm._BatchNorm)
+                                 for o in node.outputs))
+    return Structure(tuple(groups), layers, cost.macs, cost.params, followed)
+
+
+def _multiplies_a_weight(grad_fn) -> bool:
+    """A transpose of a parameter, or a matrix product with one (what nn.Linear runs); not a
+    product of two activations (attention)."""
+    inputs = [f for f, _ in getattr(grad_fn, "next_functions", ()) if f is not None]
+    if grad_fn.name().startswith("TBackward"):
+        return any(type(f).__name__ == "AccumulateGrad" for f in inputs)
+    return any(f.name().startswith("TBackward") and _multiplies_a_weight(f) for f in inputs)
+
+
+def _is_channelwise(node: tp.Node) -> bool:
+    """Whether a functional op that Torch-Pruning traced acts on each channel alone."""
+    grad_fn = node.grad_fn
+    name = (grad_fn.name() if hasattr(grad_fn, "name") else "").split("Backward")[0]
+    if name in ("T", "Addmm", "Mm"):  # inside a Linear: its weight transposed, then x @ Wᵀ (+ b)
+        return _multiplies_a_weight(grad_fn)
+    if name == "Mean":  # a global average pool, if it keeps the channel axis
+        sizes = getattr(grad_fn, "_saved_self_sym_sizes", None)
+        dims = getattr(grad_fn, "_saved_dim", None)
+        if sizes is None or dims is None:
+            return False
+        channel = 1 if len(sizes) == 4 else len(sizes) - 1  # NCHW, or (N, [T,] C)
+        return all(d % len(sizes) != channel for d in dims)
+    return name in _CHANNELWISE_OPS
+
+
+def _as_group(group: tp.Group, names: dict, graph: tp.DependencyGraph,
+              flattening: frozenset[tp.Node]) -> ChannelGroup | None:
+    """A ChannelGroup, or None when the group passes through something we do not prune."""
+    producers, consumers, norms, size = [], [], [], None
+    for dep, idxs in group:
+        module, handler = dep.target.module, dep.handler
+        size = size or len(idxs)
+        kind = type(module).__name__
+        if not isinstance(module, _PASS_THROUGH) and kind not in _PASS_THROUGH_OPS:
+            return None
+        if kind == "_ElementWiseOp" and not _is_channelwise(dep.target):
+            return None
+        if isinstance(module, nn.Conv2d) and 1 < module.groups and not (
+                module.groups == module.in_channels == module.out_channels):
+            return None  # grouped (not depthwise): a cut would leave counts `groups` cannot divide
+        if len(idxs) != size or dep.target in flattening:  # e.g. a feature map flattened
+            return None
+        if graph.is_out_channel_pruning_fn(handler) and isinstance(module, (nn.Conv2d, nn.Linear)):
+            producers.append(names[module])
+        elif graph.is_in_channel_pruning_fn(handler) and isinstance(module, (nn.Conv2d, nn.Linear)):
+            if is_scorable(module):
+                consumers.append((names[module], tuple(int(i) for i in idxs)))
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            norms.append(names[module])
+    if not producers or not consumers:
+        return None
+    return ChannelGroup(producers[0], size, tuple(producers), tuple(consumers), tuple(norms))
+
