@@ -12,6 +12,8 @@ from conftest import subject
 from modhifi import nets, theory
 from modhifi.errors import UserError
 from modhifi.fidelity import hifi_size, layer_fidelity
+from modhifi.options import HIFI_SHARE
+from modhifi.prune.tables import hifi_table
 from modhifi.replay import Replay
 from modhifi.prune import analyse, recalibrate_batchnorm
 from modhifi.zoo import ZOO
@@ -265,7 +267,10 @@ def test_existence_on_digits_cnn_top_k_needs_no_more_than_random_search():
     assert table.topk_share.between(0, 1).all() and table.random_share.between(0, 1).all()
     conv = table[(table.model == "trained") & (table.layer == "3")].iloc[0]  # a feature-map layer
     assert conv.topk_share <= conv.random_share
-    assert 0 <= result.share("trained") <= 1 and 0 <= result.share("untrained") <= 1
+    # One question, one number: the Theory page's top-k shares are the Fidelity page's.
+    trained = table[table.model == "trained"]
+    assert list(trained.topk_share) == list(hifi_table(analysis).hifi_share)
+    assert result.share("trained") == float((hifi_table(analysis).hifi_share < HIFI_SHARE).mean())
     assert all(p.grad is None for p in s.loaded.model.parameters())
 
 
