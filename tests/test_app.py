@@ -1,10 +1,15 @@
 """Every dashboard page renders headlessly (Streamlit AppTest); controls change the numbers."""
+import ast
+import re
 from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
-APP = str(Path(__file__).resolve().parent.parent / "app.py")
+from ui import keys
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = str(ROOT / "app.py")
 PAGES = ["pages/overview.py", "pages/fidelity.py", "pages/prune.py", "pages/unlearn.py",
          "pages/theory.py"]
 
@@ -117,3 +122,37 @@ def test_greedy_selection_and_channel_multiples_change_the_plan():
     assert not app.exception
     kept = metrics(app)["Channels kept"]  # "kept / total"
     assert kept != exact and int(kept.split("/")[0]) % 16 == 0
+
+
+# --- session-state keys: defined once in ui/keys.py, never spelled in a page ----------------------
+
+WIDGETS = {"button", "checkbox", "color_picker", "data_editor", "date_input", "download_button",
+           "file_uploader", "form", "form_submit_button", "multiselect", "number_input", "pills",
+           "radio", "segmented_control", "select_slider", "selectbox", "slider", "text_area",
+           "text_input", "time_input", "toggle"}
+SCRIPTS = [ROOT / "app.py", *sorted((ROOT / "pages").glob("*.py")),
+           *sorted(p for p in (ROOT / "ui").glob("*.py") if p.name != "keys.py")]
+
+
+def test_keys_are_defined_once():
+    values = [v for name, v in vars(keys).items() if name.isupper()]
+    assert len(values) == len(set(values)), "two constants in ui/keys.py share a key"
+    assert all(re.fullmatch(r"(sidebar|overview|fidelity|prune|unlearn|theory)\.[a-z_]+", v)
+               for v in values)
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
+def test_every_widget_has_a_key_from_ui_keys(path):
+    """Every widget call names its key as `keys.NAME`; no page spells a session-state key."""
+    source = path.read_text()
+    assert not re.search(r"session_state\s*\[\s*[\"']|session_state\.get\(\s*[\"']|key\s*=\s*[\"']",
+                         source), "a literal key: use a constant from ui/keys.py"
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                node.func.attr in WIDGETS:
+            key = next((k.value for k in node.keywords if k.arg == "key"), None)
+            if node.func.attr == "form":  # st.form's key is its first argument
+                key = key or (node.args[0] if node.args else None)
+            where = f"{path.name}:{node.lineno} {node.func.attr}"
+            assert isinstance(key, ast.Attribute) and isinstance(key.value, ast.Name) and \
+                key.value.id == "keys" and hasattr(keys, key.attr), where
