@@ -32,27 +32,31 @@ def render() -> None:
                  "the penultimate features still separate the class: a high probe accuracy means the "
                  "information is still in the representation, only the head no longer uses it.")
 
-    cols = st.columns(4)
-    forget = cols[0].selectbox("Forget class", range(len(classes)), format_func=classes.__getitem__,
-                               key=keys.UNLEARN_CLASS)
-    edit = cols[3].selectbox("Edit", (None, *choices(Edit)), key=keys.UNLEARN_EDIT,
-                             format_func=lambda e: "by architecture" if e is None else e)
-    most = cache.editable_layers(opened, edit)  # negate acts on fewer layers
-    page.lower_to(keys.UNLEARN_LAYERS, most)
-    layers = cols[1].number_input("Layers edited (last L; empty: chosen with k)", 1, most, None,
-                                  key=keys.UNLEARN_LAYERS)
-    auto = cols[2].toggle("Choose k automatically", True, key=keys.UNLEARN_AUTO)
-    k = None if auto else cols[2].slider("k (share of slices per layer)", 0.005, 0.2, 0.03, 0.005,
-                                         key=keys.UNLEARN_K)
-    target = cols[2].number_input(
-        "Forget target (calibration accuracy)", 0.0, 0.5, 0.0, 0.01, key=keys.UNLEARN_TARGET,
-        disabled=not auto, help="What the automatic k aims for on the forget class's calibration "
-        "images; a little above 0 spares the other classes when 0 costs them much.")
+    # A form: the unlearning and its two audits run on submit, not on every widget change; until
+    # then the page shows the result of the last submitted choice (cached by its request).
+    with st.form(keys.UNLEARN_FORM, border=False):
+        cols = st.columns(4)
+        forget = cols[0].selectbox("Forget class", range(len(classes)),
+                                   format_func=classes.__getitem__, key=keys.UNLEARN_CLASS)
+        edit = cols[3].selectbox("Edit", (None, *choices(Edit)), key=keys.UNLEARN_EDIT,
+                                 format_func=lambda e: "by architecture" if e is None else e)
+        most = cache.editable_layers(opened, edit)  # negate acts on fewer layers
+        page.lower_to(keys.UNLEARN_LAYERS, most)
+        layers = cols[1].number_input("Layers edited (last L; empty: chosen with k)", 1, most, None,
+                                      key=keys.UNLEARN_LAYERS)
+        auto = cols[2].toggle("Choose k automatically", True, key=keys.UNLEARN_AUTO)
+        k = cols[2].slider("k (share of slices per layer) when not automatic", 0.005, 0.2, 0.03,
+                           0.005, key=keys.UNLEARN_K)
+        target = cols[2].number_input(
+            "Forget target (calibration accuracy) when automatic", 0.0, 0.5, 0.0, 0.01,
+            key=keys.UNLEARN_TARGET, help="What the automatic k aims for on the forget class's "
+            "calibration images; a little above 0 spares the other classes when 0 costs them much.")
+        st.form_submit_button("Forget", type="primary", key=keys.UNLEARN_SUBMIT)
 
     # The target only steers the automatic k.
     request = UnlearnRequest(forget_class=forget, edit=edit,
-                             layers=None if layers is None else int(layers), k=k,
-                             target_forget_accuracy=target if auto else 0.0)
+                             layers=None if layers is None else int(layers),
+                             k=None if auto else k, target_forget_accuracy=target if auto else 0.0)
     result = cache.unlearned(opened, request)
     before, after = result.before, result.after
     cols = st.columns(4)

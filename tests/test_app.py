@@ -29,6 +29,11 @@ def metrics(app: AppTest) -> dict[str, str]:
     return {metric.label: metric.value for metric in app.metric}
 
 
+def submit(app: AppTest) -> AppTest:
+    """Press the Unlearn page's submit button (its controls sit in a form)."""
+    return app.button(key=keys.UNLEARN_SUBMIT).click().run()
+
+
 @pytest.mark.parametrize("page", PAGES)
 def test_every_page_renders_without_exception(page):
     app = open_page(page)
@@ -74,7 +79,8 @@ def test_choosing_a_forget_class_changes_forget_accuracy():
 
     first = forget()
     assert float(first[0].rstrip("%")) < 50  # the default class is forgotten
-    app.selectbox(key="unlearn.class").set_value(6).run()  # 92% before, class 0: 100%
+    app.selectbox(key="unlearn.class").set_value(6)  # 92% before, class 0: 100%
+    submit(app)
     assert not app.exception
     assert forget() != first
     assert "“6”" in app.subheader[-1].value
@@ -83,9 +89,11 @@ def test_choosing_a_forget_class_changes_forget_accuracy():
 def test_switching_to_negate_lowers_a_layer_count_that_no_longer_fits():
     """digits-cnn: 2 layers can be zeroed, 1 negated (the one as wide as the head's input)."""
     app = open_page("pages/unlearn.py")
-    app.number_input(key="unlearn.layers").set_value(2).run()
+    app.number_input(key="unlearn.layers").set_value(2)
+    submit(app)
     assert not app.exception and app.number_input(key="unlearn.layers").max == 2
-    app.selectbox(key="unlearn.edit").set_value("negate").run()
+    app.selectbox(key="unlearn.edit").set_value("negate")
+    submit(app)
     assert not app.exception and not app.error
     assert app.number_input(key="unlearn.layers").max == 1
     assert app.number_input(key="unlearn.layers").value == 1
@@ -96,7 +104,8 @@ def test_a_damaging_edit_is_flagged_before_the_test_split_says_so():
     warning), forgetting "5" 10% (none)."""
     app = open_page("pages/unlearn.py")
     assert any("other classes' predictions" in w.value for w in app.warning)
-    app.selectbox(key="unlearn.class").set_value(5).run()
+    app.selectbox(key="unlearn.class").set_value(5)
+    submit(app)
     assert not app.exception and not app.warning
 
 
@@ -108,7 +117,8 @@ def test_a_forget_target_above_zero_spares_the_other_classes():
         return float(next(m for m in app.metric if m.label == "Retain accuracy").value.rstrip("%"))
 
     strict = retain()
-    app.number_input(key="unlearn.target").set_value(0.05).run()
+    app.number_input(key="unlearn.target").set_value(0.05)
+    submit(app)
     assert not app.exception and retain() > strict + 10
 
 
@@ -122,6 +132,34 @@ def test_greedy_selection_and_channel_multiples_change_the_plan():
     assert not app.exception
     kept = metrics(app)["Channels kept"]  # "kept / total"
     assert kept != exact and int(kept.split("/")[0]) % 16 == 0
+
+
+def test_the_unlearn_form_runs_the_unlearning_on_submit_only(monkeypatch):
+    """Changing a control reruns the page without unlearning again (the last result stays);
+    submitting runs it once for the new choice."""
+    from modhifi import unlearn
+
+    calls = []
+    real = unlearn.unlearn
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["forget_class"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(unlearn, "unlearn", counted)
+    # a choice no other test makes, so that the shared caches do not hold it yet
+    app = open_page("pages/unlearn.py", **{"unlearn.class": 8, "unlearn.target": 0.02})
+    assert not app.exception and calls == [8]
+    shown = metrics(app)
+    app.selectbox(key="unlearn.class").set_value(9).run()  # changed, not submitted
+    assert not app.exception and calls == [8] and metrics(app) == shown
+    assert "“8”" in app.subheader[-1].value
+    app.selectbox(key="unlearn.class").set_value(9)  # AppTest drops a staged value at a rerun
+    submit(app)
+    assert not app.exception and calls == [8, 9] and metrics(app) != shown
+    assert "“9”" in app.subheader[-1].value
+    app.run()  # a rerun with nothing changed keeps the result without unlearning again
+    assert calls == [8, 9] and "“9”" in app.subheader[-1].value
 
 
 # --- session-state keys: defined once in ui/keys.py, never spelled in a page ----------------------

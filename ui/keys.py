@@ -38,13 +38,15 @@ PRUNE_DOWNLOAD_MODEL = "prune.download_model"
 PRUNE_DOWNLOAD_JSON = "prune.download_json"
 PRUNE_DOWNLOAD_CSV = "prune.download_csv"
 
-# --- Unlearn -------------------------------------------------------------------------------------
+# --- Unlearn (the controls sit in a form: they take effect on submit) ----------------------------
+UNLEARN_FORM = "unlearn.form"
 UNLEARN_CLASS = "unlearn.class"
 UNLEARN_LAYERS = "unlearn.layers"
 UNLEARN_AUTO = "unlearn.auto"
 UNLEARN_K = "unlearn.k"
 UNLEARN_EDIT = "unlearn.edit"
 UNLEARN_TARGET = "unlearn.target"
+UNLEARN_SUBMIT = "unlearn.submit"
 UNLEARN_DOWNLOAD = "unlearn.download"
 
 # --- Theory --------------------------------------------------------------------------------------
