@@ -1,5 +1,6 @@
 """Every dashboard page renders headlessly (Streamlit AppTest); controls change the numbers."""
 import ast
+import json
 import re
 from pathlib import Path
 
@@ -194,3 +195,13 @@ def test_every_widget_has_a_key_from_ui_keys(path):
             where = f"{path.name}:{node.lineno} {node.func.attr}"
             assert isinstance(key, ast.Attribute) and isinstance(key.value, ast.Name) and \
                 key.value.id == "keys" and hasattr(keys, key.attr), where
+
+
+def test_the_sparsity_curve_draws_every_method():
+    app = open_page("pages/prune.py")
+    app.button(key="prune.curve").click().run()
+    assert not app.exception and not app.error
+    chart = app.get("plotly_chart")[-1]  # the last chart: accuracy against MACs reduction
+    names = {trace["name"] for trace in json.loads(chart.proto.spec)["data"]}
+    assert names == {"modhifi-greedy (refit)", "modhifi (refit)", "modhifi (rescale)",
+                     "l1 (none)", "activation (none)", "random (none)"}
