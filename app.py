@@ -2,12 +2,12 @@
 import streamlit as st
 
 from modhifi.backend import quiet_dependency_warnings
-from ui import state
+from ui import sidebar
 
 quiet_dependency_warnings()  # once per server process, before any session's work
 
 st.set_page_config(page_title="ModHiFi Studio", page_icon=":material/tune:", layout="wide")
-state.sidebar()
+sidebar.sidebar()
 st.navigation([
     st.Page("pages/overview.py", title="Overview", icon=":material/dashboard:", default=True),
     st.Page("pages/fidelity.py", title="Fidelity", icon=":material/local_fire_department:"),

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Callable
 
 from modhifi.errors import UserError
-from modhifi.options import (CALIBRATION_CLI, WHY_ROUND_TO, WHY_STEPS, Allocation, Compensation,
-                             DeviceChoice, Edit, Method, Scope, TargetKind, check_target,
-                             check_whole, choices, default_compensation)
+from modhifi.options import (CALIBRATION_CLI, WHY_FORGET_TARGET, WHY_K, WHY_ROUND_TO, WHY_STEPS,
+                             Allocation, Compensation, DeviceChoice, Edit, Method, Scope,
+                             METHOD_LABELS, ROUND_TO, TargetKind, check_fraction, check_target, check_whole, choices,
+                             default_compensation)
 
 
 def _models(args: argparse.Namespace) -> dict:
@@ -276,9 +277,9 @@ def _parser() -> argparse.ArgumentParser:
                                  help="internal: leave residual-stream channels alone")
             command.add_argument("--method", default="modhifi",
                                  choices=choices(Method),
-                                 help="modhifi: the paper's union of HiFi sets; modhifi-greedy: "
-                                      "greedy subset fidelity (more accurate, docs/results.md)")
-            command.add_argument("--round-to", type=int, default=8,
+                                 help="; ".join(f"{name}: {label}"
+                                                for name, label in METHOD_LABELS.items()))
+            command.add_argument("--round-to", type=int, default=ROUND_TO,
                                  help="keep multiples of this many channels per group (16 suits "
                                       "AVX-512 CPUs; 1: exact counts)")
             command.add_argument("--compensation", choices=choices(Compensation),
@@ -308,16 +309,9 @@ def _print(result: dict, *, as_json: bool) -> None:
 
 def _check(args: argparse.Namespace) -> None:
     """Every numeric option in range and every output path writable, before any work starts."""
-    import math
-
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise UserError(message)
-
     def given(name: str):
         return getattr(args, name, None)
 
-    finite = lambda x: x is None or math.isfinite(x)  # noqa: E731
     for option, label, why in (("batch_size", "--batch-size", "images per timed batch"),
                                ("calib_samples", "--calib-samples", "leave it out for the "
                                 "default: 2,000, or all if fewer"),
@@ -327,12 +321,10 @@ def _check(args: argparse.Namespace) -> None:
             check_whole(label, given(option), why)
     if given("target") is not None:
         check_target(args.target)
-    need(finite(given("k")) and (given("k") is None or 0 < args.k <= 1),
-         f"--k {given('k')} is out of range: a share in (0, 1] of each layer's (output, input) "
-         "pairs, e.g. --k 0.03")
-    need(finite(given("forget_target")) and (given("forget_target") is None
-                                             or 0 <= args.forget_target <= 1),
-         f"--forget-target {given('forget_target')} is out of range: a fraction in [0, 1]")
+    if given("k") is not None:
+        check_fraction("--k", args.k, low_open=True, why=WHY_K)
+    if given("forget_target") is not None:
+        check_fraction("--forget-target", args.forget_target, why=WHY_FORGET_TARGET)
     if given("out"):
         from modhifi.zoo import check_output
 

@@ -37,6 +37,11 @@ METHOD_LABELS = {"modhifi": "ModHiFi (union of HiFi sets)",
 
 HIFI_LEVEL = 0.8   # a HiFi set reaches this fidelity (paper §3)
 HIFI_SHARE = 0.2   # "small": fewer than this share of a layer's inputs reach HIFI_LEVEL
+FLOOR = 0.05      # share of each channel group always kept
+ROUND_TO = 8      # kept channels per group: a multiple of this (docs/results.md, "speed")
+REFERENCE_SAMPLES = 1000  # ModHiFi-U: calibration images of all classes that centre the scores
+RETAIN_SAMPLES = 512      # ModHiFi-U: other-class calibration images that judge retain damage
+UNLEARN_BATCH = 128       # ModHiFi-U: images per forward pass
 CALIBRATION_CLI = 2000   # calibration images the CLI reads by default (or all, if fewer)
 CALIBRATION_THEORY = 500  # the theory report's default
 WHY_ROUND_TO = "1 keeps exact counts"
@@ -66,6 +71,21 @@ def check_target(target: float) -> float:
         raise UserError(f"target {target!r} must be in [0, 1): the fraction of channels or MACs "
                         "to remove, e.g. --target 0.5")
     return target
+
+
+def check_fraction(label: str, value, *, low_open: bool = False, why: str) -> float:
+    """`value` as a float in [0, 1] ((0, 1] when `low_open`), else a one-line UserError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not (0 < value <= 1 if low_open else 0 <= value <= 1):  # NaN fails both
+        span = "(0, 1]" if low_open else "[0, 1]"
+        raise UserError(f"{label} {value!r} is out of range: pass a fraction in {span} ({why})")
+    return float(value)
+
+
+WHY_K = ("the share of each layer's (output, input) pairs edited, e.g. --k 0.03; leave it out "
+         "to choose it automatically")
+WHY_FORGET_TARGET = "the highest forget-class accuracy the chosen k may leave, e.g. 0.05"
+WHY_FLOOR = "the share of each channel group always kept"
 
 
 def check(kind, value: str) -> str:

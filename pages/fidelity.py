@@ -1,11 +1,11 @@
 """Fidelity: which input channels of every layer carry its output, and what the method keeps."""
 import streamlit as st
 
-from ui import figures, state
+from ui import cache, figures, keys, page, sidebar
 
 
 def render() -> None:
-    model_id, device, samples = state.selection()
+    chosen = sidebar.selection()
     st.title("Fidelity — which channels matter")
     st.write(
         "Each input channel *i* of a layer adds a **contribution** to every output channel *c*. "
@@ -21,15 +21,15 @@ def render() -> None:
                  r"\frac{(Q_c\mathbf{1})_i^2}{Q_c[i,i]\;\mathbf{1}^\top Q_c \mathbf{1}}")
         st.write("Saliency share: r_ci / E‖Y_c‖² with r_ci = (Q_c 1)_i, the part of output c that "
                  "channel i accounts for; it sums to one over the inputs.")
-    st.caption(f"Statistics from {samples} unlabeled calibration images; no labels, no gradients.")
+    st.caption(f"Statistics from {chosen.samples} unlabeled calibration images; no labels, no gradients.")
 
     left, right = st.columns([2, 1])
-    score = left.radio("Colour", list(figures.SCORE_LABELS), horizontal=True, key=state.FIDELITY_SCORE,
+    score = left.radio("Colour", list(figures.SCORE_LABELS), horizontal=True, key=keys.FIDELITY_SCORE,
                        format_func=figures.SCORE_LABELS.get)
     target = right.slider("Channels removed (to mark kept / removed)", 0.0, 0.9, 0.5, 0.05,
-                          key=state.FIDELITY_TARGET)
-    table = state.channel_table(model_id, device, samples, target)
-    hifi = state.hifi_table(model_id, device, samples)
+                          key=keys.FIDELITY_TARGET)
+    table = cache.channel_table(chosen, target)
+    hifi = cache.hifi_table(chosen)
     share = float((hifi["hifi_share"] < 0.2).mean())
     st.metric("Layers where fewer than 20% of inputs reach fidelity ≥ 0.8", f"{share:.0%}",
               help="Per layer: the median over output channels of the smallest HiFi set reaching "
@@ -38,13 +38,12 @@ def render() -> None:
 
     st.subheader("One layer, one output channel")
     layers = list(dict.fromkeys(table["layer"]))
-    layer = st.selectbox("Layer", layers, key=state.FIDELITY_LAYER)
-    matrix = state.layer_scores(model_id, device, samples, layer)[score]
-    out = st.number_input("Output channel", 0, matrix.shape[0] - 1, 0, key=state.FIDELITY_OUTPUT)
+    layer = st.selectbox("Layer", layers, key=keys.FIDELITY_LAYER)
+    matrix = cache.layer_scores(chosen, layer)[score]
+    out = st.number_input("Output channel", 0, matrix.shape[0] - 1, 0, key=keys.FIDELITY_OUTPUT)
     left, right = st.columns(2)
     left.plotly_chart(figures.layer_heatmap(matrix, score, layer), use_container_width=True)
-    right.plotly_chart(figures.fidelity_curve(state.fidelity_curve(model_id, device, samples, layer,
-                                                                   int(out))),
+    right.plotly_chart(figures.fidelity_curve(cache.fidelity_curve(chosen, layer, int(out))),
                        use_container_width=True)
     st.dataframe(hifi, hide_index=True, column_config={
         "hifi_share": st.column_config.ProgressColumn(
@@ -52,4 +51,4 @@ def render() -> None:
             format="percent")})
 
 
-state.guarded(render)
+page.guarded(render)

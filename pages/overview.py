@@ -1,12 +1,12 @@
 """Overview: the chosen model's accuracy, cost and measured speed."""
 import streamlit as st
 
-from ui import state
+from ui import cache, keys, page, sidebar
 
 
 def render() -> None:
-    name, device, _ = state.selection()
-    chosen = state.subject(name, device)
+    opened = sidebar.selection().opened
+    chosen = cache.subject(opened)
     st.title(f"Overview — {chosen.loaded.name}")
     if not chosen.loaded.trained:
         st.warning("Untrained network: fit for speed exploration only.")
@@ -14,9 +14,9 @@ def render() -> None:
              f"({len(chosen.dataset.test):,} test images). A model's *cost* is its multiply-"
              "accumulates (MACs) per image and its parameter count; *latency* is the measured "
              "time of one forward pass of a batch.")
-    result, cost = state.evaluation(name, device), state.cost(name, device)
-    batch = st.select_slider("Latency batch size", (1, 16, 64, 256), value=64, key="overview.batch")
-    timing = state.latency(name, device, batch)
+    result, cost = cache.evaluation(opened), cache.cost(opened)
+    batch = st.select_slider("Latency batch size", (1, 16, 64, 256), value=64, key=keys.OVERVIEW_BATCH)
+    timing = cache.latency(opened, batch)
     cols = st.columns(4)
     cols[0].metric("Test accuracy", f"{result.accuracy:.2%}")
     cols[1].metric("MACs / image", f"{cost.macs / 1e6:.2f} M")
@@ -33,4 +33,4 @@ def render() -> None:
         "share": st.column_config.ProgressColumn("share", format="percent", min_value=0, max_value=1)})
 
 
-state.guarded(render)
+page.guarded(render)

@@ -1,15 +1,14 @@
 """Prune: slide the sparsity, see the physically smaller model's accuracy, cost and speed."""
 import streamlit as st
 
-from modhifi.options import Allocation, Compensation, Scope, choices
-from ui import figures, state
+from modhifi.options import METHOD_LABELS, Allocation, Compensation, Method, Scope, choices
+from modhifi.requests import PruneRequest
+from ui import cache, figures, keys, page, sidebar
 
-METHODS = {"modhifi": "ModHiFi (union of HiFi sets)", "modhifi-greedy": "ModHiFi, greedy subset fidelity",
-           "l1": "L1 filter norm", "activation": "activation magnitude", "random": "random"}
 
 
 def render() -> None:
-    model_id, device, samples = state.selection()
+    chosen = sidebar.selection()
     st.title("Prune — ModHiFi-P")
     st.write(
         "Move the slider: the model is **physically** cut (channels removed from the weights, so "
@@ -26,29 +25,32 @@ def render() -> None:
                  r"\quad\text{(refit)}")
 
     cols = st.columns(3)
-    kind = cols[0].radio("Target", ("macs", "channels"), horizontal=True, key=state.PRUNE_KIND,
+    kind = cols[0].radio("Target", ("macs", "channels"), horizontal=True, key=keys.PRUNE_KIND,
                          format_func={"macs": "share of MACs", "channels": "share of channels"}.get)
-    target = cols[0].slider("Remove", 0.0, 0.8, 0.5, 0.05, key=state.PRUNE_TARGET)
-    method = cols[1].selectbox("Method", list(METHODS), format_func=METHODS.get, key=state.PRUNE_METHOD)
+    target = cols[0].slider("Remove", 0.0, 0.8, 0.5, 0.05, key=keys.PRUNE_TARGET)
+    method = cols[1].selectbox("Method", choices(Method), format_func=METHOD_LABELS.get,
+                              key=keys.PRUNE_METHOD)
     allocation = cols[1].radio("Allocation", choices(Allocation), horizontal=True,
-                               key=state.PRUNE_ALLOCATION)
-    scope = cols[1].radio("Channels", choices(Scope), horizontal=True, key=state.PRUNE_SCOPE,
+                               key=keys.PRUNE_ALLOCATION)
+    scope = cols[1].radio("Channels", choices(Scope), horizontal=True, key=keys.PRUNE_SCOPE,
                           format_func={"all": "all groups", "internal": "inside blocks"}.get,
                           help="Inside blocks: channels that residual additions share stay whole.")
     round_to = cols[1].select_slider(
-        "Keep multiples of", (1, 8, 16), value=8, key=state.PRUNE_ROUND_TO,
+        "Keep multiples of", (1, 8, 16), value=8, key=keys.PRUNE_ROUND_TO,
         help="Channels kept per group are rounded up to this multiple: vector units run whole "
              "blocks of 8 (16 on AVX-512 CPUs) at full speed.")
     compensation = cols[2].selectbox("Compensation", choices(Compensation),
-                                     key=state.PRUNE_COMPENSATION)
-    recalibrate = cols[2].toggle("Recalibrate BatchNorm", True, key=state.PRUNE_RECALIBRATE)
+                                     key=keys.PRUNE_COMPENSATION)
+    recalibrate = cols[2].toggle("Recalibrate BatchNorm", True, key=keys.PRUNE_RECALIBRATE)
     full = st.toggle(f"Evaluate on the full test split (live numbers use the first "
-                     f"{state.LIVE_TEST_IMAGES:,} test images)", key=state.PRUNE_FULL)
+                     f"{cache.LIVE_TEST_IMAGES:,} test images)", key=keys.PRUNE_FULL)
 
-    plan = state.plan(model_id, device, samples, target, kind, allocation, method, scope, round_to)
-    options = (model_id, device, samples, plan, compensation, recalibrate)
-    before = state.evaluation(model_id, device, full=full)
-    after = state.pruned_evaluation(*options, full)
+    request = PruneRequest(target=target, target_kind=kind, allocation=allocation, method=method,
+                           scope=scope, round_to=round_to, compensation=compensation,
+                           recalibrate=recalibrate)
+    plan = cache.plan(chosen, request)
+    before = cache.evaluation(chosen.opened, full=full)
+    after = cache.pruned_evaluation(chosen, request, full=full)
     cols = st.columns(4)
     cols[0].metric("Accuracy", f"{after.accuracy:.2%}", f"{(after.accuracy - before.accuracy) * 100:+.2f} pts")
     cols[1].metric("MACs / image", f"{plan.macs_after / 1e6:.2f} M", f"{plan.speedup_macs:.2f}× fewer",
@@ -60,8 +62,8 @@ def render() -> None:
     st.caption(f"Before: {before.accuracy:.2%} on {before.samples:,} test images.")
 
     if st.toggle("Measure the real speed-up (batch 64, dense and pruned timed side by side)",
-                 key=state.PRUNE_SPEED):
-        dense, small = state.pruned_latency(*options)
+                 key=keys.PRUNE_SPEED):
+        dense, small = cache.pruned_latency(chosen, request)
         cols = st.columns(3)
         cols[0].metric("Latency, optimised", f"{small.optimised.median_ms:.2f} ms",
                        f"{dense.optimised.median_ms / small.optimised.median_ms:.2f}× faster",
@@ -74,19 +76,22 @@ def render() -> None:
     st.subheader("Channels kept per group")
     st.plotly_chart(figures.kept_bars(plan.to_frame()), use_container_width=True)
 
-    model_bytes, removed_json, removed_csv = state.pruned_download(*options)
+    model_bytes, removed_json, removed_csv = cache.pruned_download(chosen, request)
     cols = st.columns(3)
-    cols[0].download_button("Pruned model (.pt)", model_bytes, "pruned.pt")
-    cols[1].download_button("Removed channels (JSON)", removed_json, "removed_channels.json")
-    cols[2].download_button("Removed channels (CSV)", removed_csv, "removed_channels.csv")
+    cols[0].download_button("Pruned model (.pt)", model_bytes, "pruned.pt",
+                            key=keys.PRUNE_DOWNLOAD_MODEL)
+    cols[1].download_button("Removed channels (JSON)", removed_json, "removed_channels.json",
+                            key=keys.PRUNE_DOWNLOAD_JSON)
+    cols[2].download_button("Removed channels (CSV)", removed_csv, "removed_channels.csv",
+                            key=keys.PRUNE_DOWNLOAD_CSV)
     st.caption("The .pt file reloads with `python -m modhifi info --model pruned.pt`.")
 
     st.subheader("Accuracy against sparsity")
-    if st.button("Compute the curve for ModHiFi and the baselines", key="prune.curve"):
-        curve = state.sparsity_curve(model_id, device, samples, kind, (0.2, 0.35, 0.5, 0.6, 0.7))
+    if st.button("Compute the curve for ModHiFi and the baselines", key=keys.PRUNE_CURVE):
+        curve = cache.sparsity_curve(chosen, kind)
         st.plotly_chart(figures.sparsity_curve(curve), use_container_width=True)
-        st.caption(f"First {state.LIVE_TEST_IMAGES:,} test images; baselines with BatchNorm "
+        st.caption(f"First {cache.LIVE_TEST_IMAGES:,} test images; baselines with BatchNorm "
                    "recalibration and no compensation.")
 
 
-state.guarded(render)
+page.guarded(render)

@@ -1,11 +1,11 @@
 """Theory: check the two theories the method rests on, on the chosen model."""
 import streamlit as st
 
-from ui import figures, state
+from ui import cache, figures, keys, page, sidebar
 
 
 def render() -> None:
-    model_id, device, samples = state.selection()
+    chosen = sidebar.selection()
     st.title("Theory — from local to global")
     st.write(
         "ModHiFi judges channels **locally**, one layer at a time. The paper's main theorem says a "
@@ -19,10 +19,10 @@ def render() -> None:
                  "its true input size (power iteration), |γ|/σ for BatchNorm, 1 for ReLU; a residual "
                  "block contributes Lip(branch) + Lip(shortcut).")
 
-    layers = list(state.analysis(model_id, device, samples).fidelity)
+    layers = list(cache.analysis(chosen).fidelity)
     layer = st.selectbox("Layer whose inputs are masked", layers,
-                         index=min(len(layers) - 1, len(layers) // 2), key=state.THEORY_LAYER)
-    result = state.local_global(model_id, device, samples, layer)
+                         index=min(len(layers) - 1, len(layers) // 2), key=keys.THEORY_LAYER)
+    result = cache.local_global(chosen, layer)
     cols = st.columns(3)
     cols[0].metric("Fitted global / local", f"{result.fitted_ratio:.3g}")
     cols[1].metric("Worst global / local", f"{result.worst_ratio:.3g}")
@@ -37,11 +37,11 @@ def render() -> None:
              "change less under small translations and smooth deformations. Below, the relative "
              "change of each layer's output for 1–4 pixel shifts and small deformations, in the "
              "dense model and in the model pruned to half its MACs.")
-    st.plotly_chart(figures.invariance(state.invariance(model_id, device, samples)),
+    st.plotly_chart(figures.invariance(cache.invariance(chosen)),
                     use_container_width=True)
 
     st.subheader("Do HiFi sets exist?")
-    existence = state.hifi_existence(model_id, device, samples)
+    existence = cache.hifi_existence(chosen)
     cols = st.columns(2)
     cols[0].metric("Layers where < 20% of inputs reach fidelity 0.8 (trained)",
                    f"{existence.share('trained'):.0%}")
@@ -53,4 +53,4 @@ def render() -> None:
     st.plotly_chart(figures.hifi_existence(existence.to_frame()), use_container_width=True)
 
 
-state.guarded(render)
+page.guarded(render)

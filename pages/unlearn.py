@@ -2,13 +2,19 @@
 import pandas as pd
 import streamlit as st
 
-from ui import figures, state
+from modhifi.options import Edit, choices
+from modhifi.requests import UnlearnRequest
+from ui import cache, figures, keys, page, sidebar
+
+# Below this share of unchanged other-class predictions (calibration images) the page warns: the
+# zoo's Fashion-MNIST CNNs keep 0.86-0.99 on every class, the ViT 0.73-0.95, digits-cnn 0.32 on
+# "0" (docs/benchmarks/unlearn_*.csv).
+LOW_AGREEMENT = 0.8
 
 
 def render() -> None:
-    model_id, device, _ = state.selection()
-    chosen = state.subject(model_id, device)
-    classes = list(chosen.dataset.classes)
+    opened = sidebar.selection().opened
+    classes = list(cache.subject(opened).dataset.classes)
     st.title("Unlearn — ModHiFi-U")
     st.write(
         "Pick a class to forget. ModHiFi-U reads the calibration images of that class only, finds "
@@ -26,26 +32,32 @@ def render() -> None:
                  "the penultimate features still separate the class: a high probe accuracy means the "
                  "information is still in the representation, only the head no longer uses it.")
 
-    cols = st.columns(4)
-    forget = cols[0].selectbox("Forget class", range(len(classes)), format_func=classes.__getitem__,
-                               key=state.UNLEARN_CLASS)
-    edit = cols[3].selectbox("Edit", (None, "zero", "negate"), key=state.UNLEARN_EDIT,
-                             format_func=lambda e: "by architecture" if e is None else e)
-    most = state.editable_layers(model_id, device, edit)  # negate acts on fewer layers
-    layers = cols[1].number_input("Layers edited (last L; empty: chosen with k)", 1, most, None,
-                                  key=state.UNLEARN_LAYERS)
-    layers = None if layers is None else int(layers)
-    auto = cols[2].toggle("Choose k automatically", True)
-    k = None if auto else cols[2].slider("k (share of slices per layer)", 0.005, 0.2, 0.03, 0.005,
-                                         key=state.UNLEARN_K)
-    target = cols[2].number_input(
-        "Forget target (calibration accuracy)", 0.0, 0.5, 0.0, 0.01, key=state.UNLEARN_TARGET,
-        disabled=not auto, help="What the automatic k aims for on the forget class's calibration "
-        "images; a little above 0 spares the other classes when 0 costs them much.")
+    # A form: the unlearning and its two audits run on submit, not on every widget change; until
+    # then the page shows the result of the last submitted choice (cached by its request).
+    with st.form(keys.UNLEARN_FORM, border=False):
+        cols = st.columns(4)
+        forget = cols[0].selectbox("Forget class", range(len(classes)),
+                                   format_func=classes.__getitem__, key=keys.UNLEARN_CLASS)
+        edit = cols[3].selectbox("Edit", (None, *choices(Edit)), key=keys.UNLEARN_EDIT,
+                                 format_func=lambda e: "by architecture" if e is None else e)
+        most = cache.editable_layers(opened, edit)  # negate acts on fewer layers
+        page.lower_to(keys.UNLEARN_LAYERS, most)
+        layers = cols[1].number_input("Layers edited (last L; empty: chosen with k)", 1, most, None,
+                                      key=keys.UNLEARN_LAYERS)
+        auto = cols[2].toggle("Choose k automatically", True, key=keys.UNLEARN_AUTO)
+        k = cols[2].slider("k (share of slices per layer) when not automatic", 0.005, 0.2, 0.03,
+                           0.005, key=keys.UNLEARN_K)
+        target = cols[2].number_input(
+            "Forget target (calibration accuracy) when automatic", 0.0, 0.5, 0.0, 0.01,
+            key=keys.UNLEARN_TARGET, help="What the automatic k aims for on the forget class's "
+            "calibration images; a little above 0 spares the other classes when 0 costs them much.")
+        st.form_submit_button("Forget", type="primary", key=keys.UNLEARN_SUBMIT)
 
-    # What every cached view keys on (the target only steers the automatic k).
-    choice = (model_id, device, forget, layers, k, edit, target if auto else 0.0)
-    result = state.unlearned(*choice)
+    # The target only steers the automatic k.
+    request = UnlearnRequest(forget_class=forget, edit=edit,
+                             layers=None if layers is None else int(layers),
+                             k=None if auto else k, target_forget_accuracy=target if auto else 0.0)
+    result = cache.unlearned(opened, request)
     before, after = result.before, result.after
     cols = st.columns(4)
     cols[0].metric("Forget accuracy", f"{after.forget_accuracy:.1%}",
@@ -62,7 +74,7 @@ def render() -> None:
                f"{result.plan.edit}, layers: {', '.join(result.plan.layers)}; "
                f"{result.seconds:.1f} s without the audits. Full test split.")
     agreement = result.plan.calibration_retain_agreement
-    if agreement is not None and agreement < state.UNLEARN_LOW_AGREEMENT:
+    if agreement is not None and agreement < LOW_AGREEMENT:
         st.warning(f"This edit changes {1 - agreement:.0%} of the other classes' predictions on "
                    "calibration images (known before any test image is read): few of this "
                    "model's channels belong to this class alone, so forgetting it costs the "
@@ -73,18 +85,17 @@ def render() -> None:
     left.subheader("Per-class accuracy")
     left.plotly_chart(figures.class_bars(per_class), use_container_width=True)
     right.subheader("Confusion after forgetting")
-    confusion = state.unlearned_evaluation(*choice).confusion
+    confusion = cache.unlearned_evaluation(opened, request).confusion
     right.plotly_chart(figures.confusion(confusion, classes), use_container_width=True)
 
     st.subheader(f"Test images of “{classes[forget]}”")
-    examples = state.forget_examples(*choice)
+    examples = cache.forget_examples(opened, request)
     for col, row in zip(st.columns(len(examples)), examples.itertuples()):
         col.image(row.image, clamp=True, use_container_width=True)
         col.caption(f"before: {row.before}  \nafter: {row.after}")
     st.dataframe(pd.DataFrame(result.to_frame()), hide_index=True)
-    st.download_button("Edited model (.pt)",
-                       state.unlearned_download(*choice),
-                       "unlearned.pt")
+    st.download_button("Edited model (.pt)", cache.unlearned_download(opened, request),
+                       "unlearned.pt", key=keys.UNLEARN_DOWNLOAD)
 
 
-state.guarded(render)
+page.guarded(render)

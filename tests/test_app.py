@@ -1,10 +1,16 @@
 """Every dashboard page renders headlessly (Streamlit AppTest); controls change the numbers."""
+import ast
+import json
+import re
 from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
-APP = str(Path(__file__).resolve().parent.parent / "app.py")
+from ui import keys
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = str(ROOT / "app.py")
 PAGES = ["pages/overview.py", "pages/fidelity.py", "pages/prune.py", "pages/unlearn.py",
          "pages/theory.py"]
 
@@ -22,6 +28,11 @@ def open_page(page: str, **state) -> AppTest:
 
 def metrics(app: AppTest) -> dict[str, str]:
     return {metric.label: metric.value for metric in app.metric}
+
+
+def submit(app: AppTest) -> AppTest:
+    """Press the Unlearn page's submit button (its controls sit in a form)."""
+    return app.button(key=keys.UNLEARN_SUBMIT).click().run()
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -69,7 +80,8 @@ def test_choosing_a_forget_class_changes_forget_accuracy():
 
     first = forget()
     assert float(first[0].rstrip("%")) < 50  # the default class is forgotten
-    app.selectbox(key="unlearn.class").set_value(6).run()  # 92% before, class 0: 100%
+    app.selectbox(key="unlearn.class").set_value(6)  # 92% before, class 0: 100%
+    submit(app)
     assert not app.exception
     assert forget() != first
     assert "“6”" in app.subheader[-1].value
@@ -78,9 +90,11 @@ def test_choosing_a_forget_class_changes_forget_accuracy():
 def test_switching_to_negate_lowers_a_layer_count_that_no_longer_fits():
     """digits-cnn: 2 layers can be zeroed, 1 negated (the one as wide as the head's input)."""
     app = open_page("pages/unlearn.py")
-    app.number_input(key="unlearn.layers").set_value(2).run()
+    app.number_input(key="unlearn.layers").set_value(2)
+    submit(app)
     assert not app.exception and app.number_input(key="unlearn.layers").max == 2
-    app.selectbox(key="unlearn.edit").set_value("negate").run()
+    app.selectbox(key="unlearn.edit").set_value("negate")
+    submit(app)
     assert not app.exception and not app.error
     assert app.number_input(key="unlearn.layers").max == 1
     assert app.number_input(key="unlearn.layers").value == 1
@@ -91,7 +105,8 @@ def test_a_damaging_edit_is_flagged_before_the_test_split_says_so():
     warning), forgetting "5" 10% (none)."""
     app = open_page("pages/unlearn.py")
     assert any("other classes' predictions" in w.value for w in app.warning)
-    app.selectbox(key="unlearn.class").set_value(5).run()
+    app.selectbox(key="unlearn.class").set_value(5)
+    submit(app)
     assert not app.exception and not app.warning
 
 
@@ -103,7 +118,8 @@ def test_a_forget_target_above_zero_spares_the_other_classes():
         return float(next(m for m in app.metric if m.label == "Retain accuracy").value.rstrip("%"))
 
     strict = retain()
-    app.number_input(key="unlearn.target").set_value(0.05).run()
+    app.number_input(key="unlearn.target").set_value(0.05)
+    submit(app)
     assert not app.exception and retain() > strict + 10
 
 
@@ -117,3 +133,75 @@ def test_greedy_selection_and_channel_multiples_change_the_plan():
     assert not app.exception
     kept = metrics(app)["Channels kept"]  # "kept / total"
     assert kept != exact and int(kept.split("/")[0]) % 16 == 0
+
+
+def test_the_unlearn_form_runs_the_unlearning_on_submit_only(monkeypatch):
+    """Changing a control reruns the page without unlearning again (the last result stays);
+    submitting runs it once for the new choice."""
+    from modhifi import unlearn
+
+    calls = []
+    real = unlearn.unlearn
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["forget_class"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(unlearn, "unlearn", counted)
+    # a choice no other test makes, so that the shared caches do not hold it yet
+    app = open_page("pages/unlearn.py", **{"unlearn.class": 8, "unlearn.target": 0.02})
+    assert not app.exception and calls == [8]
+    shown = metrics(app)
+    app.selectbox(key="unlearn.class").set_value(9).run()  # changed, not submitted
+    assert not app.exception and calls == [8] and metrics(app) == shown
+    assert "“8”" in app.subheader[-1].value
+    app.selectbox(key="unlearn.class").set_value(9)  # AppTest drops a staged value at a rerun
+    submit(app)
+    assert not app.exception and calls == [8, 9] and metrics(app) != shown
+    assert "“9”" in app.subheader[-1].value
+    app.run()  # a rerun with nothing changed keeps the result without unlearning again
+    assert calls == [8, 9] and "“9”" in app.subheader[-1].value
+
+
+# --- session-state keys: defined once in ui/keys.py, never spelled in a page ----------------------
+
+WIDGETS = {"button", "checkbox", "color_picker", "data_editor", "date_input", "download_button",
+           "file_uploader", "form", "form_submit_button", "multiselect", "number_input", "pills",
+           "radio", "segmented_control", "select_slider", "selectbox", "slider", "text_area",
+           "text_input", "time_input", "toggle"}
+SCRIPTS = [ROOT / "app.py", *sorted((ROOT / "pages").glob("*.py")),
+           *sorted(p for p in (ROOT / "ui").glob("*.py") if p.name != "keys.py")]
+
+
+def test_keys_are_defined_once():
+    values = [v for name, v in vars(keys).items() if name.isupper()]
+    assert len(values) == len(set(values)), "two constants in ui/keys.py share a key"
+    assert all(re.fullmatch(r"(sidebar|overview|fidelity|prune|unlearn|theory)\.[a-z_]+", v)
+               for v in values)
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
+def test_every_widget_has_a_key_from_ui_keys(path):
+    """Every widget call names its key as `keys.NAME`; no page spells a session-state key."""
+    source = path.read_text()
+    assert not re.search(r"session_state\s*\[\s*[\"']|session_state\.get\(\s*[\"']|key\s*=\s*[\"']",
+                         source), "a literal key: use a constant from ui/keys.py"
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                node.func.attr in WIDGETS:
+            key = next((k.value for k in node.keywords if k.arg == "key"), None)
+            if node.func.attr == "form":  # st.form's key is its first argument
+                key = key or (node.args[0] if node.args else None)
+            where = f"{path.name}:{node.lineno} {node.func.attr}"
+            assert isinstance(key, ast.Attribute) and isinstance(key.value, ast.Name) and \
+                key.value.id == "keys" and hasattr(keys, key.attr), where
+
+
+def test_the_sparsity_curve_draws_every_method():
+    app = open_page("pages/prune.py")
+    app.button(key="prune.curve").click().run()
+    assert not app.exception and not app.error
+    chart = app.get("plotly_chart")[-1]  # the last chart: accuracy against MACs reduction
+    names = {trace["name"] for trace in json.loads(chart.proto.spec)["data"]}
+    assert names == {"modhifi-greedy (refit)", "modhifi (refit)", "modhifi (rescale)",
+                     "l1 (none)", "activation (none)", "random (none)"}

@@ -336,7 +336,8 @@ def test_choose_plan_keeps_the_layer_count_that_changes_retain_least():
 @pytest.mark.parametrize("options, words", [
     ({"forget_class": 10}, "forget class"), ({"forget_class": -1}, "forget class"),
     ({"forget_class": 0, "layers": 0}, "layers"), ({"forget_class": 0, "layers": 3}, "layers"),
-    ({"forget_class": 0, "k": 0.0}, "k="), ({"forget_class": 0, "k": 1.5}, "k="),
+    ({"forget_class": 0, "k": 0.0}, "k 0.0 is out of range"),
+    ({"forget_class": 0, "k": 1.5}, "k 1.5 is out of range"),
     ({"forget_class": 0, "edit": "shrink"}, "edit"),
     ({"forget_class": 0, "target_forget_accuracy": 2.0}, "target"),
 ])

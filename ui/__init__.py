@@ -1,1 +1,2 @@
-"""The dashboard's shared pieces: caching and session state (state.py), figures (figures.py)."""
+"""The dashboard's shared pieces: session keys (keys.py), the sidebar (sidebar.py), caches
+(cache.py, store.py), what pages do around their bodies (page.py), figures (figures.py)."""

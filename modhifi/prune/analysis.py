@@ -17,7 +17,7 @@ from modhifi.errors import UserError
 from modhifi.fidelity import LayerFidelity
 from modhifi.hooks import private_copy
 from modhifi.moments import LayerMoments, collect_moments
-from modhifi.options import Allocation, Compensation, Method, Scope, TargetKind
+from modhifi.options import FLOOR, ROUND_TO, Allocation, Compensation, Method, Scope, TargetKind
 from modhifi.prune.apply import compensate, cut_channels, kept_inputs, recalibrate_batchnorm
 from modhifi.prune.importance import Evidence, Ranking, rank
 from modhifi.prune.plan import PrunePlan, plan_pruning
@@ -54,7 +54,7 @@ class Analysis:
 
     def plan(self, target: float, *, target_kind: TargetKind = "channels",
              allocation: Allocation = "uniform", method: Method = "modhifi",
-             scope: Scope = "all", floor: float = 0.05, round_to: int = 8,
+             scope: Scope = "all", floor: float = FLOOR, round_to: int = ROUND_TO,
              seed: int = 0) -> PrunePlan:
         """The plan that removes at least `target` of the channels (or of the MACs); the
         arguments are `plan.plan_pruning`'s, `seed` the random baseline's."""

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import pandas as pd
 
 from modhifi.errors import UserError
-from modhifi.options import (WHY_ROUND_TO, Allocation, Scope, TargetKind, check, check_target,
-                             check_whole)
+from modhifi.options import (FLOOR, ROUND_TO, WHY_FLOOR, WHY_ROUND_TO, Allocation, Scope,
+                             TargetKind, check, check_fraction, check_target, check_whole)
 from modhifi.prune.importance import Ranking
 from modhifi.prune.structure import Structure
 
@@ -82,8 +82,8 @@ def kept_counts(rankings: dict[str, Ranking], knob: float, allocation: Allocatio
 
 def plan_pruning(structure: Structure, rankings: dict[str, Ranking], target: float, *,
                  method: str, target_kind: TargetKind = "channels",
-                 allocation: Allocation = "uniform", scope: Scope = "all", floor: float = 0.05,
-                 round_to: int = 8) -> PrunePlan:
+                 allocation: Allocation = "uniform", scope: Scope = "all", floor: float = FLOOR,
+                 round_to: int = ROUND_TO) -> PrunePlan:
     """The plan that removes at least `target` of the channels (or of the MACs).
 
     Args:
@@ -106,8 +106,7 @@ def plan_pruning(structure: Structure, rankings: dict[str, Ranking], target: flo
     check(TargetKind, target_kind)
     check(Scope, scope)
     check_whole("--round-to", round_to, WHY_ROUND_TO)
-    if not 0 <= floor <= 1:
-        raise UserError(f"floor {floor!r} must be a fraction in [0, 1] of each group kept")
+    check_fraction("floor", floor, why=WHY_FLOOR)
     rankings = {name: ranking for name, ranking in rankings.items()
                 if scope == "all" or len(structure.group(name).producers) == 1}
     if not rankings:

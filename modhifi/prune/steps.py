@@ -7,8 +7,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from modhifi.options import (WHY_STEPS, Allocation, Compensation, Method, Scope, TargetKind,
+from modhifi.options import (ROUND_TO, WHY_STEPS, Allocation, Compensation, Method, Scope, TargetKind,
                              check_target, check_whole)
+from modhifi.batch import to_device
 from modhifi.prune.analysis import analyse
 from modhifi.prune.plan import PrunePlan
 
@@ -23,7 +24,7 @@ def prune_in_steps(model: nn.Module, calibration: Iterable[torch.Tensor], *, dev
                    target_kind: TargetKind = "channels", allocation: Allocation = "uniform",
                    method: Method = "modhifi", scope: Scope = "all",
                    compensation: Compensation = "refit", recalibrate: bool = True,
-                   round_to: int = 8) -> tuple[nn.Module, tuple[PrunePlan, ...]]:
+                   round_to: int = ROUND_TO) -> tuple[nn.Module, tuple[PrunePlan, ...]]:
     """The iterative mode: `steps` rounds of score → remove → compensate → recalibrate.
 
     Each round removes an equal share of the original channels (or MACs), re-scoring the model
@@ -31,7 +32,7 @@ def prune_in_steps(model: nn.Module, calibration: Iterable[torch.Tensor], *, dev
     """
     check_whole("--steps", steps, WHY_STEPS)
     check_target(target)
-    batches = tuple(b.to(device) for b in calibration)
+    batches = tuple(to_device(b, device) for b in calibration)
     current, plans = model, []
     for step in range(1, steps + 1):
         analysis = analyse(current, batches, device=device, input_shape=input_shape)

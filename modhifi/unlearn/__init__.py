@@ -25,16 +25,15 @@ contrastive centred saliency -> plan (layers and k chosen on calibration images)
 """
 from modhifi.unlearn.layers import (MAX_LAYERS, default_edit, editable_layers, reaching_positions,
                                     unlearnable_layers)
-from modhifi.unlearn.plan import (LayerEdit, UnlearnPlan, apply_plan, check_k, edit_in_place,
-                                  plan_unlearning)
+from modhifi.unlearn.plan import LayerEdit, UnlearnPlan, apply_plan, edit_in_place, plan_unlearning
 from modhifi.unlearn.run import UnlearnResult, unlearn
 from modhifi.unlearn.scores import (ForgetScores, centred_forget_second, reference_index,
                                     score_forget_class)
-from modhifi.unlearn.search import (K_GRID, K_MARGIN, K_REFINE_STEPS, RETAIN_SAMPLES, EditSearch,
-                                    choose_plan, other_classes)
+from modhifi.unlearn.search import (K_GRID, K_MARGIN, K_REFINE_STEPS, EditSearch, choose_plan,
+                                    other_classes)
 
-__all__ = ["K_GRID", "K_MARGIN", "K_REFINE_STEPS", "MAX_LAYERS", "RETAIN_SAMPLES", "EditSearch",
+__all__ = ["K_GRID", "K_MARGIN", "K_REFINE_STEPS", "MAX_LAYERS", "EditSearch",
            "ForgetScores", "LayerEdit", "UnlearnPlan", "UnlearnResult", "apply_plan",
-           "centred_forget_second", "check_k", "choose_plan", "default_edit", "edit_in_place",
+           "centred_forget_second", "choose_plan", "default_edit", "edit_in_place",
            "editable_layers", "other_classes", "plan_unlearning", "reaching_positions",
            "reference_index", "score_forget_class", "unlearn", "unlearnable_layers"]

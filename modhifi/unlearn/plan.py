@@ -9,9 +9,8 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from modhifi.errors import UserError
 from modhifi.hooks import private_copy
-from modhifi.options import Edit, check
+from modhifi.options import WHY_K, Edit, check, check_fraction
 from modhifi.unlearn.scores import ForgetScores
 
 
@@ -55,13 +54,6 @@ def _pairs_per_layer(shape: tuple[int, int], k: float) -> int:
     return max(1, round(k * shape[0] * shape[1]))
 
 
-def check_k(k: float) -> None:
-    if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 1:
-        raise UserError(f"k={k!r} is out of range: pass a share of each layer's (output, input) "
-                        "pairs in (0, 1], e.g. --k 0.03, or leave it out to choose it "
-                        "automatically")
-
-
 def plan_unlearning(scores: ForgetScores, *, k: float, edit: Edit = "zero") -> UnlearnPlan:
     """The top-k (output, input) pairs of every scored layer by saliency.
 
@@ -73,7 +65,7 @@ def plan_unlearning(scores: ForgetScores, *, k: float, edit: Edit = "zero") -> U
     Returns:
         The `UnlearnPlan`.
     """
-    check_k(k)
+    check_fraction("k", k, low_open=True, why=WHY_K)
     check(Edit, edit)
     layers = []
     for name, r in zip(scores.layers, scores.saliency):

@@ -14,11 +14,12 @@ from modhifi.audit import Audit, Outputs, audit
 from modhifi.data import Dataset
 from modhifi.errors import UserError
 from modhifi.hooks import private_copy
-from modhifi.options import Edit, Score, check
+from modhifi.options import REFERENCE_SAMPLES, RETAIN_SAMPLES, UNLEARN_BATCH, Edit, Score
+from modhifi.requests import UnlearnRequest
 from modhifi.unlearn.layers import default_edit, unlearnable_layers
-from modhifi.unlearn.plan import UnlearnPlan, apply_plan, check_k, plan_unlearning
+from modhifi.unlearn.plan import UnlearnPlan, apply_plan, plan_unlearning
 from modhifi.unlearn.scores import ForgetScores, score_forget_class
-from modhifi.unlearn.search import RETAIN_SAMPLES, choose_plan, other_classes
+from modhifi.unlearn.search import choose_plan, other_classes
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,8 +65,9 @@ class UnlearnResult:
 def unlearn(model: nn.Module, dataset: Dataset, *, forget_class: int, device: torch.device | str,
             edit: Edit | None = None, layers: int | None = None, k: float | None = None,
             score: Score = "contrastive", target_forget_accuracy: float = 0.0,
-            reference_samples: int | None = 1000, retain_samples: int | None = RETAIN_SAMPLES,
-            batch_size: int = 128, seed: int = 0, before: Outputs | None = None) -> UnlearnResult:
+            reference_samples: int | None = REFERENCE_SAMPLES,
+            retain_samples: int | None = RETAIN_SAMPLES, batch_size: int = UNLEARN_BATCH,
+            seed: int = 0, before: Outputs | None = None) -> UnlearnResult:
     """Make `model` forget one class without fine-tuning (ModHiFi-U), and audit the result.
 
     Args:
@@ -93,26 +95,15 @@ def unlearn(model: nn.Module, dataset: Dataset, *, forget_class: int, device: to
     Returns:
         The `UnlearnResult`; `seconds` times statistics, plan and edit, not the audits.
     """
+    # Every option checked once, by the request; whether the class exists needs the dataset.
+    UnlearnRequest(forget_class=forget_class, edit=edit, layers=layers, k=k, score=score,
+                   target_forget_accuracy=target_forget_accuracy,
+                   reference_samples=reference_samples, retain_samples=retain_samples,
+                   batch_size=batch_size, seed=seed)
     classes = dataset.num_classes
-    if isinstance(forget_class, bool) or not isinstance(forget_class, int) or \
-            not 0 <= forget_class < classes:
+    if not forget_class < classes:
         raise UserError(f"forget class {forget_class!r} is out of range for {dataset.name} "
                         f"({classes} classes): pass --forget-class 0..{classes - 1}")
-    if edit is not None:
-        check(Edit, edit)
-    if k is not None:
-        check_k(k)
-    if not 0 <= target_forget_accuracy <= 1:
-        raise UserError(f"target forget accuracy {target_forget_accuracy!r} is out of range: "
-                        "pass a fraction in [0, 1] (--forget-target)")
-    check(Score, score)
-    for name, samples in (("reference_samples", reference_samples),
-                          ("retain_samples", retain_samples)):
-        if samples is not None and samples < 1:
-            raise UserError(f"{name}={samples!r} must be at least 1 (or None for all "
-                            "calibration samples)")
-    if batch_size < 1:
-        raise UserError(f"batch size {batch_size!r} must be at least 1")
 
     begin = time.perf_counter()
     # eval() and hooks touch only this copy; channels-last convolutions are ~1.7x faster on a CPU

@@ -14,7 +14,7 @@ from modhifi.data import Split
 from modhifi.errors import UserError
 from modhifi.fidelity import LayerFidelity
 from modhifi.moments import LayerMoments, collect_row_moments
-from modhifi.options import Score, check
+from modhifi.options import REFERENCE_SAMPLES, UNLEARN_BATCH, Score, check
 from modhifi.unlearn.layers import reaching_positions
 
 
@@ -78,8 +78,9 @@ def reference_index(n: int, samples: int | None, seed: int) -> Tensor:
 
 def score_forget_class(model: nn.Module, calibration: Split, *, forget_class: int,
                        layers: tuple[str, ...], device: torch.device | str,
-                       score: Score = "contrastive", reference_samples: int | None = 1000,
-                       batch_size: int = 128, seed: int = 0) -> ForgetScores:
+                       score: Score = "contrastive",
+                       reference_samples: int | None = REFERENCE_SAMPLES,
+                       batch_size: int = UNLEARN_BATCH, seed: int = 0) -> ForgetScores:
     """Forget-class saliency of the given layers from one forward pass over calibration data.
 
     Each batch is split by label: forget-class rows feed the forget moments, rows of a seeded

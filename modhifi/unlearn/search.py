@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from modhifi.data import Split
-from modhifi.options import Edit
+from modhifi.options import RETAIN_SAMPLES, UNLEARN_BATCH, Edit
 from modhifi.replay import Replay
 from modhifi.unlearn.plan import UnlearnPlan, edit_in_place, plan_unlearning
 from modhifi.unlearn.scores import ForgetScores, reference_index
@@ -30,7 +30,6 @@ K_REFINE_STEPS = 3  # bisection steps in log k: within 2^(1/16) ≈ 4.4% of the 
 # at +0.5 points of mean retain drop.
 K_MARGIN = 2 ** 0.25
 REPLAY_BYTES = 2**30  # at most 1 GiB of recorded activations for the search of k
-RETAIN_SAMPLES = 512  # calibration images of the other classes that judge retain damage
 
 
 class EditSearch:
@@ -132,7 +131,7 @@ def _smallest_passing(passes, grid: tuple[float, ...], refine: int) -> float | N
 def choose_plan(model: nn.Module, scores: ForgetScores, forget_images: Split, *, edit: Edit,
                 target: float = 0.0, retain_images: Split | None = None,
                 layer_counts: tuple[int, ...] | None = None, device: torch.device | str,
-                batch_size: int = 128, grid: tuple[float, ...] = K_GRID,
+                batch_size: int = UNLEARN_BATCH, grid: tuple[float, ...] = K_GRID,
                 refine: int = K_REFINE_STEPS, margin: float = K_MARGIN) -> UnlearnPlan:
     """The plan that forgets on calibration images: how many layers, and k for them.
 

@@ -1,0 +1,297 @@
+"""Every Streamlit cache of the dashboard, and its bounds.
+
+Models, analyses and the backend live in `st.cache_resource` and are shared by every session, so
+they are never mutated: modifications always work on copies made by the library. Derived numbers
+and tables live in `st.cache_data`. Work that draws a progress bar lives in `ui.store`'s
+`SharedResults`. Everything is keyed by frozen values: `Opened` (a model on a device) for what
+depends on the model alone, `Selection` (that, and the calibration size) for what depends on the
+analysis, and a `PruneRequest` or `UnlearnRequest` (`modhifi.requests`) for one modification.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pandas as pd
+import streamlit as st
+
+from modhifi import backend as backends
+from modhifi import bench, metrics, prune, theory, unlearn, zoo
+from modhifi.options import DeviceChoice, Method, choices, default_compensation
+from modhifi.prune import tables
+from modhifi.requests import ModelRef, PruneRequest, UnlearnRequest
+from ui.store import SharedResults
+
+LIVE_TEST_IMAGES = bench.LIVE_TEST_IMAGES  # live numbers use this prefix of the test split
+CALIBRATION_DEFAULT = bench.LIVE_CALIBRATION_IMAGES
+
+# --- how much one server keeps (README, "Running it for a room") --------------------------------
+# Each open model holds its dataset; each analysis its private copy of the model and the input
+# moments of every layer (docs/results.md measures both). Least recently used entries go first.
+OPEN_MODELS = 4          # models with their datasets
+SHARED_RESULTS = {"analysis": 4, "sparsity_curve": 16}
+PRUNED_MODELS = 16       # pruned models behind the Prune page's slider positions
+UNLEARNED_MODELS = 8
+CACHED_TABLES = 256      # each st.cache_data function: numbers and tables, small
+CACHED_DOWNLOADS = 16    # checkpoint bytes ready for the download buttons
+
+# The accuracy against sparsity curve: every method with its default compensation, and the
+# paper's δ* rescaling beside ModHiFi's refit, at these targets.
+CURVE_METHODS = tuple((method, default_compensation(method)) for method in choices(Method)) + (
+    ("modhifi", "rescale"),)
+CURVE_TARGETS = (0.2, 0.35, 0.5, 0.6, 0.7)
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A model opened on a device: the key of everything that depends on the model alone."""
+
+    model: ModelRef
+    device: DeviceChoice
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What the sidebar picked: a model, a device, and how many calibration images to analyse."""
+
+    model: ModelRef
+    device: DeviceChoice
+    samples: int
+
+    @property
+    def opened(self) -> Opened:
+        """The model on its device, without the calibration size."""
+        return Opened(self.model, self.device)
+
+
+# --- cached resources (never mutated) --------------------------------------------------------------
+
+@st.cache_resource(show_spinner=False)
+def backend(choice: DeviceChoice) -> backends.Backend:
+    return backends.choose_backend(choice)
+
+
+@st.cache_resource(show_spinner="Loading model and data…", max_entries=OPEN_MODELS)
+def subject(opened: Opened) -> zoo.Subject:
+    return zoo.open_subject(**opened.model.open_kwargs(), device=backend(opened.device).device)
+
+
+class Progress:
+    """A progress bar that appears at the first report, so that reused results show nothing."""
+
+    def __init__(self, text: str):
+        self.text, self.bar = text, None
+
+    def __call__(self, fraction: float) -> None:
+        self.bar = self.bar or st.progress(0.0, text=self.text)
+        self.bar.progress(min(max(fraction, 0.0), 1.0), text=self.text)
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *_) -> None:
+        if self.bar is not None:
+            self.bar.empty()
+
+
+@st.cache_resource(show_spinner=False)
+def _store(kind: str) -> SharedResults:
+    """Shared results of long work that draws a progress bar (see `ui.store`), bounded."""
+    return SharedResults(SHARED_RESULTS[kind])
+
+
+def _with_progress(kind: str, key: tuple, text: str, work):
+    def compute():
+        with Progress(text) as report:
+            return work(report)
+
+    return _store(kind).get(key, compute)
+
+
+def analysis(selection: Selection) -> prune.Analysis:
+    def work(report) -> prune.Analysis:
+        chosen = subject(selection.opened)
+        return bench.live_analysis(chosen.loaded.model, chosen.dataset,
+                                   backend=backend(selection.device), samples=selection.samples,
+                                   progress=report)
+
+    return _with_progress("analysis", (selection,), "Input statistics of every layer on "
+                          f"{selection.samples:,} calibration images, then fidelity scores…", work)
+
+
+@st.cache_resource(show_spinner="Pruning: compensating, cutting, recalibrating BatchNorm…",
+                   max_entries=PRUNED_MODELS)
+def pruned(selection: Selection, request: PruneRequest):
+    return analysis(selection).apply(plan(selection, request), **request.apply_kwargs())
+
+
+# --- cached numbers and tables --------------------------------------------------------------------
+
+def _evaluate(opened: Opened, model, *, full: bool) -> metrics.Evaluation:
+    chosen = subject(opened)
+    test = chosen.dataset.test
+    split = test if full else test.subset(slice(0, LIVE_TEST_IMAGES))
+    return metrics.evaluate(model, split, device=backend(opened.device).device,
+                            num_classes=chosen.dataset.num_classes)
+
+
+@st.cache_data(show_spinner="Evaluating on the test split…", max_entries=CACHED_TABLES)
+def evaluation(opened: Opened, *, full: bool = True) -> metrics.Evaluation:
+    return _evaluate(opened, subject(opened).loaded.model, full=full)
+
+
+@st.cache_data(show_spinner="Counting MACs…", max_entries=CACHED_TABLES)
+def cost(opened: Opened) -> metrics.Cost:
+    chosen = subject(opened)
+    return metrics.count_cost(chosen.loaded.model, chosen.dataset.input_shape)
+
+
+@st.cache_data(show_spinner="Timing the forward pass…", max_entries=CACHED_TABLES)
+def latency(opened: Opened, batch_size: int) -> metrics.Latency:
+    chosen = subject(opened)
+    return metrics.measure_latency(chosen.loaded.model, chosen.dataset.input_shape,
+                                   backend=backend(opened.device), batch_size=batch_size)
+
+
+@st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)
+def plan(selection: Selection, request: PruneRequest) -> prune.PrunePlan:
+    return analysis(selection).plan(**request.plan_kwargs())
+
+
+@st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)
+def channel_table(selection: Selection, target: float) -> pd.DataFrame:
+    chosen = analysis(selection)
+    return tables.channel_table(chosen, chosen.plan(target))
+
+
+@st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)
+def layer_scores(selection: Selection, layer: str) -> dict:
+    return tables.layer_scores(analysis(selection), layer)
+
+
+@st.cache_data(show_spinner="Fidelity of growing HiFi sets…", max_entries=CACHED_TABLES)
+def fidelity_curve(selection: Selection, layer: str, out: int) -> pd.DataFrame:
+    return tables.fidelity_curve(analysis(selection), layer, out)
+
+
+@st.cache_data(show_spinner="Smallest HiFi sets of every layer…", max_entries=CACHED_TABLES)
+def hifi_table(selection: Selection) -> pd.DataFrame:
+    return tables.hifi_table(analysis(selection))
+
+
+@st.cache_data(show_spinner="Evaluating the pruned model…", max_entries=CACHED_TABLES)
+def pruned_evaluation(selection: Selection, request: PruneRequest, *,
+                      full: bool) -> metrics.Evaluation:
+    return _evaluate(selection.opened, pruned(selection, request), full=full)
+
+
+@st.cache_data(show_spinner="Timing dense and pruned models side by side…",
+               max_entries=CACHED_TABLES)
+def pruned_latency(selection: Selection, request: PruneRequest,
+                   batch_size: int = 64) -> list[metrics.Latency]:
+    chosen = subject(selection.opened)
+    return metrics.measure_latencies([chosen.loaded.model, pruned(selection, request)],
+                                     chosen.dataset.input_shape, backend=backend(selection.device),
+                                     batch_size=batch_size, repeats=15)
+
+
+def sparsity_curve(selection: Selection, target_kind: str) -> pd.DataFrame:
+    """Accuracy on the live test images against MACs reduction, for ModHiFi and the baselines."""
+    requests = [PruneRequest(target=target, target_kind=target_kind, method=method,
+                             compensation=compensation)
+                for method, compensation in CURVE_METHODS for target in CURVE_TARGETS]
+
+    def work(report) -> pd.DataFrame:
+        chosen = subject(selection.opened)
+        live = chosen.dataset.test.subset(slice(0, LIVE_TEST_IMAGES))
+        points = bench.sweep(analysis(selection), requests, live, backend=backend(selection.device),
+                             num_classes=chosen.dataset.num_classes, progress=report)
+        rows = [point.to_row() for point in points]
+        return pd.DataFrame([{**row, "method": f"{row['method']} ({row['compensation']})"}
+                             for row in rows])
+
+    return _with_progress("sparsity_curve", (selection, tuple(requests)),
+                          "Pruning, recalibrating and evaluating ModHiFi and the baselines…", work)
+
+
+@st.cache_data(show_spinner="Packing the pruned model…", max_entries=CACHED_DOWNLOADS)
+def pruned_download(selection: Selection, request: PruneRequest) -> tuple[bytes, str, str]:
+    """(checkpoint bytes, removed channels as JSON, as CSV)."""
+    removed = plan(selection, request).removed_channels()
+    csv = pd.DataFrame([(g, c) for g, cs in removed.items() for c in cs],
+                       columns=["group", "channel"]).to_csv(index=False)
+    return (zoo.checkpoint_bytes(pruned(selection, request), base=_base(selection.opened),
+                                 removed=removed),
+            json.dumps(removed, indent=1), csv)
+
+
+def _base(opened: Opened) -> dict:
+    """What a downloaded modified model is rebuilt from."""
+    return zoo.base_of(opened.model.spec, opened.model.arch, subject(opened).dataset)
+
+
+@st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)
+def editable_layers(opened: Opened, edit: str | None) -> int:
+    """How many layers before the classifier ModHiFi-U can edit with this edit (None: the
+    model's default)."""
+    chosen = subject(opened)
+    example = next(chosen.dataset.calibration.batches(1, device=backend(opened.device).device))
+    return len(unlearn.editable_layers(chosen.loaded.model, example, edit=edit))
+
+
+@st.cache_resource(show_spinner="Forgetting: forget-class statistics, choosing k, editing, auditing…",
+                   max_entries=UNLEARNED_MODELS)
+def unlearned(opened: Opened, request: UnlearnRequest) -> unlearn.UnlearnResult:
+    chosen = subject(opened)
+    return unlearn.unlearn(chosen.loaded.model, chosen.dataset, device=backend(opened.device).device,
+                           **request.kwargs())
+
+
+@st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)
+def unlearned_evaluation(opened: Opened, request: UnlearnRequest) -> metrics.Evaluation:
+    return _evaluate(opened, unlearned(opened, request).model, full=True)
+
+
+@st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)
+def forget_examples(opened: Opened, request: UnlearnRequest, count: int = 8) -> pd.DataFrame:
+    """Test images of the forget class with the predictions before and after (image as uint8)."""
+    chosen = subject(opened)
+    test, classes = chosen.dataset.test, chosen.dataset.classes
+    images = test.subset((test.labels == request.forget_class).nonzero().flatten()[:count])
+    after = unlearned(opened, request).model
+
+    def predicted(model) -> list[str]:
+        logits = metrics.predict(model, images, device=backend(opened.device).device)
+        return [classes[i] for i in logits.argmax(1)]
+
+    return pd.DataFrame({"image": [img.permute(1, 2, 0).squeeze(-1).numpy() for img in images.images],
+                         "before": predicted(chosen.loaded.model), "after": predicted(after)})
+
+
+@st.cache_data(show_spinner="Packing the edited model…", max_entries=CACHED_DOWNLOADS)
+def unlearned_download(opened: Opened, request: UnlearnRequest) -> bytes:
+    return zoo.checkpoint_bytes(unlearned(opened, request).model, base=_base(opened), removed={})
+
+
+@st.cache_data(show_spinner="Masking the layer's inputs: local error from statistics, global measured…",
+               max_entries=CACHED_TABLES)
+def local_global(selection: Selection, layer: str) -> theory.LocalGlobal:
+    return theory.local_global(analysis(selection), layer)
+
+
+@st.cache_data(show_spinner="Feature changes under translations and deformations, by depth…",
+               max_entries=CACHED_TABLES)
+def invariance(selection: Selection) -> pd.DataFrame:
+    chosen, study = subject(selection.opened), analysis(selection)
+    half = study.apply(study.plan(0.5, target_kind="macs"))
+    images = next(chosen.dataset.test.batches(128, device=backend(selection.device).device))
+    return theory.invariance({"dense": chosen.loaded.model, "pruned (½ MACs)": half}, images)
+
+
+@st.cache_data(show_spinner="Smallest HiFi sets, trained against untrained…",
+               max_entries=CACHED_TABLES)
+def hifi_existence(selection: Selection) -> theory.HifiExistence:
+    study, name = analysis(selection), str(selection.model)
+    untrained = (theory.untrained_analysis(zoo.ZOO[name].build, study).fidelity
+                 if name in zoo.ZOO else None)
+    return theory.hifi_existence(study.fidelity, untrained=untrained)

@@ -1,0 +1,53 @@
+"""Every session-state and widget key of the dashboard, defined once (prefixed by page).
+
+Pages and the sidebar name keys only through these constants; tests and benchmarks set the
+same strings (e.g. `app.session_state["sidebar.model"]`), so a value changes only with them.
+"""
+
+# --- the sidebar ---------------------------------------------------------------------------------
+MODEL = "sidebar.model"
+DEVICE = "sidebar.device"
+CALIBRATION = "sidebar.calibration"
+CHECKPOINT_PATH = "sidebar.checkpoint_path"
+CHECKPOINT_ARCH = "sidebar.checkpoint_arch"
+CHECKPOINT_DATA = "sidebar.checkpoint_data"
+CHECKPOINT_UPLOAD = "sidebar.checkpoint_upload"
+
+# --- Overview ------------------------------------------------------------------------------------
+OVERVIEW_BATCH = "overview.batch"
+
+# --- Fidelity ------------------------------------------------------------------------------------
+FIDELITY_SCORE = "fidelity.score"
+FIDELITY_LAYER = "fidelity.layer"
+FIDELITY_OUTPUT = "fidelity.output"
+FIDELITY_TARGET = "fidelity.target"
+
+# --- Prune ---------------------------------------------------------------------------------------
+PRUNE_TARGET = "prune.target"
+PRUNE_KIND = "prune.kind"
+PRUNE_ALLOCATION = "prune.allocation"
+PRUNE_SCOPE = "prune.scope"
+PRUNE_ROUND_TO = "prune.round_to"
+PRUNE_METHOD = "prune.method"
+PRUNE_COMPENSATION = "prune.compensation"
+PRUNE_RECALIBRATE = "prune.recalibrate"
+PRUNE_FULL = "prune.full"
+PRUNE_SPEED = "prune.speed"
+PRUNE_CURVE = "prune.curve"
+PRUNE_DOWNLOAD_MODEL = "prune.download_model"
+PRUNE_DOWNLOAD_JSON = "prune.download_json"
+PRUNE_DOWNLOAD_CSV = "prune.download_csv"
+
+# --- Unlearn (the controls sit in a form: they take effect on submit) ----------------------------
+UNLEARN_FORM = "unlearn.form"
+UNLEARN_CLASS = "unlearn.class"
+UNLEARN_LAYERS = "unlearn.layers"
+UNLEARN_AUTO = "unlearn.auto"
+UNLEARN_K = "unlearn.k"
+UNLEARN_EDIT = "unlearn.edit"
+UNLEARN_TARGET = "unlearn.target"
+UNLEARN_SUBMIT = "unlearn.submit"
+UNLEARN_DOWNLOAD = "unlearn.download"
+
+# --- Theory --------------------------------------------------------------------------------------
+THEORY_LAYER = "theory.layer"
