@@ -62,3 +62,25 @@ def masked_dense(model: nn.Module, structure, plan) -> nn.Module:
                 weight = masked.get_submodule(name).weight  # (c_out, c_in[, k, k])
                 weight[:, [index[i] for i in group.removed]] = 0
     return masked
+
+
+def prune_page_numbers(model: str, target: float, *, samples: int | None = None) -> tuple[str, str]:
+    """(accuracy, MACs) as a lone session's Prune page shows them for a zoo model at `target`
+    of the MACs with the default options, computed by the library directly: the serial oracle.
+
+    `samples`: calibration images (the sidebar's); None: the dashboard's default.
+    """
+    from modhifi import bench, metrics
+    from modhifi.backend import choose_backend
+    from modhifi.zoo import open_subject
+
+    cpu = torch.device("cpu")
+    subject = open_subject(model, device=cpu)
+    data = subject.dataset
+    size = {} if samples is None else {"samples": samples}
+    analysis = bench.live_analysis(subject.loaded.model, data, backend=choose_backend("cpu"), **size)
+    plan = analysis.plan(target, target_kind="macs")
+    pruned = analysis.apply(plan, compensation="refit")
+    live = data.test.subset(slice(0, bench.LIVE_TEST_IMAGES))
+    accuracy = metrics.evaluate(pruned, live, device=cpu, num_classes=data.num_classes).accuracy
+    return f"{accuracy:.2%}", f"{plan.macs_after / 1e6:.2f} M"

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from oracles import prune_page_numbers
+
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -106,29 +108,10 @@ def test_pages_render_and_the_slider_updates_the_numbers(app_url, page, shots):
     page.wait_for_function(
         "old => [...document.querySelectorAll(\"[data-testid='stMetricValue']\")]"
         ".some(e => e.innerText.includes(' M') && e.innerText !== old)", arg=macs, timeout=60_000)
-    assert _metric(page, "MACs / image") != macs
-    assert _metric(page, "Accuracy") != accuracy
+    assert (accuracy, macs) == prune_page_numbers("digits-cnn", 0.5)  # the default position
+    moved = (_metric(page, "Accuracy"), _metric(page, "MACs / image"))
+    assert moved == prune_page_numbers("digits-cnn", 0.7)  # 4 steps of 0.05 to the right
     page.screenshot(path=str(shots / "prune-moved.png"), full_page=True)
-
-
-def _expected_prune_numbers(target: float) -> tuple[str, str]:
-    """What a lone session's Prune page shows for digits-cnn at `target` (default options),
-    computed by the library directly: the serial oracle."""
-    import torch
-
-    from modhifi import bench, metrics
-    from modhifi.backend import choose_backend
-    from modhifi.zoo import open_subject
-
-    subject = open_subject("digits-cnn", device=torch.device("cpu"))
-    data = subject.dataset
-    analysis = bench.live_analysis(subject.loaded.model, data, backend=choose_backend("cpu"))
-    plan = analysis.plan(target, target_kind="macs")
-    pruned = analysis.apply(plan, compensation="refit")
-    live = data.test.subset(slice(0, bench.LIVE_TEST_IMAGES))
-    accuracy = metrics.evaluate(pruned, live, device=torch.device("cpu"),
-                                num_classes=data.num_classes).accuracy
-    return f"{accuracy:.2%}", f"{plan.macs_after / 1e6:.2f} M"
 
 
 def test_four_browsers_moving_sliders_at_once_each_see_their_own_numbers(app_url, browser):
@@ -155,6 +138,6 @@ def test_four_browsers_moving_sliders_at_once_each_see_their_own_numbers(app_url
         assert float(value) == pytest.approx(target)
         assert not page.locator("[data-testid='stException']").count()
         shown = (_metric(page, "Accuracy"), _metric(page, "MACs / image"))
-        assert shown == _expected_prune_numbers(target), target
+        assert shown == prune_page_numbers("digits-cnn", target), target
     for page in pages:
         page.context.close()
