@@ -1,7 +1,7 @@
 """Which torchvision classification architectures ModHiFi-P prunes end to end, and how long each
 stage takes (issue 13).
 
-    python benchmarks/coverage.py [--only resnet18 vit_b_16 ...] [--timeout 600] [--quick]
+    python benchmarks/coverage.py [--only resnet18 vit_b_16 ... [--update]] [--timeout 600] [--quick]
 
 For every builder of `torchvision.models.list_models(module=torchvision.models)`, in a fresh
 process: random weights, 10 classes, 16 random images at 64×64 (or the architecture's minimum
@@ -120,6 +120,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--max-gib", type=float, default=16)
     parser.add_argument("--quick", action="store_true", help="five small builders")
+    parser.add_argument("--update", action="store_true",
+                        help="with --only: replace those builders' rows of coverage.csv")
     parser.add_argument("--images", type=int, default=16, help="random calibration images")
     parser.add_argument("--size", type=int, help="input size (default: 64 or the minimum)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one model, this process
@@ -144,7 +146,11 @@ def main() -> None:
         extra = ["--images", str(args.images)] + (["--size", str(args.size)] if args.size else [])
         rows.append(_run(name, args.timeout, args.max_gib, extra))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    write(pd.DataFrame(rows), "_quick" if args.quick or args.only else "")
+    table = pd.DataFrame(rows)
+    if args.update:  # the whole table with these builders' rows measured again
+        kept = pd.read_csv(OUT / "coverage.csv")
+        table = pd.concat([kept[~kept.model.isin(names)], table]).sort_values("model")
+    write(table, "" if args.update or not (args.quick or args.only) else "_quick")
 
 
 def write(table: pd.DataFrame, suffix: str = "") -> None:

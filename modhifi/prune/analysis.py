@@ -100,9 +100,10 @@ def analyse(model: nn.Module, calibration: Iterable[Batch], *, device: torch.dev
         input_shape = head(batches[0], 1)
     structure = trace_structure(model, input_shape)
     if not structure.groups:
+        blocked = f" (here: {'; '.join(structure.refused)})" if structure.refused else ""
         raise UserError("this model has no channel group ModHiFi can prune: it needs a Conv2d or "
                         "Linear layer whose outputs only a Conv2d or Linear reads (through "
-                        "BatchNorm, activations or pooling)")
+                        f"BatchNorm, activations or pooling){blocked}")
     consumers = structure.consumers
 
     def reporting():

@@ -59,7 +59,7 @@ def cut_channels(model: nn.Module, removed: dict[str, Iterable[int]], input_shap
     Torch-Pruning's dependency graph cuts every coupled layer of a group together.
     """
     device = next(model.parameters()).device
-    graph, _ = dependency_graph(model, example_of(input_shape, device))
+    graph = dependency_graph(model, example_of(input_shape, device))
     for name, index in removed.items():
         index = sorted(int(i) for i in index)
         if not index:

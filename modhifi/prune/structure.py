@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch_pruning.dependency import index_mapping
 from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
 from modhifi.batch import example_of
@@ -67,6 +68,7 @@ class Structure:
     macs: int
     params: int
     followed_by_norm: frozenset[str]   # layers whose output goes straight into a BatchNorm
+    refused: tuple[str, ...] = ()      # what the first groups left whole pass through
 
     @property
     def consumers(self) -> tuple[str, ...]:
@@ -91,9 +93,81 @@ class Structure:
         return macs, params
 
 
-def dependency_graph(model: nn.Module, example: torch.Tensor
-                     ) -> tuple[tp.DependencyGraph, frozenset[tp.Node]]:
-    """Torch-Pruning's dependency graph of `model`, and its reshapes that are not one-to-one.
+# What Torch-Pruning raises when it cannot work out the channels of an operation.
+_TRACE_ERRORS = (ZeroDivisionError, IndexError, KeyError, ValueError, TypeError)
+# Torch-Pruning's mapping of channel indices through each kind of operation: its
+# `update_index_mapping`, one node at a time.
+_MAPPINGS = {tp.ops.OPTYPE.CONCAT: index_mapping.update_concat_index_mapping,
+             tp.ops.OPTYPE.SPLIT: index_mapping.update_split_index_mapping,
+             tp.ops.OPTYPE.RESHAPE: index_mapping.update_reshape_index_mapping,
+             tp.ops.OPTYPE.UNBIND: index_mapping.update_unbind_index_mapping,
+             tp.ops.OPTYPE.EXPAND: index_mapping.update_expand_index_mapping,
+             tp.ops.OPTYPE.SLICE: index_mapping.update_slice_index_mapping}
+
+
+class _Graph(tp.DependencyGraph):
+    """Torch-Pruning's dependency graph that survives an operation whose channels it cannot map.
+
+    Torch-Pruning maps channel indices through every concatenation, split, reshape, ... from the
+    shapes around it, and gives up on the whole model where it cannot (a channel shuffle's
+    view → transpose → view, a concatenation whose input widths it cannot infer). Here such a
+    node is recorded in `opaque` and made a plain pass-through without index mappings; no group
+    through it is ever pruned (`_as_group`), and the rest of the model still is. Only this graph
+    changes, never Torch-Pruning itself (the process is shared by every dashboard session).
+    """
+
+    opaque: dict[tp.Node, str]  # node -> why no group may pass through it
+
+    def build_dependency(self, model, example_inputs, **kwargs):
+        self.opaque = {}
+        try:
+            return super().build_dependency(model, example_inputs, **kwargs)
+        except _TRACE_ERRORS:  # its last step maps the indices; redo it node by node
+            if not getattr(self, "module2node", None) or not self._map_each_node():
+                raise
+            return self
+
+    def get_pruning_group(self, module, pruning_fn, idxs):
+        # A cut changes the shapes the mappings are worked out from: another one may fail now.
+        self._map_each_node()
+        try:
+            return super().get_pruning_group(module, pruning_fn, idxs)
+        except _TRACE_ERRORS as error:  # a mapping failed on this group's indices: which one,
+            mapped = [n for n in self.module2node.values() if n.type in _MAPPINGS]  # it hides
+            if not mapped:
+                raise
+            for node in mapped:  # so no channel passes any mapped operation of this model
+                self._make_opaque(node, f"its channels cannot be mapped ({type(error).__name__} "
+                                        "in another mapped operation of this model)")
+            return super().get_pruning_group(module, pruning_fn, idxs)
+
+    def _map_each_node(self) -> bool:
+        """Map every node's indices; a node whose mapping fails becomes opaque. True if one did."""
+        failed = False
+        for node in list(self.module2node.values()):
+            update = _MAPPINGS.get(node.type)
+            if update is None:
+                continue
+            try:
+                update(self, node)
+            except _TRACE_ERRORS as error:
+                self._make_opaque(node, f"its channels cannot be mapped ({type(error).__name__})")
+                failed = True
+        return failed
+
+    def _make_opaque(self, node: tp.Node, why: str) -> None:
+        """Record `node` and make it a pass-through without index mappings."""
+        self.opaque[node] = why
+        node.type = tp.ops.OPTYPE.ELEMENTWISE  # Torch-Pruning maps only the other types
+        for dep in (*node.dependencies, *(d for n in (*node.inputs, *node.outputs)
+                                          for d in n.dependencies if d.target is node)):
+            dep.index_mapping = [None, None]
+
+
+def dependency_graph(model: nn.Module, example: torch.Tensor) -> _Graph:
+    """Torch-Pruning's dependency graph of `model`, with the nodes no group may pass through in
+    `graph.opaque`: the operations whose channels it cannot map and its reshapes that are not
+    one-to-one.
 
     A group that passes through such a reshape (a feature map flattened into a Linear, a Swin
     window partition) is never pruned (`_as_group`). Torch-Pruning would still expand each channel
@@ -105,22 +179,22 @@ def dependency_graph(model: nn.Module, example: torch.Tensor
         UserError: when Torch-Pruning cannot trace the model at all.
     """
     try:
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
-    except (ZeroDivisionError, IndexError, KeyError, ValueError, TypeError) as error:
+        graph = _Graph().build_dependency(model, example_inputs=example, verbose=False)
+    except _TRACE_ERRORS as error:
         raise UserError(f"Torch-Pruning cannot trace the channels of this model "
-                        f"({type(error).__name__} in its {_failing_stage(error)}; a channel "
-                        "shuffle or an unusual reshape or concatenation does this): it cannot be "
+                        f"({type(error).__name__} in its {_failing_stage(error)}): it cannot be "
                         "pruned") from None
     nodes = list(graph.module2node.values())
     flattening = frozenset(node for node in nodes if node.type == tp.ops.OPTYPE.RESHAPE and any(
         isinstance(m, _FlattenIndexMapping) for dep in node.dependencies for m in dep.index_mapping))
     for node in flattening:
+        graph.opaque[node] = "a reshape that is not one-to-one"
         node.type = tp.ops.OPTYPE.ELEMENTWISE  # Torch-Pruning re-maps only RESHAPE nodes
     for node in nodes:
         for dep in node.dependencies:
             dep.index_mapping = [None if isinstance(m, _FlattenIndexMapping) else m
                                  for m in dep.index_mapping]
-    return graph, flattening
+    return graph
 
 
 def _failing_stage(error: BaseException) -> str:
@@ -139,12 +213,17 @@ def trace_structure(model: nn.Module, input_shape) -> Structure:
     model = private_copy(model).cpu()
     names = {module: name for name, module in model.named_modules()}
     example = example_of(input_shape)
-    graph, flattening = dependency_graph(model, example)
+    graph = dependency_graph(model, example)
     classifier = last_linear(model, forward_order(model, example))
     head = [model.get_submodule(classifier)] if classifier else []  # its outputs are the classes
-    groups = [g for g in (_as_group(group, names, graph, flattening) for group in
-                          graph.get_all_groups(ignored_layers=head,
-                                               root_module_types=(nn.Conv2d, nn.Linear))) if g]
+    groups, refused = [], {}  # refused: why groups were left whole, the first few
+    for candidate in graph.get_all_groups(ignored_layers=head,
+                                          root_module_types=(nn.Conv2d, nn.Linear)):
+        blocker = _blocker(candidate, names, graph.opaque)
+        if blocker is None:
+            groups += [g for g in (_as_group(candidate, names, graph),) if g]
+        elif len(refused) < 3:
+            refused[blocker] = None
     cost = count_cost(model, input_shape)
     per_layer = dict(cost.per_layer)
     owner = {}
@@ -163,7 +242,7 @@ def trace_structure(model: nn.Module, input_shape) -> Structure:
                          if isinstance(node.module, (nn.Conv2d, nn.Linear))
                          and any(isinstance(o.module, nn.modules.batchnorm._BatchNorm)
                                  for o in node.outputs))
-    return Structure(tuple(groups), layers, cost.macs, cost.params, followed)
+    return Structure(tuple(groups), layers, cost.macs, cost.params, followed, tuple(refused))
 
 
 def _multiplies_a_weight(grad_fn) -> bool:
@@ -191,23 +270,42 @@ def _is_channelwise(node: tp.Node) -> bool:
     return name in _CHANNELWISE_OPS
 
 
-def _as_group(group: tp.Group, names: dict, graph: tp.DependencyGraph,
-              flattening: frozenset[tp.Node]) -> ChannelGroup | None:
-    """A ChannelGroup, or None when the group passes through something we do not prune."""
+def _blocker(group: tp.Group, names: dict, opaque: dict[tp.Node, str]) -> str | None:
+    """What in `group` we do not prune through, named for a person; None when nothing is."""
+    size = None
+    for dep, idxs in group:
+        node, module = dep.target, dep.target.module
+        size = size or len(idxs)
+        kind = type(module).__name__
+        where = names.get(module) or f"a {_op_name(node)} operation"
+        if node in opaque:
+            return f"{where}: {opaque[node]}"
+        if not isinstance(module, _PASS_THROUGH) and kind not in _PASS_THROUGH_OPS:
+            return f"{where} ({kind})"
+        if kind == "_ElementWiseOp" and not _is_channelwise(node):
+            return f"{where}, which mixes channels"
+        if isinstance(module, nn.Conv2d) and 1 < module.groups and not (
+                module.groups == module.in_channels == module.out_channels):
+            # grouped (not depthwise): a cut would leave counts `groups` cannot divide
+            return f"{where} (Conv2d with groups={module.groups})"
+        if len(idxs) != size:
+            return f"{where}, which reads the channels unevenly"
+    return None
+
+
+def _op_name(node: tp.Node) -> str:
+    """A traced functional operation's name, e.g. "transpose" or "cat"."""
+    grad_fn = node.grad_fn
+    return (grad_fn.name() if hasattr(grad_fn, "name") else "unknown").split("Backward")[0].lower()
+
+
+def _as_group(group: tp.Group, names: dict, graph: tp.DependencyGraph) -> ChannelGroup | None:
+    """A ChannelGroup of a group with no blocker: its producers, consumers and norms; None when
+    no scorable layer reads it."""
     producers, consumers, norms, size = [], [], [], None
     for dep, idxs in group:
         module, handler = dep.target.module, dep.handler
         size = size or len(idxs)
-        kind = type(module).__name__
-        if not isinstance(module, _PASS_THROUGH) and kind not in _PASS_THROUGH_OPS:
-            return None
-        if kind == "_ElementWiseOp" and not _is_channelwise(dep.target):
-            return None
-        if isinstance(module, nn.Conv2d) and 1 < module.groups and not (
-                module.groups == module.in_channels == module.out_channels):
-            return None  # grouped (not depthwise): a cut would leave counts `groups` cannot divide
-        if len(idxs) != size or dep.target in flattening:  # e.g. a feature map flattened
-            return None
         if graph.is_out_channel_pruning_fn(handler) and isinstance(module, (nn.Conv2d, nn.Linear)):
             producers.append(names[module])
         elif graph.is_in_channel_pruning_fn(handler) and isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -218,4 +316,3 @@ def _as_group(group: tp.Group, names: dict, graph: tp.DependencyGraph,
     if not producers or not consumers:
         return None
     return ChannelGroup(producers[0], size, tuple(producers), tuple(consumers), tuple(norms))
-
