@@ -227,7 +227,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict], str]] = {
 }
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modhifi", description="ModHiFi Studio command line")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     from modhifi.backend import quiet_dependency_warnings
 
     quiet_dependency_warnings()  # this process is ours: hide notices not meant for users
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         _check(args)
         result = COMMANDS[args.command][0](args)

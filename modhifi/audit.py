@@ -38,7 +38,7 @@ def attack_features(logits: Tensor, labels: Tensor) -> Tensor:
     return torch.stack([loss, p.max(1).values, -(p * log_p).sum(1)], dim=1)
 
 
-def _balanced(members: Tensor, non_members: Tensor, seed: int) -> tuple[Tensor, Tensor]:
+def balanced(members: Tensor, non_members: Tensor, seed: int) -> tuple[Tensor, Tensor]:
     """Seeded subsamples of both sets down to the smaller set's size."""
     n = min(len(members), len(non_members))
     generator = torch.Generator().manual_seed(seed)
@@ -63,7 +63,7 @@ def membership_auc(members: Tensor, non_members: Tensor, *, seed: int = 0, folds
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    members, non_members = _balanced(members, non_members, seed)
+    members, non_members = balanced(members, non_members, seed)
     if len(members) < 2:
         raise UserError("the membership attack needs at least 2 members and 2 non-members; "
                         "use a dataset with more samples of the forget class")
@@ -177,7 +177,7 @@ def audit(model: nn.Module, dataset: Dataset, *, forget_class: int, device: torc
     is_forget = test.labels == forget_class  # (M,)
     correct = predicted == test.labels  # (M,)
 
-    members, _ = _balanced((train.labels == forget_class).nonzero().squeeze(1),
+    members, _ = balanced((train.labels == forget_class).nonzero().squeeze(1),
                            is_forget.nonzero().squeeze(1), seed)
     members = members.sort().values
     with torch.inference_mode():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from modhifi.audit import _balanced, attack_features, audit, membership_auc, model_outputs, probe
+from modhifi.audit import balanced, attack_features, audit, membership_auc, model_outputs, probe
 from modhifi.data import Dataset, Split
 from modhifi.errors import UserError
 
@@ -77,7 +77,7 @@ def test_audit_matches_whole_forward_passes():
     # the attack: seeded forget-class training images (as many as forget-class test images)
     # against the forget-class test images, on logits of whole forward passes
     train = data.train
-    members = _balanced((train.labels == forget).nonzero().squeeze(1),
+    members = balanced((train.labels == forget).nonzero().squeeze(1),
                         is_forget.nonzero().squeeze(1), 0)[0].sort().values
     with torch.no_grad():
         member_logits = model(next(train.subset(members).batches(len(members))))

@@ -24,7 +24,7 @@ def test_pages_do_no_tensor_math():
 def test_options_are_defined_once_and_the_cli_help_needs_no_torch():
     """Every choice comes from modhifi.options; listing them does not load torch."""
     code = ("import sys, modhifi.options, modhifi.__main__\n"
-            "modhifi.__main__._parser()\n"
+            "modhifi.__main__.build_parser()\n"
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=ROOT).stdout
