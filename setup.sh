@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Idempotent set-up: system packages (Fashion-MNIST, Chromium for browser tests), the .venv,
+# Idempotent set-up: system packages (Fashion-MNIST, fortunes, Chromium for browser tests), the .venv,
 # the pinned requirements and the `modhifi` command. Safe to run again; quick when nothing changed.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 need=()
 [ -d /usr/share/datasets/fashion-mnist ] || need+=(dataset-fashion-mnist)
+[ -f /usr/share/games/fortunes/people ] || need+=(fortunes)
 command -v chromium >/dev/null || need+=(chromium)
 if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"

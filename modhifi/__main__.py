@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Callable
 
 from modhifi.errors import UserError
-from modhifi.options import (CALIBRATION_CLI, WHY_FORGET_TARGET, WHY_K, WHY_ROUND_TO, WHY_STEPS,
+from modhifi.options import (CALIBRATION_CLI, CALIBRATION_TEXT, COMPONENT_LABELS, Component,
+                             WHY_FORGET_TARGET, WHY_K, WHY_ROUND_TO, WHY_STEPS,
                              Allocation, Compensation, DeviceChoice, Edit, Method, Scope,
                              METHOD_LABELS, ROUND_TO, TargetKind, check_fraction, check_target, check_whole, choices,
                              default_compensation)
@@ -33,6 +34,11 @@ def _models(args: argparse.Namespace) -> dict:
 def _info(args: argparse.Namespace) -> dict:
     from modhifi.metrics import count_cost, evaluate, measure_latency
 
+    if _is_text(args):
+        from modhifi.text.subject import info
+
+        backend, subject = _open_text(args)
+        return info(subject, backend=backend, batch_size=args.batch_size)
     backend, subject = _open(args)
     model, dataset = subject.loaded.model, subject.dataset
     result = evaluate(model, dataset.test, device=backend.device, num_classes=dataset.num_classes)
@@ -53,9 +59,12 @@ def _prune(args: argparse.Namespace) -> dict:
     from modhifi.metrics import compare
     from modhifi.prune import prune_in_steps
 
+    if _is_text(args):
+        return _prune_text(args)
     backend, subject = _open(args)
     model, dataset = subject.loaded.model, subject.dataset
-    compensation = args.compensation or default_compensation(args.method)
+    method, round_to = args.method or "modhifi", args.round_to or ROUND_TO
+    compensation = args.compensation or default_compensation(method)
     calibration = _calibration(subject, args.calib_samples)
     _progress("statistics and scores on the calibration images")
     start = time.perf_counter()
@@ -63,17 +72,17 @@ def _prune(args: argparse.Namespace) -> dict:
                                    device=backend.device, input_shape=dataset.input_shape,
                                    target=args.target, steps=args.steps,
                                    target_kind=args.target_kind, allocation=args.allocation,
-                                   method=args.method, scope=args.scope, compensation=compensation,
-                                   recalibrate=not args.no_bn_recal, round_to=args.round_to)
+                                   method=method, scope=args.scope, compensation=compensation,
+                                   recalibrate=not args.no_bn_recal, round_to=round_to)
     seconds = time.perf_counter() - start
     _progress(f"pruned in {seconds:.1f} s; evaluating and timing")
     result = compare(model, pruned, dataset=dataset, backend=backend, batch_size=args.batch_size)
     if args.out:
         removed = [plan.removed_channels() for plan in plans]
         _save_modified(args, subject, pruned, removed=removed[0] if len(removed) == 1 else removed)
-    return {"model": subject.loaded.name, "method": args.method, "target": args.target,
+    return {"model": subject.loaded.name, "method": method, "target": args.target,
             "target_kind": args.target_kind, "allocation": args.allocation, "scope": args.scope,
-            "round_to": args.round_to,
+            "round_to": round_to,
             "compensation": compensation, "bn_recalibrated": not args.no_bn_recal,
             "calib_samples": sum(len(b) for b in calibration), "device": backend.description,
             "accuracy_before": result.before.accuracy, "accuracy_after": result.after.accuracy,
@@ -86,6 +95,43 @@ def _prune(args: argparse.Namespace) -> dict:
             "latency_ms_after": result.latency_after.optimised.median_ms,
             "speedup_macs": result.speedup_macs, "speedup_measured": result.speedup_measured,
             "speedup_eager": result.speedup_eager, "seconds": seconds}
+
+
+def _prune_text(args: argparse.Namespace) -> dict:
+    """ModHiFi-P on a text encoder's FFN neurons or attention heads (`modhifi.text`)."""
+    import time
+
+    from modhifi.text.components import analyse_text
+    from modhifi.text.subject import compare_text, save_text_model
+    from modhifi.text.surgery import apply_plan
+
+    backend, subject = _open_text(args)
+    method = args.method or "modhifi-greedy"
+    compensation = args.compensation or default_compensation(method)
+    calibration = subject.corpus.calibration
+    samples = min(CALIBRATION_TEXT, len(calibration)) if args.calib_samples is None else args.calib_samples
+    if not samples <= len(calibration):
+        raise UserError(f"--calib-samples {samples} must be at most {len(calibration)} for "
+                        f"{subject.corpus.name}")
+    _progress(f"statistics and scores on {samples} calibration texts")
+    start = time.perf_counter()
+    analysis = analyse_text(subject.model, calibration.texts[:samples], device=backend.device)
+    plan = analysis.plan(args.target, kind=args.components, target_kind=args.target_kind,
+                         method=method, round_to=args.round_to)
+    pruned = apply_plan(analysis, plan, compensation=compensation)
+    seconds = time.perf_counter() - start
+    _progress(f"pruned in {seconds:.1f} s; evaluating and timing on {len(subject.corpus.test)} "
+              "test texts")
+    result = compare_text(subject, pruned, backend=backend, batch_size=args.batch_size)
+    if args.out:
+        save_text_model(pruned, Path(args.out), base=subject.base,
+                        removed={"components": plan.kind, "removed": plan.removed()})
+        _progress(f"wrote {args.out}")
+    return {"model": subject.name, "method": method, "target": args.target,
+            "target_kind": args.target_kind, "components": plan.kind, "allocation": "uniform",
+            "compensation": compensation, "bn_recalibrated": False, "calib_samples": samples,
+            "device": backend.description, "channels_before": plan.units_before,
+            "channels_after": plan.units_after, **result, "seconds": seconds}
 
 
 def _unlearn(args: argparse.Namespace) -> dict:
@@ -143,6 +189,8 @@ def _scores(args: argparse.Namespace) -> dict:
     from modhifi.prune.tables import score_table
     from modhifi.zoo import write_atomically
 
+    if _is_text(args):
+        return _scores_text(args)
     backend, subject = _open(args)
     dataset = subject.dataset
     analysis = analyse(subject.loaded.model, _calibration(subject, args.calib_samples),
@@ -160,6 +208,32 @@ def _scores(args: argparse.Namespace) -> dict:
         table = table.drop(columns="saliency").merge(scores, on=["layer", "out_channel", "in_channel"])
     write_atomically(Path(args.out), lambda p: table.to_csv(p, index=False))
     return {"model": subject.loaded.name, "out": args.out, "rows": len(table),
+            "layers": int(table["layer"].nunique()), "target": args.target}
+
+
+def _scores_text(args: argparse.Namespace) -> dict:
+    """Every (consumer, output, component) score of a text encoder: FFN down-projections (a
+    component is a neuron) and attention outputs (a component is a head)."""
+    from modhifi.prune.tables import score_table
+    from modhifi.text.components import analyse_text
+    from modhifi.zoo import write_atomically
+
+    if args.forget_class is not None:
+        raise UserError("--forget-class is not available for text models yet; leave it out")
+    backend, subject = _open_text(args)
+    calibration = subject.corpus.calibration
+    samples = min(CALIBRATION_TEXT, len(calibration)) if args.calib_samples is None else args.calib_samples
+    analysis = analyse_text(subject.model, calibration.texts[:samples], device=backend.device)
+    table = score_table(analysis)
+    if args.target is not None:
+        kept = {}
+        for kind in choices(Component):
+            kept.update(analysis.kept_by_consumer(analysis.plan(args.target, kind=kind,
+                                                                method="modhifi-greedy")))
+        table["kept"] = [channel in kept[layer]
+                         for layer, channel in zip(table["layer"], table["in_channel"])]
+    write_atomically(Path(args.out), lambda p: table.to_csv(p, index=False))
+    return {"model": subject.name, "out": args.out, "rows": len(table),
             "layers": int(table["layer"].nunique()), "target": args.target}
 
 
@@ -198,6 +272,27 @@ def _save_modified(args: argparse.Namespace, subject, model, *, removed: dict | 
 
 def _channels_path(out: Path) -> Path:
     return out.with_name(out.name + ".channels.json")
+
+
+def _is_text(args: argparse.Namespace) -> bool:
+    from modhifi.text.encoder import is_text_model
+
+    if not is_text_model(args.model):
+        return False
+    for option in ("arch", "data"):
+        if getattr(args, option, None) is not None:
+            raise UserError(f"--{option} does not apply to the text model {args.model}, which "
+                            f"is evaluated on Debian's fortunes; leave --{option} out")
+    return True
+
+
+def _open_text(args: argparse.Namespace):
+    from modhifi.backend import choose_backend
+    from modhifi.text.subject import open_text
+
+    backend = choose_backend(args.device)
+    _progress(f"loading {args.model} on {backend.description}")
+    return backend, open_text(args.model, device=backend.device)
 
 
 def _open(args: argparse.Namespace):
@@ -275,13 +370,17 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--allocation", choices=choices(Allocation), default="uniform")
             command.add_argument("--scope", choices=choices(Scope), default="all",
                                  help="internal: leave residual-stream channels alone")
-            command.add_argument("--method", default="modhifi",
-                                 choices=choices(Method),
-                                 help="; ".join(f"{name}: {label}"
-                                                for name, label in METHOD_LABELS.items()))
-            command.add_argument("--round-to", type=int, default=ROUND_TO,
-                                 help="keep multiples of this many channels per group (16 suits "
-                                      "AVX-512 CPUs; 1: exact counts)")
+            command.add_argument("--method", choices=choices(Method),
+                                 help="default: modhifi for image models, modhifi-greedy for "
+                                      "text ones; " + "; ".join(
+                                          f"{name}: {label}" for name, label in METHOD_LABELS.items()))
+            command.add_argument("--components", choices=choices(Component), default="ffn",
+                                 help="text models: what to remove, " + "; ".join(
+                                     f"{name}: {label}" for name, label in COMPONENT_LABELS.items()))
+            command.add_argument("--round-to", type=int,
+                                 help=f"keep multiples of this many channels per group (default "
+                                      f"{ROUND_TO}, text heads 1; 16 suits AVX-512 CPUs; 1: exact "
+                                      "counts)")
             command.add_argument("--compensation", choices=choices(Compensation),
                                  help="default: refit for modhifi and modhifi-greedy, none for "
                                       "the baselines")
@@ -289,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="iterative mode: rounds of score, remove, compensate, recalibrate")
             command.add_argument("--no-bn-recal", action="store_true",
                                  help="keep the old BatchNorm statistics")
-            command.add_argument("--out", help="write the pruned model here (and FILE.channels.json)")
+            command.add_argument("--out", help="write the pruned model here (and FILE.channels.json); "
+                                               "for a text model, a new folder")
     return parser
 
 
@@ -329,6 +429,11 @@ def _check(args: argparse.Namespace) -> None:
         from modhifi.zoo import check_output
 
         check_output(Path(args.out))
+        from modhifi.text.encoder import is_text_model
+
+        if args.command == "prune" and is_text_model(args.model) and Path(args.out).exists():
+            raise UserError(f"--out {args.out} exists; a text model is written as a new folder: "
+                            "give a new name")
         if args.command != "scores":
             check_output(_channels_path(Path(args.out)))
 

@@ -61,6 +61,12 @@ def quiet_dependency_warnings() -> None:
                             category=FutureWarning)
     warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
     warnings.filterwarnings("ignore", category=ConvergenceWarning)
+    try:  # the text models' loader: weight-loading bars and reports of shapes we restore
+        from transformers.utils import logging as transformers_logging
+    except ImportError:
+        return
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
 
 
 def choose_backend(choice: DeviceChoice = "auto") -> Backend:

@@ -17,6 +17,7 @@ TargetKind = Literal["channels", "macs"]
 Scope = Literal["all", "internal"]  # internal: leave channels shared by residual additions alone
 Edit = Literal["zero", "negate"]
 Score = Literal["contrastive", "centred"]
+Component = Literal["ffn", "heads"]  # a text encoder's units: FFN neurons or attention heads
 
 # What each choice means, for error messages and help texts.
 _MEANING = {
@@ -28,12 +29,14 @@ _MEANING = {
     Scope: "scope",
     Edit: "edit",
     Score: "score",
+    Component: "component",
 }
 
 # How each method is named on the pages and in help texts (the importances: `prune.importance`).
 METHOD_LABELS = {"modhifi": "ModHiFi (union of HiFi sets)",
                  "modhifi-greedy": "ModHiFi, greedy subset fidelity",
                  "l1": "L1 filter norm", "random": "random", "activation": "activation magnitude"}
+COMPONENT_LABELS = {"ffn": "FFN neurons", "heads": "attention heads"}
 
 HIFI_LEVEL = 0.8   # a HiFi set reaches this fidelity (paper §3)
 HIFI_SHARE = 0.2   # "small": fewer than this share of a layer's inputs reach HIFI_LEVEL
@@ -44,6 +47,7 @@ RETAIN_SAMPLES = 512      # ModHiFi-U: other-class calibration images that judge
 UNLEARN_BATCH = 128       # ModHiFi-U: images per forward pass
 CALIBRATION_CLI = 2000   # calibration images the CLI reads by default (or all, if fewer)
 CALIBRATION_THEORY = 500  # the theory report's default
+CALIBRATION_TEXT = 512   # calibration texts a text model's commands read by default
 WHY_ROUND_TO = "1 keeps exact counts"
 WHY_STEPS = "rounds of score, remove, compensate, recalibrate"
 

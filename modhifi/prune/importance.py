@@ -37,7 +37,7 @@ class Ranking:
     score: tuple[float, ...]
 
 
-def _ranking(order: torch.Tensor, score: torch.Tensor) -> Ranking:
+def ranking_of(order: torch.Tensor, score: torch.Tensor) -> Ranking:
     """Normalise `score` (given in `order`) to [0, 1] and make it non-increasing along the order."""
     score = score.double() / score.max().clamp(min=1e-30)
     return Ranking(tuple(order.tolist()), tuple(score.cummin(0).values.tolist()))
@@ -57,7 +57,7 @@ def modhifi_ranking(group: ChannelGroup, evidence: Evidence) -> Ranking:
         priority = torch.minimum(priority, rank.min(0).values)
         best = torch.maximum(best, s.max(0).values)
     order = torch.argsort(priority * 2 + (1 - best), stable=True)  # lexicographic: rank, then -s
-    return _ranking(order, best[order])
+    return ranking_of(order, best[order])
 
 
 def greedy_ranking(group: ChannelGroup, evidence: Evidence) -> Ranking:
@@ -65,7 +65,7 @@ def greedy_ranking(group: ChannelGroup, evidence: Evidence) -> Ranking:
     over every output of every consumer, given the channels already kept (fidelity.greedy_subset)."""
     consumers = [(evidence.fidelity[name], index) for name, index in group.consumers]
     order, gains = greedy_subset(consumers, group.size)
-    return _ranking(torch.tensor(order), torch.tensor(gains))
+    return ranking_of(torch.tensor(order), torch.tensor(gains))
 
 
 def l1_ranking(group: ChannelGroup, evidence: Evidence) -> Ranking:
@@ -73,7 +73,7 @@ def l1_ranking(group: ChannelGroup, evidence: Evidence) -> Ranking:
     weights = (evidence.model.get_submodule(p).weight.detach() for p in group.producers)
     norm = sum(w.abs().flatten(1).sum(1).double().cpu() for w in weights)
     order = norm.argsort(descending=True)
-    return _ranking(order, norm[order])
+    return ranking_of(order, norm[order])
 
 
 def activation_ranking(group: ChannelGroup, evidence: Evidence) -> Ranking:
@@ -86,14 +86,14 @@ def activation_ranking(group: ChannelGroup, evidence: Evidence) -> Ranking:
         energy += (m.second.diagonal().double().cpu() / m.samples).view(c_in, -1).mean(1)[list(index)]
     rms = energy.sqrt()
     order = rms.argsort(descending=True)
-    return _ranking(order, rms[order])
+    return ranking_of(order, rms[order])
 
 
 def random_ranking(group: ChannelGroup, evidence: Evidence) -> Ranking:
     """Baseline: a seeded random order."""
     generator = torch.Generator().manual_seed(evidence.seed + group.size)
     order = torch.randperm(group.size, generator=generator)
-    return _ranking(order, torch.linspace(1, 1 / group.size, group.size))
+    return ranking_of(order, torch.linspace(1, 1 / group.size, group.size))
 
 
 Importance = Callable[[ChannelGroup, Evidence], Ranking]

@@ -1,0 +1,302 @@
+"""ModHiFi-P's evidence on a text encoder: its two kinds of components, their per-token input
+statistics and fidelities, rankings, and plans (score → plan; `surgery` applies a plan).
+
+- FFN neurons (`ffn`): input feature i of a layer's down-projection, made by row i of its
+  up-projection (method.md §1: "for a Transformer FFN, one hidden neuron").
+- Attention heads (`heads`): head h is the block of `head_size` input features of the attention
+  output projection, made by the head's query, key and value rows. The consumer's
+  `LayerFidelity` sees the output projection's weight as (c_out, heads, head_size), exactly as it
+  sees a k×k kernel as (c_out, c_in, k²): singleton and subset fidelity, greedy selection and the
+  refit then act on whole heads, never half of one.
+
+Statistics are sums over real tokens: the padding of each batch is masked out, so a token is a
+sample and H = E_token[x xᵀ].
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from torch import nn
+
+from modhifi.errors import UserError
+from modhifi.fidelity import LayerFidelity
+from modhifi.hooks import hooked, private_copy
+from modhifi.moments import LayerMoments, moments_of
+from modhifi.options import (FLOOR, ROUND_TO, WHY_FLOOR, WHY_ROUND_TO, Component, Method, TargetKind,
+                             check, check_fraction, check_target, check_whole)
+from modhifi.prune.importance import IMPORTANCES, Evidence, Ranking, ranking_of
+from modhifi.prune.plan import kept_counts
+from modhifi.prune.structure import ChannelGroup
+from modhifi.text.encoder import TransformerLayer, token_batches, transformer_layers
+
+
+def consumer(layer: TransformerLayer, kind: Component) -> str:
+    """The layer that reads the components: the down-projection or the attention output."""
+    return layer.ffn_down if kind == "ffn" else layer.attention_out
+
+
+def producers(layer: TransformerLayer, kind: Component) -> tuple[str, ...]:
+    """The layers whose output rows make the components."""
+    return (layer.ffn_up,) if kind == "ffn" else (layer.query, layer.key, layer.value)
+
+
+def block(layer: TransformerLayer, kind: Component) -> int:
+    """Input features per component: 1 for a neuron, head_size for a head."""
+    return 1 if kind == "ffn" else layer.head_size
+
+
+def component_group(model: nn.Module, layer: TransformerLayer, kind: Component) -> ChannelGroup:
+    """The components of one kind in one layer, as a channel group of the shared importances."""
+    size = model.get_submodule(consumer(layer, kind)).in_features // block(layer, kind)
+    return ChannelGroup(name=f"{kind}.{layer.index}", size=size, producers=producers(layer, kind),
+                        consumers=((consumer(layer, kind), tuple(range(size))),), norms=())
+
+
+def token_moments(model: nn.Module, texts: Sequence[str], layers: Sequence[str], *,
+                  device: torch.device | str, batch_size: int = 64) -> dict[str, LayerMoments]:
+    """Per-token input statistics of `layers` (module names), padding masked out.
+
+    Returns:
+        name -> LayerMoments whose samples are tokens (one position each).
+    """
+    moments: dict[str, LayerMoments] = {}
+    tokens: dict[str, torch.Tensor] = {}  # the running batch's (B, T) mask of real tokens
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0][tokens["mask"]]  # (B, T, c_in) -> (real tokens, c_in)
+            part = moments_of(module, x)
+            moments[name] = moments[name] + part if name in moments else part
+        return hook
+
+    with torch.inference_mode(), hooked(model, before={n: record(n) for n in layers}) as run:
+        for _, features in token_batches(run, texts, batch_size=batch_size, device=device):
+            tokens["mask"] = features["attention_mask"].bool()
+            run(dict(features))
+    return moments
+
+
+def activation_ranking(group: ChannelGroup, evidence: Evidence) -> Ranking:
+    """Baseline: root-mean-square activation of each component (a head: over its block)."""
+    (name, _), = group.consumers
+    m = evidence.moments[name]
+    energy = (m.second.diagonal().double().cpu() / m.samples).view(group.size, -1).mean(1)
+    rms = energy.sqrt()
+    order = rms.argsort(descending=True)
+    return ranking_of(order, rms[order])
+
+
+def magnitude_ranking(group: ChannelGroup, evidence: Evidence, p: int = 1) -> Ranking:
+    """Baseline: the Lp norm of each component's columns in its consumer (the down-projection's
+    column of a neuron, the output projection's column block of a head)."""
+    (name, _), = group.consumers
+    weight = evidence.model.get_submodule(name).weight.detach().double().cpu()  # (c_out, c_in)
+    norm = weight.abs().pow(p).sum(0).view(group.size, -1).sum(1).pow(1 / p)
+    order = norm.argsort(descending=True)
+    return ranking_of(order, norm[order])
+
+
+# The shared importances, with the two baselines that read the consumer instead of a producer.
+TEXT_IMPORTANCES = {**IMPORTANCES, "l1": magnitude_ranking, "activation": activation_ranking}
+
+
+@dataclass(frozen=True)
+class TextPlan:
+    """Which components of one kind each layer keeps: a plain value, shown before anything changes."""
+
+    kind: Component
+    method: str
+    target: float
+    target_kind: TargetKind
+    sizes: tuple[int, ...]             # components per layer before
+    kept: tuple[tuple[int, ...], ...]  # kept components per layer, sorted
+    macs_before: float                 # per sentence, at the calibration texts' token lengths
+    macs_after: float
+
+    @property
+    def units_before(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def units_after(self) -> int:
+        return sum(map(len, self.kept))
+
+    def removed(self) -> dict[int, list[int]]:
+        """layer index -> removed components."""
+        return {i: sorted(set(range(n)) - set(keep))
+                for i, (n, keep) in enumerate(zip(self.sizes, self.kept))}
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame({"layer": range(len(self.sizes)), "components": self.sizes,
+                             "kept": [len(k) for k in self.kept]})
+
+
+@dataclass(frozen=True)
+class TokenCost:
+    """MACs per sentence as a function of the kept components (linear layers and attention)."""
+
+    hidden: int
+    mean_tokens: float          # E[T] over the texts
+    mean_square_tokens: float   # E[T²]: attention scores and their product with V grow with it
+
+    def unit_macs(self, layer: TransformerLayer, kind: Component) -> float:
+        """MACs per sentence that one component costs."""
+        if kind == "ffn":  # one up row and one down column per token
+            return 2 * self.hidden * self.mean_tokens
+        size = layer.head_size  # q, k, v rows and the output block; Q Kᵀ and A V
+        return 4 * self.hidden * size * self.mean_tokens + 2 * size * self.mean_square_tokens
+
+
+@dataclass(frozen=True)
+class TextAnalysis:
+    """Statistics and fidelities of one text encoder's components, computed once; plans come
+    from it (`plan`) and pruned copies are made from it (`modhifi.text.surgery.apply_plan`)."""
+
+    model: nn.Module = field(repr=False)   # the analysis' own eval-mode copy, never modified
+    layers: tuple[TransformerLayer, ...]
+    moments: dict[str, LayerMoments] = field(repr=False)  # consumer -> per-token statistics
+    fidelity: dict[str, LayerFidelity] = field(repr=False)
+    cost: TokenCost
+    macs: float                # dense MACs per sentence at the calibration lengths
+    texts: int
+    seconds: float
+    _rankings: dict[tuple[str, str, int], dict[str, Ranking]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False,
+                                  compare=False)
+
+    def groups(self, kind: Component) -> tuple[ChannelGroup, ...]:
+        return tuple(component_group(self.model, layer, check(Component, kind))
+                     for layer in self.layers)
+
+    def kept_by_consumer(self, plan: TextPlan) -> dict[str, tuple[int, ...]]:
+        """consumer layer -> the components it keeps under `plan`."""
+        return {consumer(layer, plan.kind): keep for layer, keep in zip(self.layers, plan.kept)}
+
+    def ranking(self, kind: Component, method: Method, *, seed: int = 0) -> dict[str, Ranking]:
+        """group name -> its components in keep order (computed once per kind, method, seed)."""
+        importance = TEXT_IMPORTANCES[check(Method, method)]
+        with self._lock:
+            key = (kind, method, seed)
+            if key not in self._rankings:
+                evidence = Evidence(self.model, self.fidelity, self.moments, seed)
+                self._rankings[key] = {g.name: importance(g, evidence) for g in self.groups(kind)}
+            return dict(self._rankings[key])
+
+    def plan(self, target: float, *, kind: Component = "ffn", target_kind: TargetKind = "channels",
+             method: Method = "modhifi", floor: float = FLOOR, round_to: int | None = None,
+             seed: int = 0) -> TextPlan:
+        """The same share of every layer's components removed, at least `target` of them
+        (`target_kind="channels"`) or of the MACs per sentence (`"macs"`).
+
+        Args:
+            round_to: kept components per layer are a multiple of this; default 8 neurons, 1 head.
+            floor: share of each layer's components always kept (at least one).
+        """
+        check_target(target)
+        check(TargetKind, target_kind)
+        check_fraction("floor", floor, why=WHY_FLOOR)
+        round_to = (ROUND_TO if kind == "ffn" else 1) if round_to is None else round_to
+        check_whole("--round-to", round_to, WHY_ROUND_TO)
+        rankings = self.ranking(kind, method, seed=seed)
+        groups = self.groups(kind)
+        total = sum(g.size for g in groups)
+        unit = [self.cost.unit_macs(layer, kind) for layer in self.layers]
+
+        def outcome(knob: float) -> tuple[dict[str, int], float]:
+            kept = kept_counts(rankings, knob, "uniform", floor, round_to)
+            saved = sum(u * (g.size - kept[g.name]) for u, g in zip(unit, groups))
+            removed = (1 - sum(kept.values()) / total if target_kind == "channels"
+                       else saved / self.macs)
+            return kept, removed
+
+        low, high = 0.0, 1.0  # the least knob whose plan removes at least the target
+        if outcome(high)[1] < target:
+            raise UserError(f"target {target} is out of reach for {kind}: at most "
+                            f"{outcome(high)[1]:.3f} of the {'components' if target_kind == 'channels' else 'MACs'} "
+                            "can go with this floor; lower the target")
+        for _ in range(30):
+            middle = (low + high) / 2
+            low, high = (middle, high) if outcome(middle)[1] < target else (low, middle)
+        kept, _ = outcome(high if target > 0 else 0.0)
+        chosen = tuple(tuple(sorted(rankings[g.name].order[:kept[g.name]])) for g in groups)
+        saved = sum(u * (g.size - kept[g.name]) for u, g in zip(unit, groups))
+        return TextPlan(kind, method, target, target_kind, tuple(g.size for g in groups), chosen,
+                        self.macs, self.macs - saved)
+
+
+def analyse_text(model: nn.Module, texts: Sequence[str], *, device: torch.device | str,
+                 lam: float = 1e-4, batch_size: int = 64) -> TextAnalysis:
+    """Per-token statistics and fidelities of every FFN down-projection and attention output.
+
+    Args:
+        model: a sentence-transformers BERT-style encoder on `device`; only read.
+        texts: unlabeled calibration texts.
+        lam: ridge strength of the compensation solves, relative to the mean diagonal.
+    """
+    if not texts:
+        raise UserError("no calibration texts; pass at least one")
+    start = time.perf_counter()
+    model = private_copy(model)
+    layers = transformer_layers(model)
+    names = [layer.ffn_down for layer in layers] + [layer.attention_out for layer in layers]
+    moments = token_moments(model, texts, names, device=device, batch_size=batch_size)
+    fidelity = {}
+    for layer in layers:
+        for kind in ("ffn", "heads"):
+            name = consumer(layer, kind)
+            weight = model.get_submodule(name).weight  # (c_out, c_in) -> (c_out, units, block)
+            units = weight.shape[1] // block(layer, kind)
+            fidelity[name] = LayerFidelity.from_moments(weight.view(weight.shape[0], units, -1),
+                                                        moments[name], lam=lam)
+    lengths = torch.tensor(token_lengths(model, texts), dtype=torch.float64)
+    hidden = model.get_submodule(layers[0].ffn_down).out_features
+    cost = TokenCost(hidden, float(lengths.mean()), float(lengths.square().mean()))
+    return TextAnalysis(model, layers, moments, fidelity, cost, sentence_macs(model, texts),
+                        len(texts), time.perf_counter() - start)
+
+
+def token_lengths(model: nn.Module, texts: Sequence[str]) -> list[int]:
+    """Tokens of each text after the model's own truncation (in the order of `texts`)."""
+    lengths = [0] * len(texts)
+    for index, features in token_batches(model, texts, device="cpu"):
+        for i, n in zip(index.tolist(), features["attention_mask"].sum(1).tolist()):
+            lengths[i] = int(n)
+    return lengths
+
+
+def sentence_macs(model: nn.Module, texts: Sequence[str]) -> float:
+    """Mean multiply-accumulates per sentence at the texts' own token lengths (no padding).
+
+    An encoder's MACs are exactly quadratic in the length T (linear layers ∝ T, attention scores
+    and their product with V ∝ T², the pooler constant), so `torch.utils.flop_counter` counts
+    three lengths and the mean follows from E[T] and E[T²]. CPU attention kernels get PyTorch's
+    own SDPA formula (the counter has none for them).
+    """
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_attention(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    custom = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention}
+    device = next(model.parameters()).device
+    probes = (8, 16, 32)
+    counted = []
+    for length in probes:
+        features = {"input_ids": torch.full((1, length), 1000, device=device),
+                    "attention_mask": torch.ones(1, length, dtype=torch.long, device=device),
+                    "token_type_ids": torch.zeros(1, length, dtype=torch.long, device=device)}
+        with FlopCounterMode(display=False, custom_mapping=custom) as counter, \
+                torch.inference_mode():
+            model(features)
+        counted.append(counter.get_total_flops() / 2)
+    # MACs(T) = a + b T + c T²: three lengths give a, b, c exactly.
+    powers = torch.tensor([[1.0, t, t * t] for t in probes], dtype=torch.float64)
+    a, b, c = torch.linalg.solve(powers, torch.tensor(counted, dtype=torch.float64)).tolist()
+    lengths = torch.tensor(token_lengths(model, texts), dtype=torch.float64)
+    return a + b * float(lengths.mean()) + c * float(lengths.square().mean())

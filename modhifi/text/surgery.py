@@ -1,0 +1,160 @@
+"""Apply a text plan (score → plan → apply): refit each consumer on its kept components, then
+remove the components physically with Torch-Pruning's Linear pruners. Always on a copy.
+
+A removed FFN neuron takes its up-projection row (and bias) and its down-projection column; a
+removed head takes its query, key and value rows and its block of output-projection columns.
+The per-layer widths go into the Hugging Face config (`intermediate_size` when every layer keeps
+the same number of neurons, so that sentence-transformers reloads the folder by itself, and
+`modhifi_shapes` always), and `restore_shapes` rebuilds any other shape on load.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from modhifi.errors import UserError
+from modhifi.fidelity import LayerFidelity
+from modhifi.hooks import private_copy
+from modhifi.options import Compensation, check
+from modhifi.text.components import TextAnalysis, TextPlan, block, consumer, producers
+from modhifi.text.encoder import TransformerLayer, bert_of, transformer_layers
+
+SHAPES_KEY = "modhifi_shapes"  # config.json: {"ffn": [neurons per layer], "heads": [heads per layer]}
+
+
+@torch.no_grad()
+def refit(analysis: TextAnalysis, layer: TransformerLayer, plan: TextPlan,
+          keep: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The consumer's least-squares weight on the kept components and its bias shift.
+
+    With a free bias the best fit uses the centred second moment (the covariance of the tokens'
+    inputs, method.md §3.3), and the bias absorbs the mean of what was removed:
+    b' = b + (W − W') μ.
+
+    Returns:
+        weight (c_out, c_in) zero on removed inputs, and the new bias (c_out,).
+    """
+    name = consumer(layer, plan.kind)
+    linear = analysis.model.get_submodule(name)
+    units = linear.in_features // block(layer, plan.kind)
+    weight = linear.weight.view(linear.out_features, units, -1)  # (c_out, units, block)
+    moments = analysis.moments[name]
+    fidelity = LayerFidelity.from_moments(weight, moments, centered=True,
+                                          lam=analysis.fidelity[name].lam)
+    new = fidelity.refit_weight(torch.tensor(keep)).reshape(linear.weight.shape)
+    mean = (moments.position_sum[0].double() / moments.samples).to(new.device)  # (c_in,)
+    shift = ((linear.weight.double() - new.double()) @ mean).to(linear.bias)
+    return new, linear.bias + shift
+
+
+@torch.no_grad()
+def apply_plan(analysis: TextAnalysis, plan: TextPlan, *,
+               compensation: Compensation = "refit") -> nn.Module:
+    """A new, physically smaller encoder: consumers compensated, components cut.
+
+    Args:
+        analysis: the analysis the plan came from (its model is only read).
+        plan: which components each layer keeps.
+        compensation: `refit` (least squares on the kept inputs, bias included), `rescale` (the
+            paper's δ*) or `none`.
+    """
+    check(Compensation, compensation)
+    if len(plan.kept) != len(analysis.layers):
+        raise UserError(f"the plan has {len(plan.kept)} layers and the model "
+                        f"{len(analysis.layers)}; make the plan from this analysis")
+    pruned = private_copy(analysis.model)
+    for layer, size, keep in zip(analysis.layers, plan.sizes, plan.kept):
+        removed = sorted(set(range(size)) - set(keep))
+        if not removed:
+            continue
+        name, width = consumer(layer, plan.kind), block(layer, plan.kind)
+        linear = pruned.get_submodule(name)
+        if compensation == "refit":
+            weight, bias = refit(analysis, layer, plan, keep)
+            linear.weight.copy_(weight)
+            linear.bias.copy_(bias)
+        elif compensation == "rescale":
+            fidelity = analysis.fidelity[name]
+            linear.weight.copy_(fidelity.rescaled_weight(torch.tensor(keep))
+                                .reshape(linear.weight.shape))
+        features = [unit * width + j for unit in removed for j in range(width)]
+        tp.prune_linear_in_channels(linear, features)
+        for producer in producers(layer, plan.kind):
+            tp.prune_linear_out_channels(pruned.get_submodule(producer), features)
+        if plan.kind == "heads":
+            set_heads(pruned, layer, len(keep))
+    record_shapes(pruned)
+    return pruned
+
+
+def set_heads(model: nn.Module, layer: TransformerLayer, heads: int) -> None:
+    """Keep the attention module's head count in step with its (already cut) projections."""
+    attention = model.get_submodule(layer.query.rsplit(".", 1)[0])
+    attention.num_attention_heads = heads
+    attention.all_head_size = heads * layer.head_size
+
+
+def shapes(model: nn.Module) -> dict[str, list[int]]:
+    """FFN neurons and heads of every layer."""
+    layers = transformer_layers(model)
+    return {"ffn": [model.get_submodule(l.ffn_down).in_features for l in layers],
+            "heads": [model.get_submodule(l.attention_out).in_features // l.head_size
+                      for l in layers]}
+
+
+def record_shapes(model: nn.Module) -> None:
+    """Write the per-layer widths into the model's config (saved with it)."""
+    config = bert_of(model).config
+    found = shapes(model)
+    setattr(config, SHAPES_KEY, found)
+    if len(set(found["ffn"])) == 1:
+        config.intermediate_size = found["ffn"][0]
+
+
+def recorded_shapes(folder: Path) -> dict[str, list[int]] | None:
+    """The widths a folder's config records (None for a model modhifi did not write)."""
+    config_file = Path(folder) / "config.json"
+    return json.loads(config_file.read_text()).get(SHAPES_KEY) if config_file.is_file() else None
+
+
+def needs_restore(folder: Path) -> bool:
+    """Whether the config's uniform sizes build other shapes than the saved weights have."""
+    wanted = recorded_shapes(folder)
+    if not wanted:
+        return False
+    config = json.loads((Path(folder) / "config.json").read_text())
+    return (set(wanted["ffn"]) != {config.get("intermediate_size")}
+            or set(wanted["heads"]) != {config.get("num_attention_heads")})
+
+
+@torch.no_grad()
+def restore_shapes(model: nn.Module, folder: Path) -> None:
+    """Give a just-loaded encoder the widths its config records, and load its saved weights.
+
+    Only needed when layers differ from what the config's uniform sizes build (heads removed,
+    or FFN widths that differ per layer); otherwise a no-op.
+    """
+    wanted = recorded_shapes(folder)
+    if not wanted or shapes(model) == wanted:
+        return
+    from safetensors.torch import load_file
+
+    for layer, neurons, heads in zip(transformer_layers(model), wanted["ffn"], wanted["heads"]):
+        for kind, count in (("ffn", neurons), ("heads", heads)):
+            linear = model.get_submodule(consumer(layer, kind))
+            width = block(layer, kind)
+            extra = list(range(count * width, linear.in_features))
+            if extra:
+                tp.prune_linear_in_channels(linear, extra)
+                for producer in producers(layer, kind):
+                    tp.prune_linear_out_channels(model.get_submodule(producer), extra)
+        set_heads(model, layer, heads)
+    weights = Path(folder) / "model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"{folder} has no model.safetensors; save the model with modhifi")
+    bert_of(model).load_state_dict(load_file(str(weights)), strict=True)
+    setattr(bert_of(model).config, SHAPES_KEY, wanted)
