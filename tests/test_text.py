@@ -1,0 +1,267 @@
+"""The text path against oracles, on a tiny random BERT (any local folder in the Hugging Face
+layout) and, once, on the real all-MiniLM-L6-v2 through the command line."""
+import copy
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from modhifi.errors import UserError
+from modhifi.text.components import analyse_text, consumer, sentence_macs
+from modhifi.text.corpus import load_fortunes
+from modhifi.text.encoder import embed, load_encoder, model_folder, token_batches, transformer_layers
+from modhifi.text.quality import agreement, nearest
+from modhifi.text.subject import save_text_model
+from modhifi.text.surgery import apply_plan
+
+TEXTS = ["The cat sat on the mat.", "Computers are fast, people are slow.",
+         "A definition: recursion, see recursion.", "Work expands to fill the time.",
+         "Politics is the art of the possible.", "Science is what we do when we don't know.",
+         "Art is a lie that makes us realise truth.", "Wisdom begins in wonder.",
+         "Hello", "An unusually long quotation about nothing at all, which goes on and on and on "
+         "for a while so that padding matters in every batch it is in."] * 4
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random 2-layer BERT (hidden 32, 4 heads of 8, FFN 48) with MiniLM's tokenizer, saved as a
+    plain Hugging Face folder (sentence-transformers adds mean pooling when it loads it)."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny")
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=48, max_position_embeddings=128)
+    BertModel(config).eval().save_pretrained(folder)
+    source = model_folder("minilm-l6")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(source / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model(tiny):
+    return load_encoder(str(tiny), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def analysis(model):
+    return analyse_text(model, TEXTS, device="cpu", lam=0.0, batch_size=8)
+
+
+def token_inputs(model, name):
+    """(tokens, c_in) the inputs of module `name` for every real token of TEXTS, one text at a
+    time (no padding at all: the oracle for the masked statistics)."""
+    rows = []
+    handle = model.get_submodule(name).register_forward_pre_hook(
+        lambda module, args: rows.append(args[0].reshape(-1, args[0].shape[-1])))
+    try:
+        with torch.inference_mode():
+            for text in TEXTS:
+                _, features = next(token_batches(model, [text], device="cpu"))
+                model(dict(features))
+    finally:
+        handle.remove()
+    return torch.cat(rows).double()
+
+
+def test_ffn_fidelity_equals_brute_force_on_explicit_per_token_contributions(model, analysis):
+    layer = transformer_layers(model)[1]
+    x = token_inputs(model, layer.ffn_down)                       # (tokens, 48)
+    weight = model.get_submodule(layer.ffn_down).weight.double()  # (32, 48)
+    fidelity = analysis.fidelity[layer.ffn_down]
+    for c in (0, 7, 31):
+        A = x * weight[c]                                         # (tokens, 48): A_ci per token
+        Q = A.T @ A / len(A)
+        r = Q.sum(1)
+        singleton = r**2 / (Q.diagonal() * Q.sum())
+        torch.testing.assert_close(fidelity.singleton[c], singleton, rtol=1e-4, atol=1e-7)
+
+
+def test_head_subset_fidelity_equals_least_squares_on_explicit_head_contributions(model, analysis):
+    layer = transformer_layers(model)[0]
+    x = token_inputs(model, layer.attention_out)                  # (tokens, 4 heads × 8)
+    weight = model.get_submodule(layer.attention_out).weight.double()
+    fidelity = analysis.fidelity[layer.attention_out]
+    assert fidelity.singleton.shape == (32, 4)                    # heads are the components
+    for c, kept in ((0, [1, 3]), (5, [0, 2, 3]), (9, [2])):
+        heads = (x.view(len(x), 4, 8) * weight[c].view(4, 8)).sum(2)  # (tokens, 4): A_ch
+        y = heads.sum(1)
+        delta = torch.linalg.lstsq(heads[:, kept], y[:, None]).solution[:, 0]
+        residual = y - heads[:, kept] @ delta
+        expected = (1 - residual.square().mean() / y.square().mean()).detach()
+        assert fidelity.subset_fidelity(c, kept) == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_refit_equals_least_squares_with_a_free_bias_on_the_kept_neurons(model, analysis):
+    from modhifi.text.surgery import refit
+
+    plan = analysis.plan(0.5, kind="ffn", method="modhifi", round_to=1)
+    layer = analysis.layers[0]
+    keep = plan.kept[0]
+    x = token_inputs(model, layer.ffn_down)
+    down = model.get_submodule(layer.ffn_down)
+    y = x @ down.weight.double().T + down.bias.double()            # (tokens, 32)
+    design = torch.cat([x[:, list(keep)], torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    solution = torch.linalg.lstsq(design, y).solution              # (kept + 1, 32)
+    weight, bias = refit(analysis, layer, plan, keep)
+    torch.testing.assert_close(weight[:, list(keep)].double(), solution[:-1].T, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(bias.double(), solution[-1], rtol=1e-3, atol=1e-4)
+    assert weight[:, [i for i in range(48) if i not in keep]].abs().max() == 0
+
+
+def test_nothing_removed_gives_the_dense_embeddings(model, analysis):
+    for kind in ("ffn", "heads"):
+        plan = analysis.plan(0.0, kind=kind)
+        assert plan.units_after == plan.units_before
+        pruned = apply_plan(analysis, plan)
+        torch.testing.assert_close(embed(pruned, TEXTS, device="cpu"), embed(model, TEXTS, device="cpu"))
+
+
+@pytest.mark.parametrize("kind", ["ffn", "heads"])
+def test_physical_removal_equals_a_masked_dense_forward(model, analysis, kind):
+    """Without compensation, cutting neurons or heads gives exactly the dense model whose
+    consumer columns of those components are zero."""
+    plan = analysis.plan(0.5, kind=kind, method="random", round_to=1)
+    pruned = apply_plan(analysis, plan, compensation="none")
+    masked = copy.deepcopy(model)
+    width = 1 if kind == "ffn" else 8
+    with torch.no_grad():
+        for layer, removed in zip(transformer_layers(masked), plan.removed().values()):
+            columns = [u * width + j for u in removed for j in range(width)]
+            masked.get_submodule(consumer(layer, kind)).weight[:, columns] = 0
+    for layer, keep in zip(transformer_layers(pruned), plan.kept):
+        assert pruned.get_submodule(consumer(layer, kind)).in_features == len(keep) * width
+    torch.testing.assert_close(embed(pruned, TEXTS, device="cpu"), embed(masked, TEXTS, device="cpu"),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["ffn", "heads"])
+def test_planned_macs_equal_the_flop_counter_of_the_pruned_model(model, analysis, kind):
+    plan = analysis.plan(0.2, kind=kind, target_kind="macs", method="modhifi", round_to=1)
+    assert plan.macs_after <= 0.8 * plan.macs_before * (1 + 1e-9)
+    pruned = apply_plan(analysis, plan)
+    assert sentence_macs(model, TEXTS) == pytest.approx(plan.macs_before, rel=1e-9)
+    assert sentence_macs(pruned, TEXTS) == pytest.approx(plan.macs_after, rel=1e-9)
+
+
+def test_sentence_macs_equal_counting_every_text_on_its_own(model):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    texts = TEXTS[:10]
+    total = 0
+    for text in texts:
+        _, features = next(token_batches(model, [text], device="cpu"))
+        with FlopCounterMode(display=False) as counter, torch.inference_mode():
+            model(dict(features))
+        length = int(features["attention_mask"].sum())
+        attention = 2 * 2 * length * length * 32 * 2 // 2  # QKᵀ and AV, 2 layers, in MACs
+        total += counter.get_total_flops() / 2 + (attention if counter.get_total_flops() else 0)
+    assert sentence_macs(model, texts) == pytest.approx(total / len(texts), rel=1e-9)
+
+
+def test_saved_folders_reload_with_the_same_embeddings(model, analysis, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    for kind in ("ffn", "heads"):
+        pruned = apply_plan(analysis, analysis.plan(0.5, kind=kind, round_to=1))
+        out = tmp_path / kind
+        save_text_model(pruned, out, base="tiny", removed={})
+        expected = embed(pruned, TEXTS, device="cpu")
+        torch.testing.assert_close(embed(load_encoder(str(out), device="cpu"), TEXTS, device="cpu"),
+                                   expected)
+        if kind == "ffn":  # uniform widths: the model's own library reads the folder alone
+            own = SentenceTransformer(str(out), device="cpu", local_files_only=True)
+            torch.testing.assert_close(own.encode(TEXTS, convert_to_tensor=True), expected,
+                                       rtol=1e-5, atol=1e-6)
+    with pytest.raises(UserError, match="exists"):
+        save_text_model(pruned, tmp_path / "ffn", base="tiny", removed={})
+
+
+def test_the_input_model_is_never_modified(model, analysis):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_plan(analysis, analysis.plan(0.5, kind="heads", round_to=1))
+    apply_plan(analysis, analysis.plan(0.5, kind="ffn"))
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not model.training
+
+
+def test_agreement_against_explicit_loops():
+    torch.manual_seed(1)
+    dense = torch.randn(30, 6)
+    modified = dense + 0.8 * torch.randn(30, 6)
+    result = agreement(dense, modified)
+
+    def neighbours(E, i):
+        sims = [(float(nn.functional.cosine_similarity(E[i], E[j], dim=0)), j)
+                for j in range(len(E)) if j != i]
+        return [j for _, j in sorted(sims, reverse=True)]
+
+    same = sum(neighbours(dense, i)[0] == neighbours(modified, i)[0] for i in range(30)) / 30
+    recall = sum(neighbours(dense, i)[0] in neighbours(modified, i)[:10] for i in range(30)) / 30
+    cosines = nn.functional.cosine_similarity(dense, modified, dim=1)
+    assert result.retrieval_agreement == pytest.approx(same)
+    assert result.recall_at_10 == pytest.approx(recall)
+    assert result.embedding_cosine == pytest.approx(float(cosines.mean()), rel=1e-6)
+    assert 0 < recall < 1 and same < 1                           # the example is not trivial
+    assert agreement(dense, dense).retrieval_agreement == 1.0
+    assert nearest(dense, 3).shape == (30, 3)
+
+
+def test_fortunes_splits_are_whole_disjoint_stratified_and_seeded(tmp_path):
+    corpus = load_fortunes()
+    splits = (corpus.train, corpus.calibration, corpus.test)
+    texts = [set(split.texts) for split in splits]
+    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+    assert all("\n%\n" not in t and t for split in splits for t in split.texts)
+    for label in range(len(corpus.categories)):
+        counts = [sum(1 for y in split.labels if y == label) for split in splits]
+        assert counts[1] > 0 and counts[2] > 0 and counts[0] > counts[2]
+    assert load_fortunes().test == corpus.test
+    assert load_fortunes(seed=1).test != corpus.test
+    with pytest.raises(UserError, match="apt-get install fortunes"):
+        load_fortunes(tmp_path)
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "modhifi", *args], capture_output=True, text=True)
+
+
+def test_cli_prunes_a_local_folder_and_the_output_reloads(tiny, tmp_path):
+    out = tmp_path / "pruned"
+    done = cli("prune", "--model", str(tiny), "--target", "0.5", "--components", "heads",
+               "--calib-samples", "64", "--json", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["channels_before"] == 8 and result["channels_after"] == 4
+    for key in ("embedding_cosine", "retrieval_agreement", "sentences_per_second_before",
+                "sentences_per_second_after", "accuracy_before", "accuracy_after"):
+        assert key in result
+    assert result["macs_after"] < result["macs_before"]
+    info = cli("info", "--model", str(out), "--json")
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["accuracy"] == pytest.approx(result["accuracy_after"])
+    assert json.loads((out / "modhifi_removed.json").read_text())["components"] == "heads"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "0.3", "--arch", "resnet18"], "--arch does not apply"),
+    (["--target", "0.99", "--components", "heads"], "out of reach"),
+    (["--target", "0.3", "--calib-samples", "100000"], "--calib-samples"),
+])
+def test_cli_bad_input_on_a_text_model_is_one_line_and_exit_2(tiny, args, message):
+    done = cli("prune", "--model", str(tiny), *args)
+    assert done.returncode == 2
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) <= 3
+    assert "Traceback" not in done.stderr
+
+
+def test_cli_refuses_an_existing_output_folder_before_any_work(tiny, tmp_path):
+    done = cli("prune", "--model", str(tiny), "--target", "0.3", "--out", str(tmp_path))
+    assert done.returncode == 2 and "folder" in done.stderr
