@@ -36,7 +36,7 @@ from _table import markdown
 from matplotlib.figure import Figure
 
 from modhifi.backend import choose_backend
-from modhifi.text.components import TextPlan, block, consumer, magnitude_ranking, producers
+from modhifi.text.components import TextPlan, block, magnitude_ranking, producers
 from modhifi.text.encoder import bert_of, embed, token_batches
 from modhifi.text.quality import accuracy, agreement, sentences_per_second
 from modhifi.text.subject import open_text

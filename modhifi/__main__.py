@@ -28,6 +28,14 @@ def _models(args: argparse.Namespace) -> dict:
         rows.append({"name": name, "arch": entry.arch, "dataset": entry.dataset,
                      "accuracy": card.get("test_accuracy"), "params": card.get("params"),
                      "macs": card.get("macs"), "trained": entry.checkpoint.is_file()})
+    from modhifi.text.encoder import ZOO_TEXT
+    from modhifi.text.subject import text_card
+
+    for name in ZOO_TEXT:
+        card = text_card(name)
+        rows.append({"name": name, "arch": card.get("arch"), "dataset": "fortunes",
+                     "accuracy": card.get("test_accuracy"), "params": card.get("params"),
+                     "macs": card.get("macs"), "trained": True})
     return {"models": rows, "architectures": list(torchvision_archs())}  # for --arch
 
 

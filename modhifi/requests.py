@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from modhifi.errors import UserError
 from modhifi.options import (FLOOR, REFERENCE_SAMPLES, RETAIN_SAMPLES, ROUND_TO, UNLEARN_BATCH,
                              WHY_FLOOR, WHY_FORGET_TARGET, WHY_K, WHY_ROUND_TO, Allocation,
-                             Compensation, Edit, Method, Scope, Score, TargetKind, check,
+                             Compensation, Component, Edit, Method, Scope, Score, TargetKind, check,
                              check_fraction, check_target, check_whole, default_compensation)
 
 SEPARATOR = "|"  # ModelRef's string form: NAME, or PATH|ARCH|DATA (ARCH may be empty)
@@ -117,6 +117,31 @@ class PruneRequest:
     def apply_kwargs(self) -> dict:
         """Keyword arguments of `Analysis.apply` (add the plan)."""
         return {"compensation": self.compensation, "recalibrate": self.recalibrate}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextPruneRequest:
+    """One pruning of a text encoder: what `TextAnalysis.plan` and `apply_plan` are asked."""
+
+    target: float                          # fraction in [0, 1) of the components or of the MACs
+    components: Component = "ffn"
+    target_kind: TargetKind = "channels"
+    method: Method = "modhifi-greedy"
+    compensation: Compensation | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "target", float(check_target(self.target)))
+        check(Component, self.components)
+        check(TargetKind, self.target_kind)
+        check(Method, self.method)
+        if self.compensation is None:
+            object.__setattr__(self, "compensation", default_compensation(self.method))
+        check(Compensation, self.compensation)
+
+    def plan_kwargs(self) -> dict:
+        """Keyword arguments of `TextAnalysis.plan`."""
+        return {"target": self.target, "kind": self.components, "target_kind": self.target_kind,
+                "method": self.method}
 
 
 @dataclass(frozen=True, kw_only=True)

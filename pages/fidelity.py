@@ -1,11 +1,39 @@
 """Fidelity: which input channels of every layer carry its output, and what the method keeps."""
 import streamlit as st
 
-from ui import cache, figures, keys, page, sidebar
+from modhifi.options import COMPONENT_LABELS, Component, choices
+from ui import cache, figures, keys, page, sidebar, text_cache
+
+
+def render_text(chosen: cache.Selection) -> None:
+    st.title("Fidelity — which neurons and heads matter")
+    st.write(
+        "In a transformer layer the FFN's **neurons** are the inputs of its down-projection, and "
+        "each **attention head** is a block of inputs of the attention output projection. Each "
+        "adds a contribution to every output feature; the **singleton fidelity** of a component "
+        "is the share of an output's energy it alone explains once optimally rescaled (the "
+        "squared cosine of the two), here the best over the layer's outputs. **Greedy "
+        "selection** keeps first the component that adds the most refit fidelity given those "
+        "already kept: that is the order along each row.")
+    st.caption(f"Per-token statistics of {chosen.samples} unlabeled calibration quotations (or "
+               "all of the split if fewer), padding masked; no labels, no gradients.")
+    cols = st.columns(3)
+    kind = cols[0].radio("Components", choices(Component), horizontal=True,
+                         key=keys.FIDELITY_COMPONENTS, format_func=COMPONENT_LABELS.get)
+    score = cols[1].radio("Colour", list(figures.SCORE_LABELS), horizontal=True,
+                          key=keys.FIDELITY_SCORE, format_func=figures.SCORE_LABELS.get)
+    target = cols[2].slider("Share removed (to mark kept / removed)", 0.0, 0.9, 0.3, 0.05,
+                            key=keys.FIDELITY_TARGET)
+    table = text_cache.score_map(chosen, kind, target)
+    st.plotly_chart(figures.channel_heatmap(table, score), use_container_width=True)
+    st.dataframe(table.sort_values(["layer", "priority"]), hide_index=True)
 
 
 def render() -> None:
     chosen = sidebar.selection()
+    if sidebar.is_text(chosen):
+        render_text(chosen)
+        return
     st.title("Fidelity — which channels matter")
     st.write(
         "Each input channel *i* of a layer adds a **contribution** to every output channel *c*. "

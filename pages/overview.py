@@ -1,11 +1,46 @@
 """Overview: the chosen model's accuracy, cost and measured speed."""
+import pandas as pd
 import streamlit as st
 
-from ui import cache, keys, page, sidebar
+from ui import cache, keys, page, sidebar, text_cache
+
+
+def render_text(opened: cache.Opened) -> None:
+    chosen = text_cache.subject(opened)
+    st.title(f"Overview — {chosen.name}")
+    numbers, parts = text_cache.overview(opened)
+    st.write(f"**{chosen.name}**: a pretrained sentence encoder nobody here trained, on real "
+             f"English text: {numbers['texts']:,} test quotations of Debian's *fortunes* in "
+             f"{len(chosen.corpus.categories)} categories. A sentence's embedding is the mean of its "
+             "tokens' last hidden states; a linear **probe** trained on the dense model's "
+             "embeddings of the train quotations names each quotation's category.")
+    cols = st.columns(3)
+    cols[0].metric("Category accuracy (probe)", f"{numbers['accuracy']:.2%}")
+    cols[1].metric("MACs / sentence", f"{numbers['macs'] / 1e6:.1f} M",
+                   help="Mean over the test quotations at their own token lengths.")
+    cols[2].metric("Parameters", f"{numbers['params'] / 1e6:.2f} M")
+    left, right = st.columns(2)
+    left.subheader("Per-category accuracy")
+    left.bar_chart(pd.DataFrame({"category": list(numbers["per_category"]),
+                                 "accuracy": list(numbers["per_category"].values())}),
+                   x="category", y="accuracy")
+    right.subheader("Where the parameters and MACs are")
+    right.dataframe(parts, hide_index=True, column_config={
+        "macs_share": st.column_config.ProgressColumn("MACs share", format="percent",
+                                                      min_value=0, max_value=1)})
+    share = dict(zip(parts["part"], parts["macs_share"]))
+    right.caption(f"Embeddings are a lookup: parameters without MACs. The FFN does "
+                  f"{share.get('FFN', 0):.0%} of the MACs and the attention projections "
+                  f"{share.get('attention projections', 0):.0%}: their neurons and heads are what "
+                  "the Prune page removes.")
 
 
 def render() -> None:
-    opened = sidebar.selection().opened
+    selection = sidebar.selection()
+    if sidebar.is_text(selection):
+        render_text(selection.opened)
+        return
+    opened = selection.opened
     chosen = cache.subject(opened)
     st.title(f"Overview — {chosen.loaded.name}")
     if not chosen.loaded.trained:

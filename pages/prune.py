@@ -1,14 +1,84 @@
 """Prune: slide the sparsity, see the physically smaller model's accuracy, cost and speed."""
 import streamlit as st
 
-from modhifi.options import METHOD_LABELS, Allocation, Compensation, Method, Scope, choices
-from modhifi.requests import PruneRequest
-from ui import cache, figures, keys, page, sidebar
+from modhifi.options import (COMPONENT_LABELS, METHOD_LABELS, Allocation, Compensation, Component,
+                             Method, Scope, choices, default_compensation)
+from modhifi.requests import PruneRequest, TextPruneRequest
+from ui import cache, figures, keys, page, sidebar, text_cache
 
+
+def render_text(chosen: cache.Selection) -> None:
+    st.title("Prune — ModHiFi-P on a sentence encoder")
+    st.write(
+        "Move the slider: the same share of every layer's **FFN neurons** (or **attention "
+        "heads**) is **physically** removed — the up-projection rows and down-projection "
+        "columns of a neuron, the query, key and value rows and output-projection block of a "
+        "head — and the layer that read them is **refitted** (least squares on per-token "
+        "statistics, bias included) to reproduce its old output. No labels, no training.")
+    cols = st.columns(3)
+    kind = cols[0].radio("Components", choices(Component), horizontal=True,
+                         key=keys.PRUNE_COMPONENTS, format_func=COMPONENT_LABELS.get)
+    target_kind = cols[0].radio("Target", ("channels", "macs"), horizontal=True,
+                                key=keys.PRUNE_KIND,
+                                format_func={"macs": "share of MACs",
+                                             "channels": "share of the components"}.get)
+    target = cols[0].slider("Remove", 0.0, 0.8, 0.3, 0.05, key=keys.PRUNE_TARGET)
+    method = cols[1].selectbox("Method", ("modhifi-greedy", *[m for m in choices(Method)
+                                                              if m != "modhifi-greedy"]),
+                               format_func=METHOD_LABELS.get, key=keys.PRUNE_METHOD)
+    compensation = cols[2].selectbox("Compensation", choices(Compensation),
+                                     index=choices(Compensation).index(default_compensation(method)),
+                                     key=keys.PRUNE_COMPENSATION)
+    full = cols[2].toggle(f"Evaluate on all test quotations (live numbers use the first "
+                          f"{text_cache.LIVE_TEST_TEXTS})", key=keys.PRUNE_FULL)
+    request = TextPruneRequest(target=target, components=kind, target_kind=target_kind,
+                               method=method, compensation=compensation)
+    plan = text_cache.plan(chosen, request)
+    result = text_cache.comparison(chosen, request, full)
+    cols = st.columns(5)
+    cols[0].metric("Embedding cosine", f"{result['embedding_cosine']:.4f}",
+                   help=f"Mean over {result['texts']} test quotations of the cosine between the "
+                        f"dense and the pruned embedding; 5th percentile "
+                        f"{result['embedding_cosine_p5']:.4f}.")
+    cols[1].metric("Same nearest neighbour", f"{result['retrieval_agreement']:.1%}",
+                   help=f"Recall@10 of the dense nearest neighbour: {result['recall_at_10']:.1%}.")
+    cols[2].metric("Category accuracy", f"{result['accuracy_after']:.2%}",
+                   f"{(result['accuracy_after'] - result['accuracy_before']) * 100:+.2f} pts")
+    cols[3].metric("MACs / sentence", f"{plan.macs_after / 1e6:.0f} M",
+                   f"{plan.macs_before / plan.macs_after:.2f}× fewer", delta_color="off",
+                   delta_arrow="off")
+    cols[4].metric(f"Kept: {COMPONENT_LABELS[kind]}",
+                   f"{plan.units_after} / {plan.units_before}")
+    if st.toggle("Measure the real speed-up (batch 64, dense and pruned timed side by side)",
+                 key=keys.PRUNE_SPEED):
+        before, after = text_cache.speed(chosen, request)
+        st.metric("Sentences per second", f"{after:.0f}", f"{after / before:.2f}× the dense "
+                  f"{before:.0f} (MACs ratio {plan.macs_before / plan.macs_after:.2f}×)",
+                  delta_color="off")
+    st.subheader(f"Kept per layer: {COMPONENT_LABELS[kind]}")
+    st.plotly_chart(figures.kept_bars(plan.to_frame().rename(
+        columns={"layer": "group", "components": "channels"})), use_container_width=True)
+
+    st.subheader("Try it")
+    sentence = st.text_input("Type a sentence: its nearest test quotations, dense and pruned "
+                             "side by side", "Computers make very fast, very accurate mistakes.",
+                             key=keys.PRUNE_TRY_IT)
+    if sentence.strip():
+        found = text_cache.try_it(chosen, request, sentence.strip(), full)
+        left, right = st.columns(2)
+        for column, name in ((left, "dense"), (right, "pruned")):
+            column.caption(f"{name} model")
+            column.dataframe(found[found["model"] == name].drop(columns="model"), hide_index=True)
+    st.caption("Save a pruned folder with `python -m modhifi prune --model "
+               f"{chosen.model.spec} --target {target} --components {kind} --out DIR`; it reloads "
+               "with `modhifi info --model DIR` (and, for FFN pruning, with sentence-transformers).")
 
 
 def render() -> None:
     chosen = sidebar.selection()
+    if sidebar.is_text(chosen):
+        render_text(chosen)
+        return
     st.title("Prune — ModHiFi-P")
     st.write(
         "Move the slider: the model is **physically** cut (channels removed from the weights, so "

@@ -13,7 +13,13 @@ LOW_AGREEMENT = 0.8
 
 
 def render() -> None:
-    opened = sidebar.selection().opened
+    selection = sidebar.selection()
+    if sidebar.is_text(selection):
+        st.title("Unlearn — ModHiFi-U")
+        st.info(f"{selection.model.spec}: forgetting a fortunes category is not available yet; "
+                "the image models here forget any class. Prune it on the Prune page.")
+        return
+    opened = selection.opened
     classes = list(cache.subject(opened).dataset.classes)
     st.title("Unlearn — ModHiFi-U")
     st.write(

@@ -217,3 +217,51 @@ def test_the_sparsity_curve_draws_every_method():
     names = {trace["name"] for trace in json.loads(chart.proto.spec)["data"]}
     assert names == {"modhifi-greedy (refit)", "modhifi (refit)", "modhifi (rescale)",
                      "l1 (none)", "activation (none)", "random (none)"}
+
+
+# --- the text model (all-MiniLM-L6-v2 on fortunes) ---------------------------------------------
+
+def open_text_page(page: str, **state) -> AppTest:
+    return open_page(page, **{"sidebar.model": "minilm-l6", **state})
+
+
+@pytest.mark.parametrize("page", ["pages/overview.py", "pages/fidelity.py", "pages/unlearn.py",
+                                  "pages/theory.py"])  # the Prune page: its own test below
+def test_every_page_renders_for_the_text_model(page):
+    app = open_text_page(page)
+    assert not app.exception and not app.error
+    assert app.title[0].value
+
+
+def test_the_text_prune_page_shows_the_library_numbers_and_the_try_it_box():
+    import torch
+
+    from modhifi.requests import ModelRef
+    from modhifi.text.encoder import embed
+    from modhifi.text.quality import agreement
+    from modhifi.text.surgery import apply_plan
+    from ui import text_cache
+    from ui.cache import Selection
+
+    app = open_text_page("pages/prune.py")
+    shown = metrics(app)
+    # The page's analysis (a library object, cached for every session) and the library's own
+    # plan, surgery, encoding and comparison of the first 400 test quotations.
+    selection = Selection(ModelRef("minilm-l6"), "cpu", 250)
+    analysis = text_cache.analysis(selection)
+    dense = text_cache.subject(selection.opened)
+    pruned = apply_plan(analysis, analysis.plan(0.3, kind="ffn", method="modhifi-greedy"))
+    texts = dense.corpus.test.texts[:400]
+    expected = agreement(embed(dense.model, texts, device="cpu"), embed(pruned, texts, device="cpu"))
+    assert shown["Embedding cosine"] == f"{expected.embedding_cosine:.4f}"
+    assert shown["Same nearest neighbour"] == f"{expected.retrieval_agreement:.1%}"
+    assert shown["Kept: FFN neurons"] == f"{6 * 1072} / {6 * 1536}"
+    found = [frame.value for frame in app.dataframe]
+    assert len(found) == 2 and all(len(frame) == 5 for frame in found)
+    similarity = torch.tensor(found[0]["similarity"].to_numpy())
+    assert torch.all(similarity[:-1] >= similarity[1:])
+    app.slider(key="prune.target").set_value(0.6).run()
+    assert not app.exception
+    assert float(metrics(app)["Embedding cosine"]) < float(shown["Embedding cosine"])
+    app.radio(key="prune.components").set_value("heads").run()
+    assert not app.exception and metrics(app)["Kept: attention heads"].endswith("/ 72")

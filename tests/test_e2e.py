@@ -141,3 +141,20 @@ def test_four_browsers_moving_sliders_at_once_each_see_their_own_numbers(app_url
         assert shown == prune_page_numbers("digits-cnn", target), target
     for page in pages:
         page.context.close()
+
+
+def test_the_text_model_prunes_and_answers_the_try_it_box_in_the_browser(app_url, page, shots):
+    page.goto(f"{app_url}/prune?model=minilm-l6")
+    page.wait_for_selector("[data-testid='stMetric']", timeout=300_000)
+    _settle(page, timeout=300)
+    assert not page.locator("[data-testid='stException']").count()
+    cosine = float(_metric(page, "Embedding cosine"))
+    assert 0.5 < cosine <= 1
+    assert _metric(page, "Kept: FFN neurons") == f"{6 * 1072} / {6 * 1536}"
+    box = page.get_by_label("Type a sentence")
+    box.fill("The computer crashed again")
+    box.press("Enter")
+    _settle(page, timeout=300)
+    tables = page.locator("[data-testid='stDataFrame']")
+    assert tables.count() == 2
+    page.screenshot(path=str(shots / "prune-text.png"), full_page=True)

@@ -265,3 +265,20 @@ def test_cli_bad_input_on_a_text_model_is_one_line_and_exit_2(tiny, args, messag
 def test_cli_refuses_an_existing_output_folder_before_any_work(tiny, tmp_path):
     done = cli("prune", "--model", str(tiny), "--target", "0.3", "--out", str(tmp_path))
     assert done.returncode == 2 and "folder" in done.stderr
+
+
+def test_the_real_minilm_is_pruned_end_to_end_from_the_command_line():
+    """all-MiniLM-L6-v2 from its PyPI package, 30% of FFN neurons: the text keys, a smaller and
+    faster-by-MACs model, and embeddings still close to the dense ones (the bars themselves are
+    measured by benchmarks/text_quality.py)."""
+    done = cli("prune", "--model", "minilm-l6", "--target", "0.3", "--calib-samples", "256",
+               "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["channels_before"] == 6 * 1536 and result["channels_after"] == 6 * 1072
+    assert result["params_after"] < result["params_before"] == 22_713_216
+    assert result["speedup_macs"] > 1.2
+    assert result["embedding_cosine"] > 0.9 and result["recall_at_10"] > 0.9
+    assert abs(result["accuracy_after"] - result["accuracy_before"]) < 0.05
+    listed = json.loads(cli("models", "--json").stdout)["models"]
+    assert any(row["name"] == "minilm-l6" and row["params"] == 22_713_216 for row in listed)

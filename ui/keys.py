@@ -21,6 +21,7 @@ FIDELITY_SCORE = "fidelity.score"
 FIDELITY_LAYER = "fidelity.layer"
 FIDELITY_OUTPUT = "fidelity.output"
 FIDELITY_TARGET = "fidelity.target"
+FIDELITY_COMPONENTS = "fidelity.components"
 
 # --- Prune ---------------------------------------------------------------------------------------
 PRUNE_TARGET = "prune.target"
@@ -37,6 +38,8 @@ PRUNE_CURVE = "prune.curve"
 PRUNE_DOWNLOAD_MODEL = "prune.download_model"
 PRUNE_DOWNLOAD_JSON = "prune.download_json"
 PRUNE_DOWNLOAD_CSV = "prune.download_csv"
+PRUNE_COMPONENTS = "prune.components"   # text models: FFN neurons or attention heads
+PRUNE_TRY_IT = "prune.try_it"           # text models: a sentence to search the quotations with
 
 # --- Unlearn (the controls sit in a form: they take effect on submit) ----------------------------
 UNLEARN_FORM = "unlearn.form"

@@ -11,6 +11,7 @@ import streamlit as st
 from modhifi import options, prune, zoo
 from modhifi.errors import UserError
 from modhifi.requests import SEPARATOR, ModelRef
+from modhifi.text.encoder import ZOO_TEXT
 from ui import cache, keys
 
 OWN_CHECKPOINT = "your checkpoint…"
@@ -21,11 +22,10 @@ SERVER_MODELS_VARIABLE = "MODHIFI_MODEL_DIR"  # a folder whose checkpoints visit
 
 def sidebar() -> None:
     """Model (zoo or own checkpoint), calibration size and device pickers."""
-    names = [n for n, e in zoo.ZOO.items() if e.checkpoint.is_file()] + [OWN_CHECKPOINT]
+    names = [n for n, e in zoo.ZOO.items() if e.checkpoint.is_file()] + text_models() + [OWN_CHECKPOINT]
     if keys.MODEL not in st.session_state and st.query_params.get("model") in names:
         st.session_state[keys.MODEL] = st.query_params["model"]  # shareable links: ?model=digits-cnn
-    st.sidebar.selectbox("Model", names, key=keys.MODEL,
-                         format_func=lambda n: n if n == OWN_CHECKPOINT else f"{n} — {zoo.ZOO[n].dataset}")
+    st.sidebar.selectbox("Model", names, key=keys.MODEL, format_func=_model_label)
     if st.session_state[keys.MODEL] == OWN_CHECKPOINT:
         st.sidebar.selectbox("Architecture", zoo.torchvision_archs(), key=keys.CHECKPOINT_ARCH)
         st.sidebar.text_input("Dataset", key=keys.CHECKPOINT_DATA, placeholder="cifar10:/data/cifar",
@@ -40,14 +40,33 @@ def sidebar() -> None:
             st.sidebar.selectbox(f"…or a checkpoint on the server ({SERVER_MODELS_VARIABLE})",
                                  server_checkpoints(), key=keys.CHECKPOINT_PATH, index=None,
                                  format_func=lambda path: Path(path).name)
-    st.sidebar.select_slider("Calibration images", CALIBRATION_CHOICES,
-                             value=cache.CALIBRATION_DEFAULT, key=keys.CALIBRATION,
-                             help="Unlabeled held-out images the method reads.")
+    text = st.session_state[keys.MODEL] in text_models()
+    st.sidebar.select_slider("Calibration quotations" if text else "Calibration images",
+                             CALIBRATION_CHOICES, value=cache.CALIBRATION_DEFAULT, key=keys.CALIBRATION,
+                             help="Unlabeled held-out samples the method reads (a text model reads "
+                                  "at most its whole calibration split).")
     st.sidebar.selectbox("Device", options.choices(options.DeviceChoice), key=keys.DEVICE)
     try:
         st.sidebar.caption(f"Scoring backend: {cache.backend(st.session_state[keys.DEVICE]).description}")
     except UserError as error:
         st.sidebar.error(str(error))
+
+
+def text_models() -> list[str]:
+    """The zoo's text models whose package is installed."""
+    from importlib.util import find_spec
+
+    return [name for name, (module, _, _) in ZOO_TEXT.items() if find_spec(module) is not None]
+
+
+def _model_label(name: str) -> str:
+    if name == OWN_CHECKPOINT:
+        return name
+    return f"{name} — {'fortunes' if name in ZOO_TEXT else zoo.ZOO[name].dataset}"
+
+
+def is_text(selection: cache.Selection) -> bool:
+    return selection.model.arch is None and selection.model.spec in ZOO_TEXT
 
 
 def server_checkpoints() -> list[str]:
@@ -83,6 +102,8 @@ def selection() -> cache.Selection:
     """Model, device and calibration size picked in the sidebar; caveats shown above the page."""
     chosen = cache.Selection(model(), st.session_state.get(keys.DEVICE, "auto"),
                              st.session_state.get(keys.CALIBRATION, cache.CALIBRATION_DEFAULT))
+    if is_text(chosen):
+        return chosen  # fortunes has no caveats, and the text analysis checks its own input
     opened = cache.subject(chosen.opened)
     images = min(chosen.samples, len(opened.dataset.calibration))
     for caveat in opened.dataset.caveats + prune.calibration_caveats(opened.loaded.model, images):

@@ -132,8 +132,9 @@ class TextPlan:
                 for i, (n, keep) in enumerate(zip(self.sizes, self.kept))}
 
     def to_frame(self) -> pd.DataFrame:
+        kept = [len(k) for k in self.kept]
         return pd.DataFrame({"layer": range(len(self.sizes)), "components": self.sizes,
-                             "kept": [len(k) for k in self.kept]})
+                             "kept": kept, "removed": [n - k for n, k in zip(self.sizes, kept)]})
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,23 @@ class TextAnalysis:
     def kept_by_consumer(self, plan: TextPlan) -> dict[str, tuple[int, ...]]:
         """consumer layer -> the components it keeps under `plan`."""
         return {consumer(layer, plan.kind): keep for layer, keep in zip(self.layers, plan.kept)}
+
+    def score_map(self, kind: Component) -> pd.DataFrame:
+        """One row per (layer, component): its best singleton fidelity over the consumer's
+        outputs, its mean share of their energy (saliency / E‖Y_c‖²), and its keep priority
+        under greedy selection (0 = kept first)."""
+        greedy = self.ranking(kind, "modhifi-greedy")
+        frames = []
+        for layer, group in zip(self.layers, self.groups(kind)):
+            fidelity = self.fidelity[consumer(layer, kind)]
+            share = fidelity.saliency / fidelity.energy.clamp(min=1e-30)[:, None]
+            priority = torch.empty(group.size, dtype=torch.long)
+            priority[list(greedy[group.name].order)] = torch.arange(group.size)
+            frames.append(pd.DataFrame({
+                "layer": layer.index, "component": range(group.size),
+                "singleton": fidelity.singleton.max(0).values.cpu().numpy(),
+                "saliency_share": share.mean(0).cpu().numpy(), "priority": priority.numpy()}))
+        return pd.concat(frames, ignore_index=True)
 
     def ranking(self, kind: Component, method: Method, *, seed: int = 0) -> dict[str, Ranking]:
         """group name -> its components in keep order (computed once per kind, method, seed)."""
@@ -271,7 +289,13 @@ def token_lengths(model: nn.Module, texts: Sequence[str]) -> list[int]:
 
 
 def sentence_macs(model: nn.Module, texts: Sequence[str]) -> float:
-    """Mean multiply-accumulates per sentence at the texts' own token lengths (no padding).
+    """Mean multiply-accumulates per sentence at the texts' own token lengths (no padding)."""
+    return macs_by_module(model, texts)[""]
+
+
+def macs_by_module(model: nn.Module, texts: Sequence[str]) -> dict[str, float]:
+    """Mean MACs per sentence of every module (by name; "" is the whole model) at the texts'
+    own token lengths.
 
     An encoder's MACs are exactly quadratic in the length T (linear layers ∝ T, attention scores
     and their product with V ∝ T², the pooler constant), so `torch.utils.flop_counter` counts
@@ -286,7 +310,7 @@ def sentence_macs(model: nn.Module, texts: Sequence[str]) -> float:
     custom = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention}
     device = next(model.parameters()).device
     probes = (8, 16, 32)
-    counted = []
+    counted: list[dict[str, float]] = []
     for length in probes:
         features = {"input_ids": torch.full((1, length), 1000, device=device),
                     "attention_mask": torch.ones(1, length, dtype=torch.long, device=device),
@@ -294,9 +318,49 @@ def sentence_macs(model: nn.Module, texts: Sequence[str]) -> float:
         with FlopCounterMode(display=False, custom_mapping=custom) as counter, \
                 torch.inference_mode():
             model(features)
-        counted.append(counter.get_total_flops() / 2)
-    # MACs(T) = a + b T + c T²: three lengths give a, b, c exactly.
+        root = type(model).__name__
+        counted.append({"" if name in (root, "Global") else name.removeprefix(root + "."):
+                        sum(ops.values()) / 2 for name, ops in counter.get_flop_counts().items()})
+    # MACs(T) = a + b T + c T²: three lengths give a, b, c exactly, per module.
     powers = torch.tensor([[1.0, t, t * t] for t in probes], dtype=torch.float64)
-    a, b, c = torch.linalg.solve(powers, torch.tensor(counted, dtype=torch.float64)).tolist()
+    names = sorted(counted[0])
+    values = torch.tensor([[c.get(n, 0.0) for n in names] for c in counted], dtype=torch.float64)
+    a, b, c = torch.linalg.solve(powers, values)                  # (modules,) each
     lengths = torch.tensor(token_lengths(model, texts), dtype=torch.float64)
-    return a + b * float(lengths.mean()) + c * float(lengths.square().mean())
+    mean = a + b * lengths.mean() + c * lengths.square().mean()
+    return dict(zip(names, mean.tolist()))
+
+
+def cost_parts(model: nn.Module, texts: Sequence[str]) -> pd.DataFrame:
+    """Where an encoder's parameters and MACs per sentence are: embeddings, attention
+    projections (query, key, value, output), attention scores (QKᵀ and AV), FFN, pooler."""
+    macs = macs_by_module(model, texts)
+    layers = transformer_layers(model)
+    parts = {"embeddings": ["0.model.embeddings"],
+             "attention projections": [n for l in layers
+                                       for n in (l.query, l.key, l.value, l.attention_out)],
+             "FFN": [n for l in layers for n in (l.ffn_up, l.ffn_down)],
+             "pooler": ["0.model.pooler"]}
+    params = {part: sum(p.numel() for name in names if _has(model, name)
+                        for p in model.get_submodule(name).parameters())
+              for part, names in parts.items()}
+    spent = {part: sum(macs.get(name, 0.0) for name in names) for part, names in parts.items()}
+    spent["attention scores"] = sum(
+        macs.get(l.query.rsplit(".", 1)[0], 0.0)
+        - sum(macs.get(n, 0.0) for n in (l.query, l.key, l.value)) for l in layers)
+    params["attention scores"] = 0
+    total_params = sum(p.numel() for p in model.parameters())
+    params["norms and the rest"] = total_params - sum(params.values())
+    spent["norms and the rest"] = max(0.0, macs[""] - sum(spent.values()))
+    frame = pd.DataFrame({"part": list(params), "params": list(params.values()),
+                          "macs": [spent[p] for p in params]})
+    frame["macs_share"] = frame["macs"] / macs[""]
+    return frame
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True

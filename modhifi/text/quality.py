@@ -104,6 +104,15 @@ def agreement(dense: Tensor, modified: Tensor) -> Agreement:
                      float((found == truth[:, None]).any(1).double().mean()))
 
 
+def search(query: Tensor, embeddings: Tensor, k: int = 5) -> tuple[list[int], list[float]]:
+    """The `k` rows of (n, d) `embeddings` most cosine-similar to the (d,) `query`, nearest first,
+    and their similarities."""
+    similarity = nn.functional.normalize(embeddings.double(), dim=1) @ \
+        nn.functional.normalize(query.double(), dim=0)
+    top = similarity.topk(min(k, len(similarity)))
+    return top.indices.tolist(), top.values.tolist()
+
+
 def sentences_per_second(models: Sequence[nn.Module], texts: Sequence[str], *, backend: Backend,
                          batch_size: int = ENCODE_BATCH, batches: int = 2, warmup: int = 1,
                          repeats: int = 5) -> list[float]:

@@ -77,6 +77,12 @@ def open_text(spec: str, *, device: torch.device) -> TextSubject:
     return TextSubject(spec, base, model, corpus, reference_probe(base, corpus, device=device))
 
 
+def text_card(name: str) -> dict:
+    """The committed model card of a zoo text model (empty when missing)."""
+    path = card_path(name)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
