@@ -233,14 +233,17 @@ class TextAnalysis:
                        else saved / self.macs)
             return kept, removed
 
-        low, high = 0.0, 1.0  # the least knob whose plan removes at least the target
-        if outcome(high)[1] < target:
+        # The least knob whose plan removes at least the target (up to rounding: 1/6 of 72
+        # heads is 12 heads, though 1 − 60/72 falls a hair short of 1/6 in floating point).
+        reach = target - 1e-12 if target > 0 else target
+        low, high = 0.0, 1.0
+        if outcome(high)[1] < reach:
             raise UserError(f"target {target} is out of reach for {kind}: at most "
                             f"{outcome(high)[1]:.3f} of the {'components' if target_kind == 'channels' else 'MACs'} "
                             "can go with this floor; lower the target")
         for _ in range(30):
             middle = (low + high) / 2
-            low, high = (middle, high) if outcome(middle)[1] < target else (low, middle)
+            low, high = (middle, high) if outcome(middle)[1] < reach else (low, middle)
         kept, _ = outcome(high if target > 0 else 0.0)
         chosen = tuple(tuple(sorted(rankings[g.name].order[:kept[g.name]])) for g in groups)
         saved = sum(u * (g.size - kept[g.name]) for u, g in zip(unit, groups))
