@@ -6,12 +6,11 @@ from ui import cache, figures, keys, page, sidebar
 
 def render() -> None:
     chosen = sidebar.selection()
+    st.title("Theory — from local to global")
     if sidebar.is_text(chosen):
-        st.title("Theory — from local to global")
         st.info(f"{chosen.model.spec}: the theory checks run on the image models for now; the "
                 "Fidelity and Prune pages work for this text model.")
         return
-    st.title("Theory — from local to global")
     st.write(
         "ModHiFi judges channels **locally**, one layer at a time. The paper's main theorem says a "
         "small local error stays small at the output: the global error is at most C_l² times the "

@@ -14,14 +14,13 @@ LOW_AGREEMENT = 0.8
 
 def render() -> None:
     selection = sidebar.selection()
+    st.title("Unlearn — ModHiFi-U")
     if sidebar.is_text(selection):
-        st.title("Unlearn — ModHiFi-U")
         st.info(f"{selection.model.spec}: forgetting a fortunes category is not available yet; "
                 "the image models here forget any class. Prune it on the Prune page.")
         return
     opened = selection.opened
     classes = list(cache.subject(opened).dataset.classes)
-    st.title("Unlearn — ModHiFi-U")
     st.write(
         "Pick a class to forget. ModHiFi-U reads the calibration images of that class only, finds "
         "the (output, input) kernel slices of the last layers whose contributions are most "

@@ -18,7 +18,8 @@ def test_models_lists_the_zoo_as_json():
     done = cli("models", "--json")
     assert done.returncode == 0
     rows = json.loads(done.stdout)["models"]
-    assert {r["name"] for r in rows} == {"fmnist-resnet", "fmnist-vgg", "fmnist-vit", "digits-cnn"}
+    assert {r["name"] for r in rows} == {"fmnist-resnet", "fmnist-vgg", "fmnist-vit", "digits-cnn",
+                                        "minilm-l6"}
     assert all({"arch", "dataset", "accuracy", "params", "macs"} <= set(r) for r in rows)
 
 
