@@ -45,7 +45,7 @@ def _info(args: argparse.Namespace) -> dict:
     if _is_text(args):
         from modhifi.text.subject import info
 
-        backend, subject = _open_text(args)
+        backend, subject, _ = _open_text(args)
         return info(subject, backend=backend, batch_size=args.batch_size)
     backend, subject = _open(args)
     model, dataset = subject.loaded.model, subject.dataset
@@ -113,17 +113,12 @@ def _prune_text(args: argparse.Namespace) -> dict:
     from modhifi.text.subject import compare_text, save_text_model
     from modhifi.text.surgery import apply_plan
 
-    backend, subject = _open_text(args)
+    backend, subject, texts = _open_text(args)
     method = args.method or "modhifi-greedy"
     compensation = args.compensation or default_compensation(method)
-    calibration = subject.corpus.calibration
-    samples = min(CALIBRATION_TEXT, len(calibration)) if args.calib_samples is None else args.calib_samples
-    if not samples <= len(calibration):
-        raise UserError(f"--calib-samples {samples} must be at most {len(calibration)} for "
-                        f"{subject.corpus.name}")
-    _progress(f"statistics and scores on {samples} calibration texts")
+    _progress(f"statistics and scores on {len(texts)} calibration texts")
     start = time.perf_counter()
-    analysis = analyse_text(subject.model, calibration.texts[:samples], device=backend.device)
+    analysis = analyse_text(subject.model, texts, device=backend.device)
     plan = analysis.plan(args.target, kind=args.components, target_kind=args.target_kind,
                          method=method, round_to=args.round_to)
     pruned = apply_plan(analysis, plan, compensation=compensation)
@@ -137,7 +132,7 @@ def _prune_text(args: argparse.Namespace) -> dict:
         _progress(f"wrote {args.out}")
     return {"model": subject.name, "method": method, "target": args.target,
             "target_kind": args.target_kind, "components": plan.kind, "allocation": "uniform",
-            "compensation": compensation, "bn_recalibrated": False, "calib_samples": samples,
+            "compensation": compensation, "bn_recalibrated": False, "calib_samples": len(texts),
             "device": backend.description, "channels_before": plan.units_before,
             "channels_after": plan.units_after, **result, "seconds": seconds}
 
@@ -145,6 +140,7 @@ def _prune_text(args: argparse.Namespace) -> dict:
 def _unlearn(args: argparse.Namespace) -> dict:
     from modhifi.unlearn import unlearn
 
+    _image_only(args, "forgetting a category")
     backend, subject = _open(args)
     dataset = subject.dataset
     forget = _class_index(dataset, args.forget_class)
@@ -161,6 +157,7 @@ def _theory(args: argparse.Namespace) -> dict:
     from modhifi.theory import theory_report
     from modhifi.zoo import ZOO
 
+    _image_only(args, "the theory report")
     backend, subject = _open(args)
     build = ZOO[args.model].build if args.model in ZOO else None
     return theory_report(subject.loaded.model, subject.dataset, device=backend.device,
@@ -228,10 +225,8 @@ def _scores_text(args: argparse.Namespace) -> dict:
 
     if args.forget_class is not None:
         raise UserError("--forget-class is not available for text models yet; leave it out")
-    backend, subject = _open_text(args)
-    calibration = subject.corpus.calibration
-    samples = min(CALIBRATION_TEXT, len(calibration)) if args.calib_samples is None else args.calib_samples
-    analysis = analyse_text(subject.model, calibration.texts[:samples], device=backend.device)
+    backend, subject, texts = _open_text(args)
+    analysis = analyse_text(subject.model, texts, device=backend.device)
     table = score_table(analysis)
     if args.target is not None:
         kept = {}
@@ -294,13 +289,29 @@ def _is_text(args: argparse.Namespace) -> bool:
     return True
 
 
+def _image_only(args: argparse.Namespace, what: str) -> None:
+    """A one-line refusal for a command that has no text path yet."""
+    if args.model and _is_text(args):
+        raise UserError(f"{what} is not available for text models yet; {args.model} works with "
+                        "info, prune and scores")
+
+
 def _open_text(args: argparse.Namespace):
+    """The backend, the text subject and its calibration texts (`--calib-samples` checked
+    against the corpus before the model is loaded)."""
     from modhifi.backend import choose_backend
+    from modhifi.text.corpus import load_fortunes
     from modhifi.text.subject import open_text
 
     backend = choose_backend(args.device)
+    corpus = load_fortunes()
+    calibration = corpus.calibration
+    samples = min(CALIBRATION_TEXT, len(calibration)) if args.calib_samples is None else args.calib_samples
+    if not samples <= len(calibration):
+        raise UserError(f"--calib-samples {samples} must be at most {len(calibration)} for "
+                        f"{corpus.name}")
     _progress(f"loading {args.model} on {backend.description}")
-    return backend, open_text(args.model, device=backend.device)
+    return backend, open_text(args.model, device=backend.device, corpus=corpus), calibration.texts[:samples]
 
 
 def _open(args: argparse.Namespace):

@@ -2,7 +2,7 @@
 import streamlit as st
 
 from modhifi.options import (COMPONENT_LABELS, METHOD_LABELS, Allocation, Compensation, Component,
-                             Method, Scope, choices, default_compensation)
+                             Method, Scope, TargetKind, choices, default_compensation)
 from modhifi.requests import PruneRequest, TextPruneRequest
 from ui import cache, figures, keys, page, sidebar, text_cache
 
@@ -18,7 +18,7 @@ def render_text(chosen: cache.Selection) -> None:
     cols = st.columns(3)
     kind = cols[0].radio("Components", choices(Component), horizontal=True,
                          key=keys.PRUNE_COMPONENTS, format_func=COMPONENT_LABELS.get)
-    target_kind = cols[0].radio("Target", ("channels", "macs"), horizontal=True,
+    target_kind = cols[0].radio("Target", choices(TargetKind), horizontal=True,
                                 key=keys.PRUNE_KIND,
                                 format_func={"macs": "share of MACs",
                                              "channels": "share of the components"}.get)

@@ -80,9 +80,10 @@ def activation_ranking(group: ChannelGroup, evidence: Evidence) -> Ranking:
     """Baseline: root-mean-square activation of each channel at its consumers' inputs."""
     energy = torch.zeros(group.size, dtype=torch.float64)
     for name, index in group.consumers:
-        c_in = evidence.model.get_submodule(name).weight.shape[1]
+        # Input channels as the fidelity sees them: a conv's, or a text encoder's heads (blocks).
+        c_in = evidence.fidelity[name].weight.shape[1]
         m = evidence.moments[name]
-        # diag of Σ PᵀP / N: (c_in·k²,) -> mean over the k² taps -> (c_in,)
+        # diag of Σ PᵀP / N: (c_in·K,) -> mean over a channel's K taps (or head features) -> (c_in,)
         energy += (m.second.diagonal().double().cpu() / m.samples).view(c_in, -1).mean(1)[list(index)]
     rms = energy.sqrt()
     order = rms.argsort(descending=True)

@@ -81,16 +81,6 @@ def token_moments(model: nn.Module, texts: Sequence[str], layers: Sequence[str],
     return moments
 
 
-def activation_ranking(group: ChannelGroup, evidence: Evidence) -> Ranking:
-    """Baseline: root-mean-square activation of each component (a head: over its block)."""
-    (name, _), = group.consumers
-    m = evidence.moments[name]
-    energy = (m.second.diagonal().double().cpu() / m.samples).view(group.size, -1).mean(1)
-    rms = energy.sqrt()
-    order = rms.argsort(descending=True)
-    return ranking_of(order, rms[order])
-
-
 def magnitude_ranking(group: ChannelGroup, evidence: Evidence, p: int = 1) -> Ranking:
     """Baseline: the Lp norm of each component's columns in its consumer (the down-projection's
     column of a neuron, the output projection's column block of a head)."""
@@ -101,8 +91,9 @@ def magnitude_ranking(group: ChannelGroup, evidence: Evidence, p: int = 1) -> Ra
     return ranking_of(order, norm[order])
 
 
-# The shared importances, with the two baselines that read the consumer instead of a producer.
-TEXT_IMPORTANCES = {**IMPORTANCES, "l1": magnitude_ranking, "activation": activation_ranking}
+# The shared importances; the magnitude baseline reads the consumer's columns (a producer's rows
+# would mix a head's query, key and value).
+TEXT_IMPORTANCES = {**IMPORTANCES, "l1": magnitude_ranking}
 
 
 @dataclass(frozen=True)

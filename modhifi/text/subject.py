@@ -70,9 +70,10 @@ def reference_probe(base: str, corpus: Corpus, *, device: torch.device) -> Probe
                        corpus.categories)
 
 
-def open_text(spec: str, *, device: torch.device) -> TextSubject:
+def open_text(spec: str, *, device: torch.device, corpus: Corpus | None = None) -> TextSubject:
+    """A text model with the fortunes corpus (loaded unless given) and its reference probe."""
     model = load_encoder(spec, device=device)
-    corpus = load_fortunes()
+    corpus = corpus or load_fortunes()
     base = base_of(spec)
     return TextSubject(spec, base, model, corpus, reference_probe(base, corpus, device=device))
 
