@@ -25,7 +25,7 @@ def render_text(chosen: cache.Selection) -> None:
     target = cols[2].slider("Share removed (to mark kept / removed)", 0.0, 0.9, 0.3, 0.05,
                             key=keys.FIDELITY_TARGET)
     table = text_cache.score_map(chosen, kind, target)
-    st.plotly_chart(figures.channel_heatmap(table, score), use_container_width=True)
+    st.plotly_chart(figures.channel_heatmap(table, score), width="stretch")
     st.dataframe(table.sort_values(["layer", "priority"]), hide_index=True)
 
 
@@ -62,7 +62,7 @@ def render() -> None:
     st.metric("Layers where fewer than 20% of inputs reach fidelity ≥ 0.8", f"{share:.0%}",
               help="Per layer: the median over output channels of the smallest HiFi set reaching "
                    "subset fidelity 0.8, as a share of the inputs (the paper's first observation).")
-    st.plotly_chart(figures.channel_heatmap(table, score), use_container_width=True)
+    st.plotly_chart(figures.channel_heatmap(table, score), width="stretch")
 
     st.subheader("One layer, one output channel")
     layers = list(dict.fromkeys(table["layer"]))
@@ -70,9 +70,9 @@ def render() -> None:
     matrix = cache.layer_scores(chosen, layer)[score]
     out = st.number_input("Output channel", 0, matrix.shape[0] - 1, 0, key=keys.FIDELITY_OUTPUT)
     left, right = st.columns(2)
-    left.plotly_chart(figures.layer_heatmap(matrix, score, layer), use_container_width=True)
+    left.plotly_chart(figures.layer_heatmap(matrix, score, layer), width="stretch")
     right.plotly_chart(figures.fidelity_curve(cache.fidelity_curve(chosen, layer, int(out))),
-                       use_container_width=True)
+                       width="stretch")
     st.dataframe(hifi, hide_index=True, column_config={
         "hifi_share": st.column_config.ProgressColumn(
             "smallest HiFi set reaching 0.8 (share of inputs)", min_value=0, max_value=1,

@@ -6,6 +6,8 @@ from modhifi.options import (COMPONENT_LABELS, METHOD_LABELS, Allocation, Compen
 from modhifi.requests import PruneRequest, TextPruneRequest
 from ui import cache, figures, keys, page, sidebar, text_cache
 
+OVERSHOOT = 0.02  # say so when the plan removes this much more than asked
+
 
 def render_text(chosen: cache.Selection) -> None:
     st.title("Prune — ModHiFi-P on a sentence encoder")
@@ -57,7 +59,7 @@ def render_text(chosen: cache.Selection) -> None:
                   delta_color="off")
     st.subheader(f"Kept per layer: {COMPONENT_LABELS[kind]}")
     st.plotly_chart(figures.kept_bars(plan.to_frame().rename(
-        columns={"layer": "group", "components": "channels"})), use_container_width=True)
+        columns={"layer": "group", "components": "channels"})), width="stretch")
 
     st.subheader("Try it")
     sentence = st.text_input("Type a sentence: its nearest test quotations, dense and pruned "
@@ -129,7 +131,14 @@ def render() -> None:
                    f"{plan.params_after / plan.params_before - 1:+.0%}", delta_color="off",
                    delta_arrow="off")
     cols[3].metric("Channels kept", f"{plan.channels_after} / {plan.channels_before}")
-    st.caption(f"Before: {before.accuracy:.2%} on {before.samples:,} test images.")
+    what = "of the MACs" if kind == "macs" else "of the channels"
+    st.caption(f"Before: {before.accuracy:.2%} on {before.samples:,} test images. Asked to remove "
+               f"{target:.0%} {what}; the plan removes {plan.achieved:.1%}.")
+    if plan.achieved > target + OVERSHOOT:
+        st.info(f"The plan removes {plan.achieved:.1%} {what}, more than the {target:.0%} asked: "
+                f"kept channels are rounded up to multiples of {round_to} per group, and the "
+                "smallest groups cannot shrink by less than one multiple. Choose multiples of 1 "
+                "for exact counts.")
 
     if st.toggle("Measure the real speed-up (batch 64, dense and pruned timed side by side)",
                  key=keys.PRUNE_SPEED):
@@ -144,22 +153,23 @@ def render() -> None:
         st.caption(f"{dense.device}, median of {dense.eager.repeats} runs after {dense.eager.warmup} warm-up.")
 
     st.subheader("Channels kept per group")
-    st.plotly_chart(figures.kept_bars(plan.to_frame()), use_container_width=True)
+    st.plotly_chart(figures.kept_bars(plan.to_frame()), width="stretch")
 
     model_bytes, removed_json, removed_csv = cache.pruned_download(chosen, request)
+    stem = page.download_stem(chosen.model, f"pruned-{method}-{kind}{target:.2f}")
     cols = st.columns(3)
-    cols[0].download_button("Pruned model (.pt)", model_bytes, "pruned.pt",
+    cols[0].download_button("Pruned model (.pt)", model_bytes, f"{stem}.pt",
                             key=keys.PRUNE_DOWNLOAD_MODEL)
-    cols[1].download_button("Removed channels (JSON)", removed_json, "removed_channels.json",
+    cols[1].download_button("Removed channels (JSON)", removed_json, f"{stem}.channels.json",
                             key=keys.PRUNE_DOWNLOAD_JSON)
-    cols[2].download_button("Removed channels (CSV)", removed_csv, "removed_channels.csv",
+    cols[2].download_button("Removed channels (CSV)", removed_csv, f"{stem}.channels.csv",
                             key=keys.PRUNE_DOWNLOAD_CSV)
-    st.caption("The .pt file reloads with `python -m modhifi info --model pruned.pt`.")
+    st.caption(f"The .pt file reloads with `python -m modhifi info --model {stem}.pt`.")
 
     st.subheader("Accuracy against sparsity")
     if st.button("Compute the curve for ModHiFi and the baselines", key=keys.PRUNE_CURVE):
         curve = cache.sparsity_curve(chosen, kind)
-        st.plotly_chart(figures.sparsity_curve(curve), use_container_width=True)
+        st.plotly_chart(figures.sparsity_curve(curve), width="stretch")
         st.caption(f"First {cache.LIVE_TEST_IMAGES:,} test images; baselines with BatchNorm "
                    "recalibration and no compensation.")
 

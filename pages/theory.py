@@ -32,7 +32,7 @@ def render() -> None:
     cols[1].metric("Worst global / local", f"{result.worst_ratio:.3g}")
     cols[2].metric("Bound's C_l²", f"{result.bound_constant ** 2:.3g}",
                    help=f"kind: {result.bound_kind}; every measured point lies below C_l² × local.")
-    st.plotly_chart(figures.local_global(result.to_frame(), result.fitted_ratio), use_container_width=True)
+    st.plotly_chart(figures.local_global(result.to_frame(), result.fitted_ratio), width="stretch")
     st.caption("Each point is one mask over the layer's input channels (random, or the HiFi set of "
                "that size); global error measured on the calibration images, logits, no recalibration.")
 
@@ -42,7 +42,7 @@ def render() -> None:
              "change of each layer's output for 1–4 pixel shifts and small deformations, in the "
              "dense model and in the model pruned to half its MACs.")
     st.plotly_chart(figures.invariance(cache.invariance(chosen)),
-                    use_container_width=True)
+                    width="stretch")
 
     st.subheader("Do HiFi sets exist?")
     existence = cache.hifi_existence(chosen)
@@ -54,7 +54,7 @@ def render() -> None:
              "output; untrained networks lack that structure. Bars: the median over output "
              "channels of the smallest share of inputs reaching fidelity 0.8, by the top-k of "
              "singleton fidelity and by the best of several random subsets.")
-    st.plotly_chart(figures.hifi_existence(existence.to_frame()), use_container_width=True)
+    st.plotly_chart(figures.hifi_existence(existence.to_frame()), width="stretch")
 
 
 page.guarded(render)

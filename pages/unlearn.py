@@ -88,19 +88,20 @@ def render() -> None:
     per_class = result.per_class_frame().melt(id_vars="class", var_name="when", value_name="accuracy")
     left, right = st.columns(2)
     left.subheader("Per-class accuracy")
-    left.plotly_chart(figures.class_bars(per_class), use_container_width=True)
+    left.plotly_chart(figures.class_bars(per_class), width="stretch")
     right.subheader("Confusion after forgetting")
     confusion = cache.unlearned_evaluation(opened, request).confusion
-    right.plotly_chart(figures.confusion(confusion, classes), use_container_width=True)
+    right.plotly_chart(figures.confusion(confusion, classes), width="stretch")
 
     st.subheader(f"Test images of “{classes[forget]}”")
     examples = cache.forget_examples(opened, request)
     for col, row in zip(st.columns(len(examples)), examples.itertuples()):
-        col.image(row.image, clamp=True, use_container_width=True)
+        col.image(row.image, clamp=True, width="stretch")
         col.caption(f"before: {row.before}  \nafter: {row.after}")
     st.dataframe(pd.DataFrame(result.to_frame()), hide_index=True)
+    stem = page.download_stem(opened.model, f"forget-{classes[request.forget_class]}")
     st.download_button("Edited model (.pt)", cache.unlearned_download(opened, request),
-                       "unlearned.pt", key=keys.UNLEARN_DOWNLOAD)
+                       f"{stem}.pt", key=keys.UNLEARN_DOWNLOAD)
 
 
 page.guarded(render)

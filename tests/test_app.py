@@ -265,3 +265,41 @@ def test_the_text_prune_page_shows_the_library_numbers_and_the_try_it_box():
     assert float(metrics(app)["Embedding cosine"]) < float(shown["Embedding cosine"])
     app.radio(key="prune.components").set_value("heads").run()
     assert not app.exception and metrics(app)["Kept: attention heads"].endswith("/ 72")
+
+
+def test_the_prune_page_says_how_much_the_plan_removes_against_what_was_asked():
+    """digits-cnn at half the MACs: multiples of 8 channels overshoot, and the page says by how
+    much (the library's plan for the same request is the oracle)."""
+    from modhifi import bench
+    from modhifi.backend import choose_backend
+    from modhifi.zoo import open_subject
+
+    app = open_page("pages/prune.py")
+    subject = open_subject("digits-cnn", device=__import__("torch").device("cpu"))
+    analysis = bench.live_analysis(subject.loaded.model, subject.dataset,
+                                   backend=choose_backend("cpu"), samples=250)
+    plan = analysis.plan(0.5, target_kind="macs")
+    assert plan.achieved >= 0.5
+    captions = " ".join(c.value for c in app.caption)
+    assert f"Asked to remove 50% of the MACs; the plan removes {plan.achieved:.1%}." in captions
+    overshoot = [box.value for box in app.info if "more than the 50% asked" in box.value]
+    assert bool(overshoot) == (plan.achieved > 0.52)
+    app.select_slider(key="prune.round_to").set_value(1).run()
+    exact = " ".join(c.value for c in app.caption)
+    assert f"the plan removes {analysis.plan(0.5, target_kind='macs', round_to=1).achieved:.1%}" in exact
+
+
+def test_download_names_say_which_model_and_what_was_done():
+    from modhifi.requests import ModelRef
+    from ui.page import download_stem
+
+    assert download_stem(ModelRef("digits-cnn"), "pruned-modhifi-macs0.50") == \
+        "digits-cnn-pruned-modhifi-macs0.50"
+    own = ModelRef("/tmp/my model.pt", arch="resnet18", data="digits")
+    assert download_stem(own, "forget-T-shirt/top") == "my_model-forget-T-shirt_top"
+
+
+def test_no_page_uses_the_deprecated_use_container_width():
+    sources = [p.read_text() for p in [ROOT / "app.py", *(ROOT / "pages").glob("*.py"),
+                                       *(ROOT / "ui").glob("*.py")]]
+    assert not any("use_container_width" in source for source in sources)

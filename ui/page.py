@@ -2,11 +2,14 @@
 values kept within what the current model allows."""
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from pathlib import Path
 
 import streamlit as st
 
 from modhifi.errors import UserError
+from modhifi.requests import ModelRef
 
 
 def guarded(render: Callable[[], None]) -> None:
@@ -28,3 +31,10 @@ def lower_to(key: str, most: int) -> None:
     e.g. a layer count chosen for one edit, when another edit reaches fewer layers)."""
     if (st.session_state.get(key) or 0) > most:
         st.session_state[key] = most
+
+
+def download_stem(model: ModelRef, what: str) -> str:
+    """A file name (without suffix) that says which model and what was done to it, e.g.
+    `digits-cnn-pruned-modhifi-macs0.50`; safe on every file system."""
+    name = Path(model.spec).stem if model.arch is not None else model.spec
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{name}-{what}")

@@ -53,6 +53,14 @@ class PrunePlan:
     def speedup_macs(self) -> float:
         return self.macs_before / max(self.macs_after, 1)
 
+    @property
+    def achieved(self) -> float:
+        """The share of the target's quantity (channels or MACs) the plan removes: at least the
+        target, more where kept channels are rounded up to multiples or a floor binds."""
+        if self.target_kind == "macs":
+            return 1 - self.macs_after / self.macs_before
+        return 1 - self.channels_after / self.channels_before
+
     def removed_channels(self) -> dict[str, list[int]]:
         """group (first producer's name) -> removed channel indices, for export."""
         return {g.name: list(g.removed) for g in self.groups if g.removed}
