@@ -27,8 +27,8 @@ from modhifi.errors import UserError
 from modhifi.fidelity import LayerFidelity
 from modhifi.hooks import hooked, private_copy
 from modhifi.moments import LayerMoments, moments_of
-from modhifi.options import (FLOOR, ROUND_TO, WHY_FLOOR, WHY_ROUND_TO, Component, Method, TargetKind,
-                             check, check_fraction, check_target, check_whole)
+from modhifi.options import (FLOOR, ROUND_TO, WHY_FLOOR, WHY_ROUND_TO, Component, Method,
+                             TargetKind, check, check_fraction, check_target, check_whole)
 from modhifi.prune.importance import IMPORTANCES, Evidence, Ranking, ranking_of
 from modhifi.prune.plan import kept_counts
 from modhifi.prune.structure import ChannelGroup
@@ -98,7 +98,8 @@ TEXT_IMPORTANCES = {**IMPORTANCES, "l1": magnitude_ranking}
 
 @dataclass(frozen=True)
 class TextPlan:
-    """Which components of one kind each layer keeps: a plain value, shown before anything changes."""
+    """Which components of one kind each layer keeps: a plain value, shown before anything
+    changes."""
 
     kind: Component
     method: str
@@ -229,9 +230,10 @@ class TextAnalysis:
         reach = target - 1e-12 if target > 0 else target
         low, high = 0.0, 1.0
         if outcome(high)[1] < reach:
+            what = "components" if target_kind == "channels" else "MACs"
             raise UserError(f"target {target} is out of reach for {kind}: at most "
-                            f"{outcome(high)[1]:.3f} of the {'components' if target_kind == 'channels' else 'MACs'} "
-                            "can go with this floor; lower the target")
+                            f"{outcome(high)[1]:.3f} of the {what} can go with this floor; "
+                            "lower the target")
         for _ in range(30):
             middle = (low + high) / 2
             low, high = (middle, high) if outcome(middle)[1] < reach else (low, middle)

@@ -34,7 +34,8 @@ class Probe:
 
     def logits(self, embeddings: Tensor) -> Tensor:
         """(n, classes) from (n, d) embeddings."""
-        return embeddings.float() @ self.weight.T.to(embeddings.device) + self.bias.to(embeddings.device)
+        device = embeddings.device
+        return embeddings.float() @ self.weight.T.to(device) + self.bias.to(device)
 
     def predict(self, embeddings: Tensor) -> Tensor:
         return self.logits(embeddings).argmax(1)
@@ -68,7 +69,8 @@ def accuracy(probe: Probe, embeddings: Tensor, labels: Sequence[int]) -> float:
     return float((probe.predict(embeddings).cpu() == torch.tensor(labels)).double().mean())
 
 
-def per_category_accuracy(probe: Probe, embeddings: Tensor, labels: Sequence[int]) -> dict[str, float]:
+def per_category_accuracy(probe: Probe, embeddings: Tensor,
+                          labels: Sequence[int]) -> dict[str, float]:
     predicted, truth = probe.predict(embeddings).cpu(), torch.tensor(labels)
     return {name: float((predicted[truth == c] == c).double().mean())
             for c, name in enumerate(probe.categories) if (truth == c).any()}

