@@ -290,3 +290,18 @@ def test_the_real_minilm_is_pruned_end_to_end_from_the_command_line():
     assert abs(result["accuracy_after"] - result["accuracy_before"]) < 0.05
     listed = json.loads(cli("models", "--json").stdout)["models"]
     assert any(row["name"] == "minilm-l6" and row["params"] == 22_713_216 for row in listed)
+
+
+def test_cli_scores_of_a_text_model_cover_every_neuron_and_head(tiny, tmp_path):
+    import pandas as pd
+
+    out = tmp_path / "scores.csv"
+    done = cli("scores", "--model", str(tiny), "--target", "0.5", "--calib-samples", "64",
+               "--out", str(out), "--json")
+    assert done.returncode == 0, done.stderr
+    table = pd.read_csv(out)
+    # 2 layers × (32 outputs × 48 neurons of the down-projection + 32 outputs × 4 heads)
+    assert len(table) == json.loads(done.stdout)["rows"] == 2 * (32 * 48 + 32 * 4)
+    assert table["singleton_fidelity"].between(0, 1).all()
+    kept = table.drop_duplicates(["layer", "in_channel"]).groupby("layer")["kept"].mean()
+    assert set(kept.round(3)) == {0.5}  # half of each layer's neurons and heads kept
