@@ -113,7 +113,12 @@ def render() -> None:
              "blocks of 8 (16 on AVX-512 CPUs) at full speed.")
     compensation = cols[2].selectbox("Compensation", choices(Compensation),
                                      key=keys.PRUNE_COMPENSATION)
-    recalibrate = cols[2].toggle("Recalibrate BatchNorm", True, key=keys.PRUNE_RECALIBRATE)
+    if cache.has_batchnorm(chosen.opened):
+        recalibrate = cols[2].toggle("Recalibrate BatchNorm", True, key=keys.PRUNE_RECALIBRATE)
+    else:
+        recalibrate = False
+        cols[2].caption("No BatchNorm in this model (LayerNorm normalises each sample by "
+                        "itself): nothing to recalibrate.")
     full = st.toggle(f"Evaluate on the full test split (live numbers use the first "
                      f"{cache.LIVE_TEST_IMAGES:,} test images)", key=keys.PRUNE_FULL)
 

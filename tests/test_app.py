@@ -303,3 +303,11 @@ def test_no_page_uses_the_deprecated_use_container_width():
     sources = [p.read_text() for p in [ROOT / "app.py", *(ROOT / "pages").glob("*.py"),
                                        *(ROOT / "ui").glob("*.py")]]
     assert not any("use_container_width" in source for source in sources)
+
+
+def test_batchnorm_recalibration_is_offered_only_where_there_is_batchnorm():
+    vit = open_page("pages/prune.py", **{"sidebar.model": "fmnist-vit"})
+    assert not [t for t in vit.toggle if t.label == "Recalibrate BatchNorm"]
+    assert any("No BatchNorm in this model" in c.value for c in vit.caption)
+    cnn = open_page("pages/prune.py")
+    assert [t for t in cnn.toggle if t.label == "Recalibrate BatchNorm"]

@@ -140,6 +140,12 @@ def evaluation(opened: Opened, *, full: bool = True) -> metrics.Evaluation:
     return _evaluate(opened, subject(opened).loaded.model, full=full)
 
 
+@st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)
+def has_batchnorm(opened: Opened) -> bool:
+    """Whether recalibrating BatchNorm means anything for this model (not for a LayerNorm ViT)."""
+    return bool(prune.batchnorms(subject(opened).loaded.model))
+
+
 @st.cache_data(show_spinner="Counting MACs…", max_entries=CACHED_TABLES)
 def cost(opened: Opened) -> metrics.Cost:
     chosen = subject(opened)

@@ -10,13 +10,14 @@
   copy; `steps`: the iterative mode; `tables`: the analysis as tables for the pages.
 """
 from modhifi.prune.analysis import Analysis, analyse, calibration_caveats
-from modhifi.prune.apply import compensate, cut_channels, kept_inputs, recalibrate_batchnorm
+from modhifi.prune.apply import (batchnorms, compensate, cut_channels, kept_inputs,
+                                 recalibrate_batchnorm)
 from modhifi.prune.importance import IMPORTANCES, Evidence, Ranking, rank
 from modhifi.prune.plan import GroupPlan, PrunePlan, kept_counts, plan_pruning
 from modhifi.prune.steps import prune_in_steps
 from modhifi.prune.structure import ChannelGroup, Structure, dependency_graph, trace_structure
 
-__all__ = ["IMPORTANCES", "Analysis", "ChannelGroup", "Evidence", "GroupPlan", "PrunePlan",
+__all__ = ["IMPORTANCES", "Analysis", "batchnorms", "ChannelGroup", "Evidence", "GroupPlan", "PrunePlan",
            "Ranking", "Structure", "analyse", "calibration_caveats", "compensate", "cut_channels",
            "dependency_graph", "kept_counts", "kept_inputs", "plan_pruning", "prune_in_steps",
            "rank", "recalibrate_batchnorm", "trace_structure"]

@@ -77,6 +77,11 @@ def cut_channels(model: nn.Module, removed: dict[str, Iterable[int]], input_shap
         group.prune()
 
 
+def batchnorms(model: nn.Module) -> list[nn.Module]:
+    """The model's BatchNorm layers (what recalibration re-estimates; none in a LayerNorm ViT)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], *,
                           chunk: int = 128) -> None:
@@ -85,7 +90,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], *,
     Runs in channels-last layout (oneDNN's faster convolutions) `chunk` images at a time, which
     keeps activations in cache, and hands the model back in the usual contiguous layout.
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = batchnorms(model)
     if not norms:
         return
     saved = [(m, m.momentum) for m in norms]
