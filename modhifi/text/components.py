@@ -268,10 +268,11 @@ def analyse_text(model: nn.Module, texts: Sequence[str], *, device: torch.device
             units = weight.shape[1] // block(layer, kind)
             fidelity[name] = LayerFidelity.from_moments(weight.view(weight.shape[0], units, -1),
                                                         moments[name], lam=lam)
-    lengths = torch.tensor(token_lengths(model, texts), dtype=torch.float64)
+    lengths = token_lengths(model, texts)  # tokenized once, for both cost models
     hidden = model.get_submodule(layers[0].ffn_down).out_features
-    cost = TokenCost(hidden, float(lengths.mean()), float(lengths.square().mean()))
-    return TextAnalysis(model, layers, moments, fidelity, cost, sentence_macs(model, texts),
+    counts = torch.tensor(lengths, dtype=torch.float64)
+    cost = TokenCost(hidden, float(counts.mean()), float(counts.square().mean()))
+    return TextAnalysis(model, layers, moments, fidelity, cost, macs_at(model, lengths)[""],
                         len(texts), time.perf_counter() - start)
 
 
@@ -291,7 +292,12 @@ def sentence_macs(model: nn.Module, texts: Sequence[str]) -> float:
 
 def macs_by_module(model: nn.Module, texts: Sequence[str]) -> dict[str, float]:
     """Mean MACs per sentence of every module (by name; "" is the whole model) at the texts'
-    own token lengths.
+    own token lengths."""
+    return macs_at(model, token_lengths(model, texts))
+
+
+def macs_at(model: nn.Module, lengths: Sequence[int]) -> dict[str, float]:
+    """Mean MACs per sentence of every module over sentences of these token lengths.
 
     An encoder's MACs are exactly quadratic in the length T (linear layers ∝ T, attention scores
     and their product with V ∝ T², the pooler constant), so `torch.utils.flop_counter` counts
@@ -322,7 +328,7 @@ def macs_by_module(model: nn.Module, texts: Sequence[str]) -> dict[str, float]:
     names = sorted(counted[0])
     values = torch.tensor([[c.get(n, 0.0) for n in names] for c in counted], dtype=torch.float64)
     a, b, c = torch.linalg.solve(powers, values)                  # (modules,) each
-    lengths = torch.tensor(token_lengths(model, texts), dtype=torch.float64)
+    lengths = torch.tensor(lengths, dtype=torch.float64)
     mean = a + b * lengths.mean() + c * lengths.square().mean()
     return dict(zip(names, mean.tolist()))
 
@@ -337,8 +343,9 @@ def cost_parts(model: nn.Module, texts: Sequence[str]) -> pd.DataFrame:
                                        for n in (l.query, l.key, l.value, l.attention_out)],
              "FFN": [n for l in layers for n in (l.ffn_up, l.ffn_down)],
              "pooler": ["0.model.pooler"]}
-    params = {part: sum(p.numel() for name in names if _has(model, name)
-                        for p in model.get_submodule(name).parameters())
+    modules = dict(model.named_modules())
+    params = {part: sum(p.numel() for name in names if name in modules
+                        for p in modules[name].parameters())
               for part, names in parts.items()}
     spent = {part: sum(macs.get(name, 0.0) for name in names) for part, names in parts.items()}
     spent["attention scores"] = sum(
@@ -353,10 +360,3 @@ def cost_parts(model: nn.Module, texts: Sequence[str]) -> pd.DataFrame:
     frame["macs_share"] = frame["macs"] / macs[""]
     return frame
 
-
-def _has(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        return False
-    return True

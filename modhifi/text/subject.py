@@ -59,14 +59,16 @@ def base_of(spec: str) -> str:
     return config.get(BASE_KEY) or spec
 
 
-def reference_probe(base: str, corpus: Corpus, *, device: torch.device) -> Probe:
-    """The committed probe of a zoo model, else one trained on the dense train embeddings."""
+def reference_probe(base: str, corpus: Corpus, *, device: torch.device,
+                    dense: nn.Module | None = None) -> Probe:
+    """The committed probe of a zoo model, else one trained on the dense train embeddings
+    (`dense`: the base model when the caller has it loaded already)."""
     path = probe_path(base)
     if base in ZOO_TEXT and path.is_file():
         probe = Probe.load(path)
         if probe.categories == corpus.categories:
             return probe
-    dense = load_encoder(base, device=device)
+    dense = dense if dense is not None else load_encoder(base, device=device)
     return train_probe(embed(dense, corpus.train.texts, device=device), corpus.train.labels,
                        corpus.categories)
 
@@ -76,7 +78,8 @@ def open_text(spec: str, *, device: torch.device, corpus: Corpus | None = None) 
     model = load_encoder(spec, device=device)
     corpus = corpus or load_fortunes()
     base = base_of(spec)
-    return TextSubject(spec, base, model, corpus, reference_probe(base, corpus, device=device))
+    probe = reference_probe(base, corpus, device=device, dense=model if base == spec else None)
+    return TextSubject(spec, base, model, corpus, probe)
 
 
 def text_card(name: str) -> dict:
