@@ -2,6 +2,7 @@
 import streamlit as st
 
 from modhifi.options import COMPONENT_LABELS, Component, choices
+from modhifi.requests import PruneRequest, TextPruneRequest
 from ui import cache, figures, keys, page, sidebar, text_cache
 
 
@@ -22,8 +23,12 @@ def render_text(chosen: cache.Selection) -> None:
                          key=keys.FIDELITY_COMPONENTS, format_func=COMPONENT_LABELS.get)
     score = cols[1].radio("Colour", list(figures.SCORE_LABELS), horizontal=True,
                           key=keys.FIDELITY_SCORE, format_func=figures.SCORE_LABELS.get)
-    target = cols[2].slider("Share removed (to mark kept / removed)", 0.0, 0.9, 0.3, 0.05,
-                            key=keys.FIDELITY_TARGET)
+    target = page.target_slider(
+        cols[2], "Share removed (to mark kept / removed)", key=keys.FIDELITY_TARGET, default=0.3,
+        most=text_cache.most(chosen, TextPruneRequest(target=0.0, components=kind)),
+        what=COMPONENT_LABELS[kind])
+    if target is None:
+        return
     table = text_cache.score_map(chosen, kind, target)
     st.plotly_chart(figures.channel_heatmap(table, score), width="stretch")
     st.dataframe(table.sort_values(["layer", "priority"]), hide_index=True)
@@ -54,8 +59,11 @@ def render() -> None:
     left, right = st.columns([2, 1])
     score = left.radio("Colour", list(figures.SCORE_LABELS), horizontal=True, key=keys.FIDELITY_SCORE,
                        format_func=figures.SCORE_LABELS.get)
-    target = right.slider("Channels removed (to mark kept / removed)", 0.0, 0.9, 0.5, 0.05,
-                          key=keys.FIDELITY_TARGET)
+    target = page.target_slider(right, "Channels removed (to mark kept / removed)",
+                                key=keys.FIDELITY_TARGET, default=0.5, what="channels",
+                                most=cache.most(chosen, PruneRequest(target=0.0)))
+    if target is None:
+        return
     table = cache.channel_table(chosen, target)
     hifi = cache.hifi_table(chosen)
     share = float((hifi["hifi_share"] < 0.2).mean())
@@ -65,8 +73,9 @@ def render() -> None:
     st.plotly_chart(figures.channel_heatmap(table, score), width="stretch")
 
     st.subheader("One layer, one output channel")
-    layers = list(dict.fromkeys(table["layer"]))
-    layer = st.selectbox("Layer", layers, key=keys.FIDELITY_LAYER)
+    shapes = dict(zip(hifi["layer"], hifi["shape"]))  # forward order
+    layer = st.selectbox("Layer", list(shapes), key=keys.FIDELITY_LAYER,
+                         format_func=lambda name: f"{name} · {shapes[name]}")
     matrix = cache.layer_scores(chosen, layer)[score]
     out = st.number_input("Output channel", 0, matrix.shape[0] - 1, 0, key=keys.FIDELITY_OUTPUT)
     left, right = st.columns(2)

@@ -2,7 +2,7 @@
 import pandas as pd
 import streamlit as st
 
-from ui import cache, keys, page, sidebar, text_cache
+from ui import cache, figures, keys, page, sidebar, text_cache
 
 
 def render_text(opened: cache.Opened) -> None:
@@ -21,11 +21,13 @@ def render_text(opened: cache.Opened) -> None:
     cols[2].metric("Parameters", f"{numbers['params'] / 1e6:.2f} M")
     left, right = st.columns(2)
     left.subheader("Per-category accuracy")
-    left.bar_chart(pd.DataFrame({"category": list(numbers["per_category"]),
-                                 "accuracy": list(numbers["per_category"].values())}),
-                   x="category", y="accuracy")
+    left.plotly_chart(figures.class_bars(pd.DataFrame({
+        "category": list(numbers["per_category"]),
+        "accuracy": list(numbers["per_category"].values())}), x="category"), width="stretch")
     right.subheader("Where the parameters and MACs are")
     right.dataframe(parts, hide_index=True, column_config={
+        "params": st.column_config.NumberColumn("parameters", format="localized"),
+        "macs": st.column_config.NumberColumn("MACs / sentence", format="localized"),
         "macs_share": st.column_config.ProgressColumn("MACs share", format="percent",
                                                       min_value=0, max_value=1)})
     share = dict(zip(parts["part"], parts["macs_share"]))
@@ -62,9 +64,11 @@ def render() -> None:
                         f"{timing.optimised.repeats} after {timing.optimised.warmup} warm-up runs.")
     left, right = st.columns(2)
     left.subheader("Per-class accuracy")
-    left.bar_chart(result.to_frame(chosen.dataset.classes), x="class", y="accuracy")
+    left.plotly_chart(figures.class_bars(result.to_frame(chosen.dataset.classes)),
+                      width="stretch")
     right.subheader("Where the MACs go")
     right.dataframe(cost.to_frame(), hide_index=True, column_config={
+        "macs": st.column_config.NumberColumn("MACs / image", format="localized"),
         "share": st.column_config.ProgressColumn("share", format="percent", min_value=0, max_value=1)})
 
 

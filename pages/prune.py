@@ -1,10 +1,14 @@
 """Prune: slide the sparsity, see the physically smaller model's accuracy, cost and speed."""
+from dataclasses import replace
+
 import streamlit as st
 
 from modhifi.options import (COMPONENT_LABELS, METHOD_LABELS, Allocation, Compensation, Component,
                              Method, Scope, TargetKind, choices, default_compensation)
+from modhifi.prune.plan import TARGET_UNITS
 from modhifi.requests import PruneRequest, TextPruneRequest
-from ui import cache, figures, keys, page, sidebar, text_cache
+from modhifi.text.components import target_units
+from ui import cache, figures, keys, page, sidebar, text_cache, url
 
 OVERSHOOT = 0.02  # say so when the plan removes this much more than asked
 
@@ -20,21 +24,28 @@ def render_text(chosen: cache.Selection) -> None:
     cols = st.columns(3)
     kind = cols[0].radio("Components", choices(Component), horizontal=True,
                          key=keys.PRUNE_COMPONENTS, format_func=COMPONENT_LABELS.get)
+    url.restore(keys.PRUNE_KIND, lambda kind: kind in choices(TargetKind))
     target_kind = cols[0].radio("Target", choices(TargetKind), horizontal=True,
                                 key=keys.PRUNE_KIND,
                                 format_func={"macs": "share of MACs",
                                              "channels": "share of the components"}.get)
-    target = cols[0].slider("Remove", 0.0, 0.8, 0.3, 0.05, key=keys.PRUNE_TARGET)
     method = cols[1].selectbox("Method", ("modhifi-greedy", *[m for m in choices(Method)
                                                               if m != "modhifi-greedy"]),
                                format_func=METHOD_LABELS.get, key=keys.PRUNE_METHOD)
     compensation = cols[2].selectbox("Compensation", choices(Compensation),
                                      index=choices(Compensation).index(default_compensation(method)),
                                      key=keys.PRUNE_COMPENSATION)
-    full = cols[2].toggle(f"Evaluate on all test quotations (live numbers use the first "
-                          f"{text_cache.LIVE_TEST_TEXTS})", key=keys.PRUNE_FULL)
-    request = TextPruneRequest(target=target, components=kind, target_kind=target_kind,
+    live, total = text_cache.test_count(chosen.opened)
+    full = live == total or cols[2].toggle(f"Evaluate on all {total:,} test quotations (live "
+                                           f"numbers use the first {live:,})", key=keys.PRUNE_FULL)
+    options = TextPruneRequest(target=0.0, components=kind, target_kind=target_kind,
                                method=method, compensation=compensation)
+    target = page.target_slider(cols[0], "Remove", key=keys.PRUNE_TARGET, default=0.3,
+                                most=text_cache.most(chosen, options),
+                                what=target_units(kind, target_kind))
+    if target is None:
+        return
+    request = replace(options, target=target)
     plan = text_cache.plan(chosen, request)
     result = text_cache.comparison(chosen, request, full)
     cols = st.columns(5)
@@ -97,9 +108,9 @@ def render() -> None:
                  r"\quad\text{(refit)}")
 
     cols = st.columns(3)
+    url.restore(keys.PRUNE_KIND, lambda kind: kind in choices(TargetKind))
     kind = cols[0].radio("Target", ("macs", "channels"), horizontal=True, key=keys.PRUNE_KIND,
                          format_func={"macs": "share of MACs", "channels": "share of channels"}.get)
-    target = cols[0].slider("Remove", 0.0, 0.8, 0.5, 0.05, key=keys.PRUNE_TARGET)
     method = cols[1].selectbox("Method", choices(Method), format_func=METHOD_LABELS.get,
                               key=keys.PRUNE_METHOD)
     allocation = cols[1].radio("Allocation", choices(Allocation), horizontal=True,
@@ -119,12 +130,18 @@ def render() -> None:
         recalibrate = False
         cols[2].caption("No BatchNorm in this model (LayerNorm normalises each sample by "
                         "itself): nothing to recalibrate.")
-    full = st.toggle(f"Evaluate on the full test split (live numbers use the first "
-                     f"{cache.LIVE_TEST_IMAGES:,} test images)", key=keys.PRUNE_FULL)
+    live, total = cache.test_images(chosen.opened)
+    full = live == total or st.toggle(f"Evaluate on all {total:,} test images (live numbers use "
+                                      f"the first {live:,})", key=keys.PRUNE_FULL)
 
-    request = PruneRequest(target=target, target_kind=kind, allocation=allocation, method=method,
+    options = PruneRequest(target=0.0, target_kind=kind, allocation=allocation, method=method,
                            scope=scope, round_to=round_to, compensation=compensation,
                            recalibrate=recalibrate)
+    target = page.target_slider(cols[0], "Remove", key=keys.PRUNE_TARGET, default=0.5,
+                                most=cache.most(chosen, options), what=TARGET_UNITS[kind])
+    if target is None:
+        return
+    request = replace(options, target=target)
     plan = cache.plan(chosen, request)
     before = cache.evaluation(chosen.opened, full=full)
     after = cache.pruned_evaluation(chosen, request, full=full)
@@ -136,9 +153,14 @@ def render() -> None:
                    f"{plan.params_after / plan.params_before - 1:+.0%}", delta_color="off",
                    delta_arrow="off")
     cols[3].metric("Channels kept", f"{plan.channels_after} / {plan.channels_before}")
-    what = "of the MACs" if kind == "macs" else "of the channels"
-    st.caption(f"Before: {before.accuracy:.2%} on {before.samples:,} test images. Asked to remove "
-               f"{target:.0%} {what}; the plan removes {plan.achieved:.1%}.")
+    what = f"of the {TARGET_UNITS[kind]}"
+    if full:
+        seen = f"all {total:,} test images"
+    else:  # the same images as after; the Overview's figure is on all of them
+        seen = (f"the first {live:,} of {total:,} test images, the same as after (on all of "
+                f"them, as on the Overview: {cache.evaluation(chosen.opened).accuracy:.2%})")
+    st.caption(f"Before: {before.accuracy:.2%} on {seen}. Asked to remove {target:.0%} {what}; "
+               f"the plan removes {plan.achieved:.1%}.")
     if plan.achieved > target + OVERSHOOT:
         st.info(f"The plan removes {plan.achieved:.1%} {what}, more than the {target:.0%} asked: "
                 f"kept channels are rounded up to multiples of {round_to} per group, and the "
@@ -172,11 +194,14 @@ def render() -> None:
     st.caption(f"The .pt file reloads with `python -m modhifi info --model {stem}.pt`.")
 
     st.subheader("Accuracy against sparsity")
-    if st.button("Compute the curve for ModHiFi and the baselines", key=keys.PRUNE_CURVE):
+    if st.toggle("Show the curve for ModHiFi and the baselines (computed once per model)",
+                 key=keys.PRUNE_CURVE):
         curve = cache.sparsity_curve(chosen, kind)
-        st.plotly_chart(figures.sparsity_curve(curve), width="stretch")
-        st.caption(f"First {cache.LIVE_TEST_IMAGES:,} test images; baselines with BatchNorm "
-                   "recalibration and no compensation.")
+        here = cache.pruned_evaluation(chosen, request, full=live == total)  # the curve's images
+        st.plotly_chart(figures.sparsity_curve(curve, here=(plan.speedup_macs, here.accuracy)),
+                        width="stretch")
+        st.caption(f"First {live:,} test images; baselines with BatchNorm recalibration and no "
+                   "compensation. The star is the plan above, on the same images.")
 
 
 page.guarded(render)

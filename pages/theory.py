@@ -32,9 +32,13 @@ def render() -> None:
     cols[1].metric("Worst global / local", f"{result.worst_ratio:.3g}")
     cols[2].metric("Bound's C_l²", f"{result.bound_constant ** 2:.3g}",
                    help=f"kind: {result.bound_kind}; every measured point lies below C_l² × local.")
-    st.plotly_chart(figures.local_global(result.to_frame(), result.fitted_ratio), width="stretch")
+    st.plotly_chart(figures.local_global(result.to_frame(), result.fitted_ratio,
+                                         result.bound_constant ** 2), width="stretch")
     st.caption("Each point is one mask over the layer's input channels (random, or the HiFi set of "
-               "that size); global error measured on the calibration images, logits, no recalibration.")
+               "that size); global error measured on the calibration images, logits, no "
+               "recalibration. The red line is the theorem's worst case: every point lies below "
+               f"it, {result.bound_constant ** 2 / result.fitted_ratio:.3g}× above the fitted "
+               "ratio.")
 
     st.subheader("Feature extractor: invariance grows with depth")
     st.write("Wiatowski & Bölcskei: with Lipschitz non-linearities and pooling, deeper features "
@@ -54,6 +58,11 @@ def render() -> None:
              "output; untrained networks lack that structure. Bars: the median over output "
              "channels of the smallest share of inputs reaching fidelity 0.8, by the top-k of "
              "singleton fidelity and by the best of several random subsets.")
+    if existence.share("trained") <= existence.share("untrained"):
+        st.warning("On this model the observation does not hold: the untrained network has as "
+                   "many layers with small HiFi sets as the trained one (small layers, where a "
+                   "few inputs are a large share, make both look alike). The bars show it as "
+                   "measured.")
     st.plotly_chart(figures.hifi_existence(existence.to_frame()), width="stretch")
 
 

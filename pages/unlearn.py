@@ -4,7 +4,7 @@ import streamlit as st
 
 from modhifi.options import Edit, choices
 from modhifi.requests import UnlearnRequest
-from ui import cache, figures, keys, page, sidebar
+from ui import cache, figures, keys, page, sidebar, url
 
 # Below this share of unchanged other-class predictions (calibration images) the page warns: the
 # zoo's Fashion-MNIST CNNs keep 0.86-0.99 on every class, the ViT 0.73-0.95, digits-cnn 0.32 on
@@ -41,6 +41,7 @@ def render() -> None:
     # then the page shows the result of the last submitted choice (cached by its request).
     with st.form(keys.UNLEARN_FORM, border=False):
         cols = st.columns(4)
+        url.restore(keys.UNLEARN_CLASS, lambda index: 0 <= index < len(classes))
         forget = cols[0].selectbox("Forget class", range(len(classes)),
                                    format_func=classes.__getitem__, key=keys.UNLEARN_CLASS)
         edit = cols[3].selectbox("Edit", (None, *choices(Edit)), key=keys.UNLEARN_EDIT,
@@ -81,14 +82,15 @@ def render() -> None:
     agreement = result.plan.calibration_retain_agreement
     if agreement is not None and agreement < LOW_AGREEMENT:
         st.warning(f"This edit changes {1 - agreement:.0%} of the other classes' predictions on "
-                   "calibration images (known before any test image is read): few of this "
+                   "the calibration images (known before any test image is read; the retain "
+                   "accuracy above is on the test split): few of this "
                    "model's channels belong to this class alone, so forgetting it costs the "
                    "others. A larger model, or a forget target above 0, spares them.")
 
     per_class = result.per_class_frame().melt(id_vars="class", var_name="when", value_name="accuracy")
     left, right = st.columns(2)
     left.subheader("Per-class accuracy")
-    left.plotly_chart(figures.class_bars(per_class), width="stretch")
+    left.plotly_chart(figures.class_bars(per_class, highlight=classes[forget]), width="stretch")
     right.subheader("Confusion after forgetting")
     confusion = cache.unlearned_evaluation(opened, request).confusion
     right.plotly_chart(figures.confusion(confusion, classes), width="stretch")

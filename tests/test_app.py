@@ -180,7 +180,8 @@ def test_the_unlearn_form_runs_the_unlearning_on_submit_only(monkeypatch):
 WIDGETS = {"button", "checkbox", "color_picker", "data_editor", "date_input", "download_button",
            "file_uploader", "form", "form_submit_button", "multiselect", "number_input", "pills",
            "radio", "segmented_control", "select_slider", "selectbox", "slider", "text_area",
-           "text_input", "time_input", "toggle"}
+           "text_input", "time_input", "toggle",
+           "target_slider"}  # ui.page's slider: its callers name the key
 SCRIPTS = [ROOT / "app.py", *sorted((ROOT / "pages").glob("*.py")),
            *sorted(p for p in (ROOT / "ui").glob("*.py") if p.name != "keys.py")]
 
@@ -205,18 +206,25 @@ def test_every_widget_has_a_key_from_ui_keys(path):
             if node.func.attr == "form":  # st.form's key is its first argument
                 key = key or (node.args[0] if node.args else None)
             where = f"{path.name}:{node.lineno} {node.func.attr}"
+            if path.name == "page.py" and isinstance(key, ast.Name) and key.id == "key":
+                continue  # a helper passing on its caller's key (checked at the call)
             assert isinstance(key, ast.Attribute) and isinstance(key.value, ast.Name) and \
                 key.value.id == "keys" and hasattr(keys, key.attr), where
 
 
 def test_the_sparsity_curve_draws_every_method():
     app = open_page("pages/prune.py")
-    app.button(key="prune.curve").click().run()
+    app.toggle(key="prune.curve").set_value(True).run()
     assert not app.exception and not app.error
     chart = app.get("plotly_chart")[-1]  # the last chart: accuracy against MACs reduction
     names = {trace["name"] for trace in json.loads(chart.proto.spec)["data"]}
     assert names == {"modhifi-greedy (refit)", "modhifi (refit)", "modhifi (rescale)",
-                     "l1 (none)", "activation (none)", "random (none)"}
+                     "l1 (none)", "activation (none)", "random (none)", "you are here"}
+    app.slider(key="prune.target").set_value(0.7).run()  # the curve stays, the star moves
+    star = [t for t in json.loads(app.get("plotly_chart")[-1].proto.spec)["data"]
+            if t["name"] == "you are here"]
+    assert star and star[0]["y"][0] == pytest.approx(float(metrics(app)["Accuracy"].rstrip("%")) / 100,
+                                                     abs=5e-5)
 
 
 # --- the text model (all-MiniLM-L6-v2 on fortunes) ---------------------------------------------
@@ -303,6 +311,71 @@ def test_no_page_uses_the_deprecated_use_container_width():
     sources = [p.read_text() for p in [ROOT / "app.py", *(ROOT / "pages").glob("*.py"),
                                        *(ROOT / "ui").glob("*.py")]]
     assert not any("use_container_width" in source for source in sources)
+
+
+def test_the_sliders_span_what_the_model_can_reach_and_the_default_renders():
+    """fmnist-vit cannot lose half its MACs (only FFN neurons go) and digits-cnn cannot lose 90%
+    of its channels in multiples of 8: each slider ends where the library's plans end (the
+    oracle: `Analysis.most` on the same analysis), and a remembered value beyond it is lowered
+    instead of showing an error."""
+    import math
+
+    from modhifi import bench
+    from modhifi.backend import choose_backend
+    from modhifi.zoo import open_subject
+
+    vit = open_page("pages/prune.py", **{"sidebar.model": "fmnist-vit", "prune.kind": "macs"})
+    assert not vit.exception and not vit.error and metrics(vit)["Accuracy"]
+    slider = vit.slider(key="prune.target")
+    assert slider.max < 0.5 and slider.value == slider.max
+    fidelity = open_page("pages/fidelity.py", **{"fidelity.target": 0.9})
+    assert not fidelity.exception and not fidelity.error
+    slider = fidelity.slider(key="fidelity.target")
+    subject = open_subject("digits-cnn", device=__import__("torch").device("cpu"))
+    most = bench.live_analysis(subject.loaded.model, subject.dataset,
+                               backend=choose_backend("cpu"), samples=250).most()
+    assert slider.max == pytest.approx(math.floor(most / 0.05 + 1e-9) * 0.05) and most < 0.9
+    assert slider.value == slider.max
+
+
+def test_a_small_test_split_is_evaluated_whole_and_says_so():
+    """digits-cnn has 360 test images, fewer than the live prefix: no toggle, and the caption
+    says the accuracy before is on all of them, the same figure as the Overview's."""
+    app = open_page("pages/prune.py")
+    assert not [t for t in app.toggle if t.key == "prune.full"]
+    accuracy = metrics(open_page("pages/overview.py"))["Test accuracy"]
+    assert any(f"Before: {accuracy} on all 360 test images" in c.value for c in app.caption)
+
+
+def test_class_names_that_look_like_numbers_are_categories_and_the_forgotten_one_is_marked():
+    from ui import figures
+
+    frame = __import__("pandas").DataFrame({"class": [str(i) for i in range(10)],
+                                            "accuracy": [0.9] * 10})
+    figure = figures.class_bars(frame, highlight="3")
+    assert figure.layout.xaxis.type == "category"
+    assert [shape.x0 for shape in figure.layout.shapes] == [2.5]
+
+
+def test_the_address_reproduces_the_view_and_follows_the_widgets():
+    """A link with ?model=…&target=…&kind=… opens that view; moving the slider rewrites it;
+    a value the model cannot take falls back to the default instead of failing."""
+    app = AppTest.from_file(APP, default_timeout=300)
+    app.query_params.update({"model": "digits-cnn", "target": "0.3", "kind": "channels"})
+    app.session_state["sidebar.device"] = "cpu"
+    app.session_state["sidebar.calibration"] = 250
+    app.switch_page("pages/prune.py").run()
+    assert not app.exception and not app.error
+    assert app.slider(key="prune.target").value == 0.3
+    assert app.radio(key="prune.kind").value == "channels"
+    app.slider(key="prune.target").set_value(0.45).run()
+    assert app.query_params["target"] == "0.45" and app.query_params["model"] == "digits-cnn"
+    forget = AppTest.from_file(APP, default_timeout=300)
+    forget.query_params.update({"model": "digits-cnn", "forget": "99", "target": "7"})
+    forget.session_state["sidebar.device"] = "cpu"
+    forget.session_state["sidebar.calibration"] = 250
+    forget.switch_page("pages/unlearn.py").run()
+    assert not forget.exception and forget.selectbox(key="unlearn.class").value == 0
 
 
 def test_batchnorm_recalibration_is_offered_only_where_there_is_batchnorm():

@@ -133,6 +133,43 @@ def test_unreachable_target_and_bad_options_are_clear_errors():
         analysis.plan(0.3, round_to=0)
 
 
+@pytest.mark.parametrize("options", [{"target_kind": "macs"}, {"round_to": 16},
+                                     {"allocation": "global", "floor": 0.3}])
+def test_most_is_the_largest_target_a_plan_reaches(options):
+    """The dashboard's slider ends at `most`: a plan for it exists, one just past it does not,
+    and the plan for 1.0 − ε (every knob at its end) removes exactly `most` up to rounding."""
+    analysis = _analysis(nets.ResNet(), (1, 28, 28))
+    most = analysis.most(**options)
+    plan = analysis.plan(most, **options)
+    achieved = 1 - (plan.macs_after / plan.macs_before if options.get("target_kind") == "macs"
+                    else plan.channels_after / plan.channels_before)
+    assert most <= achieved < most + 0.001
+    with pytest.raises(UserError, match=f"at most {most:g} of the"):
+        analysis.plan(most + 0.002, **options)
+
+
+def test_groups_and_consumers_come_in_forward_order():
+    """A model whose modules are declared in the reverse of their call order: every table
+    follows the calls, not the declarations (nor Torch-Pruning's graph walk)."""
+    class Reversed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.last = nn.Linear(16, 10)
+            self.middle = nn.Conv2d(8, 16, 3)
+            self.first = nn.Conv2d(1, 8, 3)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+
+        def forward(self, x):
+            return self.last(self.pool(torch.relu(self.middle(torch.relu(self.first(x))))).flatten(1))
+
+    structure = trace_structure(Reversed().eval(), (1, 12, 12))
+    assert [g.name for g in structure.groups] == ["first", "middle"]
+    assert structure.consumers == ("middle", "last")
+    resnet = trace_structure(nets.ResNet(), (1, 28, 28))
+    order = [name for name in resnet.order if name in resnet.consumers]
+    assert list(resnet.consumers) == order and resnet.consumers[-1] == "head.2"
+
+
 def test_greedy_plans_keep_multiples_of_round_to_at_the_planned_cost():
     analysis = _analysis(nets.ResNet(), (1, 28, 28))
     for ranking in analysis.ranking("modhifi-greedy").values():

@@ -135,6 +135,12 @@ def _evaluate(opened: Opened, model, *, full: bool) -> metrics.Evaluation:
                             num_classes=chosen.dataset.num_classes)
 
 
+def test_images(opened: Opened) -> tuple[int, int]:
+    """(images the live numbers use, images in the test split)."""
+    total = len(subject(opened).dataset.test)
+    return min(LIVE_TEST_IMAGES, total), total
+
+
 @st.cache_data(show_spinner="Evaluating on the test split…", max_entries=CACHED_TABLES)
 def evaluation(opened: Opened, *, full: bool = True) -> metrics.Evaluation:
     return _evaluate(opened, subject(opened).loaded.model, full=full)
@@ -162,6 +168,14 @@ def latency(opened: Opened, batch_size: int) -> metrics.Latency:
 @st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)
 def plan(selection: Selection, request: PruneRequest) -> prune.PrunePlan:
     return analysis(selection).plan(**request.plan_kwargs())
+
+
+@st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)
+def most(selection: Selection, request: PruneRequest) -> float:
+    """The largest target reachable with the request's other options."""
+    options = request.plan_kwargs()
+    del options["target"]
+    return analysis(selection).most(**options)
 
 
 @st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)

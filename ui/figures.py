@@ -61,18 +61,31 @@ def kept_bars(plan_frame: pd.DataFrame) -> go.Figure:
     return figure
 
 
-def sparsity_curve(curve: pd.DataFrame) -> go.Figure:
-    """Accuracy against MACs reduction for ModHiFi and the baselines."""
+def sparsity_curve(curve: pd.DataFrame, *,
+                   here: tuple[float, float] | None = None) -> go.Figure:
+    """Accuracy against MACs reduction for ModHiFi and the baselines; `here`: (MACs reduction,
+    accuracy) of the current plan, drawn as a star."""
     figure = px.line(curve, x="macs_reduction", y="accuracy", color="method", markers=True,
                      labels={"macs_reduction": "MACs reduction (×)", "accuracy": "test accuracy"})
+    if here is not None:
+        figure.add_scatter(x=[here[0]], y=[here[1]], mode="markers", name="you are here",
+                           marker={"symbol": "star", "size": 16, "color": "black"})
     figure.update_layout(margin={"t": 20})
     return figure
 
 
-def class_bars(frame: pd.DataFrame) -> go.Figure:
-    """Per-class accuracy before and after a modification (columns: class, when, accuracy)."""
-    figure = px.bar(frame, x="class", y="accuracy", color="when", barmode="group")
-    figure.update_layout(margin={"t": 20}, yaxis_range=[0, 1])
+def class_bars(frame: pd.DataFrame, *, x: str = "class", highlight: str | None = None) -> go.Figure:
+    """Per-class accuracy (columns: `x`, accuracy, and `when` to compare before and after), with
+    the class `highlight` (e.g. the forgotten one) shaded."""
+    figure = px.bar(frame, x=x, y="accuracy", color="when" if "when" in frame else None,
+                    barmode="group")
+    # Class names such as "0".."9" are names, not numbers: one tick and bar slot per class.
+    figure.update_xaxes(type="category", title=x)
+    figure.update_layout(margin={"t": 20}, yaxis_range=[0, 1], yaxis_tickformat=".0%")
+    if highlight is not None:
+        where = list(dict.fromkeys(frame[x])).index(highlight)
+        figure.add_vrect(x0=where - 0.5, x1=where + 0.5, fillcolor="#e76f51", opacity=0.15,
+                         line_width=0, annotation_text="forgotten", annotation_position="top")
     return figure
 
 
@@ -84,8 +97,9 @@ def confusion(matrix: list[list[int]], classes: list[str]) -> go.Figure:
     return figure
 
 
-def local_global(table: pd.DataFrame, fitted: float) -> go.Figure:
-    """Measured global error against the local error of each mask, with the fitted ratio."""
+def local_global(table: pd.DataFrame, fitted: float, bound: float | None = None) -> go.Figure:
+    """Measured global error against the local error of each mask, with the fitted ratio and
+    the theorem's bound C_l² × local (`bound` = C_l²)."""
     figure = px.scatter(table, x="local_error", y="global_error", color="kind", symbol="kind",
                         hover_data=["kept_share", "ratio"], log_x=True, log_y=True,
                         labels={"local_error": "local error Σ_c (1−m)ᵀQ_c(1−m)",
@@ -93,6 +107,9 @@ def local_global(table: pd.DataFrame, fitted: float) -> go.Figure:
     span = np.geomspace(table["local_error"].min(), table["local_error"].max(), 20)
     figure.add_scatter(x=span, y=fitted * span, mode="lines", name=f"fitted ratio {fitted:.3g}",
                        line={"dash": "dash", "color": "grey"})
+    if bound is not None:
+        figure.add_scatter(x=span, y=bound * span, mode="lines", name=f"bound C_l² = {bound:.3g}",
+                           line={"color": "#e76f51"})
     figure.update_layout(margin={"t": 20})
     return figure
 

@@ -2,6 +2,7 @@
 values kept within what the current model allows."""
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -10,12 +11,15 @@ import streamlit as st
 
 from modhifi.errors import UserError
 from modhifi.requests import ModelRef
+from ui import url
 
 
 def guarded(render: Callable[[], None]) -> None:
-    """Run a page body; bad input or a full device becomes a message, never a traceback."""
+    """Run a page body; bad input or a full device becomes a message, never a traceback. The
+    address then follows the widgets (`url.follow`)."""
     try:
         render()
+        url.follow()
     except UserError as error:
         st.error(str(error))
     except MemoryError:
@@ -31,6 +35,33 @@ def lower_to(key: str, most: int) -> None:
     e.g. a layer count chosen for one edit, when another edit reaches fewer layers)."""
     if (st.session_state.get(key) or 0) > most:
         st.session_state[key] = most
+
+
+STEP = 0.05  # of every target slider
+
+
+def target_slider(container, label: str, *, key: str, most: float, default: float,
+                  what: str) -> float | None:
+    """A slider over the targets a plan can reach, 0 to `most` (rounded down to a step), that
+    keeps the user's choice when the range changes (lowered to fit). None, with a message, when
+    nothing can be removed.
+
+    Args:
+        what: what the target is a share of ("channels", "MACs", ...), for the help text.
+    """
+    top = math.floor(most / STEP + 1e-9) * STEP
+    if top < STEP:
+        container.info(f"Nothing can be removed with these options: every group keeps its floor "
+                       f"or whole multiples (at most {most:.1%} of the {what}).")
+        return None
+    # A new range makes a new widget, which starts from `value`: the remembered choice (or the
+    # address's, on a first visit), lowered to fit; so is the remembered state itself.
+    lower_to(key, top)
+    first = url.initial(key, lambda value: 0 <= value <= top) if key in url.PARAMETERS else None
+    value = min(st.session_state.get(key, default if first is None else first), top)
+    return container.slider(label, 0.0, round(top, 2), value, step=STEP, key=key,
+                            help=f"Up to {most:.1%} of the {what} can be removed with these "
+                                 "options: each group keeps a floor and whole multiples.")
 
 
 def download_stem(model: ModelRef, what: str) -> str:

@@ -12,7 +12,7 @@ from modhifi import options, prune, zoo
 from modhifi.errors import UserError
 from modhifi.requests import SEPARATOR, ModelRef
 from modhifi.text.encoder import ZOO_TEXT
-from ui import cache, keys
+from ui import cache, keys, url
 
 OWN_CHECKPOINT = "your checkpoint…"
 CALIBRATION_CHOICES = (250, 500, 1000, 2000)
@@ -23,8 +23,7 @@ SERVER_MODELS_VARIABLE = "MODHIFI_MODEL_DIR"  # a folder whose checkpoints visit
 def sidebar() -> None:
     """Model (zoo or own checkpoint), calibration size and device pickers."""
     names = [n for n, e in zoo.ZOO.items() if e.checkpoint.is_file()] + text_models() + [OWN_CHECKPOINT]
-    if keys.MODEL not in st.session_state and st.query_params.get("model") in names:
-        st.session_state[keys.MODEL] = st.query_params["model"]  # shareable links: ?model=digits-cnn
+    url.restore(keys.MODEL, lambda name: name in names)  # shareable links: ?model=digits-cnn
     st.sidebar.selectbox("Model", names, key=keys.MODEL, format_func=_model_label)
     if st.session_state[keys.MODEL] == OWN_CHECKPOINT:
         st.sidebar.selectbox("Architecture", zoo.torchvision_archs(), key=keys.CHECKPOINT_ARCH)

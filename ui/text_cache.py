@@ -26,6 +26,12 @@ def subject(opened: Opened) -> subjects.TextSubject:
     return subjects.open_text(opened.model.spec, device=backend(opened.device).device)
 
 
+def test_count(opened: Opened) -> tuple[int, int]:
+    """(quotations the live numbers use, quotations in the test split)."""
+    total = len(subject(opened).corpus.test)
+    return min(LIVE_TEST_TEXTS, total), total
+
+
 def test_texts(opened: Opened, full: bool) -> tuple[tuple[str, ...], tuple[int, ...]]:
     test = subject(opened).corpus.test
     chosen = test if full else test.head(LIVE_TEST_TEXTS)
@@ -71,6 +77,14 @@ def score_map(selection: Selection, kind: str, target: float) -> pd.DataFrame:
     frame["kept"] = [c in kept[layer] for layer, c in zip(frame["layer"], frame["component"])]
     frame["layer"] = [f"layer {layer}" for layer in frame["layer"]]
     return frame.rename(columns={"component": "channel"})
+
+
+@st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)
+def most(selection: Selection, request: TextPruneRequest) -> float:
+    """The largest target reachable with the request's other options."""
+    options = request.plan_kwargs()
+    del options["target"]
+    return analysis(selection).most(**options)
 
 
 @st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)

@@ -20,7 +20,8 @@ from modhifi.moments import LayerMoments, collect_moments
 from modhifi.options import FLOOR, ROUND_TO, Allocation, Compensation, Method, Scope, TargetKind
 from modhifi.prune.apply import compensate, cut_channels, kept_inputs, recalibrate_batchnorm
 from modhifi.prune.importance import Evidence, Ranking, rank
-from modhifi.prune.plan import PrunePlan, plan_pruning
+from modhifi.prune.plan import (PrunePlan, in_scope, most, plan_pruning,
+                                 removed_share)
 from modhifi.prune.structure import Structure, trace_structure
 
 
@@ -61,6 +62,14 @@ class Analysis:
         return plan_pruning(self.structure, self.ranking(method, seed=seed), target,
                             method=method, target_kind=target_kind, allocation=allocation,
                             scope=scope, floor=floor, round_to=round_to)
+
+    def most(self, *, target_kind: TargetKind = "channels", allocation: Allocation = "uniform",
+             method: Method = "modhifi", scope: Scope = "all", floor: float = FLOOR,
+             round_to: int = ROUND_TO, seed: int = 0) -> float:
+        """The largest target a plan with these options can reach (`plan`'s arguments)."""
+        rankings = in_scope(self.structure, self.ranking(method, seed=seed), scope)
+        return most(removed_share(self.structure, rankings, target_kind, allocation, floor,
+                                  round_to))
 
     def apply(self, plan: PrunePlan, *, compensation: Compensation = "refit",
               recalibrate: bool = True) -> nn.Module:

@@ -5,6 +5,7 @@ parameters it leads to, shown before anything changes.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pandas as pd
@@ -88,6 +89,60 @@ def kept_counts(rankings: dict[str, Ranking], knob: float, allocation: Allocatio
     return kept
 
 
+def in_scope(structure: Structure, rankings: dict[str, Ranking],
+             scope: Scope) -> dict[str, Ranking]:
+    """The rankings of the groups in `scope` ("internal": single-producer groups only)."""
+    rankings = {name: ranking for name, ranking in rankings.items()
+                if scope == "all" or len(structure.group(name).producers) == 1}
+    if not rankings:
+        raise UserError(f"no channel group is in scope {scope!r} for this model; use "
+                        "--scope all")
+    return rankings
+
+
+def removed_share(structure: Structure, rankings: dict[str, Ranking], target_kind: TargetKind,
+                  allocation: Allocation, floor: float,
+                  round_to: int) -> Callable[[float], float]:
+    """knob -> the share of the channels (or of the MACs) that `kept_counts` removes."""
+    total = sum(len(r.order) for r in rankings.values())
+
+    def share(knob: float) -> float:
+        kept = kept_counts(rankings, knob, allocation, floor, round_to)
+        if target_kind == "channels":
+            return 1 - sum(kept.values()) / total
+        return 1 - structure.cost(kept)[0] / structure.macs
+    return share
+
+
+TARGET_UNITS = {"channels": "channels", "macs": "MACs"}  # what a target is a share of
+
+
+def least_knob(removed: Callable[[float], float], target: float, *, what: str) -> float:
+    """The least pruning strength in [0, 1] whose plan removes at least `target`.
+
+    Removal grows with the knob (uniform: fraction removed; global: score threshold). A target
+    met up to rounding counts as met: 1/6 of 72 heads is 12 heads, though 1 − 60/72 falls a hair
+    short of 1/6 in floating point.
+    """
+    if target == 0:
+        return 0.0
+    reach = target - 1e-12
+    low, high = 0.0, 1.0 + 1e-9
+    if removed(high) < reach:
+        raise UserError(f"target {target:g} cannot be reached: at most {most(removed):g} of the "
+                        f"{what} can be removed with these options; lower it")
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (middle, high) if removed(middle) < reach else (low, middle)
+    return high
+
+
+def most(removed: Callable[[float], float]) -> float:
+    """The largest share a plan can remove (floor and rounding keep the rest), rounded down to
+    0.001 so that it is itself reachable."""
+    return math.floor(removed(1.0 + 1e-9) * 1000) / 1000
+
+
 def plan_pruning(structure: Structure, rankings: dict[str, Ranking], target: float, *,
                  method: str, target_kind: TargetKind = "channels",
                  allocation: Allocation = "uniform", scope: Scope = "all", floor: float = FLOOR,
@@ -115,29 +170,10 @@ def plan_pruning(structure: Structure, rankings: dict[str, Ranking], target: flo
     check(Scope, scope)
     check_whole("--round-to", round_to, WHY_ROUND_TO)
     check_fraction("floor", floor, why=WHY_FLOOR)
-    rankings = {name: ranking for name, ranking in rankings.items()
-                if scope == "all" or len(structure.group(name).producers) == 1}
-    if not rankings:
-        raise UserError(f"no channel group is in scope {scope!r} for this model; use "
-                        "--scope all")
-    total = sum(len(r.order) for r in rankings.values())
-
-    def removed_share(knob: float) -> float:
-        kept = kept_counts(rankings, knob, allocation, floor, round_to)
-        if target_kind == "channels":
-            return 1 - sum(kept.values()) / total
-        return 1 - structure.cost(kept)[0] / structure.macs
-
-    # Removal grows with the knob (uniform: fraction removed; global: score threshold).
-    low, high = 0.0, 1.0 + 1e-9
-    if removed_share(high) < target:
-        raise UserError(f"target {target:g} {target_kind} cannot be reached: at most "
-                        f"{math.floor(removed_share(high) * 1000) / 1000:g} can be removed "
-                        "with this model; lower it")
-    for _ in range(40):
-        middle = (low + high) / 2
-        low, high = (middle, high) if removed_share(middle) < target else (low, middle)
-    kept = kept_counts(rankings, high if target > 0 else 0.0, allocation, floor, round_to)
+    rankings = in_scope(structure, rankings, scope)
+    removed = removed_share(structure, rankings, target_kind, allocation, floor, round_to)
+    knob = least_knob(removed, target, what=TARGET_UNITS[target_kind])
+    kept = kept_counts(rankings, knob, allocation, floor, round_to)
     groups = tuple(GroupPlan(g.name, g.size,
                              tuple(sorted(rankings[g.name].order[:kept[g.name]])),
                              tuple(sorted(rankings[g.name].order[kept[g.name]:])))

@@ -4,7 +4,7 @@ per-layer sizes that cost a plan exactly before anything changes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch_pruning as tp
@@ -69,10 +69,13 @@ class Structure:
     params: int
     followed_by_norm: frozenset[str]   # layers whose output goes straight into a BatchNorm
     refused: tuple[str, ...] = ()      # what the first groups left whole pass through
+    order: tuple[str, ...] = ()        # Conv2d/Linear layers in the order the forward calls them
 
     @property
     def consumers(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(name for g in self.groups for name, _ in g.consumers))
+        """Every layer that reads a group's channels, in forward order."""
+        names = dict.fromkeys(name for g in self.groups for name, _ in g.consumers)
+        return tuple(sorted(names, key=lambda name: _position(self.order, name)))
 
     def group(self, name: str) -> ChannelGroup:
         return next(g for g in self.groups if g.name == name)
@@ -214,7 +217,8 @@ def trace_structure(model: nn.Module, input_shape) -> Structure:
     names = {module: name for name, module in model.named_modules()}
     example = example_of(input_shape)
     graph = dependency_graph(model, example)
-    classifier = last_linear(model, forward_order(model, example))
+    order = forward_order(model, example)
+    classifier = last_linear(model, order)
     head = [model.get_submodule(classifier)] if classifier else []  # its outputs are the classes
     groups, refused = [], {}  # refused: why groups were left whole, the first few
     for candidate in graph.get_all_groups(ignored_layers=head,
@@ -224,6 +228,7 @@ def trace_structure(model: nn.Module, input_shape) -> Structure:
             groups += [g for g in (_as_group(candidate, names, graph),) if g]
         elif len(refused) < 3:
             refused[blocker] = None
+    groups = in_forward_order(groups, order)
     cost = count_cost(model, input_shape)
     per_layer = dict(cost.per_layer)
     owner = {}
@@ -242,7 +247,23 @@ def trace_structure(model: nn.Module, input_shape) -> Structure:
                          if isinstance(node.module, (nn.Conv2d, nn.Linear))
                          and any(isinstance(o.module, nn.modules.batchnorm._BatchNorm)
                                  for o in node.outputs))
-    return Structure(tuple(groups), layers, cost.macs, cost.params, followed, tuple(refused))
+    return Structure(tuple(groups), layers, cost.macs, cost.params, followed, tuple(refused),
+                     tuple(order))
+
+
+def in_forward_order(groups: list[ChannelGroup], order: list[str]) -> list[ChannelGroup]:
+    """Groups sorted by their first-called producer, each group's consumers by call order, so
+    that every table and chart reads the network from input to output (Torch-Pruning's graph
+    walk visits groups in no such order)."""
+    return sorted((replace(g, consumers=tuple(sorted(g.consumers,
+                                                     key=lambda c: _position(order, c[0]))))
+                   for g in groups),
+                  key=lambda g: min(_position(order, name) for name in g.producers))
+
+
+def _position(order, name: str) -> int:
+    """Where `name` is called in `order`; a layer the trace did not see goes last."""
+    return order.index(name) if name in order else len(order)
 
 
 def _multiplies_a_weight(grad_fn) -> bool:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 
 from modhifi.fidelity import hifi_size
 from modhifi.options import HIFI_LEVEL, Method
@@ -80,11 +81,21 @@ def fidelity_curve(analysis: Analysis, layer: str, out_channel: int) -> pd.DataF
                          "added_channel": order.cpu().numpy()})
 
 
+def layer_shape(module: nn.Module) -> str:
+    """What a layer is, in words: "Conv2d 16→32, 3×3" or "Linear 64→10"."""
+    if isinstance(module, nn.Conv2d):
+        height, width = module.kernel_size
+        return f"Conv2d {module.in_channels}→{module.out_channels}, {height}×{width}"
+    return f"{type(module).__name__} {module.in_features}→{module.out_features}"
+
+
 def hifi_table(analysis: Analysis, *, level: float = HIFI_LEVEL) -> pd.DataFrame:
-    """Per consumer layer: the median over outputs of the smallest input share reaching `level`."""
-    rows = [(name, f.w.shape[1], float(hifi_size(f, level=level).median()))
+    """Per consumer layer, in forward order: what it is, and the median over outputs of the
+    smallest input share reaching `level`."""
+    rows = [(name, layer_shape(analysis.model.get_submodule(name)), f.w.shape[1],
+             float(hifi_size(f, level=level).median()))
             for name, f in analysis.fidelity.items()]
-    return pd.DataFrame(rows, columns=["layer", "inputs", "hifi_share"])
+    return pd.DataFrame(rows, columns=["layer", "shape", "inputs", "hifi_share"])
 
 
 def _kept(analysis: Analysis, plan: PrunePlan) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -27,10 +27,11 @@ from modhifi.errors import UserError
 from modhifi.fidelity import LayerFidelity
 from modhifi.hooks import hooked, private_copy
 from modhifi.moments import LayerMoments, moments_of
-from modhifi.options import (FLOOR, ROUND_TO, WHY_FLOOR, WHY_ROUND_TO, Component, Method,
-                             TargetKind, check, check_fraction, check_target, check_whole)
+from modhifi.options import (COMPONENT_LABELS, FLOOR, ROUND_TO, WHY_FLOOR, WHY_ROUND_TO,
+                             Component, Method, TargetKind, check, check_fraction, check_target,
+                             check_whole)
 from modhifi.prune.importance import IMPORTANCES, Evidence, Ranking, ranking_of
-from modhifi.prune.plan import kept_counts
+from modhifi.prune.plan import kept_counts, least_knob, most
 from modhifi.prune.structure import ChannelGroup
 from modhifi.text.encoder import TransformerLayer, token_batches, transformer_layers
 
@@ -48,6 +49,11 @@ def producers(layer: TransformerLayer, kind: Component) -> tuple[str, ...]:
 def block(layer: TransformerLayer, kind: Component) -> int:
     """Input features per component: 1 for a neuron, head_size for a head."""
     return 1 if kind == "ffn" else layer.head_size
+
+
+def target_units(kind: Component, target_kind: TargetKind) -> str:
+    """What a target is a share of: the components of `kind`, or the MACs."""
+    return COMPONENT_LABELS[kind] if target_kind == "channels" else "MACs"
 
 
 def component_group(model: nn.Module, layer: TransformerLayer, kind: Component) -> ChannelGroup:
@@ -198,6 +204,40 @@ class TextAnalysis:
                 self._rankings[key] = {g.name: importance(g, evidence) for g in self.groups(kind)}
             return dict(self._rankings[key])
 
+    def _counts(self, kind: Component, method: Method, target_kind: TargetKind, floor: float,
+                round_to: int | None, seed: int) -> tuple[Callable[[float], dict[str, int]],
+                                                          Callable[[float], float],
+                                                          dict[str, Ranking]]:
+        """(knob -> kept components per layer, knob -> share removed, the rankings)."""
+        check(TargetKind, target_kind)
+        check_fraction("floor", floor, why=WHY_FLOOR)
+        round_to = (ROUND_TO if kind == "ffn" else 1) if round_to is None else round_to
+        check_whole("--round-to", round_to, WHY_ROUND_TO)
+        rankings = self.ranking(kind, method, seed=seed)
+        groups = self.groups(kind)
+        total = sum(g.size for g in groups)
+
+        def kept(knob: float) -> dict[str, int]:
+            return kept_counts(rankings, knob, "uniform", floor, round_to)
+
+        def removed(knob: float) -> float:
+            counts = kept(knob)
+            if target_kind == "channels":
+                return 1 - sum(counts.values()) / total
+            return self.saved_macs(kind, counts) / self.macs
+        return kept, removed, rankings
+
+    def saved_macs(self, kind: Component, kept: dict[str, int]) -> int:
+        """MACs per sentence that keeping `kept` components per layer saves."""
+        return sum(self.cost.unit_macs(layer, kind) * (group.size - kept[group.name])
+                   for layer, group in zip(self.layers, self.groups(kind)))
+
+    def most(self, *, kind: Component = "ffn", target_kind: TargetKind = "channels",
+             method: Method = "modhifi", floor: float = FLOOR, round_to: int | None = None,
+             seed: int = 0) -> float:
+        """The largest target a plan with these options can reach."""
+        return most(self._counts(kind, method, target_kind, floor, round_to, seed)[1])
+
     def plan(self, target: float, *, kind: Component = "ffn", target_kind: TargetKind = "channels",
              method: Method = "modhifi", floor: float = FLOOR, round_to: int | None = None,
              seed: int = 0) -> TextPlan:
@@ -209,39 +249,12 @@ class TextAnalysis:
             floor: share of each layer's components always kept (at least one).
         """
         check_target(target)
-        check(TargetKind, target_kind)
-        check_fraction("floor", floor, why=WHY_FLOOR)
-        round_to = (ROUND_TO if kind == "ffn" else 1) if round_to is None else round_to
-        check_whole("--round-to", round_to, WHY_ROUND_TO)
-        rankings = self.ranking(kind, method, seed=seed)
+        counts, removed, rankings = self._counts(kind, method, target_kind, floor, round_to, seed)
+        kept = counts(least_knob(removed, target, what=target_units(kind, target_kind)))
         groups = self.groups(kind)
-        total = sum(g.size for g in groups)
-        unit = [self.cost.unit_macs(layer, kind) for layer in self.layers]
-
-        def outcome(knob: float) -> tuple[dict[str, int], float]:
-            kept = kept_counts(rankings, knob, "uniform", floor, round_to)
-            saved = sum(u * (g.size - kept[g.name]) for u, g in zip(unit, groups))
-            removed = (1 - sum(kept.values()) / total if target_kind == "channels"
-                       else saved / self.macs)
-            return kept, removed
-
-        # The least knob whose plan removes at least the target (up to rounding: 1/6 of 72
-        # heads is 12 heads, though 1 − 60/72 falls a hair short of 1/6 in floating point).
-        reach = target - 1e-12 if target > 0 else target
-        low, high = 0.0, 1.0
-        if outcome(high)[1] < reach:
-            what = "components" if target_kind == "channels" else "MACs"
-            raise UserError(f"target {target} is out of reach for {kind}: at most "
-                            f"{outcome(high)[1]:.3f} of the {what} can go with this floor; "
-                            "lower the target")
-        for _ in range(30):
-            middle = (low + high) / 2
-            low, high = (middle, high) if outcome(middle)[1] < reach else (low, middle)
-        kept, _ = outcome(high if target > 0 else 0.0)
         chosen = tuple(tuple(sorted(rankings[g.name].order[:kept[g.name]])) for g in groups)
-        saved = sum(u * (g.size - kept[g.name]) for u, g in zip(unit, groups))
         return TextPlan(kind, method, target, target_kind, tuple(g.size for g in groups), chosen,
-                        self.macs, self.macs - saved)
+                        self.macs, self.macs - self.saved_macs(kind, kept))
 
 
 def analyse_text(model: nn.Module, texts: Sequence[str], *, device: torch.device | str,
