@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pandas as pd
 import torch
 from torch import Tensor, nn
 
@@ -191,3 +192,65 @@ def audit(model: nn.Module, dataset: Dataset, *, forget_class: int, device: torc
                  test_accuracy=evaluation.accuracy, per_class=evaluation.per_class, mia_auc=mia,
                  probe_forget_accuracy=outputs.probe.per_class[forget_class],
                  probe_accuracy=outputs.probe.accuracy)
+
+
+def membership_scores(model: nn.Module, dataset: Dataset, *, forget_class: int,
+                      device: torch.device | str, batch_size: int = 256,
+                      seed: int = 0) -> pd.DataFrame:
+    """The attack's evidence sample by sample: loss and confidence of the forget class's members
+    (training images, subsampled as in `audit`) and non-members (its test images). Where the two
+    distributions coincide, no attack on these scores can tell them apart.
+
+    Returns:
+        Columns: sample ("member" or "non-member"), loss, confidence.
+    """
+    test, train = dataset.test, dataset.train
+    members, non_members = balanced((train.labels == forget_class).nonzero().squeeze(1),
+                                    (test.labels == forget_class).nonzero().squeeze(1), seed)
+    frames = []
+    with torch.inference_mode():
+        for name, split, index in (("member", train, members), ("non-member", test, non_members)):
+            chosen = split.subset(index.sort().values)
+            logits = torch.cat([model(x).float().cpu()
+                                for x in chosen.batches(batch_size, device=device)])
+            evidence = attack_features(logits, chosen.labels)  # (n, 3): loss, confidence, entropy
+            frames.append(pd.DataFrame({"sample": name, "loss": evidence[:, 0].numpy(),
+                                        "confidence": evidence[:, 1].numpy()}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def feature_map(models: dict[str, nn.Module], split: Split, *, classes: tuple[int, ...],
+                device: torch.device | str, per_class: int = 60,
+                batch_size: int = 256) -> pd.DataFrame:
+    """Penultimate features (the classifier's input) of a few classes' images, projected on the
+    two principal axes of the first model's features, so that every model is drawn in the same
+    plane: where a forgotten class's cloud goes after the edit.
+
+    Args:
+        models: name -> network (the first one defines the plane), each in eval mode on `device`.
+        split: the images (their labels choose which to show).
+        classes: the classes to show; the first `per_class` images of each.
+
+    Returns:
+        Columns: model, label, x, y.
+    """
+    index = torch.cat([(split.labels == c).nonzero().squeeze(1)[:per_class] for c in classes])
+    chosen = split.subset(index.sort().values)
+    example = next(chosen.batches(1, device=device))
+    frames, axes = [], None
+    for name, model in models.items():
+        classifier = classifier_name(model, forward_order(model, example))
+        with torch.inference_mode():
+            _, features = _logits_and_features(model, classifier, chosen, device=device,
+                                               batch_size=batch_size)
+        features = features.double()  # (n, F)
+        if axes is None:  # the first model's principal axes: mean and top-2 right singular vectors
+            mean = features.mean(0)
+            axes = (mean, torch.linalg.svd(features - mean, full_matrices=False).Vh[:2].T)
+        if features.shape[1] != axes[1].shape[0]:
+            raise UserError("the models' penultimate features differ in width; compare a model "
+                            "with its own edited copy")
+        xy = (features - axes[0]) @ axes[1]  # (n, 2)
+        frames.append(pd.DataFrame({"model": name, "label": chosen.labels.numpy(),
+                                    "x": xy[:, 0].numpy(), "y": xy[:, 1].numpy()}))
+    return pd.concat(frames, ignore_index=True)

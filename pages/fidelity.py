@@ -82,10 +82,47 @@ def render() -> None:
     left.plotly_chart(figures.layer_heatmap(matrix, score, layer), width="stretch")
     right.plotly_chart(figures.fidelity_curve(cache.fidelity_curve(chosen, layer, int(out))),
                        width="stretch")
+    channel_card(chosen, layer, int(matrix.shape[1]))
+
+    st.subheader("Every layer: how small its HiFi sets are")
     st.dataframe(hifi, hide_index=True, column_config={
         "hifi_share": st.column_config.ProgressColumn(
             "smallest HiFi set reaching 0.8 (share of inputs)", min_value=0, max_value=1,
             format="percent")})
+
+
+def channel_card(chosen: cache.Selection, layer: str, inputs: int) -> None:
+    """Why one input channel of the chosen layer matters."""
+    st.subheader("Why a channel matters")
+    page.lower_to(keys.FIDELITY_CHANNEL, inputs - 1)
+    channel = int(st.number_input(f"Input channel of {layer}", 0, inputs - 1, 0,
+                                  key=keys.FIDELITY_CHANNEL))
+    shown = cache.channel_card(chosen, layer, channel)
+    cols = st.columns(3)
+    cols[0].metric("Output error without it, refitted", f"{shown.error_refit:.2%}",
+                   help="Σ_c E‖ΔY_c‖² / Σ_c E‖Y_c‖² of this layer's outputs on the calibration "
+                        "images, once the other inputs are refitted to make up for it.")
+    cols[1].metric("…and not compensated", f"{shown.error_removed:.2%}")
+    cols[2].metric("Rank in its group (ModHiFi)",
+                   f"{shown.ranks['modhifi']} of {shown.group_size}",
+                   help=f"Group {shown.group}: the channels removed together with this one in "
+                        "every layer that makes or reads them. Rank 1 is kept first.")
+    left, right = st.columns(2)
+    left.caption("Its rank by every criterion (1 = kept first)")
+    left.dataframe(shown.ranks_frame(), hide_index=True)
+    right.caption("The outputs it explains best: singleton fidelity and share of each output")
+    right.dataframe(shown.feeds, hide_index=True)
+    st.caption("The calibration images that drive it hardest (top) and the channel over each of "
+               "them as this layer reads it (bottom): what the channel responds to.")
+    st.plotly_chart(figures.channel_drivers(shown.images, shown.maps, shown.strength),
+                    width="stretch")
+    if st.toggle("Remove only this channel and measure the accuracy (refit, BatchNorm "
+                 "recalibrated)", key=keys.FIDELITY_REMOVE_ONE):
+        before = cache.evaluation(chosen.opened, full=False)
+        after = cache.without_channel(chosen, layer, channel)
+        st.metric("Accuracy without it", f"{after.accuracy:.2%}",
+                  f"{(after.accuracy - before.accuracy) * 100:+.2f} pts",
+                  help=f"On the first {after.samples:,} test images, as on the Prune page.")
 
 
 page.guarded(render)

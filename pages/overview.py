@@ -37,6 +37,25 @@ def render_text(opened: cache.Opened) -> None:
                   "the Prune page removes.")
 
 
+def guided_start(model: str) -> None:
+    """Three steps for a first look (or a lecture), each a link to the page set up for it."""
+    with st.container(border=True):
+        st.markdown("**A first look in three steps**")
+        st.page_link("pages/fidelity.py", icon=":material/looks_one:",
+                     label="Which channels matter: each row of the heatmap is a layer, its "
+                           "bright cells the few input channels that explain the outputs.")
+        st.page_link("pages/prune.py", icon=":material/looks_two:",
+                     query_params={"model": model, "kind": "macs", "target": "0.5",
+                                   "method": "modhifi"},
+                     label="Prune half the MACs, then set Compensation to none and turn "
+                           "BatchNorm recalibration off: watch what each one saves.")
+        st.page_link("pages/prune.py", icon=":material/looks_3:",
+                     query_params={"model": model, "kind": "macs", "target": "0.5",
+                                   "method": "l1"},
+                     label="The same cut chosen by weight size (L1), the usual baseline: "
+                           "compare the accuracy, and the curve at the bottom of the page.")
+
+
 def render() -> None:
     selection = sidebar.selection()
     if sidebar.is_text(selection):
@@ -51,6 +70,7 @@ def render() -> None:
              f"({len(chosen.dataset.test):,} test images). A model's *cost* is its multiply-"
              "accumulates (MACs) per image and its parameter count; *latency* is the measured "
              "time of one forward pass of a batch.")
+    guided_start(selection.model.spec)
     result, cost = cache.evaluation(opened), cache.cost(opened)
     batch = st.select_slider("Latency batch size", (1, 16, 64, 256), value=64, key=keys.OVERVIEW_BATCH)
     timing = cache.latency(opened, batch)

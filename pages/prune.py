@@ -8,7 +8,7 @@ from modhifi.options import (COMPONENT_LABELS, METHOD_LABELS, Allocation, Compen
 from modhifi.prune.plan import TARGET_UNITS
 from modhifi.requests import PruneRequest, TextPruneRequest
 from modhifi.text.components import target_units
-from ui import cache, figures, keys, page, sidebar, text_cache, url
+from ui import cache, figures, history, keys, page, sidebar, text_cache, url
 
 OVERSHOOT = 0.02  # say so when the plan removes this much more than asked
 
@@ -29,6 +29,7 @@ def render_text(chosen: cache.Selection) -> None:
                                 key=keys.PRUNE_KIND,
                                 format_func={"macs": "share of MACs",
                                              "channels": "share of the components"}.get)
+    url.restore(keys.PRUNE_METHOD, lambda name: name in choices(Method))
     method = cols[1].selectbox("Method", ("modhifi-greedy", *[m for m in choices(Method)
                                                               if m != "modhifi-greedy"]),
                                format_func=METHOD_LABELS.get, key=keys.PRUNE_METHOD)
@@ -62,12 +63,22 @@ def render_text(chosen: cache.Selection) -> None:
                    delta_arrow="off")
     cols[4].metric(f"Kept: {COMPONENT_LABELS[kind]}",
                    f"{plan.units_after} / {plan.units_before}")
+    speedup = None
     if st.toggle("Measure the real speed-up (batch 64, dense and pruned timed side by side)",
                  key=keys.PRUNE_SPEED):
         before, after = text_cache.speed(chosen, request)
         st.metric("Sentences per second", f"{after:.0f}", f"{after / before:.2f}× the dense "
                   f"{before:.0f} (MACs ratio {plan.macs_before / plan.macs_after:.2f}×)",
                   delta_color="off")
+        speedup = after / before
+    history.record({
+        "model": chosen.model.spec, "method": method, "target": target,
+        "target kind": target_kind, "options": f"{kind}, {compensation}",
+        "embedding cosine": round(result["embedding_cosine"], 4),
+        "same nearest neighbour": round(result["retrieval_agreement"], 4),
+        "accuracy": result["accuracy_after"], "test quotations": result["texts"],
+        "MACs": plan.macs_after, "MACs ×": round(plan.macs_before / plan.macs_after, 3),
+        "measured speed-up": None if speedup is None else round(speedup, 3)})
     st.subheader(f"Kept per layer: {COMPONENT_LABELS[kind]}")
     st.plotly_chart(figures.kept_bars(plan.to_frame().rename(
         columns={"layer": "group", "components": "channels"})), width="stretch")
@@ -82,6 +93,7 @@ def render_text(chosen: cache.Selection) -> None:
         for column, name in ((left, "dense"), (right, "pruned")):
             column.caption(f"{name} model")
             column.dataframe(found[found["model"] == name].drop(columns="model"), hide_index=True)
+    history.show(chosen.model.spec)
     st.caption("Save a pruned folder with `python -m modhifi prune --model "
                f"{chosen.model.spec} --target {target} --components {kind} --out DIR`; it reloads "
                "with `modhifi info --model DIR` (and, for FFN pruning, with sentence-transformers).")
@@ -111,6 +123,7 @@ def render() -> None:
     url.restore(keys.PRUNE_KIND, lambda kind: kind in choices(TargetKind))
     kind = cols[0].radio("Target", ("macs", "channels"), horizontal=True, key=keys.PRUNE_KIND,
                          format_func={"macs": "share of MACs", "channels": "share of channels"}.get)
+    url.restore(keys.PRUNE_METHOD, lambda name: name in choices(Method))
     method = cols[1].selectbox("Method", choices(Method), format_func=METHOD_LABELS.get,
                               key=keys.PRUNE_METHOD)
     allocation = cols[1].radio("Allocation", choices(Allocation), horizontal=True,
@@ -167,9 +180,11 @@ def render() -> None:
                 "smallest groups cannot shrink by less than one multiple. Choose multiples of 1 "
                 "for exact counts.")
 
+    speedup = None
     if st.toggle("Measure the real speed-up (batch 64, dense and pruned timed side by side)",
                  key=keys.PRUNE_SPEED):
         dense, small = cache.pruned_latency(chosen, request)
+        speedup = dense.optimised.median_ms / small.optimised.median_ms
         cols = st.columns(3)
         cols[0].metric("Latency, optimised", f"{small.optimised.median_ms:.2f} ms",
                        f"{dense.optimised.median_ms / small.optimised.median_ms:.2f}× faster",
@@ -178,6 +193,14 @@ def render() -> None:
                        f"{dense.eager.median_ms / small.eager.median_ms:.2f}× faster")
         cols[2].metric("Ideal (MACs ratio)", f"{plan.speedup_macs:.2f}×")
         st.caption(f"{dense.device}, median of {dense.eager.repeats} runs after {dense.eager.warmup} warm-up.")
+
+    history.record({
+        "model": chosen.model.spec, "method": method, "target": target, "target kind": kind,
+        "options": f"{allocation}, {scope}, ×{round_to}, {compensation}"
+                   f"{', BN recalibrated' if recalibrate else ''}",
+        "accuracy": after.accuracy, "test images": after.samples, "MACs": plan.macs_after,
+        "MACs ×": round(plan.speedup_macs, 3), "parameters": plan.params_after,
+        "measured speed-up": None if speedup is None else round(speedup, 3)})
 
     st.subheader("Channels kept per group")
     st.plotly_chart(figures.kept_bars(plan.to_frame()), width="stretch")
@@ -193,13 +216,18 @@ def render() -> None:
                             key=keys.PRUNE_DOWNLOAD_CSV)
     st.caption(f"The .pt file reloads with `python -m modhifi info --model {stem}.pt`.")
 
+    picked = history.show(chosen.model.spec, "and to mark them on the curve below")
+
     st.subheader("Accuracy against sparsity")
     if st.toggle("Show the curve for ModHiFi and the baselines (computed once per model)",
                  key=keys.PRUNE_CURVE):
         curve = cache.sparsity_curve(chosen, kind)
         here = cache.pruned_evaluation(chosen, request, full=live == total)  # the curve's images
-        st.plotly_chart(figures.sparsity_curve(curve, here=(plan.speedup_macs, here.accuracy)),
-                        width="stretch")
+        live_runs = picked[picked["test images"] == live] if len(picked) else picked
+        st.plotly_chart(figures.sparsity_curve(
+            curve, here=(plan.speedup_macs, here.accuracy),
+            pinned=[(f"run {r['run']}", r["MACs ×"], r["accuracy"])
+                    for r in live_runs.to_dict("records")]), width="stretch")
         st.caption(f"First {live:,} test images; baselines with BatchNorm recalibration and no "
                    "compensation. The star is the plan above, on the same images.")
 

@@ -95,6 +95,18 @@ def render() -> None:
     confusion = cache.unlearned_evaluation(opened, request).confusion
     right.plotly_chart(figures.confusion(confusion, classes), width="stretch")
 
+    st.subheader("Can the forgetting be seen?")
+    left, right = st.columns(2)
+    left.caption("The membership attack's evidence: the loss on the forgotten class's training "
+                 "images (members) and test images (non-members). Where the two overlap, the "
+                 "attack cannot tell whether an image was trained on.")
+    left.plotly_chart(figures.membership(cache.membership(opened, request)), width="stretch")
+    right.caption("The classifier's input features of the forgotten class and three others, on "
+                  "the two main axes of the model before the edit: a cloud that stays apart "
+                  "after it means the information is still there (the probe's accuracy above).")
+    right.plotly_chart(figures.feature_map(cache.feature_map(opened, request), classes[forget]),
+                       width="stretch")
+
     st.subheader(f"Test images of “{classes[forget]}”")
     examples = cache.forget_examples(opened, request)
     for col, row in zip(st.columns(len(examples)), examples.itertuples()):

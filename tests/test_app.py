@@ -44,7 +44,11 @@ def test_every_page_renders_without_exception(page):
 
 
 def test_overview_shows_accuracy_macs_params_latency():
-    shown = metrics(open_page("pages/overview.py"))
+    app = open_page("pages/overview.py")
+    links = [link.proto for link in app.get("page_link")]  # the guided start
+    assert [link.page for link in links] == ["fidelity", "prune", "prune"]
+    assert "method=l1" in links[2].query_string and "model=digits-cnn" in links[2].query_string
+    shown = metrics(app)
     assert float(shown["Test accuracy"].rstrip("%")) > 90
     assert shown["MACs / image"] == "0.30 M"
     assert shown["Parameters"] == "5.2 k"
@@ -264,8 +268,10 @@ def test_the_text_prune_page_shows_the_library_numbers_and_the_try_it_box():
     assert shown["Embedding cosine"] == f"{expected.embedding_cosine:.4f}"
     assert shown["Same nearest neighbour"] == f"{expected.retrieval_agreement:.1%}"
     assert shown["Kept: FFN neurons"] == f"{6 * 1072} / {6 * 1536}"
-    found = [frame.value for frame in app.dataframe]
+    found = [frame.value for frame in app.dataframe if "similarity" in frame.value]
     assert len(found) == 2 and all(len(frame) == 5 for frame in found)
+    run = app.session_state["prune.history"][-1]  # the run history has the same figures
+    assert f"{run['embedding cosine']:.4f}" == shown["Embedding cosine"]
     similarity = torch.tensor(found[0]["similarity"].to_numpy())
     assert torch.all(similarity[:-1] >= similarity[1:])
     app.slider(key="prune.target").set_value(0.6).run()
@@ -376,6 +382,59 @@ def test_the_address_reproduces_the_view_and_follows_the_widgets():
     forget.session_state["sidebar.calibration"] = 250
     forget.switch_page("pages/unlearn.py").run()
     assert not forget.exception and forget.selectbox(key="unlearn.class").value == 0
+
+
+def test_every_run_goes_into_the_session_history_once():
+    """Each setting looked at is a row with the figures the page showed; coming back to a
+    setting moves it to the end instead of adding a copy; picked runs are drawn on the curve."""
+    from ui import figures
+
+    app = open_page("pages/prune.py")
+    shown = [metrics(app)["Accuracy"]]
+    for target in (0.7, 0.3, 0.7):
+        app.slider(key="prune.target").set_value(target).run()
+        shown.append(metrics(app)["Accuracy"])
+    assert not app.exception
+    runs = app.session_state["prune.history"]
+    assert [r["target"] for r in runs] == [0.5, 0.3, 0.7] and [r["run"] for r in runs] == [1, 3, 4]
+    assert [f"{r['accuracy']:.2%}" for r in runs] == [shown[0], shown[2], shown[3]]
+    curve = figures.sparsity_curve(__import__("pandas").DataFrame(
+        {"macs_reduction": [1.0, 2.0], "accuracy": [0.9, 0.8], "method": ["m", "m"]}),
+        pinned=[("run 1", 1.5, 0.85)])
+    assert [t.name for t in curve.data][-1] == "picked runs"
+
+
+def test_the_channel_card_shows_the_library_card_and_removes_only_that_channel():
+    from modhifi import bench, metrics as evaluation
+    from modhifi.backend import choose_backend
+    from modhifi.prune import card
+    from modhifi.zoo import open_subject
+
+    app = open_page("pages/fidelity.py", **{"fidelity.layer": "3", "fidelity.channel": 5})
+    assert not app.exception and not app.error
+    subject = open_subject("digits-cnn", device=__import__("torch").device("cpu"))
+    analysis = bench.live_analysis(subject.loaded.model, subject.dataset,
+                                   backend=choose_backend("cpu"), samples=250)
+    expected = card.channel_card(analysis, "3", 5)
+    shown = metrics(app)
+    assert shown["Output error without it, refitted"] == f"{expected.error_refit:.2%}"
+    rank = f"{expected.ranks['modhifi']} of {expected.group_size}"
+    assert shown["Rank in its group (ModHiFi)"] == rank
+    app.toggle(key="fidelity.remove_one").set_value(True).run()
+    pruned = analysis.apply(card.without_channel(analysis, expected))
+    after = evaluation.evaluate(pruned, subject.dataset.test, device="cpu",
+                                num_classes=subject.dataset.num_classes)
+    assert metrics(app)["Accuracy without it"] == f"{after.accuracy:.2%}"
+
+
+def test_the_unlearn_page_draws_the_attack_evidence_and_the_feature_plane():
+    app = open_page("pages/unlearn.py")
+    assert not app.exception and not app.error
+    charts = [json.loads(chart.proto.spec)["data"] for chart in app.get("plotly_chart")]
+    names = [{trace.get("name") for trace in chart} for chart in charts]
+    assert {"member", "non-member"} in names  # the membership histograms
+    forgotten = [t for chart in charts for t in chart if t.get("marker", {}).get("symbol") == "x"]
+    assert forgotten and all(t["name"].startswith("0") for t in forgotten)  # class "0", crosses
 
 
 def test_batchnorm_recalibration_is_offered_only_where_there_is_batchnorm():

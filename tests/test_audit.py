@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from modhifi.audit import balanced, attack_features, audit, membership_auc, model_outputs, probe
+from modhifi.audit import (attack_features, audit, balanced, feature_map, membership_auc,
+                           membership_scores, model_outputs, probe)
 from modhifi.data import Dataset, Split
 from modhifi.errors import UserError
 
@@ -86,6 +87,48 @@ def test_audit_matches_whole_forward_passes():
                             attack_features(test_logits[is_forget], data.test.labels[is_forget]))
     assert result.mia_auc == pytest.approx(attack, abs=1e-9)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_membership_scores_are_the_attack_features_of_whole_forward_passes():
+    model, data, forget = tiny_model(), tiny_dataset(), 1
+    scores = membership_scores(model, data, forget_class=forget, device="cpu", batch_size=5)
+    train, test = data.train, data.test
+    members, non_members = balanced((train.labels == forget).nonzero().squeeze(1),
+                                    (test.labels == forget).nonzero().squeeze(1), 0)
+    for name, split, index in (("member", train, members), ("non-member", test, non_members)):
+        index = index.sort().values
+        with torch.no_grad():
+            logits = model(next(split.subset(index).batches(len(index))))
+        expected = attack_features(logits, split.labels[index])
+        shown = scores[scores["sample"] == name]
+        assert torch.allclose(torch.tensor(shown["loss"].to_numpy()), expected[:, 0], atol=1e-5)
+        assert torch.allclose(torch.tensor(shown["confidence"].to_numpy()), expected[:, 1],
+                              atol=1e-6)
+
+
+def test_the_feature_map_is_the_first_models_principal_plane():
+    """Against scikit-learn's PCA of the same penultimate features (each axis up to its sign):
+    the first model defines the plane, the second is projected into it, not refitted."""
+    from sklearn.decomposition import PCA
+
+    data = tiny_dataset()
+    before, after = tiny_model(), tiny_model()
+    with torch.no_grad():
+        after[-1].weight.mul_(-1)  # only the classifier changes: the features stay put
+        after[3].weight.mul_(2)    # the features double: projected, not refitted
+        after[3].bias.mul_(2)
+    frame = feature_map({"before": before, "after": after}, data.test, classes=(1, 2),
+                        device="cpu", per_class=4)
+    index = torch.cat([(data.test.labels == c).nonzero().squeeze(1)[:4] for c in (1, 2)])
+    chosen = data.test.subset(index.sort().values)
+    with torch.no_grad():
+        features = before[:-1](next(chosen.batches(len(chosen)))).double().numpy()
+    pca = PCA(n_components=2).fit(features)
+    shown = frame[frame["model"] == "before"][["x", "y"]].to_numpy()
+    expected = pca.transform(features)
+    assert abs(shown) == pytest.approx(abs(expected), abs=1e-6)
+    doubled = frame[frame["model"] == "after"][["x", "y"]].to_numpy()
+    assert abs(doubled) == pytest.approx(abs(pca.transform(2 * features)), abs=1e-5)
 
 
 def test_model_outputs_need_a_final_linear_classifier():

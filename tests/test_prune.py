@@ -170,6 +170,49 @@ def test_groups_and_consumers_come_in_forward_order():
     assert list(resnet.consumers) == order and resnet.consumers[-1] == "head.2"
 
 
+def test_the_channel_card_matches_a_masked_forward_and_its_plan_removes_one_channel():
+    """The card's numbers against independent computations on the same calibration batches:
+    the uncompensated output error of a layer is that of a forward pass with the channel zeroed
+    (about the mean at each position where BatchNorm follows); the drivers are the images with the largest mean input on
+    the channel; the ranks are positions in each method's ranking; the plan removes one."""
+    from modhifi.prune import card
+
+    analysis = _analysis(nets.tiny_cnn(), (1, 8, 8), samples=64)
+    layer = next(n for n in analysis.fidelity
+                 if isinstance(analysis.model.get_submodule(n), nn.Conv2d))
+    shown = card.channel_card(analysis, layer, 3, images=4)
+    conv = analysis.model.get_submodule(layer)
+    inputs = []
+    handle = conv.register_forward_pre_hook(lambda m, args: inputs.append(args[0].clone()))
+    try:
+        with torch.no_grad():
+            for batch in analysis.calibration:
+                analysis.model(batch)
+    finally:
+        handle.remove()
+    x = torch.cat(inputs).double()  # (N, C, h, w)
+    masked = x.clone()
+    masked[:, 3] = 0
+    weight = conv.weight.double()
+    full = nn.functional.conv2d(x, weight, stride=conv.stride, padding=conv.padding)
+    cut = nn.functional.conv2d(masked, weight, stride=conv.stride, padding=conv.padding)
+    if layer in analysis.structure.followed_by_norm:  # centred per position (LayerMoments)
+        full, cut = (y - y.mean(0, keepdim=True) for y in (full, cut))
+    assert shown.error_removed == pytest.approx(float(((full - cut) ** 2).sum() / (full ** 2).sum()),
+                                                rel=1e-6)
+    assert 0 <= shown.error_refit <= shown.error_removed
+    strongest = x[:, 3].mean((1, 2)).topk(4)
+    assert list(shown.drivers) == strongest.indices.tolist()
+    group, j = card.group_of(analysis, layer, 3)
+    assert shown.ranks["l1"] == analysis.ranking("l1")[group.name].order.index(j) + 1
+    plan = card.without_channel(analysis, shown)
+    assert plan.channels_after == plan.channels_before - 1 and plan.groups[0].removed == (j,)
+    pruned = analysis.apply(plan)
+    assert count_cost(pruned, (1, 8, 8)).macs == plan.macs_after
+    with pytest.raises(UserError, match="input channels 0 to"):
+        card.channel_card(analysis, layer, 10_000)
+
+
 def test_greedy_plans_keep_multiples_of_round_to_at_the_planned_cost():
     analysis = _analysis(nets.ResNet(), (1, 28, 28))
     for ranking in analysis.ranking("modhifi-greedy").values():

@@ -16,9 +16,9 @@ import pandas as pd
 import streamlit as st
 
 from modhifi import backend as backends
-from modhifi import bench, metrics, prune, theory, unlearn, zoo
+from modhifi import audit, bench, metrics, prune, theory, unlearn, zoo
 from modhifi.options import DeviceChoice, Method, choices, default_compensation
-from modhifi.prune import tables
+from modhifi.prune import card, tables
 from modhifi.requests import ModelRef, PruneRequest, UnlearnRequest
 from ui.store import SharedResults
 
@@ -189,6 +189,21 @@ def layer_scores(selection: Selection, layer: str) -> dict:
     return tables.layer_scores(analysis(selection), layer)
 
 
+@st.cache_data(show_spinner="Reading the channel over the calibration images…",
+               max_entries=CACHED_TABLES)
+def channel_card(selection: Selection, layer: str, channel: int) -> card.ChannelCard:
+    return card.channel_card(analysis(selection), layer, channel)
+
+
+@st.cache_data(show_spinner="Removing only this channel (refit, recalibrated)…",
+               max_entries=CACHED_TABLES)
+def without_channel(selection: Selection, layer: str, channel: int) -> metrics.Evaluation:
+    """Accuracy on the live test images once this channel alone is removed."""
+    studied = analysis(selection)
+    plan = card.without_channel(studied, channel_card(selection, layer, channel))
+    return _evaluate(selection.opened, studied.apply(plan), full=False)
+
+
 @st.cache_data(show_spinner="Fidelity of growing HiFi sets…", max_entries=CACHED_TABLES)
 def fidelity_curve(selection: Selection, layer: str, out: int) -> pd.DataFrame:
     return tables.fidelity_curve(analysis(selection), layer, out)
@@ -270,6 +285,34 @@ def unlearned(opened: Opened, request: UnlearnRequest) -> unlearn.UnlearnResult:
 @st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)
 def unlearned_evaluation(opened: Opened, request: UnlearnRequest) -> metrics.Evaluation:
     return _evaluate(opened, unlearned(opened, request).model, full=True)
+
+
+@st.cache_data(show_spinner="The membership attack's scores, before and after…",
+               max_entries=CACHED_TABLES)
+def membership(opened: Opened, request: UnlearnRequest) -> pd.DataFrame:
+    """Loss and confidence of the forget class's members and non-members, before and after."""
+    chosen = subject(opened)
+    models = {"before": chosen.loaded.model, "after": unlearned(opened, request).model}
+    return pd.concat([audit.membership_scores(model, chosen.dataset, device=backend(
+        opened.device).device, forget_class=request.forget_class).assign(model=name)
+        for name, model in models.items()], ignore_index=True)
+
+
+FEATURE_MAP_OTHERS = 3  # classes drawn beside the forgotten one
+
+
+@st.cache_data(show_spinner="Penultimate features, before and after…", max_entries=CACHED_TABLES)
+def feature_map(opened: Opened, request: UnlearnRequest) -> pd.DataFrame:
+    """The forget class and a few others in the before-model's principal plane, both models."""
+    chosen = subject(opened)
+    names = chosen.dataset.classes
+    others = [c for c in range(len(names)) if c != request.forget_class][:FEATURE_MAP_OTHERS]
+    frame = audit.feature_map({"before": chosen.loaded.model,
+                               "after": unlearned(opened, request).model},
+                              chosen.dataset.test, classes=(request.forget_class, *others),
+                              device=backend(opened.device).device)
+    frame["class"] = [names[label] for label in frame["label"]]
+    return frame.drop(columns="label")
 
 
 @st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)

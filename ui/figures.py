@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 SCORE_LABELS = {"singleton": "singleton fidelity", "saliency_share": "saliency share"}
 
@@ -61,15 +62,21 @@ def kept_bars(plan_frame: pd.DataFrame) -> go.Figure:
     return figure
 
 
-def sparsity_curve(curve: pd.DataFrame, *,
-                   here: tuple[float, float] | None = None) -> go.Figure:
+def sparsity_curve(curve: pd.DataFrame, *, here: tuple[float, float] | None = None,
+                   pinned: list[tuple[str, float, float]] = ()) -> go.Figure:
     """Accuracy against MACs reduction for ModHiFi and the baselines; `here`: (MACs reduction,
-    accuracy) of the current plan, drawn as a star."""
+    accuracy) of the current plan, drawn as a star; `pinned`: (label, MACs reduction,
+    accuracy) of runs the visitor picked, drawn as labelled diamonds."""
     figure = px.line(curve, x="macs_reduction", y="accuracy", color="method", markers=True,
                      labels={"macs_reduction": "MACs reduction (×)", "accuracy": "test accuracy"})
     if here is not None:
         figure.add_scatter(x=[here[0]], y=[here[1]], mode="markers", name="you are here",
                            marker={"symbol": "star", "size": 16, "color": "black"})
+    if pinned:
+        labels, x, y = zip(*pinned)
+        figure.add_scatter(x=x, y=y, text=labels, mode="markers+text", name="picked runs",
+                           textposition="top center",
+                           marker={"symbol": "diamond", "size": 12, "color": "#e76f51"})
     figure.update_layout(margin={"t": 20})
     return figure
 
@@ -132,4 +139,45 @@ def hifi_existence(table: pd.DataFrame) -> go.Figure:
                     labels={"share": "smallest share of inputs reaching fidelity 0.8"})
     figure.add_hline(y=0.2, line_dash="dot", line_color="grey")
     figure.update_layout(margin={"t": 20})
+    return figure
+
+
+def channel_drivers(images: np.ndarray, maps: np.ndarray, strength: tuple[float, ...]) -> go.Figure:
+    """The images that drive a channel hardest (top row) and the channel over each (bottom)."""
+    count = len(images)
+    figure = make_subplots(rows=2, cols=count, vertical_spacing=0.05, horizontal_spacing=0.01,
+                           subplot_titles=[f"mean {s:.3g}" for s in strength])
+    for column, (image, channel_map) in enumerate(zip(images, maps), 1):
+        figure.add_trace(go.Heatmap(z=image, colorscale="gray", showscale=False), 1, column)
+        figure.add_trace(go.Heatmap(z=channel_map, colorscale="Viridis", showscale=False), 2,
+                         column)
+    figure.update_yaxes(autorange="reversed", showticklabels=False, scaleanchor=None)
+    figure.update_xaxes(showticklabels=False)
+    figure.update_layout(height=330, margin={"t": 30, "b": 10, "l": 10, "r": 10})
+    return figure
+
+
+def membership(scores: pd.DataFrame) -> go.Figure:
+    """The attack's loss for members and non-members of the forget class, before and after:
+    overlapping histograms mean the attack cannot tell them apart."""
+    figure = px.histogram(scores, x="loss", color="sample", facet_col="model", barmode="overlay",
+                          histnorm="probability", opacity=0.6, nbins=40,
+                          category_orders={"model": ["before", "after"]},
+                          labels={"loss": "cross-entropy loss on the true class"})
+    figure.for_each_annotation(lambda a: a.update(text=a.text.split("=")[-1]))
+    figure.update_layout(margin={"t": 30}, yaxis_title="share of images")
+    return figure
+
+
+def feature_map(frame: pd.DataFrame, forgotten: str) -> go.Figure:
+    """Penultimate features of a few classes in one plane, before and after; the forgotten
+    class drawn as crosses."""
+    figure = px.scatter(frame, x="x", y="y", color="class", facet_col="model",
+                        symbol=frame["class"].eq(forgotten).map({True: "forgotten",
+                                                                 False: "kept"}),
+                        category_orders={"model": ["before", "after"]}, opacity=0.7,
+                        symbol_map={"forgotten": "x", "kept": "circle"},
+                        labels={"x": "principal axis 1", "y": "principal axis 2"})
+    figure.for_each_annotation(lambda a: a.update(text=a.text.split("=")[-1]))
+    figure.update_layout(margin={"t": 30})
     return figure

@@ -22,6 +22,8 @@ FIDELITY_LAYER = "fidelity.layer"
 FIDELITY_OUTPUT = "fidelity.output"
 FIDELITY_TARGET = "fidelity.target"
 FIDELITY_COMPONENTS = "fidelity.components"
+FIDELITY_CHANNEL = "fidelity.channel"        # the channel card's input channel
+FIDELITY_REMOVE_ONE = "fidelity.remove_one"  # the card's "remove only this channel"
 
 # --- Prune ---------------------------------------------------------------------------------------
 PRUNE_TARGET = "prune.target"
@@ -40,6 +42,8 @@ PRUNE_DOWNLOAD_JSON = "prune.download_json"
 PRUNE_DOWNLOAD_CSV = "prune.download_csv"
 PRUNE_COMPONENTS = "prune.components"   # text models: FFN neurons or attention heads
 PRUNE_TRY_IT = "prune.try_it"           # text models: a sentence to search the quotations with
+HISTORY = "prune.history"               # this session's runs (ui/history.py), not a widget
+HISTORY_TABLE = "prune.history_table"   # the run table, whose picked rows are compared
 
 # --- Unlearn (the controls sit in a form: they take effect on submit) ----------------------------
 UNLEARN_FORM = "unlearn.form"
