@@ -372,6 +372,8 @@ def test_the_address_reproduces_the_view_and_follows_the_widgets():
     app.session_state["sidebar.calibration"] = 250
     app.switch_page("pages/prune.py").run()
     assert not app.exception and not app.error
+    assert app.title[0].value == "Prune — ModHiFi-P" and metrics(app)["MACs / image"] == \
+        open_page("pages/prune.py", **{"prune.kind": "channels", "prune.target": 0.3}).metric[1].value
     assert app.slider(key="prune.target").value == 0.3
     assert app.radio(key="prune.kind").value == "channels"
     app.slider(key="prune.target").set_value(0.45).run()
@@ -435,6 +437,24 @@ def test_the_unlearn_page_draws_the_attack_evidence_and_the_feature_plane():
     assert {"member", "non-member"} in names  # the membership histograms
     forgotten = [t for chart in charts for t in chart if t.get("marker", {}).get("symbol") == "x"]
     assert forgotten and all(t["name"].startswith("0") for t in forgotten)  # class "0", crosses
+
+
+def test_the_invariance_chart_has_one_legend_entry_per_model_and_amounts_in_pixels():
+    import pandas as pd
+
+    from ui import figures
+
+    rows = [(model, f"layer {d}", d, transform, amount, 0.1 * d * amount, 1.0)
+            for model in ("dense", "pruned")
+            for transform, amounts in (("translation", (0, 1, 2)), ("deformation", (0.5, 1.0)))
+            for amount in amounts for d in range(3)]
+    figure = figures.invariance(pd.DataFrame(rows, columns=[
+        "model", "layer", "depth", "transform", "amount", "relative_change", "lipschitz_bound"]))
+    assert sorted(t.name for t in figure.data if t.showlegend) == ["dense", "pruned"]
+    assert len(figure.data) == 2 * (2 + 2)  # the zero shift is not drawn
+    assert {t.text[-1] for t in figure.data} == {"1 px", "2 px", "0.5 px"}
+    assert [a.text for a in figure.layout.annotations] == ["circular shift (pixels)",
+                                                          "smooth deformation (pixels)"]
 
 
 def test_batchnorm_recalibration_is_offered_only_where_there_is_batchnorm():

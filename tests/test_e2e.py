@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from oracles import prune_page_numbers
 
@@ -77,6 +78,20 @@ def _metric(page, label: str) -> str:
     return box.locator("[data-testid='stMetricValue']").inner_text()
 
 
+def _shoot(page, path: Path) -> None:
+    """A screenshot of the whole page: Streamlit scrolls inside its own container, so the
+    viewport is made as tall as that container's content first (full_page alone stops at the
+    window), then put back."""
+    height = page.evaluate("""() => Math.max(...[...document.querySelectorAll(
+        "[data-testid='stMain'], [data-testid='stAppViewContainer'], [data-testid='stSidebar']")]
+        .map(e => e.scrollHeight), document.body.scrollHeight)""")
+    size = page.viewport_size
+    page.set_viewport_size({"width": size["width"], "height": int(height) + 40})
+    page.wait_for_timeout(800)  # charts re-render at the new size
+    page.screenshot(path=str(path), full_page=True)
+    page.set_viewport_size(size)
+
+
 @pytest.fixture
 def shots(tmp_path) -> Path:
     """Where the screenshots go: a temporary folder unless MODHIFI_SCREENSHOTS names one."""
@@ -85,19 +100,37 @@ def shots(tmp_path) -> Path:
     return folder
 
 
+def test_a_link_opens_its_view_with_the_sidebar_and_the_address_follows(app_url, browser):
+    """First on a fresh server: a visitor opening a shared link lands on that page, with the sidebar, the model,
+    target and kind of the link; moving the slider rewrites the address."""
+    page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+    page.goto(f"{app_url}/prune?model=digits-cnn&target=0.3&kind=channels")
+    page.wait_for_selector("[data-testid='stMetric']", timeout=120_000)
+    _settle(page)
+    assert page.locator("[data-testid='stSidebar']", has_text="Model").count()
+    slider = page.locator("[data-testid='stSlider']", has_text="Remove")
+    assert float(slider.locator("[data-testid='stSliderThumbValue']").inner_text()) == 0.3
+    slider.get_by_role("slider").focus()
+    page.keyboard.press("ArrowRight")
+    _settle(page)
+    page.wait_for_function("() => location.search.includes('target=0.35')", timeout=60_000)
+    assert "model=digits-cnn" in page.url and "kind=channels" in page.url
+    page.context.close()
+
+
 def test_pages_render_and_the_slider_updates_the_numbers(app_url, page, shots):
     page.goto(f"{app_url}/?model=digits-cnn")
     page.wait_for_selector("[data-testid='stMetric']", timeout=120_000)
     _settle(page)
     assert "%" in _metric(page, "Test accuracy")
-    page.screenshot(path=str(shots / "overview.png"), full_page=True)
+    _shoot(page, shots / "overview.png")
 
     for name in ("fidelity", "unlearn", "theory", "prune"):
         page.goto(f"{app_url}/{name}?model=digits-cnn")
         page.wait_for_selector("[data-testid='stMetric']", timeout=120_000)
         _settle(page)
         assert not page.locator("[data-testid='stException']").count()
-        page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
+        _shoot(page, shots / f"{name}.png")
 
     macs, accuracy = _metric(page, "MACs / image"), _metric(page, "Accuracy")
     thumb = page.locator("[data-testid='stSlider']", has_text="Remove").get_by_role("slider")
@@ -111,7 +144,8 @@ def test_pages_render_and_the_slider_updates_the_numbers(app_url, page, shots):
     assert (accuracy, macs) == prune_page_numbers("digits-cnn", 0.5)  # the default position
     moved = (_metric(page, "Accuracy"), _metric(page, "MACs / image"))
     assert moved == prune_page_numbers("digits-cnn", 0.7)  # 4 steps of 0.05 to the right
-    page.screenshot(path=str(shots / "prune-moved.png"), full_page=True)
+    _shoot(page, shots / "prune-moved.png")
+    assert Image.open(shots / "prune-moved.png").height > 1000  # the whole page, not the window
 
 
 def test_four_browsers_moving_sliders_at_once_each_see_their_own_numbers(app_url, browser):
@@ -162,6 +196,6 @@ def test_the_text_model_prunes_and_answers_the_try_it_box_in_the_browser(app_url
     box.press("Enter")
     _settle(page, timeout=300)
     tables = page.locator("[data-testid='stDataFrame']")
-    assert tables.count() == 2
-    page.screenshot(path=str(shots / "prune-text.png"), full_page=True)
+    assert tables.count() == 3  # the dense and the pruned neighbours, then the run history
+    _shoot(page, shots / "prune-text.png")
     page.context.close()

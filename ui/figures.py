@@ -121,12 +121,36 @@ def local_global(table: pd.DataFrame, fitted: float, bound: float | None = None)
     return figure
 
 
+INVARIANCE_TITLES = {"translation": "circular shift", "deformation": "smooth deformation"}
+MODEL_COLOURS = ("#264653", "#e76f51")
+
+
 def invariance(table: pd.DataFrame) -> go.Figure:
-    """Relative change of the features by depth, per transform and amount, dense against pruned."""
-    figure = px.line(table, x="depth", y="relative_change", color="model", line_dash="amount",
-                     facet_col="transform", hover_data=["layer"], markers=True,
-                     labels={"relative_change": "‖Φ(x) − Φ(Tx)‖ / ‖Φ(x)‖", "depth": "layer depth"})
-    figure.update_layout(margin={"t": 40})
+    """Relative change of the features by depth: one panel per transform, one colour per model
+    (a legend entry each), one line per amount, labelled in pixels at its deepest point."""
+    transforms = list(dict.fromkeys(table["transform"]))
+    figure = make_subplots(rows=1, cols=len(transforms), shared_yaxes=True,
+                           subplot_titles=[f"{INVARIANCE_TITLES.get(t, t)} (pixels)"
+                                           for t in transforms])
+    moved = table[table["amount"] > 0]  # a shift of 0 changes nothing: a flat line at zero
+    models = list(dict.fromkeys(table["model"]))
+    in_legend: set[str] = set()
+    for column, transform in enumerate(transforms, 1):
+        for (model, amount), line in moved[moved["transform"] == transform].groupby(
+                ["model", "amount"], sort=False):
+            colour = MODEL_COLOURS[models.index(model) % len(MODEL_COLOURS)]
+            figure.add_scatter(
+                x=line["depth"], y=line["relative_change"], mode="lines+markers+text",
+                text=[""] * (len(line) - 1) + [f"{amount:g} px"], textposition="middle right",
+                name=model, legendgroup=model, showlegend=model not in in_legend,
+                line={"color": colour},
+                customdata=line["layer"], row=1, col=column,
+                hovertemplate=f"{model}, {amount:g} px<br>%{{customdata}}<br>"
+                              "change %{y:.3f}<extra></extra>")
+            in_legend.add(model)
+        figure.update_xaxes(title_text="layer depth", row=1, col=column)
+    figure.update_yaxes(title_text="‖Φ(x) − Φ(Tx)‖ / ‖Φ(x)‖", row=1, col=1)
+    figure.update_layout(margin={"t": 40}, legend_title_text="model")
     return figure
 
 

@@ -87,7 +87,11 @@ def _store_upload(name: str, data: bytes) -> Path:
 
 def model() -> ModelRef:
     """The model picked in the sidebar: a zoo name, or the visitor's checkpoint."""
-    name = st.session_state.get(keys.MODEL, next(iter(zoo.ZOO)))
+    # The sidebar's choice; before the sidebar has run (a page opened by its own address), the
+    # address's model.
+    name = (st.session_state.get(keys.MODEL)
+            or url.initial(keys.MODEL, lambda name: name in zoo.ZOO or name in ZOO_TEXT)
+            or next(iter(zoo.ZOO)))
     if name != OWN_CHECKPOINT:
         return ModelRef(name)
     path = st.session_state.get(keys.CHECKPOINT_PATH) or ""
