@@ -2,16 +2,18 @@
 import streamlit as st
 
 from modhifi.backend import quiet_dependency_warnings
-from ui import sidebar
+from ui import page, sidebar
 
 quiet_dependency_warnings()  # once per server process, before any session's work
 
 st.set_page_config(page_title="ModHiFi Studio", page_icon=":material/tune:", layout="wide")
 sidebar.sidebar()
-st.navigation([
+navigation = st.navigation([
     st.Page("pages/overview.py", title="Overview", icon=":material/dashboard:", default=True),
     st.Page("pages/fidelity.py", title="Fidelity", icon=":material/local_fire_department:"),
     st.Page("pages/prune.py", title="Prune", icon=":material/content_cut:"),
     st.Page("pages/unlearn.py", title="Unlearn", icon=":material/visibility_off:"),
     st.Page("pages/theory.py", title="Theory", icon=":material/functions:"),
-]).run()
+])
+with page.frame():
+    navigation.run()

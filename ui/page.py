@@ -4,19 +4,46 @@ from __future__ import annotations
 
 import math
 import re
+import runpy
+import threading
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import streamlit as st
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from modhifi.errors import UserError
 from modhifi.requests import ModelRef
 from ui import url
 
 
+APP = Path(__file__).resolve().parent.parent / "app.py"
+_frame = threading.local()  # each session's script runs on its own thread
+
+
+@contextmanager
+def frame():
+    """app.py runs the chosen page inside this: the page then knows the sidebar is drawn."""
+    _frame.on = True
+    try:
+        yield
+    finally:
+        _frame.on = False
+
+
 def guarded(render: Callable[[], None]) -> None:
     """Run a page body; bad input or a full device becomes a message, never a traceback. The
     address then follows the widgets (`url.follow`)."""
+    if not getattr(_frame, "on", False):
+        # Streamlit's older pages-folder routing runs a page file on its own, without app.py,
+        # until the first run in the process has called st.navigation: a shared link opened on
+        # a fresh server. Run the frame, which runs this page inside it; the frame's widgets
+        # take the identity they have in every later run (that of the main script).
+        context = get_script_run_ctx()
+        with context.run_with_active_hash(context.pages_manager.main_script_hash):
+            runpy.run_path(str(APP), run_name="__main__")
+        return
     try:
         render()
         url.follow()
