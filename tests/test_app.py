@@ -364,13 +364,14 @@ def test_class_names_that_look_like_numbers_are_categories_and_the_forgotten_one
 
 
 def test_the_address_reproduces_the_view_and_follows_the_widgets():
-    """A link with ?model=…&target=…&kind=… opens that view; moving the slider rewrites it;
-    a value the model cannot take falls back to the default instead of failing."""
+    """A link with ?model=…&calibration=…&target=…&kind=… opens that view; moving the slider
+    rewrites it; a value the model cannot take falls back to the default instead of failing."""
     app = AppTest.from_file(APP, default_timeout=300)
-    app.query_params.update({"model": "digits-cnn", "target": "0.3", "kind": "channels"})
+    app.query_params.update({"model": "digits-cnn", "calibration": "250", "target": "0.3",
+                             "kind": "channels"})
     app.session_state["sidebar.device"] = "cpu"
-    app.session_state["sidebar.calibration"] = 250
     app.switch_page("pages/prune.py").run()
+    assert app.select_slider(key="sidebar.calibration").value == 250
     assert not app.exception and not app.error
     assert app.title[0].value == "Prune — ModHiFi-P" and metrics(app)["MACs / image"] == \
         open_page("pages/prune.py", **{"prune.kind": "channels", "prune.target": 0.3}).metric[1].value

@@ -178,13 +178,8 @@ def test_four_browsers_moving_sliders_at_once_each_see_their_own_numbers(app_url
 
 
 def test_the_text_model_prunes_and_answers_the_try_it_box_in_the_browser(app_url, browser, shots):
-    # A new visitor: the front page first (a server that has never run app.py answers a page's
-    # URL from the pages/ folder alone, without the sidebar; noted for the dashboard issue).
     page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
-    page.goto(f"{app_url}/?model=minilm-l6")
-    page.wait_for_selector("[data-testid='stMetric']", timeout=300_000)
-    _settle(page, timeout=300)
-    page.goto(f"{app_url}/prune?model=minilm-l6")
+    page.goto(f"{app_url}/prune?model=minilm-l6&calibration=250")
     page.wait_for_selector("[data-testid='stMetric']", timeout=300_000)
     _settle(page, timeout=300)
     assert not page.locator("[data-testid='stException']").count()

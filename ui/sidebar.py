@@ -40,8 +40,10 @@ def sidebar() -> None:
                                  server_checkpoints(), key=keys.CHECKPOINT_PATH, index=None,
                                  format_func=lambda path: Path(path).name)
     text = st.session_state[keys.MODEL] in text_models()
+    first = url.initial(keys.CALIBRATION, lambda count: count in CALIBRATION_CHOICES)
+    calibration = st.session_state.get(keys.CALIBRATION, first or cache.CALIBRATION_DEFAULT)
     st.sidebar.select_slider("Calibration quotations" if text else "Calibration images",
-                             CALIBRATION_CHOICES, value=cache.CALIBRATION_DEFAULT, key=keys.CALIBRATION,
+                             CALIBRATION_CHOICES, value=calibration, key=keys.CALIBRATION,
                              help="Unlabeled held-out samples the method reads (a text model reads "
                                   "at most its whole calibration split).")
     st.sidebar.selectbox("Device", options.choices(options.DeviceChoice), key=keys.DEVICE)

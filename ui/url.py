@@ -1,5 +1,5 @@
 """The page's state in its address (`st.query_params`), so that a link reproduces a view: the
-model, the pruning target, its kind and method, and the class to forget.
+model and its calibration size, the pruning target, its kind and method, and the class to forget.
 
 A value in the address is read once per session, before the widget it belongs to first runs;
 from then on the widgets lead and the address follows them (`follow`, after every run).
@@ -16,6 +16,7 @@ from ui import keys
 # session-state key -> (query parameter, how to read its text)
 PARAMETERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     keys.MODEL: ("model", str),
+    keys.CALIBRATION: ("calibration", int),
     keys.PRUNE_TARGET: ("target", float),
     keys.PRUNE_KIND: ("kind", str),
     keys.PRUNE_METHOD: ("method", str),
