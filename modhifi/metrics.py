@@ -9,7 +9,9 @@ small models are dominated by Python overheads in eager mode.
 from __future__ import annotations
 
 import itertools
+import statistics
 import threading
+import time
 from dataclasses import dataclass
 
 import pandas as pd
@@ -228,6 +230,61 @@ def measure_latencies(models: list[nn.Module], input_shape: tuple[int, ...], *, 
     n = len(models)
     return [Latency(batch_size, backend.threads, backend.description, timings[i], timings[n + i])
             for i in range(n)]
+
+
+@dataclass(frozen=True)
+class LayerLatency:
+    """Where a forward pass spends its time: each Conv2d/Linear's median share, eager."""
+
+    batch_size: int
+    threads: int
+    device: str
+    forward_ms: float                          # median of the whole (hooked) forward
+    per_layer: tuple[tuple[str, float], ...]   # (layer, median ms per forward), forward order
+    repeats: int
+
+
+def measure_layer_latency(model: nn.Module, input_shape: tuple[int, ...], *, backend: Backend,
+                          batch_size: int = 64, warmup: int = 3,
+                          repeats: int = 15) -> LayerLatency:
+    """Each Conv2d/Linear layer's time inside an eager forward of a random batch (the device
+    synchronised around it), the median over `repeats` forwards after `warmup`; a layer called
+    twice in one forward counts both calls. Timed on a private copy: `model` is only read."""
+    example = torch.randn(batch_size, *input_shape, device=backend.device)
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, (nn.Conv2d, nn.Linear))]
+    spent: dict[str, list[float]] = {name: [] for name in names}  # per forward, in ms
+    started: dict[str, float] = {}
+
+    def enter(name):
+        def hook(module, args):
+            backend.synchronize()
+            started[name] = time.perf_counter()
+        return hook
+
+    def leave(name):
+        def hook(module, args, out):
+            backend.synchronize()
+            spent[name][-1] += (time.perf_counter() - started[name]) * 1e3
+        return hook
+
+    forwards = []
+    with hooked(model, before={n: enter(n) for n in names},
+                after={n: leave(n) for n in names}) as run, torch.no_grad():
+        for _ in range(warmup + repeats):
+            for times in spent.values():
+                times.append(0.0)
+            backend.synchronize()
+            begin = time.perf_counter()
+            run(example)
+            backend.synchronize()
+            forwards.append((time.perf_counter() - begin) * 1e3)
+    called = [name for name in names if spent[name][-1] > 0]
+    order = sorted(called, key=lambda name: started[name])
+    return LayerLatency(batch_size, backend.threads, backend.description,
+                        statistics.median(forwards[warmup:]),
+                        tuple((name, statistics.median(spent[name][warmup:])) for name in order),
+                        repeats)
 
 
 @dataclass(frozen=True)

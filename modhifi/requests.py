@@ -92,6 +92,7 @@ class PruneRequest:
     seed: int = 0                          # of the random baseline
     compensation: Compensation | None = None
     recalibrate: bool = True               # BatchNorm statistics re-estimated after the cut
+    overrides: tuple[tuple[str, float], ...] = ()  # (group, share removed whatever the target)
 
     def __post_init__(self):
         object.__setattr__(self, "target", float(check_target(self.target)))
@@ -112,7 +113,8 @@ class PruneRequest:
         """Keyword arguments of `Analysis.plan`."""
         return {"target": self.target, "target_kind": self.target_kind,
                 "allocation": self.allocation, "method": self.method, "scope": self.scope,
-                "floor": self.floor, "round_to": self.round_to, "seed": self.seed}
+                "floor": self.floor, "round_to": self.round_to, "seed": self.seed,
+                "overrides": dict(self.overrides)}
 
     def apply_kwargs(self) -> dict:
         """Keyword arguments of `Analysis.apply` (add the plan)."""

@@ -99,6 +99,50 @@ def render_text(chosen: cache.Selection) -> None:
                "with `modhifi info --model DIR` (and, for FFN pruning, with sentence-transformers).")
 
 
+def group_overrides(chosen: cache.Selection,
+                    options: PruneRequest) -> tuple[tuple[str, float], ...]:
+    """Per-group shares to remove whatever the target, typed into a table of the groups."""
+    if st.session_state.get(keys.PRUNE_OVERRIDES_MODEL, chosen.model) != chosen.model:
+        st.session_state.pop(keys.PRUNE_OVERRIDES, None)  # edits were for another model's groups
+    st.session_state[keys.PRUNE_OVERRIDES_MODEL] = chosen.model
+    with st.expander("Per-group overrides: prune one group more or less than the target"):
+        st.caption("Type a share to remove for a group; the other groups are pruned as far as "
+                   "the target still needs. Leave it blank to follow the target.")
+        groups = cache.group_table(chosen, options)
+        edited = st.data_editor(
+            groups, key=keys.PRUNE_OVERRIDES, hide_index=True, width="stretch",
+            disabled=["group", "layers", "channels"],
+            column_config={"remove": st.column_config.NumberColumn(
+                "remove (share)", min_value=0.0, max_value=0.95, step=0.05, format="%.2f")})
+    return tuple((group, float(share)) for group, share in zip(edited["group"], edited["remove"])
+                 if share == share and share is not None)  # NaN and None: follow the target
+
+
+def architecture(chosen: cache.Selection, request: PruneRequest) -> None:
+    st.subheader("The architecture")
+    st.caption("Every convolution and linear layer left to right in the order the forward pass "
+               "calls them. Layers outlined in one colour write channels that must be removed "
+               "together (a residual stream is one such group); the arcs show where those "
+               "channels are read. Hover a layer for its shape, MACs and what the plan does to "
+               "it.")
+    cols = st.columns(2)
+    alone = cols[0].toggle("Sensitivity: prune each group alone", key=keys.PRUNE_ALONE,
+                           help="Accuracy on the live test images when only that group is "
+                                "pruned as in the plan above (one model per group).")
+    timing = cols[1].toggle("Time each layer (batch 64)", key=keys.PRUNE_LAYER_TIME)
+    nodes, edges = cache.layers(chosen, request, sensitivity=alone, timing=timing)
+    shown = [c for c in figures.ARCHITECTURE_COLOURS
+             if c in nodes and (c != "alone" or alone) and (c != "ms" or timing)]
+    colour = st.radio("Colour", shown, key=keys.PRUNE_COLOUR, horizontal=True,
+                           format_func=figures.ARCHITECTURE_COLOURS.get)
+    st.plotly_chart(figures.architecture(nodes, edges, colour or "kept"), width="stretch")
+    if timing:
+        timed = cache.layer_latency(chosen.opened)
+        st.caption(f"Eager forward of a random batch of {timed.batch_size} on {timed.device}: "
+                   f"{timed.forward_ms:.1f} ms, of which the layers drawn take "
+                   f"{nodes['ms'].sum():.1f} ms (median of {timed.repeats}, the dense model).")
+
+
 def render() -> None:
     chosen = sidebar.selection()
     if sidebar.is_text(chosen):
@@ -150,6 +194,7 @@ def render() -> None:
     options = PruneRequest(target=0.0, target_kind=kind, allocation=allocation, method=method,
                            scope=scope, round_to=round_to, compensation=compensation,
                            recalibrate=recalibrate)
+    options = replace(options, overrides=group_overrides(chosen, options))
     target = page.target_slider(cols[0], "Remove", key=keys.PRUNE_TARGET, default=0.5,
                                 most=cache.most(chosen, options), what=TARGET_UNITS[kind])
     if target is None:
@@ -197,13 +242,15 @@ def render() -> None:
     history.record({
         "model": chosen.model.spec, "method": method, "target": target, "target kind": kind,
         "options": f"{allocation}, {scope}, ×{round_to}, {compensation}"
-                   f"{', BN recalibrated' if recalibrate else ''}",
+                   f"{', BN recalibrated' if recalibrate else ''}"
+                   + "".join(f", {group} −{share:.0%}" for group, share in request.overrides),
         "accuracy": after.accuracy, "test images": after.samples, "MACs": plan.macs_after,
         "MACs ×": round(plan.speedup_macs, 3), "parameters": plan.params_after,
         "measured speed-up": None if speedup is None else round(speedup, 3)})
 
     st.subheader("Channels kept per group")
     st.plotly_chart(figures.kept_bars(plan.to_frame()), width="stretch")
+    architecture(chosen, request)
 
     model_bytes, removed_json, removed_csv = cache.pruned_download(chosen, request)
     stem = page.download_stem(chosen.model, f"pruned-{method}-{kind}{target:.2f}")

@@ -464,3 +464,37 @@ def test_batchnorm_recalibration_is_offered_only_where_there_is_batchnorm():
     assert any("No BatchNorm in this model" in c.value for c in vit.caption)
     cnn = open_page("pages/prune.py")
     assert [t for t in cnn.toggle if t.label == "Recalibrate BatchNorm"]
+
+
+def test_the_architecture_and_per_group_overrides_follow_the_library():
+    """digits-cnn: a share typed into the overrides table gives the library's plan with that
+    override; the architecture draws every layer, and each group's accuracy when pruned alone
+    (shown on hover) is the library's for that one-group plan."""
+    import torch
+
+    from modhifi import bench, metrics as measures
+    from modhifi.backend import choose_backend
+    from modhifi.prune.architecture import only_group
+    from modhifi.zoo import open_subject
+
+    edits = {"edited_rows": {1: {"remove": 0.75}}, "added_rows": [], "deleted_rows": []}
+    app = open_page("pages/prune.py", **{"prune.kind": "channels", "prune.target": 0.3,
+                                          "prune.overrides": edits, "prune.alone": True})
+    assert not app.exception and not app.error
+
+    cpu = torch.device("cpu")
+    subject = open_subject("digits-cnn", device=cpu)
+    analysis = bench.live_analysis(subject.loaded.model, subject.dataset,
+                                   backend=choose_backend("cpu"), samples=250)
+    group = analysis.structure.groups[1].name
+    plan = analysis.plan(0.3, overrides={group: 0.75})
+    assert metrics(app)["Channels kept"] == f"{plan.channels_after} / {plan.channels_before}"
+    live = subject.dataset.test.subset(slice(0, bench.LIVE_TEST_IMAGES))
+    alone = {g.name: measures.evaluate(analysis.apply(only_group(analysis, plan, g.name)), live,
+                                       device=cpu, num_classes=10).accuracy
+             for g in plan.groups if g.removed}
+    hover = " ".join(text for chart in app.get("plotly_chart")
+                     for trace in json.loads(chart.proto.spec)["data"]
+                     for text in trace.get("hovertext", []))
+    assert all(f"{accuracy:.2%}" in hover for accuracy in alone.values())
+    assert hover.count("Conv2d") + hover.count("Linear") == len(analysis.structure.order)

@@ -44,3 +44,25 @@ def test_latency_records_its_settings(cpu):
     assert latency.batch_size == 4 and latency.threads == cpu.threads
     assert latency.eager.repeats == 3 and latency.eager.warmup == 1
     assert 0 < latency.optimised.p10_ms <= latency.optimised.median_ms <= latency.optimised.p90_ms
+
+
+def test_layer_latency_books_each_layer_between_its_own_hooks(monkeypatch):
+    """With a clock that ticks one second per reading, each layer call takes exactly one tick and
+    a forward of L layers 2L + 1 ticks: the bookkeeping, not the machine's speed, is tested. A
+    layer called twice in one forward counts twice; layers come in call order."""
+    import itertools
+    import time
+
+    from modhifi.backend import choose_backend
+    from modhifi.metrics import measure_layer_latency
+
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 8), nn.ReLU(),
+                          shared, shared)
+    clock = itertools.count()
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(clock)))
+    timed = measure_layer_latency(model, (1, 6, 6), backend=choose_backend("cpu"), batch_size=2,
+                                  warmup=1, repeats=3)
+    assert [name for name, _ in timed.per_layer] == ["0", "2", "4"]
+    assert dict(timed.per_layer) == {"0": 1e3, "2": 1e3, "4": 2e3}
+    assert timed.forward_ms == (2 * 4 + 1) * 1e3

@@ -343,3 +343,75 @@ def test_inputs_of_any_form_are_analysed_planned_and_pruned(form):
     assert count_cost(pruned, one).macs == plan.macs_after < plan.macs_before
     with torch.inference_mode():
         torch.testing.assert_close(call(pruned), call(masked_dense(model, analysis.structure, plan)))
+
+
+def test_the_architecture_is_in_forward_order_and_its_kept_fidelity_is_the_explicit_one():
+    """Nodes are the Conv2d/Linear layers in call order with the plan's kept shares; each
+    consumer's kept fidelity (from the statistics) equals 1 − ‖Y − Y'‖² / ‖Y‖² computed on the
+    captured calibration inputs with the refitted weight (bias left out on both sides; centred
+    where a BatchNorm follows, as the analysis is)."""
+    from modhifi.hooks import hooked
+    from modhifi.prune.architecture import architecture, readable
+
+    model = nets.ResNet(widths=(8, 16, 32))
+    analysis = _analysis(model, (1, 16, 16), samples=64)
+    plan = analysis.plan(0.5, target_kind="channels")
+    drawn = architecture(analysis, plan)
+    nodes = drawn.nodes.set_index("layer")
+    assert list(nodes.index) == list(analysis.structure.order)
+    assert nodes.loc["layers.0.conv1", "name"] == readable("layers.0.conv1") == "layers 0 · conv 1"
+    for group in plan.groups:
+        for producer in analysis.structure.group(group.name).producers:
+            assert nodes.loc[producer, "kept"] == len(group.kept) / group.size
+    position = {name: i for i, name in enumerate(nodes.index)}
+    assert all(position[s] < position[t] for s, t in zip(drawn.edges["source"], drawn.edges["target"]))
+
+    captured = {}
+    keep = kept_inputs(analysis.structure, analysis.model, plan.removed_channels())
+    hooks = {name: (lambda name: lambda module, args: captured.setdefault(name, []).append(args[0]))(name)
+             for name in keep}
+    with hooked(analysis.model, before=hooks) as run, torch.inference_mode():
+        for batch in analysis.calibration:
+            run(batch)
+    for name, kept in keep.items():
+        layer = analysis.model.get_submodule(name)
+        x = torch.cat(captured[name]).double()
+        refit = analysis.fidelity[name].refit_weight(kept).double()
+        y = torch.nn.functional.conv2d(x, layer.weight.double(), None, layer.stride, layer.padding) \
+            if isinstance(layer, nn.Conv2d) else x @ layer.weight.double().T
+        y_kept = torch.nn.functional.conv2d(x, refit, None, layer.stride, layer.padding) \
+            if isinstance(layer, nn.Conv2d) else x @ refit.T
+        if name in analysis.structure.followed_by_norm:  # BatchNorm removes each mean
+            y, y_kept = y - y.mean(0), y_kept - y_kept.mean(0)
+        explicit = 1 - float(((y - y_kept) ** 2).sum() / (y ** 2).sum())
+        assert nodes.loc[name, "fidelity"] == pytest.approx(explicit, rel=1e-4, abs=1e-6), name
+    assert (nodes.drop(index=list(keep))["fidelity"].dropna() == 1).all()
+
+
+def test_a_group_pruned_alone_and_per_group_overrides():
+    from modhifi.prune.architecture import only_group
+
+    model = nets.ResNet(widths=(8, 16, 32))
+    analysis = _analysis(model, (1, 16, 16))
+    plan = analysis.plan(0.4, target_kind="macs")
+    name = [g.name for g in plan.groups if g.removed][1]
+    alone = only_group(analysis, plan, name)
+    assert alone.removed_channels() == {name: plan.removed_channels()[name]}
+    pruned = analysis.apply(alone, compensation="refit")
+    assert (count_cost(pruned, (1, 16, 16)).macs, count_cost(pruned, (1, 16, 16)).params) == \
+        (alone.macs_after, alone.params_after)
+
+    # An override fixes that group's share; the rest still reach the target.
+    overridden = analysis.plan(0.3, round_to=1, overrides={name: 0.75})
+    sizes = {g.name: (len(g.removed), g.size) for g in overridden.groups}
+    assert sizes[name][0] == round(0.75 * sizes[name][1])
+    assert overridden.achieved >= 0.3
+    others = [removed / size for group, (removed, size) in sizes.items() if group != name]
+    assert max(others) < 0.3  # the override took part of the target off the other groups
+    # An override past the target leaves the other groups whole.
+    alone_by_override = analysis.plan(0.05, round_to=1, overrides={name: 0.9})
+    assert alone_by_override.removed_channels().keys() == {name}
+    with pytest.raises(UserError, match="not a channel group"):
+        analysis.plan(0.3, overrides={"nowhere": 0.5})
+    with pytest.raises(UserError, match="out of range"):
+        analysis.plan(0.3, overrides={name: 1.5})

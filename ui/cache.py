@@ -18,7 +18,7 @@ import streamlit as st
 from modhifi import backend as backends
 from modhifi import audit, bench, metrics, prune, theory, unlearn, zoo
 from modhifi.options import DeviceChoice, Method, choices, default_compensation
-from modhifi.prune import card, tables
+from modhifi.prune import architecture, card, tables
 from modhifi.requests import ModelRef, PruneRequest, UnlearnRequest
 from ui.store import SharedResults
 
@@ -202,6 +202,54 @@ def without_channel(selection: Selection, layer: str, channel: int) -> metrics.E
     studied = analysis(selection)
     plan = card.without_channel(studied, channel_card(selection, layer, channel))
     return _evaluate(selection.opened, studied.apply(plan), full=False)
+
+
+@st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)
+def group_table(selection: Selection, options: PruneRequest) -> pd.DataFrame:
+    """The channel groups in the options' scope, in forward order: group, layers (readable
+    names of its producers), channels, remove (blank: follow the target)."""
+    studied = analysis(selection)
+    groups = studied.plan(0.0, scope=options.scope, method=options.method).groups
+    return pd.DataFrame({
+        "group": [g.name for g in groups],
+        "layers": [", ".join(map(architecture.readable, studied.structure.group(g.name).producers))
+                   for g in groups],
+        "channels": [g.size for g in groups], "remove": [None] * len(groups)}, dtype=object
+    ).astype({"channels": int, "remove": float})
+
+
+@st.cache_data(show_spinner="Pruning each group alone, evaluating each…",
+               max_entries=CACHED_TABLES)
+def alone(selection: Selection, request: PruneRequest) -> dict[str, float]:
+    """group -> accuracy on the live test images when only that group is pruned as in the
+    request's plan (the others whole), compensated and recalibrated alike."""
+    studied, whole = analysis(selection), plan(selection, request)
+    return {group.name: _evaluate(selection.opened,
+                                  studied.apply(architecture.only_group(studied, whole, group.name),
+                                                **request.apply_kwargs()), full=False).accuracy
+            for group in whole.groups if group.removed}
+
+
+@st.cache_data(show_spinner="Timing each layer (batch 64, eager)…", max_entries=CACHED_TABLES)
+def layer_latency(opened: Opened) -> metrics.LayerLatency:
+    chosen = subject(opened)
+    return metrics.measure_layer_latency(chosen.loaded.model, chosen.dataset.input_shape,
+                                         backend=backend(opened.device))
+
+
+@st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)
+def layers(selection: Selection, request: PruneRequest, *, sensitivity: bool,
+           timing: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(nodes, edges) of the architecture under the request's plan (`architecture.architecture`),
+    the nodes with `alone` (accuracy when only the group they write is pruned) and `ms` (time
+    per batch) when asked for."""
+    drawn = architecture.architecture(analysis(selection), plan(selection, request))
+    nodes = drawn.nodes
+    if sensitivity:
+        nodes = nodes.assign(alone=nodes["writes"].map(alone(selection, request)))
+    if timing:
+        nodes = nodes.assign(ms=nodes["layer"].map(dict(layer_latency(selection.opened).per_layer)))
+    return nodes, drawn.edges
 
 
 @st.cache_data(show_spinner="Fidelity of growing HiFi sets…", max_entries=CACHED_TABLES)

@@ -205,3 +205,53 @@ def feature_map(frame: pd.DataFrame, forgotten: str) -> go.Figure:
     figure.for_each_annotation(lambda a: a.update(text=a.text.split("=")[-1]))
     figure.update_layout(margin={"t": 30})
     return figure
+
+
+ARCHITECTURE_COLOURS = {"kept": "share of its output channels kept",
+                        "fidelity": "share of its output energy kept (refit)",
+                        "alone": "accuracy when only its group is pruned",
+                        "ms": "time per batch (ms)"}
+_GROUP_PALETTE = px.colors.qualitative.Bold
+
+
+def architecture(nodes: pd.DataFrame, edges: pd.DataFrame, colour: str) -> go.Figure:
+    """The layers left to right in forward order, filled by `colour` (a column of `nodes`, see
+    ARCHITECTURE_COLOURS); each coupled channel group has one outline colour, and its channels'
+    paths from producers to consumers are arcs in that colour (taller for longer jumps)."""
+    position = {layer: i for i, layer in enumerate(nodes["layer"])}
+    groups = list(dict.fromkeys(g for g in nodes["writes"] if g))
+    tint = {g: _GROUP_PALETTE[i % len(_GROUP_PALETTE)] for i, g in enumerate(groups)}
+    figure = go.Figure()
+    for group, rows in edges.groupby("group", sort=False):
+        x, y = [], []
+        for source, target in zip(rows["source"], rows["target"]):
+            start, end = position[source], position[target]
+            t = np.linspace(0, 1, 24)
+            x += list(start + (end - start) * t) + [None]
+            y += list(0.12 * (end - start) ** 0.7 * np.sin(np.pi * t)) + [None]
+        figure.add_scatter(x=x, y=y, mode="lines", hoverinfo="skip", showlegend=False,
+                           line={"color": tint.get(group, "#999"), "width": 1.5})
+    hover = [f"<b>{r.name}</b> ({r.layer})<br>{r.shape}<br>{r.macs:,} MACs / input"
+             f"<br>channels kept: {r.kept:.0%}"
+             + ("" if np.isnan(r.fidelity) else f"<br>output energy kept: {r.fidelity:.1%}")
+             + (f"<br>accuracy, only its group pruned: {r.alone:.2%}"
+                if "alone" in nodes and not np.isnan(r.alone) else "")
+             + (f"<br>time: {r.ms:.2f} ms" if "ms" in nodes and not np.isnan(r.ms) else "")
+             for r in nodes.itertuples()]
+    values = nodes[colour]
+    # Shares run from 0 (or the lowest fidelity) to 1; accuracies and times over their own span.
+    low = 0.0 if colour in ("kept", "ms") else float(np.nanmin(values))
+    high = 1.0 if colour in ("kept", "fidelity") else float(np.nanmax(values))
+    figure.add_scatter(
+        x=list(range(len(nodes))), y=[0] * len(nodes), mode="markers", showlegend=False,
+        hovertext=hover, hoverinfo="text",
+        marker={"symbol": "square", "size": 26, "color": values, "colorscale": "Viridis",
+                "cmin": low, "cmax": max(high, low + 1e-9),
+                "colorbar": {"title": ARCHITECTURE_COLOURS[colour], "len": 0.8},
+                "line": {"width": 4, "color": [tint.get(g, "#bbb") for g in nodes["writes"]]}})
+    figure.update_xaxes(tickmode="array", tickvals=list(range(len(nodes))),
+                        ticktext=list(nodes["name"]), tickangle=-40, showgrid=False,
+                        zeroline=False)
+    figure.update_yaxes(visible=False, range=[-0.1, 0.05 + 0.12 * max(1, len(nodes)) ** 0.7])
+    figure.update_layout(height=340, margin={"t": 10, "b": 120}, plot_bgcolor="white")
+    return figure

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +20,7 @@ from modhifi.moments import LayerMoments, collect_moments
 from modhifi.options import FLOOR, ROUND_TO, Allocation, Compensation, Method, Scope, TargetKind
 from modhifi.prune.apply import compensate, cut_channels, kept_inputs, recalibrate_batchnorm
 from modhifi.prune.importance import Evidence, Ranking, rank
-from modhifi.prune.plan import (PrunePlan, in_scope, most, plan_pruning,
+from modhifi.prune.plan import (PrunePlan, check_overrides, in_scope, most, plan_pruning,
                                  removed_share)
 from modhifi.prune.structure import Structure, trace_structure
 
@@ -56,20 +56,22 @@ class Analysis:
     def plan(self, target: float, *, target_kind: TargetKind = "channels",
              allocation: Allocation = "uniform", method: Method = "modhifi",
              scope: Scope = "all", floor: float = FLOOR, round_to: int = ROUND_TO,
-             seed: int = 0) -> PrunePlan:
+             seed: int = 0, overrides: Mapping[str, float] | None = None) -> PrunePlan:
         """The plan that removes at least `target` of the channels (or of the MACs); the
         arguments are `plan.plan_pruning`'s, `seed` the random baseline's."""
         return plan_pruning(self.structure, self.ranking(method, seed=seed), target,
                             method=method, target_kind=target_kind, allocation=allocation,
-                            scope=scope, floor=floor, round_to=round_to)
+                            scope=scope, floor=floor, round_to=round_to, overrides=overrides)
 
     def most(self, *, target_kind: TargetKind = "channels", allocation: Allocation = "uniform",
              method: Method = "modhifi", scope: Scope = "all", floor: float = FLOOR,
-             round_to: int = ROUND_TO, seed: int = 0) -> float:
+             round_to: int = ROUND_TO, seed: int = 0,
+             overrides: Mapping[str, float] | None = None) -> float:
         """The largest target a plan with these options can reach (`plan`'s arguments)."""
         rankings = in_scope(self.structure, self.ranking(method, seed=seed), scope)
+        check_overrides(rankings, overrides)
         return most(removed_share(self.structure, rankings, target_kind, allocation, floor,
-                                  round_to))
+                                  round_to, overrides))
 
     def apply(self, plan: PrunePlan, *, compensation: Compensation = "refit",
               recalibrate: bool = True) -> nn.Module:

@@ -5,7 +5,7 @@ parameters it leads to, shown before anything changes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import pandas as pd
@@ -74,13 +74,17 @@ class PrunePlan:
 
 
 def kept_counts(rankings: dict[str, Ranking], knob: float, allocation: Allocation,
-                 floor: float, round_to: int) -> dict[str, int]:
-    """Channels each group keeps at pruning strength `knob` in [0, 1]."""
+                 floor: float, round_to: int,
+                 overrides: Mapping[str, float] | None = None) -> dict[str, int]:
+    """Channels each group keeps at pruning strength `knob` in [0, 1]; a group in `overrides`
+    loses its own share whatever the knob (still above the floor, rounded the same way)."""
     kept = {}
     for name, ranking in rankings.items():
         size = len(ranking.order)
         least = max(1, math.ceil(floor * size))
-        if allocation == "uniform":
+        if name in (overrides or {}):
+            count = max(least, size - round(overrides[name] * size))
+        elif allocation == "uniform":
             count = max(least, size - round(knob * size))
         else:  # global: one threshold on the normalised score across groups
             count = max(least, sum(s >= knob for s in ranking.score))
@@ -101,13 +105,13 @@ def in_scope(structure: Structure, rankings: dict[str, Ranking],
 
 
 def removed_share(structure: Structure, rankings: dict[str, Ranking], target_kind: TargetKind,
-                  allocation: Allocation, floor: float,
-                  round_to: int) -> Callable[[float], float]:
+                  allocation: Allocation, floor: float, round_to: int,
+                  overrides: Mapping[str, float] | None = None) -> Callable[[float], float]:
     """knob -> the share of the channels (or of the MACs) that `kept_counts` removes."""
     total = sum(len(r.order) for r in rankings.values())
 
     def share(knob: float) -> float:
-        kept = kept_counts(rankings, knob, allocation, floor, round_to)
+        kept = kept_counts(rankings, knob, allocation, floor, round_to, overrides)
         if target_kind == "channels":
             return 1 - sum(kept.values()) / total
         return 1 - structure.cost(kept)[0] / structure.macs
@@ -146,7 +150,8 @@ def most(removed: Callable[[float], float]) -> float:
 def plan_pruning(structure: Structure, rankings: dict[str, Ranking], target: float, *,
                  method: str, target_kind: TargetKind = "channels",
                  allocation: Allocation = "uniform", scope: Scope = "all", floor: float = FLOOR,
-                 round_to: int = ROUND_TO) -> PrunePlan:
+                 round_to: int = ROUND_TO,
+                 overrides: Mapping[str, float] | None = None) -> PrunePlan:
     """The plan that removes at least `target` of the channels (or of the MACs).
 
     Args:
@@ -163,6 +168,9 @@ def plan_pruning(structure: Structure, rankings: dict[str, Ranking], target: flo
         round_to: kept channels per group are rounded up to a multiple of this (1 = exact
             counts); multiples of 8 run measurably faster on CPUs and GPUs, multiples of 16
             on CPUs with AVX-512 (docs/results.md, "speed").
+        overrides: group name -> the share of that group to remove, whatever the target; the
+            other groups are pruned as far as the target still needs (a target the overrides
+            already meet leaves them whole).
     """
     check_target(target)
     check(Allocation, allocation)
@@ -171,9 +179,11 @@ def plan_pruning(structure: Structure, rankings: dict[str, Ranking], target: flo
     check_whole("--round-to", round_to, WHY_ROUND_TO)
     check_fraction("floor", floor, why=WHY_FLOOR)
     rankings = in_scope(structure, rankings, scope)
-    removed = removed_share(structure, rankings, target_kind, allocation, floor, round_to)
+    check_overrides(rankings, overrides)
+    removed = removed_share(structure, rankings, target_kind, allocation, floor, round_to,
+                            overrides)
     knob = least_knob(removed, target, what=TARGET_UNITS[target_kind])
-    kept = kept_counts(rankings, knob, allocation, floor, round_to)
+    kept = kept_counts(rankings, knob, allocation, floor, round_to, overrides)
     groups = tuple(GroupPlan(g.name, g.size,
                              tuple(sorted(rankings[g.name].order[:kept[g.name]])),
                              tuple(sorted(rankings[g.name].order[kept[g.name]:])))
@@ -181,3 +191,13 @@ def plan_pruning(structure: Structure, rankings: dict[str, Ranking], target: flo
     macs, params = structure.cost(kept)
     return PrunePlan(method, target, target_kind, allocation, scope, groups,
                      structure.macs, macs, structure.params, params)
+
+
+def check_overrides(rankings: dict[str, Ranking], overrides: Mapping[str, float] | None) -> None:
+    """Every override names a group in scope and a share in [0, 1)."""
+    for name, share in (overrides or {}).items():
+        if name not in rankings:
+            raise UserError(f"override {name!r} is not a channel group in scope; use one of "
+                            f"{', '.join(rankings)}")
+        check_fraction(f"override of {name}", share,
+                       why="the share of that group removed whatever the target")
