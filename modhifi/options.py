@@ -90,6 +90,7 @@ WHY_K = ("the share of each layer's (output, input) pairs edited, e.g. --k 0.03;
          "to choose it automatically")
 WHY_FORGET_TARGET = "the highest forget-class accuracy the chosen k may leave, e.g. 0.05"
 WHY_FLOOR = "the share of each channel group always kept"
+WHY_OVERRIDE = "the share of that group removed whatever the target"
 
 
 def check(kind, value: str) -> str:

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 
 from modhifi.errors import UserError
 from modhifi.options import (FLOOR, REFERENCE_SAMPLES, RETAIN_SAMPLES, ROUND_TO, UNLEARN_BATCH,
-                             WHY_FLOOR, WHY_FORGET_TARGET, WHY_K, WHY_ROUND_TO, Allocation,
-                             Compensation, Component, Edit, Method, Scope, Score, TargetKind, check,
-                             check_fraction, check_target, check_whole, default_compensation)
+                             WHY_FLOOR, WHY_FORGET_TARGET, WHY_K, WHY_OVERRIDE, WHY_ROUND_TO,
+                             Allocation, Compensation, Component, Edit, Method, Scope, Score,
+                             TargetKind, check, check_fraction, check_target, check_whole,
+                             default_compensation)
 
 SEPARATOR = "|"  # ModelRef's string form: NAME, or PATH|ARCH|DATA (ARCH may be empty)
 _MODEL_FORM = ("use a zoo name (e.g. digits-cnn) or PATH|ARCH|DATA "
@@ -108,13 +109,16 @@ class PruneRequest:
         check(Compensation, self.compensation)
         if not isinstance(self.recalibrate, bool):
             raise UserError(f"recalibrate {self.recalibrate!r} must be True or False")
+        object.__setattr__(self, "overrides", tuple(
+            (str(group), check_fraction(f"override of {group}", share, why=WHY_OVERRIDE))
+            for group, share in self.overrides))
 
     def plan_kwargs(self) -> dict:
         """Keyword arguments of `Analysis.plan`."""
         return {"target": self.target, "target_kind": self.target_kind,
                 "allocation": self.allocation, "method": self.method, "scope": self.scope,
                 "floor": self.floor, "round_to": self.round_to, "seed": self.seed,
-                "overrides": dict(self.overrides)}
+                "overrides": dict(self.overrides) or None}
 
     def apply_kwargs(self) -> dict:
         """Keyword arguments of `Analysis.apply` (add the plan)."""

@@ -98,6 +98,7 @@ def test_a_bad_model_string_is_one_line_naming_the_fix(text, words):
     (lambda: UnlearnRequest(forget_class=1, target_forget_accuracy=2), "target forget accuracy 2"),
     (lambda: UnlearnRequest(forget_class=1, retain_samples=0), "retain samples 0"),
     (lambda: UnlearnRequest(forget_class=1, batch_size=0), "batch size 0"),
+    (lambda: PruneRequest(target=0.5, overrides=(("3", 1.5),)), "override of 3 1.5"),
     (lambda: ModelRef("a.pt", arch="res|net", data="digits"), "model arch 'res|net'"),
 ])
 def test_a_bad_value_is_refused_in_one_line(make, words):

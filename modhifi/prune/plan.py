@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import pandas as pd
 
 from modhifi.errors import UserError
-from modhifi.options import (FLOOR, ROUND_TO, WHY_FLOOR, WHY_ROUND_TO, Allocation, Scope,
-                             TargetKind, check, check_fraction, check_target, check_whole)
+from modhifi.options import (FLOOR, ROUND_TO, WHY_FLOOR, WHY_OVERRIDE, WHY_ROUND_TO, Allocation,
+                             Scope, TargetKind, check, check_fraction, check_target, check_whole)
 from modhifi.prune.importance import Ranking
 from modhifi.prune.structure import Structure
 
@@ -199,5 +199,4 @@ def check_overrides(rankings: dict[str, Ranking], overrides: Mapping[str, float]
         if name not in rankings:
             raise UserError(f"override {name!r} is not a channel group in scope; use one of "
                             f"{', '.join(rankings)}")
-        check_fraction(f"override of {name}", share,
-                       why="the share of that group removed whatever the target")
+        check_fraction(f"override of {name}", share, why=WHY_OVERRIDE)
