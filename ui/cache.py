@@ -214,8 +214,7 @@ def group_table(selection: Selection, options: PruneRequest) -> pd.DataFrame:
         "group": [g.name for g in groups],
         "layers": [", ".join(map(architecture.readable, studied.structure.group(g.name).producers))
                    for g in groups],
-        "channels": [g.size for g in groups], "remove": [None] * len(groups)}, dtype=object
-    ).astype({"channels": int, "remove": float})
+        "channels": [g.size for g in groups], "remove": float("nan")})
 
 
 @st.cache_data(show_spinner="Pruning each group alone, evaluating each…",

@@ -52,7 +52,6 @@ class Architecture:
 def architecture(analysis: Analysis, plan: PrunePlan | None = None) -> Architecture:
     """The layers of `analysis.model` and what `plan` (none: the dense model) does to them."""
     structure, model = analysis.structure, analysis.model
-    groups = {g.name: g for g in structure.groups}
     kept_share = {g.name: len(g.kept) / g.size for g in (plan.groups if plan else ())}
     kept = kept_inputs(structure, model, plan.removed_channels()) if plan else {}
     rows = []
@@ -73,7 +72,7 @@ def architecture(analysis: Analysis, plan: PrunePlan | None = None) -> Architect
     # A residual stream's group also lists the consumers called before a producer that adds
     # into it (a block's first conv reads the stream its own last conv later adds to): no flow.
     position = {name: i for i, name in enumerate(structure.order)}
-    edges = [(producer, consumer, g.name) for g in groups.values()
+    edges = [(producer, consumer, g.name) for g in structure.groups
              for producer in g.producers for consumer, _ in g.consumers
              if position.get(producer, -1) < position.get(consumer, -1)]
     return Architecture(pd.DataFrame(rows),

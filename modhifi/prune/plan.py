@@ -194,7 +194,7 @@ def plan_pruning(structure: Structure, rankings: dict[str, Ranking], target: flo
 
 
 def check_overrides(rankings: dict[str, Ranking], overrides: Mapping[str, float] | None) -> None:
-    """Every override names a group in scope and a share in [0, 1)."""
+    """Every override names a group in scope and a share in [0, 1] (the floor is kept)."""
     for name, share in (overrides or {}).items():
         if name not in rankings:
             raise UserError(f"override {name!r} is not a channel group in scope; use one of "
