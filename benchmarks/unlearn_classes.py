@@ -7,6 +7,7 @@ row per class to docs/benchmarks/unlearn_<model>.csv, then prints a summary line
     .venv/bin/python benchmarks/unlearn_classes.py --model fmnist-resnet
     .venv/bin/python benchmarks/unlearn_classes.py --summary  # docs/benchmarks/unlearn_classes.md
     .venv/bin/python benchmarks/unlearn_classes.py --quick    # 2 classes, into a temporary file
+    .venv/bin/python benchmarks/unlearn_classes.py --model digits-cnn --reference  # + retrained
 """
 from __future__ import annotations
 
@@ -14,18 +15,19 @@ import argparse
 import csv
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pandas as pd
 import torch
 from _table import markdown
 
-from modhifi.audit import model_outputs
+from modhifi.audit import agreement, audit, model_outputs
 from modhifi.backend import choose_backend
 from modhifi.errors import UserError
 from modhifi.options import DeviceChoice, Edit, choices
 from modhifi.unlearn import unlearn
-from modhifi.zoo import open_subject
+from modhifi.zoo import open_subject, retrained_without
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("fmnist-resnet", "fmnist-vgg", "fmnist-vit")
@@ -36,6 +38,10 @@ COLUMNS = ("forget_class", "class_name", "score", "edit", "layers", "k",
            "forget_accuracy_before", "forget_accuracy_after", "retain_accuracy_before",
            "retain_accuracy_after", "retain_drop", "test_accuracy_before", "test_accuracy_after",
            "mia_before", "mia_after", "probe_accuracy_before", "probe_accuracy_after", "seconds")
+# With --reference: the model retrained without the class, and how alike the edit predicts.
+REFERENCE_COLUMNS = ("retrained_forget_accuracy", "retrained_retain_accuracy", "retrained_mia",
+                     "retrained_probe_accuracy", "same_as_retrained_forget",
+                     "same_as_retrained_retain", "retrain_seconds")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="CSV path (default: docs/benchmarks/unlearn_<model>.csv)")
     parser.add_argument("--quick", action="store_true",
                         help=f"classes {QUICK_CLASSES} only, into a temporary CSV unless --out")
+    parser.add_argument("--reference", action="store_true",
+                        help="also retrain the model without each class (zoo models that train "
+                             "in seconds) and compare the edit with it")
     parser.add_argument("--summary", action="store_true",
                         help=f"only write {SUMMARY.name} from the CSVs of {', '.join(MODELS)}")
     args = parser.parse_args(argv)
@@ -71,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         # The original model's test logits and probe do not depend on the forget class.
         before = model_outputs(model, dataset, device=backend.device)
+        columns = COLUMNS + (REFERENCE_COLUMNS if args.reference else ())
         rows = []
         for forget_class in classes:
             result = unlearn(model, dataset, forget_class=forget_class, device=backend.device,
@@ -83,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
                        retain_drop=row["retain_accuracy_before"] - row["retain_accuracy_after"],
                        test_accuracy_before=result.before.test_accuracy,
                        test_accuracy_after=result.after.test_accuracy)
-            rows.append({key: row[key] for key in COLUMNS})
-            print("  ".join(f"{key}={_fmt(rows[-1][key])}" for key in COLUMNS), flush=True)
+            if args.reference:
+                row.update(_against_retrained(args.model, dataset, forget_class, result.model,
+                                              backend.device))
+            rows.append({key: row[key] for key in columns})
+            print("  ".join(f"{key}={_fmt(rows[-1][key])}" for key in columns), flush=True)
     except UserError as error:
         print(f"unlearn_classes: error: {error}", file=sys.stderr)
         return 2
@@ -93,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                        else ROOT / "docs" / "benchmarks" / f"unlearn_{args.model}.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows({key: _fmt(value) for key, value in row.items()} for row in rows)
     drops = [row["retain_drop"] for row in rows]
@@ -143,6 +156,21 @@ NOTES = (
     "mean retain drop 2.35 points (max 8.0); fmnist-vgg max forget 49.1%, mean drop 6.7; "
     "fmnist-vit max forget 97.5%.",
 )
+
+
+def _against_retrained(name: str, dataset, forget_class: int, edited, device) -> dict:
+    """The REFERENCE_COLUMNS of one class: retrain without it, audit, compare predictions."""
+    begin = time.perf_counter()
+    reference = retrained_without(name, dataset, forget_class, device=device)
+    seconds = time.perf_counter() - begin
+    figures = audit(reference, dataset, forget_class=forget_class, device=device)
+    same = agreement(edited, reference, dataset.test, forget_class=forget_class, device=device)
+    return {"retrained_forget_accuracy": figures.forget_accuracy,
+            "retrained_retain_accuracy": figures.retain_accuracy,
+            "retrained_mia": figures.mia_auc,
+            "retrained_probe_accuracy": figures.probe_forget_accuracy,
+            "same_as_retrained_forget": same.forget, "same_as_retrained_retain": same.retain,
+            "retrain_seconds": seconds}
 
 
 def write_summary() -> None:

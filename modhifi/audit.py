@@ -20,7 +20,7 @@ from modhifi.data import Dataset, Split
 from modhifi.errors import UserError
 from modhifi.trace import classifier_name, forward_order
 from modhifi.hooks import hooked
-from modhifi.metrics import Evaluation, evaluation_from
+from modhifi.metrics import Evaluation, evaluation_from, predict
 
 
 def attack_features(logits: Tensor, labels: Tensor) -> Tensor:
@@ -192,6 +192,25 @@ def audit(model: nn.Module, dataset: Dataset, *, forget_class: int, device: torc
                  test_accuracy=evaluation.accuracy, per_class=evaluation.per_class, mia_auc=mia,
                  probe_forget_accuracy=outputs.probe.per_class[forget_class],
                  probe_accuracy=outputs.probe.accuracy)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How alike two models predict the test split: the edited model against the model
+    retrained without the forget class, say."""
+
+    forget: float  # share of the forget class's test images given the same prediction
+    retain: float  # the same share over every other class's test images
+
+
+def agreement(model: nn.Module, reference: nn.Module, split: Split, *, forget_class: int,
+              device: torch.device | str, batch_size: int = 256) -> Agreement:
+    """The `Agreement` of `model` with `reference` (both in eval mode on `device`) on `split`."""
+    same = (predict(model, split, device=device, batch_size=batch_size).argmax(1)
+            == predict(reference, split, device=device, batch_size=batch_size).argmax(1))  # (N,)
+    is_forget = split.labels == forget_class
+    return Agreement(forget=float(same[is_forget].float().mean()),
+                     retain=float(same[~is_forget].float().mean()))
 
 
 def membership_scores(model: nn.Module, dataset: Dataset, *, forget_class: int,

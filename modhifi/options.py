@@ -45,6 +45,7 @@ ROUND_TO = 8      # kept channels per group: a multiple of this (docs/results.md
 REFERENCE_SAMPLES = 1000  # ModHiFi-U: calibration images of all classes that centre the scores
 RETAIN_SAMPLES = 512      # ModHiFi-U: other-class calibration images that judge retain damage
 UNLEARN_BATCH = 128       # ModHiFi-U: images per forward pass
+RETRAIN_REFERENCE_SECONDS = 10  # zoo models that train within this (CPU) are retrained as reference
 CALIBRATION_CLI = 2000   # calibration images the CLI reads by default (or all, if fewer)
 CALIBRATION_THEORY = 500  # the theory report's default
 CALIBRATION_TEXT = 512   # calibration texts a text model's commands read by default

@@ -1,12 +1,15 @@
-"""Training of the zoo models (the only place in the library that uses labels and gradients).
+"""Training of the zoo models, and of the references unlearning is compared to (the only place
+in the library besides the audit that uses labels, and the only one that uses gradients).
 
 Seeded, one-cycle schedule, light augmentation (random 2-pixel shifts, horizontal flips).
 """
 from __future__ import annotations
 
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -45,10 +48,32 @@ def augment(images: torch.Tensor, *, shift: int, flip: bool, generator: torch.Ge
     return images
 
 
-def train(model: nn.Module, split: Split, *, config: TrainConfig,
-          log: Callable[[str], None] = print) -> float:
+# Initial weights (and dropout) come from torch's process-wide generator.
+_GLOBAL_GENERATOR = threading.Lock()
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Torch's global CPU generator seeded with `seed` inside the block and put back after it.
+    One such block at a time: on a server, two trainings never interleave their draws and the
+    other threads find the generator as they left it."""
+    with _GLOBAL_GENERATOR, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def train(build: Callable[[], nn.Module], split: Split, *, config: TrainConfig,
+          log: Callable[[str], None] = print) -> tuple[nn.Module, float]:
+    """A new model from `build`, trained on `split` (on the CPU) from initial weights drawn with
+    `config.seed`; returns it in eval mode and the training's wall time in seconds."""
+    with seeded(config.seed), torch.enable_grad():  # also when called under inference_mode
+        model = build()
+        return model, _fit(model, split, config=config, log=log)
+
+
+def _fit(model: nn.Module, split: Split, *, config: TrainConfig,
+         log: Callable[[str], None]) -> float:
     """Train `model` in place on `split`; returns the wall time in seconds."""
-    torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     steps = config.epochs * -(-len(split) // config.batch_size)
     if config.optimizer == "sgd":

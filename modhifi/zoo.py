@@ -24,7 +24,8 @@ from torch import nn
 from modhifi import nets
 from modhifi.data import Dataset, load_dataset
 from modhifi.errors import UserError
-from modhifi.training import TrainConfig
+from modhifi.options import RETRAIN_REFERENCE_SECONDS
+from modhifi.training import TrainConfig, train
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 CHECKPOINT_FORMAT = "modhifi-checkpoint/1"
@@ -357,13 +358,11 @@ def train_zoo_model(name: str) -> dict:
     """Train a zoo model from scratch on its dataset; save checkpoint and card; return the card."""
     from modhifi.backend import choose_backend
     from modhifi.metrics import count_cost, evaluate
-    from modhifi.training import train
 
     entry = ZOO[name]
     dataset = load_dataset(entry.dataset)
-    model = entry.build()
-    seconds = train(model, dataset.train, config=entry.train,
-                    log=lambda line: print(f"[{name}] {line}", file=sys.stderr, flush=True))
+    model, seconds = train(entry.build, dataset.train, config=entry.train,
+                           log=lambda line: print(f"[{name}] {line}", file=sys.stderr, flush=True))
     cpu = choose_backend("cpu")
     result = evaluate(model, dataset.test, device=cpu.device, num_classes=dataset.num_classes)
     cost = count_cost(model, dataset.input_shape)
@@ -376,6 +375,28 @@ def train_zoo_model(name: str) -> dict:
     save_checkpoint(entry.checkpoint, model, arch=name)
     write_atomically(entry.card, lambda p: p.write_text(json.dumps(card, indent=2) + "\n"))
     return card
+
+
+def retrainable(spec: str) -> bool:
+    """Whether zoo model `spec` trains fast enough (its card's training time on the CPU) to be
+    retrained without a class as the reference of an unlearning edit."""
+    seconds = model_card(spec).get("training_seconds") if spec in ZOO else None
+    return seconds is not None and seconds <= RETRAIN_REFERENCE_SECONDS
+
+
+def retrained_without(spec: str, dataset: Dataset, forget_class: int, *,
+                      device: torch.device | str) -> nn.Module:
+    """Unlearning's gold standard: zoo model `spec` trained again from scratch, by its own recipe
+    and seed, on its training split without any image of `forget_class` (a model that never saw
+    the class). Trained on the CPU; returned in eval mode on `device`."""
+    if not retrainable(spec):
+        raise UserError(f"{spec!r} is not a zoo model that trains within "
+                        f"{RETRAIN_REFERENCE_SECONDS} s; compare with retraining only on one "
+                        f"of: {', '.join(name for name in ZOO if retrainable(name))}")
+    split = dataset.train
+    model, _ = train(ZOO[spec].build, split.subset(split.labels != forget_class),
+                     config=ZOO[spec].train, log=lambda line: None)
+    return model.to(device)
 
 
 def main(argv: list[str]) -> int:

@@ -44,7 +44,8 @@ def render() -> None:
     st.write("Wiatowski & Bölcskei: with Lipschitz non-linearities and pooling, deeper features "
              "change less under small translations and smooth deformations. Below, the relative "
              "change of each layer's output for 1–4 pixel shifts and small deformations, in the "
-             "dense model and in the model pruned to half its MACs.")
+             "dense model and in the model pruned to half its MACs (or as far as the model "
+             "allows: the legend says).")
     st.plotly_chart(figures.invariance(cache.invariance(chosen)),
                     width="stretch")
 

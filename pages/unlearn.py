@@ -1,5 +1,4 @@
 """Unlearn: make the model forget one class without fine-tuning, and audit what remains."""
-import pandas as pd
 import streamlit as st
 
 from modhifi.options import Edit, choices
@@ -87,7 +86,10 @@ def render() -> None:
                    "model's channels belong to this class alone, so forgetting it costs the "
                    "others. A larger model, or a forget target above 0, spares them.")
 
-    per_class = result.per_class_frame().melt(id_vars="class", var_name="when", value_name="accuracy")
+    audit_table, per_class = cache.unlearn_tables(opened, request)
+    if cache.retrainable(opened):
+        retrained(opened, request, classes)
+
     left, right = st.columns(2)
     left.subheader("Per-class accuracy")
     left.plotly_chart(figures.class_bars(per_class, highlight=classes[forget]), width="stretch")
@@ -99,7 +101,8 @@ def render() -> None:
     left, right = st.columns(2)
     left.caption("The membership attack's evidence: the loss on the forgotten class's training "
                  "images (members) and test images (non-members). Where the two overlap, the "
-                 "attack cannot tell whether an image was trained on.")
+                 "attack cannot tell whether an image was trained on. The retrained model, "
+                 "where shown, never trained on either: how the two look with no trace left.")
     left.plotly_chart(figures.membership(cache.membership(opened, request)), width="stretch")
     right.caption("The classifier's input features of the forgotten class and three others, on "
                   "the two main axes of the model before the edit: a cloud that stays apart "
@@ -112,10 +115,30 @@ def render() -> None:
     for col, row in zip(st.columns(len(examples)), examples.itertuples()):
         col.image(row.image, clamp=True, width="stretch")
         col.caption(f"before: {row.before}  \nafter: {row.after}")
-    st.dataframe(pd.DataFrame(result.to_frame()), hide_index=True)
+    st.dataframe(audit_table, hide_index=True)
     stem = page.download_stem(opened.model, f"forget-{classes[request.forget_class]}")
     st.download_button("Edited model (.pt)", cache.unlearned_download(opened, request),
                        f"{stem}.pt", key=keys.UNLEARN_DOWNLOAD)
+
+
+def retrained(opened: cache.Opened, request: UnlearnRequest, classes: list[str]) -> None:
+    """The edit beside the gold standard: the same model trained again without the class."""
+    name = classes[request.forget_class]
+    st.subheader("Against retraining without the class")
+    reference = cache.retrained_audit(opened, request.forget_class)
+    agreement = cache.retrained_agreement(opened, request)
+    st.caption(f"{opened.model.spec} trains in seconds, so the page trains it again from scratch "
+               f"(same recipe and seed) on its training images without any “{name}”: what a model "
+               "that never saw the class does. An edit that forgets well predicts like it; "
+               "its probe accuracy and attack AUC are what remains even with no trace of "
+               "training on the class (the probe reads features learnt from the other classes).")
+    cols = st.columns(4)
+    cols[0].metric("Retrained: forget accuracy", f"{reference.forget_accuracy:.1%}")
+    cols[1].metric("Retrained: retain accuracy", f"{reference.retain_accuracy:.2%}")
+    cols[2].metric(f"Same prediction as retrained: “{name}”", f"{agreement.forget:.1%}",
+                   help="Share of the forgotten class's test images the edited model sends to "
+                        "the class the retrained model picks.")
+    cols[3].metric("Same prediction as retrained: other classes", f"{agreement.retain:.1%}")
 
 
 page.guarded(render)

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
 PAGES = ["pages/overview.py", "pages/fidelity.py", "pages/prune.py", "pages/unlearn.py",
          "pages/theory.py"]
+OTHER_ZOO_MODELS = ["fmnist-resnet", "fmnist-vgg", "fmnist-vit"]  # digits-cnn: every test here
 
 
 def open_page(page: str, **state) -> AppTest:
@@ -41,6 +42,16 @@ def test_every_page_renders_without_exception(page):
     app = open_page(page)
     assert not app.exception and not app.error
     assert app.title[0].value
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("model", OTHER_ZOO_MODELS)
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_for_every_zoo_model(page, model):
+    """The default view of every page, on the Fashion-MNIST models too (opt in: -m zoo)."""
+    app = open_page(page, **{"sidebar.model": model})
+    assert not app.exception and not app.error
+    assert app.title[0].value and app.metric
 
 
 def test_overview_shows_accuracy_macs_params_latency():
@@ -438,6 +449,32 @@ def test_the_unlearn_page_draws_the_attack_evidence_and_the_feature_plane():
     assert {"member", "non-member"} in names  # the membership histograms
     forgotten = [t for chart in charts for t in chart if t.get("marker", {}).get("symbol") == "x"]
     assert forgotten and all(t["name"].startswith("0") for t in forgotten)  # class "0", crosses
+
+
+def test_the_unlearn_page_compares_the_edit_with_the_model_retrained_without_the_class():
+    """digits-cnn trains in seconds: the page shows the retrained model's audit, the edit's
+    agreement with it, and a retrained column and histogram, equal to the library's."""
+    from modhifi import audit, zoo
+    from modhifi.unlearn import unlearn
+
+    app = open_page("pages/unlearn.py", **{"unlearn.class": 7})
+    assert not app.exception and not app.error
+    digits = zoo.open_subject("digits-cnn", device="cpu")
+    reference = zoo.retrained_without("digits-cnn", digits.dataset, 7, device="cpu")
+    expected = audit.audit(reference, digits.dataset, forget_class=7, device="cpu")
+    edited = unlearn(digits.loaded.model, digits.dataset, forget_class=7, device="cpu").model
+    same = audit.agreement(edited, reference, digits.dataset.test, forget_class=7, device="cpu")
+    shown = metrics(app)
+    assert shown["Retrained: forget accuracy"] == f"{expected.forget_accuracy:.1%}"
+    assert shown["Retrained: retain accuracy"] == f"{expected.retain_accuracy:.2%}"
+    assert shown["Same prediction as retrained: “7”"] == f"{same.forget:.1%}"
+    assert shown["Same prediction as retrained: other classes"] == f"{same.retain:.1%}"
+    table = next(frame.value for frame in app.dataframe if "metric" in frame.value)
+    assert list(table.columns) == ["metric", "before", "after", "retrained"]
+    assert table["retrained"].iloc[0] == expected.forget_accuracy
+    charts = [json.loads(chart.proto.spec) for chart in app.get("plotly_chart")]
+    facets = [a["text"] for chart in charts for a in chart["layout"].get("annotations", [])]
+    assert "retrained" in facets  # the membership histograms' third panel
 
 
 def test_the_invariance_chart_has_one_legend_entry_per_model_and_amounts_in_pixels():

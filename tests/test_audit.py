@@ -137,3 +137,24 @@ def test_model_outputs_need_a_final_linear_classifier():
     with pytest.raises(UserError) as error:
         model_outputs(model, tiny_dataset(), device="cpu")
     assert "nn.Linear classifier" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_agreement_counts_same_predictions_per_group():
+    from modhifi.audit import agreement
+
+    data, forget = tiny_dataset(), 1
+    first, second = tiny_model(), tiny_model()
+    with torch.no_grad():
+        second[-1].bias += torch.tensor([0.0, -0.25, 0.0])  # some predictions move
+    result = agreement(first, second, data.test, forget_class=forget, device="cpu")
+    with torch.no_grad():  # one image at a time
+        pairs = [(int(first(data.test.normalise(x[None])).argmax()),
+                  int(second(data.test.normalise(x[None])).argmax()), int(y))
+                 for x, y in zip(data.test.images, data.test.labels)]
+    same = [a == b for a, b, _ in pairs]
+    in_forget = [y == forget for *_, y in pairs]
+    expected = (sum(s for s, f in zip(same, in_forget) if f) / sum(in_forget),
+                sum(s for s, f in zip(same, in_forget) if not f) / (len(pairs) - sum(in_forget)))
+    assert (result.forget, result.retain) == pytest.approx(expected)
+    assert 0 < sum(same) < len(same)  # the bias moved some predictions, not all
+    assert agreement(first, first, data.test, forget_class=forget, device="cpu").retain == 1.0

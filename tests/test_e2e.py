@@ -148,6 +148,22 @@ def test_pages_render_and_the_slider_updates_the_numbers(app_url, page, shots):
     assert Image.open(shots / "prune-moved.png").height > 1000  # the whole page, not the window
 
 
+@pytest.mark.zoo
+@pytest.mark.parametrize("model", ["fmnist-resnet", "fmnist-vgg", "fmnist-vit"])
+def test_every_page_of_every_zoo_model_renders_in_the_browser(app_url, browser, shots, model):
+    """The default view of every page on the Fashion-MNIST models (opt in: -m zoo): numbers,
+    no exception, no error box; a full-height screenshot of each."""
+    page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+    for name in ("", "fidelity", "prune", "unlearn", "theory"):
+        page.goto(f"{app_url}/{name}?model={model}")
+        page.wait_for_selector("[data-testid='stMetric']", timeout=300_000)
+        _settle(page, timeout=300)
+        assert not page.locator("[data-testid='stException']").count(), (model, name)
+        assert not page.locator("[data-testid='stAlertContentError']").count(), (model, name)
+        _shoot(page, shots / f"{model}-{name or 'overview'}.png")
+    page.context.close()
+
+
 def test_four_browsers_moving_sliders_at_once_each_see_their_own_numbers(app_url, browser):
     """Four visitors on one server move the Prune slider to different positions at the same
     moment; each sees exactly what the library computes for their position alone."""

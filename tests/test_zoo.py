@@ -89,3 +89,31 @@ def test_checkpoint_round_trip_is_atomic_and_exact(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary file left behind
     state = torch.load(tmp_path / "m.pt", weights_only=True)
     assert all(torch.equal(v, state["state_dict"][k]) for k, v in model.state_dict().items())
+
+
+def test_the_retrained_reference_is_the_recipe_on_the_split_without_the_class():
+    """Oracle: the zoo recipe run on a training split built image by image without the class;
+    the reference never predicts the class, keeps the others, and leaves torch's global
+    generator as it found it."""
+    from modhifi import training
+    from modhifi.audit import audit
+    from modhifi.zoo import retrainable, retrained_without
+
+    digits, forget = subject("digits-cnn"), 4
+    train = digits.dataset.train
+    state = torch.get_rng_state()
+    reference = retrained_without("digits-cnn", digits.dataset, forget, device="cpu")
+    assert torch.equal(torch.get_rng_state(), state)
+    keep = torch.tensor([i for i, label in enumerate(train.labels.tolist()) if label != forget])
+    oracle, _ = training.train(ZOO["digits-cnn"].build, train.subset(keep),
+                               config=ZOO["digits-cnn"].train, log=lambda line: None)
+    assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(),
+                                                 oracle.state_dict().values()))
+    assert not reference.training and all(p.grad is None for p in reference.parameters())
+    result = audit(reference, digits.dataset, forget_class=forget, device="cpu")
+    assert result.forget_accuracy == 0.0 and result.retain_accuracy > 0.9
+
+    assert retrainable("digits-cnn") and not retrainable("fmnist-resnet")
+    assert not retrainable("assets/digits-cnn.pt")
+    with pytest.raises(UserError, match="not a zoo model that trains within .* digits-cnn$"):
+        retrained_without("fmnist-resnet", digits.dataset, forget, device="cpu")

@@ -334,15 +334,62 @@ def unlearned_evaluation(opened: Opened, request: UnlearnRequest) -> metrics.Eva
     return _evaluate(opened, unlearned(opened, request).model, full=True)
 
 
-@st.cache_data(show_spinner="The membership attack's scores, before and after…",
-               max_entries=CACHED_TABLES)
-def membership(opened: Opened, request: UnlearnRequest) -> pd.DataFrame:
-    """Loss and confidence of the forget class's members and non-members, before and after."""
+def retrainable(opened: Opened) -> bool:
+    """Whether the Unlearn page can show the model retrained without the class beside the edit."""
+    return opened.model.arch is None and zoo.retrainable(opened.model.spec)
+
+
+@st.cache_resource(show_spinner="Retraining the model without the class: the reference…",
+                   max_entries=UNLEARNED_MODELS)
+def retrained(opened: Opened, forget_class: int):
+    """The zoo model trained again without `forget_class` (shared: never mutated)."""
     chosen = subject(opened)
-    models = {"before": chosen.loaded.model, "after": unlearned(opened, request).model}
+    return zoo.retrained_without(opened.model.spec, chosen.dataset, forget_class,
+                                 device=backend(opened.device).device)
+
+
+def _compared(opened: Opened, request: UnlearnRequest) -> dict:
+    """The models the Unlearn page compares: before, after the edit, and (where retraining is
+    cheap) retrained without the class."""
+    models = {"before": subject(opened).loaded.model, "after": unlearned(opened, request).model}
+    if retrainable(opened):
+        models["retrained"] = retrained(opened, request.forget_class)
+    return models
+
+
+@st.cache_data(show_spinner="Auditing the retrained model…", max_entries=CACHED_TABLES)
+def retrained_audit(opened: Opened, forget_class: int) -> audit.Audit:
+    """The retrained reference's audit."""
+    chosen = subject(opened)
+    return audit.audit(retrained(opened, forget_class), chosen.dataset, forget_class=forget_class,
+                       device=backend(opened.device).device)
+
+
+@st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)
+def retrained_agreement(opened: Opened, request: UnlearnRequest) -> audit.Agreement:
+    """How alike the edited and the retrained model predict the test split."""
+    return audit.agreement(unlearned(opened, request).model,
+                           retrained(opened, request.forget_class), subject(opened).dataset.test,
+                           forget_class=request.forget_class, device=backend(opened.device).device)
+
+
+@st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)
+def unlearn_tables(opened: Opened, request: UnlearnRequest) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The audit (metric, before, after[, retrained]) and per-class accuracy (class, when,
+    accuracy) tables of the Unlearn page."""
+    result = unlearned(opened, request)
+    reference = retrained_audit(opened, request.forget_class) if retrainable(opened) else None
+    return result.to_frame(reference), result.per_class_frame(reference).melt(
+        id_vars="class", var_name="when", value_name="accuracy")
+
+
+@st.cache_data(show_spinner="The membership attack's scores…", max_entries=CACHED_TABLES)
+def membership(opened: Opened, request: UnlearnRequest) -> pd.DataFrame:
+    """Loss and confidence of the forget class's members and non-members for each compared model."""
+    chosen = subject(opened)
     return pd.concat([audit.membership_scores(model, chosen.dataset, device=backend(
         opened.device).device, forget_class=request.forget_class).assign(model=name)
-        for name, model in models.items()], ignore_index=True)
+        for name, model in _compared(opened, request).items()], ignore_index=True)
 
 
 FEATURE_MAP_OTHERS = 3  # classes drawn beside the forgotten one
@@ -393,9 +440,11 @@ def local_global(selection: Selection, layer: str) -> theory.LocalGlobal:
                max_entries=CACHED_TABLES)
 def invariance(selection: Selection) -> pd.DataFrame:
     chosen, study = subject(selection.opened), analysis(selection)
-    half = study.apply(study.plan(0.5, target_kind="macs"))
+    share = min(0.5, study.most(target_kind="macs"))  # the ViT's FFNs hold 45% of its MACs
+    pruned = study.apply(study.plan(share, target_kind="macs"))
     images = next(chosen.dataset.test.batches(128, device=backend(selection.device).device))
-    return theory.invariance({"dense": chosen.loaded.model, "pruned (½ MACs)": half}, images)
+    return theory.invariance({"dense": chosen.loaded.model,
+                              f"pruned ({share:.0%} of MACs removed)": pruned}, images)
 
 
 @st.cache_data(show_spinner="Smallest HiFi sets, trained against untrained…",

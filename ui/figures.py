@@ -182,11 +182,12 @@ def channel_drivers(images: np.ndarray, maps: np.ndarray, strength: tuple[float,
 
 
 def membership(scores: pd.DataFrame) -> go.Figure:
-    """The attack's loss for members and non-members of the forget class, before and after:
-    overlapping histograms mean the attack cannot tell them apart."""
+    """The attack's loss for members and non-members of the forget class, before and after (and
+    for the model retrained without the class, when there is one): overlapping histograms mean
+    the attack cannot tell them apart."""
     figure = px.histogram(scores, x="loss", color="sample", facet_col="model", barmode="overlay",
                           histnorm="probability", opacity=0.6, nbins=40,
-                          category_orders={"model": ["before", "after"]},
+                          category_orders={"model": ["before", "after", "retrained"]},
                           labels={"loss": "cross-entropy loss on the true class"})
     figure.for_each_annotation(lambda a: a.update(text=a.text.split("=")[-1]))
     figure.update_layout(margin={"t": 30}, yaxis_title="share of images")

@@ -99,8 +99,13 @@ def _drivers(analysis: Analysis, layer: str, channel: int,
     seen: list[Tensor] = []  # per batch: (B, h, w) the channel's map
 
     def record(module, args) -> None:
-        x = args[0]  # (B, C, h, w) for a conv, (B, C) for a linear layer
-        seen.append((x[:, channel] if x.dim() == 4 else x[:, channel, None, None]).float().cpu())
+        x = args[0]  # (B, C, h, w) for a conv; (B, T, C) tokens or (B, C) for a linear layer
+        if x.dim() == 4:
+            seen.append(x[:, channel].float().cpu())
+        elif x.dim() == 3:  # along the tokens: a (B, 1, T) strip
+            seen.append(x[:, None, :, channel].float().cpu())
+        else:
+            seen.append(x[:, channel, None, None].float().cpu())
 
     with torch.inference_mode(), hooked(analysis.model, before={layer: record}) as run:
         for batch in analysis.calibration:

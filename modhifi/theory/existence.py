@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from modhifi.fidelity import LayerFidelity, hifi_size
 from modhifi.options import HIFI_LEVEL, HIFI_SHARE
 from modhifi.prune import Analysis, analyse, recalibrate_batchnorm
+from modhifi.training import seeded
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,8 +84,7 @@ def untrained_analysis(build: Callable[[], nn.Module], analysis: Analysis, *,
     the first `images` of `analysis`'s calibration data and analysed on them (the global RNG is
     left as it was). A few hundred images are plenty for the medians compared here (a conv
     layer sees thousands of patches per image) at a fraction of the full analysis's cost."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = build()
     device = analysis.calibration[0].device
     model = model.eval().to(device)

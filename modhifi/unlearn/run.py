@@ -22,6 +22,13 @@ from modhifi.unlearn.scores import ForgetScores, score_forget_class
 from modhifi.unlearn.search import choose_plan, other_classes
 
 
+# The audit's figures as the tables name them.
+AUDIT_FIGURES = {"forget_accuracy": "forget accuracy", "retain_accuracy": "retain accuracy",
+                 "test_accuracy": "test accuracy", "mia_auc": "membership attack AUC",
+                 "probe_forget_accuracy": "probe accuracy (forget class)",
+                 "probe_accuracy": "probe accuracy (all classes)"}
+
+
 @dataclass(frozen=True, eq=False)
 class UnlearnResult:
     """The edited model, what was changed, and the audit before and after."""
@@ -34,19 +41,22 @@ class UnlearnResult:
     seconds: float  # wall time of statistics + plan (including the choice of k) + edit
     classes: tuple[str, ...]
 
-    def to_frame(self) -> pd.DataFrame:
-        """One row per audit figure: metric, before, after."""
-        names = {"forget_accuracy": "forget accuracy", "retain_accuracy": "retain accuracy",
-                 "test_accuracy": "test accuracy", "mia_auc": "membership attack AUC",
-                 "probe_forget_accuracy": "probe accuracy (forget class)",
-                 "probe_accuracy": "probe accuracy (all classes)"}
-        return pd.DataFrame([{"metric": label, "before": getattr(self.before, key),
-                              "after": getattr(self.after, key)} for key, label in names.items()])
+    def _audits(self, reference: Audit | None) -> dict[str, Audit]:
+        return {"before": self.before, "after": self.after,
+                **({} if reference is None else {"retrained": reference})}
 
-    def per_class_frame(self) -> pd.DataFrame:
-        """One row per class: class, before, after (test accuracy)."""
-        return pd.DataFrame({"class": self.classes, "before": self.before.per_class,
-                             "after": self.after.per_class})
+    def to_frame(self, reference: Audit | None = None) -> pd.DataFrame:
+        """One row per audit figure: metric, before, after, and `reference`'s (the model
+        retrained without the class, say) as `retrained` when given."""
+        audits = self._audits(reference)
+        return pd.DataFrame([{"metric": label, **{name: getattr(figures, key)
+                                                  for name, figures in audits.items()}}
+                             for key, label in AUDIT_FIGURES.items()])
+
+    def per_class_frame(self, reference: Audit | None = None) -> pd.DataFrame:
+        """One row per class: class, before, after (and retrained) test accuracy."""
+        return pd.DataFrame({"class": self.classes, **{
+            name: figures.per_class for name, figures in self._audits(reference).items()}})
 
     def summary(self, *, model: str, device: str) -> dict:
         """The flat dict of the `unlearn` command (contract.md), given model and device names."""
