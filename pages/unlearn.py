@@ -135,10 +135,11 @@ def retrained(opened: cache.Opened, request: UnlearnRequest, classes: list[str])
     cols = st.columns(4)
     cols[0].metric("Retrained: forget accuracy", f"{reference.forget_accuracy:.1%}")
     cols[1].metric("Retrained: retain accuracy", f"{reference.retain_accuracy:.2%}")
-    cols[2].metric(f"Same prediction as retrained: “{name}”", f"{agreement.forget:.1%}",
-                   help="Share of the forgotten class's test images the edited model sends to "
-                        "the class the retrained model picks.")
-    cols[3].metric("Same prediction as retrained: other classes", f"{agreement.retain:.1%}")
+    cols[2].metric(f"Agrees with retrained: “{name}”", f"{agreement.forget:.1%}",
+                   help="Share of the forgotten class's test images for which the edited model "
+                        "predicts the class the retrained model predicts.")
+    cols[3].metric("Agrees with retrained: others", f"{agreement.retain:.1%}",
+                   help="The same share over the other classes' test images.")
 
 
 page.guarded(render)

@@ -372,6 +372,9 @@ def test_class_names_that_look_like_numbers_are_categories_and_the_forgotten_one
     figure = figures.class_bars(frame, highlight="3")
     assert figure.layout.xaxis.type == "category"
     assert [shape.x0 for shape in figure.layout.shapes] == [2.5]
+    names = [str(i) for i in range(10)]
+    confusion = figures.confusion([[int(i == j) for j in range(10)] for i in range(10)], names)
+    assert confusion.layout.xaxis.type == confusion.layout.yaxis.type == "category"
 
 
 def test_the_address_reproduces_the_view_and_follows_the_widgets():
@@ -467,8 +470,8 @@ def test_the_unlearn_page_compares_the_edit_with_the_model_retrained_without_the
     shown = metrics(app)
     assert shown["Retrained: forget accuracy"] == f"{expected.forget_accuracy:.1%}"
     assert shown["Retrained: retain accuracy"] == f"{expected.retain_accuracy:.2%}"
-    assert shown["Same prediction as retrained: “7”"] == f"{same.forget:.1%}"
-    assert shown["Same prediction as retrained: other classes"] == f"{same.retain:.1%}"
+    assert shown["Agrees with retrained: “7”"] == f"{same.forget:.1%}"
+    assert shown["Agrees with retrained: others"] == f"{same.retain:.1%}"
     table = next(frame.value for frame in app.dataframe if "metric" in frame.value)
     assert list(table.columns) == ["metric", "before", "after", "retrained"]
     assert table["retrained"].iloc[0] == expected.forget_accuracy

@@ -100,6 +100,8 @@ def confusion(matrix: list[list[int]], classes: list[str]) -> go.Figure:
     figure = px.imshow(np.array(matrix), x=classes, y=classes, text_auto=True,
                        color_continuous_scale="Blues",
                        labels={"x": "predicted", "y": "true", "color": "images"})
+    figure.update_xaxes(type="category")  # class names such as "0".."9": every one a tick
+    figure.update_yaxes(type="category")
     figure.update_layout(margin={"t": 20})
     return figure
 
@@ -188,7 +190,7 @@ def membership(scores: pd.DataFrame) -> go.Figure:
     figure = px.histogram(scores, x="loss", color="sample", facet_col="model", barmode="overlay",
                           histnorm="probability", opacity=0.6, nbins=40,
                           category_orders={"model": ["before", "after", "retrained"]},
-                          labels={"loss": "cross-entropy loss on the true class"})
+                          labels={"loss": "cross-entropy loss"})  # under each panel
     figure.for_each_annotation(lambda a: a.update(text=a.text.split("=")[-1]))
     figure.update_layout(margin={"t": 30}, yaxis_title="share of images")
     return figure
