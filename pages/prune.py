@@ -80,8 +80,7 @@ def render_text(chosen: cache.Selection) -> None:
         "MACs": plan.macs_after, "MACs ×": round(plan.macs_before / plan.macs_after, 3),
         "measured speed-up": None if speedup is None else round(speedup, 3)})
     st.subheader(f"Kept per layer: {COMPONENT_LABELS[kind]}")
-    st.plotly_chart(figures.kept_bars(plan.to_frame().rename(
-        columns={"layer": "group", "components": "channels"})), width="stretch")
+    st.plotly_chart(figures.kept_bars(plan.to_frame(), COMPONENT_LABELS[kind]), width="stretch")
 
     st.subheader("Try it")
     sentence = st.text_input("Type a sentence: its nearest test quotations, dense and pruned "
@@ -248,9 +247,7 @@ def render() -> None:
         "MACs ×": round(plan.speedup_macs, 3), "parameters": plan.params_after,
         "measured speed-up": None if speedup is None else round(speedup, 3)})
 
-    st.subheader("Channels kept per group")
-    st.plotly_chart(figures.kept_bars(plan.to_frame()), width="stretch")
-    architecture(chosen, request)
+    architecture(chosen, request)  # kept share per layer, in forward order, readable names
 
     model_bytes, removed_json, removed_csv = cache.pruned_download(chosen, request)
     stem = page.download_stem(chosen.model, f"pruned-{method}-{kind}{target:.2f}")

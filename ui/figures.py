@@ -52,13 +52,15 @@ def fidelity_curve(curve: pd.DataFrame, *, level: float = 0.8) -> go.Figure:
     return figure
 
 
-def kept_bars(plan_frame: pd.DataFrame) -> go.Figure:
-    """Kept and removed channels of every group."""
-    long = plan_frame.drop(columns="channels").melt(id_vars="group", var_name="fate",
-                           value_name="channels")
-    figure = px.bar(long, x="group", y="channels", color="fate", barmode="stack",
+def kept_bars(plan_frame: pd.DataFrame, unit: str) -> go.Figure:
+    """Kept and removed `unit` (FFN neurons, heads) of every layer of a text plan (columns:
+    layer, components, kept, removed)."""
+    long = plan_frame.drop(columns="components").melt(id_vars="layer", var_name="fate",
+                                                      value_name=unit)
+    figure = px.bar(long, x="layer", y=unit, color="fate", barmode="stack",
                     color_discrete_map={"kept": "#2a9d8f", "removed": "#e76f51"})
-    figure.update_layout(xaxis_title="channel group (first producer)", margin={"t": 20})
+    figure.update_xaxes(type="category", title="transformer layer")
+    figure.update_layout(margin={"t": 20})
     return figure
 
 
