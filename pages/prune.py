@@ -101,9 +101,11 @@ def render_text(chosen: cache.Selection) -> None:
 def group_overrides(chosen: cache.Selection,
                     options: PruneRequest) -> tuple[tuple[str, float], ...]:
     """Per-group shares to remove whatever the target, typed into a table of the groups."""
-    if st.session_state.get(keys.PRUNE_OVERRIDES_MODEL, chosen.model) != chosen.model:
-        st.session_state.pop(keys.PRUNE_OVERRIDES, None)  # edits were for another model's groups
-    st.session_state[keys.PRUNE_OVERRIDES_MODEL] = chosen.model
+    # The editor keeps edits by row: another model or scope lists other groups in those rows.
+    table = (str(chosen.model), options.scope)
+    if st.session_state.get(keys.PRUNE_OVERRIDES_FOR, table) != table:
+        st.session_state.pop(keys.PRUNE_OVERRIDES, None)
+    st.session_state[keys.PRUNE_OVERRIDES_FOR] = table
     with st.expander("Per-group overrides: prune one group more or less than the target"):
         st.caption("Type a share to remove for a group; the other groups are pruned as far as "
                    "the target still needs. Leave it blank to follow the target.")

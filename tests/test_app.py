@@ -538,3 +538,8 @@ def test_the_architecture_and_per_group_overrides_follow_the_library():
                      for text in trace.get("hovertext", []))
     assert all(f"{accuracy:.2%}" in hover for accuracy in alone.values())
     assert hover.count("Conv2d") + hover.count("Linear") == len(analysis.structure.order)
+
+    # Another scope lists other groups in the table's rows: the edits are dropped, not moved.
+    app.radio(key="prune.scope").set_value("internal").run()
+    inside = analysis.plan(0.3, scope="internal")
+    assert metrics(app)["Channels kept"] == f"{inside.channels_after} / {inside.channels_before}"
