@@ -42,6 +42,7 @@ def render() -> None:
         cols = st.columns(4)
         url.restore(keys.UNLEARN_CLASS, lambda index: 0 <= index < len(classes))
         forget = cols[0].selectbox("Forget class", range(len(classes)),
+                                   index=cache.default_forget_class(opened),
                                    format_func=classes.__getitem__, key=keys.UNLEARN_CLASS)
         edit = cols[3].selectbox("Edit", (None, *choices(Edit)), key=keys.UNLEARN_EDIT,
                                  format_func=lambda e: "by architecture" if e is None else e)

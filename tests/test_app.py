@@ -99,7 +99,8 @@ def test_choosing_a_forget_class_changes_forget_accuracy():
 
     first = forget()
     assert float(first[0].rstrip("%")) < 50  # the default class is forgotten
-    app.selectbox(key="unlearn.class").set_value(6)  # 92% before, class 0: 100%
+    assert app.selectbox(key="unlearn.class").value == 5  # digits-cnn's first view (zoo entry)
+    app.selectbox(key="unlearn.class").set_value(6)  # 92% before
     submit(app)
     assert not app.exception
     # What the library computes for class 6 with the page's defaults.
@@ -129,8 +130,8 @@ def test_switching_to_negate_lowers_a_layer_count_that_no_longer_fits():
 
 def test_a_damaging_edit_is_flagged_before_the_test_split_says_so():
     """digits-cnn: forgetting "0" changes 68% of the other classes' calibration predictions (a
-    warning), forgetting "5" 10% (none)."""
-    app = open_page("pages/unlearn.py")
+    warning), forgetting "5" (the page's first view) 10% (none)."""
+    app = open_page("pages/unlearn.py", **{"unlearn.class": 0})
     assert any("other classes' predictions" in w.value for w in app.warning)
     app.selectbox(key="unlearn.class").set_value(5)
     submit(app)
@@ -398,7 +399,7 @@ def test_the_address_reproduces_the_view_and_follows_the_widgets():
     forget.session_state["sidebar.device"] = "cpu"
     forget.session_state["sidebar.calibration"] = 250
     forget.switch_page("pages/unlearn.py").run()
-    assert not forget.exception and forget.selectbox(key="unlearn.class").value == 0
+    assert not forget.exception and forget.selectbox(key="unlearn.class").value == 5  # default
 
 
 def test_every_run_goes_into_the_session_history_once():
@@ -451,7 +452,7 @@ def test_the_unlearn_page_draws_the_attack_evidence_and_the_feature_plane():
     names = [{trace.get("name") for trace in chart} for chart in charts]
     assert {"member", "non-member"} in names  # the membership histograms
     forgotten = [t for chart in charts for t in chart if t.get("marker", {}).get("symbol") == "x"]
-    assert forgotten and all(t["name"].startswith("0") for t in forgotten)  # class "0", crosses
+    assert forgotten and all(t["name"].startswith("5") for t in forgotten)  # class "5", crosses
 
 
 def test_the_unlearn_page_compares_the_edit_with_the_model_retrained_without_the_class():

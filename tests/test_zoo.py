@@ -117,3 +117,18 @@ def test_the_retrained_reference_is_the_recipe_on_the_split_without_the_class():
     assert not retrainable("assets/digits-cnn.pt")
     with pytest.raises(UserError, match="not a zoo model that trains within .* digits-cnn$"):
         retrained_without("fmnist-resnet", digits.dataset, forget, device="cpu")
+
+
+def test_each_zoo_models_first_forget_class_follows_its_measured_rule():
+    """Class 0 unless forgetting it changes over 20% of the other classes' calibration
+    predictions (the benchmark's CSV, calibration images only); then the least damaging class."""
+    import csv
+    from pathlib import Path
+
+    for name, entry in ZOO.items():
+        table = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / f"unlearn_{name}.csv"
+        with table.open() as handle:
+            agreement = {int(row["forget_class"]): float(row["calibration_retain_agreement"])
+                         for row in csv.DictReader(handle)}
+        expected = 0 if agreement[0] >= 0.8 else max(agreement, key=agreement.get)
+        assert entry.forget_class == expected, name

@@ -334,6 +334,12 @@ def unlearned_evaluation(opened: Opened, request: UnlearnRequest) -> metrics.Eva
     return _evaluate(opened, unlearned(opened, request).model, full=True)
 
 
+def default_forget_class(opened: Opened) -> int:
+    """The class the Unlearn page forgets first: the zoo entry's choice, else the first."""
+    entry = zoo.ZOO.get(opened.model.spec) if opened.model.arch is None else None
+    return entry.forget_class if entry else 0
+
+
 def retrainable(opened: Opened) -> bool:
     """Whether the Unlearn page can show the model retrained without the class beside the edit."""
     return opened.model.arch is None and zoo.retrainable(opened.model.spec)
