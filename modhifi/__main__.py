@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -49,7 +50,10 @@ def _info(args: argparse.Namespace) -> dict:
         return info(subject, backend=backend, batch_size=args.batch_size)
     backend, subject = _open(args)
     model, dataset = subject.loaded.model, subject.dataset
-    result = evaluate(model, dataset.test, device=backend.device, num_classes=dataset.num_classes)
+    result = evaluate(model, dataset.test, device=backend.device, num_classes=dataset.num_classes,
+                      shard=args.shard)
+    if not args.shard.is_main:  # process 0 times and prints
+        return {}
     cost = count_cost(model, dataset.input_shape)
     latency = measure_latency(model, dataset.input_shape, backend=backend,
                               batch_size=args.batch_size)
@@ -76,15 +80,19 @@ def _prune(args: argparse.Namespace) -> dict:
     calibration = _calibration(subject, args.calib_samples)
     _progress("statistics and scores on the calibration images")
     start = time.perf_counter()
-    pruned, plans = prune_in_steps(model, calibration,
+    pruned, plans = prune_in_steps(model, _mine(calibration, args.shard),
                                    device=backend.device, input_shape=dataset.input_shape,
                                    target=args.target, steps=args.steps,
                                    target_kind=args.target_kind, allocation=args.allocation,
                                    method=method, scope=args.scope, compensation=compensation,
-                                   recalibrate=not args.no_bn_recal, round_to=round_to)
+                                   recalibrate=not args.no_bn_recal, round_to=round_to,
+                                   shard=args.shard)
     seconds = time.perf_counter() - start
     _progress(f"pruned in {seconds:.1f} s; evaluating and timing")
-    result = compare(model, pruned, dataset=dataset, backend=backend, batch_size=args.batch_size)
+    result = compare(model, pruned, dataset=dataset, backend=backend, batch_size=args.batch_size,
+                     latency=args.shard.is_main, shard=args.shard)
+    if not args.shard.is_main:  # process 0 times, prints and writes
+        return {}
     if args.out:
         removed = [plan.removed_channels() for plan in plans]
         _save_modified(args, subject, pruned, removed=removed[0] if len(removed) == 1 else removed)
@@ -198,8 +206,11 @@ def _scores(args: argparse.Namespace) -> dict:
         return _scores_text(args)
     backend, subject = _open(args)
     dataset = subject.dataset
-    analysis = analyse(subject.loaded.model, _calibration(subject, args.calib_samples),
-                       device=backend.device, input_shape=dataset.input_shape)
+    analysis = analyse(subject.loaded.model, _mine(_calibration(subject, args.calib_samples),
+                                                   args.shard),
+                       device=backend.device, input_shape=dataset.input_shape, shard=args.shard)
+    if not args.shard.is_main:  # process 0 writes and prints
+        return {}
     plan = None if args.target is None else analysis.plan(args.target)
     table = score_table(analysis, plan)
     if args.forget_class is not None:  # the forget-class saliency of the edited layers
@@ -240,6 +251,12 @@ def _scores_text(args: argparse.Namespace) -> dict:
             "layers": int(table["layer"].nunique()), "target": args.target}
 
 
+# Images per calibration batch: the unit processes share, and one BatchNorm recalibration pass
+# (`recalibrate_batchnorm`'s chunk), so that each batch's terms are the same however shared.
+CALIBRATION_BATCH = 128
+SHARED = ("info", "prune", "scores")  # the commands that run on several processes (torchrun)
+
+
 def _calibration(subject, samples: int | None) -> list:
     """The first `samples` calibration images (the split is already a seeded random draw), with
     a warning on stderr when they are too few for the model."""
@@ -252,7 +269,26 @@ def _calibration(subject, samples: int | None) -> list:
                         f"{len(dataset.calibration)} for {dataset.name}")
     for caveat in calibration_caveats(subject.loaded.model, samples):
         _progress(f"warning: {caveat}")
-    return list(dataset.calibration.subset(slice(0, samples)).batches(500))
+    return list(dataset.calibration.subset(slice(0, samples)).batches(CALIBRATION_BATCH))
+
+
+def _mine(batches: list, shard) -> list:
+    """This process's whole calibration batches when several share them (all when alone)."""
+    if len(batches) < shard.world:
+        least = CALIBRATION_BATCH * (shard.world - 1) + 1
+        raise UserError(f"{len(batches)} calibration batches cannot be shared by {shard.world} "
+                        f"processes: give --calib-samples at least {least}, or start fewer")
+    return list(shard.take(batches))
+
+
+def _refuse_unshared(args: argparse.Namespace) -> None:
+    """One line, before any work, for what torchrun cannot share (`SHARED` on image models)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (
+            args.command not in SHARED or _is_text(args)
+            or getattr(args, "forget_class", None) is not None):
+        raise UserError(f"`modhifi {args.command}` on this model runs in one process; start it "
+                        "with python -m modhifi, not torchrun (on several: "
+                        f"{', '.join(SHARED)} of image models)")
 
 
 def _save_modified(args: argparse.Namespace, subject, model, *, removed: dict | list) -> None:
@@ -315,10 +351,12 @@ def _open_text(args: argparse.Namespace):
 
 
 def _open(args: argparse.Namespace):
+    from modhifi import distributed
     from modhifi.backend import choose_backend
     from modhifi.zoo import open_subject
 
     backend = choose_backend(args.device)
+    args.shard = distributed.from_environment(backend)  # alone, or one of torchrun's processes
     _progress(f"loading {args.model} on {backend.description}")
     subject = open_subject(args.model, device=backend.device, arch=args.arch, data=args.data)
     for caveat in subject.dataset.caveats:
@@ -327,7 +365,8 @@ def _open(args: argparse.Namespace):
 
 
 def _progress(line: str) -> None:
-    print(f"modhifi: {line}", file=sys.stderr, flush=True)
+    if os.environ.get("RANK", "0") == "0":  # one voice when torchrun starts several processes
+        print(f"modhifi: {line}", file=sys.stderr, flush=True)
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict], str]] = {
@@ -458,17 +497,22 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from modhifi import distributed
     from modhifi.backend import quiet_dependency_warnings
 
     quiet_dependency_warnings()  # this process is ours: hide notices not meant for users
     args = build_parser().parse_args(argv)
     try:
         _check(args)
+        _refuse_unshared(args)
+        args.shard = distributed.ALONE  # until `_open` joins torchrun's other processes
         result = COMMANDS[args.command][0](args)
     except UserError as error:
         print(f"modhifi: error: {error}", file=sys.stderr)
         return 2
-    _print(result, as_json=args.json)
+    distributed.leave()  # after every process is done with the others
+    if args.shard.is_main:
+        _print(result, as_json=args.json)
     return 0
 
 

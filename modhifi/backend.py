@@ -5,6 +5,7 @@ This is the only module that knows about CUDA. Everything else takes a `Backend`
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -79,7 +80,9 @@ def choose_backend(choice: DeviceChoice = "auto") -> Backend:
     if choice == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is visible: use --device auto or cpu")
     if choice != "cpu" and torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
+        # Under torchrun, each process on the node takes the GPU of its LOCAL_RANK.
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK",
+                                                         torch.cuda.current_device())))
         return Backend(device, f"GPU: {torch.cuda.get_device_name(device)}", threads)
     plural = "s" if threads > 1 else ""
     return Backend(torch.device("cpu"), f"CPU: {threads} thread{plural}", threads)

@@ -23,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from modhifi.backend import Backend, Timing, time_side_by_side
 from modhifi.batch import call, example_of
 from modhifi.data import Split
+from modhifi.distributed import ALONE, Shard
 from modhifi.errors import UserError
 from modhifi.hooks import hooked, private_copy
 
@@ -99,21 +100,38 @@ def predict(model: nn.Module, split: Split, *, device: torch.device,
 
 
 def evaluate(model: nn.Module, split: Split, *, device: torch.device,
-             num_classes: int, batch_size: int = 128) -> Evaluation:
-    """Top-1, per-class accuracy and the confusion matrix on every image of `split`."""
-    predicted = predict(model, split, device=device, batch_size=batch_size).argmax(1)
-    return evaluation_from(predicted, split.labels, num_classes=num_classes)
+             num_classes: int, batch_size: int = 128, shard: Shard = ALONE) -> Evaluation:
+    """Top-1, per-class accuracy and the confusion matrix on every image of `split` (this
+    process's whole batches of it when several share it, their counts summed over all)."""
+    if shard.world == 1:
+        predicted = predict(model, split, device=device, batch_size=batch_size).argmax(1)
+        return evaluation_from(predicted, split.labels, num_classes=num_classes)
+    mine = split.subset(shard.indices(len(split), batch_size))
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
+    if len(mine):
+        predicted = predict(model, mine, device=device, batch_size=batch_size).argmax(1)
+        confusion += _confusion(predicted, mine.labels, num_classes).to(confusion)
+    return _evaluation(shard.sum(confusion).long().cpu())
 
 
 def evaluation_from(predicted: torch.Tensor, labels: torch.Tensor, *, num_classes: int) -> Evaluation:
     """Evaluation from predicted and true labels, both (N,)."""
-    confusion = torch.bincount(labels * num_classes + predicted,
-                               minlength=num_classes ** 2).view(num_classes, num_classes)
+    return _evaluation(_confusion(predicted, labels, num_classes))
+
+
+def _confusion(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(K, K) counts: rows true class, columns predicted class."""
+    return torch.bincount(labels * num_classes + predicted,
+                          minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
+def _evaluation(confusion: torch.Tensor) -> Evaluation:
     per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
-    return Evaluation(accuracy=float((predicted == labels).float().mean()),
+    samples = int(confusion.sum())
+    return Evaluation(accuracy=int(confusion.diag().sum()) / max(samples, 1),
                       per_class=tuple(per_class.tolist()),
                       confusion=tuple(tuple(row) for row in confusion.tolist()),
-                      samples=len(labels))
+                      samples=samples)
 
 
 @dataclass(frozen=True)
@@ -318,10 +336,12 @@ class Comparison:
 
 def compare(before: nn.Module, after: nn.Module, *, dataset, backend: Backend,
             batch_size: int = 64, latency: bool = True, evaluation_before: Evaluation | None = None,
-            repeats: int = 30) -> Comparison:
-    """Accuracy on the full test split, MACs, params and (optionally) latency of two models."""
+            repeats: int = 30, shard: Shard = ALONE) -> Comparison:
+    """Accuracy on the full test split (shared by `shard`'s processes), MACs, params and
+    (optionally) latency of two models."""
     def measure(model: nn.Module) -> Evaluation:
-        return evaluate(model, dataset.test, device=backend.device, num_classes=dataset.num_classes)
+        return evaluate(model, dataset.test, device=backend.device, num_classes=dataset.num_classes,
+                        shard=shard)
 
     latencies = (measure_latencies([before, after], dataset.input_shape, backend=backend,
                                    batch_size=batch_size, repeats=repeats) if latency else [None, None])

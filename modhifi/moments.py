@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modhifi.batch import Batch, call, finite, size, to_device
+from modhifi.distributed import Shard
 from modhifi.errors import UserError
 from modhifi.hooks import hooked
 
@@ -25,7 +26,8 @@ CHUNK_ELEMENTS = 2**24
 
 @dataclass(frozen=True, eq=False)
 class LayerMoments:
-    """Sums over samples of a layer's input patches; shards of data merge with `+`."""
+    """Sums over samples of a layer's input patches; shards of data merge with `+` (in one
+    process) or `summed` (over several)."""
 
     second: Tensor  # (d, d) Σ over samples and positions of PᵀP, d = c_in·k²
     position_sum: Tensor  # (L, d) Σ over samples of the patch at each position
@@ -42,6 +44,20 @@ class LayerMoments:
             position_sum=self.position_sum + other.position_sum,
             samples=self.samples + other.samples,
         )
+
+    def float64(self) -> LayerMoments:
+        """The same sums in float64: batches add up in it, so that how they are grouped (one
+        process or several) changes the sums by float64 rounding only."""
+        return LayerMoments(self.second.double(), self.position_sum.double(), self.samples)
+
+    def summed(self, shard: Shard) -> LayerMoments:
+        """These sums added up over every process of `shard` (float64)."""
+        if shard.world == 1:
+            return self
+        samples = shard.sum(torch.tensor([float(self.samples)], dtype=torch.float64,
+                                         device=self.second.device))
+        return LayerMoments(shard.sum(self.second.double().clone()),
+                            shard.sum(self.position_sum.double().clone()), int(samples.item()))
 
     def mean_second(self) -> Tensor:
         """(d, d) E[Σ_positions PᵀP] in float64."""
@@ -201,7 +217,7 @@ def collect_row_moments(
                 if mask is not None and not mask.any():
                     continue
                 part = moments_of(layer, x if mask is None else x[mask],
-                                  positions=positions.get(name))
+                                  positions=positions.get(name)).float64()
                 store = moments[key]
                 store[label] = store[label] + part if label in store else part
         return hook

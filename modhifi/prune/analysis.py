@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from modhifi.batch import Batch, head, size, to_device
+from modhifi.distributed import ALONE, Shard
 from modhifi.errors import UserError
 from modhifi.fidelity import LayerFidelity
 from modhifi.hooks import private_copy
@@ -37,6 +38,8 @@ class Analysis:
     calibration: tuple[torch.Tensor, ...] = field(repr=False)  # normalised batches, on the device
     seconds: float
     caveats: tuple[str, ...] = ()  # why the numbers may mean little (see `calibration_caveats`)
+    # The processes whose calibration batches the statistics sum (`calibration` is this one's).
+    shard: Shard = field(default=ALONE, repr=False, compare=False)
     # (method, seed) -> rankings: they do not depend on the target, and the greedy one is costly.
     _rankings: dict[tuple[str, int], dict[str, Ranking]] = field(
         default_factory=dict, init=False, repr=False, compare=False)
@@ -82,13 +85,13 @@ class Analysis:
                    compensation)
         cut_channels(pruned, removed, self.input_shape)
         if recalibrate:
-            recalibrate_batchnorm(pruned, self.calibration)
+            recalibrate_batchnorm(pruned, self.calibration, shard=self.shard)
         return pruned
 
 
 def analyse(model: nn.Module, calibration: Iterable[Batch], *, device: torch.device,
             input_shape: tuple[int, ...] | None = None, lam: float = 1e-4,
-            progress: Callable[[float], None] | None = None) -> Analysis:
+            progress: Callable[[float], None] | None = None, shard: Shard = ALONE) -> Analysis:
     """Trace the model's channel groups and score every consumer layer on calibration batches.
 
     Args:
@@ -99,6 +102,8 @@ def analyse(model: nn.Module, calibration: Iterable[Batch], *, device: torch.dev
             the structure is traced on.
         lam: ridge strength of the compensation solves, relative to the mean diagonal.
         progress: called with the share of calibration batches read so far (for progress bars).
+        shard: when several processes share the calibration data (`modhifi.distributed`):
+            `calibration` is this process's batches, and the statistics are summed over all.
     """
     start = time.perf_counter()
     # The analysis keeps its own eval-mode copy: the caller's model (perhaps in train mode, or
@@ -124,13 +129,14 @@ def analyse(model: nn.Module, calibration: Iterable[Batch], *, device: torch.dev
                 progress(done / len(batches))
 
     moments = collect_moments(model, consumers, reporting(), device=device)
+    moments = {name: moments[name].summed(shard) for name in consumers}  # the same order everywhere
     fidelity = {name: LayerFidelity.from_moments(model.get_submodule(name).weight, moments[name],
                                                  centered=name in structure.followed_by_norm,
                                                  lam=lam)
                 for name in consumers}
+    images = moments[consumers[0]].samples  # over every process
     return Analysis(model, input_shape, structure, moments, fidelity, batches,
-                    time.perf_counter() - start,
-                    calibration_caveats(model, sum(size(b) for b in batches)))
+                    time.perf_counter() - start, calibration_caveats(model, images), shard)
 
 
 def calibration_caveats(model: nn.Module, images: int) -> tuple[str, ...]:

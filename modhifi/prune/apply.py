@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from modhifi.batch import call, example_of
+from modhifi.distributed import ALONE, Shard
 from modhifi.errors import UserError
 from modhifi.fidelity import LayerFidelity
 from modhifi.metrics import channels_last
@@ -84,28 +85,49 @@ def batchnorms(model: nn.Module) -> list[nn.Module]:
 
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], *,
-                          chunk: int = 128) -> None:
-    """Re-estimate BatchNorm running statistics with forward passes (no gradients, no labels).
+                          chunk: int = 128, shard: Shard = ALONE) -> None:
+    """Re-estimate BatchNorm running statistics with forward passes (no gradients, no labels):
+    the mean over passes of `chunk` images of each pass's batch mean and (unbiased) variance,
+    summed in float64 (over every process of `shard` when several share the batches).
 
-    Runs in channels-last layout (oneDNN's faster convolutions) `chunk` images at a time, which
-    keeps activations in cache, and hands the model back in the usual contiguous layout.
+    Runs in channels-last layout (oneDNN's faster convolutions), which keeps activations in
+    cache, and hands the model back in the usual contiguous layout.
     """
     norms = batchnorms(model)
     if not norms:
         return
     saved = [(m, m.momentum) for m in norms]
+    device = norms[0].running_mean.device
+    sums = [torch.zeros(2, m.num_features, dtype=torch.float64, device=device) for m in norms]
+    passes = torch.zeros(1, dtype=torch.float64, device=device)
     for m in norms:
         m.reset_running_stats()
-        m.momentum = None  # cumulative average over all calibration batches
+        m.momentum = 1.0  # after each pass the running statistics are that pass's own
         m.train()
+
+    def add_pass() -> None:
+        passes.add_(1)
+        for total, m in zip(sums, norms):  # (2, C): Σ batch means, Σ batch variances
+            total[0] += m.running_mean.double()
+            total[1] += m.running_var.double()
+
     model.to(memory_format=torch.channels_last)
     try:
         for batch in batches:
             if not isinstance(batch, torch.Tensor):  # token ids with a mask, say: as it comes
                 call(model, batch)
+                add_pass()
                 continue
             for part in batch.split(chunk):
                 model(channels_last(part))
+                add_pass()
+        shard.sum(passes)
+        for total, m in zip(sums, norms):
+            shard.sum(total)
+            if passes.item():  # no pass anywhere: the reset statistics stay
+                m.running_mean.copy_(total[0] / passes)
+                m.running_var.copy_(total[1] / passes)
+                m.num_batches_tracked.fill_(int(passes.item()))
     finally:
         model.to(memory_format=torch.contiguous_format)  # channels-last weights slow NCHW exports
         for m, momentum in saved:

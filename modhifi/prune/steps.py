@@ -10,6 +10,7 @@ from torch import nn
 from modhifi.options import (ROUND_TO, WHY_STEPS, Allocation, Compensation, Method, Scope, TargetKind,
                              check_target, check_whole)
 from modhifi.batch import to_device
+from modhifi.distributed import ALONE, Shard
 from modhifi.prune.analysis import analyse
 from modhifi.prune.plan import PrunePlan
 
@@ -24,18 +25,20 @@ def prune_in_steps(model: nn.Module, calibration: Iterable[torch.Tensor], *, dev
                    target_kind: TargetKind = "channels", allocation: Allocation = "uniform",
                    method: Method = "modhifi", scope: Scope = "all",
                    compensation: Compensation = "refit", recalibrate: bool = True,
-                   round_to: int = ROUND_TO) -> tuple[nn.Module, tuple[PrunePlan, ...]]:
+                   round_to: int = ROUND_TO,
+                   shard: Shard = ALONE) -> tuple[nn.Module, tuple[PrunePlan, ...]]:
     """The iterative mode: `steps` rounds of score → remove → compensate → recalibrate.
 
     Each round removes an equal share of the original channels (or MACs), re-scoring the model
-    that the previous round left. Returns the pruned model and each round's plan.
+    that the previous round left. Returns the pruned model and each round's plan. With several
+    processes (`shard`), `calibration` is this one's batches (`modhifi.distributed`).
     """
     check_whole("--steps", steps, WHY_STEPS)
     check_target(target)
     batches = tuple(to_device(b, device) for b in calibration)
     current, plans = model, []
     for step in range(1, steps + 1):
-        analysis = analyse(current, batches, device=device, input_shape=input_shape)
+        analysis = analyse(current, batches, device=device, input_shape=input_shape, shard=shard)
         now = analysis.plan(0.0, target_kind=target_kind, scope=scope)  # the model as it is now
         done = 1 - _size(now, target_kind) / _size(plans[0], target_kind) if plans else 0.0
         goal = target * step / steps  # share of the original model removed after this round

@@ -1,0 +1,95 @@
+"""More than one process, on PyTorch's own engine (torch.distributed): which share of the data a
+process reads, and the sums that every process adds up.
+
+Everything the data decides is a sum over samples: input moments and patch sums with their
+counts, BatchNorm recalibration's per-batch statistics, evaluation counts. Each process reads
+whole batches of the one-process order (batch i goes to process i mod N), computes each batch's
+terms exactly as one process would, and the terms are summed in float64 across processes, so
+the result does not depend on how many processes share the work (to float64 rounding).
+Everything after the statistics (scores, plan, refit, surgery) is then run identically on every
+process from the same sums; only process 0 prints and writes.
+
+`torchrun --nproc-per-node N -m modhifi ...` starts N processes with RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR and MASTER_PORT set; `from_environment` joins them (gloo on the CPU,
+NCCL on CUDA GPUs; `backend.choose_backend` gives each process the GPU of its LOCAL_RANK). A
+distributed script of one's own passes its process group to `from_group`.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from modhifi.backend import Backend
+from modhifi.errors import UserError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's place among those that share the work (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+    group: Any = None  # a torch.distributed ProcessGroup; None: the default group
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process prints and writes (rank 0)."""
+        return self.rank == 0
+
+    def take(self, batches: Iterable[T]) -> Iterator[T]:
+        """This process's whole batches of `batches`: every `world`-th from the `rank`-th."""
+        return itertools.islice(batches, self.rank, None, self.world)
+
+    def indices(self, samples: int, batch_size: int) -> Tensor:
+        """(n,) this process's sample indices of `samples`, in whole batches of `batch_size`."""
+        starts = self.take(range(0, samples, batch_size))
+        return torch.cat([torch.arange(start, min(start + batch_size, samples))
+                          for start in starts] or [torch.zeros(0, dtype=torch.long)])
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """`tensor` summed over every process, in place (and returned)."""
+        if self.world > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        return tensor
+
+
+ALONE = Shard()
+
+
+def from_group(group: Any = None) -> Shard:
+    """This process's `Shard` in an initialised process group (None: the default group)."""
+    return Shard(dist.get_rank(group), dist.get_world_size(group), group)
+
+
+def from_environment(backend: Backend) -> Shard:
+    """Join the processes torchrun started (WORLD_SIZE > 1), or work alone: NCCL between the
+    GPUs `backend` chose (each process the GPU of its LOCAL_RANK), else gloo."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return ALONE
+    if not dist.is_initialized():
+        try:
+            if backend.is_cuda:  # bound to this process's GPU
+                dist.init_process_group("nccl", device_id=backend.device)
+            else:
+                dist.init_process_group("gloo")
+        except (RuntimeError, ValueError) as error:
+            raise UserError(f"cannot join the other {world - 1} processes ({error}); start the "
+                            "command with torchrun, which sets MASTER_ADDR and MASTER_PORT") \
+                from None
+    return from_group()
+
+def leave() -> None:
+    """Leave the process group this process joined (a no-op when alone)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # gloo aborts a process whose peers hang up while it still talks to them
+        dist.destroy_process_group()

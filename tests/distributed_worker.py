@@ -1,0 +1,48 @@
+"""Run by tests/test_distributed.py under torchrun: one tiny seeded ResNet analysed, planned,
+pruned, recalibrated and evaluated by however many processes torchrun started; process 0 saves
+what every process must agree on (usage: torchrun ... distributed_worker.py OUT.pt)."""
+import sys
+
+import torch
+
+from modhifi import distributed, nets
+from modhifi.backend import choose_backend
+from modhifi.data import Split
+from modhifi.metrics import evaluate
+from modhifi.prune import analyse, recalibrate_batchnorm
+
+BATCHES, BATCH, SHAPE = 7, 24, (1, 12, 12)  # 7 batches: shared unevenly by 2 and by 3
+
+
+def data():
+    generator = torch.Generator().manual_seed(0)
+    calibration = [torch.randn(BATCH, *SHAPE, generator=generator) for _ in range(BATCHES)]
+    images = torch.randint(0, 256, (150, *SHAPE), dtype=torch.uint8, generator=generator)
+    test = Split(images, torch.randint(0, 10, (150,), generator=generator), (0.5,), (0.25,))
+    return calibration, test
+
+
+def main(out: str) -> None:
+    shard = distributed.from_environment(choose_backend("cpu"))
+    torch.manual_seed(0)
+    model = nets.ResNet(widths=(8, 16)).eval()  # residual groups and BatchNorm
+    calibration, test = data()
+    recalibrate_batchnorm(model, calibration)  # the same everywhere: every process reads all
+    analysis = analyse(model, shard.take(calibration), device=torch.device("cpu"),
+                       input_shape=SHAPE, shard=shard)
+    plan = analysis.plan(0.4, method="modhifi-greedy", round_to=1)
+    pruned = analysis.apply(plan)
+    result = evaluate(pruned, test, device=torch.device("cpu"), num_classes=10, batch_size=32,
+                      shard=shard)
+    if shard.is_main:
+        torch.save({"world": shard.world,
+                    "moments": {name: (m.second, m.position_sum, m.samples)
+                                for name, m in analysis.moments.items()},
+                    "kept": {g.name: g.kept for g in plan.groups},
+                    "buffers": {name: b.clone() for name, b in pruned.named_buffers()},
+                    "confusion": result.confusion, "accuracy": result.accuracy}, out)
+    distributed.leave()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,141 @@
+"""More than one process (modhifi.distributed): 1, 2 and 3 CPU processes on this machine
+(torchrun, gloo over loopback) give the one-process statistics, plan, recalibrated BatchNorm and
+accuracy; the sums are checked against brute force on the whole data."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from modhifi import nets
+from modhifi.distributed import ALONE, Shard
+from modhifi.prune import recalibrate_batchnorm
+
+ROOT = Path(__file__).resolve().parent.parent
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(processes: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*TORCHRUN, f"--nproc-per-node={processes}", *args], cwd=ROOT,
+                          env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """tests/distributed_worker.py run by 1, 2 and 3 processes: what process 0 saved."""
+    folder = tmp_path_factory.mktemp("distributed")
+    saved = {}
+    for processes in (1, 2, 3):
+        out = folder / f"{processes}.pt"
+        done = torchrun(processes, "tests/distributed_worker.py", str(out))
+        assert done.returncode == 0, done.stderr[-2000:]
+        saved[processes] = torch.load(out)
+    return saved
+
+
+def test_every_process_count_gives_the_same_statistics_plan_batchnorm_and_accuracy(runs):
+    one = runs[1]
+    for processes in (2, 3):
+        many = runs[processes]
+        assert many["world"] == processes
+        for name, (second, position_sum, samples) in one["moments"].items():
+            other_second, other_sum, other_samples = many["moments"][name]
+            assert second.dtype == torch.float64 and other_samples == samples
+            assert torch.allclose(other_second, second, rtol=1e-10, atol=0)
+            assert torch.allclose(other_sum, position_sum, rtol=1e-10, atol=1e-12)
+        assert many["kept"] == one["kept"]  # the same channels, group by group
+        for name, buffer in one["buffers"].items():  # recalibrated BatchNorm, to the bit
+            assert torch.equal(many["buffers"][name], buffer), name
+        assert many["confusion"] == one["confusion"] and many["accuracy"] == one["accuracy"]
+
+
+def test_the_summed_statistics_are_the_whole_datas(runs):
+    """Oracle: the moments of every calibration image at once, in float64, by the worker's
+    own data and model."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from distributed_worker import SHAPE, data
+
+    from modhifi.moments import collect_moments
+
+    torch.manual_seed(0)
+    model = nets.ResNet(widths=(8, 16)).eval()
+    calibration, _ = data()
+    recalibrate_batchnorm(model, calibration)
+    whole = collect_moments(model.double(), list(runs[1]["moments"]),
+                            [torch.cat(calibration).double()], device="cpu")
+    for processes, saved in runs.items():
+        for name, (second, position_sum, samples) in saved["moments"].items():
+            assert samples == len(torch.cat(calibration)) and SHAPE == (1, 12, 12)
+            assert torch.allclose(second, whole[name].second, rtol=1e-5), (processes, name)
+            assert torch.allclose(position_sum, whole[name].position_sum, rtol=1e-5,
+                                  atol=1e-6), (processes, name)
+
+
+def test_recalibration_is_the_mean_of_each_pass_statistics():
+    """Oracle: per 4-image pass, the batch mean and unbiased variance of the BatchNorm's input,
+    averaged over the passes (what one process computes, and what every process adds to)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)).eval()
+    batches = [torch.randn(10, 2, 6, 6), torch.randn(7, 2, 6, 6)]
+    recalibrate_batchnorm(model, batches, chunk=4)
+    with torch.no_grad():
+        passes = [model[0](part) for batch in batches for part in batch.split(4)]  # 3 + 2
+    means = torch.stack([y.mean((0, 2, 3)) for y in passes]).double()
+    variances = torch.stack([y.var((0, 2, 3), unbiased=True) for y in passes]).double()
+    norm = model[1]
+    assert torch.allclose(norm.running_mean.double(), means.mean(0), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(norm.running_var.double(), variances.mean(0), rtol=1e-5)
+    assert int(norm.num_batches_tracked) == 5 and not norm.training
+
+
+def test_a_shard_takes_whole_batches_in_turn():
+    shard = Shard(rank=1, world=3)
+    assert list(shard.take(range(8))) == [1, 4, 7]
+    assert shard.indices(10, 3).tolist() == [3, 4, 5]  # batches 0-2, 3-5, 6-8, 9
+    assert Shard(rank=0, world=3).indices(10, 3).tolist() == [0, 1, 2, 9]
+    assert ALONE.indices(5, 2).tolist() == [0, 1, 2, 3, 4] and ALONE.is_main
+
+
+def test_the_cli_prunes_with_three_processes_as_with_one(tmp_path):
+    """`torchrun -m modhifi prune` and `info`: the same JSON as one process (timings aside),
+    printed once; the pruned model written once, by process 0, and it reloads."""
+    command = ["-m", "modhifi", "prune", "--model", "digits-cnn", "--target", "0.5",
+               "--target-kind", "macs", "--json"]
+    results = {}
+    for processes in (1, 3):
+        out = tmp_path / f"pruned{processes}.pt"
+        done = torchrun(processes, *command, "--out", str(out))
+        assert done.returncode == 0, done.stderr[-2000:]
+        lines = done.stdout.strip().splitlines()
+        assert len(lines) == 1  # one voice
+        results[processes] = json.loads(lines[0])
+        assert out.is_file()
+    timed = ("latency_ms_before", "latency_ms_after", "speedup_measured", "speedup_eager",
+             "seconds", "device")
+    for processes in (3,):
+        for key, value in results[1].items():
+            if key not in timed:
+                assert results[processes][key] == value, (processes, key)
+    reloaded = subprocess.run([sys.executable, "-m", "modhifi", "info", "--model",
+                               str(tmp_path / "pruned3.pt"), "--json"], cwd=ROOT, env=ENV,
+                              capture_output=True, text=True, timeout=300)
+    assert json.loads(reloaded.stdout)["accuracy"] == results[1]["accuracy_after"]
+    info = torchrun(2, "-m", "modhifi", "info", "--model", "digits-cnn", "--json")
+    assert json.loads(info.stdout)["accuracy"] == results[1]["accuracy_before"]
+
+
+def test_what_cannot_be_shared_is_refused_in_one_line():
+    done = torchrun(2, "-m", "modhifi", "unlearn", "--model", "digits-cnn", "--forget-class", "3")
+    assert done.returncode != 0
+    assert "modhifi: error: `modhifi unlearn` on this model runs in one process" in done.stderr
+    from modhifi.__main__ import _mine
+    from modhifi.errors import UserError
+
+    with pytest.raises(UserError, match="2 calibration batches cannot be shared by 3 processes: "
+                                        "give --calib-samples at least 257"):
+        _mine([torch.zeros(128, 1), torch.zeros(72, 1)], Shard(rank=0, world=3))
