@@ -86,7 +86,7 @@ def _prune(args: argparse.Namespace) -> dict:
                                    target_kind=args.target_kind, allocation=args.allocation,
                                    method=method, scope=args.scope, compensation=compensation,
                                    recalibrate=not args.no_bn_recal, round_to=round_to,
-                                   shard=args.shard)
+                                   shard=args.shard, progress=_tenths("statistics"))
     seconds = time.perf_counter() - start
     _progress(f"pruned in {seconds:.1f} s; evaluating and timing")
     result = compare(model, pruned, dataset=dataset, backend=backend, batch_size=args.batch_size,
@@ -208,7 +208,8 @@ def _scores(args: argparse.Namespace) -> dict:
     dataset = subject.dataset
     analysis = analyse(subject.loaded.model, _mine(_calibration(subject, args.calib_samples),
                                                    args.shard),
-                       device=backend.device, input_shape=dataset.input_shape, shard=args.shard)
+                       device=backend.device, input_shape=dataset.input_shape, shard=args.shard,
+                       progress=_tenths("statistics"))
     if not args.shard.is_main:  # process 0 writes and prints
         return {}
     plan = None if args.target is None else analysis.plan(args.target)
@@ -362,6 +363,17 @@ def _open(args: argparse.Namespace):
     for caveat in subject.dataset.caveats:
         _progress(f"warning: {caveat}")
     return backend, subject
+
+
+def _tenths(what: str) -> Callable[[float], None]:
+    """A progress line at every tenth of the way (streamed image folders take a while)."""
+    shown: set[int] = set()
+
+    def report(share: float) -> None:
+        if int(share * 10) not in shown:
+            shown.add(int(share * 10))
+            _progress(f"{what}: {share:.0%} of this process's calibration batches")
+    return report
 
 
 def _progress(line: str) -> None:

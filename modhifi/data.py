@@ -34,9 +34,10 @@ FASHION_FILES = {
 
 @dataclass(frozen=True)
 class Split:
-    """One split: uint8 images (N, C, H, W) and int64 labels (N,)."""
+    """One split: uint8 images (N, C, H, W) and int64 labels (N,). The images of an image
+    folder are `ImageFiles`, read batch by batch."""
 
-    images: torch.Tensor
+    images: torch.Tensor | ImageFiles
     labels: torch.Tensor
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -235,6 +236,35 @@ def _cifar10(root: Path):
                   torch.tensor(p.targets)) for p in parts)
 
 
+class ImageFiles:
+    """An image folder's images, read from disk only when a batch of them is used: it stands in
+    for a split's (N, 3, size, size) uint8 tensor, so that a folder of any size streams batch by
+    batch. Indexing gives another `ImageFiles` (no image read); `.to(device)` and iteration
+    read the images."""
+
+    def __init__(self, found, index: torch.Tensor, size: int):
+        self.found, self.index, self.size = found, index, size  # torchvision ImageFolder
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self), 3, self.size, self.size)
+
+    def __getitem__(self, index: torch.Tensor | slice) -> ImageFiles:
+        return ImageFiles(self.found, self.index[index], self.size)
+
+    def to(self, device: torch.device | str) -> torch.Tensor:
+        """(n, 3, size, size) uint8: the images read and transformed."""
+        return torch.stack(list(self)).to(device) if len(self) else torch.zeros(
+            self.shape, dtype=torch.uint8, device=device)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for i in self.index.tolist():
+            yield _read_image(self.found, i)[0].expand(3, -1, -1)
+
+
 def _read_image(found, index: int) -> tuple[torch.Tensor, int]:
     """One (image, label) of a torchvision ImageFolder, or a UserError naming the bad file."""
     try:
@@ -244,8 +274,23 @@ def _read_image(found, index: int) -> tuple[torch.Tensor, int]:
                         "remove or replace the file") from None
 
 
+def _check_headers(found) -> None:
+    """Every file opens as an image (its header only: a folder of any size is checked in
+    seconds per 100,000 files; a file damaged further in fails when its batch is read)."""
+    from PIL import Image
+
+    for path, _ in found.samples:
+        try:
+            with Image.open(path):
+                pass
+        except (OSError, ValueError, SyntaxError) as error:
+            raise UserError(f"cannot read image {path} ({type(error).__name__}): remove or "
+                            "replace the file") from None
+
+
 def _imagefolder(root: Path, calibration_size: int | None, image_size: int = 224) -> Dataset:
-    """`root/{train,test}/<class>/*.jpg` (or a single `root/<class>/` split 80/20)."""
+    """`root/{train,test}/<class>/*.jpg` (or a single `root/<class>/` split 80/20), streamed:
+    the images are read when a batch of them is used (`ImageFiles`)."""
     from torchvision.datasets import ImageFolder
     from torchvision.transforms import v2
 
@@ -257,9 +302,9 @@ def _imagefolder(root: Path, calibration_size: int | None, image_size: int = 224
         except (FileNotFoundError, OSError) as error:
             raise UserError(f"cannot read image folder {folder} ({error}): expected "
                             "<folder>/<class name>/<images>") from None
-        pairs = [_read_image(found, i) for i in range(len(found))]
-        return torch.stack([p[0].expand(3, -1, -1) for p in pairs]), torch.tensor(
-            [p[1] for p in pairs]), tuple(found.classes)
+        _check_headers(found)
+        return (ImageFiles(found, torch.arange(len(found)), image_size),
+                torch.tensor(found.targets), tuple(found.classes))
 
     if (root / "train").is_dir() and (root / "test").is_dir():
         *train, classes = read(root / "train")

@@ -87,3 +87,33 @@ def test_imagefolder_reads_users_images(tmp_path):
     data = load_dataset(f"imagefolder:{tmp_path}", calibration_size=4)
     assert data.classes == ("cat", "dog") and data.input_shape == (3, 224, 224)
     assert len(data.train) + len(data.calibration) + len(data.test) == 20
+
+
+def test_an_image_folder_streams_its_images_batch_by_batch(tmp_path):
+    """Loading reads only file headers; a batch reads its own files (oracle: PIL and the same
+    resize and crop, file by file), so a file damaged after loading fails when its batch is
+    read, in one line naming it."""
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    from modhifi.data import ImageFiles
+    from modhifi.errors import UserError
+
+    for split in ("train", "test"):
+        for label in ("cat", "dog"):
+            (tmp_path / split / label).mkdir(parents=True)
+            for i in range(6):
+                Image.new("RGB", (40, 30), (i * 40, 10 * (label == "dog"), 0)).save(
+                    tmp_path / split / label / f"{i}.png")
+    data = load_dataset(f"imagefolder:{tmp_path}", calibration_size=4)
+    assert all(isinstance(s.images, ImageFiles) for s in (data.train, data.calibration, data.test))
+    assert data.input_shape == (3, 224, 224) and len(data.test) == 12
+    files = sorted((tmp_path / "test").glob("*/*.png"))  # ImageFolder's order: class, then name
+    resize = v2.Compose([v2.PILToTensor(), v2.Resize(224), v2.CenterCrop(224)])
+    expected = torch.stack([resize(Image.open(f).convert("RGB")) for f in files[:5]])
+    assert torch.equal(data.test.images[:5].to("cpu"), expected)
+    assert torch.equal(next(data.test.batches(5)), data.test.normalise(expected))
+    files[7].write_bytes(b"not an image any more")
+    next(data.test.batches(5))  # files 0-4 only
+    with pytest.raises(UserError, match=f"cannot read image {files[7]}"):
+        list(data.test.batches(5))

@@ -2,7 +2,7 @@
 round left."""
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -25,20 +25,23 @@ def prune_in_steps(model: nn.Module, calibration: Iterable[torch.Tensor], *, dev
                    target_kind: TargetKind = "channels", allocation: Allocation = "uniform",
                    method: Method = "modhifi", scope: Scope = "all",
                    compensation: Compensation = "refit", recalibrate: bool = True,
-                   round_to: int = ROUND_TO,
-                   shard: Shard = ALONE) -> tuple[nn.Module, tuple[PrunePlan, ...]]:
+                   round_to: int = ROUND_TO, shard: Shard = ALONE,
+                   progress: Callable[[float], None] | None = None,
+                   ) -> tuple[nn.Module, tuple[PrunePlan, ...]]:
     """The iterative mode: `steps` rounds of score → remove → compensate → recalibrate.
 
     Each round removes an equal share of the original channels (or MACs), re-scoring the model
     that the previous round left. Returns the pruned model and each round's plan. With several
     processes (`shard`), `calibration` is this one's batches (`modhifi.distributed`).
+    `progress` is told the share of the calibration batches each round's statistics have read.
     """
     check_whole("--steps", steps, WHY_STEPS)
     check_target(target)
     batches = tuple(to_device(b, device) for b in calibration)
     current, plans = model, []
     for step in range(1, steps + 1):
-        analysis = analyse(current, batches, device=device, input_shape=input_shape, shard=shard)
+        analysis = analyse(current, batches, device=device, input_shape=input_shape, shard=shard,
+                           progress=progress)
         now = analysis.plan(0.0, target_kind=target_kind, scope=scope)  # the model as it is now
         done = 1 - _size(now, target_kind) / _size(plans[0], target_kind) if plans else 0.0
         goal = target * step / steps  # share of the original model removed after this round

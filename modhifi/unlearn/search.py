@@ -49,7 +49,7 @@ class EditSearch:
                  retain_images: Split | None, *, device: torch.device | str, batch_size: int):
         both = [forget_images] + ([retain_images] if retain_images is not None else [])
         images = forget_images.normalise(
-            torch.cat([split.images for split in both]).to(device))  # (n_f + n_r, C, H, W)
+            torch.cat([split.images.to(device) for split in both]))  # (n_f + n_r, C, H, W)
         self.first = scores.layers[0]
         self.replay = Replay(model, images, [self.first], batch_size=batch_size,
                              max_bytes=REPLAY_BYTES)
