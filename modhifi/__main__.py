@@ -77,10 +77,10 @@ def _prune(args: argparse.Namespace) -> dict:
     model, dataset = subject.loaded.model, subject.dataset
     method, round_to = args.method or "modhifi", args.round_to or ROUND_TO
     compensation = args.compensation or default_compensation(method)
-    calibration = _calibration(subject, args.calib_samples)
+    calibration, samples = _calibration(subject, args.calib_samples, args.shard)
     _progress("statistics and scores on the calibration images")
     start = time.perf_counter()
-    pruned, plans = prune_in_steps(model, _mine(calibration, args.shard),
+    pruned, plans = prune_in_steps(model, calibration,
                                    device=backend.device, input_shape=dataset.input_shape,
                                    target=args.target, steps=args.steps,
                                    target_kind=args.target_kind, allocation=args.allocation,
@@ -100,7 +100,7 @@ def _prune(args: argparse.Namespace) -> dict:
             "target_kind": args.target_kind, "allocation": args.allocation, "scope": args.scope,
             "round_to": round_to,
             "compensation": compensation, "bn_recalibrated": not args.no_bn_recal,
-            "calib_samples": sum(len(b) for b in calibration), "device": backend.description,
+            "calib_samples": samples, "device": backend.description,
             "accuracy_before": result.before.accuracy, "accuracy_after": result.after.accuracy,
             "macs_before": result.cost_before.macs, "macs_after": result.cost_after.macs,
             "params_before": result.cost_before.params, "params_after": result.cost_after.params,
@@ -206,8 +206,8 @@ def _scores(args: argparse.Namespace) -> dict:
         return _scores_text(args)
     backend, subject = _open(args)
     dataset = subject.dataset
-    analysis = analyse(subject.loaded.model, _mine(_calibration(subject, args.calib_samples),
-                                                   args.shard),
+    analysis = analyse(subject.loaded.model, _calibration(subject, args.calib_samples,
+                                                          args.shard)[0],
                        device=backend.device, input_shape=dataset.input_shape, shard=args.shard,
                        progress=_tenths("statistics"))
     if not args.shard.is_main:  # process 0 writes and prints
@@ -258,9 +258,10 @@ CALIBRATION_BATCH = 128
 SHARED = ("info", "prune", "scores")  # the commands that run on several processes (torchrun)
 
 
-def _calibration(subject, samples: int | None) -> list:
-    """The first `samples` calibration images (the split is already a seeded random draw), with
-    a warning on stderr when they are too few for the model."""
+def _calibration(subject, samples: int | None, shard) -> tuple[list, int]:
+    """This process's batches of the first `samples` calibration images (the split is already a
+    seeded random draw; when several processes share them, each reads only its own whole
+    batches), and how many images all of them hold; a warning on stderr when too few."""
     from modhifi.prune import calibration_caveats
 
     dataset = subject.dataset
@@ -268,18 +269,15 @@ def _calibration(subject, samples: int | None) -> list:
     if not 0 < samples <= len(dataset.calibration):
         raise UserError(f"--calib-samples {samples} must be between 1 and "
                         f"{len(dataset.calibration)} for {dataset.name}")
+    if -(-samples // CALIBRATION_BATCH) < shard.world:
+        least = CALIBRATION_BATCH * (shard.world - 1) + 1
+        raise UserError(f"{samples} calibration images make too few batches of "
+                        f"{CALIBRATION_BATCH} for {shard.world} processes: give --calib-samples "
+                        f"at least {least}, or start fewer")
     for caveat in calibration_caveats(subject.loaded.model, samples):
         _progress(f"warning: {caveat}")
-    return list(dataset.calibration.subset(slice(0, samples)).batches(CALIBRATION_BATCH))
-
-
-def _mine(batches: list, shard) -> list:
-    """This process's whole calibration batches when several share them (all when alone)."""
-    if len(batches) < shard.world:
-        least = CALIBRATION_BATCH * (shard.world - 1) + 1
-        raise UserError(f"{len(batches)} calibration batches cannot be shared by {shard.world} "
-                        f"processes: give --calib-samples at least {least}, or start fewer")
-    return list(shard.take(batches))
+    mine = dataset.calibration.subset(shard.indices(samples, CALIBRATION_BATCH))
+    return list(mine.batches(CALIBRATION_BATCH)), samples
 
 
 def _refuse_unshared(args: argparse.Namespace) -> None:
@@ -366,13 +364,17 @@ def _open(args: argparse.Namespace):
 
 
 def _tenths(what: str) -> Callable[[float], None]:
-    """A progress line at every tenth of the way (streamed image folders take a while)."""
+    """A progress line at every tenth of the way (streamed image folders take a while), again
+    from the start for each round of `--steps`."""
     shown: set[int] = set()
 
     def report(share: float) -> None:
-        if int(share * 10) not in shown:
-            shown.add(int(share * 10))
-            _progress(f"{what}: {share:.0%} of this process's calibration batches")
+        tenth = int(share * 10)
+        if shown and tenth < max(shown):  # the next round's statistics
+            shown.clear()
+        if tenth not in shown:
+            shown.add(tenth)
+            _progress(f"{what}: {share:.0%}")
     return report
 
 

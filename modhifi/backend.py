@@ -80,9 +80,11 @@ def choose_backend(choice: DeviceChoice = "auto") -> Backend:
     if choice == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is visible: use --device auto or cpu")
     if choice != "cpu" and torch.cuda.is_available():
-        # Under torchrun, each process on the node takes the GPU of its LOCAL_RANK.
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK",
-                                                         torch.cuda.current_device())))
+        # Under torchrun, each process on the node takes the GPU of its LOCAL_RANK (unless it
+        # sees one GPU only, as a scheduler giving each task its own GPU arranges).
+        local = int(os.environ.get("LOCAL_RANK", "-1"))
+        index = local if 0 <= local < torch.cuda.device_count() else torch.cuda.current_device()
+        device = torch.device("cuda", index)
         return Backend(device, f"GPU: {torch.cuda.get_device_name(device)}", threads)
     plural = "s" if threads > 1 else ""
     return Backend(torch.device("cpu"), f"CPU: {threads} thread{plural}", threads)

@@ -39,6 +39,7 @@ class Shard:
     rank: int = 0
     world: int = 1
     group: Any = None  # a torch.distributed ProcessGroup; None: the default group
+    device: torch.device = torch.device("cpu")  # where its collectives want tensors (NCCL: GPU)
 
     @property
     def is_main(self) -> bool:
@@ -46,7 +47,9 @@ class Shard:
         return self.rank == 0
 
     def take(self, batches: Iterable[T]) -> Iterator[T]:
-        """This process's whole batches of `batches`: every `world`-th from the `rank`-th."""
+        """This process's whole batches of `batches`: every `world`-th from the `rank`-th (the
+        others are skipped, but a generator still makes them: give a list, or read only this
+        process's samples with `indices`)."""
         return itertools.islice(batches, self.rank, None, self.world)
 
     def indices(self, samples: int, batch_size: int) -> Tensor:
@@ -61,13 +64,34 @@ class Shard:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
         return tensor
 
+    def all(self, ok: bool) -> bool:
+        """Whether `ok` holds on every process (so that all of them raise, or none, instead of
+        one raising while the others wait in the next collective)."""
+        if self.world == 1:
+            return ok
+        flag = torch.tensor([float(ok)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(flag.item())
+
+    def check_same(self, value: Any, what: str) -> None:
+        """Raise on every process unless `value` (picklable) is equal on all of them."""
+        if self.world == 1:
+            return
+        values: list[Any] = [None] * self.world
+        dist.all_gather_object(values, value, group=self.group)
+        if any(v != values[0] for v in values):
+            raise UserError(f"the {self.world} processes reached different {what} (floating "
+                            "point differs between their machines); run on machines of one kind")
+
 
 ALONE = Shard()
+_JOINED: list[bool] = []  # [True] while this process is in a group `from_environment` made
 
 
-def from_group(group: Any = None) -> Shard:
-    """This process's `Shard` in an initialised process group (None: the default group)."""
-    return Shard(dist.get_rank(group), dist.get_world_size(group), group)
+def from_group(group: Any = None, device: torch.device | str = "cpu") -> Shard:
+    """This process's `Shard` in an initialised process group (None: the default group);
+    `device`: this process's GPU for NCCL, the CPU for gloo."""
+    return Shard(dist.get_rank(group), dist.get_world_size(group), group, torch.device(device))
 
 
 def from_environment(backend: Backend) -> Shard:
@@ -86,10 +110,13 @@ def from_environment(backend: Backend) -> Shard:
             raise UserError(f"cannot join the other {world - 1} processes ({error}); start the "
                             "command with torchrun, which sets MASTER_ADDR and MASTER_PORT") \
                 from None
-    return from_group()
+        _JOINED.append(True)  # ours to leave
+    return from_group(device=backend.device if backend.is_cuda else "cpu")
 
 def leave() -> None:
-    """Leave the process group this process joined (a no-op when alone)."""
-    if dist.is_available() and dist.is_initialized():
+    """Leave the process group `from_environment` joined (a group someone else made is theirs;
+    a no-op when alone). A collective call: every process calls it once its work is done."""
+    if _JOINED and dist.is_initialized():
         dist.barrier()  # gloo aborts a process whose peers hang up while it still talks to them
         dist.destroy_process_group()
+        _JOINED.clear()

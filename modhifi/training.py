@@ -54,9 +54,10 @@ _GLOBAL_GENERATOR = threading.Lock()
 
 @contextmanager
 def seeded(seed: int) -> Iterator[None]:
-    """Torch's global CPU generator seeded with `seed` inside the block and put back after it.
-    One such block at a time: on a server, two trainings never interleave their draws and the
-    other threads find the generator as they left it."""
+    """Torch's global CPU generator seeded with `seed` inside the block and put back as it was
+    after it. One such block at a time, so two of them never interleave their draws; keep the
+    block short (building a model): another thread drawing from the global generator meanwhile
+    draws from the seeded stream."""
     with _GLOBAL_GENERATOR, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
@@ -66,8 +67,9 @@ def train(build: Callable[[], nn.Module], split: Split, *, config: TrainConfig,
           log: Callable[[str], None] = print) -> tuple[nn.Module, float]:
     """A new model from `build`, trained on `split` (on the CPU) from initial weights drawn with
     `config.seed`; returns it in eval mode and the training's wall time in seconds."""
-    with seeded(config.seed), torch.enable_grad():  # also when called under inference_mode
+    with seeded(config.seed):  # initial weights; the fit draws from its own generator
         model = build()
+    with torch.inference_mode(False), torch.enable_grad():  # whatever mode the caller is in
         return model, _fit(model, split, config=config, log=log)
 
 

@@ -76,21 +76,41 @@ def test_the_summed_statistics_are_the_whole_datas(runs):
                                   atol=1e-6), (processes, name)
 
 
-def test_recalibration_is_the_mean_of_each_pass_statistics():
-    """Oracle: per 4-image pass, the batch mean and unbiased variance of the BatchNorm's input,
-    averaged over the passes (what one process computes, and what every process adds to)."""
+class Reused(nn.Module):
+    """A BatchNorm called twice in each forward pass, and one never called."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm, self.unused = nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.norm(self.norm(self.conv(x)))
+
+
+def test_recalibration_is_the_mean_of_each_calls_statistics():
+    """Oracle: per call of a BatchNorm (4-image passes, two calls each), the batch mean and
+    unbiased variance of its input, averaged over the calls (what one process computes, and
+    what every process adds to); a BatchNorm never called keeps its reset statistics."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)).eval()
+    model = Reused().eval()
     batches = [torch.randn(10, 2, 6, 6), torch.randn(7, 2, 6, 6)]
     recalibrate_batchnorm(model, batches, chunk=4)
+    inputs = []
     with torch.no_grad():
-        passes = [model[0](part) for batch in batches for part in batch.split(4)]  # 3 + 2
-    means = torch.stack([y.mean((0, 2, 3)) for y in passes]).double()
-    variances = torch.stack([y.var((0, 2, 3), unbiased=True) for y in passes]).double()
-    norm = model[1]
-    assert torch.allclose(norm.running_mean.double(), means.mean(0), rtol=1e-5, atol=1e-6)
-    assert torch.allclose(norm.running_var.double(), variances.mean(0), rtol=1e-5)
-    assert int(norm.num_batches_tracked) == 5 and not norm.training
+        for batch in batches:
+            for part in batch.split(4):  # 3 + 2 passes
+                y = model.conv(part)
+                inputs.append(y)
+                mean, var = y.mean((0, 2, 3), keepdim=True), y.var((0, 2, 3), keepdim=True,
+                                                                   unbiased=False)
+                inputs.append((y - mean) / (var + model.norm.eps).sqrt())  # weight 1, bias 0
+    means = torch.stack([y.mean((0, 2, 3)) for y in inputs]).double()
+    variances = torch.stack([y.var((0, 2, 3), unbiased=True) for y in inputs]).double()
+    assert torch.allclose(model.norm.running_mean.double(), means.mean(0), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(model.norm.running_var.double(), variances.mean(0), rtol=1e-5)
+    assert int(model.norm.num_batches_tracked) == 10 and not model.norm.training
+    assert torch.equal(model.unused.running_mean, torch.zeros(3))
+    assert torch.equal(model.unused.running_var, torch.ones(3))
 
 
 def test_a_shard_takes_whole_batches_in_turn():
@@ -133,9 +153,8 @@ def test_what_cannot_be_shared_is_refused_in_one_line():
     done = torchrun(2, "-m", "modhifi", "unlearn", "--model", "digits-cnn", "--forget-class", "3")
     assert done.returncode != 0
     assert "modhifi: error: `modhifi unlearn` on this model runs in one process" in done.stderr
-    from modhifi.__main__ import _mine
-    from modhifi.errors import UserError
-
-    with pytest.raises(UserError, match="2 calibration batches cannot be shared by 3 processes: "
-                                        "give --calib-samples at least 257"):
-        _mine([torch.zeros(128, 1), torch.zeros(72, 1)], Shard(rank=0, world=3))
+    too_few = torchrun(3, "-m", "modhifi", "prune", "--model", "digits-cnn", "--target", "0.3",
+                       "--calib-samples", "200")
+    assert too_few.returncode != 0 and ("modhifi: error: 200 calibration images make too few "
+                                        "batches of 128 for 3 processes: give --calib-samples at "
+                                        "least 257, or start fewer") in too_few.stderr

@@ -28,7 +28,11 @@ from modhifi.prune.structure import Structure, trace_structure
 
 @dataclass(frozen=True)
 class Analysis:
-    """Structure, input statistics and fidelities of one model, computed once; plans come from it."""
+    """Structure, input statistics and fidelities of one model, computed once; plans come from it.
+
+    With several processes (`shard`), `apply` recalibrates BatchNorm over all of them: every
+    process calls it, with the same plan.
+    """
 
     model: nn.Module = field(repr=False)   # the analysis' own eval-mode copy, never modified
     input_shape: tuple[int, ...] | Batch  # one input's shape, or a one-sample example
@@ -110,8 +114,10 @@ def analyse(model: nn.Module, calibration: Iterable[Batch], *, device: torch.dev
     # shared by several dashboard sessions) is only read, its BatchNorm buffers left as they are.
     model = private_copy(model)
     batches = tuple(to_device(b, device) for b in calibration)
-    if not batches or not sum(size(b) for b in batches):
-        raise UserError("the calibration set is empty; pass at least one unlabeled sample")
+    if not shard.all(bool(batches) and sum(size(b) for b in batches) > 0):  # on every process
+        raise UserError("the calibration set is empty" + (
+            f" for one of the {shard.world} processes; give each at least one batch"
+            if shard.world > 1 else "; pass at least one unlabeled sample"))
     if input_shape is None:  # inputs of any form: one calibration sample is the example
         input_shape = head(batches[0], 1)
     structure = trace_structure(model, input_shape)

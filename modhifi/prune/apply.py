@@ -13,6 +13,7 @@ from modhifi.batch import call, example_of
 from modhifi.distributed import ALONE, Shard
 from modhifi.errors import UserError
 from modhifi.fidelity import LayerFidelity
+from modhifi.hooks import hooked
 from modhifi.metrics import channels_last
 from modhifi.options import Compensation, check
 from modhifi.prune.structure import Structure, dependency_graph
@@ -87,50 +88,55 @@ def batchnorms(model: nn.Module) -> list[nn.Module]:
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], *,
                           chunk: int = 128, shard: Shard = ALONE) -> None:
     """Re-estimate BatchNorm running statistics with forward passes (no gradients, no labels):
-    the mean over passes of `chunk` images of each pass's batch mean and (unbiased) variance,
-    summed in float64 (over every process of `shard` when several share the batches).
+    each BatchNorm's mean over its calls of the call's batch mean and (unbiased) variance, added
+    up in float64 (over every process of `shard` when several share the batches: a collective
+    call then). `model` is the caller's own copy (an analysis' pruned model): hooked in place.
 
-    Runs in channels-last layout (oneDNN's faster convolutions), which keeps activations in
-    cache, and hands the model back in the usual contiguous layout.
+    Runs `chunk` images at a time in channels-last layout (oneDNN's faster convolutions), which
+    keeps activations in cache, and hands the model back in the usual contiguous layout.
     """
-    norms = batchnorms(model)
+    norms = {name: m for name, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
     if not norms:
         return
-    saved = [(m, m.momentum) for m in norms]
-    device = norms[0].running_mean.device
-    sums = [torch.zeros(2, m.num_features, dtype=torch.float64, device=device) for m in norms]
-    passes = torch.zeros(1, dtype=torch.float64, device=device)
-    for m in norms:
+    saved = {name: m.momentum for name, m in norms.items()}
+    widths = [m.num_features for m in norms.values()]
+    device = next(iter(norms.values())).running_mean.device
+    # per BatchNorm: Σ batch means (C), Σ batch variances (C), calls (1), in one flat buffer
+    sums = torch.zeros(sum(2 * c + 1 for c in widths), dtype=torch.float64, device=device)
+    parts = dict(zip(norms, sums.split([2 * c + 1 for c in widths])))
+
+    def add_call(name: str):
+        def hook(module: nn.Module, args: tuple, output) -> None:
+            c = module.num_features  # momentum 1: the buffers now hold this call's statistics
+            parts[name][:c] += module.running_mean.double()
+            parts[name][c:2 * c] += module.running_var.double()
+            parts[name][2 * c] += 1
+        return hook
+
+    for m in norms.values():
         m.reset_running_stats()
-        m.momentum = 1.0  # after each pass the running statistics are that pass's own
+        m.momentum = 1.0
         m.train()
-
-    def add_pass() -> None:
-        passes.add_(1)
-        for total, m in zip(sums, norms):  # (2, C): Σ batch means, Σ batch variances
-            total[0] += m.running_mean.double()
-            total[1] += m.running_var.double()
-
     model.to(memory_format=torch.channels_last)
     try:
-        for batch in batches:
-            if not isinstance(batch, torch.Tensor):  # token ids with a mask, say: as it comes
-                call(model, batch)
-                add_pass()
-                continue
-            for part in batch.split(chunk):
-                model(channels_last(part))
-                add_pass()
-        shard.sum(passes)
-        for total, m in zip(sums, norms):
-            shard.sum(total)
-            if passes.item():  # no pass anywhere: the reset statistics stay
-                m.running_mean.copy_(total[0] / passes)
-                m.running_var.copy_(total[1] / passes)
-                m.num_batches_tracked.fill_(int(passes.item()))
+        with hooked(model, after={name: add_call(name) for name in norms}, private=True):
+            for batch in batches:
+                if not isinstance(batch, torch.Tensor):  # token ids with a mask, say: as it comes
+                    call(model, batch)
+                    continue
+                for part in batch.split(chunk):
+                    model(channels_last(part))
+        shard.sum(sums)
+        for name, m in norms.items():
+            c, calls = m.num_features, parts[name][-1]
+            if calls:  # never called: the reset statistics stay
+                m.running_mean.copy_(parts[name][:c] / calls)
+                m.running_var.copy_(parts[name][c:2 * c] / calls)
+                m.num_batches_tracked.fill_(int(calls))
     finally:
         model.to(memory_format=torch.contiguous_format)  # channels-last weights slow NCHW exports
-        for m, momentum in saved:
-            m.momentum = momentum
+        for name, m in norms.items():
+            m.momentum = saved[name]
             m.eval()
 

@@ -47,6 +47,7 @@ def prune_in_steps(model: nn.Module, calibration: Iterable[torch.Tensor], *, dev
         goal = target * step / steps  # share of the original model removed after this round
         plan = analysis.plan(max(0.0, 1 - (1 - goal) / (1 - done)), target_kind=target_kind,
                              allocation=allocation, method=method, scope=scope, round_to=round_to)
+        shard.check_same(plan.removed_channels(), "plans")  # else their models would differ
         current = analysis.apply(plan, compensation=compensation, recalibrate=recalibrate)
         plans.append(plan)
     return current, tuple(plans)
