@@ -255,7 +255,8 @@ def _scores_text(args: argparse.Namespace) -> dict:
 # Images per calibration batch: the unit processes share, and one BatchNorm recalibration pass
 # (`recalibrate_batchnorm`'s chunk), so that each batch's terms are the same however shared.
 CALIBRATION_BATCH = 128
-SHARED = ("info", "prune", "scores")  # the commands that run on several processes (torchrun)
+SHARED = ("info", "prune", "scores")  # the commands whose work torchrun's processes share
+RANK, WORLD = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _calibration(subject, samples: int | None, shard) -> tuple[list, int]:
@@ -280,14 +281,11 @@ def _calibration(subject, samples: int | None, shard) -> tuple[list, int]:
     return list(mine.batches(CALIBRATION_BATCH)), samples
 
 
-def _refuse_unshared(args: argparse.Namespace) -> None:
-    """One line, before any work, for what torchrun cannot share (`SHARED` on image models)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (
-            args.command not in SHARED or _is_text(args)
-            or getattr(args, "forget_class", None) is not None):
-        raise UserError(f"`modhifi {args.command}` on this model runs in one process; start it "
-                        "with python -m modhifi, not torchrun (on several: "
-                        f"{', '.join(SHARED)} of image models)")
+def _shared(args: argparse.Namespace) -> bool:
+    """Whether this command's work is shared by the processes torchrun started (`SHARED`, on
+    image models); the others run on process 0 alone, with the one-process result."""
+    return (args.command in SHARED and not _is_text(args)
+            and getattr(args, "forget_class", None) is None)
 
 
 def _save_modified(args: argparse.Namespace, subject, model, *, removed: dict | list) -> None:
@@ -355,7 +353,8 @@ def _open(args: argparse.Namespace):
     from modhifi.zoo import open_subject
 
     backend = choose_backend(args.device)
-    args.shard = distributed.from_environment(backend)  # alone, or one of torchrun's processes
+    if args.shared:  # alone, or one of the processes torchrun started
+        args.shard = distributed.from_environment(backend)
     _progress(f"loading {args.model} on {backend.description}")
     subject = open_subject(args.model, device=backend.device, arch=args.arch, data=args.data)
     for caveat in subject.dataset.caveats:
@@ -379,7 +378,7 @@ def _tenths(what: str) -> Callable[[float], None]:
 
 
 def _progress(line: str) -> None:
-    if os.environ.get("RANK", "0") == "0":  # one voice when torchrun starts several processes
+    if RANK == 0:  # one voice when torchrun starts several processes
         print(f"modhifi: {line}", file=sys.stderr, flush=True)
 
 
@@ -518,8 +517,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _check(args)
-        _refuse_unshared(args)
         args.shard = distributed.ALONE  # until `_open` joins torchrun's other processes
+        args.shared = _shared(args)
+        if WORLD > 1 and not args.shared:
+            if RANK:  # nothing to share: process 0 does it all
+                return 0
+            _progress(f"{args.command} on this model runs in process 0 alone; the other "
+                      f"{WORLD - 1} have nothing to do (shared: {', '.join(SHARED)} of image "
+                      "models)")
         result = COMMANDS[args.command][0](args)
     except UserError as error:
         print(f"modhifi: error: {error}", file=sys.stderr)
