@@ -155,7 +155,9 @@ def _unlearn(args: argparse.Namespace) -> dict:
     _progress(f"forgetting class {forget} ({dataset.classes[forget]})")
     result = unlearn(subject.loaded.model, dataset, forget_class=forget, device=backend.device,
                      edit=args.edit, layers=args.layers, k=args.k,
-                     target_forget_accuracy=args.forget_target)
+                     target_forget_accuracy=args.forget_target, shard=args.shard)
+    if not args.shard.is_main:  # process 0 prints and writes
+        return {}
     if args.out:
         _save_modified(args, subject, result.model, removed={})
     return result.summary(model=subject.loaded.name, device=backend.description)
@@ -255,7 +257,7 @@ def _scores_text(args: argparse.Namespace) -> dict:
 # Images per calibration batch: the unit processes share, and one BatchNorm recalibration pass
 # (`recalibrate_batchnorm`'s chunk), so that each batch's terms are the same however shared.
 CALIBRATION_BATCH = 128
-SHARED = ("info", "prune", "scores")  # the commands whose work torchrun's processes share
+SHARED = ("info", "prune", "scores", "unlearn")  # whose work torchrun's processes share
 RANK, WORLD = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 

@@ -50,6 +50,13 @@ class LayerMoments:
         process or several) changes the sums by float64 rounding only."""
         return LayerMoments(self.second.double(), self.position_sum.double(), self.samples)
 
+    def nothing(self) -> LayerMoments:
+        """Sums over no sample, of these shapes (float64): what a process adds whose batches
+        hold none of a subset's rows."""
+        return LayerMoments(self.second.new_zeros(self.second.shape, dtype=torch.float64),
+                            self.position_sum.new_zeros(self.position_sum.shape,
+                                                        dtype=torch.float64), 0)
+
     def summed(self, shard: Shard) -> LayerMoments:
         """These sums added up over every process of `shard` (float64)."""
         if shard.world == 1:

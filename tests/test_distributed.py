@@ -149,20 +149,28 @@ def test_the_cli_prunes_with_three_processes_as_with_one(tmp_path):
     assert json.loads(info.stdout)["accuracy"] == results[1]["accuracy_before"]
 
 
-def test_a_command_that_shares_no_work_runs_on_process_0_alone():
-    """`unlearn` under torchrun: process 0 alone runs it and prints the one-process JSON."""
+def test_unlearning_shares_its_statistics_and_prints_the_one_process_result():
+    """`unlearn` with 3 processes: the forget-class statistics read in shares and summed give
+    the one-process k, layers and audit (the search and the audit run alike everywhere)."""
     command = ["-m", "modhifi", "unlearn", "--model", "digits-cnn", "--forget-class", "3",
                "--json"]
-    many = torchrun(2, *command)
+    many = torchrun(3, *command)
     assert many.returncode == 0, many.stderr[-2000:]
-    assert "runs in process 0 alone" in many.stderr
     one = subprocess.run([sys.executable, *command], cwd=ROOT, env=ENV, capture_output=True,
                          text=True, timeout=300)
     lines = many.stdout.strip().splitlines()
     assert len(lines) == 1
     shared, alone = json.loads(lines[0]), json.loads(one.stdout)
-    assert {k: v for k, v in shared.items() if k not in ("seconds", "device")} == {
-        k: v for k, v in alone.items() if k not in ("seconds", "device")}
+    assert {k: v for k, v in shared.items() if k != "seconds"} == {
+        k: v for k, v in alone.items() if k != "seconds"}
+
+
+def test_a_command_that_shares_no_work_runs_on_process_0_alone():
+    many = torchrun(2, "-m", "modhifi", "models", "--json")
+    assert many.returncode == 0 and "runs in process 0 alone" in many.stderr
+    one = subprocess.run([sys.executable, "-m", "modhifi", "models", "--json"], cwd=ROOT,
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert many.stdout == one.stdout and len(one.stdout.strip().splitlines()) == 1
 
 
 def test_too_few_calibration_batches_for_the_processes_is_one_line():

@@ -12,6 +12,7 @@ from torch import nn
 
 from modhifi.audit import Audit, Outputs, audit
 from modhifi.data import Dataset
+from modhifi.distributed import ALONE, Shard
 from modhifi.errors import UserError
 from modhifi.hooks import private_copy
 from modhifi.options import REFERENCE_SAMPLES, RETAIN_SAMPLES, UNLEARN_BATCH, Edit, Score
@@ -77,7 +78,7 @@ def unlearn(model: nn.Module, dataset: Dataset, *, forget_class: int, device: to
             score: Score = "contrastive", target_forget_accuracy: float = 0.0,
             reference_samples: int | None = REFERENCE_SAMPLES,
             retain_samples: int | None = RETAIN_SAMPLES, batch_size: int = UNLEARN_BATCH,
-            seed: int = 0, before: Outputs | None = None) -> UnlearnResult:
+            seed: int = 0, before: Outputs | None = None, shard: Shard = ALONE) -> UnlearnResult:
     """Make `model` forget one class without fine-tuning (ModHiFi-U), and audit the result.
 
     Args:
@@ -101,6 +102,9 @@ def unlearn(model: nn.Module, dataset: Dataset, *, forget_class: int, device: to
         batch_size: images per forward pass.
         seed: for the reference sample and the membership attack.
         before: `model_outputs` of `model`, to reuse across forget classes.
+        shard: when several processes share the work (`modhifi.distributed`): the forget-class
+            statistics are read in shares and summed; the search of k (on a few hundred
+            calibration images), the edit and the audit run alike on every process.
 
     Returns:
         The `UnlearnResult`; `seconds` times statistics, plan and edit, not the audits.
@@ -124,7 +128,7 @@ def unlearn(model: nn.Module, dataset: Dataset, *, forget_class: int, device: to
     scores = score_forget_class(original, dataset.calibration, forget_class=forget_class,
                                 layers=names, device=device, score=score,
                                 reference_samples=reference_samples, batch_size=batch_size,
-                                seed=seed)
+                                seed=seed, shard=shard)
     if k is None:
         calibration = dataset.calibration
         plan = choose_plan(original, scores, calibration.subset(calibration.labels == forget_class),

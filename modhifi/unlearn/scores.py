@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from modhifi.data import Split
+from modhifi.distributed import ALONE, Shard
 from modhifi.errors import UserError
 from modhifi.fidelity import LayerFidelity
 from modhifi.moments import LayerMoments, collect_row_moments
@@ -80,7 +81,8 @@ def score_forget_class(model: nn.Module, calibration: Split, *, forget_class: in
                        layers: tuple[str, ...], device: torch.device | str,
                        score: Score = "contrastive",
                        reference_samples: int | None = REFERENCE_SAMPLES,
-                       batch_size: int = UNLEARN_BATCH, seed: int = 0) -> ForgetScores:
+                       batch_size: int = UNLEARN_BATCH, seed: int = 0,
+                       shard: Shard = ALONE) -> ForgetScores:
     """Forget-class saliency of the given layers from one forward pass over calibration data.
 
     Each batch is split by label: forget-class rows feed the forget moments, rows of a seeded
@@ -102,6 +104,8 @@ def score_forget_class(model: nn.Module, calibration: Split, *, forget_class: in
             contrast; None = all of them. A sample of 1,000 keeps the pass fast.
         batch_size: images per forward pass.
         seed: the reference sample's seed.
+        shard: when several processes share the work (`modhifi.distributed`), each reads its own
+            whole batches of the used samples and the moments are summed over all.
 
     Returns:
         The `ForgetScores`.
@@ -114,11 +118,17 @@ def score_forget_class(model: nn.Module, calibration: Split, *, forget_class: in
     is_reference = torch.zeros_like(is_forget)
     is_reference[reference_index(len(calibration), reference_samples, seed)] = True
     used = (is_forget | is_reference).nonzero().squeeze(1)
-    rows = {"forget": is_forget[used], "reference": is_reference[used]}  # (n_used,) each
+    mine = used[shard.indices(len(used), batch_size)]  # this process's whole batches of them
+    rows = {"forget": is_forget[mine], "reference": is_reference[mine]}  # (n_mine,) each
     example = next(calibration.subset(used[:1]).batches(1, device=device))
     positions = {name: reaching_positions(model, name, example, seed=seed) for name in layers}
-    moments = collect_row_moments(model, layers, calibration.subset(used).batches(
+    moments = collect_row_moments(model, layers, calibration.subset(mine).batches(
         batch_size, device=device), device=device, rows=rows, positions=positions)
+    if shard.world > 1:  # every subset and layer on every process, in one order, then summed
+        shapes = collect_row_moments(model, layers, [example], device=device,
+                                     positions=positions)[None]
+        moments = {key: {name: moments[key].get(name, shapes[name].nothing()).float64()
+                         .summed(shard) for name in layers} for key in rows}
     saliency = []
     for name in layers:
         forget, reference = moments["forget"][name], moments["reference"][name]
