@@ -213,13 +213,14 @@ def test_the_channel_card_matches_a_masked_forward_and_its_plan_removes_one_chan
         card.channel_card(analysis, layer, 10_000)
 
 
-def test_the_channel_card_of_a_token_layer_reads_the_channel_along_the_tokens():
-    """A ViT's FFN output layer reads (B, T, C): the card's map of a channel is its value at each
-    token, and the drivers are the images with the largest mean over the tokens."""
+def test_the_channel_card_of_a_token_layer_draws_the_channel_over_the_patch_grid():
+    """A ViT's FFN output layer reads (B, 1 + s², C): the card's map of a channel is its value
+    at each patch token on the s × s grid (the class token left out), and the drivers are the
+    images with the largest mean over the patches."""
     from modhifi.prune import card
 
-    vit = nets.ViT(image_size=8, patch=4, dim=16, depth=1, heads=2, hidden=24)
-    analysis = _analysis(vit, (1, 8, 8), samples=32)
+    vit = nets.ViT(image_size=12, patch=4, dim=16, depth=1, heads=2, hidden=24)  # 3 × 3 patches
+    analysis = _analysis(vit, (1, 12, 12), samples=32)
     layer = "blocks.0.ffn.fc2"
     shown = card.channel_card(analysis, layer, 5, images=3)
     inputs = []
@@ -231,12 +232,13 @@ def test_the_channel_card_of_a_token_layer_reads_the_channel_along_the_tokens():
                 vit(batch)
     finally:
         handle.remove()
-    x = torch.cat(inputs)[..., 5]  # (N, T): the channel at each token
-    strongest = x.mean(1).topk(3)
+    patches = torch.cat(inputs)[:, 1:, 5]  # (N, 9): the channel at each patch token
+    strongest = patches.mean(1).topk(3)
     assert list(shown.drivers) == strongest.indices.tolist()
     assert shown.strength == pytest.approx(strongest.values.tolist(), rel=1e-5)
-    assert shown.maps.shape == (3, 1, x.shape[1])
-    assert torch.allclose(torch.from_numpy(shown.maps[:, 0]), x[strongest.indices], atol=1e-6)
+    assert shown.maps.shape == (3, 3, 3)
+    assert torch.allclose(torch.from_numpy(shown.maps).flatten(1), patches[strongest.indices],
+                          atol=1e-6)
 
 
 def test_greedy_plans_keep_multiples_of_round_to_at_the_planned_cost():

@@ -4,6 +4,7 @@ every criterion, the layer's output error without it, and the plan that removes 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,14 +97,14 @@ def _drivers(analysis: Analysis, layer: str, channel: int,
     """The calibration images whose input to `layer` has the largest mean on `channel`."""
     if not all(isinstance(b, Tensor) and b.dim() == 4 for b in analysis.calibration):
         raise UserError("the channel card shows images: it needs a model with image inputs")
-    seen: list[Tensor] = []  # per batch: (B, h, w) the channel's map
+    seen: list[Tensor] = []  # per batch: (B, h, w) the channel's map (over patches or tokens)
 
     def record(module, args) -> None:
         x = args[0]  # (B, C, h, w) for a conv; (B, T, C) tokens or (B, C) for a linear layer
         if x.dim() == 4:
             seen.append(x[:, channel].float().cpu())
-        elif x.dim() == 3:  # along the tokens: a (B, 1, T) strip
-            seen.append(x[:, None, :, channel].float().cpu())
+        elif x.dim() == 3:
+            seen.append(_token_map(x[..., channel]).float().cpu())
         else:
             seen.append(x[:, channel, None, None].float().cpu())
 
@@ -116,6 +117,15 @@ def _drivers(analysis: Analysis, layer: str, channel: int,
     pictures = torch.cat([b.cpu() for b in analysis.calibration])[top, 0]  # (k, H, W)
     return (tuple(top.tolist()), tuple(strength[top].tolist()), pictures.numpy(),
             maps[top].numpy())
+
+
+def _token_map(values: Tensor) -> Tensor:
+    """(B, T) one channel at each token -> (B, s, s) over the patch grid when the tokens are a
+    class token and s² patches in row order (a ViT), else a (B, 1, T) strip."""
+    side = math.isqrt(values.shape[1] - 1)
+    if side > 1 and side * side == values.shape[1] - 1:
+        return values[:, 1:].reshape(len(values), side, side)
+    return values[:, None, :]
 
 
 def without_channel(analysis: Analysis, card: ChannelCard) -> PrunePlan:
