@@ -355,7 +355,7 @@ def _open(args: argparse.Namespace):
     from modhifi.zoo import open_subject
 
     backend = choose_backend(args.device)
-    if args.shared:  # alone, or one of the processes torchrun started
+    if _shared(args):  # alone, or one of the processes torchrun started
         args.shard = distributed.from_environment(backend)
     _progress(f"loading {args.model} on {backend.description}")
     subject = open_subject(args.model, device=backend.device, arch=args.arch, data=args.data)
@@ -520,8 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check(args)
         args.shard = distributed.ALONE  # until `_open` joins torchrun's other processes
-        args.shared = _shared(args)
-        if WORLD > 1 and not args.shared:
+        if WORLD > 1 and not _shared(args):
             if RANK:  # nothing to share: process 0 does it all
                 return 0
             _progress(f"{args.command} on this model runs in process 0 alone; the other "

@@ -103,14 +103,12 @@ def evaluate(model: nn.Module, split: Split, *, device: torch.device,
              num_classes: int, batch_size: int = 128, shard: Shard = ALONE) -> Evaluation:
     """Top-1, per-class accuracy and the confusion matrix on every image of `split` (this
     process's whole batches of it when several share it, their counts summed over all)."""
-    if shard.world == 1:
-        predicted = predict(model, split, device=device, batch_size=batch_size).argmax(1)
-        return evaluation_from(predicted, split.labels, num_classes=num_classes)
-    mine = split.subset(shard.indices(len(split), batch_size))
+    if shard.world > 1:
+        split = split.subset(shard.indices(len(split), batch_size))
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
-    if len(mine):
-        predicted = predict(model, mine, device=device, batch_size=batch_size).argmax(1)
-        confusion += _confusion(predicted, mine.labels, num_classes).to(confusion)
+    if len(split) or shard.world == 1:  # one process alone still refuses an empty split
+        predicted = predict(model, split, device=device, batch_size=batch_size).argmax(1)
+        confusion += _confusion(predicted, split.labels, num_classes).to(confusion)
     return _evaluation(shard.sum(confusion).long().cpu())
 
 

@@ -334,15 +334,24 @@ def unlearned_evaluation(opened: Opened, request: UnlearnRequest) -> metrics.Eva
     return _evaluate(opened, unlearned(opened, request).model, full=True)
 
 
+def _zoo_name(opened: Opened) -> str | None:
+    """The zoo model's name, or None for a checkpoint of one's own."""
+    return opened.model.spec if opened.model.arch is None and opened.model.spec in zoo.ZOO \
+        else None
+
+
 def default_forget_class(opened: Opened) -> int:
     """The class the Unlearn page forgets first: the zoo entry's choice, else the first."""
-    entry = zoo.ZOO.get(opened.model.spec) if opened.model.arch is None else None
-    return entry.forget_class if entry else 0
+    name = _zoo_name(opened)
+    return zoo.ZOO[name].forget_class if name else 0
 
 
+@st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)
 def retrainable(opened: Opened) -> bool:
-    """Whether the Unlearn page can show the model retrained without the class beside the edit."""
-    return opened.model.arch is None and zoo.retrainable(opened.model.spec)
+    """Whether the Unlearn page can show the model retrained without the class beside the edit
+    (cached: it reads the model card)."""
+    name = _zoo_name(opened)
+    return name is not None and zoo.retrainable(name)
 
 
 @st.cache_resource(show_spinner="Retraining the model without the class: the reference…",
