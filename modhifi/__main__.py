@@ -148,7 +148,8 @@ def _prune_text(args: argparse.Namespace) -> dict:
 def _unlearn(args: argparse.Namespace) -> dict:
     from modhifi.unlearn import unlearn
 
-    _image_only(args, "forgetting a category")
+    if _is_text(args):
+        return _unlearn_text(args)
     backend, subject = _open(args)
     dataset = subject.dataset
     forget = _class_index(dataset, args.forget_class)
@@ -161,6 +162,32 @@ def _unlearn(args: argparse.Namespace) -> dict:
     if args.out:
         _save_modified(args, subject, result.model, removed={})
     return result.summary(model=subject.loaded.name, device=backend.description)
+
+
+def _unlearn_text(args: argparse.Namespace) -> dict:
+    """ModHiFi-U on a text encoder: one category of fortunes forgotten (`modhifi.text.forget`)."""
+    from modhifi.text.forget import forget_category
+    from modhifi.text.subject import save_text_model
+
+    for option in ("edit", "layers", "k"):
+        if getattr(args, option) is not None:
+            raise UserError(f"--{option} does not apply to a text model, whose edit is one "
+                            f"rank-one change of the last FFN; leave --{option} out")
+    if args.calib_samples is not None:
+        raise UserError("--calib-samples does not apply to forgetting a category of a text "
+                        "model, which reads every calibration text of it; leave it out")
+    from modhifi.text.corpus import load_fortunes
+
+    corpus = load_fortunes()
+    category = _class_index(corpus, args.forget_class)  # before the model loads
+    backend, subject, _ = _open_text(args, corpus)
+    _progress(f"forgetting category {category} ({corpus.categories[category]})")
+    result = forget_category(subject.model, subject.probe, corpus, category=category,
+                             device=backend.device, target=args.forget_target)
+    if args.out:
+        save_text_model(result.model, Path(args.out), base=subject.base, removed={})
+        _progress(f"wrote {args.out}")
+    return result.summary(model=subject.name, device=backend.description)
 
 
 def _theory(args: argparse.Namespace) -> dict:
@@ -328,18 +355,18 @@ def _image_only(args: argparse.Namespace, what: str) -> None:
     """A one-line refusal for a command that has no text path yet."""
     if args.model and _is_text(args):
         raise UserError(f"{what} is not available for text models yet; {args.model} works with "
-                        "info, prune and scores")
+                        "info, prune, scores and unlearn")
 
 
-def _open_text(args: argparse.Namespace):
+def _open_text(args: argparse.Namespace, corpus=None):
     """The backend, the text subject and its calibration texts (`--calib-samples` checked
-    against the corpus before the model is loaded)."""
+    against the corpus, loaded unless given, before the model is loaded)."""
     from modhifi.backend import choose_backend
     from modhifi.text.corpus import load_fortunes
     from modhifi.text.subject import open_text
 
     backend = choose_backend(args.device)
-    corpus = load_fortunes()
+    corpus = corpus or load_fortunes()
     calibration = corpus.calibration
     samples = min(CALIBRATION_TEXT, len(calibration)) if args.calib_samples is None else args.calib_samples
     if not samples <= len(calibration):
@@ -504,7 +531,8 @@ def _check(args: argparse.Namespace) -> None:
         check_output(Path(args.out))
         from modhifi.text.encoder import is_text_model
 
-        if args.command == "prune" and is_text_model(args.model) and Path(args.out).exists():
+        if args.command in ("prune", "unlearn") and is_text_model(args.model) \
+                and Path(args.out).exists():
             raise UserError(f"--out {args.out} exists; a text model is written as a new folder: "
                             "give a new name")
         if args.command != "scores":

@@ -121,6 +121,37 @@ class Audit:
     probe_accuracy: float  # the same probe on all test samples
 
 
+# The audit's figures as the tables name them.
+AUDIT_FIGURES = {"forget_accuracy": "forget accuracy", "retain_accuracy": "retain accuracy",
+                 "test_accuracy": "test accuracy", "mia_auc": "membership attack AUC",
+                 "probe_forget_accuracy": "probe accuracy (forget class)",
+                 "probe_accuracy": "probe accuracy (all classes)"}
+
+
+def audit_frame(audits: dict[str, Audit]) -> pd.DataFrame:
+    """One row per audit figure: metric, then one column per audit (name -> Audit)."""
+    return pd.DataFrame([{"metric": label, **{name: getattr(figures, key)
+                                              for name, figures in audits.items()}}
+                         for key, label in AUDIT_FIGURES.items()])
+
+
+def summary_keys(before: Audit, after: Audit) -> dict:
+    """The `unlearn` command's audit keys (contract.md), before and after the edit."""
+    return {"forget_accuracy_before": before.forget_accuracy,
+            "forget_accuracy_after": after.forget_accuracy,
+            "retain_accuracy_before": before.retain_accuracy,
+            "retain_accuracy_after": after.retain_accuracy,
+            "mia_before": before.mia_auc, "mia_after": after.mia_auc,
+            "probe_accuracy_before": before.probe_forget_accuracy,
+            "probe_accuracy_after": after.probe_forget_accuracy}
+
+
+def per_class_frame(classes: tuple[str, ...], audits: dict[str, Audit]) -> pd.DataFrame:
+    """One row per class: class, then each audit's test accuracy on it."""
+    return pd.DataFrame({"class": classes, **{name: figures.per_class
+                                              for name, figures in audits.items()}})
+
+
 @dataclass(frozen=True, eq=False)
 class Outputs:
     """What the audits read from one model whatever the forget class (reusable across classes)."""
@@ -173,25 +204,42 @@ def audit(model: nn.Module, dataset: Dataset, *, forget_class: int, device: torc
     """
     test, train = dataset.test, dataset.train
     outputs = outputs or model_outputs(model, dataset, device=device, batch_size=batch_size)
-    predicted = outputs.test_logits.argmax(1)  # (M,)
-    evaluation = evaluation_from(predicted, test.labels, num_classes=dataset.num_classes)
-    is_forget = test.labels == forget_class  # (M,)
-    correct = predicted == test.labels  # (M,)
-
     members, _ = balanced((train.labels == forget_class).nonzero().squeeze(1),
-                           is_forget.nonzero().squeeze(1), seed)
+                           (test.labels == forget_class).nonzero().squeeze(1), seed)
     members = members.sort().values
     with torch.inference_mode():
         member_logits = torch.cat([model(x).float().cpu() for x in train.subset(members).batches(
             batch_size, device=device)])
-    mia = membership_auc(attack_features(member_logits, train.labels[members]),
-                         attack_features(outputs.test_logits[is_forget], test.labels[is_forget]),
+    return audit_from(outputs.test_logits, test.labels, member_logits, train.labels[members],
+                      outputs.probe, forget_class=forget_class, seed=seed)
+
+
+def audit_from(test_logits: Tensor, test_labels: Tensor, member_logits: Tensor,
+               member_labels: Tensor, probed: Evaluation, *, forget_class: int,
+               seed: int = 0) -> Audit:
+    """The `Audit` from a classifier's outputs, whatever the model (images or texts).
+
+    Args:
+        test_logits: (M, num_classes) on the whole test split; test_labels: (M,).
+        member_logits: (n, num_classes) on forget-class training samples (the members);
+            member_labels: (n,).
+        probed: the linear probe's evaluation on the test split (`probe`).
+        forget_class: the class that should be forgotten.
+        seed: for the membership attack's subsample and folds.
+    """
+    num_classes = test_logits.shape[1]
+    predicted = test_logits.argmax(1)  # (M,)
+    evaluation = evaluation_from(predicted, test_labels, num_classes=num_classes)
+    is_forget = test_labels == forget_class  # (M,)
+    correct = predicted == test_labels  # (M,)
+    mia = membership_auc(attack_features(member_logits, member_labels),
+                         attack_features(test_logits[is_forget], test_labels[is_forget]),
                          seed=seed)
     return Audit(forget_accuracy=float(correct[is_forget].float().mean()),
                  retain_accuracy=float(correct[~is_forget].float().mean()),
                  test_accuracy=evaluation.accuracy, per_class=evaluation.per_class, mia_auc=mia,
-                 probe_forget_accuracy=outputs.probe.per_class[forget_class],
-                 probe_accuracy=outputs.probe.accuracy)
+                 probe_forget_accuracy=probed.per_class[forget_class],
+                 probe_accuracy=probed.accuracy)
 
 
 @dataclass(frozen=True)

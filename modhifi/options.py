@@ -45,6 +45,14 @@ ROUND_TO = 8      # kept channels per group: a multiple of this (docs/results.md
 REFERENCE_SAMPLES = 1000  # ModHiFi-U: calibration images of all classes that centre the scores
 RETAIN_SAMPLES = 512      # ModHiFi-U: other-class calibration images that judge retain damage
 UNLEARN_BATCH = 128       # ModHiFi-U: images per forward pass
+REFERENCE_TEXTS = 512     # ModHiFi-U on text: calibration texts of all categories behind the means
+TOPIC_TARGET = 0.0        # ModHiFi-U on text: forget-category accuracy the strength aims for
+TOPIC_SLACK = 0.01        # ModHiFi-U on text: how close to its lowest reachable accuracy, when the
+#                           target is out of reach
+FOLDS = 5                 # ModHiFi-U on text: cross-fitting folds that choose the strength
+TOPIC_RIDGE = 10.0        # ModHiFi-U on text: the discriminant's ridge, relative to the mean
+#                           variance (10: a cross-fitted forget accuracy no higher than with 1
+#                           on any fortunes category, lower on six of eight; docs/results.md)
 RETRAIN_REFERENCE_SECONDS = 10  # zoo models that train within this (CPU) are retrained as reference
 CALIBRATION_CLI = 2000   # calibration images the CLI reads by default (or all, if fewer)
 CALIBRATION_THEORY = 500  # the theory report's default

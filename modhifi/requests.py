@@ -1,5 +1,6 @@
 """What a caller asks the library for, as frozen values: which model (`ModelRef`), how to prune
-it (`PruneRequest`) and which class to forget (`UnlearnRequest`).
+it (`PruneRequest`, `TextPruneRequest`) and which class to forget (`UnlearnRequest`,
+`TextUnlearnRequest`).
 
 Each is checked once, when it is made, with `modhifi.options` (a bad value is a one-line
 `UserError` naming the problem and the fix); each is hashable and equal by value, so the
@@ -11,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from modhifi.errors import UserError
-from modhifi.options import (FLOOR, REFERENCE_SAMPLES, RETAIN_SAMPLES, ROUND_TO, UNLEARN_BATCH,
-                             WHY_FLOOR, WHY_FORGET_TARGET, WHY_K, WHY_OVERRIDE, WHY_ROUND_TO,
+from modhifi.options import (FLOOR, REFERENCE_SAMPLES, RETAIN_SAMPLES, ROUND_TO, TOPIC_TARGET,
+                             UNLEARN_BATCH, WHY_FLOOR, WHY_FORGET_TARGET, WHY_K, WHY_OVERRIDE,
+                             WHY_ROUND_TO,
                              Allocation, Compensation, Component, Edit, Method, Scope, Score,
                              TargetKind, check, check_fraction, check_target, check_whole,
                              default_compensation)
@@ -195,3 +197,20 @@ class UnlearnRequest:
                 "reference_samples": self.reference_samples,
                 "retain_samples": self.retain_samples, "batch_size": self.batch_size,
                 "seed": self.seed}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextUnlearnRequest:
+    """One forgetting of a text encoder's category: the options of
+    `modhifi.text.forget.forget_category` (its defaults)."""
+
+    category: int
+    target: float = TOPIC_TARGET  # forget-category accuracy the strength aims for
+
+    def __post_init__(self):
+        if isinstance(self.category, bool) or not isinstance(self.category, int) or \
+                self.category < 0:
+            raise UserError(f"category {self.category!r} must be a category index ≥ 0, "
+                            "e.g. --forget-class 1")
+        object.__setattr__(self, "target", check_fraction("target forget accuracy", self.target,
+                                                          why=WHY_FORGET_TARGET))

@@ -87,11 +87,7 @@ def render_text(chosen: cache.Selection) -> None:
                              "side by side", "Computers make very fast, very accurate mistakes.",
                              key=keys.PRUNE_TRY_IT)
     if sentence.strip():
-        found = text_cache.try_it(chosen, request, sentence.strip(), full)
-        left, right = st.columns(2)
-        for column, name in ((left, "dense"), (right, "pruned")):
-            column.caption(f"{name} model")
-            column.dataframe(found[found["model"] == name].drop(columns="model"), hide_index=True)
+        page.side_by_side(text_cache.try_it(chosen, request, sentence.strip(), full))
     history.show(chosen.model.spec)
     st.caption("Save a pruned folder with `python -m modhifi prune --model "
                f"{chosen.model.spec} --target {target} --components {kind} --out DIR`; it reloads "

@@ -1,23 +1,102 @@
 """Unlearn: make the model forget one class without fine-tuning, and audit what remains."""
 import streamlit as st
 
+from modhifi.audit import Audit
 from modhifi.options import Edit, choices
-from modhifi.requests import UnlearnRequest
-from ui import cache, figures, keys, page, sidebar, url
+from modhifi.requests import TextUnlearnRequest, UnlearnRequest
+from ui import cache, figures, keys, page, sidebar, text_cache, url
 
 # Below this share of unchanged other-class predictions (calibration images) the page warns: the
 # zoo's Fashion-MNIST CNNs keep 0.86-0.99 on every class, the ViT 0.73-0.95, digits-cnn 0.32 on
 # "0" (docs/benchmarks/unlearn_*.csv).
 LOW_AGREEMENT = 0.8
+DEFAULT_TEXT_CATEGORY = 1  # computers: forgotten best of the fortunes categories
+# (docs/benchmarks/text_forget_minilm-l6.csv)
+
+
+def audit_metrics(before: Audit, after: Audit) -> None:
+    """The four figures of the audit, after the edit, with their change."""
+    cols = st.columns(4)
+    cols[0].metric("Forget accuracy", f"{after.forget_accuracy:.1%}",
+                   f"{(after.forget_accuracy - before.forget_accuracy) * 100:+.1f} pts")
+    cols[1].metric("Retain accuracy", f"{after.retain_accuracy:.2%}",
+                   f"{(after.retain_accuracy - before.retain_accuracy) * 100:+.2f} pts")
+    cols[2].metric("Membership attack AUC", f"{after.mia_auc:.3f}", f"{after.mia_auc - before.mia_auc:+.3f}",
+                   delta_color="off", delta_arrow="off",
+                   help="0.5 = the attacker cannot tell members from non-members.")
+    cols[3].metric("Probe accuracy, forget class", f"{after.probe_forget_accuracy:.1%}",
+                   f"{(after.probe_forget_accuracy - before.probe_forget_accuracy) * 100:+.1f} pts",
+                   delta_color="off", delta_arrow="off")
+
+
+def render_text(opened: cache.Opened) -> None:
+    st.title("Unlearn — ModHiFi-U on a sentence encoder")
+    categories = list(text_cache.subject(opened).corpus.categories)
+    st.write(
+        "Pick a fortunes category to forget. The page reads the calibration quotations of that "
+        "category and a sample of all of them (their categories unread), finds the direction "
+        "of the last layer's FFN activations that tells the category's quotations apart, and "
+        "writes one **rank-one** change into that layer's down-projection: every token's "
+        "residual stream moves against the category's offset in proportion to how much the "
+        "token looks like it. No gradients, no fine-tuning; the category probe on top is "
+        "unchanged.")
+    with st.expander("The edit, and how its strength is chosen"):
+        st.latex(r"s(a) = w^\top (a - m),\quad w \propto (\Sigma + \lambda I)^{-1}(m_f - m),"
+                 r"\qquad W' = W - \alpha\, d\, w^\top,\quad d = \bar h_f - \bar h")
+        st.write("m, Σ: mean and covariance of the quotations' mean activations; m_f over the "
+                 "forgotten category; d: its offset of the residual stream. The strength α is "
+                 "the smallest that takes the category's calibration quotations below the "
+                 "target, each judged with a direction fitted without it (5 folds), so the "
+                 "choice is not flattered by quotations the direction has seen. Where the target "
+                 "is out of reach (quotations the direction does not recognise stay), α stops "
+                 "where forgetting levels off.")
+    with st.form(keys.UNLEARN_FORM, border=False):
+        cols = st.columns(2)
+        url.restore(keys.UNLEARN_CLASS, lambda index: 0 <= index < len(categories))
+        category = cols[0].selectbox("Forget category", range(len(categories)),
+                                     index=DEFAULT_TEXT_CATEGORY,
+                                     format_func=categories.__getitem__, key=keys.UNLEARN_CLASS)
+        target = cols[1].number_input(
+            "Forget target (calibration accuracy)", 0.0, 0.5, 0.0, 0.01, key=keys.UNLEARN_TARGET,
+            help="What the strength aims for on the category's calibration quotations.")
+        st.form_submit_button("Forget", type="primary", key=keys.UNLEARN_SUBMIT)
+    request = TextUnlearnRequest(category=category, target=target)
+    result = text_cache.forgotten(opened, request)
+    audit_metrics(result.before, result.after)
+    plan = result.plan
+    st.caption(f"Strength α = {plan.strength:.2f} on {plan.direction.layer}; "
+               f"{plan.calibration_forget_accuracy:.1%} of the category's calibration quotations "
+               f"still recognised (cross-fitted), {plan.calibration_retain_agreement:.1%} of the "
+               f"others' predictions unchanged; {result.seconds:.1f} s without the audits. "
+               "Full test split.")
+    audit_table, per_class, plan_table, neurons = text_cache.forget_tables(opened, request)
+    left, right = st.columns(2)
+    left.subheader("Per-category accuracy")
+    left.plotly_chart(figures.class_bars(per_class, highlight=categories[category]),
+                      width="stretch")
+    right.subheader("The neurons the direction reads most")
+    right.caption("|w_i|·σ_i: how much of the score's spread each FFN neuron of the last layer "
+                  "carries, and the sign with which it votes for the category.")
+    right.dataframe(neurons, hide_index=True)
+    st.dataframe(audit_table, hide_index=True)
+
+    st.subheader("Try it")
+    sentence = st.text_input("Type a sentence: its nearest test quotations, dense and edited "
+                             "side by side", "Computers make very fast, very accurate mistakes.",
+                             key=keys.UNLEARN_TRY_IT)
+    if sentence.strip():
+        page.side_by_side(text_cache.try_forgotten(opened, request, sentence.strip()))
+    st.caption("Save the edited folder with `python -m modhifi unlearn --model "
+               f"{opened.model.spec} --forget-class {categories[category]} --out DIR`; it "
+               "reloads with `modhifi info --model DIR` and with sentence-transformers.")
 
 
 def render() -> None:
     selection = sidebar.selection()
-    st.title("Unlearn — ModHiFi-U")
     if sidebar.is_text(selection):
-        st.info(f"{selection.model.spec}: forgetting a fortunes category is not available yet; "
-                "the image models here forget any class. Prune it on the Prune page.")
+        render_text(selection.opened)
         return
+    st.title("Unlearn — ModHiFi-U")
     opened = selection.opened
     classes = list(cache.subject(opened).dataset.classes)
     st.write(
@@ -65,17 +144,7 @@ def render() -> None:
                              k=None if auto else k, target_forget_accuracy=target if auto else 0.0)
     result = cache.unlearned(opened, request)
     before, after = result.before, result.after
-    cols = st.columns(4)
-    cols[0].metric("Forget accuracy", f"{after.forget_accuracy:.1%}",
-                   f"{(after.forget_accuracy - before.forget_accuracy) * 100:+.1f} pts")
-    cols[1].metric("Retain accuracy", f"{after.retain_accuracy:.2%}",
-                   f"{(after.retain_accuracy - before.retain_accuracy) * 100:+.2f} pts")
-    cols[2].metric("Membership attack AUC", f"{after.mia_auc:.3f}", f"{after.mia_auc - before.mia_auc:+.3f}",
-                   delta_color="off", delta_arrow="off",
-                   help="0.5 = the attacker cannot tell members from non-members.")
-    cols[3].metric("Probe accuracy, forget class", f"{after.probe_forget_accuracy:.1%}",
-                   f"{(after.probe_forget_accuracy - before.probe_forget_accuracy) * 100:+.1f} pts",
-                   delta_color="off", delta_arrow="off")
+    audit_metrics(before, after)
     st.caption(f"k = {result.plan.k:.4f} of each layer's (output, input) pairs, edit = "
                f"{result.plan.edit}, layers: {', '.join(result.plan.layers)}; "
                f"{result.seconds:.1f} s without the audits. Full test split.")

@@ -249,8 +249,8 @@ def open_text_page(page: str, **state) -> AppTest:
     return open_page(page, **{"sidebar.model": "minilm-l6", **state})
 
 
-@pytest.mark.parametrize("page", ["pages/overview.py", "pages/fidelity.py", "pages/unlearn.py",
-                                  "pages/theory.py"])  # the Prune page: its own test below
+@pytest.mark.parametrize("page", ["pages/overview.py", "pages/fidelity.py", "pages/theory.py"])
+# the Prune and Unlearn pages: their own tests below
 def test_every_page_renders_for_the_text_model(page):
     app = open_text_page(page)
     assert not app.exception and not app.error
@@ -291,6 +291,39 @@ def test_the_text_prune_page_shows_the_library_numbers_and_the_try_it_box():
     assert float(metrics(app)["Embedding cosine"]) < float(shown["Embedding cosine"])
     app.radio(key="prune.components").set_value("heads").run()
     assert not app.exception and metrics(app)["Kept: attention heads"].endswith("/ 72")
+
+
+def test_the_text_unlearn_page_forgets_a_category_and_the_numbers_are_the_models():
+    """The page's edited encoder is the library's edit of its plan, its forget and retain
+    figures are that encoder's accuracy on the test quotations, and the try-it box no longer
+    reads a sentence about computers as "computers"."""
+    import torch
+
+    from modhifi.requests import ModelRef, TextUnlearnRequest
+    from modhifi.text.encoder import embed
+    from modhifi.text.forget import apply_plan
+    from modhifi.text.quality import per_category_accuracy
+    from ui import text_cache
+    from ui.cache import Opened
+
+    app = open_text_page("pages/unlearn.py")
+    assert not app.exception and not app.error
+    opened = Opened(ModelRef("minilm-l6"), "cpu")
+    result = text_cache.forgotten(opened, TextUnlearnRequest(category=1))
+    dense = text_cache.subject(opened)
+    rebuilt = apply_plan(dense.model, result.plan)
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(),
+                                                 result.model.state_dict().values()))
+    test = dense.corpus.test
+    per_category = per_category_accuracy(dense.probe, embed(result.model, test.texts,
+                                                            device="cpu"), test.labels)
+    assert metrics(app)["Forget accuracy"] == f"{per_category['computers']:.1%}"
+    captions = [caption.value for caption in app.caption]
+    assert "dense model — reads the sentence as “computers”" in captions
+    assert not any(c.startswith("edited model — reads the sentence as “computers”")
+                   for c in captions)
+    found = [frame.value for frame in app.dataframe if "similarity" in frame.value]
+    assert len(found) == 2 and all(len(frame) == 5 for frame in found)
 
 
 def test_the_prune_page_says_how_much_the_plan_removes_against_what_was_asked():

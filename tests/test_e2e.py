@@ -210,3 +210,19 @@ def test_the_text_model_prunes_and_answers_the_try_it_box_in_the_browser(app_url
     assert tables.count() == 3  # the dense and the pruned neighbours, then the run history
     _shoot(page, shots / "prune-text.png")
     page.context.close()
+
+
+@pytest.mark.zoo
+def test_the_text_model_forgets_a_category_in_the_browser(app_url, browser, shots):
+    """The Unlearn page of the text model (opt in: -m zoo; the edit and two audits of the real
+    model take about a minute): the audit's figures, and the try-it box under both models."""
+    page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+    page.goto(f"{app_url}/unlearn?model=minilm-l6")
+    page.wait_for_selector("[data-testid='stMetric']", timeout=300_000)
+    _settle(page, timeout=300)
+    assert not page.locator("[data-testid='stException']").count()
+    assert float(_metric(page, "Forget accuracy").rstrip("%")) <= 10
+    assert page.get_by_text("dense model — reads the sentence as").count() == 1
+    assert page.get_by_text("edited model — reads the sentence as").count() == 1
+    _shoot(page, shots / "unlearn-text.png")
+    page.context.close()

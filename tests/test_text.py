@@ -53,15 +53,15 @@ def analysis(model):
     return analyse_text(model, TEXTS, device="cpu", lam=0.0, batch_size=8)
 
 
-def token_inputs(model, name):
-    """(tokens, c_in) the inputs of module `name` for every real token of TEXTS, one text at a
+def token_inputs(model, name, texts=TEXTS):
+    """(tokens, c_in) the inputs of module `name` for every real token of `texts`, one text at a
     time (no padding at all: the oracle for the masked statistics)."""
     rows = []
     handle = model.get_submodule(name).register_forward_pre_hook(
         lambda module, args: rows.append(args[0].reshape(-1, args[0].shape[-1])))
     try:
         with torch.inference_mode():
-            for text in TEXTS:
+            for text in texts:
                 _, features = next(token_batches(model, [text], device="cpu"))
                 model(dict(features))
     finally:
@@ -262,9 +262,8 @@ def test_cli_bad_input_on_a_text_model_is_one_line_and_exit_2(tiny, args, messag
     assert "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("command", [["unlearn", "--forget-class", "0"], ["theory"]])
-def test_commands_without_a_text_path_say_so_in_one_line(tiny, command):
-    done = cli(command[0], "--model", str(tiny), *command[1:])
+def test_the_theory_report_of_a_text_model_says_it_has_none_in_one_line(tiny):
+    done = cli("theory", "--model", str(tiny))
     assert done.returncode == 2 and "not available for text models yet" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
 
@@ -305,3 +304,111 @@ def test_cli_scores_of_a_text_model_cover_every_neuron_and_head(tiny, tmp_path):
     assert table["singleton_fidelity"].between(0, 1).all()
     kept = table.drop_duplicates(["layer", "in_channel"]).groupby("layer")["kept"].mean()
     assert set(kept.round(3)) == {0.5}  # half of each layer's neurons and heads kept
+
+
+# --- ModHiFi-U on text: forgetting a category (modhifi.text.forget) ---------------------------
+
+def tiny_corpus():
+    """The ten distinct TEXTS in three categories (by position), every split the same texts."""
+    from modhifi.text.corpus import Corpus, TextSplit
+
+    split = TextSplit(tuple(TEXTS), tuple(i % 10 % 3 for i in range(len(TEXTS))))
+    return Corpus("tiny", ("a", "b", "c"), split, split, split)
+
+
+@pytest.fixture(scope="module")
+def statistics(model):
+    from modhifi.text.forget import topic_statistics
+
+    return topic_statistics(model, tiny_corpus().calibration, category=1, device="cpu",
+                            reference_texts=None, folds=2, batch_size=8)
+
+
+def text_means(model, name, texts):
+    """(texts, d) each text's mean input of module `name` over its tokens (no padding)."""
+    return torch.stack([token_inputs(model, name, [text]).mean(0) for text in texts])
+
+
+def test_the_topic_direction_equals_its_formula_on_explicit_text_means(model, statistics):
+    from modhifi.text.forget import topic_direction
+
+    layer = transformer_layers(model)[-1]
+    texts = [TEXTS[i] for i in statistics.texts]  # every text, in calibration order
+    a = text_means(model, layer.ffn_down, texts)     # (40, 48)
+    h = text_means(model, layer.ffn_norm, texts)     # (40, 32)
+    forget = torch.tensor([tiny_corpus().calibration.labels[i] == 1 for i in statistics.texts])
+    m = a.mean(0)
+    covariance = (a - m).T @ (a - m) / len(a)
+    w = torch.linalg.solve(covariance + 0.5 * covariance.diagonal().mean() * torch.eye(48),
+                           a[forget].mean(0) - m)
+    w = w / ((a[forget].mean(0) - m) @ w)
+    direction = topic_direction(statistics, category=1, ridge=0.5)
+    assert torch.allclose(direction.weight, w, rtol=1e-6, atol=1e-8)
+    assert torch.allclose(direction.shift, h[forget].mean(0) - h.mean(0), atol=1e-6)
+    assert float(direction.score(a[forget].float()).mean()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_the_replayed_edit_equals_the_edited_model_and_the_input_is_untouched(model, statistics):
+    from modhifi.text.forget import TopicPlan, apply_plan, topic_direction
+
+    before = copy.deepcopy(model.state_dict())
+    direction = topic_direction(statistics, category=1)
+    forget_texts = [TEXTS[statistics.texts[i]] for i in statistics.forget.nonzero()[:, 0]]
+    for strength in (0.0, 1.7):
+        edited = apply_plan(model, TopicPlan(direction, strength, 0.0))
+        expected = embed(edited, forget_texts, device="cpu")
+        assert torch.allclose(statistics.edited_embeddings(direction, strength), expected,
+                              atol=1e-5)
+    assert torch.allclose(embed(apply_plan(model, TopicPlan(direction, 0.0, 0.0)),
+                                TEXTS, device="cpu"), embed(model, TEXTS, device="cpu"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_cross_fitted_accuracy_equals_each_fold_edited_with_the_others_direction(
+        model, statistics):
+    """The strength is judged on texts each edit's direction was not fitted on: the plan's
+    calibration figure equals editing the real model once per fold."""
+    from modhifi.text.forget import (TopicDirection, TopicPlan, apply_plan, plan_forgetting,
+                                     topic_direction)
+    from modhifi.text.quality import train_probe
+
+    corpus = tiny_corpus()
+    probe = train_probe(embed(model, TEXTS, device="cpu"), corpus.train.labels, corpus.categories)
+    plan = plan_forgetting(statistics, probe, category=1, strength=2.0)
+    folds = topic_direction(statistics, category=1, cross_fitted=True)
+    hits = 0
+    for j in range(2):
+        fold = TopicDirection(1, folds.layer, folds.weight[j], folds.centre[j], folds.shift[j],
+                              folds.spread[j], folds.ridge)
+        rows = (statistics.forget & (statistics.fold == j)).nonzero()[:, 0]
+        edited = apply_plan(model, TopicPlan(fold, 2.0, 0.0))
+        texts = [TEXTS[statistics.texts[i]] for i in rows]
+        hits += int((probe.predict(embed(edited, texts, device="cpu")) == 1).sum())
+    assert plan.calibration_forget_accuracy == pytest.approx(hits / int(statistics.forget.sum()))
+
+
+def test_cli_forgets_a_category_of_a_local_folder_and_the_output_reloads(tiny, tmp_path):
+    out = tmp_path / "forgot"
+    done = cli("unlearn", "--model", str(tiny), "--forget-class", "computers", "--json",
+               "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["forget_class"] == 1 and result["forget_category"] == "computers"
+    assert result["forget_accuracy_after"] <= result["forget_accuracy_before"]
+    for key in ("retain_accuracy_after", "mia_after", "probe_accuracy_after", "strength"):
+        assert key in result
+    info = cli("info", "--model", str(out), "--json")
+    assert info.returncode == 0, info.stderr
+    per_class = json.loads(info.stdout)["per_class_accuracy"]
+    assert per_class["computers"] == pytest.approx(result["forget_accuracy_after"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--forget-class", "0", "--k", "0.1"], "--k does not apply"),
+    (["--forget-class", "nosuch"], "no class 'nosuch'"),
+    (["--forget-class", "0", "--forget-target", "2"], "--forget-target"),
+])
+def test_cli_unlearn_bad_input_on_a_text_model_is_one_line_and_exit_2(tiny, args, message):
+    done = cli("unlearn", "--model", str(tiny), *args)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

@@ -60,6 +60,7 @@ UNLEARN_EDIT = "unlearn.edit"
 UNLEARN_TARGET = "unlearn.target"
 UNLEARN_SUBMIT = "unlearn.submit"
 UNLEARN_DOWNLOAD = "unlearn.download"
+UNLEARN_TRY_IT = "unlearn.try_it"         # text models: a sentence to search the quotations with
 
 # --- Theory --------------------------------------------------------------------------------------
 THEORY_LAYER = "theory.layer"

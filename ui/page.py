@@ -96,3 +96,14 @@ def download_stem(model: ModelRef, what: str) -> str:
     `digits-cnn-pruned-modhifi-macs0.50`; safe on every file system."""
     name = Path(model.spec).stem if model.arch is not None else model.spec
     return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{name}-{what}")
+
+
+def side_by_side(found) -> None:
+    """The try-it search of a text page: one column per model (`found` from
+    `text_cache.try_it` or `try_forgotten`), the category the probe reads the sentence as above
+    its nearest quotations."""
+    names = list(dict.fromkeys(found["model"]))
+    for column, name in zip(st.columns(len(names)), names):
+        rows = found[found["model"] == name]
+        column.caption(f"{name} model — reads the sentence as “{rows['sentence read as'].iloc[0]}”")
+        column.dataframe(rows.drop(columns=["model", "sentence read as"]), hide_index=True)

@@ -1,7 +1,8 @@
 """The dashboard's caches for text models (`modhifi.text`), keyed like the image ones: `Opened`
-for what depends on the model alone, `Selection` for what depends on the analysis, and a
-`TextPruneRequest` for one pruning. Models, analyses and embeddings are shared resources and
-never mutated; numbers and tables are cached data.
+for what depends on the model alone, `Selection` for what depends on the analysis, a
+`TextPruneRequest` for one pruning and a `TextUnlearnRequest` for one forgotten category.
+Models, analyses and embeddings are shared resources and never mutated; numbers and tables are
+cached data.
 """
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from modhifi.requests import TextPruneRequest
-from modhifi.text import components, encoder, quality, subject as subjects, surgery
+from modhifi.audit import Audit
+from modhifi.requests import TextPruneRequest, TextUnlearnRequest
+from modhifi.text import components, encoder, forget, quality, subject as subjects, surgery
 from ui.cache import CACHED_TABLES, PRUNED_MODELS, Opened, Selection, backend
 
 LIVE_TEST_TEXTS = 400   # live numbers use this prefix of the (shuffled) test split
@@ -135,23 +137,76 @@ def speed(selection: Selection, request: TextPruneRequest) -> tuple[float, float
     return before, after
 
 
+def _nearest(opened: Opened, models: dict[str, tuple[torch.nn.Module, torch.Tensor]],
+             sentence: str, full: bool) -> pd.DataFrame:
+    """For each model (name -> (model, its embeddings of the test quotations)): the quotations
+    nearest to `sentence`, and the category the probe gives the sentence."""
+    chosen = subject(opened)
+    texts, labels = test_texts(opened, full)
+    device = backend(opened.device).device
+    rows = []
+    for name, (model, embeddings) in models.items():
+        query = encoder.embed(model, [sentence], device=device)  # (1, d)
+        read = chosen.corpus.categories[int(chosen.probe.predict(query)[0])]
+        index, similarity = quality.search(query[0], embeddings, TRY_IT_NEIGHBOURS)
+        rows += [{"model": name, "rank": rank + 1, "quotation": texts[i],
+                  "category": chosen.corpus.categories[labels[i]], "similarity": s,
+                  "sentence read as": read}
+                 for rank, (i, s) in enumerate(zip(index, similarity))]
+    return pd.DataFrame(rows)
+
+
 @st.cache_data(show_spinner="Searching the quotations…", max_entries=CACHED_TABLES)
 def try_it(selection: Selection, request: TextPruneRequest | None, sentence: str,
            full: bool) -> pd.DataFrame:
     """The test quotations (all, or the live prefix) nearest to `sentence` under the dense and
     the pruned model."""
     opened = selection.opened
-    chosen = subject(opened)
-    texts, labels = test_texts(opened, full)
-    device = backend(opened.device).device
-    rows = []
-    models = {"dense": (chosen.model, dense_embeddings(opened, full))}
+    models = {"dense": (subject(opened).model, dense_embeddings(opened, full))}
     if request is not None:
         models["pruned"] = (pruned(selection, request), pruned_embeddings(selection, request, full))
-    for name, (model, embeddings) in models.items():
-        query = encoder.embed(model, [sentence], device=device)[0]
-        index, similarity = quality.search(query, embeddings, TRY_IT_NEIGHBOURS)
-        rows += [{"model": name, "rank": rank + 1, "quotation": texts[i],
-                  "category": chosen.corpus.categories[labels[i]], "similarity": s}
-                 for rank, (i, s) in enumerate(zip(index, similarity))]
-    return pd.DataFrame(rows)
+    return _nearest(opened, models, sentence, full)
+
+
+@st.cache_data(show_spinner="Auditing the dense model on the test, train and calibration "
+                            "quotations…", max_entries=CACHED_TABLES)
+def dense_audit(opened: Opened, category: int) -> Audit:
+    chosen = subject(opened)
+    return forget.audit_text(chosen.model, chosen.probe, chosen.corpus, category=category,
+                             device=backend(opened.device).device)
+
+
+@st.cache_resource(show_spinner="Forgetting: the category's statistics, the direction, the "
+                                "strength, the edit, then the audit…", max_entries=PRUNED_MODELS)
+def forgotten(opened: Opened, request: TextUnlearnRequest) -> forget.TopicResult:
+    chosen = subject(opened)
+    return forget.forget_category(chosen.model, chosen.probe, chosen.corpus,
+                                  category=request.category, target=request.target,
+                                  device=backend(opened.device).device,
+                                  before=dense_audit(opened, request.category))
+
+
+@st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)
+def forget_tables(opened: Opened, request: TextUnlearnRequest) -> tuple[pd.DataFrame, ...]:
+    """The audit (metric, before, after), per-category accuracy (class, when, accuracy), the
+    plan and the neurons the direction reads most."""
+    result = forgotten(opened, request)
+    per_class = result.per_class_frame().melt(id_vars="class", var_name="when",
+                                              value_name="accuracy")
+    return result.to_frame(), per_class, result.plan.to_frame(), result.plan.direction.neurons()
+
+
+@st.cache_resource(show_spinner="Encoding the test quotations with the edited model…",
+                   max_entries=PRUNED_MODELS)
+def forgotten_embeddings(opened: Opened, request: TextUnlearnRequest) -> torch.Tensor:
+    texts, _ = test_texts(opened, False)
+    return encoder.embed(forgotten(opened, request).model, texts,
+                         device=backend(opened.device).device)
+
+
+@st.cache_data(show_spinner="Searching the quotations…", max_entries=CACHED_TABLES)
+def try_forgotten(opened: Opened, request: TextUnlearnRequest, sentence: str) -> pd.DataFrame:
+    """The live test quotations nearest to `sentence` under the dense and the edited model."""
+    models = {"dense": (subject(opened).model, dense_embeddings(opened, False)),
+              "edited": (forgotten(opened, request).model, forgotten_embeddings(opened, request))}
+    return _nearest(opened, models, sentence, False)

@@ -91,6 +91,11 @@ class TransformerLayer:
     ffn_down: str       # reads them: neuron i is its input feature i
     head_size: int
 
+    @property
+    def ffn_norm(self) -> str:
+        """The LayerNorm that reads the residual stream plus the down-projection's output."""
+        return self.ffn_down.rsplit(".", 1)[0] + ".LayerNorm"
+
 
 def transformer_layers(model: nn.Module) -> tuple[TransformerLayer, ...]:
     """Every layer of a BERT-style encoder (`encoder.layer.N` with attention and FFN)."""

@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from modhifi.audit import Audit, Outputs, audit
+from modhifi.audit import Audit, Outputs, audit, audit_frame, per_class_frame, summary_keys
 from modhifi.data import Dataset
 from modhifi.distributed import ALONE, Shard
 from modhifi.errors import UserError
@@ -21,13 +21,6 @@ from modhifi.unlearn.layers import default_edit, unlearnable_layers
 from modhifi.unlearn.plan import UnlearnPlan, apply_plan, plan_unlearning
 from modhifi.unlearn.scores import ForgetScores, score_forget_class
 from modhifi.unlearn.search import choose_plan, other_classes
-
-
-# The audit's figures as the tables name them.
-AUDIT_FIGURES = {"forget_accuracy": "forget accuracy", "retain_accuracy": "retain accuracy",
-                 "test_accuracy": "test accuracy", "mia_auc": "membership attack AUC",
-                 "probe_forget_accuracy": "probe accuracy (forget class)",
-                 "probe_accuracy": "probe accuracy (all classes)"}
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,28 +42,17 @@ class UnlearnResult:
     def to_frame(self, reference: Audit | None = None) -> pd.DataFrame:
         """One row per audit figure: metric, before, after, and `reference`'s (the model
         retrained without the class, say) as `retrained` when given."""
-        audits = self._audits(reference)
-        return pd.DataFrame([{"metric": label, **{name: getattr(figures, key)
-                                                  for name, figures in audits.items()}}
-                             for key, label in AUDIT_FIGURES.items()])
+        return audit_frame(self._audits(reference))
 
     def per_class_frame(self, reference: Audit | None = None) -> pd.DataFrame:
         """One row per class: class, before, after (and retrained) test accuracy."""
-        return pd.DataFrame({"class": self.classes, **{
-            name: figures.per_class for name, figures in self._audits(reference).items()}})
+        return per_class_frame(self.classes, self._audits(reference))
 
     def summary(self, *, model: str, device: str) -> dict:
         """The flat dict of the `unlearn` command (contract.md), given model and device names."""
         return {"model": model, "forget_class": self.plan.forget_class, "edit": self.plan.edit,
                 "layers": len(self.plan.layers), "k": self.plan.k, "device": device,
-                "forget_accuracy_before": self.before.forget_accuracy,
-                "forget_accuracy_after": self.after.forget_accuracy,
-                "retain_accuracy_before": self.before.retain_accuracy,
-                "retain_accuracy_after": self.after.retain_accuracy,
-                "mia_before": self.before.mia_auc, "mia_after": self.after.mia_auc,
-                "probe_accuracy_before": self.before.probe_forget_accuracy,
-                "probe_accuracy_after": self.after.probe_forget_accuracy,
-                "seconds": self.seconds}
+                **summary_keys(self.before, self.after), "seconds": self.seconds}
 
 
 def unlearn(model: nn.Module, dataset: Dataset, *, forget_class: int, device: torch.device | str,

@@ -114,7 +114,7 @@ def other_classes(calibration: Split, *, forget_class: int, samples: int | None 
     return calibration.subset(others[reference_index(len(others), samples, seed)])
 
 
-def _smallest_passing(passes, grid: tuple[float, ...], refine: int) -> float | None:
+def smallest_passing(passes, grid: tuple[float, ...], refine: int) -> float | None:
     """The smallest k of `grid` for which `passes(k)`, refined by bisection in log k towards the
     grid point below (None when no grid point passes)."""
     i = next((i for i, k in enumerate(grid) if passes(k)), None)
@@ -176,7 +176,7 @@ def choose_plan(model: nn.Module, scores: ForgetScores, forget_images: Split, *,
 
     reached = []
     for count in counts:
-        k = _smallest_passing(lambda k: passes(count, k), grid, refine)
+        k = smallest_passing(lambda k: passes(count, k), grid, refine)
         if k is not None:  # with the margin unless that breaks the target (k is not monotone)
             reached.append(plan(count, min(1.0, k * margin) if passes(count, min(1.0, k * margin))
                                 else k))
