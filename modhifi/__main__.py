@@ -77,7 +77,8 @@ def _prune(args: argparse.Namespace) -> dict:
     model, dataset = subject.loaded.model, subject.dataset
     method, round_to = args.method or "modhifi", args.round_to or ROUND_TO
     compensation = args.compensation or default_compensation(method)
-    calibration, samples = _calibration(subject, args.calib_samples, args.shard)
+    calibration, samples = _calibration(subject, args.calib_samples, args.shard,
+                                        backend.device)
     _progress("statistics and scores on the calibration images")
     start = time.perf_counter()
     pruned, plans = prune_in_steps(model, calibration,
@@ -197,8 +198,10 @@ def _theory(args: argparse.Namespace) -> dict:
     _image_only(args, "the theory report")
     backend, subject = _open(args)
     build = ZOO[args.model].build if args.model in ZOO else None
-    return theory_report(subject.loaded.model, subject.dataset, device=backend.device,
-                         name=subject.loaded.name, calib_samples=args.calib_samples, build=build)
+    report = theory_report(subject.loaded.model, subject.dataset, device=backend.device,
+                           name=subject.loaded.name, calib_samples=args.calib_samples,
+                           build=build, shard=args.shard)
+    return report if args.shard.is_main else {}  # process 0 prints
 
 
 def _bench(args: argparse.Namespace) -> dict:
@@ -236,7 +239,7 @@ def _scores(args: argparse.Namespace) -> dict:
     backend, subject = _open(args)
     dataset = subject.dataset
     analysis = analyse(subject.loaded.model, _calibration(subject, args.calib_samples,
-                                                          args.shard)[0],
+                                                          args.shard, backend.device)[0],
                        device=backend.device, input_shape=dataset.input_shape, shard=args.shard,
                        progress=_tenths("statistics"))
     if not args.shard.is_main:  # process 0 writes and prints
@@ -284,14 +287,16 @@ def _scores_text(args: argparse.Namespace) -> dict:
 # Images per calibration batch: the unit processes share, and one BatchNorm recalibration pass
 # (`recalibrate_batchnorm`'s chunk), so that each batch's terms are the same however shared.
 CALIBRATION_BATCH = 128
-SHARED = ("info", "prune", "scores", "unlearn")  # whose work torchrun's processes share
+SHARED = ("info", "prune", "scores", "unlearn", "theory")  # whose work torchrun's processes share
 RANK, WORLD = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _calibration(subject, samples: int | None, shard) -> tuple[list, int]:
+def _calibration(subject, samples: int | None, shard, device) -> tuple:
     """This process's batches of the first `samples` calibration images (the split is already a
     seeded random draw; when several processes share them, each reads only its own whole
-    batches), and how many images all of them hold; a warning on stderr when too few."""
+    batches, made on `device` again at each pass), and how many images all of them hold; a
+    warning on stderr when too few. Returns (`data.Batches`, images)."""
+    from modhifi.data import Batches
     from modhifi.prune import calibration_caveats
 
     dataset = subject.dataset
@@ -299,15 +304,11 @@ def _calibration(subject, samples: int | None, shard) -> tuple[list, int]:
     if not 0 < samples <= len(dataset.calibration):
         raise UserError(f"--calib-samples {samples} must be between 1 and "
                         f"{len(dataset.calibration)} for {dataset.name}")
-    if -(-samples // CALIBRATION_BATCH) < shard.world:
-        least = CALIBRATION_BATCH * (shard.world - 1) + 1
-        raise UserError(f"{samples} calibration images make too few batches of "
-                        f"{CALIBRATION_BATCH} for {shard.world} processes: give --calib-samples "
-                        f"at least {least}, or start fewer")
+    shard.check_batches(samples, CALIBRATION_BATCH)
     for caveat in calibration_caveats(subject.loaded.model, samples):
         _progress(f"warning: {caveat}")
     mine = dataset.calibration.subset(shard.indices(samples, CALIBRATION_BATCH))
-    return list(mine.batches(CALIBRATION_BATCH)), samples
+    return Batches(mine, CALIBRATION_BATCH, device=device), samples
 
 
 def _shared(args: argparse.Namespace) -> bool:

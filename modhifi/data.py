@@ -12,11 +12,12 @@ import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
+from modhifi.batch import to_device
 from modhifi.errors import UserError
 
 SPLIT_SEED = 20251125
@@ -60,6 +61,43 @@ class Split:
         for start in range(0, len(self), batch_size):
             x = self.normalise(self.images[start:start + batch_size].to(device))
             yield (x, self.labels[start:start + batch_size].to(device)) if labels else x
+
+
+class Batches(Sequence):
+    """A split's normalised batches, made again each time they are read: what an analysis keeps
+    instead of the images, so that every pass over a calibration set on disk (`ImageFiles`:
+    the statistics, then BatchNorm recalibration after pruning) streams it batch by batch and a
+    folder larger than memory works. In-memory splits are only sliced and normalised again.
+
+    Args:
+        split: the images (their labels are not read).
+        batch_size: images per batch (the last batch may be smaller).
+        device: where each batch is made.
+    """
+
+    def __init__(self, split: Split, batch_size: int, *, device: torch.device | str = "cpu"):
+        self.split, self.batch_size, self.device = split, batch_size, device
+
+    def __len__(self) -> int:
+        return -(-len(self.split) // self.batch_size)
+
+    def __getitem__(self, i: int) -> torch.Tensor:  # (B, C, H, W)
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        start = (i % len(self)) * self.batch_size
+        return next(self.split.subset(slice(start, start + self.batch_size)).batches(
+            self.batch_size, device=self.device))
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self.split.batches(self.batch_size, device=self.device)
+
+
+def reusable(calibration, device: torch.device | str):
+    """Batches that can be read more than once: `Batches` as they are (read again each time),
+    anything else (a list, a generator) held in memory on `device`."""
+    if isinstance(calibration, Batches):
+        return calibration
+    return tuple(to_device(batch, device) for batch in calibration)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ process reads, and the sums that every process adds up.
 
 Everything the data decides is a sum over samples: input moments and patch sums with their
 counts, BatchNorm recalibration's per-call statistics, evaluation counts, unlearning's
-forget-class moments. Each process reads whole batches of the one-process order (batch i goes to
+forget-class moments, the theory's measured output errors. Each process reads whole batches of the one-process order (batch i goes to
 process i mod N), computes each batch's terms exactly as one process would, and the terms are
 summed in float64 across processes, so the result does not depend on how many processes share
 the work (to float64 rounding). Everything after the statistics (scores, plan, refit, surgery,
@@ -58,6 +58,14 @@ class Shard:
         starts = self.take(range(0, samples, batch_size))
         return torch.cat([torch.arange(start, min(start + batch_size, samples))
                           for start in starts] or [torch.zeros(0, dtype=torch.long)])
+
+    def check_batches(self, samples: int, batch_size: int) -> None:
+        """A one-line UserError unless `samples` make at least one batch for every process."""
+        if -(-samples // batch_size) < self.world:
+            least = batch_size * (self.world - 1) + 1
+            raise UserError(f"{samples} calibration images make too few batches of "
+                            f"{batch_size} for {self.world} processes: give --calib-samples "
+                            f"at least {least}, or start fewer")
 
     def sum(self, tensor: Tensor) -> Tensor:
         """`tensor` summed over every process, in place (and returned)."""

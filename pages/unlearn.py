@@ -10,8 +10,11 @@ from ui import cache, figures, keys, page, sidebar, text_cache, url
 # zoo's Fashion-MNIST CNNs keep 0.86-0.99 on every class, the ViT 0.73-0.95, digits-cnn 0.32 on
 # "0" (docs/benchmarks/unlearn_*.csv).
 LOW_AGREEMENT = 0.8
-DEFAULT_TEXT_CATEGORY = 1  # computers: forgotten best of the fortunes categories
-# (docs/benchmarks/text_forget_minilm-l6.csv)
+# The text page opens on "art": forgotten to 1.1% with the other categories +0.1 points on average,
+# the best of the eight (docs/benchmarks/text_forget_minilm-l6.csv).
+DEFAULT_TEXT_CATEGORY = 0
+TRY_IT_SENTENCE = ("Every artist dips his brush in his own soul, and paints his own nature into "
+                   "his pictures.")
 
 
 def audit_metrics(before: Audit, after: Audit) -> None:
@@ -21,8 +24,8 @@ def audit_metrics(before: Audit, after: Audit) -> None:
                    f"{(after.forget_accuracy - before.forget_accuracy) * 100:+.1f} pts")
     cols[1].metric("Retain accuracy", f"{after.retain_accuracy:.2%}",
                    f"{(after.retain_accuracy - before.retain_accuracy) * 100:+.2f} pts")
-    cols[2].metric("Membership attack AUC", f"{after.mia_auc:.3f}", f"{after.mia_auc - before.mia_auc:+.3f}",
-                   delta_color="off", delta_arrow="off",
+    cols[2].metric("Membership attack AUC", f"{after.mia_auc:.3f}",
+                   f"{after.mia_auc - before.mia_auc:+.3f}", delta_color="off", delta_arrow="off",
                    help="0.5 = the attacker cannot tell members from non-members.")
     cols[3].metric("Probe accuracy, forget class", f"{after.probe_forget_accuracy:.1%}",
                    f"{(after.probe_forget_accuracy - before.probe_forget_accuracy) * 100:+.1f} pts",
@@ -82,8 +85,7 @@ def render_text(opened: cache.Opened) -> None:
 
     st.subheader("Try it")
     sentence = st.text_input("Type a sentence: its nearest test quotations, dense and edited "
-                             "side by side", "Computers make very fast, very accurate mistakes.",
-                             key=keys.UNLEARN_TRY_IT)
+                             "side by side", TRY_IT_SENTENCE, key=keys.UNLEARN_TRY_IT)
     if sentence.strip():
         page.side_by_side(text_cache.try_forgotten(opened, request, sentence.strip()))
     st.caption("Save the edited folder with `python -m modhifi unlearn --model "

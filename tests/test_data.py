@@ -117,3 +117,41 @@ def test_an_image_folder_streams_its_images_batch_by_batch(tmp_path):
     next(data.test.batches(5))  # files 0-4 only
     with pytest.raises(UserError, match=f"cannot read image {files[7]}"):
         list(data.test.batches(5))
+
+
+def test_an_analysis_reads_an_image_folder_again_at_each_pass_and_holds_no_images(
+        tmp_path, monkeypatch):
+    """A calibration set on disk larger than memory: `Batches` make each batch from the files
+    when it is read, so the statistics pass and the BatchNorm recalibration after pruning each
+    read the files again and the analysis keeps no image; the moments equal those of the same
+    batches held in memory."""
+    from PIL import Image
+    from torch import nn
+
+    from modhifi import data as data_module
+    from modhifi.data import Batches
+    from modhifi.prune import analyse
+
+    for label in ("cat", "dog"):
+        (tmp_path / label).mkdir()
+        for i in range(8):
+            Image.new("RGB", (40, 30), (i * 30, 60 * (label == "dog"), 7 * i)).save(
+                tmp_path / label / f"{i}.png")
+    data = load_dataset(f"imagefolder:{tmp_path}", calibration_size=5)
+    reads = []
+    read_image = data_module._read_image
+    monkeypatch.setattr(data_module, "_read_image",
+                        lambda found, i: reads.append(i) or read_image(found, i))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 5, stride=8), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 2)).eval()
+    streamed = analyse(model, Batches(data.calibration, 2), device="cpu")
+    assert isinstance(streamed.calibration, Batches) and len(streamed.calibration) == 3
+    assert set(reads) == set(data.calibration.images.index.tolist())  # read from the files
+    before = len(reads)
+    streamed.apply(streamed.plan(0.25, round_to=1))  # BatchNorm recalibrated: read again
+    assert len(reads) - before == 5
+    held = analyse(model, list(data.calibration.batches(2)), device="cpu")
+    for name, moments in held.moments.items():
+        assert torch.allclose(streamed.moments[name].second, moments.second, rtol=1e-12)

@@ -179,3 +179,23 @@ def test_too_few_calibration_batches_for_the_processes_is_one_line():
     assert too_few.returncode != 0 and ("modhifi: error: 200 calibration images make too few "
                                         "batches of 128 for 3 processes: give --calib-samples at "
                                         "least 257, or start fewer") in too_few.stderr
+
+
+def test_the_theory_report_shares_its_statistics_and_global_errors():
+    """`theory` with 2 processes (digits: 300 calibration images, batches of 250): moments and
+    measured output errors summed over both give the one-process local and global errors, to
+    float64 rounding, and the same HiFi shares (the untrained architecture on every process)."""
+    command = ["-m", "modhifi", "theory", "--model", "digits-cnn", "--json"]
+    many = torchrun(2, *command)
+    assert many.returncode == 0, many.stderr[-2000:]
+    one = subprocess.run([sys.executable, *command], cwd=ROOT, env=ENV, capture_output=True,
+                         text=True, timeout=300)
+    lines = many.stdout.strip().splitlines()
+    assert len(lines) == 1
+    shared, alone = json.loads(lines[0]), json.loads(one.stdout)
+    for key in ("hifi_share", "hifi_share_untrained", "calib_samples"):
+        assert shared[key] == alone[key]
+    assert [row["layer"] for row in shared["layers"]] == [row["layer"] for row in alone["layers"]]
+    for a, b in zip(shared["layers"], alone["layers"]):
+        for key in ("local_error", "global_error"):
+            assert a[key] == pytest.approx(b[key], rel=1e-9), (a["layer"], key)

@@ -273,6 +273,7 @@ def test_cli_refuses_an_existing_output_folder_before_any_work(tiny, tmp_path):
     assert done.returncode == 2 and "folder" in done.stderr
 
 
+@pytest.mark.zoo  # opt in (-m zoo): the pages' tests prune the real model in the default run
 def test_the_real_minilm_is_pruned_end_to_end_from_the_command_line():
     """all-MiniLM-L6-v2 from its PyPI package, 30% of FFN neurons: the text keys, a smaller and
     faster-by-MACs model, and embeddings still close to the dense ones (the bars themselves are

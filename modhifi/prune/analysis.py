@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from modhifi.batch import Batch, head, size, to_device
+from modhifi.batch import Batch, head, size
+from modhifi.data import reusable
 from modhifi.distributed import ALONE, Shard
 from modhifi.errors import UserError
 from modhifi.fidelity import LayerFidelity
@@ -39,7 +40,8 @@ class Analysis:
     structure: Structure
     moments: dict[str, LayerMoments] = field(repr=False)
     fidelity: dict[str, LayerFidelity] = field(repr=False)
-    calibration: tuple[torch.Tensor, ...] = field(repr=False)  # normalised batches, on the device
+    calibration: Sequence[Batch] = field(repr=False)  # normalised batches, on the device
+    # (`data.Batches`: made again from the split at each pass, so nothing but the split is held)
     seconds: float
     caveats: tuple[str, ...] = ()  # why the numbers may mean little (see `calibration_caveats`)
     # The processes whose calibration batches the statistics sum (`calibration` is this one's).
@@ -113,8 +115,8 @@ def analyse(model: nn.Module, calibration: Iterable[Batch], *, device: torch.dev
     # The analysis keeps its own eval-mode copy: the caller's model (perhaps in train mode, or
     # shared by several dashboard sessions) is only read, its BatchNorm buffers left as they are.
     model = private_copy(model)
-    batches = tuple(to_device(b, device) for b in calibration)
-    if not shard.all(bool(batches) and sum(size(b) for b in batches) > 0):  # on every process
+    batches = reusable(calibration, device)  # `Batches` stream from their split at each pass
+    if not shard.all(len(batches) > 0 and size(batches[0]) > 0):  # on every process
         raise UserError("the calibration set is empty" + (
             f" for one of the {shard.world} processes; give each at least one batch"
             if shard.world > 1 else "; pass at least one unlabeled sample"))

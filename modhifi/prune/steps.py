@@ -9,7 +9,7 @@ from torch import nn
 
 from modhifi.options import (ROUND_TO, WHY_STEPS, Allocation, Compensation, Method, Scope, TargetKind,
                              check_target, check_whole)
-from modhifi.batch import to_device
+from modhifi.data import reusable
 from modhifi.distributed import ALONE, Shard
 from modhifi.prune.analysis import analyse
 from modhifi.prune.plan import PrunePlan
@@ -37,7 +37,7 @@ def prune_in_steps(model: nn.Module, calibration: Iterable[torch.Tensor], *, dev
     """
     check_whole("--steps", steps, WHY_STEPS)
     check_target(target)
-    batches = tuple(to_device(b, device) for b in calibration)
+    batches = reusable(calibration, device)
     current, plans = model, []
     for step in range(1, steps + 1):
         analysis = analyse(current, batches, device=device, input_shape=input_shape, shard=shard,

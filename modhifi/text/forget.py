@@ -40,8 +40,8 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from modhifi.audit import (Audit, audit_frame, audit_from, balanced, per_class_frame, probe,
-                           summary_keys)
+from modhifi.audit import Audit, audit_frame, audit_from, balanced, per_class_frame, summary_keys
+from modhifi.audit import probe as refit_probe
 from modhifi.errors import UserError
 from modhifi.hooks import hooked, private_copy
 from modhifi.options import (FOLDS, REFERENCE_TEXTS, TOPIC_RIDGE, TOPIC_SLACK, TOPIC_TARGET,
@@ -245,7 +245,7 @@ class TopicPlan:
             "calibration_retain_agreement": self.calibration_retain_agreement}])
 
 
-def plan_forgetting(statistics: TopicStatistics, probe_: Probe, *, category: int,
+def plan_forgetting(statistics: TopicStatistics, probe: Probe, *, category: int,
                     target: float = TOPIC_TARGET, ridge: float = TOPIC_RIDGE,
                     strength: float | None = None) -> TopicPlan:
     """The direction, and the smallest strength whose cross-fitted edit takes the forget
@@ -259,7 +259,7 @@ def plan_forgetting(statistics: TopicStatistics, probe_: Probe, *, category: int
     allowed = math.floor(target * n + 1e-9) / n
 
     def accuracy(alpha: float) -> float:
-        predicted = probe_.predict(statistics.edited_embeddings(folds, alpha)).cpu()
+        predicted = probe.predict(statistics.edited_embeddings(folds, alpha)).cpu()
         return float((predicted == category).double().mean())
 
     if strength is None:
@@ -313,7 +313,7 @@ class TopicResult:
                 **summary_keys(self.before, self.after), "seconds": self.seconds}
 
 
-def audit_text(model: nn.Module, probe_: Probe, corpus: Corpus, *, category: int,
+def audit_text(model: nn.Module, probe: Probe, corpus: Corpus, *, category: int,
                device: torch.device | str, seed: int = 0) -> Audit:
     """The image path's audit for an encoder with its category probe (module docstring, 5)."""
     test, train, calibration = corpus.test, corpus.train, corpus.calibration
@@ -324,23 +324,24 @@ def audit_text(model: nn.Module, probe_: Probe, corpus: Corpus, *, category: int
                           (test_labels == category).nonzero().squeeze(1), seed)
     members = members.sort().values
     member_embeddings = embed(model, [train.texts[i] for i in members.tolist()], device=device)
-    probed = probe(embed(model, calibration.texts, device=device).cpu(),
+    probed = refit_probe(embed(model, calibration.texts, device=device).cpu(),
                    torch.tensor(calibration.labels), test_embeddings.cpu(), test_labels,
                    num_classes=len(corpus.categories))
-    return audit_from(probe_.logits(test_embeddings).cpu(), test_labels,
-                      probe_.logits(member_embeddings).cpu(), train_labels[members], probed,
+    return audit_from(probe.logits(test_embeddings).cpu(), test_labels,
+                      probe.logits(member_embeddings).cpu(), train_labels[members], probed,
                       forget_class=category, seed=seed)
 
 
-def forget_category(model: nn.Module, probe_: Probe, corpus: Corpus, *, category: int,
-                    device: torch.device | str, target: float = TOPIC_TARGET, ridge: float = TOPIC_RIDGE,
-                    strength: float | None = None, reference_texts: int | None = REFERENCE_TEXTS,
-                    seed: int = 0, before: Audit | None = None) -> TopicResult:
+def forget_category(model: nn.Module, probe: Probe, corpus: Corpus, *, category: int,
+                    device: torch.device | str, target: float = TOPIC_TARGET,
+                    ridge: float = TOPIC_RIDGE, strength: float | None = None,
+                    reference_texts: int | None = REFERENCE_TEXTS, seed: int = 0,
+                    before: Audit | None = None) -> TopicResult:
     """Make the encoder forget one category (statistics → direction → plan → edit) and audit it.
 
     Args:
         model: a sentence-transformers encoder on `device`; not modified.
-        probe_: the category classifier on its embeddings.
+        probe: the category classifier on its embeddings.
         corpus: calibration texts drive the edit (labels only pick the forget texts), the test
             and train splits the audit.
         category: index of the category to forget.
@@ -351,12 +352,13 @@ def forget_category(model: nn.Module, probe_: Probe, corpus: Corpus, *, category
         before: the audit of `model`, when already computed.
     """
     if not 0 <= category < len(corpus.categories):
+        last = len(corpus.categories) - 1
         raise UserError(f"category {category!r} is out of range for {corpus.name} "
-                        f"({len(corpus.categories)} categories): pass 0..{len(corpus.categories) - 1}")
+                        f"({last + 1} categories): pass 0..{last}")
     begin = time.perf_counter()
     statistics = topic_statistics(model, corpus.calibration, category=category, device=device,
                                   reference_texts=reference_texts, seed=seed)
-    plan = plan_forgetting(statistics, probe_, category=category, target=target, ridge=ridge,
+    plan = plan_forgetting(statistics, probe, category=category, target=target, ridge=ridge,
                            strength=strength)
     edited = apply_plan(model, plan)
     # The other texts of the reference sample: how many of their predictions the edit changed.
@@ -364,11 +366,11 @@ def forget_category(model: nn.Module, probe_: Probe, corpus: Corpus, *, category
     texts = [corpus.calibration.texts[statistics.texts[i]] for i in others.nonzero()[:, 0]]
     agreement = None
     if texts:
-        same = (probe_.predict(embed(edited, texts, device=device)).cpu()
-                == probe_.predict(statistics.embeddings[others]).cpu())
+        same = (probe.predict(embed(edited, texts, device=device)).cpu()
+                == probe.predict(statistics.embeddings[others]).cpu())
         agreement = float(same.double().mean())
     plan = replace(plan, calibration_retain_agreement=agreement)
     seconds = time.perf_counter() - begin
     run = dict(category=category, device=device, seed=seed)
-    return TopicResult(edited, plan, before or audit_text(model, probe_, corpus, **run),
-                       audit_text(edited, probe_, corpus, **run), seconds, corpus.categories)
+    return TopicResult(edited, plan, before or audit_text(model, probe, corpus, **run),
+                       audit_text(edited, probe, corpus, **run), seconds, corpus.categories)

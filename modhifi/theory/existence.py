@@ -18,6 +18,9 @@ from modhifi.options import HIFI_LEVEL, HIFI_SHARE
 from modhifi.prune import Analysis, analyse, recalibrate_batchnorm
 from modhifi.training import seeded
 
+UNTRAINED_IMAGES = 256  # calibration images the untrained architecture is recalibrated and
+#                         analysed on
+
 
 @dataclass(frozen=True, eq=False)
 class RandomOrder(LayerFidelity):
@@ -79,16 +82,20 @@ class HifiExistence:
 
 
 def untrained_analysis(build: Callable[[], nn.Module], analysis: Analysis, *,
-                       images: int = 256, seed: int = 0) -> Analysis:
+                       images: int = UNTRAINED_IMAGES, seed: int = 0,
+                       batches: list[Tensor] | None = None) -> Analysis:
     """The same architecture with fresh random weights, BatchNorm statistics recalibrated on
-    the first `images` of `analysis`'s calibration data and analysed on them (the global RNG is
-    left as it was). A few hundred images are plenty for the medians compared here (a conv
-    layer sees thousands of patches per image) at a fraction of the full analysis's cost."""
+    the first `images` of `analysis`'s calibration data (or on `batches`, when given) and
+    analysed on them (the global RNG is left as it was). A few hundred images are plenty for the
+    medians compared here (a conv layer sees thousands of patches per image) at a fraction of
+    the full analysis's cost. It runs in this process alone: when several share the analysis,
+    each passes the same first images as `batches` and gets the same result."""
     with seeded(seed):
         model = build()
     device = analysis.calibration[0].device
     model = model.eval().to(device)
-    batches = torch.cat(analysis.calibration)[:images].split(128)
+    if batches is None:
+        batches = torch.cat(list(analysis.calibration))[:images].split(128)
     recalibrate_batchnorm(model, batches)
     return analyse(model, batches, device=device, input_shape=analysis.input_shape)
 

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from modhifi.distributed import ALONE, Shard
 from modhifi.errors import UserError
 from modhifi.fidelity import LayerFidelity
 from modhifi.hooks import hooked
@@ -51,11 +52,13 @@ def masked_local_error(fidelity: LayerFidelity, masks: Tensor) -> Tensor:
     return torch.einsum("ni,ij,nj->n", U, Q_sum, U)
 
 
-def global_errors(replay: Replay, layer: str, masks: Tensor, *, batch_size: int) -> Tensor:
+def global_errors(replay: Replay, layer: str, masks: Tensor, *, batch_size: int,
+                  shard: Shard = ALONE) -> Tensor:
     """(n,) E‖f(x) − f_m(x)‖² over the replay's inputs for each mask (n, c_in) on `layer`'s inputs.
 
     Only the network from `layer` on runs again; the clean outputs are the replay's, computed in
-    the same batches.
+    the same batches. With several processes (`shard`), each holds its share of the inputs and
+    the squared errors and counts are summed over all of them.
     """
     calls = replay.trace.calls.get(layer, 0)
     if calls != 1:
@@ -68,21 +71,22 @@ def global_errors(replay: Replay, layer: str, masks: Tensor, *, batch_size: int)
         return (args[0] * mask, *args[1:])  # (c_in, 1, 1) over (B, c_in, H, W), or (c_in,)
 
     chunks = torch.arange(len(replay.inputs), device=replay.inputs.device).split(batch_size)
-    errors = []
+    totals = torch.zeros(len(masks) + 1, dtype=torch.float64)  # per mask, then the count
+    totals[-1] = len(replay.inputs)
     with replay.before(layer) as run, hooked(replay.model, before={layer: mask_inputs},
                                               private=True):
-        for mask in masks:
+        for i, mask in enumerate(masks):
             current[:] = [mask.to(replay.inputs)]
-            total = sum(float((run(index) - replay.logits[index]).double().square().sum())
-                        for index in chunks)
-            errors.append(total / len(replay.inputs))
-    return torch.tensor(errors, dtype=torch.float64)
+            totals[i] = sum(float((run(index) - replay.logits[index]).double().square().sum())
+                            for index in chunks)
+    totals = shard.sum(totals.to(shard.device)).cpu()
+    return totals[:-1] / totals[-1]
 
 
 def _replay(analysis: Analysis, layers: list[str]) -> Replay:
     """The analysis' calibration images with the prefix of each layer recorded."""
     batches = analysis.calibration
-    return Replay(analysis.model, channels_last(torch.cat(batches)), layers,
+    return Replay(analysis.model, channels_last(torch.cat(list(batches))), layers,
                   batch_size=len(batches[0]), channels_last=True, max_bytes=_REPLAY_BYTES)
 
 
@@ -156,7 +160,8 @@ def local_global(analysis: Analysis, layer: str, *, kept: Sequence[float] = (0.2
     kinds = ["hifi"] * len(kept) + ["random"] * (len(kept) * random_masks)
     local = masked_local_error(_uncentred(analysis, layer), masks).cpu()
     replay = _replay(analysis, [layer])
-    measured = global_errors(replay, layer, masks, batch_size=len(analysis.calibration[0]))
+    measured = global_errors(replay, layer, masks, batch_size=len(analysis.calibration[0]),
+                             shard=analysis.shard)
     constant, kind = Lipschitz(replay.model, replay.trace).after(layer)
     constant = math.nan if constant is None else constant
     table = pd.DataFrame({"kind": kinds, "kept_share": (masks.sum(1) / c_in).numpy(),
@@ -184,7 +189,8 @@ def layer_errors(analysis: Analysis, *, kept: float = 0.5, masks: int = 3,
     for layer in layers:
         drawn = draw_masks(analysis.fidelity[layer].w.shape[1], kept, masks, generator)
         local = masked_local_error(_uncentred(analysis, layer), drawn).cpu()
-        measured = global_errors(replay, layer, drawn, batch_size=len(analysis.calibration[0]))
+        measured = global_errors(replay, layer, drawn, batch_size=len(analysis.calibration[0]),
+                                 shard=analysis.shard)
         ratio = measured / local
         worst = int(ratio.nan_to_num(nan=-1.0).argmax())
         constant, kind = lipschitz.after(layer)
