@@ -149,18 +149,24 @@ def test_the_cli_prunes_with_three_processes_as_with_one(tmp_path):
     assert json.loads(info.stdout)["accuracy"] == results[1]["accuracy_before"]
 
 
-def test_unlearning_shares_its_statistics_and_prints_the_one_process_result():
-    """`unlearn` with 3 processes: the forget-class statistics read in shares and summed give
-    the one-process k, layers and audit (the search and the audit run alike everywhere)."""
-    command = ["-m", "modhifi", "unlearn", "--model", "digits-cnn", "--forget-class", "3",
-               "--json"]
-    many = torchrun(3, *command)
+def shared_and_alone(processes: int, *command: str) -> tuple[dict, dict]:
+    """The JSON of `modhifi COMMAND --json` under torchrun (one line, from process 0) and from
+    one plain process."""
+    command = ("-m", "modhifi", *command, "--json")
+    many = torchrun(processes, *command)
     assert many.returncode == 0, many.stderr[-2000:]
     one = subprocess.run([sys.executable, *command], cwd=ROOT, env=ENV, capture_output=True,
                          text=True, timeout=300)
     lines = many.stdout.strip().splitlines()
     assert len(lines) == 1
-    shared, alone = json.loads(lines[0]), json.loads(one.stdout)
+    return json.loads(lines[0]), json.loads(one.stdout)
+
+
+def test_unlearning_shares_its_statistics_and_prints_the_one_process_result():
+    """`unlearn` with 3 processes: the forget-class statistics read in shares and summed give
+    the one-process k, layers and audit (the search and the audit run alike everywhere)."""
+    shared, alone = shared_and_alone(3, "unlearn", "--model", "digits-cnn", "--forget-class",
+                                     "3")
     assert {k: v for k, v in shared.items() if k != "seconds"} == {
         k: v for k, v in alone.items() if k != "seconds"}
 
@@ -185,14 +191,7 @@ def test_the_theory_report_shares_its_statistics_and_global_errors():
     """`theory` with 2 processes (digits: 300 calibration images, batches of 250): moments and
     measured output errors summed over both give the one-process local and global errors, to
     float64 rounding, and the same HiFi shares (the untrained architecture on every process)."""
-    command = ["-m", "modhifi", "theory", "--model", "digits-cnn", "--json"]
-    many = torchrun(2, *command)
-    assert many.returncode == 0, many.stderr[-2000:]
-    one = subprocess.run([sys.executable, *command], cwd=ROOT, env=ENV, capture_output=True,
-                         text=True, timeout=300)
-    lines = many.stdout.strip().splitlines()
-    assert len(lines) == 1
-    shared, alone = json.loads(lines[0]), json.loads(one.stdout)
+    shared, alone = shared_and_alone(2, "theory", "--model", "digits-cnn")
     for key in ("hifi_share", "hifi_share_untrained", "calib_samples"):
         assert shared[key] == alone[key]
     assert [row["layer"] for row in shared["layers"]] == [row["layer"] for row in alone["layers"]]
