@@ -67,12 +67,19 @@ def render_text(opened: cache.Opened) -> None:
     result = text_cache.forgotten(opened, request)
     audit_metrics(result.before, result.after)
     plan = result.plan
+    agreement = plan.calibration_retain_agreement
     st.caption(f"Strength α = {plan.strength:.2f} on {plan.direction.layer}; "
                f"{plan.calibration_forget_accuracy:.1%} of the category's calibration quotations "
-               f"still recognised (cross-fitted), {plan.calibration_retain_agreement:.1%} of the "
-               f"others' predictions unchanged; {result.seconds:.1f} s without the audits. "
-               "Full test split.")
-    audit_table, per_class, plan_table, neurons = text_cache.forget_tables(opened, request)
+               "still recognised (cross-fitted)"
+               + ("" if agreement is None else f", {agreement:.1%} of the others' predictions "
+                                               "unchanged")
+               + f"; {result.seconds:.1f} s without the audits. Full test split.")
+    if agreement is not None and agreement < LOW_AGREEMENT:
+        st.warning(f"This edit changes {1 - agreement:.0%} of the other categories' predictions "
+                   "on the calibration quotations (known before any test quotation is read): "
+                   "the category is not linearly apart from the others in the last layer, so "
+                   "moving it moves them too. art, politics and science keep over 90%.")
+    audit_table, per_class, neurons = text_cache.forget_tables(opened, request)
     left, right = st.columns(2)
     left.subheader("Per-category accuracy")
     left.plotly_chart(figures.class_bars(per_class, highlight=categories[category]),

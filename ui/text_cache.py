@@ -188,12 +188,12 @@ def forgotten(opened: Opened, request: TextUnlearnRequest) -> forget.TopicResult
 
 @st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)
 def forget_tables(opened: Opened, request: TextUnlearnRequest) -> tuple[pd.DataFrame, ...]:
-    """The audit (metric, before, after), per-category accuracy (class, when, accuracy), the
-    plan and the neurons the direction reads most."""
+    """The audit (metric, before, after), per-category accuracy (class, when, accuracy) and the
+    neurons the direction reads most."""
     result = forgotten(opened, request)
     per_class = result.per_class_frame().melt(id_vars="class", var_name="when",
                                               value_name="accuracy")
-    return result.to_frame(), per_class, result.plan.to_frame(), result.plan.direction.neurons()
+    return result.to_frame(), per_class, result.plan.direction.neurons()
 
 
 @st.cache_resource(show_spinner="Encoding the test quotations with the edited model…",

@@ -236,14 +236,6 @@ class TopicPlan:
         return -torch.outer(d, self.direction.weight), d * (self.direction.weight
                                                             @ self.direction.centre)
 
-    def to_frame(self) -> pd.DataFrame:
-        """One row: category, layer, strength, ridge, the shift's norm, calibration figures."""
-        return pd.DataFrame([{
-            "category": self.category, "layer": self.direction.layer, "strength": self.strength,
-            "ridge": self.direction.ridge, "shift_norm": float(self.direction.shift.norm()),
-            "calibration_forget_accuracy": self.calibration_forget_accuracy,
-            "calibration_retain_agreement": self.calibration_retain_agreement}])
-
 
 def plan_forgetting(statistics: TopicStatistics, probe: Probe, *, category: int,
                     target: float = TOPIC_TARGET, ridge: float = TOPIC_RIDGE,
