@@ -262,16 +262,29 @@ def _scores(args: argparse.Namespace) -> dict:
 
 def _scores_text(args: argparse.Namespace) -> dict:
     """Every (consumer, output, component) score of a text encoder: FFN down-projections (a
-    component is a neuron) and attention outputs (a component is a head)."""
+    component is a neuron) and attention outputs (a component is a head); with --forget-class,
+    each last-layer neuron's signed weight w_i·σ_i in the direction that forgetting that
+    category edits along (`modhifi.text.forget`)."""
     from modhifi.prune.tables import score_table
     from modhifi.text.components import analyse_text
     from modhifi.zoo import write_atomically
 
-    if args.forget_class is not None:
-        raise UserError("--forget-class is not available for text models yet; leave it out")
-    backend, subject, texts = _open_text(args)
+    from modhifi.text.corpus import load_fortunes
+
+    corpus = load_fortunes()
+    category = None if args.forget_class is None else _class_index(corpus, args.forget_class)
+    backend, subject, texts = _open_text(args, corpus)
     analysis = analyse_text(subject.model, texts, device=backend.device)
     table = score_table(analysis)
+    if category is not None:  # each last-layer neuron's signed weight in the category's direction
+        from modhifi.text.forget import topic_direction, topic_statistics
+
+        direction = topic_direction(topic_statistics(subject.model, corpus.calibration,
+                                                     category=category, device=backend.device),
+                                    category=category)
+        weight = (direction.weight * direction.spread).tolist()  # w_i·σ_i per neuron
+        table["forget_direction"] = [weight[i] if layer == direction.layer else None
+                                     for layer, i in zip(table["layer"], table["in_channel"])]
     if args.target is not None:
         kept = {}
         for kind in choices(Component):

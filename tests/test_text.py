@@ -413,3 +413,26 @@ def test_cli_unlearn_bad_input_on_a_text_model_is_one_line_and_exit_2(tiny, args
     done = cli("unlearn", "--model", str(tiny), *args)
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_cli_scores_of_a_text_model_with_a_forget_class_give_the_direction_per_neuron(tiny,
+                                                                                    tmp_path):
+    """The forget-class column is the library's direction (w_i·σ_i) on the last layer's
+    down-projection rows, and empty elsewhere."""
+    import pandas as pd
+
+    from modhifi.text.forget import topic_direction, topic_statistics
+
+    out = tmp_path / "scores.csv"
+    done = cli("scores", "--model", str(tiny), "--forget-class", "art", "--calib-samples", "64",
+               "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    table = pd.read_csv(out)
+    model = load_encoder(str(tiny), device="cpu")
+    direction = topic_direction(topic_statistics(model, load_fortunes().calibration, category=0,
+                                                 device="cpu"), category=0)
+    last = table[table["layer"] == direction.layer]
+    expected = (direction.weight * direction.spread)[torch.tensor(last["in_channel"].to_numpy())]
+    assert torch.allclose(torch.tensor(last["forget_direction"].to_numpy()), expected, rtol=1e-5,
+                          atol=1e-9)
+    assert table.loc[table["layer"] != direction.layer, "forget_direction"].isna().all()
