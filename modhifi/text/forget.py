@@ -80,7 +80,8 @@ class TopicStatistics:
     def edited_embeddings(self, directions: TopicDirection, strength: float) -> Tensor:
         """(n_forget, hidden) the forget texts' sentence embeddings after the edit, in row order:
         α·d·s(a) subtracted from the stream before the last LayerNorm, as the edited model does.
-        `directions` holds one direction per fold (a text is edited with its fold's)."""
+        `directions`: one direction, or one per fold stacked (each text is then edited with its
+        own fold's, as `topic_direction(..., cross_fitted=True)` gives)."""
         norm, *pooling = self.finish
         out, rows = [], []
         for row, mask, a, h in self.tokens:
