@@ -1,23 +1,27 @@
 """The command line: `python -m modhifi COMMAND` (also installed as `modhifi`).
 
 Every command returns one flat dict; `--json` prints it as one JSON object on stdout, otherwise
-as aligned `key: value` lines. Progress goes to stderr. Bad input: one line on stderr, exit 2.
+as aligned `key: value` lines. Progress goes to stderr (`modhifi.console`). Bad input: one line
+on stderr, exit 2. This module parses and checks the arguments, runs the image commands (shared
+by torchrun's processes where they can be) and hands text models to `modhifi.text.commands`.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Callable
 
+from modhifi.console import RANK, WORLD, class_index, progress, tenths
 from modhifi.errors import UserError
-from modhifi.options import (CALIBRATION_CLI, CALIBRATION_TEXT, COMPONENT_LABELS, Component,
+from modhifi.options import (CALIBRATION_CLI, COMPONENT_LABELS, Component,
                              WHY_FORGET_TARGET, WHY_K, WHY_ROUND_TO, WHY_STEPS,
                              Allocation, Compensation, DeviceChoice, Edit, Method, Scope,
                              METHOD_LABELS, ROUND_TO, TargetKind, check_fraction, check_target, check_whole, choices,
                              default_compensation)
+from modhifi.text import commands as text_commands
+from modhifi.text.commands import is_text
 
 
 def _models(args: argparse.Namespace) -> dict:
@@ -43,11 +47,8 @@ def _models(args: argparse.Namespace) -> dict:
 def _info(args: argparse.Namespace) -> dict:
     from modhifi.metrics import count_cost, evaluate, measure_latency
 
-    if _is_text(args):
-        from modhifi.text.subject import info
-
-        backend, subject, _ = _open_text(args)
-        return info(subject, backend=backend, batch_size=args.batch_size)
+    if is_text(args):
+        return text_commands.info(args)
     backend, subject = _open(args)
     model, dataset = subject.loaded.model, subject.dataset
     result = evaluate(model, dataset.test, device=backend.device, num_classes=dataset.num_classes,
@@ -71,15 +72,15 @@ def _prune(args: argparse.Namespace) -> dict:
     from modhifi.metrics import compare
     from modhifi.prune import prune_in_steps
 
-    if _is_text(args):
-        return _prune_text(args)
+    if is_text(args):
+        return text_commands.prune(args)
     backend, subject = _open(args)
     model, dataset = subject.loaded.model, subject.dataset
     method, round_to = args.method or "modhifi", args.round_to or ROUND_TO
     compensation = args.compensation or default_compensation(method)
     calibration, samples = _calibration(subject, args.calib_samples, args.shard,
                                         backend.device)
-    _progress("statistics and scores on the calibration images")
+    progress("statistics and scores on the calibration images")
     start = time.perf_counter()
     pruned, plans = prune_in_steps(model, calibration,
                                    device=backend.device, input_shape=dataset.input_shape,
@@ -87,9 +88,9 @@ def _prune(args: argparse.Namespace) -> dict:
                                    target_kind=args.target_kind, allocation=args.allocation,
                                    method=method, scope=args.scope, compensation=compensation,
                                    recalibrate=not args.no_bn_recal, round_to=round_to,
-                                   shard=args.shard, progress=_tenths("statistics"))
+                                   shard=args.shard, progress=tenths("statistics"))
     seconds = time.perf_counter() - start
-    _progress(f"pruned in {seconds:.1f} s; evaluating and timing")
+    progress(f"pruned in {seconds:.1f} s; evaluating and timing")
     result = compare(model, pruned, dataset=dataset, backend=backend, batch_size=args.batch_size,
                      latency=args.shard.is_main, shard=args.shard)
     if not args.shard.is_main:  # process 0 times, prints and writes
@@ -114,47 +115,15 @@ def _prune(args: argparse.Namespace) -> dict:
             "speedup_eager": result.speedup_eager, "seconds": seconds}
 
 
-def _prune_text(args: argparse.Namespace) -> dict:
-    """ModHiFi-P on a text encoder's FFN neurons or attention heads (`modhifi.text`)."""
-    import time
-
-    from modhifi.text.components import analyse_text
-    from modhifi.text.subject import compare_text, save_text_model
-    from modhifi.text.surgery import apply_plan
-
-    backend, subject, texts = _open_text(args)
-    method = args.method or "modhifi-greedy"
-    compensation = args.compensation or default_compensation(method)
-    _progress(f"statistics and scores on {len(texts)} calibration texts")
-    start = time.perf_counter()
-    analysis = analyse_text(subject.model, texts, device=backend.device)
-    plan = analysis.plan(args.target, kind=args.components, target_kind=args.target_kind,
-                         method=method, round_to=args.round_to)
-    pruned = apply_plan(analysis, plan, compensation=compensation)
-    seconds = time.perf_counter() - start
-    _progress(f"pruned in {seconds:.1f} s; evaluating and timing on {len(subject.corpus.test)} "
-              "test texts")
-    result = compare_text(subject, pruned, backend=backend, batch_size=args.batch_size)
-    if args.out:
-        save_text_model(pruned, Path(args.out), base=subject.base,
-                        removed={"components": plan.kind, "removed": plan.removed()})
-        _progress(f"wrote {args.out}")
-    return {"model": subject.name, "method": method, "target": args.target,
-            "target_kind": args.target_kind, "components": plan.kind, "allocation": "uniform",
-            "compensation": compensation, "bn_recalibrated": False, "calib_samples": len(texts),
-            "device": backend.description, "channels_before": plan.units_before,
-            "channels_after": plan.units_after, **result, "seconds": seconds}
-
-
 def _unlearn(args: argparse.Namespace) -> dict:
     from modhifi.unlearn import unlearn
 
-    if _is_text(args):
-        return _unlearn_text(args)
+    if is_text(args):
+        return text_commands.unlearn(args)
     backend, subject = _open(args)
     dataset = subject.dataset
-    forget = _class_index(dataset, args.forget_class)
-    _progress(f"forgetting class {forget} ({dataset.classes[forget]})")
+    forget = class_index(dataset, args.forget_class)
+    progress(f"forgetting class {forget} ({dataset.classes[forget]})")
     result = unlearn(subject.loaded.model, dataset, forget_class=forget, device=backend.device,
                      edit=args.edit, layers=args.layers, k=args.k,
                      target_forget_accuracy=args.forget_target, shard=args.shard)
@@ -163,32 +132,6 @@ def _unlearn(args: argparse.Namespace) -> dict:
     if args.out:
         _save_modified(args, subject, result.model, removed={})
     return result.summary(model=subject.loaded.name, device=backend.description)
-
-
-def _unlearn_text(args: argparse.Namespace) -> dict:
-    """ModHiFi-U on a text encoder: one category of fortunes forgotten (`modhifi.text.forget`)."""
-    from modhifi.text.forget import forget_category
-    from modhifi.text.subject import save_text_model
-
-    for option in ("edit", "layers", "k"):
-        if getattr(args, option) is not None:
-            raise UserError(f"--{option} does not apply to a text model, whose edit is one "
-                            f"rank-one change of the last FFN; leave --{option} out")
-    if args.calib_samples is not None:
-        raise UserError("--calib-samples does not apply to forgetting a category of a text "
-                        "model, which reads every calibration text of it; leave it out")
-    from modhifi.text.corpus import load_fortunes
-
-    corpus = load_fortunes()
-    category = _class_index(corpus, args.forget_class)  # before the model loads
-    backend, subject, _ = _open_text(args, corpus)
-    _progress(f"forgetting category {category} ({corpus.categories[category]})")
-    result = forget_category(subject.model, subject.probe, corpus, category=category,
-                             device=backend.device, target=args.forget_target)
-    if args.out:
-        save_text_model(result.model, Path(args.out), base=subject.base, removed={})
-        _progress(f"wrote {args.out}")
-    return result.summary(model=subject.name, device=backend.description)
 
 
 def _theory(args: argparse.Namespace) -> dict:
@@ -215,33 +158,19 @@ def _bench(args: argparse.Namespace) -> dict:
             **quick(subject.loaded.model, subject.dataset, backend=backend)}
 
 
-def _class_index(dataset, name: str) -> int:
-    """A class given by index (`5`) or by name (`Sandal`)."""
-    if name.isascii() and name.isdigit():
-        if int(name) >= len(dataset.classes):
-            raise UserError(f"forget class {name} is out of range for {dataset.name}: use "
-                            f"0..{len(dataset.classes) - 1} or a class name")
-        return int(name)
-    lowered = [c.lower() for c in dataset.classes]
-    if name.lower() not in lowered:
-        raise UserError(f"no class {name!r} in {dataset.name}: use an index "
-                        f"0..{len(dataset.classes) - 1} or one of {', '.join(dataset.classes)}")
-    return lowered.index(name.lower())
-
-
 def _scores(args: argparse.Namespace) -> dict:
     from modhifi.prune import analyse
     from modhifi.prune.tables import score_table
     from modhifi.zoo import write_atomically
 
-    if _is_text(args):
-        return _scores_text(args)
+    if is_text(args):
+        return text_commands.scores(args)
     backend, subject = _open(args)
     dataset = subject.dataset
     analysis = analyse(subject.loaded.model, _calibration(subject, args.calib_samples,
                                                           args.shard, backend.device)[0],
                        device=backend.device, input_shape=dataset.input_shape, shard=args.shard,
-                       progress=_tenths("statistics"))
+                       progress=tenths("statistics"))
     if not args.shard.is_main:  # process 0 writes and prints
         return {}
     plan = None if args.target is None else analysis.plan(args.target)
@@ -249,7 +178,7 @@ def _scores(args: argparse.Namespace) -> dict:
     if args.forget_class is not None:  # the forget-class saliency of the edited layers
         from modhifi.unlearn import score_forget_class, unlearnable_layers
 
-        forget = _class_index(dataset, args.forget_class)
+        forget = class_index(dataset, args.forget_class)
         example = next(dataset.calibration.batches(1, device=backend.device))
         scores = score_forget_class(subject.loaded.model, dataset.calibration, forget_class=forget,
                                     layers=unlearnable_layers(subject.loaded.model, example),
@@ -260,48 +189,10 @@ def _scores(args: argparse.Namespace) -> dict:
             "layers": int(table["layer"].nunique()), "target": args.target}
 
 
-def _scores_text(args: argparse.Namespace) -> dict:
-    """Every (consumer, output, component) score of a text encoder: FFN down-projections (a
-    component is a neuron) and attention outputs (a component is a head); with --forget-class,
-    each last-layer neuron's signed weight w_i·σ_i in the direction that forgetting that
-    category edits along (`modhifi.text.forget`)."""
-    from modhifi.prune.tables import score_table
-    from modhifi.text.components import analyse_text
-    from modhifi.zoo import write_atomically
-
-    from modhifi.text.corpus import load_fortunes
-
-    corpus = load_fortunes()
-    category = None if args.forget_class is None else _class_index(corpus, args.forget_class)
-    backend, subject, texts = _open_text(args, corpus)
-    analysis = analyse_text(subject.model, texts, device=backend.device)
-    table = score_table(analysis)
-    if category is not None:  # each last-layer neuron's signed weight in the category's direction
-        from modhifi.text.forget import topic_direction, topic_statistics
-
-        direction = topic_direction(topic_statistics(subject.model, corpus.calibration,
-                                                     category=category, device=backend.device),
-                                    category=category)
-        weight = (direction.weight * direction.spread).tolist()  # w_i·σ_i per neuron
-        table["forget_direction"] = [weight[i] if layer == direction.layer else None
-                                     for layer, i in zip(table["layer"], table["in_channel"])]
-    if args.target is not None:
-        kept = {}
-        for kind in choices(Component):
-            kept.update(analysis.kept_by_consumer(analysis.plan(args.target, kind=kind,
-                                                                method="modhifi-greedy")))
-        table["kept"] = [channel in kept[layer]
-                         for layer, channel in zip(table["layer"], table["in_channel"])]
-    write_atomically(Path(args.out), lambda p: table.to_csv(p, index=False))
-    return {"model": subject.name, "out": args.out, "rows": len(table),
-            "layers": int(table["layer"].nunique()), "target": args.target}
-
-
 # Images per calibration batch: the unit processes share, and one BatchNorm recalibration pass
 # (`recalibrate_batchnorm`'s chunk), so that each batch's terms are the same however shared.
 CALIBRATION_BATCH = 128
 SHARED = ("info", "prune", "scores", "unlearn", "theory")  # whose work torchrun's processes share
-RANK, WORLD = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _calibration(subject, samples: int | None, shard, device) -> tuple:
@@ -319,7 +210,7 @@ def _calibration(subject, samples: int | None, shard, device) -> tuple:
                         f"{len(dataset.calibration)} for {dataset.name}")
     shard.check_batches(samples, CALIBRATION_BATCH)
     for caveat in calibration_caveats(subject.loaded.model, samples):
-        _progress(f"warning: {caveat}")
+        progress(f"warning: {caveat}")
     mine = dataset.calibration.subset(shard.indices(samples, CALIBRATION_BATCH))
     return Batches(mine, CALIBRATION_BATCH, device=device), samples
 
@@ -327,7 +218,7 @@ def _calibration(subject, samples: int | None, shard, device) -> tuple:
 def _shared(args: argparse.Namespace) -> bool:
     """Whether this command's work is shared by the processes torchrun started (`SHARED`, on
     image models); the others run on process 0 alone, with the one-process result."""
-    return (args.command in SHARED and not _is_text(args)
+    return (args.command in SHARED and not is_text(args)
             and getattr(args, "forget_class", None) is None)
 
 
@@ -346,48 +237,18 @@ def _save_modified(args: argparse.Namespace, subject, model, *, removed: dict | 
     files = {out: lambda p: torch.save(state, p),  # the model (it holds its channel list too)
              _channels_path(out): lambda p: p.write_text(json.dumps(removed, indent=1) + "\n")}
     write_together(files)
-    _progress(f"wrote {' and '.join(map(str, files))}")
+    progress(f"wrote {' and '.join(map(str, files))}")
 
 
 def _channels_path(out: Path) -> Path:
     return out.with_name(out.name + ".channels.json")
 
 
-def _is_text(args: argparse.Namespace) -> bool:
-    from modhifi.text.encoder import is_text_model
-
-    if not is_text_model(args.model):
-        return False
-    for option in ("arch", "data"):
-        if getattr(args, option, None) is not None:
-            raise UserError(f"--{option} does not apply to the text model {args.model}, which "
-                            f"is evaluated on Debian's fortunes; leave --{option} out")
-    return True
-
-
 def _image_only(args: argparse.Namespace, what: str) -> None:
     """A one-line refusal for a command that has no text path yet."""
-    if args.model and _is_text(args):
+    if args.model and is_text(args):
         raise UserError(f"{what} is not available for text models yet; {args.model} works with "
                         "info, prune, scores and unlearn")
-
-
-def _open_text(args: argparse.Namespace, corpus=None):
-    """The backend, the text subject and its calibration texts (`--calib-samples` checked
-    against the corpus, loaded unless given, before the model is loaded)."""
-    from modhifi.backend import choose_backend
-    from modhifi.text.corpus import load_fortunes
-    from modhifi.text.subject import open_text
-
-    backend = choose_backend(args.device)
-    corpus = corpus or load_fortunes()
-    calibration = corpus.calibration
-    samples = min(CALIBRATION_TEXT, len(calibration)) if args.calib_samples is None else args.calib_samples
-    if not samples <= len(calibration):
-        raise UserError(f"--calib-samples {samples} must be at most {len(calibration)} for "
-                        f"{corpus.name}")
-    _progress(f"loading {args.model} on {backend.description}")
-    return backend, open_text(args.model, device=backend.device, corpus=corpus), calibration.texts[:samples]
 
 
 def _open(args: argparse.Namespace):
@@ -398,31 +259,11 @@ def _open(args: argparse.Namespace):
     backend = choose_backend(args.device)
     if _shared(args):  # alone, or one of the processes torchrun started
         args.shard = distributed.from_environment(backend)
-    _progress(f"loading {args.model} on {backend.description}")
+    progress(f"loading {args.model} on {backend.description}")
     subject = open_subject(args.model, device=backend.device, arch=args.arch, data=args.data)
     for caveat in subject.dataset.caveats:
-        _progress(f"warning: {caveat}")
+        progress(f"warning: {caveat}")
     return backend, subject
-
-
-def _tenths(what: str) -> Callable[[float], None]:
-    """A progress line at every tenth of the way (streamed image folders take a while), again
-    from the start for each round of `--steps`."""
-    shown: set[int] = set()
-
-    def report(share: float) -> None:
-        tenth = int(share * 10)
-        if shown and tenth < max(shown):  # the next round's statistics
-            shown.clear()
-        if tenth not in shown:
-            shown.add(tenth)
-            _progress(f"{what}: {share:.0%}")
-    return report
-
-
-def _progress(line: str) -> None:
-    if RANK == 0:  # one voice when torchrun starts several processes
-        print(f"modhifi: {line}", file=sys.stderr, flush=True)
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict], str]] = {
@@ -565,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         if WORLD > 1 and not _shared(args):
             if RANK:  # nothing to share: process 0 does it all
                 return 0
-            _progress(f"{args.command} on this model runs in process 0 alone; the other "
+            progress(f"{args.command} on this model runs in process 0 alone; the other "
                       f"{WORLD - 1} have nothing to do (shared: {', '.join(SHARED)} of image "
                       "models)")
         result = COMMANDS[args.command][0](args)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import gzip
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch

@@ -79,9 +79,11 @@ def cut_channels(model: nn.Module, removed: dict[str, Iterable[int]], input_shap
         group.prune()
 
 
-def batchnorms(model: nn.Module) -> list[nn.Module]:
-    """The model's BatchNorm layers (what recalibration re-estimates; none in a LayerNorm ViT)."""
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+def batchnorms(model: nn.Module) -> dict[str, nn.Module]:
+    """name -> the model's BatchNorm layers with running statistics (what recalibration
+    re-estimates; none in a LayerNorm ViT)."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
 
 
 @torch.no_grad()
@@ -95,8 +97,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], *,
     Runs `chunk` images at a time in channels-last layout (oneDNN's faster convolutions), which
     keeps activations in cache, and hands the model back in the usual contiguous layout.
     """
-    norms = {name: m for name, m in model.named_modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+    norms = batchnorms(model)
     if not norms:
         return
     saved = {name: m.momentum for name, m in norms.items()}

@@ -4,5 +4,6 @@ English text (Debian's fortunes), pruned by ModHiFi-P on FFN neurons or whole at
 Modules: `corpus` (the fortunes splits), `encoder` (loading, tokenizing, the layer layout),
 `components` (statistics, fidelities, rankings and plans of the components), `surgery`
 (refit and physical removal; saving shapes), `quality` (dense-vs-modified metrics and the
-category probe), `subject` (what the commands work on, and their reports).
+category probe), `subject` (what the commands work on, and their reports), `forget` (ModHiFi-U:
+forgetting a category), `commands` (the command line's text commands).
 """

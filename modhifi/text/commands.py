@@ -1,0 +1,143 @@
+"""The command line's text-model commands (`info`, `prune`, `unlearn`, `scores` of a sentence
+encoder on Debian's fortunes): each takes the parsed arguments and returns the command's flat
+dict, as the image commands in `modhifi.__main__` do.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from modhifi.console import class_index, progress
+from modhifi.errors import UserError
+from modhifi.options import CALIBRATION_TEXT, Component, choices, default_compensation
+from modhifi.text.corpus import Corpus, load_fortunes
+
+
+def is_text(args: argparse.Namespace) -> bool:
+    """Whether `--model` is a text model (refusing the image-only options it was given)."""
+    from modhifi.text.encoder import is_text_model
+
+    if not is_text_model(args.model):
+        return False
+    for option in ("arch", "data"):
+        if getattr(args, option, None) is not None:
+            raise UserError(f"--{option} does not apply to the text model {args.model}, which "
+                            f"is evaluated on Debian's fortunes; leave --{option} out")
+    return True
+
+
+def open_arguments(args: argparse.Namespace, corpus: Corpus | None = None):
+    """The backend, the text subject and its calibration texts (`--calib-samples` checked
+    against the corpus, loaded unless given, before the model is loaded)."""
+    from modhifi.backend import choose_backend
+    from modhifi.text.subject import open_text
+
+    backend = choose_backend(args.device)
+    corpus = corpus or load_fortunes()
+    calibration = corpus.calibration
+    samples = (min(CALIBRATION_TEXT, len(calibration)) if args.calib_samples is None
+               else args.calib_samples)
+    if not samples <= len(calibration):
+        raise UserError(f"--calib-samples {samples} must be at most {len(calibration)} for "
+                        f"{corpus.name}")
+    progress(f"loading {args.model} on {backend.description}")
+    subject = open_text(args.model, device=backend.device, corpus=corpus)
+    return backend, subject, calibration.texts[:samples]
+
+
+def info(args: argparse.Namespace) -> dict:
+    from modhifi.text.subject import info as report
+
+    backend, subject, _ = open_arguments(args)
+    return report(subject, backend=backend, batch_size=args.batch_size)
+
+
+def prune(args: argparse.Namespace) -> dict:
+    """ModHiFi-P on a text encoder's FFN neurons or attention heads (`modhifi.text`)."""
+    import time
+
+    from modhifi.text.components import analyse_text
+    from modhifi.text.subject import compare_text, save_text_model
+    from modhifi.text.surgery import apply_plan
+
+    backend, subject, texts = open_arguments(args)
+    method = args.method or "modhifi-greedy"
+    compensation = args.compensation or default_compensation(method)
+    progress(f"statistics and scores on {len(texts)} calibration texts")
+    start = time.perf_counter()
+    analysis = analyse_text(subject.model, texts, device=backend.device)
+    plan = analysis.plan(args.target, kind=args.components, target_kind=args.target_kind,
+                         method=method, round_to=args.round_to)
+    pruned = apply_plan(analysis, plan, compensation=compensation)
+    seconds = time.perf_counter() - start
+    progress(f"pruned in {seconds:.1f} s; evaluating and timing on {len(subject.corpus.test)} "
+              "test texts")
+    result = compare_text(subject, pruned, backend=backend, batch_size=args.batch_size)
+    if args.out:
+        save_text_model(pruned, Path(args.out), base=subject.base,
+                        removed={"components": plan.kind, "removed": plan.removed()})
+        progress(f"wrote {args.out}")
+    return {"model": subject.name, "method": method, "target": args.target,
+            "target_kind": args.target_kind, "components": plan.kind, "allocation": "uniform",
+            "compensation": compensation, "bn_recalibrated": False, "calib_samples": len(texts),
+            "device": backend.description, "channels_before": plan.units_before,
+            "channels_after": plan.units_after, **result, "seconds": seconds}
+
+
+def unlearn(args: argparse.Namespace) -> dict:
+    """ModHiFi-U on a text encoder: one category of fortunes forgotten (`modhifi.text.forget`)."""
+    from modhifi.text.forget import forget_category
+    from modhifi.text.subject import save_text_model
+
+    for option in ("edit", "layers", "k"):
+        if getattr(args, option) is not None:
+            raise UserError(f"--{option} does not apply to a text model, whose edit is one "
+                            f"rank-one change of the last FFN; leave --{option} out")
+    if args.calib_samples is not None:
+        raise UserError("--calib-samples does not apply to forgetting a category of a text "
+                        "model, which reads every calibration text of it; leave it out")
+    corpus = load_fortunes()
+    category = class_index(corpus, args.forget_class)  # before the model loads
+    backend, subject, _ = open_arguments(args, corpus)
+    progress(f"forgetting category {category} ({corpus.categories[category]})")
+    result = forget_category(subject.model, subject.probe, corpus, category=category,
+                             device=backend.device, target=args.forget_target)
+    if args.out:
+        save_text_model(result.model, Path(args.out), base=subject.base, removed={})
+        progress(f"wrote {args.out}")
+    return result.summary(model=subject.name, device=backend.description)
+
+
+def scores(args: argparse.Namespace) -> dict:
+    """Every (consumer, output, component) score of a text encoder: FFN down-projections (a
+    component is a neuron) and attention outputs (a component is a head); with --forget-class,
+    each last-layer neuron's signed weight w_i·σ_i in the direction that forgetting that
+    category edits along (`modhifi.text.forget`)."""
+    from modhifi.prune.tables import score_table
+    from modhifi.text.components import analyse_text
+    from modhifi.zoo import write_atomically
+
+    corpus = load_fortunes()
+    category = None if args.forget_class is None else class_index(corpus, args.forget_class)
+    backend, subject, texts = open_arguments(args, corpus)
+    analysis = analyse_text(subject.model, texts, device=backend.device)
+    table = score_table(analysis)
+    if category is not None:  # each last-layer neuron's signed weight in the category's direction
+        from modhifi.text.forget import topic_direction, topic_statistics
+
+        direction = topic_direction(topic_statistics(subject.model, corpus.calibration,
+                                                     category=category, device=backend.device),
+                                    category=category)
+        weight = (direction.weight * direction.spread).tolist()  # w_i·σ_i per neuron
+        table["forget_direction"] = [weight[i] if layer == direction.layer else None
+                                     for layer, i in zip(table["layer"], table["in_channel"])]
+    if args.target is not None:
+        kept = {}
+        for kind in choices(Component):
+            kept.update(analysis.kept_by_consumer(analysis.plan(args.target, kind=kind,
+                                                                method="modhifi-greedy")))
+        table["kept"] = [channel in kept[layer]
+                         for layer, channel in zip(table["layer"], table["in_channel"])]
+    write_atomically(Path(args.out), lambda p: table.to_csv(p, index=False))
+    return {"model": subject.name, "out": args.out, "rows": len(table),
+            "layers": int(table["layer"].nunique()), "target": args.target}
