@@ -25,6 +25,11 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+# Imported before any group exists: its functions take `group=group.WORLD` as a default, which
+# would otherwise hold the group past `destroy_process_group`, so that its worker threads outlive
+# the interpreter and abort the process at exit (torch._dynamo, which the FLOP counter loads,
+# imports it).
+import torch.distributed.nn.functional  # noqa: F401
 from torch import Tensor
 
 from modhifi.backend import Backend

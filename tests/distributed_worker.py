@@ -1,7 +1,11 @@
 """Run by tests/test_distributed.py under torchrun: one tiny seeded ResNet analysed, planned,
 pruned, recalibrated and evaluated by however many processes torchrun started; process 0 saves
-what every process must agree on (usage: torchrun ... distributed_worker.py OUT.pt)."""
+what every process must agree on (usage: torchrun ... distributed_worker.py OUT.pt). Every
+process then checks that leaving the group stopped gloo's threads: one still running when the
+interpreter exits aborts the process now and then (SIGABRT), so a leak must fail every run."""
+import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -42,6 +46,10 @@ def main(out: str) -> None:
                     "buffers": {name: b.clone() for name, b in pruned.named_buffers()},
                     "confusion": result.confusion, "accuracy": result.accuracy}, out)
     distributed.leave()
+    threads = [(Path("/proc/self/task") / task / "comm").read_text().strip()
+               for task in os.listdir("/proc/self/task")]
+    if any("gloo" in name for name in threads):
+        sys.exit(f"process {shard.rank} still runs gloo threads after leaving: {threads}")
 
 
 if __name__ == "__main__":

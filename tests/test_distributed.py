@@ -25,6 +25,11 @@ def torchrun(processes: int, *args: str, timeout: int = 300) -> subprocess.Compl
                           env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
+def failure(done: subprocess.CompletedProcess) -> str:
+    """What the processes printed (first), not only torchrun's summary of who failed (last)."""
+    return done.stderr[:2000] + "\n[...]\n" + done.stderr[-800:]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """tests/distributed_worker.py run by 1, 2 and 3 processes: what process 0 saved."""
@@ -33,7 +38,7 @@ def runs(tmp_path_factory):
     for processes in (1, 2, 3):
         out = folder / f"{processes}.pt"
         done = torchrun(processes, "tests/distributed_worker.py", str(out))
-        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.returncode == 0, failure(done)
         saved[processes] = torch.load(out)
     return saved
 
@@ -131,7 +136,7 @@ def test_the_cli_prunes_with_three_processes_as_with_one(tmp_path):
     for processes in (1, 3):
         out = tmp_path / f"pruned{processes}.pt"
         done = torchrun(processes, *command, "--out", str(out))
-        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.returncode == 0, failure(done)
         lines = done.stdout.strip().splitlines()
         assert len(lines) == 1  # one voice
         results[processes] = json.loads(lines[0])
@@ -154,7 +159,7 @@ def shared_and_alone(processes: int, *command: str) -> tuple[dict, dict]:
     one plain process."""
     command = ("-m", "modhifi", *command, "--json")
     many = torchrun(processes, *command)
-    assert many.returncode == 0, many.stderr[-2000:]
+    assert many.returncode == 0, failure(many)
     one = subprocess.run([sys.executable, *command], cwd=ROOT, env=ENV, capture_output=True,
                          text=True, timeout=300)
     lines = many.stdout.strip().splitlines()
