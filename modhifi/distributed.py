@@ -1,14 +1,14 @@
 """More than one process, on PyTorch's own engine (torch.distributed): which share of the data a
 process reads, and the sums that every process adds up.
 
-Everything the data decides is a sum over samples: input moments and patch sums with their
-counts, BatchNorm recalibration's per-call statistics, evaluation counts, unlearning's
-forget-class moments, the theory's measured output errors. Each process reads whole batches of the one-process order (batch i goes to
-process i mod N), computes each batch's terms exactly as one process would, and the terms are
-summed in float64 across processes, so the result does not depend on how many processes share
-the work (to float64 rounding). Everything after the statistics (scores, plan, refit, surgery,
-unlearning's search of k) then runs identically on every process from the same sums, checked
-where it matters (`Shard.check_same`); only process 0 prints and writes.
+Everything the data decides is a sum over samples: input moments and patch sums with their counts,
+BatchNorm recalibration's per-call statistics, evaluation counts, unlearning's forget-class
+moments, the theory's measured output errors. Each process reads whole batches of the one-process
+order (batch i goes to process i mod N), computes each batch's terms exactly as one process would,
+and the terms are summed in float64 across processes, so the result does not depend on how many
+processes share the work (to float64 rounding). Everything after the statistics (scores, plan,
+refit, surgery, unlearning's search of k) then runs identically on every process from the same
+sums, checked where it matters (`Shard.check_same`); only process 0 prints and writes.
 
 `torchrun --nproc-per-node N -m modhifi ...` starts N processes with RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR and MASTER_PORT set; `from_environment` joins them (gloo on the CPU,

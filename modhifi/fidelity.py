@@ -246,85 +246,144 @@ def hifi_size(fidelity: LayerFidelity, *, level: float = 0.8) -> Tensor:
     return ((curves < level).sum(1) + 1).clamp(max=curves.shape[1]) / curves.shape[1]
 
 
-def greedy_subset(consumers: Sequence[tuple[LayerFidelity, Sequence[int]]], size: int
-                  ) -> tuple[list[int], list[float]]:
+# Factor columns gathered between two updates of the complements: each step then touches only
+# this panel and the complement's columns it needs, and the updates are matrix products.
+PANEL = 256
+
+
+def greedy_subset(consumers: Sequence[tuple[LayerFidelity, Sequence[int]]], size: int, *,
+                  panel: int = PANEL) -> tuple[list[int], list[float]]:
     """Order `size` shared components by greedy subset fidelity under `refit`.
 
     Each step adds the component that raises Σ over consumers and their outputs of the refit
     fidelity FS_c(S) = b_cSᵀ H_SS⁻¹ b_cS / E‖Y_c‖² (b_c = H w_c) the most. Its gain is the same form
     in the Schur complements of H and b on S: what input i adds that S does not already explain.
-    Unlike the union of singleton HiFi sets, this sees correlated inputs.
-
-    The complement of H is never formed: it is H − F Fᵀ with F (d, r) the growing pivoted
-    Cholesky factor of the chosen blocks, so a step reads H's chosen columns and F once
-    (O(d·r)) and updates only what the gains need: the complement of b (d, c_out) and the
-    complement's diagonal blocks (c_in, K, K). That is 4-8× less memory traffic than updating
-    the whole (d, d) complement each step, which bounded the speed.
+    Unlike the union of singleton HiFi sets, this sees correlated inputs. Each consumer's
+    complements are kept by `_Complement`, updated in panels of `panel` factor columns.
 
     Args:
         consumers: (fidelity, index) pairs; index[g] is that layer's input channel of component g.
         size: number of shared components.
+        panel: factor columns between two updates of the complements (any value gives the same
+            order, up to rounding).
 
     Returns:
         The components in the order chosen, and the summed fidelity each one added.
     """
-    states = []
-    for fidelity, index in consumers:
-        c_out, c_in, K = fidelity.w.shape
-        weight = fidelity.w.reshape(c_out, -1) / fidelity.energy.clamp(min=1e-30).sqrt()[:, None]
-        H = fidelity.H                                             # (d, d), only read
-        blocks = H.view(c_in, K, c_in, K).diagonal(dim1=0, dim2=2).permute(2, 0, 1).clone()
-        # Below this a block's complement is rounding: its input is already explained (or dead).
-        negligible = 1e-9 * H.diagonal().mean()
-        # The factor's columns so far: F (d, rank) lives in a buffer allocated once.
-        states.append({"H": H, "b": H @ weight.T, "blocks": blocks, "rank": 0,
-                       "factor": H.new_empty(H.shape[0], min(H.shape[0], size * K)),
-                       "index": torch.as_tensor(index, device=H.device), "K": K,
-                       "lam": fidelity.lam, "negligible": negligible})
+    complements = [_Complement(fidelity, index, panel) for fidelity, index in consumers]
     chosen = torch.zeros(size, dtype=torch.bool)
     order, gains = [], []
     for _ in range(size):
         open_ = (~chosen).nonzero()[:, 0]                          # components still to rank
-        gain = torch.zeros(len(open_), dtype=torch.float64)
-        for state in states:
-            K, lam = state["K"], state["lam"]
-            channels = state["index"][open_.to(state["index"].device)]
-            blocks = state["blocks"][channels]                     # (open, K, K)
-            rhs = state["b"].view(len(state["blocks"]), K, -1)[channels]  # (open, K, c_out)
-            # Explained blocks add nothing; solving them would need a pseudo-inverse each.
-            live = blocks.diagonal(dim1=-2, dim2=-1).mean(-1) > state["negligible"]  # (open,)
-            if K == 1:  # scalar blocks: the solve is a division (with _ridge_solve's ridge)
-                total = rhs[live, 0].square().sum(-1) / (blocks[live, 0, 0] * (1 + lam))
-            else:  # tr(rhsᵀ A⁻¹ rhs) = tr(A⁻¹ rhs rhsᵀ): K right-hand sides instead of c_out
-                outer = rhs[live] @ rhs[live].mT                   # (live, K, K)
-                total = _ridge_solve(blocks[live], outer, lam).diagonal(dim1=-2, dim2=-1).sum(-1)
-            gain[live.cpu()] += total.cpu()
+        gain = sum(complement.gains(open_) for complement in complements)
         best = int(open_[gain.argmax()])
         chosen[best] = True
         order.append(best)
         gains.append(float(gain.max()))
-        for state in states:
-            K = state["K"]
-            block = slice(int(state["index"][best]) * K, (int(state["index"][best]) + 1) * K)
-            factor = state["factor"][:, :state["rank"]]            # (d, rank)
-            column = state["H"][:, block] - factor @ factor[block].T  # (d, K) of H − F Fᵀ
-            pivot = column[block]                                  # (K, K)
-            if pivot.diagonal().mean() <= state["negligible"]:
-                continue  # nothing new to take out of the other components
-            ridge = state["lam"] * pivot.diagonal().mean()
-            lower, info = torch.linalg.cholesky_ex(pivot + ridge * torch.eye(K).to(pivot))
-            if info:
-                continue  # numerically explained already
-            new = torch.linalg.solve_triangular(lower, column.T, upper=False).T  # (d, K)
-            if state["rank"] + K > state["factor"].shape[1]:
-                continue  # the factor spans every input already: nothing is left to explain
-            state["factor"][:, state["rank"]:state["rank"] + K] = new
-            state["rank"] += K
-            step = torch.linalg.solve_triangular(lower, state["b"][block], upper=False)
-            state["b"] -= new @ step                               # (d, c_out)
-            rows = new.view(len(state["blocks"]), K, K)            # (c_in, K, K)
-            state["blocks"] -= rows @ rows.mT
+        for complement in complements:
+            complement.take(best)
     return order, gains
+
+
+class _Complement:
+    """One consumer's Schur complements on the channels chosen so far, for `greedy_subset`.
+
+    After choosing the set S: H̃ = H − F Fᵀ and b̃ = B − F Z (B = H wᵀ, one column per output
+    normalised by its energy), with F (d, r) the pivoted Cholesky factor of the chosen blocks and
+    Z (r, c_out) their steps. A step needs only the complement's column at the chosen block and,
+    for every open channel, its diagonal block of H̃ and of b̃ b̃ᵀ (the gain is tr((H̃_ii + ridge)⁻¹
+    b̃_i b̃_iᵀ)). So the complements are held explicitly only as of the last panel, and the
+    panel's columns Fp, Zp correct them on the fly: H̃ = H̃₀ − Fp Fpᵀ, b̃ = b̃₀ − Fp Zp. Every
+    `panel` columns, two matrix products bring H̃₀ and b̃₀ up to date and drop the chosen
+    channels' rows, so the work shrinks as the set grows, instead of one rank-k update of all of
+    b̃ and a read of all of F per step (memory-bound: 1.5-3× slower on ResNet-50's wide layers).
+    """
+
+    def __init__(self, fidelity: LayerFidelity, index: Sequence[int], panel: int):
+        c_out, c_in, K = fidelity.w.shape
+        weight = fidelity.w.reshape(c_out, -1) / fidelity.energy.clamp(min=1e-30).sqrt()[:, None]
+        H = fidelity.H                                             # (d, d), only read
+        self.K, self.lam = K, fidelity.lam
+        self.index = torch.as_tensor(index, device=H.device)      # component -> input channel
+        # Below this a block's complement is rounding: its input is already explained (or dead).
+        self.negligible = 1e-9 * H.diagonal().mean()
+        self.rows = torch.arange(c_in, device=H.device)           # channels H̃₀, b̃₀ still hold
+        self.chosen = torch.zeros(c_in, dtype=torch.bool, device=H.device)
+        self.H, self.b = H.clone(), H @ weight.T                   # (d', d'), (d', c_out)
+        self.width = max(panel, K)
+        self.F = H.new_empty(len(H), self.width)                   # Fp (d', width) and
+        self.Z = H.new_empty(self.width, c_out)                    # Zp (width, c_out), filled
+        self.filled = 0                                            # up to this column
+        # Per input channel: the diagonal blocks of H̃ and of b̃ b̃ᵀ, (c_in, K, K) each.
+        self.blocks, self.outer = self._diagonal_blocks()
+
+    def _diagonal_blocks(self) -> tuple[Tensor, Tensor]:
+        c_in, K = len(self.chosen), self.K
+        held = self.H.view(len(self.rows), K, len(self.rows), K).diagonal(dim1=0, dim2=2)
+        b = self.b.view(len(self.rows), K, self.b.shape[1])        # (d'/K, K, c_out)
+        blocks = self.H.new_zeros(c_in, K, K)
+        outer = self.H.new_zeros(c_in, K, K)
+        blocks[self.rows] = held.permute(2, 0, 1)
+        outer[self.rows] = b @ b.mT
+        return blocks, outer
+
+    def gains(self, open_: Tensor) -> Tensor:
+        """(open,) float64 on the CPU: the refit fidelity each open component would add."""
+        K, lam = self.K, self.lam
+        channels = self.index[open_.to(self.index.device)]
+        blocks, outer = self.blocks[channels], self.outer[channels]  # (open, K, K) each
+        gain = torch.zeros(len(open_), dtype=torch.float64)
+        # Explained blocks add nothing; solving them would need a pseudo-inverse each.
+        live = blocks.diagonal(dim1=-2, dim2=-1).mean(-1) > self.negligible  # (open,)
+        if K == 1:  # scalar blocks: the solve is a division (with _ridge_solve's ridge)
+            total = outer[live, 0, 0] / (blocks[live, 0, 0] * (1 + lam))
+        else:  # tr(A⁻¹ b̃_i b̃_iᵀ)
+            total = _ridge_solve(blocks[live], outer[live], lam).diagonal(dim1=-2, dim2=-1).sum(-1)
+        gain[live.cpu()] = total.double().cpu()
+        return gain
+
+    def take(self, component: int) -> None:
+        """Add `component` to the chosen set: one more block of the factor."""
+        K, used = self.K, self.filled
+        channel = int(self.index[component])
+        self.chosen[channel] = True
+        at = int(torch.searchsorted(self.rows, channel))           # its block among the rows held
+        block = slice(at * K, (at + 1) * K)
+        Fp, Zp = self.F[:, :used], self.Z[:used]                   # (d', used), (used, c_out)
+        column = self.H[:, block] - Fp @ Fp[block].T               # (d', K): H̃'s columns
+        pivot = column[block]                                      # (K, K)
+        if pivot.diagonal().mean() <= self.negligible:
+            return  # nothing new to take out of the other components
+        ridge = self.lam * pivot.diagonal().mean()
+        lower, info = torch.linalg.cholesky_ex(pivot + ridge * torch.eye(K).to(pivot))
+        if info:
+            return  # numerically explained already
+        new = torch.linalg.solve_triangular(lower, column.T, upper=False).T     # (d', K)
+        step = torch.linalg.solve_triangular(lower, self.b[block] - Fp[block] @ Zp,
+                                             upper=False)          # (K, c_out)
+        cross = self.b @ step.T - Fp @ (Zp @ step.T)               # (d', K): b̃ stepᵀ
+        # b̃ − new·step: each held channel's blocks of H̃ and b̃ b̃ᵀ change by (K, K) terms.
+        n, x = new.view(-1, K, K), cross.view(-1, K, K)            # (d'/K, K, K)
+        self.blocks[self.rows] -= n @ n.mT
+        self.outer[self.rows] -= n @ x.mT + x @ n.mT - n @ (step @ step.T) @ n.mT
+        self.F[:, used:used + K], self.Z[used:used + K] = new, step
+        self.filled += K
+        if self.filled + K > self.width:
+            self._update()
+
+    def _update(self) -> None:
+        """H̃₀ −= Fp Fpᵀ, b̃₀ −= Fp Zp; drop the chosen channels' rows; an empty panel."""
+        Fp, Zp = self.F[:, :self.filled], self.Z[:self.filled]
+        keep = ~self.chosen[self.rows]                             # (d'/K,)
+        rows = (keep.nonzero()[:, 0, None] * self.K + torch.arange(self.K, device=keep.device))
+        rows = rows.flatten()                                      # the open channels' rows
+        self.H = self.H[rows][:, rows] - Fp[rows] @ Fp[rows].T
+        self.b = self.b[rows] - Fp[rows] @ Zp
+        self.rows = self.rows[keep]
+        self.F = self.F.new_empty(len(rows), self.width)
+        self.filled = 0
+        # Recomputed from the complements themselves: no rounding builds up across panels.
+        self.blocks, self.outer = self._diagonal_blocks()
 
 
 def layer_fidelity(

@@ -9,7 +9,7 @@ from torch import nn
 
 from oracles import contributions
 
-from modhifi.fidelity import greedy_subset, layer_fidelity
+from modhifi.fidelity import PANEL, greedy_subset, layer_fidelity
 from modhifi.moments import LayerMoments, collect_moments, moments_of
 
 RTOL = 1e-8
@@ -284,8 +284,9 @@ def _summed_refit_fidelity(layer, x, kept):
     return float((1 - residual.square().sum(0) / Y.square().sum(0)).sum())
 
 
+@pytest.mark.parametrize("panel", [1, 5, PANEL])  # complements updated every 1 or 5 columns, or never
 @pytest.mark.parametrize("name", ["conv3x3-stride2-pad1", "linear-tokens"])
-def test_greedy_subset_adds_the_best_component_each_step_and_its_gains_are_exact(name):
+def test_greedy_subset_adds_the_best_component_each_step_and_its_gains_are_exact(name, panel):
     torch.manual_seed(0)
     make, shape = CASES[name]
     x = torch.randn(24, *shape, dtype=torch.float64) + 0.5
@@ -303,7 +304,7 @@ def test_greedy_subset_adds_the_best_component_each_step_and_its_gains_are_exact
                    for layer, inputs, index in consumers)
 
     order, gains = greedy_subset([(layer_fidelity(layer, inputs, lam=0), index)
-                                  for layer, inputs, index in consumers], c_in)
+                                  for layer, inputs, index in consumers], c_in, panel=panel)
     assert sorted(order) == list(range(c_in))
     for k in range(1, c_in + 1):
         assert sum(gains[:k]) == pytest.approx(brute(order[:k]), rel=1e-8)
