@@ -307,31 +307,29 @@ class _Complement:
         self.index = torch.as_tensor(index, device=H.device)      # component -> input channel
         # Below this a block's complement is rounding: its input is already explained (or dead).
         self.negligible = 1e-9 * H.diagonal().mean()
-        self.rows = torch.arange(c_in, device=H.device)           # channels H̃₀, b̃₀ still hold
         self.chosen = torch.zeros(c_in, dtype=torch.bool, device=H.device)
+        # Where each input channel's block is among those still held (-1: dropped).
+        self.position = torch.arange(c_in, device=H.device)
         self.H, self.b = H.clone(), H @ weight.T                   # (d', d'), (d', c_out)
         self.width = max(panel, K)
         self.F = H.new_empty(len(H), self.width)                   # Fp (d', width) and
         self.Z = H.new_empty(self.width, c_out)                    # Zp (width, c_out), filled
         self.filled = 0                                            # up to this column
-        # Per input channel: the diagonal blocks of H̃ and of b̃ b̃ᵀ, (c_in, K, K) each.
-        self.blocks, self.outer = self._diagonal_blocks()
+        self._diagonal_blocks()
 
-    def _diagonal_blocks(self) -> tuple[Tensor, Tensor]:
-        c_in, K = len(self.chosen), self.K
-        held = self.H.view(len(self.rows), K, len(self.rows), K).diagonal(dim1=0, dim2=2)
-        b = self.b.view(len(self.rows), K, self.b.shape[1])        # (d'/K, K, c_out)
-        blocks = self.H.new_zeros(c_in, K, K)
-        outer = self.H.new_zeros(c_in, K, K)
-        blocks[self.rows] = held.permute(2, 0, 1)
-        outer[self.rows] = b @ b.mT
-        return blocks, outer
+    def _diagonal_blocks(self) -> None:
+        """Each held channel's diagonal blocks of H̃ and of b̃ b̃ᵀ, (d'/K, K, K) each."""
+        held, K = len(self.H) // self.K, self.K
+        diagonal = self.H.view(held, K, held, K).diagonal(dim1=0, dim2=2)  # (K, K, d'/K)
+        self.blocks = diagonal.permute(2, 0, 1).clone()            # updated apart from H̃₀
+        b = self.b.view(held, K, self.b.shape[1])                  # (d'/K, K, c_out)
+        self.outer = b @ b.mT
 
     def gains(self, open_: Tensor) -> Tensor:
         """(open,) float64 on the CPU: the refit fidelity each open component would add."""
         K, lam = self.K, self.lam
-        channels = self.index[open_.to(self.index.device)]
-        blocks, outer = self.blocks[channels], self.outer[channels]  # (open, K, K) each
+        at = self.position[self.index[open_.to(self.index.device)]]  # held, being open
+        blocks, outer = self.blocks[at], self.outer[at]            # (open, K, K) each
         gain = torch.zeros(len(open_), dtype=torch.float64)
         # Explained blocks add nothing; solving them would need a pseudo-inverse each.
         live = blocks.diagonal(dim1=-2, dim2=-1).mean(-1) > self.negligible  # (open,)
@@ -345,9 +343,9 @@ class _Complement:
     def take(self, component: int) -> None:
         """Add `component` to the chosen set: one more block of the factor."""
         K, used = self.K, self.filled
-        channel = int(self.index[component])
+        channel = self.index[component]
         self.chosen[channel] = True
-        at = int(torch.searchsorted(self.rows, channel))           # its block among the rows held
+        at = int(self.position[channel])
         block = slice(at * K, (at + 1) * K)
         Fp, Zp = self.F[:, :used], self.Z[:used]                   # (d', used), (used, c_out)
         column = self.H[:, block] - Fp @ Fp[block].T               # (d', K): H̃'s columns
@@ -364,8 +362,8 @@ class _Complement:
         cross = self.b @ step.T - Fp @ (Zp @ step.T)               # (d', K): b̃ stepᵀ
         # b̃ − new·step: each held channel's blocks of H̃ and b̃ b̃ᵀ change by (K, K) terms.
         n, x = new.view(-1, K, K), cross.view(-1, K, K)            # (d'/K, K, K)
-        self.blocks[self.rows] -= n @ n.mT
-        self.outer[self.rows] -= n @ x.mT + x @ n.mT - n @ (step @ step.T) @ n.mT
+        self.blocks -= n @ n.mT
+        self.outer -= n @ x.mT + x @ n.mT - n @ (step @ step.T) @ n.mT
         self.F[:, used:used + K], self.Z[used:used + K] = new, step
         self.filled += K
         if self.filled + K > self.width:
@@ -374,16 +372,17 @@ class _Complement:
     def _update(self) -> None:
         """H̃₀ −= Fp Fpᵀ, b̃₀ −= Fp Zp; drop the chosen channels' rows; an empty panel."""
         Fp, Zp = self.F[:, :self.filled], self.Z[:self.filled]
-        keep = ~self.chosen[self.rows]                             # (d'/K,)
-        rows = (keep.nonzero()[:, 0, None] * self.K + torch.arange(self.K, device=keep.device))
-        rows = rows.flatten()                                      # the open channels' rows
+        held = (self.position >= 0) & ~self.chosen                 # (c_in,) kept from now on
+        at = self.position[held]                                   # their blocks, in order
+        rows = (at[:, None] * self.K + torch.arange(self.K, device=at.device)).flatten()
         self.H = self.H[rows][:, rows] - Fp[rows] @ Fp[rows].T
         self.b = self.b[rows] - Fp[rows] @ Zp
-        self.rows = self.rows[keep]
+        self.position = torch.full_like(self.position, -1)
+        self.position[held] = torch.arange(len(at), device=at.device)
         self.F = self.F.new_empty(len(rows), self.width)
         self.filled = 0
         # Recomputed from the complements themselves: no rounding builds up across panels.
-        self.blocks, self.outer = self._diagonal_blocks()
+        self._diagonal_blocks()
 
 
 def layer_fidelity(

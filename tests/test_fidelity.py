@@ -284,6 +284,13 @@ def _summed_refit_fidelity(layer, x, kept):
     return float((1 - residual.square().sum(0) / Y.square().sum(0)).sum())
 
 
+# Beside CASES' layers: fewer outputs (3), and two more input channels.
+FEWER = {"conv3x3-stride2-pad1": lambda: nn.Conv2d(4, 3, 3, stride=2, padding=1),
+         "linear-tokens": lambda: nn.Linear(6, 3)}
+WIDER = {"conv3x3-stride2-pad1": lambda: nn.Conv2d(6, 5, 3, stride=2, padding=1),
+         "linear-tokens": lambda: nn.Linear(8, 5)}
+
+
 @pytest.mark.parametrize("panel", [1, 5, PANEL])  # complements updated every 1 or 5 columns, or never
 @pytest.mark.parametrize("name", ["conv3x3-stride2-pad1", "linear-tokens"])
 def test_greedy_subset_adds_the_best_component_each_step_and_its_gains_are_exact(name, panel):
@@ -293,11 +300,14 @@ def test_greedy_subset_adds_the_best_component_each_step_and_its_gains_are_exact
     x = x + 0.8 * x.roll(1, dims=1 if len(shape) == 3 else -1)  # correlated channels
     axis = 1 if len(shape) == 3 else -1
     c_in = x.shape[axis]
-    # Two consumers of the same components; the second reads component g as its channel perm[g].
+    # Three consumers of the same components: the second has fewer outputs and reads component
+    # g as its channel perm[g], the third reads two other channels first (a concatenation).
     perm = torch.randperm(c_in).tolist()
     x_perm = torch.empty_like(x)
     x_perm.index_copy_(axis % x.dim(), torch.tensor(perm), x)
-    consumers = [(make().double(), x, list(range(c_in))), (make().double(), x_perm, perm)]
+    x_wide = torch.cat([torch.randn_like(x.narrow(axis, 0, 2)), x], axis)
+    consumers = [(make().double(), x, list(range(c_in))), (FEWER[name]().double(), x_perm, perm),
+                 (WIDER[name]().double(), x_wide, [g + 2 for g in range(c_in)])]
 
     def brute(components):
         return sum(_summed_refit_fidelity(layer, inputs, [index[g] for g in components])
