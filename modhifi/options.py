@@ -53,6 +53,9 @@ FOLDS = 5                 # ModHiFi-U on text: cross-fitting folds that choose t
 TOPIC_RIDGE = 10.0        # ModHiFi-U on text: the discriminant's ridge, relative to the mean
 #                           variance (10: a cross-fitted forget accuracy no higher than with 1
 #                           on any fortunes category, lower on six of eight; docs/results.md)
+DIRECTION_TARGET = 0.0    # ModHiFi-U, class-direction edit: forget-class calibration accuracy aimed
+DIRECTION_SLACK = 0.002   # … how close to its lowest reachable one, when the target is out of reach
+DIRECTION_RIDGE = 10.0    # … the discriminant's ridge, relative to the mean variance (as on text)
 RETRAIN_REFERENCE_SECONDS = 10  # zoo models that train within this (CPU) are retrained as reference
 CALIBRATION_CLI = 2000   # calibration images the CLI reads by default (or all, if fewer)
 CALIBRATION_THEORY = 500  # the theory report's default

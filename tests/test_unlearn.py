@@ -18,6 +18,8 @@ from modhifi.unlearn import (ForgetScores, apply_plan, centred_forget_second, ch
                              reaching_positions, score_forget_class, unlearn, unlearnable_layers)
 from modhifi.replay import Replay
 from modhifi.unlearn import K_GRID, K_MARGIN, EditSearch, edit_in_place, reference_index
+from modhifi.unlearn import DirectionPlan, apply_direction, class_direction, discriminant
+from modhifi.unlearn.direction import weakest_strength
 from conftest import subject
 from oracles import assert_unchanged, contributions, snapshot
 
@@ -424,3 +426,62 @@ def test_a_looser_target_is_met_with_no_larger_grid_k():
     strict, loose = (choose_plan(model, scores, forget, target=t, **run) for t in (0.0, 0.3))
     assert strict.calibration_forget_accuracy == 0.0 and loose.calibration_forget_accuracy <= 0.3
     assert loose.k < strict.k  # without refinement both are grid points, the first that pass
+
+
+def test_the_discriminant_solves_the_ridged_covariance_system_and_is_scaled_to_the_gap():
+    """Oracle: numpy's covariance and solve."""
+    import numpy as np
+
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.randn(60, 5, dtype=torch.float64, generator=generator) @ torch.randn(
+        5, 5, dtype=torch.float64, generator=generator)
+    forget_mean = torch.randn(5, dtype=torch.float64, generator=generator)
+    w, m, variance = discriminant(reference, forget_mean, 0.5)
+    covariance = np.cov(reference.numpy(), rowvar=False, bias=True)
+    gap = forget_mean.numpy() - reference.numpy().mean(0)
+    expected = np.linalg.solve(covariance + 0.5 * covariance.diagonal().mean() * np.eye(5), gap)
+    assert np.allclose(w.numpy(), expected / (gap @ expected), rtol=1e-10)
+    assert float(w @ (forget_mean - m)) == pytest.approx(1.0)
+    assert np.allclose(variance.numpy(), covariance.diagonal(), rtol=1e-10)
+
+
+def test_the_class_direction_reads_the_class_token_and_its_edit_is_the_rank_one_term():
+    """Oracles: the class token's inputs to the last fc2 caught by a hook of our own, and the
+    edited model's fc2 output against the dense one minus α·wᵀ(a − m)·d; the input untouched."""
+    model, dataset = tiny_vit(), tiny_dataset()
+    before = snapshot(model)
+    direction = class_direction(model, dataset.calibration, forget_class=1, device="cpu",
+                                ridge=0.1, reference_samples=None)
+    assert direction.layer == "blocks.1.ffn.fc2"
+    tokens = layer_inputs(model, [direction.layer], next(dataset.calibration.batches(45)))
+    a = tokens[direction.layer][:, 0]  # (45, hidden): the class token only reaches the head
+    labels = dataset.calibration.labels
+    w, m, _ = discriminant(a, a[labels == 1].mean(0), 0.1)
+    W = model.get_submodule(direction.layer).weight.double()
+    assert torch.allclose(direction.weight, w, rtol=1e-6, atol=1e-9)
+    assert torch.allclose(direction.centre, m, rtol=1e-6, atol=1e-9)
+    assert torch.allclose(direction.shift, W @ (a[labels == 1].mean(0) - m), rtol=1e-6, atol=1e-9)
+
+    plan = DirectionPlan(direction, 1.5, 0.0)
+    edited = apply_direction(model, plan)
+    batch = next(dataset.test.batches(7))
+    outputs = {}
+    for key, net in (("dense", model), ("edited", edited)):
+        hook = net.get_submodule(direction.layer).register_forward_hook(
+            lambda module, args, out, key=key: outputs.__setitem__(key, (args[0], out)))
+        with torch.no_grad():
+            net(batch)
+        hook.remove()
+    inputs, dense_out = outputs["dense"]
+    change = -1.5 * ((inputs.double() - m) @ w)[..., None] * direction.shift  # (7, T, dim)
+    assert torch.allclose(outputs["edited"][1].double() - dense_out.double(), change, atol=1e-5)
+    assert_unchanged(model, before)
+
+
+def test_the_strength_is_the_weakest_that_reaches_the_target_or_the_reachable_floor():
+    def accuracy(alpha):  # falls with the strength, then levels off at 0.3 from α = 2.8
+        return max(0.3, 1 - alpha / 4)
+
+    assert weakest_strength(accuracy, 0.5, 0.01) == pytest.approx(2.0)  # reachable: on the grid
+    # Out of reach: the weakest strength within the slack of the floor, 1 − α/4 ≤ 0.31.
+    assert 2.76 - 1e-9 <= weakest_strength(accuracy, 0.0, 0.01) <= 2 ** 1.5

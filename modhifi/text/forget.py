@@ -49,13 +49,8 @@ from modhifi.options import (FOLDS, REFERENCE_TEXTS, TOPIC_RIDGE, TOPIC_SLACK, T
 from modhifi.text.corpus import Corpus, TextSplit
 from modhifi.text.encoder import TransformerLayer, embed, token_batches, transformer_layers
 from modhifi.text.quality import Probe
+from modhifi.unlearn.direction import discriminant, weakest_strength
 from modhifi.unlearn.scores import reference_index
-from modhifi.unlearn.search import smallest_passing
-
-# Candidate strengths α: geometric with ratio √2 from 1/4 to 16 (α = 1 moves the forget texts'
-# mean onto the mean of all texts), the first that passes refined by 4 bisection steps in log α.
-ALPHA_GRID: tuple[float, ...] = tuple(0.25 * 2 ** (j / 2) for j in range(13))
-ALPHA_REFINE_STEPS = 4
 
 
 @dataclass(frozen=True, eq=False)
@@ -193,14 +188,7 @@ def _direction(statistics: TopicStatistics, rows: Tensor, ridge: float) -> tuple
     """(w, m, d, σ) from the texts in `rows` (n,) bool (module docstring, step 2)."""
     a, h = statistics.activations, statistics.streams
     forget, reference = rows & statistics.forget, rows & statistics.reference
-    m = a[reference].mean(0)  # (d_ff,)
-    gap = a[forget].mean(0) - m  # (d_ff,) m_f − m
-    centred = a[reference] - m
-    covariance = centred.T @ centred / int(reference.sum())  # (d_ff, d_ff)
-    variance = covariance.diagonal().clone()
-    covariance.diagonal().add_(ridge * float(variance.mean()))
-    w = torch.linalg.solve(covariance, gap)
-    w = w / (gap @ w)  # positive definite covariance: gapᵀw > 0 unless the gap is 0
+    w, m, variance = discriminant(a[reference], a[forget].mean(0), ridge)  # (d_ff,) each
     return w, m, h[forget].mean(0) - h[reference].mean(0), variance.clamp(min=0).sqrt()
 
 
@@ -256,13 +244,7 @@ def plan_forgetting(statistics: TopicStatistics, probe: Probe, *, category: int,
         return float((predicted == category).double().mean())
 
     if strength is None:
-        # Past the strength that moves the recognised texts, the cross-fitted accuracy levels off
-        # (texts the direction scores below 0 are moved the wrong way): aim for the target or,
-        # where the level is above it, for the level itself plus a little.
-        floor = min(accuracy(alpha) for alpha in ALPHA_GRID)
-        aim = max(allowed, floor + TOPIC_SLACK)
-        strength = smallest_passing(lambda alpha: accuracy(alpha) <= aim + 1e-12, ALPHA_GRID,
-                                    ALPHA_REFINE_STEPS)
+        strength = weakest_strength(accuracy, allowed, TOPIC_SLACK)
     return TopicPlan(topic_direction(statistics, category=category, ridge=ridge),
                      float(strength), accuracy(strength))
 

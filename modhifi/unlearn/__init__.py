@@ -22,7 +22,14 @@ contrastive centred saliency -> plan (layers and k chosen on calibration images)
 5. **Audit** (`run.unlearn` with `modhifi.audit`, where labels are allowed): forget, retain,
    test and per-class accuracy on the test split, a membership-inference attack on the forget
    class and a linear probe on penultimate features.
+
+For Transformers whose head reads a token, `direction` holds a second edit: one rank-one change
+of the last feed-forward down-projection along the class's discriminant direction (statistics →
+direction → strength chosen on calibration images → edit), where the pair edits leave classes
+behind (docs/results.md, issue 16).
 """
+from modhifi.unlearn.direction import (ClassDirection, DirectionPlan, apply_direction,
+                                       class_direction, discriminant, plan_direction)
 from modhifi.unlearn.layers import (MAX_LAYERS, default_edit, editable_layers, reaching_positions,
                                     unlearnable_layers)
 from modhifi.unlearn.plan import LayerEdit, UnlearnPlan, apply_plan, edit_in_place, plan_unlearning
@@ -32,8 +39,10 @@ from modhifi.unlearn.scores import (ForgetScores, centred_forget_second, referen
 from modhifi.unlearn.search import (K_GRID, K_MARGIN, K_REFINE_STEPS, EditSearch, choose_plan,
                                     other_classes)
 
-__all__ = ["K_GRID", "K_MARGIN", "K_REFINE_STEPS", "MAX_LAYERS", "EditSearch",
-           "ForgetScores", "LayerEdit", "UnlearnPlan", "UnlearnResult", "apply_plan",
+__all__ = ["K_GRID", "K_MARGIN", "K_REFINE_STEPS", "MAX_LAYERS", "ClassDirection",
+           "DirectionPlan", "EditSearch", "ForgetScores", "LayerEdit", "apply_direction",
+           "class_direction",
+           "discriminant", "plan_direction", "UnlearnPlan", "UnlearnResult", "apply_plan",
            "centred_forget_second", "choose_plan", "default_edit", "edit_in_place",
            "editable_layers", "other_classes", "plan_unlearning", "reaching_positions",
            "reference_index", "score_forget_class", "unlearn", "unlearnable_layers"]
