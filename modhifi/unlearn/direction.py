@@ -90,17 +90,20 @@ def class_direction(model: nn.Module, calibration: Split, *, forget_class: int,
         model: the trained network on `device`, in eval mode; only read.
         calibration: the calibration split; its labels only pick the forget class's images.
         reference_samples: calibration images of all classes (seeded) that give Σ and m.
+
+    Raises:
+        UserError: fewer than 2 forget-class images, or no Linear layer before the head.
     """
     forget = (calibration.labels == forget_class).nonzero()[:, 0]
     if len(forget) < 2:
         raise UserError(f"the calibration set has {len(forget)} image(s) of class "
-                        f"{forget_class}: the edit needs at least 2; give more --calib-samples")
+                        f"{forget_class}: the edit needs at least 2; give more calibration images")
     example = next(calibration.batches(1, device=device))
     layer = unlearnable_layers(model, example, layers=1, edit="negate")[-1]
     if not isinstance(model.get_submodule(layer), nn.Linear):
-        raise UserError(f"the last layer before the head, {layer}, is not a Linear layer on "
-                        "tokens: the class-direction edit is for Transformers; use --edit zero "
-                        "or negate")
+        raise UserError(f"the last layer before the head, {layer}, is not a Linear layer: "
+                        "the class-direction edit is for Transformers; use the pair edits "
+                        "(`unlearn`, edit zero or negate)")
     positions = reaching_positions(model, layer, example, seed=seed)
     rows: list[Tensor] = []
 
