@@ -15,7 +15,7 @@ Compensation = Literal["refit", "rescale", "none"]
 Allocation = Literal["uniform", "global"]
 TargetKind = Literal["channels", "macs"]
 Scope = Literal["all", "internal"]  # internal: leave channels shared by residual additions alone
-Edit = Literal["zero", "negate"]
+Edit = Literal["zero", "negate", "direction"]
 Score = Literal["contrastive", "centred"]
 Component = Literal["ffn", "heads"]  # a text encoder's units: FFN neurons or attention heads
 

@@ -112,8 +112,10 @@ def render() -> None:
         "Pick a class to forget. ModHiFi-U reads the calibration images of that class only, finds "
         "the (output, input) kernel slices of the last layers whose contributions are most "
         "specific to it, and **zeroes** them (or **negates** them in LayerNorm networks, where the "
-        "residual path would otherwise carry the class through). No labels beyond choosing the "
-        "class, no gradients, no fine-tuning.")
+        "residual path would otherwise carry the class through). In a Transformer, the "
+        "**direction** edit instead moves the class token off the class's direction with one "
+        "rank-one change of the last feed-forward layer (it forgets more of a ViT's classes). No "
+        "labels beyond choosing the class, no gradients, no fine-tuning.")
     with st.expander("The score, and how to read the audit"):
         st.latex(r"r_{ci} = (\mathbb{E}_{\text{forget}} - \mathbb{E}_{\text{all}})\,"
                  r"\langle Y_c - m_c,\ A_{ci} - m_{ci}\rangle"
@@ -154,9 +156,14 @@ def render() -> None:
     result = cache.unlearned(opened, request)
     before, after = result.before, result.after
     audit_metrics(before, after)
-    st.caption(f"k = {result.plan.k:.4f} of each layer's (output, input) pairs, edit = "
-               f"{result.plan.edit}, layers: {', '.join(result.plan.layers)}; "
-               f"{result.seconds:.1f} s without the audits. Full test split.")
+    if result.plan.edit == "direction":
+        st.caption(f"One rank-one edit of {result.plan.layers[0]} along the class's direction, "
+                   f"strength α = {result.plan.strength:.2f}; {result.seconds:.1f} s without the "
+                   "audits. Full test split.")
+    else:
+        st.caption(f"k = {result.plan.k:.4f} of each layer's (output, input) pairs, edit = "
+                   f"{result.plan.edit}, layers: {', '.join(result.plan.layers)}; "
+                   f"{result.seconds:.1f} s without the audits. Full test split.")
     agreement = result.plan.calibration_retain_agreement
     if agreement is not None and agreement < LOW_AGREEMENT:
         st.warning(f"This edit changes {1 - agreement:.0%} of the other classes' predictions on "

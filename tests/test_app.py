@@ -126,6 +126,21 @@ def test_switching_to_negate_lowers_a_layer_count_that_no_longer_fits():
     assert not app.exception and not app.error
     assert app.number_input(key="unlearn.layers").max == 1
     assert app.number_input(key="unlearn.layers").value == 1
+    # The direction edit is for Transformers: on this CNN, one error box (layers left out).
+    app.number_input(key="unlearn.layers").set_value(None)
+    app.selectbox(key="unlearn.edit").set_value("direction")
+    submit(app)
+    assert not app.exception and len(app.error) == 1 and "is for Transformers" in app.error[0].value
+
+
+@pytest.mark.zoo
+def test_the_direction_edit_forgets_a_vit_class_on_the_page():
+    """fmnist-vit (opt in: -m zoo): the page runs the rank-one edit and says what it changed."""
+    app = open_page("pages/unlearn.py", **{"sidebar.model": "fmnist-vit"})
+    app.selectbox(key="unlearn.edit").set_value("direction")
+    submit(app)
+    assert not app.exception and not app.error
+    assert any("rank-one edit of blocks.3.ffn.fc2" in c.value for c in app.caption)
 
 
 def test_a_damaging_edit_is_flagged_before_the_test_split_says_so():

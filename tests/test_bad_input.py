@@ -96,6 +96,8 @@ CLI_CASES = [
     ("layers-zero", (*UNLEARN, "--layers", "0"), "--layers 0 must be at least 1"),
     ("layers-too-many", (*UNLEARN, "--layers", "99"), "pass --layers 1..2"),
     ("unlearn-out-under-a-file", (*UNLEARN, "--out", "{file}/x.pt"), "is a file, not a folder"),
+    ("direction-with-k", (*UNLEARN, "--edit", "direction", "--k", "0.1"), "leave them out"),
+    ("direction-on-a-cnn", (*UNLEARN, "--edit", "direction"), "is for Transformers"),
     ("theory-calib-zero", ("theory", *ZOO, "--calib-samples", "0"), "must be at least 1"),
     ("model-unknown", ("info", "--model", "no-such-model"), "not a zoo model"),
     ("checkpoint-missing", ("info", "--model", "/no/file.pt", "--arch", "resnet18", "--data",

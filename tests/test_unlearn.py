@@ -485,3 +485,19 @@ def test_the_strength_is_the_weakest_that_reaches_the_target_or_the_reachable_fl
     assert weakest_strength(accuracy, 0.5, 0.01) == pytest.approx(2.0)  # reachable: on the grid
     # Out of reach: the weakest strength within the slack of the floor, 1 − α/4 ≤ 0.31.
     assert 2.76 - 1e-9 <= weakest_strength(accuracy, 0.0, 0.01) <= 2 ** 1.5
+
+
+def test_unlearn_with_the_direction_edit_changes_only_the_last_ffn_layer_and_reports_it():
+    model, dataset = tiny_vit(), tiny_dataset()
+    before = snapshot(model)
+    result = unlearn(model, dataset, forget_class=1, edit="direction", device="cpu",
+                     reference_samples=None)
+    plan = result.plan
+    assert plan.edit == "direction" and plan.layers == ("blocks.1.ffn.fc2",)
+    assert result.scores is None and 0 <= plan.calibration_retain_agreement <= 1
+    changed = {name for name, p in result.model.state_dict().items()
+               if not torch.equal(p, model.state_dict()[name])}
+    assert changed <= {"blocks.1.ffn.fc2.weight", "blocks.1.ffn.fc2.bias"} and changed
+    summary = result.summary(model="tiny", device="cpu")
+    assert summary["edit"] == "direction" and summary["layers"] == 1 and summary["k"] is None
+    assert_unchanged(model, before)

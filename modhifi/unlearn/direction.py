@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from modhifi.audit import agreement
 from modhifi.data import Split
 from modhifi.errors import UserError
 from modhifi.hooks import hooked, private_copy
 from modhifi.options import (DIRECTION_RIDGE, DIRECTION_SLACK, DIRECTION_TARGET,
-                             REFERENCE_SAMPLES, UNLEARN_BATCH)
+                             REFERENCE_SAMPLES, UNLEARN_BATCH, Edit)
 from modhifi.unlearn.layers import reaching_positions, unlearnable_layers
 from modhifi.unlearn.scores import reference_index
 from modhifi.unlearn.search import smallest_passing
@@ -78,6 +79,17 @@ class DirectionPlan:
     direction: ClassDirection = field(repr=False)
     strength: float                     # α
     calibration_forget_accuracy: float  # on the forget class's calibration images, at α
+    calibration_retain_agreement: float | None = None  # other images' predictions unchanged
+    edit: Edit = "direction"
+
+    @property
+    def forget_class(self) -> int:
+        return self.direction.forget_class
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The edited layer, as a one-name tuple (like `UnlearnPlan.layers`)."""
+        return (self.direction.layer,)
 
 
 def class_direction(model: nn.Module, calibration: Split, *, forget_class: int,
@@ -144,9 +156,11 @@ def _edited(model: nn.Module, direction: ClassDirection, strength: float) -> nn.
 
 def plan_direction(model: nn.Module, direction: ClassDirection, calibration: Split, *,
                    device: torch.device | str, target: float = DIRECTION_TARGET,
+                   retain_images: Split | None = None,
                    batch_size: int = UNLEARN_BATCH) -> DirectionPlan:
     """The smallest strength whose edit takes the forget class's calibration accuracy to ≤
-    `target` (`weakest_strength`; step 3)."""
+    `target` (`weakest_strength`; step 3); with `retain_images` (calibration images of the other
+    classes, `search.other_classes`), the share of their predictions the edit leaves unchanged."""
     images = calibration.subset(calibration.labels == direction.forget_class)
 
     @torch.no_grad()
@@ -157,7 +171,10 @@ def plan_direction(model: nn.Module, direction: ClassDirection, calibration: Spl
         return float((predicted == direction.forget_class).double().mean())
 
     strength = weakest_strength(accuracy, target, DIRECTION_SLACK)
-    return DirectionPlan(direction, strength, accuracy(strength))
+    unchanged = None if retain_images is None else agreement(
+        _edited(model, direction, strength), model, retain_images,
+        forget_class=direction.forget_class, device=device, batch_size=batch_size).retain
+    return DirectionPlan(direction, strength, accuracy(strength), unchanged)
 
 
 def weakest_strength(accuracy: Callable[[float], float], target: float, slack: float) -> float:

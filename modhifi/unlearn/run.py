@@ -17,6 +17,8 @@ from modhifi.errors import UserError
 from modhifi.hooks import private_copy
 from modhifi.options import REFERENCE_SAMPLES, RETAIN_SAMPLES, UNLEARN_BATCH, Edit, Score
 from modhifi.requests import UnlearnRequest
+from modhifi.unlearn.direction import (DirectionPlan, apply_direction, class_direction,
+                                       plan_direction)
 from modhifi.unlearn.layers import default_edit, unlearnable_layers
 from modhifi.unlearn.plan import UnlearnPlan, apply_plan, plan_unlearning
 from modhifi.unlearn.scores import ForgetScores, score_forget_class
@@ -28,8 +30,8 @@ class UnlearnResult:
     """The edited model, what was changed, and the audit before and after."""
 
     model: nn.Module  # the edited copy
-    scores: ForgetScores
-    plan: UnlearnPlan
+    scores: ForgetScores | None  # the pair edits' saliency (None for the direction edit)
+    plan: UnlearnPlan | DirectionPlan
     before: Audit
     after: Audit
     seconds: float  # wall time of statistics + plan (including the choice of k) + edit
@@ -50,8 +52,9 @@ class UnlearnResult:
 
     def summary(self, *, model: str, device: str) -> dict:
         """The flat dict of the `unlearn` command (contract.md), given model and device names."""
+        k = self.plan.k if isinstance(self.plan, UnlearnPlan) else None  # pairs only
         return {"model": model, "forget_class": self.plan.forget_class, "edit": self.plan.edit,
-                "layers": len(self.plan.layers), "k": self.plan.k, "device": device,
+                "layers": len(self.plan.layers), "k": k, "device": device,
                 **summary_keys(self.before, self.after), "seconds": self.seconds}
 
 
@@ -69,7 +72,9 @@ def unlearn(model: nn.Module, dataset: Dataset, *, forget_class: int, device: to
         forget_class: index of the class to forget.
         device: where everything runs.
         edit: `zero` or `negate` the selected kernel slices; default by architecture
-            (`default_edit`).
+            (`default_edit`). `direction`: one rank-one edit of the last feed-forward layer of
+            a Transformer (`unlearn.direction`), its strength chosen for the target; `layers`,
+            `k` and `score` are the pair edits' and do not apply.
         layers: how many of the last prunable layers before the classifier to edit; None =
             chosen with k (`choose_plan`) among 1..`MAX_LAYERS` (all `MAX_LAYERS` when k is
             given).
@@ -106,24 +111,42 @@ def unlearn(model: nn.Module, dataset: Dataset, *, forget_class: int, device: to
     original = private_copy(model).to(memory_format=torch.channels_last)
     example = next(dataset.calibration.batches(1, device=device))
     edit = edit or default_edit(original)
+    calibration = dataset.calibration
+    retain = other_classes(calibration, forget_class=forget_class, samples=retain_samples,
+                           seed=seed)
+    if edit == "direction":
+        direction = class_direction(original, calibration, forget_class=forget_class,
+                                    device=device, reference_samples=reference_samples,
+                                    batch_size=batch_size, seed=seed)
+        plan = plan_direction(original, direction, calibration, device=device,
+                              target=target_forget_accuracy, retain_images=retain,
+                              batch_size=batch_size)
+        edited, scores = apply_direction(model, plan), None
+        return _audited(original, edited, scores, plan, begin, dataset, forget_class=forget_class,
+                        device=device, batch_size=batch_size, seed=seed, before=before)
     names = unlearnable_layers(original, example, layers=layers, edit=edit)
     scores = score_forget_class(original, dataset.calibration, forget_class=forget_class,
                                 layers=names, device=device, score=score,
                                 reference_samples=reference_samples, batch_size=batch_size,
                                 seed=seed, shard=shard)
     if k is None:
-        calibration = dataset.calibration
         plan = choose_plan(original, scores, calibration.subset(calibration.labels == forget_class),
-                           edit=edit, target=target_forget_accuracy,
-                           retain_images=other_classes(calibration, forget_class=forget_class,
-                                                       samples=retain_samples, seed=seed),
+                           edit=edit, target=target_forget_accuracy, retain_images=retain,
                            layer_counts=tuple(range(1, len(names) + 1)) if layers is None
                            else None, device=device, batch_size=batch_size)
     else:
         plan = plan_unlearning(scores, k=k, edit=edit)
     edited = apply_plan(model, plan)  # in the caller's memory format
-    seconds = time.perf_counter() - begin
+    return _audited(original, edited, scores, plan, begin, dataset, forget_class=forget_class,
+                    device=device, batch_size=batch_size, seed=seed, before=before)
 
+
+def _audited(original: nn.Module, edited: nn.Module, scores: ForgetScores | None,
+             plan: UnlearnPlan | DirectionPlan, begin: float, dataset: Dataset, *,
+             forget_class: int, device: torch.device | str, batch_size: int, seed: int,
+             before: Outputs | None) -> UnlearnResult:
+    """The result, its seconds counted up to now (the audits are not), audited before and after."""
+    seconds = time.perf_counter() - begin
     run = dict(forget_class=forget_class, device=device, batch_size=batch_size, seed=seed)
     return UnlearnResult(edited, scores, plan, audit(original, dataset, outputs=before, **run),
                          audit(edited, dataset, **run), seconds, dataset.classes)
