@@ -501,3 +501,22 @@ def test_unlearn_with_the_direction_edit_changes_only_the_last_ffn_layer_and_rep
     summary = result.summary(model="tiny", device="cpu")
     assert summary["edit"] == "direction" and summary["layers"] == 1 and summary["k"] is None
     assert_unchanged(model, before)
+
+
+def test_the_class_direction_finds_a_torchvision_vits_last_mlp_and_refuses_a_zero_head():
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2,
+                              hidden_dim=16, mlp_dim=32, num_classes=3).eval()
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (45, 3, 16, 16), dtype=torch.uint8, generator=generator)
+    split = Split(images, torch.arange(45) % 3, (0.5,) * 3, (0.25,) * 3)
+    with pytest.raises(UserError, match="reaches the logits"):  # torchvision zeroes the head
+        class_direction(model, split, forget_class=1, device="cpu")
+    nn.init.normal_(model.heads.head.weight)
+    direction = class_direction(model, split, forget_class=1, device="cpu", ridge=0.1)
+    assert direction.layer == "encoder.layers.encoder_layer_1.mlp.3"
+    tokens = layer_inputs(model, [direction.layer], next(split.batches(45)))[direction.layer]
+    w, m, _ = discriminant(tokens[:, 0], tokens[split.labels == 1, 0].mean(0), 0.1)
+    assert torch.allclose(direction.weight, w, rtol=1e-6, atol=1e-9)  # the class token's

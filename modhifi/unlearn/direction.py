@@ -104,7 +104,8 @@ def class_direction(model: nn.Module, calibration: Split, *, forget_class: int,
         reference_samples: calibration images of all classes (seeded) that give Σ and m.
 
     Raises:
-        UserError: fewer than 2 forget-class images, or no Linear layer before the head.
+        UserError: fewer than 2 forget-class images, no Linear layer before the head, or none
+            of its outputs reaching the logits.
     """
     forget = (calibration.labels == forget_class).nonzero()[:, 0]
     if len(forget) < 2:
@@ -117,6 +118,9 @@ def class_direction(model: nn.Module, calibration: Split, *, forget_class: int,
                         "the class-direction edit is for Transformers; use the pair edits "
                         "(`unlearn`, edit zero or negate)")
     positions = reaching_positions(model, layer, example, seed=seed)
+    if positions is not None and not len(positions):
+        raise UserError(f"no output of {layer} reaches the logits (is the head untrained, all "
+                        "zeros?): there is no class to move off")
     rows: list[Tensor] = []
 
     def record(module, args):  # args[0]: (B, T, d_ff) or (B, d_ff)
