@@ -4,7 +4,7 @@ import streamlit as st
 from modhifi.audit import Audit
 from modhifi.options import Edit, choices
 from modhifi.requests import TextUnlearnRequest, UnlearnRequest
-from ui import cache, figures, keys, page, sidebar, text_cache, url
+from ui import cache, figures, keys, page, sidebar, text_cache
 
 # Below this share of unchanged other-class predictions (calibration images) the page warns: the
 # zoo's Fashion-MNIST CNNs keep 0.86-0.99 on every class, the ViT 0.73-0.95, digits-cnn 0.32 on
@@ -55,10 +55,8 @@ def render_text(opened: cache.Opened) -> None:
                  "where forgetting levels off.")
     with st.form(keys.UNLEARN_FORM, border=False):
         cols = st.columns(2)
-        url.restore(keys.UNLEARN_CLASS, lambda index: 0 <= index < len(categories))
-        category = cols[0].selectbox("Forget category", range(len(categories)),
-                                     index=DEFAULT_TEXT_CATEGORY,
-                                     format_func=categories.__getitem__, key=keys.UNLEARN_CLASS)
+        category = page.class_picker(cols[0], "Forget category", categories,
+                                     key=keys.UNLEARN_CLASS, default=DEFAULT_TEXT_CATEGORY)
         target = cols[1].number_input(
             "Forget target (calibration accuracy)", 0.0, 0.5, 0.0, 0.01, key=keys.UNLEARN_TARGET,
             help="What the strength aims for on the category's calibration quotations.")
@@ -130,10 +128,8 @@ def render() -> None:
     # then the page shows the result of the last submitted choice (cached by its request).
     with st.form(keys.UNLEARN_FORM, border=False):
         cols = st.columns(4)
-        url.restore(keys.UNLEARN_CLASS, lambda index: 0 <= index < len(classes))
-        forget = cols[0].selectbox("Forget class", range(len(classes)),
-                                   index=cache.default_forget_class(opened),
-                                   format_func=classes.__getitem__, key=keys.UNLEARN_CLASS)
+        forget = page.class_picker(cols[0], "Forget class", classes, key=keys.UNLEARN_CLASS,
+                                   default=cache.default_forget_class(opened))
         edit = cols[3].selectbox("Edit", (None, *choices(Edit)), key=keys.UNLEARN_EDIT,
                                  format_func=lambda e: "by architecture" if e is None else e)
         most = cache.editable_layers(opened, edit)  # negate acts on fewer layers

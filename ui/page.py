@@ -91,6 +91,13 @@ def target_slider(container, label: str, *, key: str, most: float, default: floa
                                  "options: each group keeps a floor and whole multiples.")
 
 
+def class_picker(container, label: str, names: list[str], *, key: str, default: int) -> int:
+    """A selectbox of class (or category) indices shown by name, restored from a shared link."""
+    url.restore(key, lambda index: 0 <= index < len(names))
+    return container.selectbox(label, range(len(names)), index=default,
+                               format_func=names.__getitem__, key=key)
+
+
 def download_stem(model: ModelRef, what: str) -> str:
     """A file name (without suffix) that says which model and what was done to it, e.g.
     `digits-cnn-pruned-modhifi-macs0.50`; safe on every file system."""

@@ -32,6 +32,7 @@ change of the last layer's down-projection.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -239,6 +240,7 @@ def plan_forgetting(statistics: TopicStatistics, probe: Probe, *, category: int,
     n = int(statistics.forget.sum())
     allowed = math.floor(target * n + 1e-9) / n
 
+    @functools.cache  # the strength search and the plan ask for some strengths twice
     def accuracy(alpha: float) -> float:
         predicted = probe.predict(statistics.edited_embeddings(folds, alpha)).cpu()
         return float((predicted == category).double().mean())

@@ -20,6 +20,7 @@ idea on sentence embeddings and shares `discriminant`.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -167,6 +168,7 @@ def plan_direction(model: nn.Module, direction: ClassDirection, calibration: Spl
     classes, `search.other_classes`), the share of their predictions the edit leaves unchanged."""
     images = calibration.subset(calibration.labels == direction.forget_class)
 
+    @functools.cache  # the strength search and the plan ask for some strengths twice
     @torch.no_grad()
     def accuracy(alpha: float) -> float:
         copy = _edited(model, direction, alpha)
