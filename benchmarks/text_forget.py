@@ -1,12 +1,12 @@
 """MiniLM-L6 on fortunes: forget one category at a time, no gradients, no fine-tuning (issue 14).
 
-For every category: `forget_category` (statistics on the calibration quotations, the direction,
-the cross-fitted strength, the rank-one edit of the last down-projection), then the audit on the
-1,271 test quotations: the category's accuracy before and after, the other categories' mean
+For every category: `forget_category` (statistics on the calibration quotations, the gate's
+cross-fitted threshold and strength, the spare neuron of the last FFN made the gate), then the
+audit on the 1,271 test quotations: the category's accuracy before and after, the other categories' mean
 change, the membership attack, the refitted probe; the calibration figures the plan was chosen
 by; seconds for statistics, plan and edit (the audits not counted).
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/text_forget.py           # ~6 min on 2 cores
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/text_forget.py           # ~12 min on 2 cores
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/text_forget.py --quick   # computers only
 
 Writes docs/benchmarks/text_forget_minilm-l6.csv and .md.
@@ -57,7 +57,8 @@ def main() -> None:
         after = result.after
         others = [a - b for c, (a, b) in enumerate(zip(after.per_class, before.per_class))
                   if c != category]
-        rows.append({"category": names[category], "strength": result.plan.strength,
+        rows.append({"category": names[category], "neuron": result.plan.neuron,
+                     "quantile": result.plan.gate.quantile, "strength": result.plan.strength,
                      "calibration_forget": result.plan.calibration_forget_accuracy,
                      "calibration_retain_agreement": result.plan.calibration_retain_agreement,
                      "forget_before": before.forget_accuracy,

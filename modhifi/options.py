@@ -49,6 +49,11 @@ REFERENCE_TEXTS = 512     # ModHiFi-U on text: calibration texts of all categori
 TOPIC_TARGET = 0.0        # ModHiFi-U on text: forget-category accuracy the strength aims for
 TOPIC_SLACK = 0.01        # ModHiFi-U on text: how close to its lowest reachable accuracy, when the
 #                           target is out of reach
+GATE_SLACK = 0.02         # ModHiFi-U on text: how close a gate threshold's forget accuracy must come
+#                           to the best threshold's to be chosen for what it keeps
+GATE_QUANTILES = (0.2, 0.35, 0.5, 0.6, 0.7, 0.8, 0.9)  # ModHiFi-U on text: the gate thresholds
+#                           tried, as quantiles of the reference tokens' scores
+GATE_SHARPNESS = 4.0      # ModHiFi-U on text: κ, the gate's slope at its threshold in units of σ
 FOLDS = 5                 # ModHiFi-U on text: cross-fitting folds that choose the strength
 TOPIC_RIDGE = 10.0        # ModHiFi-U on text: the discriminant's ridge, relative to the mean
 #                           variance (10: a cross-fitted forget accuracy no higher than with 1

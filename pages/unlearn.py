@@ -10,8 +10,8 @@ from ui import cache, figures, keys, page, sidebar, text_cache
 # zoo's Fashion-MNIST CNNs keep 0.86-0.99 on every class, the ViT 0.73-0.95, digits-cnn 0.32 on
 # "0" (docs/benchmarks/unlearn_*.csv).
 LOW_AGREEMENT = 0.8
-# The text page opens on "art": forgotten to 1.1% with the other categories +0.1 points on average,
-# the best of the eight (docs/benchmarks/text_forget_minilm-l6.csv).
+# The text page opens on "art": forgotten to 1.1% with the other categories +0.1 points on average
+# (docs/benchmarks/text_forget_minilm-l6.csv).
 DEFAULT_TEXT_CATEGORY = 0
 TRY_IT_SENTENCE = ("Every artist dips his brush in his own soul, and paints his own nature into "
                    "his pictures.")
@@ -38,21 +38,26 @@ def render_text(opened: cache.Opened) -> None:
     st.write(
         "Pick a fortunes category to forget. The page reads the calibration quotations of that "
         "category and a sample of all of them (their categories unread), finds the direction "
-        "of the last layer's FFN activations that tells the category's quotations apart, and "
-        "writes one **rank-one** change into that layer's down-projection: every token's "
-        "residual stream moves against the category's offset in proportion to how much the "
-        "token looks like it. No gradients, no fine-tuning; the category probe on top is "
-        "unchanged.")
-    with st.expander("The edit, and how its strength is chosen"):
-        st.latex(r"s(a) = w^\top (a - m),\quad w \propto (\Sigma + \lambda I)^{-1}(m_f - m),"
-                 r"\qquad W' = W - \alpha\, d\, w^\top,\quad d = \bar h_f - \bar h")
-        st.write("m, Σ: mean and covariance of the quotations' mean activations; m_f over the "
-                 "forgotten category; d: its offset of the residual stream. The strength α is "
-                 "the smallest that takes the category's calibration quotations below the "
-                 "target, each judged with a direction fitted without it (5 folds), so the "
-                 "choice is not flattered by quotations the direction has seen. Where the target "
-                 "is out of reach (quotations the direction does not recognise stay), α stops "
-                 "where forgetting levels off.")
+        "of the last layer's FFN inputs that tells the category's quotations apart, and turns "
+        "one FFN neuron of that layer (the one the layer misses least) into a **gate**: it "
+        "fires only on tokens that look like the category and then moves them against the "
+        "category's offset of the residual stream. Other quotations' tokens stay below its "
+        "threshold and are left alone. No gradients, no fine-tuning; the category probe on top "
+        "is unchanged.")
+    with st.expander("The edit, and how its threshold and strength are chosen"):
+        st.latex(r"s(x) = v^\top (x - m),\quad v \propto (\Sigma + \lambda I)^{-1}(m_f - m),"
+                 r"\qquad h' = h - \alpha\, d\, \varphi\big(\kappa\,(s(x) - \tau)/\sigma\big)"
+                 r"\,\sigma/\kappa,\quad d = \bar h_f - \bar h")
+        st.write("x: a token's FFN input; m, Σ: mean and covariance of the quotations' mean FFN "
+                 "inputs, m_f over the forgotten category; d: its offset of the residual "
+                 "stream h; φ: the layer's activation (GELU); τ: a quantile of the other "
+                 "quotations' token scores, σ their spread. The neuron's up-projection row "
+                 "becomes κv/σ, its down-projection column −αdσ/κ, and what it gave on average "
+                 "moves into the bias. For each threshold tried, α is the smallest that takes "
+                 "the category's calibration quotations below the target; the page keeps the "
+                 "threshold that leaves most other quotations' predictions unchanged. Both "
+                 "figures are judged with a gate fitted without the quotation (5 folds), so the "
+                 "choice is not flattered by quotations the gate has seen.")
     with st.form(keys.UNLEARN_FORM, border=False):
         cols = st.columns(2)
         category = page.class_picker(cols[0], "Forget category", categories,
@@ -66,25 +71,27 @@ def render_text(opened: cache.Opened) -> None:
     audit_metrics(result.before, result.after)
     plan = result.plan
     agreement = plan.calibration_retain_agreement
-    st.caption(f"Strength α = {plan.strength:.2f} on {plan.direction.layer}; "
+    st.caption(f"Neuron {plan.neuron} of {plan.layer.ffn_down} made a gate at the "
+               f"{plan.gate.quantile:.0%} quantile, strength α = {plan.strength:.2f}; "
                f"{plan.calibration_forget_accuracy:.1%} of the category's calibration quotations "
                "still recognised (cross-fitted)"
                + ("" if agreement is None else f", {agreement:.1%} of the others' predictions "
-                                               "unchanged")
+                                               "unchanged (cross-fitted)")
                + f"; {result.seconds:.1f} s without the audits. Full test split.")
     if agreement is not None and agreement < LOW_AGREEMENT:
         st.warning(f"This edit changes {1 - agreement:.0%} of the other categories' predictions "
                    "on the calibration quotations (known before any test quotation is read): "
-                   "the category is not linearly apart from the others in the last layer, so "
-                   "moving it moves them too. art, politics and science keep over 90%.")
+                   "the gate fires on some of their tokens too, so moving the category moves "
+                   "them.")
     audit_table, per_class, neurons = text_cache.forget_tables(opened, request)
     left, right = st.columns(2)
     left.subheader("Per-category accuracy")
     left.plotly_chart(figures.class_bars(per_class, highlight=categories[category]),
                       width="stretch")
-    right.subheader("The neurons the direction reads most")
-    right.caption("|w_i|·σ_i: how much of the score's spread each FFN neuron of the last layer "
-                  "carries, and the sign with which it votes for the category.")
+    right.subheader("The neurons that tell the category apart")
+    right.caption("How much more (or less) the category's quotations activate each FFN neuron "
+                  "of the last layer than the others, in standard deviations of a quotation's "
+                  "mean activation.")
     right.dataframe(neurons, hide_index=True)
     st.dataframe(audit_table, hide_index=True)
 

@@ -330,62 +330,93 @@ def text_means(model, name, texts):
     return torch.stack([token_inputs(model, name, [text]).mean(0) for text in texts])
 
 
-def test_the_topic_direction_equals_its_formula_on_explicit_text_means(model, statistics):
-    from modhifi.text.forget import topic_direction
+def test_the_gate_and_the_spare_neuron_equal_their_formulas_on_explicit_tokens(model,
+                                                                              statistics):
+    from modhifi.text.forget import topic_gates
 
     layer = transformer_layers(model)[-1]
     texts = [TEXTS[i] for i in statistics.texts]  # every text, in calibration order
-    a = text_means(model, layer.ffn_down, texts)     # (40, 48)
+    x = text_means(model, layer.ffn_up, texts)       # (40, 32)
     h = text_means(model, layer.ffn_norm, texts)     # (40, 32)
     forget = torch.tensor([tiny_corpus().calibration.labels[i] == 1 for i in statistics.texts])
-    m = a.mean(0)
-    covariance = (a - m).T @ (a - m) / len(a)
-    w = torch.linalg.solve(covariance + 0.5 * covariance.diagonal().mean() * torch.eye(48),
-                           a[forget].mean(0) - m)
-    w = w / ((a[forget].mean(0) - m) @ w)
-    direction = topic_direction(statistics, category=1, ridge=0.5)
-    assert torch.allclose(direction.weight, w, rtol=1e-6, atol=1e-8)
-    assert torch.allclose(direction.shift, h[forget].mean(0) - h.mean(0), atol=1e-6)
-    assert float(direction.score(a[forget].float()).mean()) == pytest.approx(1.0, abs=1e-5)
+    m = x.mean(0)
+    covariance = (x - m).T @ (x - m) / len(x)
+    v = torch.linalg.solve(covariance + 0.5 * covariance.diagonal().mean() * torch.eye(32),
+                           x[forget].mean(0) - m)
+    v = v / ((x[forget].mean(0) - m) @ v)
+    scores = (token_inputs(model, layer.ffn_up, texts) - m) @ v  # every reference token
+    gates = topic_gates(statistics, category=1, quantiles=(0.3, 0.8), ridge=0.5)
+    for gate, q in zip(gates, (0.3, 0.8)):
+        assert torch.allclose(gate.reading, v, rtol=1e-5, atol=1e-7)
+        assert float(gate.threshold) == pytest.approx(float(scores.quantile(q)), abs=1e-5)
+        assert float(gate.scale) == pytest.approx(float(scores.std()), rel=1e-5)
+        assert torch.allclose(gate.shift, h[forget].mean(0) - h.mean(0), atol=1e-6)
+    # The spare neuron: replacing it by its mean changes the stream least, per token.
+    a = token_inputs(model, layer.ffn_down, texts)   # (tokens, 48)
+    W = model.get_submodule(layer.ffn_down).weight.double()  # (32, 48)
+    change = [((a[:, i:i + 1] - a[:, i].mean()) * W[:, i]).square().sum(1).mean()
+              for i in range(48)]
+    assert statistics.spare == int(torch.stack(change).argmin())
+    assert statistics.spare_mean == pytest.approx(float(a[:, statistics.spare].mean()), abs=1e-6)
 
 
 def test_the_replayed_edit_equals_the_edited_model_and_the_input_is_untouched(model, statistics):
-    from modhifi.text.forget import TopicPlan, apply_plan, topic_direction
+    """Each strength's replay is the edited model's embeddings; at strength 0 the edit is the
+    dense model with the spare neuron held at its mean (a masked dense forward)."""
+    from modhifi.text.forget import apply_plan, plan_for, topic_gates
 
     before = copy.deepcopy(model.state_dict())
-    direction = topic_direction(statistics, category=1)
-    forget_texts = [TEXTS[statistics.texts[i]] for i in statistics.forget.nonzero()[:, 0]]
+    gate, = topic_gates(statistics, category=1, quantiles=(0.5,))
+    texts = [TEXTS[i] for i in statistics.texts]
+    every = torch.ones_like(statistics.forget)
     for strength in (0.0, 1.7):
-        edited = apply_plan(model, TopicPlan(direction, strength, 0.0))
-        expected = embed(edited, forget_texts, device="cpu")
-        assert torch.allclose(statistics.edited_embeddings(direction, strength), expected,
+        edited = apply_plan(model, plan_for(statistics, gate, strength, 0.0))
+        expected = embed(edited, texts, device="cpu")
+        assert torch.allclose(statistics.edited_embeddings(gate, strength, every), expected,
                               atol=1e-5)
-    assert torch.allclose(embed(apply_plan(model, TopicPlan(direction, 0.0, 0.0)),
-                                TEXTS, device="cpu"), embed(model, TEXTS, device="cpu"))
+    layer = transformer_layers(model)[-1]
+
+    def hold(module, args):
+        a = args[0].clone()
+        a[..., statistics.spare] = statistics.spare_mean
+        return (a,)
+
+    masked = copy.deepcopy(model)
+    masked.get_submodule(layer.ffn_down).register_forward_pre_hook(hold)
+    edited = apply_plan(model, plan_for(statistics, gate, 0.0, 0.0))
+    assert torch.allclose(embed(edited, TEXTS, device="cpu"), embed(masked, TEXTS, device="cpu"),
+                          atol=1e-5)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_the_cross_fitted_accuracy_equals_each_fold_edited_with_the_others_direction(
-        model, statistics):
-    """The strength is judged on texts each edit's direction was not fitted on: the plan's
-    calibration figure equals editing the real model once per fold."""
-    from modhifi.text.forget import (TopicDirection, TopicPlan, apply_plan, plan_forgetting,
-                                     topic_direction)
+def test_the_cross_fitted_figures_equal_each_fold_edited_with_the_others_gate(model, statistics):
+    """The strength is judged on texts each edit's gate was not fitted on: the plan's calibration
+    figures (forget accuracy, other texts' predictions unchanged) equal editing the real model
+    once per fold."""
+    from modhifi.text.forget import TopicGate, apply_plan, plan_for, plan_forgetting, topic_gates
     from modhifi.text.quality import train_probe
 
     corpus = tiny_corpus()
     probe = train_probe(embed(model, TEXTS, device="cpu"), corpus.train.labels, corpus.categories)
-    plan = plan_forgetting(statistics, probe, category=1, strength=2.0)
-    folds = topic_direction(statistics, category=1, cross_fitted=True)
-    hits = 0
+    plan = plan_forgetting(statistics, probe, category=1, quantile=0.5, strength=2.0)
+    folds, = topic_gates(statistics, category=1, quantiles=(0.5,), cross_fitted=True)
+    hits = kept = 0
+    others = statistics.reference & ~statistics.forget
     for j in range(2):
-        fold = TopicDirection(1, folds.layer, folds.weight[j], folds.centre[j], folds.shift[j],
-                              folds.spread[j], folds.ridge)
-        rows = (statistics.forget & (statistics.fold == j)).nonzero()[:, 0]
-        edited = apply_plan(model, TopicPlan(fold, 2.0, 0.0))
-        texts = [TEXTS[statistics.texts[i]] for i in rows]
-        hits += int((probe.predict(embed(edited, texts, device="cpu")) == 1).sum())
+        fold = TopicGate(1, 0.5, *(t[j] for t in (folds.reading, folds.centre, folds.threshold,
+                                                  folds.scale, folds.shift)))
+        edited = apply_plan(model, plan_for(statistics, fold, 2.0, 0.0))
+        for rows, count in ((statistics.forget, "hits"), (others, "kept")):
+            index = (rows & (statistics.fold == j)).nonzero()[:, 0]
+            texts = [TEXTS[statistics.texts[i]] for i in index]
+            predicted = probe.predict(embed(edited, texts, device="cpu"))
+            if count == "hits":
+                hits += int((predicted == 1).sum())
+            else:
+                kept += int((predicted == probe.predict(statistics.embeddings[index])).sum())
+    assert plan.strength == 2.0 and plan.gate.quantile == 0.5
     assert plan.calibration_forget_accuracy == pytest.approx(hits / int(statistics.forget.sum()))
+    assert plan.calibration_retain_agreement == pytest.approx(kept / int(others.sum()))
 
 
 def test_cli_forgets_a_category_of_a_local_folder_and_the_output_reloads(tiny, tmp_path):
@@ -396,7 +427,8 @@ def test_cli_forgets_a_category_of_a_local_folder_and_the_output_reloads(tiny, t
     result = json.loads(done.stdout)
     assert result["forget_class"] == 1 and result["forget_category"] == "computers"
     assert result["forget_accuracy_after"] <= result["forget_accuracy_before"]
-    for key in ("retain_accuracy_after", "mia_after", "probe_accuracy_after", "strength"):
+    for key in ("retain_accuracy_after", "mia_after", "probe_accuracy_after", "strength",
+                "gate_neuron", "gate_quantile"):
         assert key in result
     info = cli("info", "--model", str(out), "--json")
     assert info.returncode == 0, info.stderr
@@ -415,13 +447,13 @@ def test_cli_unlearn_bad_input_on_a_text_model_is_one_line_and_exit_2(tiny, args
     assert len(done.stderr.strip().splitlines()) == 1
 
 
-def test_cli_scores_of_a_text_model_with_a_forget_class_give_the_direction_per_neuron(tiny,
-                                                                                    tmp_path):
-    """The forget-class column is the library's direction (w_i·σ_i) on the last layer's
-    down-projection rows, and empty elsewhere."""
+def test_cli_scores_of_a_text_model_with_a_forget_class_give_each_neurons_contrast(tiny,
+                                                                                  tmp_path):
+    """The forget-class column is each last-layer neuron's contrast (the library's, on the same
+    statistics), and empty elsewhere."""
     import pandas as pd
 
-    from modhifi.text.forget import topic_direction, topic_statistics
+    from modhifi.text.forget import contrast, topic_statistics
 
     out = tmp_path / "scores.csv"
     done = cli("scores", "--model", str(tiny), "--forget-class", "art", "--calib-samples", "64",
@@ -429,10 +461,10 @@ def test_cli_scores_of_a_text_model_with_a_forget_class_give_the_direction_per_n
     assert done.returncode == 0, done.stderr
     table = pd.read_csv(out)
     model = load_encoder(str(tiny), device="cpu")
-    direction = topic_direction(topic_statistics(model, load_fortunes().calibration, category=0,
-                                                 device="cpu"), category=0)
-    last = table[table["layer"] == direction.layer]
-    expected = (direction.weight * direction.spread)[torch.tensor(last["in_channel"].to_numpy())]
-    assert torch.allclose(torch.tensor(last["forget_direction"].to_numpy()), expected, rtol=1e-5,
+    statistics = topic_statistics(model, load_fortunes().calibration, category=0, device="cpu")
+    layer = statistics.layer.ffn_down
+    last = table[table["layer"] == layer]
+    expected = contrast(statistics)[torch.tensor(last["in_channel"].to_numpy())]
+    assert torch.allclose(torch.tensor(last["forget_contrast"].to_numpy()), expected, rtol=1e-5,
                           atol=1e-9)
-    assert table.loc[table["layer"] != direction.layer, "forget_direction"].isna().all()
+    assert table.loc[table["layer"] != layer, "forget_contrast"].isna().all()

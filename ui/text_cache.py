@@ -176,7 +176,7 @@ def dense_audit(opened: Opened, category: int) -> Audit:
                              device=backend(opened.device).device)
 
 
-@st.cache_resource(show_spinner="Forgetting: the category's statistics, the direction, the "
+@st.cache_resource(show_spinner="Forgetting: the category's statistics, the gate, its "
                                 "strength, the edit, then the audit…", max_entries=PRUNED_MODELS)
 def forgotten(opened: Opened, request: TextUnlearnRequest) -> forget.TopicResult:
     chosen = subject(opened)
@@ -189,11 +189,11 @@ def forgotten(opened: Opened, request: TextUnlearnRequest) -> forget.TopicResult
 @st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)
 def forget_tables(opened: Opened, request: TextUnlearnRequest) -> tuple[pd.DataFrame, ...]:
     """The audit (metric, before, after), per-category accuracy (class, when, accuracy) and the
-    neurons the direction reads most."""
+    neurons that tell the category apart most."""
     result = forgotten(opened, request)
     per_class = result.per_class_frame().melt(id_vars="class", var_name="when",
                                               value_name="accuracy")
-    return result.to_frame(), per_class, result.plan.direction.neurons()
+    return result.to_frame(), per_class, result.plan.neurons()
 
 
 @st.cache_resource(show_spinner="Encoding the test quotations with the edited model…",

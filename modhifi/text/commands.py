@@ -92,7 +92,7 @@ def unlearn(args: argparse.Namespace) -> dict:
     for option in ("edit", "layers", "k"):
         if getattr(args, option) is not None:
             raise UserError(f"--{option} does not apply to a text model, whose edit is one "
-                            f"rank-one change of the last FFN; leave --{option} out")
+                            f"FFN neuron of the last layer made a gate; leave --{option} out")
     if args.calib_samples is not None:
         raise UserError("--calib-samples does not apply to forgetting a category of a text "
                         "model, which reads every calibration text of it; leave it out")
@@ -111,8 +111,8 @@ def unlearn(args: argparse.Namespace) -> dict:
 def scores(args: argparse.Namespace) -> dict:
     """Every (consumer, output, component) score of a text encoder: FFN down-projections (a
     component is a neuron) and attention outputs (a component is a head); with --forget-class,
-    each last-layer neuron's signed weight w_i·σ_i in the direction that forgetting that
-    category edits along (`modhifi.text.forget`)."""
+    each last-layer neuron's contrast: how much more that category's texts activate it, in
+    standard deviations (`modhifi.text.forget.contrast`)."""
     from modhifi.prune.tables import score_table
     from modhifi.text.components import analyse_text
     from modhifi.zoo import write_atomically
@@ -122,15 +122,14 @@ def scores(args: argparse.Namespace) -> dict:
     backend, subject, texts = open_arguments(args, corpus)
     analysis = analyse_text(subject.model, texts, device=backend.device)
     table = score_table(analysis)
-    if category is not None:  # each last-layer neuron's signed weight in the category's direction
-        from modhifi.text.forget import topic_direction, topic_statistics
+    if category is not None:  # each last-layer neuron's contrast for the category
+        from modhifi.text.forget import contrast, topic_statistics
 
-        direction = topic_direction(topic_statistics(subject.model, corpus.calibration,
-                                                     category=category, device=backend.device),
-                                    category=category)
-        weight = (direction.weight * direction.spread).tolist()  # w_i·σ_i per neuron
-        table["forget_direction"] = [weight[i] if layer == direction.layer else None
-                                     for layer, i in zip(table["layer"], table["in_channel"])]
+        statistics = topic_statistics(subject.model, corpus.calibration, category=category,
+                                      device=backend.device)
+        edited, values = statistics.layer.ffn_down, contrast(statistics).tolist()
+        table["forget_contrast"] = [values[i] if layer == edited else None
+                                    for layer, i in zip(table["layer"], table["in_channel"])]
     if args.target is not None:
         kept = {}
         for kind in choices(Component):

@@ -96,6 +96,11 @@ class TransformerLayer:
         """The LayerNorm that reads the residual stream plus the down-projection's output."""
         return self.ffn_down.rsplit(".", 1)[0] + ".LayerNorm"
 
+    @property
+    def ffn_activation(self) -> str:
+        """The FFN's activation function (a module in Hugging Face's BERT)."""
+        return self.ffn_up.rsplit(".", 1)[0] + ".intermediate_act_fn"
+
 
 def transformer_layers(model: nn.Module) -> tuple[TransformerLayer, ...]:
     """Every layer of a BERT-style encoder (`encoder.layer.N` with attention and FFN)."""

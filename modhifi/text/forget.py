@@ -5,27 +5,36 @@ Why not the image path's edit: zeroing or negating the (output, neuron) pairs of
 down-projections with the largest contrastive saliency did not forget selectively here (a
 category fell to 5% only as the others fell by 25 points, docs/results.md): in a residual
 stream that is pooled over tokens, a topic is a direction spread over many neurons, not a few
-kernel slices. The statistics are of the same kind (first and second moments of the edited
-layer's inputs, on the forget category and on all texts); the edit is one closed-form rank-one
-change of the last layer's down-projection.
+kernel slices. Nor a linear edit along that direction (a rank-one change of the down-projection,
+the first version): it moves every text in proportion to its score, so texts of other
+categories that score a little pay too (5 of 8 categories cost the others 6-13 points). The edit
+here is one FFN neuron of the last layer turned into a gate that fires only on the category's
+tokens.
 
 1. **Statistics** (`topic_statistics`): one pass over the forget category's calibration texts
    and a seeded reference sample of all calibration texts (their labels unread). A text is a
-   sample: its mean over real tokens of the down-projection's input a (d_ff) and of the residual
-   stream h entering the layer's last LayerNorm (hidden).
-2. **Direction** (`topic_direction`): w = (Σ + λ·mean diag Σ)⁻¹ (m_f − m), the discriminant of
-   the forget texts' mean activations (mean m_f) against the reference texts' (mean m,
-   covariance Σ), scaled so that the score s(a) = wᵀ(a − m) averages 1 over the forget texts;
-   d = E_f h̄ − E h̄, the forget texts' offset of the residual stream.
-3. **Plan** (`plan_forgetting`): the edit moves every token's residual stream by −α·d·s(a): the
-   forget texts' mean by −α·d (α = 1: onto the mean of all texts), texts scored near 0 hardly at
-   all. α is the smallest on a grid (refined by bisection) that takes the forget calibration
-   texts' category accuracy to ≤ a target, each text edited with a direction fitted on the other
-   folds (cross-fitting: the direction recognises the texts it was fitted on better than unseen
-   ones). The edit enters just before the last LayerNorm, so each α costs only that LayerNorm,
-   the pooling and the probe on the recorded tokens (`TopicStatistics.edited_embeddings`),
-   exactly what the edited model computes.
-4. **Edit** (`apply_plan`): W ← W − α·d·wᵀ, b ← b + α·d·wᵀm, on a private copy.
+   sample: its mean over real tokens of the last layer's FFN input x (hidden), FFN activation
+   a (d_ff) and residual stream h entering the last LayerNorm (hidden); every token's x and h
+   are kept for the replay. The spare neuron j is the one whose replacement by its mean changes
+   the stream least on the reference tokens: ‖W_{:j}‖²·Var(a_j).
+2. **Gate** (`topic_gates`): v = (Σ + λ·mean diag Σ)⁻¹ (m_f − m), the discriminant of the forget
+   texts' mean FFN input (mean m_f) against the reference texts' (mean m, covariance Σ), scaled
+   so that s(x) = vᵀ(x − m) averages 1 over the forget texts; τ the q-quantile and σ the
+   standard deviation of s over the reference texts' tokens; g(x) = φ(κ(s(x) − τ)/σ)·σ/κ with φ
+   the layer's own activation (κ = `GATE_SHARPNESS`), about max(s − τ, 0): zero on the tokens
+   the category does not reach; d = E_f h̄ − E h̄, the forget texts' offset of the stream.
+3. **Plan** (`plan_forgetting`): the edit moves every token's stream by −α·d·g(x) (and by what
+   neuron j gave up). For each quantile q of `GATE_QUANTILES`, α is the smallest strength that
+   takes the forget calibration texts' category accuracy to the target (`weakest_strength`);
+   the plan keeps the q whose edit leaves most other texts' predictions unchanged among those
+   within `GATE_SLACK` of the lowest forget accuracy. Both figures are cross-fitted: each text
+   is edited with a gate fitted on the other folds (a gate recognises the texts it was fitted on
+   better than unseen ones). The edit enters just before the last LayerNorm, so each (q, α)
+   costs only that LayerNorm, the pooling and the probe on the recorded tokens
+   (`TopicStatistics.edited_embeddings`), exactly what the edited model computes.
+4. **Edit** (`apply_plan`), on a private copy: neuron j's up-projection row and bias become
+   κ·v/σ and −κ(vᵀm + τ)/σ, its down-projection column −α·d·σ/κ, and the down-projection's bias
+   takes W_{:j}·E a_j, what the neuron gave on average.
 5. **Audit** (`audit_text`, with `modhifi.audit`): per-category accuracy on the test split, the
    membership attack on the probe's outputs (the category's train texts, which the probe was
    fitted on, against its test texts), and a probe refitted on the edited calibration embeddings.
@@ -35,7 +44,8 @@ from __future__ import annotations
 import functools
 import math
 import time
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
@@ -45,8 +55,9 @@ from modhifi.audit import Audit, audit_frame, audit_from, balanced, per_class_fr
 from modhifi.audit import probe as refit_probe
 from modhifi.errors import UserError
 from modhifi.hooks import hooked, private_copy
-from modhifi.options import (FOLDS, REFERENCE_TEXTS, TOPIC_RIDGE, TOPIC_SLACK, TOPIC_TARGET,
-                             WHY_FORGET_TARGET, check_fraction)
+from modhifi.options import (FOLDS, GATE_QUANTILES, GATE_SHARPNESS, GATE_SLACK, REFERENCE_TEXTS,
+                             TOPIC_RIDGE, TOPIC_SLACK, TOPIC_TARGET, WHY_FORGET_TARGET,
+                             check_fraction)
 from modhifi.text.corpus import Corpus, TextSplit
 from modhifi.text.encoder import TransformerLayer, embed, token_batches, transformer_layers
 from modhifi.text.quality import Probe
@@ -55,43 +66,102 @@ from modhifi.unlearn.scores import reference_index
 
 
 @dataclass(frozen=True, eq=False)
+class TopicGate:
+    """What the spare neuron becomes: its reading v, centre m, threshold τ, scale σ and the
+    stream offset d (one gate, or one per cross-fitting fold stacked along a first dimension)."""
+
+    category: int
+    quantile: float          # q: τ is this quantile of the reference tokens' scores
+    reading: Tensor          # ([folds,] hidden) v, scaled so that E_f vᵀ(x̄ − m) = 1 (float64)
+    centre: Tensor           # ([folds,] hidden) m, the reference texts' mean FFN input
+    threshold: Tensor        # ([folds]) τ
+    scale: Tensor            # ([folds]) σ
+    shift: Tensor            # ([folds,] hidden) d = E_f h̄ − E h̄
+
+    def gate(self, x: Tensor, activation: nn.Module, fold: Tensor | None = None) -> Tensor:
+        """g(x) of FFN inputs (B, T, hidden) -> (B, T), in x's precision (the edited model's);
+        with `fold` (B,), each text with its fold's gate."""
+        v, m, tau, sigma = (t.to(x) for t in (self.reading, self.centre, self.threshold,
+                                               self.scale))
+        if fold is None:
+            score = (x - m) @ v
+        else:  # each text its fold's: (B, 1, hidden) and (B, 1)
+            fold = fold.to(x.device)
+            v, m, tau, sigma = v[fold][:, None], m[fold][:, None], tau[fold][:, None], \
+                sigma[fold][:, None]
+            score = ((x - m) * v).sum(-1)
+        return activation(GATE_SHARPNESS * (score - tau) / sigma) * sigma / GATE_SHARPNESS
+
+
+@dataclass(frozen=True, eq=False)
 class TopicStatistics:
-    """What one pass over calibration texts gives: each text's mean activations and stream, and
-    the forget texts' recorded tokens."""
+    """What one pass over calibration texts gives: each text's mean FFN input, activation and
+    stream, every token's FFN input and stream, and the spare neuron."""
 
     layer: TransformerLayer   # the edited layer (the last one)
-    activations: Tensor       # (n, d_ff) each text's mean FFN input ā, float64
-    streams: Tensor           # (n, hidden) each text's mean stream h̄, float64
+    inputs: Tensor            # (n, hidden) each text's mean FFN input x̄, float64
+    activations: Tensor       # (n, d_ff) each text's mean FFN activation ā
+    streams: Tensor           # (n, hidden) each text's mean stream h̄
     forget: Tensor            # (n,) bool: a text of the forget category
     reference: Tensor         # (n,) bool: in the seeded sample of all texts
     fold: Tensor              # (n,) long: the cross-fitting fold of each text
+    spare: int                # j, the neuron the gate replaces
+    spare_mean: float         # E a_j over the reference tokens
     tokens: tuple[tuple[Tensor, Tensor, Tensor, Tensor], ...] = field(repr=False)
-    # per batch of forget texts: (B,) their rows, (B, T) attention mask, (B, T, d_ff) a,
-    # (B, T, hidden) h
-    finish: tuple[nn.Module, ...] = field(repr=False)  # the last LayerNorm, pooling, ...
+    # per batch: (B,) rows, (B, T) attention mask, (B, T, hidden) x, (B, T, hidden) h
+    finish: tuple[nn.Module, ...] = field(repr=False)
+    # the FFN's up-projection and activation, its down-projection, the last LayerNorm, pooling, …
     embeddings: Tensor = field(repr=False)  # (n, hidden) dense sentence embeddings
     texts: tuple[int, ...] = ()             # the calibration index of each row
 
+    def token_inputs(self, rows: Tensor) -> Tensor:
+        """(tokens, hidden) the FFN inputs of the real tokens of the texts in `rows` (n,) bool."""
+        return torch.cat([_real(x, mask, rows[row]) for row, mask, x, _ in self.tokens])
+
+    def edited_embeddings(self, gate: TopicGate, strength: float, rows: Tensor) -> Tensor:
+        """(k, hidden) the sentence embeddings of the texts in `rows` (n,) bool, in row order,
+        after the edit (`replay`)."""
+        return self.replay(gate, rows)(strength)
+
     @torch.inference_mode()
-    def edited_embeddings(self, directions: TopicDirection, strength: float) -> Tensor:
-        """(n_forget, hidden) the forget texts' sentence embeddings after the edit, in row order:
-        α·d·s(a) subtracted from the stream before the last LayerNorm, as the edited model does.
-        `directions`: one direction, or one per fold stacked (each text is then edited with its
-        own fold's, as `topic_direction(..., cross_fitted=True)` gives)."""
-        norm, *pooling = self.finish
-        out, rows = [], []
-        for row, mask, a, h in self.tokens:
-            fold = self.fold[row] if directions.weight.dim() == 2 else None
-            score = directions.score(a, fold)  # (B, T)
-            shift = directions.shift if fold is None else directions.shift[fold][:, None]
-            stream = h - (strength * score[..., None] * shift.to(h.device)).float()
-            features = {"token_embeddings": norm(stream), "attention_mask": mask}
-            for module in pooling:
-                features = module(features)
-            out.append(features["sentence_embedding"].float())
-            rows.append(row)
-        order = torch.cat(rows).argsort()
-        return torch.cat(out)[order.to(out[0].device)]
+    def replay(self, gate: TopicGate, rows: Tensor) -> Callable[[float], Tensor]:
+        """α -> (k, hidden) the sentence embeddings of the texts in `rows` (n,) bool, in row
+        order, after the edit at strength α: h − W_{:j}(a_j − E a_j) − α·d·g(x) before the last
+        LayerNorm, as the edited model computes. `gate`: one, or one per fold stacked (each text
+        is then edited with its own fold's, as `topic_gates(..., cross_fitted=True)` gives).
+        What does not depend on α is computed once here."""
+        up, activation, down, norm, *pooling = self.finish
+        j = self.spare
+        parts = []  # per batch: (B,) rows, (B, T) mask, (B, T, hidden) base and moved streams
+        for row, mask, x, h in self.tokens:
+            chosen = rows[row]
+            if chosen.any():
+                at = chosen.to(x.device)
+                x, h, mask = x[at], h[at], mask[at]
+                fold = self.fold[row[chosen]] if gate.reading.dim() == 2 else None
+                shift = gate.shift if fold is None else gate.shift[fold][:, None]
+                given = activation(x @ up.weight[j] + up.bias[j]) - self.spare_mean  # (B, T)
+                parts.append((row[chosen], mask, h - given[..., None] * down.weight[:, j],
+                              gate.gate(x, activation, fold)[..., None] * shift.to(h)))
+        order = torch.cat([part[0] for part in parts]).argsort()
+
+        @torch.inference_mode()
+        def embeddings(strength: float) -> Tensor:
+            out = []
+            for _, mask, base, moved in parts:
+                features = {"token_embeddings": norm(base - strength * moved),
+                            "attention_mask": mask}
+                for module in pooling:
+                    features = module(features)
+                out.append(features["sentence_embedding"].float())
+            return torch.cat(out)[order.to(out[0].device)]
+        return embeddings
+
+
+def _real(x: Tensor, mask: Tensor, chosen: Tensor) -> Tensor:
+    """(tokens, d) the real (unpadded) tokens of the texts `chosen` (B,) bool of a batch x
+    (B, T, d) with attention mask (B, T)."""
+    return x[chosen.to(x.device)][mask[chosen.to(mask.device)].bool()]
 
 
 def topic_statistics(model: nn.Module, calibration: TextSplit, *, category: int,
@@ -100,8 +170,8 @@ def topic_statistics(model: nn.Module, calibration: TextSplit, *, category: int,
     """One forward pass over the forget category's calibration texts and a seeded sample of all
     calibration texts (labels unread beyond choosing the forget texts).
 
-    Memory: the forget texts' tokens are kept, (d_ff + hidden)·4 bytes each (about 300 MB for
-    40,000 tokens of MiniLM).
+    Memory: every text's tokens are kept, 2·hidden·4 bytes each (about 90 MB for MiniLM's 28,000
+    tokens of 512 reference quotations and the *computers* ones).
     """
     labels = torch.tensor(calibration.labels)
     forget = (labels == category).nonzero().squeeze(1)
@@ -110,11 +180,12 @@ def topic_statistics(model: nn.Module, calibration: TextSplit, *, category: int,
                         "category the corpus has")
     reference = reference_index(len(calibration), reference_texts, seed)
     used = torch.cat([forget, reference]).unique()  # sorted calibration indices
-    is_forget = torch.isin(used, forget)
+    is_forget, is_reference = torch.isin(used, forget), torch.isin(used, reference)
     layer = transformer_layers(model)[-1]
     means: dict[str, Tensor] = {}
     state: dict[str, Tensor] = {}
-    kept = []
+    moments = torch.zeros(3, model.get_submodule(layer.ffn_down).in_features,
+                          dtype=torch.float64, device=device)  # count, Σ a, Σ a² (reference)
 
     def record(key: str):
         def hook(module: nn.Module, args: tuple) -> None:
@@ -124,24 +195,32 @@ def topic_statistics(model: nn.Module, calibration: TextSplit, *, category: int,
                 means[key] = mean.new_empty(len(used), mean.shape[1])
             means[key][state["rows"].to(mean.device)] = mean
             state[key] = x
+            if key == "a":
+                real = _real(x, mask, is_reference[state["rows"]]).double()  # (tokens, d_ff)
+                moments[0] += len(real)
+                moments[1] += real.sum(0)
+                moments[2] += (real * real).sum(0)
         return hook
 
-    dense = []
+    dense, kept = [], []
     texts = [calibration.texts[i] for i in used.tolist()]
-    with torch.inference_mode(), hooked(model, before={layer.ffn_down: record("a"),
-                                                       layer.ffn_norm: record("h")}) as run:
+    hooks = {layer.ffn_up: record("x"), layer.ffn_down: record("a"), layer.ffn_norm: record("h")}
+    with torch.inference_mode(), hooked(model, before=hooks) as run:
         for rows, features in token_batches(run, texts, batch_size=batch_size, device=device):
             state.update(mask=features["attention_mask"], rows=rows)
             dense.append((rows, run(dict(features))["sentence_embedding"].float().cpu()))
-            mine = is_forget[rows]  # (B,)
-            if mine.any():
-                at = mine.to(state["a"].device)
-                kept.append((rows[mine], features["attention_mask"][at], state["a"][at].clone(),
-                             state["h"][at].clone()))
-        finish = (run.get_submodule(layer.ffn_norm), *list(run)[1:])
+            kept.append((rows, features["attention_mask"], state["x"].clone(),
+                         state["h"].clone()))
+        finish = (run.get_submodule(layer.ffn_up), run.get_submodule(layer.ffn_activation),
+                  run.get_submodule(layer.ffn_down), run.get_submodule(layer.ffn_norm),
+                  *list(run)[1:])
     embeddings = torch.empty(len(used), dense[0][1].shape[1])
     for rows, vectors in dense:
         embeddings[rows] = vectors
+    mean = moments[1] / moments[0]
+    cost = (moments[2] / moments[0] - mean ** 2).clamp(min=0) \
+        * finish[2].weight.double().square().sum(0)  # (d_ff,)
+    spare = int(cost.argmin())
     # Folds: the forget texts dealt out in a seeded order, then the others, so each fold holds
     # its share of both.
     generator = torch.Generator().manual_seed(seed)
@@ -149,118 +228,128 @@ def topic_statistics(model: nn.Module, calibration: TextSplit, *, category: int,
     for rows in (is_forget.nonzero().squeeze(1), (~is_forget).nonzero().squeeze(1)):
         fold[rows[torch.randperm(len(rows), generator=generator)]] = \
             torch.arange(len(rows)) % folds
-    return TopicStatistics(layer, means["a"].cpu(), means["h"].cpu(), is_forget,
-                           torch.isin(used, reference), fold, tuple(kept), finish, embeddings,
-                           tuple(used.tolist()))
+    return TopicStatistics(layer, means["x"].cpu(), means["a"].cpu(), means["h"].cpu(),
+                           is_forget, is_reference, fold, spare, float(mean[spare]), tuple(kept),
+                           finish, embeddings, tuple(used.tolist()))
 
 
-@dataclass(frozen=True, eq=False)
-class TopicDirection:
-    """The discriminant of the forget texts and the stream offset the edit removes (one, or one
-    per cross-fitting fold stacked along a first dimension)."""
-
-    category: int
-    layer: str              # the edited down-projection
-    weight: Tensor          # ([folds,] d_ff) w, scaled so that E_f wᵀ(ā − m) = 1 (float64)
-    centre: Tensor          # ([folds,] d_ff) m, the reference texts' mean activation
-    shift: Tensor           # ([folds,] hidden) d = E_f h̄ − E h̄
-    spread: Tensor          # ([folds,] d_ff) the standard deviation of each neuron's text mean
-    ridge: float
-
-    def score(self, a: Tensor, fold: Tensor | None = None) -> Tensor:
-        """s(a) = wᵀ(a − m) of FFN inputs (B, T, d_ff) -> (B, T); with `fold` (B,), each text
-        with its fold's direction."""
-        w, m = self.weight.to(a.device), self.centre.to(a.device)
-        if fold is None:
-            return (a.double() - m) @ w
-        w, m = w[fold.to(a.device)][:, None], m[fold.to(a.device)][:, None]  # (B, 1, d_ff)
-        return ((a.double() - m) * w).sum(-1)
-
-    def neurons(self, count: int = 20) -> pd.DataFrame:
-        """The neurons the discriminant leans on most: |w_i|·σ_i, the share of the score's
-        spread each one carries."""
-        weight = (self.weight * self.spread).abs()
-        top = weight.topk(min(count, len(weight)))
-        return pd.DataFrame({"neuron": top.indices.tolist(), "weight": top.values.tolist(),
-                             "sign": self.weight[top.indices].sign().long().tolist()})
-
-
-def _direction(statistics: TopicStatistics, rows: Tensor, ridge: float) -> tuple[Tensor, ...]:
-    """(w, m, d, σ) from the texts in `rows` (n,) bool (module docstring, step 2)."""
-    a, h = statistics.activations, statistics.streams
+def _gates(statistics: TopicStatistics, rows: Tensor, quantiles: tuple[float, ...],
+           ridge: float) -> tuple[Tensor, ...]:
+    """(v, m, τ (len(quantiles),), σ, d) from the texts in `rows` (n,) bool (module docstring,
+    step 2)."""
+    x, h = statistics.inputs, statistics.streams
     forget, reference = rows & statistics.forget, rows & statistics.reference
-    w, m, variance = discriminant(a[reference], a[forget].mean(0), ridge)  # (d_ff,) each
-    return w, m, h[forget].mean(0) - h[reference].mean(0), variance.clamp(min=0).sqrt()
+    v, m, _ = discriminant(x[reference], x[forget].mean(0), ridge)  # (hidden,) each
+    scores = (statistics.token_inputs(reference).double().cpu() - m) @ v  # (tokens,)
+    return (v, m, scores.quantile(torch.tensor(quantiles, dtype=scores.dtype)), scores.std(),
+            h[forget].mean(0) - h[reference].mean(0))
 
 
-def topic_direction(statistics: TopicStatistics, *, category: int, ridge: float = TOPIC_RIDGE,
-                    cross_fitted: bool = False) -> TopicDirection:
-    """The direction from all texts, or (`cross_fitted`) one per fold from the texts of the
-    other folds."""
+def topic_gates(statistics: TopicStatistics, *, category: int, quantiles: tuple[float, ...],
+                ridge: float = TOPIC_RIDGE, cross_fitted: bool = False) -> tuple[TopicGate, ...]:
+    """One gate per quantile from all texts, or (`cross_fitted`) one per fold (stacked) from
+    the texts of the other folds."""
     if cross_fitted:
-        parts = [_direction(statistics, statistics.fold != j, ridge)
+        parts = [_gates(statistics, statistics.fold != j, quantiles, ridge)
                  for j in range(int(statistics.fold.max()) + 1)]
-        w, m, d, spread = (torch.stack(part) for part in zip(*parts))
+        v, m, tau, sigma, d = (torch.stack(part) for part in zip(*parts))  # τ: (folds, q)
+        tau = tau.T
     else:
-        w, m, d, spread = _direction(statistics, torch.ones_like(statistics.forget), ridge)
-    return TopicDirection(category, statistics.layer.ffn_down, w, m, d, spread, ridge)
+        v, m, tau, sigma, d = _gates(statistics, torch.ones_like(statistics.forget), quantiles,
+                                     ridge)
+    return tuple(TopicGate(category, q, v, m, tau[i], sigma, d) for i, q in enumerate(quantiles))
 
 
 @dataclass(frozen=True, eq=False)
 class TopicPlan:
     """What the edit will change, shown before anything changes."""
 
-    direction: TopicDirection = field(repr=False)
+    gate: TopicGate = field(repr=False)
+    layer: TransformerLayer                 # the edited layer
+    neuron: int                             # j, the spare neuron turned into the gate
+    neuron_mean: float                      # E a_j, moved into the down-projection's bias
     strength: float                         # α
-    calibration_forget_accuracy: float      # at α, each text edited with a direction fitted
+    calibration_forget_accuracy: float      # at α, each text edited with a gate fitted
     # without it (cross-fitted), on the forget calibration texts
-    calibration_retain_agreement: float | None = None  # other texts' predictions unchanged
+    calibration_retain_agreement: float | None = None  # the reference sample's other texts'
+    # predictions unchanged (cross-fitted)
+
+    contrast: Tensor | None = field(default=None, repr=False)  # (d_ff,) `contrast`
 
     @property
     def category(self) -> int:
-        return self.direction.category
+        return self.gate.category
 
-    def rank_one(self) -> tuple[Tensor, Tensor]:
-        """(ΔW (hidden, d_ff), Δb (hidden,)) of the down-projection, float64."""
-        d = self.strength * self.direction.shift  # (hidden,)
-        return -torch.outer(d, self.direction.weight), d * (self.direction.weight
-                                                            @ self.direction.centre)
+    def neurons(self, count: int = 20) -> pd.DataFrame:
+        """The FFN neurons of the edited layer that tell the category apart most (`contrast`)."""
+        top = self.contrast.abs().topk(min(count, len(self.contrast)))
+        return pd.DataFrame({"neuron": top.indices.tolist(),
+                             "contrast": self.contrast[top.indices].tolist()})
+
+
+def plan_for(statistics: TopicStatistics, gate: TopicGate, strength: float,
+             forget_accuracy: float, retain_agreement: float | None = None) -> TopicPlan:
+    """A plan of `gate` at `strength` on the statistics' layer and spare neuron."""
+    return TopicPlan(gate, statistics.layer, statistics.spare, statistics.spare_mean,
+                     float(strength), forget_accuracy, retain_agreement, contrast(statistics))
 
 
 def plan_forgetting(statistics: TopicStatistics, probe: Probe, *, category: int,
                     target: float = TOPIC_TARGET, ridge: float = TOPIC_RIDGE,
-                    strength: float | None = None) -> TopicPlan:
-    """The direction, and the smallest strength whose cross-fitted edit takes the forget
-    calibration texts' category accuracy to ≤ `target` (each text edited with the direction
-    fitted on the other folds, so the strength is chosen on texts the direction has not seen),
-    or `strength` when given. Where no grid strength reaches the target, the smallest one within
-    `TOPIC_SLACK` of the lowest accuracy any grid strength reaches."""
+                    quantile: float | None = None, strength: float | None = None) -> TopicPlan:
+    """The gate and strength (module docstring, step 3), or the `quantile` and `strength` when
+    given. The plan's figures are the cross-fitted ones of its (q, α)."""
     check_fraction("target", target, why=WHY_FORGET_TARGET)
-    folds = topic_direction(statistics, category=category, ridge=ridge, cross_fitted=True)
     n = int(statistics.forget.sum())
     allowed = math.floor(target * n + 1e-9) / n
+    others = statistics.reference & ~statistics.forget  # (n,)
+    dense = probe.predict(statistics.embeddings[others]).cpu()
+    quantiles = GATE_QUANTILES if quantile is None else (quantile,)
+    options = []
+    for folds in topic_gates(statistics, category=category, quantiles=quantiles, ridge=ridge,
+                             cross_fitted=True):
+        replay = statistics.replay(folds, statistics.forget)
 
-    @functools.cache  # the strength search and the plan ask for some strengths twice
-    def accuracy(alpha: float) -> float:
-        predicted = probe.predict(statistics.edited_embeddings(folds, alpha)).cpu()
-        return float((predicted == category).double().mean())
+        @functools.cache  # the strength search and the plan ask for some strengths twice
+        def accuracy(alpha: float, replay: Callable[[float], Tensor] = replay) -> float:
+            return float((probe.predict(replay(alpha)).cpu() == category).double().mean())
 
-    if strength is None:
-        strength = weakest_strength(accuracy, allowed, TOPIC_SLACK)
-    return TopicPlan(topic_direction(statistics, category=category, ridge=ridge),
-                     float(strength), accuracy(strength))
+        alpha = weakest_strength(accuracy, allowed, TOPIC_SLACK) if strength is None \
+            else strength
+        kept = None
+        if others.any():
+            edited = statistics.edited_embeddings(folds, alpha, others)
+            kept = float((probe.predict(edited).cpu() == dense).double().mean())
+        options.append((accuracy(alpha), kept, folds.quantile, alpha))
+    lowest = min(option[0] for option in options)
+    forget_accuracy, kept, q, alpha = max(
+        (option for option in options if option[0] <= lowest + GATE_SLACK),
+        key=lambda option: -1.0 if option[1] is None else option[1])
+    gate, = topic_gates(statistics, category=category, quantiles=(q,), ridge=ridge)
+    return plan_for(statistics, gate, alpha, forget_accuracy, kept)
 
 
 @torch.no_grad()
 def apply_plan(model: nn.Module, plan: TopicPlan) -> nn.Module:
-    """A copy of `model` with the rank-one edit written into the down-projection; `model` is
-    untouched."""
+    """A copy of `model` whose spare neuron is the plan's gate (module docstring, step 4);
+    `model` is untouched. `plan.gate` is one gate, not a fold stack."""
     edited = private_copy(model)
-    down = edited.get_submodule(plan.direction.layer)
-    delta_w, delta_b = plan.rank_one()
-    down.weight += delta_w.to(down.weight)
-    down.bias += delta_b.to(down.bias)
+    down = edited.get_submodule(plan.layer.ffn_down)
+    up = edited.get_submodule(plan.layer.ffn_up)
+    gate, j, kappa = plan.gate, plan.neuron, GATE_SHARPNESS
+    down.bias += (down.weight[:, j] * plan.neuron_mean)
+    up.weight[j] = (kappa * gate.reading / gate.scale).to(up.weight)
+    up.bias[j] = float(-kappa * (gate.reading @ gate.centre + gate.threshold) / gate.scale)
+    down.weight[:, j] = (-plan.strength * gate.shift * gate.scale / kappa).to(down.weight)
     return edited
+
+
+def contrast(statistics: TopicStatistics) -> Tensor:
+    """(d_ff,) how much more the forget texts activate each FFN neuron of the edited layer than
+    the reference texts, in the reference's standard deviations of a text's mean activation."""
+    a = statistics.activations
+    reference = a[statistics.reference]
+    return (a[statistics.forget].mean(0) - reference.mean(0)) / reference.std(0).clamp(min=1e-12)
 
 
 @dataclass(frozen=True, eq=False)
@@ -285,8 +374,10 @@ class TopicResult:
     def summary(self, *, model: str, device: str) -> dict:
         """The `unlearn` command's keys for a text model (contract.md), plus the text ones."""
         return {"model": model, "forget_class": self.plan.category,
-                "forget_category": self.categories[self.plan.category], "edit": "rank-one",
-                "layers": 1, "k": None, "strength": self.plan.strength, "device": device,
+                "forget_category": self.categories[self.plan.category], "edit": "gate",
+                "layers": 1, "k": None, "strength": self.plan.strength,
+                "gate_neuron": self.plan.neuron, "gate_quantile": self.plan.gate.quantile,
+                "device": device,
                 **summary_keys(self.before, self.after), "seconds": self.seconds}
 
 
@@ -311,10 +402,11 @@ def audit_text(model: nn.Module, probe: Probe, corpus: Corpus, *, category: int,
 
 def forget_category(model: nn.Module, probe: Probe, corpus: Corpus, *, category: int,
                     device: torch.device | str, target: float = TOPIC_TARGET,
-                    ridge: float = TOPIC_RIDGE, strength: float | None = None,
+                    ridge: float = TOPIC_RIDGE, quantile: float | None = None,
+                    strength: float | None = None,
                     reference_texts: int | None = REFERENCE_TEXTS, seed: int = 0,
                     before: Audit | None = None) -> TopicResult:
-    """Make the encoder forget one category (statistics → direction → plan → edit) and audit it.
+    """Make the encoder forget one category (statistics → gate → plan → edit) and audit it.
 
     Args:
         model: a sentence-transformers encoder on `device`; not modified.
@@ -324,6 +416,7 @@ def forget_category(model: nn.Module, probe: Probe, corpus: Corpus, *, category:
         category: index of the category to forget.
         target: the highest acceptable category accuracy on the forget calibration texts.
         ridge: λ of the discriminant, relative to the mean variance.
+        quantile: q, the gate's threshold, instead of the search over `GATE_QUANTILES`.
         strength: α, instead of the search.
         reference_texts: calibration texts of all categories behind the means (seeded).
         before: the audit of `model`, when already computed.
@@ -336,17 +429,8 @@ def forget_category(model: nn.Module, probe: Probe, corpus: Corpus, *, category:
     statistics = topic_statistics(model, corpus.calibration, category=category, device=device,
                                   reference_texts=reference_texts, seed=seed)
     plan = plan_forgetting(statistics, probe, category=category, target=target, ridge=ridge,
-                           strength=strength)
+                           quantile=quantile, strength=strength)
     edited = apply_plan(model, plan)
-    # The other texts of the reference sample: how many of their predictions the edit changed.
-    others = statistics.reference & ~statistics.forget  # (n,)
-    texts = [corpus.calibration.texts[statistics.texts[i]] for i in others.nonzero()[:, 0]]
-    agreement = None
-    if texts:
-        same = (probe.predict(embed(edited, texts, device=device)).cpu()
-                == probe.predict(statistics.embeddings[others]).cpu())
-        agreement = float(same.double().mean())
-    plan = replace(plan, calibration_retain_agreement=agreement)
     seconds = time.perf_counter() - begin
     run = dict(category=category, device=device, seed=seed)
     return TopicResult(edited, plan, before or audit_text(model, probe, corpus, **run),
