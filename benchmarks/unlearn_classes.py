@@ -144,8 +144,14 @@ NOTES = (
     "alone (found by perturbing each output position, `reaching_positions`). Negation is "
     "applied to the layers that write the residual stream (output width = the head's input "
     "width: attention projections and second FFN layers); negating q/k/v or both FFN layers of "
-    "a hidden unit cancels out. Before: max forget 97.5%. The ViT still misses the bar: see "
-    "its table.",
+    "a hidden unit cancels out. Before: max forget 97.5%. Even so, negating pairs left 5 of 10 "
+    "classes above 1% (docs/benchmarks/unlearn_fmnist-vit_negate.csv: worst 9.2%, mean retain "
+    "drop 7.8 points).",
+    "- **ViT: the class-direction gate is the default.** For a Transformer whose last layer "
+    "before the head is an FFN down-projection, `unlearn` turns that FFN's least needed neuron "
+    "into a gate on the class's discriminant direction of the class token (`unlearn.direction`; "
+    "its threshold and strength chosen on calibration images); the table's layers column is 1 "
+    "(one FFN) and k is empty.",
     "- **Audit.** The membership attack stays at AUC ≈ 0.5 before and after (these models "
     "barely overfit, so there is little to detect), and the linear probe on penultimate "
     "features still recognises the forgotten class: the edit takes the class off the head's "

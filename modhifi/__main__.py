@@ -301,8 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--forget-class", required=True, help="class index or name")
             command.add_argument("--edit", choices=choices(Edit),
                                  help="default: zero for BatchNorm networks, negate for LayerNorm "
-                                      "ones; direction: one rank-one edit of a Transformer's last "
-                                      "feed-forward layer (no --layers, --k)")
+                                      "ones; direction: one neuron of a Transformer's last "
+                                      "feed-forward layer made a gate on the class's direction "
+                                      "(no --layers, --k)")
             command.add_argument("--layers", type=int,
                                  help="edit the last L layers (default: chosen with k, 1 to 4; "
                                       "the last 4 when --k is given)")

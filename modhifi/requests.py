@@ -160,7 +160,7 @@ class UnlearnRequest:
     """
 
     forget_class: int
-    edit: Edit | None = None               # None: by architecture (`unlearn.default_edit`)
+    edit: Edit | None = None               # None: by architecture (`unlearn.automatic_edit`)
     # layers, k: the pair edits' (zero, negate); the direction edit takes neither
     layers: int | None = None              # last L layers edited; None: chosen with k
     k: float | None = None                 # share of (output, input) pairs; None: searched
@@ -179,8 +179,8 @@ class UnlearnRequest:
         if self.edit is not None:
             check(Edit, self.edit)
         if self.edit == "direction" and (self.layers is not None or self.k is not None):
-            raise UserError("--layers and --k choose the pair edits; --edit direction makes one "
-                            "rank-one edit of the last feed-forward layer: leave them out")
+            raise UserError("--layers and --k choose the pair edits; --edit direction edits one "
+                            "neuron of the last feed-forward layer: leave them out")
         _whole_or_none("layers", self.layers, "how many of the last layers to edit; "
                        "leave it out to choose with k")
         if self.k is not None:

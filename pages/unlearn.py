@@ -118,8 +118,9 @@ def render() -> None:
         "the (output, input) kernel slices of the last layers whose contributions are most "
         "specific to it, and **zeroes** them (or **negates** them in LayerNorm networks, where the "
         "residual path would otherwise carry the class through). In a Transformer, the "
-        "**direction** edit instead moves the class token off the class's direction with one "
-        "rank-one change of the last feed-forward layer (it forgets more of a ViT's classes). No "
+        "**direction** edit instead turns one neuron of the last feed-forward layer into a gate "
+        "that fires only on class tokens that look like the class and moves them off it (it "
+        "forgets every class of a ViT, where the pairs leave some behind). No "
         "labels beyond choosing the class, no gradients, no fine-tuning.")
     with st.expander("The score, and how to read the audit"):
         st.latex(r"r_{ci} = (\mathbb{E}_{\text{forget}} - \mathbb{E}_{\text{all}})\,"
@@ -160,9 +161,11 @@ def render() -> None:
     before, after = result.before, result.after
     audit_metrics(before, after)
     if result.plan.edit == "direction":
-        st.caption(f"One rank-one edit of {result.plan.layers[0]} along the class's direction, "
-                   f"strength α = {result.plan.strength:.2f}; {result.seconds:.1f} s without the "
-                   "audits. Full test split.")
+        plan = result.plan
+        st.caption(f"Neuron {plan.direction.spare} of {plan.direction.up} → {plan.layers[0]} "
+                   f"made a gate on the class's direction at the {plan.gate.quantile:.0%} "
+                   f"quantile, strength α = {plan.strength:.2f}; {result.seconds:.1f} s without "
+                   "the audits. Full test split.")
     else:
         st.caption(f"k = {result.plan.k:.4f} of each layer's (output, input) pairs, edit = "
                    f"{result.plan.edit}, layers: {', '.join(result.plan.layers)}; "

@@ -135,12 +135,12 @@ def test_switching_to_negate_lowers_a_layer_count_that_no_longer_fits():
 
 @pytest.mark.zoo
 def test_the_direction_edit_forgets_a_vit_class_on_the_page():
-    """fmnist-vit (opt in: -m zoo): the page runs the rank-one edit and says what it changed."""
+    """fmnist-vit (opt in: -m zoo): "by architecture" is the class-direction gate, and the page
+    says which neuron of which layer became the gate."""
     app = open_page("pages/unlearn.py", **{"sidebar.model": "fmnist-vit"})
-    app.selectbox(key="unlearn.edit").set_value("direction")
-    submit(app)
     assert not app.exception and not app.error
-    assert any("rank-one edit of blocks.3.ffn.fc2" in c.value for c in app.caption)
+    assert any("of blocks.3.ffn.fc1 → blocks.3.ffn.fc2 made a gate" in c.value
+               for c in app.caption)
 
 
 def test_a_damaging_edit_is_flagged_before_the_test_split_says_so():

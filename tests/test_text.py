@@ -345,7 +345,7 @@ def test_the_gate_and_the_spare_neuron_equal_their_formulas_on_explicit_tokens(m
                            x[forget].mean(0) - m)
     v = v / ((x[forget].mean(0) - m) @ v)
     scores = (token_inputs(model, layer.ffn_up, texts) - m) @ v  # every reference token
-    gates = topic_gates(statistics, category=1, quantiles=(0.3, 0.8), ridge=0.5)
+    gates = topic_gates(statistics, quantiles=(0.3, 0.8), ridge=0.5)
     for gate, q in zip(gates, (0.3, 0.8)):
         assert torch.allclose(gate.reading, v, rtol=1e-5, atol=1e-7)
         assert float(gate.threshold) == pytest.approx(float(scores.quantile(q)), abs=1e-5)
@@ -366,11 +366,11 @@ def test_the_replayed_edit_equals_the_edited_model_and_the_input_is_untouched(mo
     from modhifi.text.forget import apply_plan, plan_for, topic_gates
 
     before = copy.deepcopy(model.state_dict())
-    gate, = topic_gates(statistics, category=1, quantiles=(0.5,))
+    gate, = topic_gates(statistics, quantiles=(0.5,))
     texts = [TEXTS[i] for i in statistics.texts]
     every = torch.ones_like(statistics.forget)
     for strength in (0.0, 1.7):
-        edited = apply_plan(model, plan_for(statistics, gate, strength, 0.0))
+        edited = apply_plan(model, plan_for(statistics, 1, gate, strength, 0.0))
         expected = embed(edited, texts, device="cpu")
         assert torch.allclose(statistics.edited_embeddings(gate, strength, every), expected,
                               atol=1e-5)
@@ -383,7 +383,7 @@ def test_the_replayed_edit_equals_the_edited_model_and_the_input_is_untouched(mo
 
     masked = copy.deepcopy(model)
     masked.get_submodule(layer.ffn_down).register_forward_pre_hook(hold)
-    edited = apply_plan(model, plan_for(statistics, gate, 0.0, 0.0))
+    edited = apply_plan(model, plan_for(statistics, 1, gate, 0.0, 0.0))
     assert torch.allclose(embed(edited, TEXTS, device="cpu"), embed(masked, TEXTS, device="cpu"),
                           atol=1e-5)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -393,19 +393,20 @@ def test_the_cross_fitted_figures_equal_each_fold_edited_with_the_others_gate(mo
     """The strength is judged on texts each edit's gate was not fitted on: the plan's calibration
     figures (forget accuracy, other texts' predictions unchanged) equal editing the real model
     once per fold."""
-    from modhifi.text.forget import TopicGate, apply_plan, plan_for, plan_forgetting, topic_gates
+    from modhifi.text.forget import apply_plan, plan_for, plan_forgetting, topic_gates
     from modhifi.text.quality import train_probe
+    from modhifi.unlearn.direction import Gate
 
     corpus = tiny_corpus()
     probe = train_probe(embed(model, TEXTS, device="cpu"), corpus.train.labels, corpus.categories)
     plan = plan_forgetting(statistics, probe, category=1, quantile=0.5, strength=2.0)
-    folds, = topic_gates(statistics, category=1, quantiles=(0.5,), cross_fitted=True)
+    folds, = topic_gates(statistics, quantiles=(0.5,), cross_fitted=True)
     hits = kept = 0
     others = statistics.reference & ~statistics.forget
     for j in range(2):
-        fold = TopicGate(1, 0.5, *(t[j] for t in (folds.reading, folds.centre, folds.threshold,
+        fold = Gate(0.5, *(t[j] for t in (folds.reading, folds.centre, folds.threshold,
                                                   folds.scale, folds.shift)))
-        edited = apply_plan(model, plan_for(statistics, fold, 2.0, 0.0))
+        edited = apply_plan(model, plan_for(statistics, 1, fold, 2.0, 0.0))
         for rows, count in ((statistics.forget, "hits"), (others, "kept")):
             index = (rows & (statistics.fold == j)).nonzero()[:, 0]
             texts = [TEXTS[statistics.texts[i]] for i in index]

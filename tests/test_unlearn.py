@@ -13,12 +13,14 @@ from modhifi.errors import UserError
 from modhifi.fidelity import LayerFidelity
 from modhifi.moments import collect_moments, moments_of
 from modhifi.metrics import evaluate
-from modhifi.unlearn import (ForgetScores, apply_plan, centred_forget_second, choose_plan,
-                             default_edit, editable_layers, other_classes, plan_unlearning,
-                             reaching_positions, score_forget_class, unlearn, unlearnable_layers)
+from modhifi.unlearn import (ForgetScores, apply_plan, automatic_edit, centred_forget_second,
+                             choose_plan, default_edit, editable_layers, other_classes,
+                             plan_unlearning, reaching_positions, score_forget_class, unlearn,
+                             unlearnable_layers)
 from modhifi.replay import Replay
 from modhifi.unlearn import K_GRID, K_MARGIN, EditSearch, edit_in_place, reference_index
-from modhifi.unlearn import DirectionPlan, apply_direction, class_direction, discriminant
+from modhifi.unlearn import (DirectionPlan, apply_direction, class_direction, discriminant,
+                             plan_direction)
 from modhifi.unlearn.direction import weakest_strength
 from conftest import subject
 from oracles import assert_unchanged, contributions, snapshot
@@ -278,6 +280,16 @@ def test_default_edit_follows_the_normalisation():
     assert default_edit(transformer_like) == "negate"
 
 
+def test_the_automatic_edit_is_the_gate_for_transformers_unless_pairs_are_asked_for():
+    example = torch.zeros(1, 1, 8, 8)
+    assert automatic_edit(tiny_model(), example) == "zero"
+    assert automatic_edit(tiny_vit(), example) == "direction"
+    # --layers (or --k) without --edit: the pair edit by normalisation, not a silent direction
+    result = unlearn(tiny_vit(), tiny_dataset(), forget_class=1, layers=1, device="cpu",
+                     reference_samples=None)
+    assert result.plan.edit == "negate" and result.plan.layers == ("blocks.1.ffn.fc2",)
+
+
 def predictions(model, split):
     with torch.inference_mode():
         return model(next(split.batches(len(split)))).argmax(1)
@@ -445,37 +457,86 @@ def test_the_discriminant_solves_the_ridged_covariance_system_and_is_scaled_to_t
     assert np.allclose(variance.numpy(), covariance.diagonal(), rtol=1e-10)
 
 
-def test_the_class_direction_reads_the_class_token_and_its_edit_is_the_rank_one_term():
-    """Oracles: the class token's inputs to the last fc2 caught by a hook of our own, and the
-    edited model's fc2 output against the dense one minus α·wᵀ(a − m)·d; the input untouched."""
+def test_the_class_direction_reads_the_class_token_and_its_edit_is_the_gate():
+    """Oracles: the class token's inputs to the last fc1 and fc2 caught by hooks of our own, the
+    spare neuron by the explicit change of fc2's output when each neuron is held at its mean,
+    and the edited model's fc2 output against the dense one minus what the neuron gave and
+    α·d·g(x) with g written out; the input untouched."""
+    import torch.nn.functional as F
+
+    from modhifi.options import GATE_SHARPNESS as kappa
+
     model, dataset = tiny_vit(), tiny_dataset()
     before = snapshot(model)
     direction = class_direction(model, dataset.calibration, forget_class=1, device="cpu",
                                 ridge=0.1, reference_samples=None)
-    assert direction.layer == "blocks.1.ffn.fc2"
-    tokens = layer_inputs(model, [direction.layer], next(dataset.calibration.batches(45)))
-    a = tokens[direction.layer][:, 0]  # (45, hidden): the class token only reaches the head
+    assert (direction.up, direction.layer) == ("blocks.1.ffn.fc1", "blocks.1.ffn.fc2")
+    tokens = layer_inputs(model, [direction.up, direction.layer],
+                          next(dataset.calibration.batches(45)))
+    x, a = tokens[direction.up][:, 0], tokens[direction.layer][:, 0]  # the class token only
     labels = dataset.calibration.labels
-    w, m, _ = discriminant(a, a[labels == 1].mean(0), 0.1)
-    W = model.get_submodule(direction.layer).weight.double()
-    assert torch.allclose(direction.weight, w, rtol=1e-6, atol=1e-9)
+    v, m, _ = discriminant(x, x[labels == 1].mean(0), 0.1)
+    W = model.get_submodule(direction.layer).weight.double()  # (8, 16)
+    assert torch.allclose(direction.reading, v, rtol=1e-6, atol=1e-9)
     assert torch.allclose(direction.centre, m, rtol=1e-6, atol=1e-9)
-    assert torch.allclose(direction.shift, W @ (a[labels == 1].mean(0) - m), rtol=1e-6, atol=1e-9)
+    assert torch.allclose(direction.scores, (x - m) @ v, rtol=1e-6, atol=1e-9)
+    assert torch.allclose(direction.shift, W @ (a[labels == 1].mean(0) - a.mean(0)), rtol=1e-6,
+                          atol=1e-9)
+    change = [((a[:, j:j + 1] - a[:, j].mean()) * W[:, j]).square().sum(1).mean()
+              for j in range(16)]
+    j = int(torch.stack(change).argmin())
+    assert direction.spare == j
+    assert direction.spare_mean == pytest.approx(float(a[:, j].mean()))
 
-    plan = DirectionPlan(direction, 1.5, 0.0)
+    gate = direction.gate(0.5)
+    plan = DirectionPlan(direction, gate, 1.5, 0.0)
     edited = apply_direction(model, plan)
     batch = next(dataset.test.batches(7))
     outputs = {}
     for key, net in (("dense", model), ("edited", edited)):
-        hook = net.get_submodule(direction.layer).register_forward_hook(
-            lambda module, args, out, key=key: outputs.__setitem__(key, (args[0], out)))
+        hooks = [net.get_submodule(name).register_forward_hook(
+            lambda module, args, out, key=key, name=name:
+                outputs.__setitem__((key, name), (args[0].double(), out.double())))
+            for name in (direction.up, direction.layer)]
         with torch.no_grad():
             net(batch)
-        hook.remove()
-    inputs, dense_out = outputs["dense"]
-    change = -1.5 * ((inputs.double() - m) @ w)[..., None] * direction.shift  # (7, T, dim)
-    assert torch.allclose(outputs["edited"][1].double() - dense_out.double(), change, atol=1e-5)
+        for hook in hooks:
+            hook.remove()
+    inputs, dense_out = outputs["dense", direction.layer]  # (7, T, 16), (7, T, 8)
+    ffn_in = outputs["dense", direction.up][0]              # (7, T, 8)
+    scores = (x - m) @ v
+    tau, sigma = scores.quantile(0.5), scores.std()
+    g = F.gelu(kappa * ((ffn_in - m) @ v - tau) / sigma) * sigma / kappa  # (7, T)
+    expected = (dense_out - (inputs[..., j:j + 1] - direction.spare_mean) * W[:, j]
+                - 1.5 * g[..., None] * direction.shift)
+    assert torch.allclose(outputs["edited", direction.layer][1], expected, atol=1e-5)
     assert_unchanged(model, before)
+
+
+def test_the_direction_plan_figures_are_the_edited_models_on_calibration_images():
+    """The plan's search replays the network up to the FFN: its forget accuracy and retain
+    agreement equal those of the edited copy run whole on the same calibration images."""
+    from modhifi.options import GATE_QUANTILES
+
+    model, dataset = tiny_vit(), tiny_dataset()
+    calibration = dataset.calibration
+    direction = class_direction(model, calibration, forget_class=1, device="cpu", ridge=0.1,
+                                reference_samples=None)
+    retain = other_classes(calibration, forget_class=1, samples=None)
+    plan = plan_direction(model, direction, calibration, device="cpu", retain_images=retain,
+                          batch_size=8)
+    assert plan.gate.quantile in GATE_QUANTILES and plan.strength > 0
+    edited = apply_direction(model, plan)
+
+    def predicted(net, split):
+        with torch.no_grad():
+            return torch.cat([net(images).argmax(1) for images in split.batches(16)])
+
+    forget = calibration.subset(calibration.labels == 1)
+    assert plan.calibration_forget_accuracy == pytest.approx(
+        float((predicted(edited, forget) == 1).double().mean()))
+    assert plan.calibration_retain_agreement == pytest.approx(
+        float((predicted(edited, retain) == predicted(model, retain)).double().mean()))
 
 
 def test_the_strength_is_the_weakest_that_reaches_the_target_or_the_reachable_floor():
@@ -497,7 +558,14 @@ def test_unlearn_with_the_direction_edit_changes_only_the_last_ffn_layer_and_rep
     assert result.scores is None and 0 <= plan.calibration_retain_agreement <= 1
     changed = {name for name, p in result.model.state_dict().items()
                if not torch.equal(p, model.state_dict()[name])}
-    assert changed <= {"blocks.1.ffn.fc2.weight", "blocks.1.ffn.fc2.bias"} and changed
+    assert changed <= {f"blocks.1.ffn.{name}" for name in ("fc1.weight", "fc1.bias", "fc2.weight",
+                                                           "fc2.bias")} and changed
+    j, new = plan.direction.spare, result.model.state_dict()
+    others = torch.arange(16) != j  # only the spare neuron's row of fc1 and column of fc2
+    assert torch.equal(new["blocks.1.ffn.fc1.weight"][others],
+                       model.state_dict()["blocks.1.ffn.fc1.weight"][others])
+    assert torch.equal(new["blocks.1.ffn.fc2.weight"][:, others],
+                       model.state_dict()["blocks.1.ffn.fc2.weight"][:, others])
     summary = result.summary(model="tiny", device="cpu")
     assert summary["edit"] == "direction" and summary["layers"] == 1 and summary["k"] is None
     assert_unchanged(model, before)
@@ -517,6 +585,14 @@ def test_the_class_direction_finds_a_torchvision_vits_last_mlp_and_refuses_a_zer
     nn.init.normal_(model.heads.head.weight)
     direction = class_direction(model, split, forget_class=1, device="cpu", ridge=0.1)
     assert direction.layer == "encoder.layers.encoder_layer_1.mlp.3"
-    tokens = layer_inputs(model, [direction.layer], next(split.batches(45)))[direction.layer]
-    w, m, _ = discriminant(tokens[:, 0], tokens[split.labels == 1, 0].mean(0), 0.1)
-    assert torch.allclose(direction.weight, w, rtol=1e-6, atol=1e-9)  # the class token's
+    assert direction.up == "encoder.layers.encoder_layer_1.mlp.0"
+    tokens = layer_inputs(model, [direction.up], next(split.batches(45)))[direction.up]
+    v, m, _ = discriminant(tokens[:, 0], tokens[split.labels == 1, 0].mean(0), 0.1)
+    assert torch.allclose(direction.reading, v, rtol=1e-6, atol=1e-9)  # the class token's
+    # The plan replays torchvision's encoder up to the MLP; the edit changes that MLP only.
+    plan = plan_direction(model, direction, split, device="cpu", batch_size=16)
+    edited = apply_direction(model, plan)
+    changed = {name for name, p in edited.state_dict().items()
+               if not torch.equal(p, model.state_dict()[name])}
+    assert changed and all(name.startswith("encoder.layers.encoder_layer_1.mlp.")
+                           for name in changed)

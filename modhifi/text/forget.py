@@ -9,7 +9,8 @@ kernel slices. Nor a linear edit along that direction (a rank-one change of the 
 the first version): it moves every text in proportion to its score, so texts of other
 categories that score a little pay too (5 of 8 categories cost the others 6-13 points). The edit
 here is one FFN neuron of the last layer turned into a gate that fires only on the category's
-tokens.
+tokens: the class-direction edit of the image Transformers (`unlearn.direction`), whose `Gate`,
+discriminant, spare neuron and threshold choice it shares, with texts for images.
 
 1. **Statistics** (`topic_statistics`): one pass over the forget category's calibration texts
    and a seeded reference sample of all calibration texts (their labels unread). A text is a
@@ -55,42 +56,14 @@ from modhifi.audit import Audit, audit_frame, audit_from, balanced, per_class_fr
 from modhifi.audit import probe as refit_probe
 from modhifi.errors import UserError
 from modhifi.hooks import hooked, private_copy
-from modhifi.options import (FOLDS, GATE_QUANTILES, GATE_SHARPNESS, GATE_SLACK, REFERENCE_TEXTS,
-                             TOPIC_RIDGE, TOPIC_SLACK, TOPIC_TARGET, WHY_FORGET_TARGET,
-                             check_fraction)
+from modhifi.options import (FOLDS, GATE_QUANTILES, GATE_SLACK, REFERENCE_TEXTS, TOPIC_RIDGE,
+                             TOPIC_SLACK, TOPIC_TARGET, WHY_FORGET_TARGET, check_fraction)
 from modhifi.text.corpus import Corpus, TextSplit
 from modhifi.text.encoder import TransformerLayer, embed, token_batches, transformer_layers
 from modhifi.text.quality import Probe
-from modhifi.unlearn.direction import discriminant, weakest_strength
+from modhifi.unlearn.direction import (Gate, best_threshold, discriminant, spare_neuron,
+                                       weakest_strength)
 from modhifi.unlearn.scores import reference_index
-
-
-@dataclass(frozen=True, eq=False)
-class TopicGate:
-    """What the spare neuron becomes: its reading v, centre m, threshold τ, scale σ and the
-    stream offset d (one gate, or one per cross-fitting fold stacked along a first dimension)."""
-
-    category: int
-    quantile: float          # q: τ is this quantile of the reference tokens' scores
-    reading: Tensor          # ([folds,] hidden) v, scaled so that E_f vᵀ(x̄ − m) = 1 (float64)
-    centre: Tensor           # ([folds,] hidden) m, the reference texts' mean FFN input
-    threshold: Tensor        # ([folds]) τ
-    scale: Tensor            # ([folds]) σ
-    shift: Tensor            # ([folds,] hidden) d = E_f h̄ − E h̄
-
-    def gate(self, x: Tensor, activation: nn.Module, fold: Tensor | None = None) -> Tensor:
-        """g(x) of FFN inputs (B, T, hidden) -> (B, T), in x's precision (the edited model's);
-        with `fold` (B,), each text with its fold's gate."""
-        v, m, tau, sigma = (t.to(x) for t in (self.reading, self.centre, self.threshold,
-                                               self.scale))
-        if fold is None:
-            score = (x - m) @ v
-        else:  # each text its fold's: (B, 1, hidden) and (B, 1)
-            fold = fold.to(x.device)
-            v, m, tau, sigma = v[fold][:, None], m[fold][:, None], tau[fold][:, None], \
-                sigma[fold][:, None]
-            score = ((x - m) * v).sum(-1)
-        return activation(GATE_SHARPNESS * (score - tau) / sigma) * sigma / GATE_SHARPNESS
 
 
 @dataclass(frozen=True, eq=False)
@@ -118,13 +91,13 @@ class TopicStatistics:
         """(tokens, hidden) the FFN inputs of the real tokens of the texts in `rows` (n,) bool."""
         return torch.cat([_real(x, mask, rows[row]) for row, mask, x, _ in self.tokens])
 
-    def edited_embeddings(self, gate: TopicGate, strength: float, rows: Tensor) -> Tensor:
+    def edited_embeddings(self, gate: Gate, strength: float, rows: Tensor) -> Tensor:
         """(k, hidden) the sentence embeddings of the texts in `rows` (n,) bool, in row order,
         after the edit (`replay`)."""
         return self.replay(gate, rows)(strength)
 
     @torch.inference_mode()
-    def replay(self, gate: TopicGate, rows: Tensor) -> Callable[[float], Tensor]:
+    def replay(self, gate: Gate, rows: Tensor) -> Callable[[float], Tensor]:
         """α -> (k, hidden) the sentence embeddings of the texts in `rows` (n,) bool, in row
         order, after the edit at strength α: h − W_{:j}(a_j − E a_j) − α·d·g(x) before the last
         LayerNorm, as the edited model computes. `gate`: one, or one per fold stacked (each text
@@ -217,10 +190,7 @@ def topic_statistics(model: nn.Module, calibration: TextSplit, *, category: int,
     embeddings = torch.empty(len(used), dense[0][1].shape[1])
     for rows, vectors in dense:
         embeddings[rows] = vectors
-    mean = moments[1] / moments[0]
-    cost = (moments[2] / moments[0] - mean ** 2).clamp(min=0) \
-        * finish[2].weight.double().square().sum(0)  # (d_ff,)
-    spare = int(cost.argmin())
+    spare, spare_mean = spare_neuron(moments, finish[2].weight)
     # Folds: the forget texts dealt out in a seeded order, then the others, so each fold holds
     # its share of both.
     generator = torch.Generator().manual_seed(seed)
@@ -229,7 +199,7 @@ def topic_statistics(model: nn.Module, calibration: TextSplit, *, category: int,
         fold[rows[torch.randperm(len(rows), generator=generator)]] = \
             torch.arange(len(rows)) % folds
     return TopicStatistics(layer, means["x"].cpu(), means["a"].cpu(), means["h"].cpu(),
-                           is_forget, is_reference, fold, spare, float(mean[spare]), tuple(kept),
+                           is_forget, is_reference, fold, spare, spare_mean, tuple(kept),
                            finish, embeddings, tuple(used.tolist()))
 
 
@@ -245,8 +215,8 @@ def _gates(statistics: TopicStatistics, rows: Tensor, quantiles: tuple[float, ..
             h[forget].mean(0) - h[reference].mean(0))
 
 
-def topic_gates(statistics: TopicStatistics, *, category: int, quantiles: tuple[float, ...],
-                ridge: float = TOPIC_RIDGE, cross_fitted: bool = False) -> tuple[TopicGate, ...]:
+def topic_gates(statistics: TopicStatistics, *, quantiles: tuple[float, ...],
+                ridge: float = TOPIC_RIDGE, cross_fitted: bool = False) -> tuple[Gate, ...]:
     """One gate per quantile from all texts, or (`cross_fitted`) one per fold (stacked) from
     the texts of the other folds."""
     if cross_fitted:
@@ -257,14 +227,15 @@ def topic_gates(statistics: TopicStatistics, *, category: int, quantiles: tuple[
     else:
         v, m, tau, sigma, d = _gates(statistics, torch.ones_like(statistics.forget), quantiles,
                                      ridge)
-    return tuple(TopicGate(category, q, v, m, tau[i], sigma, d) for i, q in enumerate(quantiles))
+    return tuple(Gate(q, v, m, tau[i], sigma, d) for i, q in enumerate(quantiles))
 
 
 @dataclass(frozen=True, eq=False)
 class TopicPlan:
     """What the edit will change, shown before anything changes."""
 
-    gate: TopicGate = field(repr=False)
+    category: int
+    gate: Gate = field(repr=False)
     layer: TransformerLayer                 # the edited layer
     neuron: int                             # j, the spare neuron turned into the gate
     neuron_mean: float                      # E a_j, moved into the down-projection's bias
@@ -276,10 +247,6 @@ class TopicPlan:
 
     contrast: Tensor | None = field(default=None, repr=False)  # (d_ff,) `contrast`
 
-    @property
-    def category(self) -> int:
-        return self.gate.category
-
     def neurons(self, count: int = 20) -> pd.DataFrame:
         """The FFN neurons of the edited layer that tell the category apart most (`contrast`)."""
         top = self.contrast.abs().topk(min(count, len(self.contrast)))
@@ -287,10 +254,10 @@ class TopicPlan:
                              "contrast": self.contrast[top.indices].tolist()})
 
 
-def plan_for(statistics: TopicStatistics, gate: TopicGate, strength: float,
+def plan_for(statistics: TopicStatistics, category: int, gate: Gate, strength: float,
              forget_accuracy: float, retain_agreement: float | None = None) -> TopicPlan:
     """A plan of `gate` at `strength` on the statistics' layer and spare neuron."""
-    return TopicPlan(gate, statistics.layer, statistics.spare, statistics.spare_mean,
+    return TopicPlan(category, gate, statistics.layer, statistics.spare, statistics.spare_mean,
                      float(strength), forget_accuracy, retain_agreement, contrast(statistics))
 
 
@@ -306,8 +273,7 @@ def plan_forgetting(statistics: TopicStatistics, probe: Probe, *, category: int,
     dense = probe.predict(statistics.embeddings[others]).cpu()
     quantiles = GATE_QUANTILES if quantile is None else (quantile,)
     options = []
-    for folds in topic_gates(statistics, category=category, quantiles=quantiles, ridge=ridge,
-                             cross_fitted=True):
+    for folds in topic_gates(statistics, quantiles=quantiles, ridge=ridge, cross_fitted=True):
         replay = statistics.replay(folds, statistics.forget)
 
         @functools.cache  # the strength search and the plan ask for some strengths twice
@@ -321,12 +287,9 @@ def plan_forgetting(statistics: TopicStatistics, probe: Probe, *, category: int,
             edited = statistics.edited_embeddings(folds, alpha, others)
             kept = float((probe.predict(edited).cpu() == dense).double().mean())
         options.append((accuracy(alpha), kept, folds.quantile, alpha))
-    lowest = min(option[0] for option in options)
-    forget_accuracy, kept, q, alpha = max(
-        (option for option in options if option[0] <= lowest + GATE_SLACK),
-        key=lambda option: -1.0 if option[1] is None else option[1])
-    gate, = topic_gates(statistics, category=category, quantiles=(q,), ridge=ridge)
-    return plan_for(statistics, gate, alpha, forget_accuracy, kept)
+    forget_accuracy, kept, q, alpha = best_threshold(options, GATE_SLACK)
+    gate, = topic_gates(statistics, quantiles=(q,), ridge=ridge)
+    return plan_for(statistics, category, gate, alpha, forget_accuracy, kept)
 
 
 @torch.no_grad()
@@ -335,12 +298,9 @@ def apply_plan(model: nn.Module, plan: TopicPlan) -> nn.Module:
     `model` is untouched. `plan.gate` is one gate, not a fold stack."""
     edited = private_copy(model)
     down = edited.get_submodule(plan.layer.ffn_down)
-    up = edited.get_submodule(plan.layer.ffn_up)
-    gate, j, kappa = plan.gate, plan.neuron, GATE_SHARPNESS
-    down.bias += (down.weight[:, j] * plan.neuron_mean)
-    up.weight[j] = (kappa * gate.reading / gate.scale).to(up.weight)
-    up.bias[j] = float(-kappa * (gate.reading @ gate.centre + gate.threshold) / gate.scale)
-    down.weight[:, j] = (-plan.strength * gate.shift * gate.scale / kappa).to(down.weight)
+    j = plan.neuron
+    plan.gate.write(edited.get_submodule(plan.layer.ffn_up), down, neuron=j,
+                    strength=plan.strength, bias=down.bias + down.weight[:, j] * plan.neuron_mean)
     return edited
 
 

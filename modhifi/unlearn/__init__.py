@@ -23,15 +23,15 @@ contrastive centred saliency -> plan (layers and k chosen on calibration images)
    test and per-class accuracy on the test split, a membership-inference attack on the forget
    class and a linear probe on penultimate features.
 
-For Transformers whose head reads a token, `direction` holds a second edit: one rank-one change
-of the last feed-forward down-projection along the class's discriminant direction (statistics →
-direction → strength chosen on calibration images → edit), where the pair edits leave classes
-behind (docs/results.md, issue 16).
+For Transformers whose head reads a token, `direction` holds a second edit: one neuron of the
+last feed-forward layer made a gate on the class's discriminant direction (statistics →
+direction → threshold and strength chosen on calibration images → edit), where the pair edits
+leave classes behind (docs/results.md, issue 16).
 """
 from modhifi.unlearn.direction import (ClassDirection, DirectionPlan, apply_direction,
                                        class_direction, discriminant, plan_direction)
-from modhifi.unlearn.layers import (MAX_LAYERS, default_edit, editable_layers, reaching_positions,
-                                    unlearnable_layers)
+from modhifi.unlearn.layers import (MAX_LAYERS, automatic_edit, default_edit, editable_layers,
+                                    reaching_positions, unlearnable_layers)
 from modhifi.unlearn.plan import LayerEdit, UnlearnPlan, apply_plan, edit_in_place, plan_unlearning
 from modhifi.unlearn.run import UnlearnResult, unlearn
 from modhifi.unlearn.scores import (ForgetScores, centred_forget_second, reference_index,
@@ -41,8 +41,8 @@ from modhifi.unlearn.search import (K_GRID, K_MARGIN, K_REFINE_STEPS, EditSearch
 
 __all__ = ["K_GRID", "K_MARGIN", "K_REFINE_STEPS", "MAX_LAYERS", "ClassDirection",
            "DirectionPlan", "EditSearch", "ForgetScores", "LayerEdit", "apply_direction",
-           "class_direction",
-           "discriminant", "plan_direction", "UnlearnPlan", "UnlearnResult", "apply_plan",
-           "centred_forget_second", "choose_plan", "default_edit", "edit_in_place",
-           "editable_layers", "other_classes", "plan_unlearning", "reaching_positions",
-           "reference_index", "score_forget_class", "unlearn", "unlearnable_layers"]
+           "class_direction", "discriminant", "plan_direction", "UnlearnPlan", "UnlearnResult",
+           "apply_plan", "automatic_edit", "centred_forget_second", "choose_plan", "default_edit",
+           "edit_in_place", "editable_layers", "other_classes", "plan_unlearning",
+           "reaching_positions", "reference_index", "score_forget_class", "unlearn",
+           "unlearnable_layers"]

@@ -1,22 +1,36 @@
-"""ModHiFi-U's class-direction edit, for networks whose head reads a token (a ViT's class token):
-one rank-one change of the last feed-forward down-projection before the head.
+"""ModHiFi-U's gated class-direction edit, for networks whose head reads a token (a ViT's class
+token): one neuron of the last feed-forward layer before the head becomes a gate that fires only
+on the forget class's tokens and moves them off the class. The gate itself (`Gate`, `discriminant`,
+`spare_neuron`, `weakest_strength`, `best_threshold`) is shared with the text encoders' topic edit
+(`text.forget`).
 
-1. **Statistics**: one pass over the forget class's calibration images and a seeded reference
-   sample of all classes records the down-projection's inputs a (d_ff,) at the positions that
-   reach the head (`reaching_positions`: the class token). Labels only pick the forget images.
-2. **Direction** (`discriminant`): the class's discriminant w = (Σ + λ·mean diag Σ)⁻¹ (m_f − m),
-   scaled so that wᵀ(m_f − m) = 1 (Σ, m: the reference's covariance and mean), and the class's
-   offset of the down-projection's output d = W (m_f − m).
-3. **Plan**: the strength α, the smallest on `ALPHA_GRID` (refined) whose edit takes the forget
-   class's calibration accuracy to the target.
-4. **Edit**: W ← W − α d wᵀ, b ← b + α d wᵀm on a copy, so that every token's output moves by
-   −α·wᵀ(a − m)·d: about α times the class's own offset on its tokens, little on the others.
+1. **Statistics** (`class_direction`): one pass over the forget class's calibration images and a
+   seeded reference sample of all classes records, at the positions that reach the head
+   (`reaching_positions`: the class token), the FFN's inputs x (d_model,) and its down-projection's
+   inputs a (d_ff,). Labels only pick the forget images.
+2. **Direction**: the class's discriminant of the FFN inputs, v = (Σ + λ·mean diag Σ)⁻¹ (m_f − m)
+   scaled so that vᵀ(m_f − m) = 1 (Σ, m: the reference's covariance and mean), the reference's
+   scores s = vᵀ(x − m), and the class's offset of the down-projection's output d = W (ā_f − ā).
+   The spare neuron j is the one whose replacement by its mean changes that output least on the
+   reference: ‖W_{:j}‖²·Var(a_j).
+3. **Gate** (`Gate`): g(x) = φ(κ(s(x) − τ)/σ)·σ/κ with φ the FFN's own activation, τ a quantile
+   of the reference's scores and σ their spread: about max(s − τ, 0), zero on the tokens the
+   class does not reach. Written into neuron j (up-projection row κ·v/σ, bias −κ(vᵀm + τ)/σ,
+   down-projection column −α·d·σ/κ, and W_{:j}·E a_j moved into the down-projection's bias), it
+   moves each token by −α·d·g(x) instead of what neuron j gave.
+4. **Plan** (`plan_direction`): for each quantile of `GATE_QUANTILES`, the smallest strength α on
+   `ALPHA_GRID` (refined) whose edit takes the forget class's calibration accuracy to the target;
+   of the thresholds within `DIRECTION_SLACK` of the lowest forget accuracy, the one whose edit
+   leaves most of the other classes' calibration predictions unchanged. Only the last FFN and
+   what follows it run again (`modhifi.replay`).
+5. **Edit** (`apply_direction`): the plan's gate written into a copy.
 
 Why not the pair edits here: on `fmnist-vit` negating the most salient (output, input) pairs of
 the last layers leaves 5 of 10 classes above 1% forget accuracy and costs 7.8 points of retain
 accuracy (docs/results.md); what carries a class in the token is a direction spread over many
-neurons, which one rank-one term removes. The text models' topic edit (`text.forget`) is the same
-idea on sentence embeddings and shares `discriminant`.
+neurons. Why a gate rather than a rank-one change along that direction (the first version): a
+linear edit moves every token in proportion to its score, so images of other classes that score
+a little pay too; the gate leaves the tokens below its threshold alone.
 """
 from __future__ import annotations
 
@@ -27,15 +41,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from modhifi.audit import agreement
 from modhifi.data import Split
 from modhifi.errors import UserError
 from modhifi.hooks import hooked, private_copy
-from modhifi.options import (DIRECTION_RIDGE, DIRECTION_SLACK, DIRECTION_TARGET,
-                             REFERENCE_SAMPLES, UNLEARN_BATCH, Edit)
+from modhifi.options import (DIRECTION_RIDGE, DIRECTION_SLACK, DIRECTION_TARGET, GATE_QUANTILES,
+                             GATE_SHARPNESS, REFERENCE_SAMPLES, UNLEARN_BATCH, Edit)
+from modhifi.replay import Replay
+from modhifi.trace import trace_forward
 from modhifi.unlearn.layers import reaching_positions, unlearnable_layers
 from modhifi.unlearn.scores import reference_index
-from modhifi.unlearn.search import smallest_passing
+from modhifi.unlearn.search import REPLAY_BYTES, smallest_passing
 
 # Candidate strengths α: geometric with ratio √2 from 1/4 to 16 (α = 1 moves the forget samples'
 # mean onto the mean of all), the first that passes refined by 4 bisection steps in log α.
@@ -57,20 +72,98 @@ def discriminant(reference: Tensor, forget_mean: Tensor, ridge: float
     return w / (gap @ w), m, variance  # positive definite: gapᵀw > 0 unless the gap is 0
 
 
+def spare_neuron(moments: Tensor, down: Tensor) -> tuple[int, float]:
+    """(j, E a_j): the neuron whose replacement by its mean changes the down-projection's output
+    least, ‖W_{:j}‖²·Var(a_j), from the reference's moments (3, d_ff) (count, Σ a, Σ a²) and the
+    down-projection's weight W (d_model, d_ff)."""
+    mean = moments[1] / moments[0]
+    cost = (moments[2] / moments[0] - mean ** 2).clamp(min=0) * down.double().square().sum(0)
+    j = int(cost.argmin())
+    return j, float(mean[j])
+
+
+@dataclass(frozen=True, eq=False)
+class Gate:
+    """What the spare neuron becomes: its reading v, centre m, threshold τ, scale σ and the
+    offset d it removes (one gate, or one per cross-fitting fold stacked along a first
+    dimension, as the text edit uses)."""
+
+    quantile: float          # q: τ is this quantile of the reference's scores
+    reading: Tensor          # ([folds,] d_model) v, scaled so that vᵀ(m_f − m) = 1 (float64)
+    centre: Tensor           # ([folds,] d_model) m, the reference's mean FFN input
+    threshold: Tensor        # ([folds]) τ
+    scale: Tensor            # ([folds]) σ
+    shift: Tensor            # ([folds,] d_model) d
+
+    def gate(self, x: Tensor, activation: nn.Module, fold: Tensor | None = None) -> Tensor:
+        """g(x) of FFN inputs (..., d_model) -> (...), in x's precision (the edited model's);
+        with `fold` (B,) for x (B, T, d_model), each sample with its fold's gate."""
+        v, m, tau, sigma = (t.to(x) for t in (self.reading, self.centre, self.threshold,
+                                               self.scale))
+        if fold is None:
+            score = (x - m) @ v
+        else:  # each sample its fold's: (B, 1, d_model) and (B, 1)
+            fold = fold.to(x.device)
+            v, m, tau, sigma = v[fold][:, None], m[fold][:, None], tau[fold][:, None], \
+                sigma[fold][:, None]
+            score = ((x - m) * v).sum(-1)
+        return activation(GATE_SHARPNESS * (score - tau) / sigma) * sigma / GATE_SHARPNESS
+
+    @torch.no_grad()
+    def write(self, up: nn.Linear, down: nn.Linear, *, neuron: int, strength: float,
+              bias: Tensor) -> None:
+        """Neuron `neuron` of the FFN (up, down) becomes this gate at strength α, in place;
+        `bias` (d_model,): the down-projection's bias with the neuron's mean output moved in."""
+        kappa, sigma = GATE_SHARPNESS, float(self.scale)
+        for linear in (up, down):
+            if linear.bias is None:
+                linear.bias = nn.Parameter(linear.weight.new_zeros(linear.out_features))
+        up.weight[neuron] = (kappa * self.reading / sigma).to(up.weight)
+        up.bias[neuron] = -kappa * float(self.reading @ self.centre + self.threshold) / sigma
+        down.weight[:, neuron] = (-strength * self.shift * sigma / kappa).to(down.weight)
+        down.bias.copy_(bias)
+
+
+def weakest_strength(accuracy: Callable[[float], float], target: float, slack: float) -> float:
+    """The smallest α of `ALPHA_GRID` (refined) with `accuracy(α)` ≤ `target`, or where no grid
+    strength reaches it, ≤ the lowest accuracy any grid strength reaches plus `slack`: past the
+    strength that moves the recognised samples the accuracy levels off, and more strength only
+    costs the others."""
+    aim = max(target, min(accuracy(alpha) for alpha in ALPHA_GRID) + slack)
+    return smallest_passing(lambda alpha: accuracy(alpha) <= aim + 1e-12, ALPHA_GRID,
+                            ALPHA_REFINE_STEPS)
+
+
+def best_threshold(options: list[tuple[float, float | None, float, float]], slack: float
+                   ) -> tuple[float, float | None, float, float]:
+    """Of (forget accuracy, other samples' predictions kept or None, quantile, strength) per
+    threshold, the one that keeps most among those within `slack` of the lowest forget
+    accuracy (the first of them when nothing was kept count)."""
+    lowest = min(option[0] for option in options)
+    return max((option for option in options if option[0] <= lowest + slack),
+               key=lambda option: -1.0 if option[1] is None else option[1])
+
+
 @dataclass(frozen=True, eq=False)
 class ClassDirection:
-    """The forget class's direction in the inputs of one down-projection."""
+    """The forget class's direction at the last FFN before the head, and the spare neuron."""
 
     forget_class: int
-    layer: str             # the down-projection (an nn.Linear)
-    weight: Tensor = field(repr=False)  # w (d_ff,) float64
-    centre: Tensor = field(repr=False)  # m (d_ff,)
-    shift: Tensor = field(repr=False)   # d (d_model,): the class's offset of the layer's output
+    up: str                  # the FFN's up-projection (an nn.Linear)
+    layer: str               # its down-projection
+    reading: Tensor = field(repr=False)  # v (d_model,) float64
+    centre: Tensor = field(repr=False)   # m (d_model,)
+    scores: Tensor = field(repr=False)   # (n_reference · positions,) the reference's scores
+    shift: Tensor = field(repr=False)    # d (d_model,): the class's offset of the FFN's output
+    spare: int = 0                       # j
+    spare_mean: float = 0.0              # E a_j on the reference
 
-    def rank_one(self, strength: float) -> tuple[Tensor, Tensor]:
-        """(ΔW (d_model, d_ff), Δb (d_model,)) of the layer at strength α, float64."""
-        d = strength * self.shift
-        return -torch.outer(d, self.weight), d * (self.weight @ self.centre)
+    def gate(self, quantile: float) -> Gate:
+        """The gate whose threshold is this quantile of the reference's scores."""
+        scores = self.scores
+        return Gate(quantile, self.reading, self.centre,
+                    scores.quantile(torch.tensor(quantile, dtype=scores.dtype)), scores.std(),
+                    self.shift)
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,6 +171,7 @@ class DirectionPlan:
     """What the edit will change, shown before anything changes."""
 
     direction: ClassDirection = field(repr=False)
+    gate: Gate = field(repr=False)
     strength: float                     # α
     calibration_forget_accuracy: float  # on the forget class's calibration images, at α
     calibration_retain_agreement: float | None = None  # other images' predictions unchanged
@@ -89,15 +183,29 @@ class DirectionPlan:
 
     @property
     def layers(self) -> tuple[str, ...]:
-        """The edited layer, as a one-name tuple (like `UnlearnPlan.layers`)."""
+        """The edited FFN, named by its down-projection (like `UnlearnPlan.layers`)."""
         return (self.direction.layer,)
+
+
+def feeding_linear(model: nn.Module, layer: str, example: Tensor) -> str:
+    """The Linear that runs last before `layer` and makes its inputs (an FFN's up-projection),
+    found from one traced forward pass."""
+    down = model.get_submodule(layer)
+    trace = trace_forward(model, example)
+    before = [name for name, module in model.named_modules()
+              if isinstance(module, nn.Linear) and module.out_features == down.in_features
+              and name in trace.end and trace.end[name] < trace.start[layer]]
+    if not before:
+        raise UserError(f"no Linear layer feeds {layer}: the class-direction edit needs a "
+                        "feed-forward block (up-projection, activation, down-projection)")
+    return max(before, key=trace.end.get)
 
 
 def class_direction(model: nn.Module, calibration: Split, *, forget_class: int,
                     device: torch.device | str, ridge: float = DIRECTION_RIDGE,
                     reference_samples: int | None = REFERENCE_SAMPLES,
                     batch_size: int = UNLEARN_BATCH, seed: int = 0) -> ClassDirection:
-    """The forget class's direction at the last down-projection before the head (steps 1-2).
+    """The forget class's direction at the last FFN before the head (steps 1-2).
 
     Args:
         model: the trained network on `device`, in eval mode; only read.
@@ -105,8 +213,8 @@ def class_direction(model: nn.Module, calibration: Split, *, forget_class: int,
         reference_samples: calibration images of all classes (seeded) that give Σ and m.
 
     Raises:
-        UserError: fewer than 2 forget-class images, no Linear layer before the head, or none
-            of its outputs reaching the logits.
+        UserError: fewer than 2 forget-class images, no feed-forward block before the head, or
+            none of its outputs reaching the logits.
     """
     forget = (calibration.labels == forget_class).nonzero()[:, 0]
     if len(forget) < 2:
@@ -118,76 +226,98 @@ def class_direction(model: nn.Module, calibration: Split, *, forget_class: int,
         raise UserError(f"the last layer before the head, {layer}, is not a Linear layer: "
                         "the class-direction edit is for Transformers; use the pair edits "
                         "(`unlearn`, edit zero or negate)")
+    up = feeding_linear(model, layer, example)
     positions = reaching_positions(model, layer, example, seed=seed)
     if positions is not None and not len(positions):
         raise UserError(f"no output of {layer} reaches the logits (is the head untrained, all "
                         "zeros?): there is no class to move off")
-    rows: list[Tensor] = []
+    rows: dict[str, list[Tensor]] = {up: [], layer: []}
 
-    def record(module, args):  # args[0]: (B, T, d_ff) or (B, d_ff)
-        a = args[0].flatten(1, -2) if args[0].dim() > 2 else args[0][:, None]
-        rows.append((a if positions is None else a[:, positions]).flatten(0, 1).double())
+    def record(name: str):
+        def hook(module, args):  # args[0]: (B, T, d) or (B, d)
+            x = args[0].flatten(1, -2) if args[0].dim() > 2 else args[0][:, None]
+            rows[name].append((x if positions is None else x[:, positions]).flatten(0, 1)
+                              .double())
+        return hook
 
     parts = {}
-    with torch.no_grad(), hooked(model, before={layer: record}) as run:
+    with torch.no_grad(), hooked(model, before={up: record(up), layer: record(layer)}) as run:
         for name, index in (("forget", forget), ("reference", reference_index(
                 len(calibration), reference_samples, seed))):
-            rows.clear()
+            for recorded in rows.values():
+                recorded.clear()
             for images in calibration.subset(index).batches(batch_size, device=device):
                 run(images)
-            parts[name] = torch.cat(rows)  # (samples · positions, d_ff)
-    w, m, _ = discriminant(parts["reference"], parts["forget"].mean(0), ridge)
-    W = model.get_submodule(layer).weight.detach().double()  # (d_model, d_ff)
-    return ClassDirection(forget_class, layer, w, m, W @ (parts["forget"].mean(0) - m))
+            parts[name] = {key: torch.cat(value) for key, value in rows.items()}
+    # (samples · positions, d_model) FFN inputs x and (…, d_ff) down-projection inputs a
+    x, a = parts["reference"][up], parts["reference"][layer]
+    v, m, _ = discriminant(x, parts["forget"][up].mean(0), ridge)
+    W = model.get_submodule(layer).weight.detach()  # (d_model, d_ff)
+    moments = torch.stack([torch.full_like(a[0], len(a)), a.sum(0), (a * a).sum(0)])
+    spare, spare_mean = spare_neuron(moments, W)
+    return ClassDirection(forget_class, up, layer, v, m, ((x - m) @ v).cpu(),
+                          W.double() @ (parts["forget"][layer].mean(0) - a.mean(0)), spare,
+                          spare_mean)
 
 
 def apply_direction(model: nn.Module, plan: DirectionPlan) -> nn.Module:
-    """A copy of `model` with the plan's rank-one edit (step 4); `model` is not touched."""
-    return _edited(model, plan.direction, plan.strength)
-
-
-def _edited(model: nn.Module, direction: ClassDirection, strength: float) -> nn.Module:
+    """A copy of `model` with the plan's gate written in (step 5); `model` is not touched."""
     copy = private_copy(model)
-    layer = copy.get_submodule(direction.layer)
-    delta_w, delta_b = direction.rank_one(strength)
-    with torch.no_grad():
-        layer.weight += delta_w.to(layer.weight)
-        if layer.bias is None:
-            layer.bias = nn.Parameter(delta_b.to(layer.weight))
-        else:
-            layer.bias += delta_b.to(layer.bias)
+    _write(copy, plan.direction, plan.gate, plan.strength, moved_bias(copy, plan.direction))
     return copy
+
+
+def moved_bias(model: nn.Module, direction: ClassDirection) -> Tensor:
+    """(d_model,) the unedited down-projection's bias with the spare neuron's mean output moved
+    in (taken before the gate overwrites the neuron's column)."""
+    down = model.get_submodule(direction.layer)
+    bias = torch.zeros_like(down.weight[:, 0]) if down.bias is None else down.bias
+    return (bias + down.weight[:, direction.spare] * direction.spare_mean).detach().clone()
+
+
+def _write(model: nn.Module, direction: ClassDirection, gate: Gate, strength: float,
+           bias: Tensor) -> None:
+    """The gate at strength α written into `model` (a private copy), in place."""
+    gate.write(model.get_submodule(direction.up), model.get_submodule(direction.layer),
+               neuron=direction.spare, strength=strength, bias=bias)
 
 
 def plan_direction(model: nn.Module, direction: ClassDirection, calibration: Split, *,
                    device: torch.device | str, target: float = DIRECTION_TARGET,
                    retain_images: Split | None = None,
                    batch_size: int = UNLEARN_BATCH) -> DirectionPlan:
-    """The smallest strength whose edit takes the forget class's calibration accuracy to ≤
-    `target` (`weakest_strength`; step 3); with `retain_images` (calibration images of the other
-    classes, `search.other_classes`), the share of their predictions the edit leaves unchanged."""
-    images = calibration.subset(calibration.labels == direction.forget_class)
+    """The gate's threshold and strength (step 4): with `retain_images` (calibration images of
+    the other classes, `search.other_classes`), the threshold whose edit changes fewest of their
+    predictions among those that forget about as well as the best; without, the one that
+    forgets best. Each evaluation replays the network up to the FFN (`modhifi.replay`)."""
+    forget_images = calibration.subset(calibration.labels == direction.forget_class)
+    both = [forget_images] + ([retain_images] if retain_images is not None else [])
+    images = forget_images.normalise(
+        torch.cat([split.images.to(device) for split in both]))  # (n_f + n_r, C, H, W)
+    replay = Replay(model, images, [direction.up], batch_size=batch_size,
+                    max_bytes=REPLAY_BYTES)
+    bias = moved_bias(replay.model, direction)
+    forget = torch.arange(len(forget_images))
+    retain = torch.arange(len(forget_images), len(images))
+    dense = replay.logits[retain].argmax(1).cpu()
+    options = []
+    with replay.before(direction.up) as run:
+        def predicted(gate: Gate, alpha: float, index: Tensor) -> Tensor:
+            _write(replay.model, direction, gate, alpha, bias)
+            return torch.cat([run(index[start:start + batch_size]).argmax(1).cpu()
+                              for start in range(0, len(index), batch_size)])
 
-    @functools.cache  # the strength search and the plan ask for some strengths twice
-    @torch.no_grad()
-    def accuracy(alpha: float) -> float:
-        copy = _edited(model, direction, alpha)
-        predicted = torch.cat([copy(x).argmax(1).cpu()
-                               for x in images.batches(batch_size, device=device)])
-        return float((predicted == direction.forget_class).double().mean())
+        for quantile in GATE_QUANTILES:
+            gate = direction.gate(quantile)
 
-    strength = weakest_strength(accuracy, target, DIRECTION_SLACK)
-    unchanged = None if retain_images is None else agreement(
-        _edited(model, direction, strength), model, retain_images,
-        forget_class=direction.forget_class, device=device, batch_size=batch_size).retain
-    return DirectionPlan(direction, strength, accuracy(strength), unchanged)
+            @functools.cache  # the strength search and the plan ask for some strengths twice
+            def accuracy(alpha: float, gate: Gate = gate) -> float:
+                hits = predicted(gate, alpha, forget) == direction.forget_class
+                return float(hits.double().mean())
 
-
-def weakest_strength(accuracy: Callable[[float], float], target: float, slack: float) -> float:
-    """The smallest α of `ALPHA_GRID` (refined) with `accuracy(α)` ≤ `target`, or where no grid
-    strength reaches it, ≤ the lowest accuracy any grid strength reaches plus `slack`: past the
-    strength that moves the recognised samples the accuracy levels off (samples the direction
-    scores below the mean are moved the wrong way), and more strength only costs the others."""
-    aim = max(target, min(accuracy(alpha) for alpha in ALPHA_GRID) + slack)
-    return smallest_passing(lambda alpha: accuracy(alpha) <= aim + 1e-12, ALPHA_GRID,
-                            ALPHA_REFINE_STEPS)
+            alpha = weakest_strength(accuracy, target, DIRECTION_SLACK)
+            kept = None if retain_images is None else float(
+                (predicted(gate, alpha, retain) == dense).double().mean())
+            options.append((accuracy(alpha), kept, quantile, alpha))
+    forget_accuracy, kept, quantile, alpha = best_threshold(options, DIRECTION_SLACK)
+    return DirectionPlan(direction, direction.gate(quantile), alpha, forget_accuracy, kept)

@@ -19,7 +19,7 @@ from modhifi.options import REFERENCE_SAMPLES, RETAIN_SAMPLES, UNLEARN_BATCH, Ed
 from modhifi.requests import UnlearnRequest
 from modhifi.unlearn.direction import (DirectionPlan, apply_direction, class_direction,
                                        plan_direction)
-from modhifi.unlearn.layers import default_edit, unlearnable_layers
+from modhifi.unlearn.layers import automatic_edit, default_edit, unlearnable_layers
 from modhifi.unlearn.plan import UnlearnPlan, apply_plan, plan_unlearning
 from modhifi.unlearn.scores import ForgetScores, score_forget_class
 from modhifi.unlearn.search import choose_plan, other_classes
@@ -71,10 +71,12 @@ def unlearn(model: nn.Module, dataset: Dataset, *, forget_class: int, device: to
         dataset: its dataset (calibration samples drive the edit, test samples the audit).
         forget_class: index of the class to forget.
         device: where everything runs.
-        edit: `zero` or `negate` the selected kernel slices; default by architecture
-            (`default_edit`). `direction`: one rank-one edit of the last feed-forward layer of
-            a Transformer (`unlearn.direction`), its strength chosen for the target; `layers`,
-            `k` and `score` are the pair edits' and do not apply.
+        edit: `zero` or `negate` the selected kernel slices, or `direction`: one neuron of the
+            last feed-forward layer of a Transformer made a gate on the class's direction
+            (`unlearn.direction`), its threshold and strength chosen for the target (`layers`,
+            `k` and `score` are the pair edits' and do not apply). None: by architecture
+            (`automatic_edit`: `direction` for Transformers), the pair edit by normalisation
+            (`default_edit`) when `layers` or `k` is given.
         layers: how many of the last prunable layers before the classifier to edit; None =
             chosen with k (`choose_plan`) among 1..`MAX_LAYERS` (all `MAX_LAYERS` when k is
             given).
@@ -110,7 +112,9 @@ def unlearn(model: nn.Module, dataset: Dataset, *, forget_class: int, device: to
     # eval() and hooks touch only this copy; channels-last convolutions are ~1.7x faster on a CPU
     original = private_copy(model).to(memory_format=torch.channels_last)
     example = next(dataset.calibration.batches(1, device=device))
-    edit = edit or default_edit(original)
+    if edit is None:
+        edit = automatic_edit(original, example) if layers is None and k is None \
+            else default_edit(original)
     calibration = dataset.calibration
     retain = other_classes(calibration, forget_class=forget_class, samples=retain_samples,
                            seed=seed)
