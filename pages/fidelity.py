@@ -112,6 +112,7 @@ def channel_card(chosen: cache.Selection, layer: str, inputs: int) -> None:
     left.dataframe(shown.ranks_frame(), hide_index=True)
     right.caption("The outputs it explains best: singleton fidelity and share of each output")
     right.dataframe(shown.feeds, hide_index=True)
+    greedy_card(chosen, layer, channel, shown.ranks["modhifi-greedy"])
     st.caption("The calibration images that drive it hardest (top) and the channel over each of "
                "them as this layer reads it (bottom): what the channel responds to.")
     st.plotly_chart(figures.channel_drivers(shown.images, shown.maps, shown.strength),
@@ -123,6 +124,26 @@ def channel_card(chosen: cache.Selection, layer: str, inputs: int) -> None:
         st.metric("Accuracy without it", f"{after.accuracy:.2%}",
                   f"{(after.accuracy - before.accuracy) * 100:+.2f} pts",
                   help=f"On the first {after.samples:,} test images, as on the Prune page.")
+
+
+def greedy_card(chosen: cache.Selection, layer: str, channel: int, place: int) -> None:
+    """Why greedy subset fidelity keeps (or drops) the channel: what each channel of its group
+    added, in the order the greedy chose them, beside the paper's union-rule rank."""
+    steps = cache.greedy_steps(chosen, layer, channel)
+    mine = steps.iloc[place - 1]
+    with st.expander(f"Greedy selection: channel {channel} is added at step {place} of "
+                     f"{len(steps)}, raising the group's fidelity by {mine['gain']:.2%}"):
+        st.write("Greedy subset fidelity adds, one at a time, the channel that most raises the "
+                 "refit fidelity of every output of every layer reading this group, given the "
+                 "channels already kept: a channel that only repeats kept ones adds little, "
+                 "however high its own fidelity. **gain**: what the channel added (mean over "
+                 "those outputs); **fidelity**: the group's mean fidelity with the channels up "
+                 "to it kept; **union rank**: its place in the paper's union of HiFi sets.")
+        st.dataframe(steps, hide_index=True, column_config={
+            "gain": st.column_config.NumberColumn(format="percent"),
+            "fidelity": st.column_config.ProgressColumn("fidelity", min_value=0, max_value=1,
+                                                        format="percent"),
+            "union_rank": "union rank"})
 
 
 page.guarded(render)

@@ -213,6 +213,37 @@ def test_the_channel_card_matches_a_masked_forward_and_its_plan_removes_one_chan
         card.channel_card(analysis, layer, 10_000)
 
 
+def test_the_greedy_steps_add_up_to_each_prefix_refit_fidelity():
+    """A residual stream (read by several layers): the table's running fidelity after k steps is
+    the mean, over every output of every reading layer, of the share of its energy that the
+    refit of the first k channels reproduces (the compensation path, `refit_weight` and
+    `reconstruction_error`, not the greedy's Schur complements); the union ranks are places in
+    the union-rule order."""
+    from modhifi.prune import card
+
+    analysis = _analysis(nets.ResNet(), (1, 28, 28))
+    group = max((g for g in analysis.structure.groups if g.size <= 32),
+                key=lambda g: len(g.consumers))
+    assert len(group.consumers) > 1
+    layer = group.consumers[0][0]
+    index = dict(group.consumers)[layer]
+    steps = card.greedy_steps(analysis, layer, index[0])
+    greedy = analysis.ranking("modhifi-greedy")[group.name].order
+    assert list(steps["channel"]) == [index[j] for j in greedy]
+    union = analysis.ranking("modhifi")[group.name].order
+    assert list(steps["union_rank"]) == [union.index(j) + 1 for j in greedy]
+    for k in (1, 5, group.size):
+        total = outputs = 0
+        for name, consumer_index in group.consumers:
+            fidelity = analysis.fidelity[name]
+            kept = torch.tensor(sorted(consumer_index[j] for j in greedy[:k]))
+            error = fidelity.reconstruction_error(fidelity.refit_weight(kept))  # (c_out,)
+            alive = fidelity.energy > 0
+            total += float((1 - error[alive] / fidelity.energy[alive]).sum())
+            outputs += fidelity.w.shape[0]
+        assert steps["fidelity"][k - 1] == pytest.approx(total / outputs, abs=1e-3)
+
+
 def test_the_channel_card_of_a_token_layer_draws_the_channel_over_the_patch_grid():
     """A ViT's FFN output layer reads (B, 1 + s², C): the card's map of a channel is its value
     at each patch token on the s × s grid (the class token left out), and the drivers are the

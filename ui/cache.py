@@ -195,6 +195,11 @@ def channel_card(selection: Selection, layer: str, channel: int) -> card.Channel
     return card.channel_card(analysis(selection), layer, channel)
 
 
+@st.cache_data(show_spinner="Ranking the group greedily…", max_entries=CACHED_TABLES)
+def greedy_steps(selection: Selection, layer: str, channel: int) -> pd.DataFrame:
+    return card.greedy_steps(analysis(selection), layer, channel)
+
+
 @st.cache_data(show_spinner="Removing only this channel (refit, recalibrated)…",
                max_entries=CACHED_TABLES)
 def without_channel(selection: Selection, layer: str, channel: int) -> metrics.Evaluation:

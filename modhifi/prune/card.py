@@ -1,6 +1,7 @@
 """The channel card: why one input channel of a layer matters. The calibration images that drive
 it hardest and its maps over them, the outputs it feeds and its fidelity to each, its rank by
-every criterion, the layer's output error without it, and the plan that removes it alone.
+every criterion, the layer's output error without it, the plan that removes it alone, and how
+the greedy selection keeps its group (`greedy_steps`).
 """
 from __future__ import annotations
 
@@ -90,6 +91,23 @@ def channel_card(analysis: Analysis, layer: str, channel: int, *, images: int = 
     drivers, strength, pictures, maps = _drivers(analysis, layer, channel, images)
     return ChannelCard(layer, channel, group.name, j, group.size, ranks, feeds, refit, removed,
                        drivers, strength, pictures, maps)
+
+
+def greedy_steps(analysis: Analysis, layer: str, channel: int) -> pd.DataFrame:
+    """How greedy subset fidelity keeps the group of input `channel` of `layer`: one row per
+    channel in the order it was added, with the mean refit fidelity it added over every output
+    of every layer that reads the group (`gain`), that fidelity so far (`fidelity`), and its
+    place in the paper's union-rule order (`union_rank`); channels in `layer`'s numbering."""
+    group, _ = group_of(analysis, layer, channel)
+    greedy = analysis.ranking("modhifi-greedy")[group.name]
+    union = {j: place for place, j in enumerate(analysis.ranking("modhifi")[group.name].order, 1)}
+    outputs = sum(analysis.fidelity[name].w.shape[0] for name, _ in group.consumers)
+    index = dict(group.consumers)[layer]  # group channel -> this layer's input channel
+    gain = np.asarray(greedy.gain) / outputs
+    return pd.DataFrame({"step": range(1, group.size + 1),
+                         "channel": [index[j] for j in greedy.order],
+                         "gain": gain, "fidelity": gain.cumsum(),
+                         "union_rank": [union[j] for j in greedy.order]})
 
 
 def _drivers(analysis: Analysis, layer: str, channel: int,

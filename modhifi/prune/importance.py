@@ -35,12 +35,17 @@ class Ranking:
 
     order: tuple[int, ...]
     score: tuple[float, ...]
+    # Greedy only: the fidelity each channel added when it was chosen, in order (Σ over the
+    # consumers' outputs of the gain in FS_c, `fidelity.greedy_subset`); empty otherwise.
+    gain: tuple[float, ...] = ()
 
 
-def ranking_of(order: torch.Tensor, score: torch.Tensor) -> Ranking:
-    """Normalise `score` (given in `order`) to [0, 1] and make it non-increasing along the order."""
-    score = score.double() / score.max().clamp(min=1e-30)
-    return Ranking(tuple(order.tolist()), tuple(score.cummin(0).values.tolist()))
+def ranking_of(order: torch.Tensor, score: torch.Tensor, *, gain: bool = False) -> Ranking:
+    """Normalise `score` (given in `order`) to [0, 1] and make it non-increasing along the order;
+    with `gain`, keep the raw scores as `Ranking.gain`."""
+    normalised = score.double() / score.max().clamp(min=1e-30)
+    return Ranking(tuple(order.tolist()), tuple(normalised.cummin(0).values.tolist()),
+                   tuple(score.double().tolist()) if gain else ())
 
 
 def modhifi_ranking(group: ChannelGroup, evidence: Evidence) -> Ranking:
@@ -65,7 +70,7 @@ def greedy_ranking(group: ChannelGroup, evidence: Evidence) -> Ranking:
     over every output of every consumer, given the channels already kept (fidelity.greedy_subset)."""
     consumers = [(evidence.fidelity[name], index) for name, index in group.consumers]
     order, gains = greedy_subset(consumers, group.size)
-    return ranking_of(torch.tensor(order), torch.tensor(gains))
+    return ranking_of(torch.tensor(order), torch.tensor(gains), gain=True)
 
 
 def l1_ranking(group: ChannelGroup, evidence: Evidence) -> Ranking:
