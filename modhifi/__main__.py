@@ -15,7 +15,7 @@ from typing import Callable
 
 from modhifi.console import RANK, WORLD, class_index, progress, tenths
 from modhifi.errors import UserError
-from modhifi.options import (CALIBRATION_CLI, COMPONENT_LABELS, Component,
+from modhifi.options import (CALIBRATION_CLI, COMPONENT_LABELS, DEFAULT_METHOD, Component,
                              WHY_FORGET_TARGET, WHY_K, WHY_ROUND_TO, WHY_STEPS,
                              Allocation, Compensation, DeviceChoice, Edit, Method, Scope,
                              METHOD_LABELS, ROUND_TO, TargetKind, check_fraction, check_target, check_whole, choices,
@@ -76,7 +76,7 @@ def _prune(args: argparse.Namespace) -> dict:
         return text_commands.prune(args)
     backend, subject = _open(args)
     model, dataset = subject.loaded.model, subject.dataset
-    method, round_to = args.method or "modhifi", args.round_to or ROUND_TO
+    method, round_to = args.method or DEFAULT_METHOD, args.round_to or ROUND_TO
     compensation = args.compensation or default_compensation(method)
     calibration, samples = _calibration(subject, args.calib_samples, args.shard,
                                         backend.device)
@@ -329,8 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--scope", choices=choices(Scope), default="all",
                                  help="internal: leave residual-stream channels alone")
             command.add_argument("--method", choices=choices(Method),
-                                 help="default: modhifi for image models, modhifi-greedy for "
-                                      "text ones; " + "; ".join(
+                                 help=f"default: {DEFAULT_METHOD}; " + "; ".join(
                                           f"{name}: {label}" for name, label in METHOD_LABELS.items()))
             command.add_argument("--components", choices=choices(Component), default="ffn",
                                  help="text models: what to remove, " + "; ".join(

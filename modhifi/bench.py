@@ -18,6 +18,7 @@ from torch import nn
 from modhifi.backend import Backend, percentile
 from modhifi.data import Dataset, Split
 from modhifi.metrics import evaluate, measure_latencies
+from modhifi.options import DEFAULT_METHOD
 from modhifi.prune import Analysis, PrunePlan, analyse
 from modhifi.requests import PruneRequest
 
@@ -106,7 +107,7 @@ def quick(model, dataset: Dataset, *, backend: Backend, calibration_samples: int
 
     # compensation by default: refit for ModHiFi, none for the baselines
     requests = [PruneRequest(target=target, target_kind="macs", method=method)
-                for method in ("modhifi", "l1", "random", "activation")]
+                for method in (DEFAULT_METHOD, "l1", "random", "activation")]
     points = sweep(analysis, requests, dataset.test, backend=backend,
                    num_classes=dataset.num_classes)
     ours = next(points)  # kept for timing; each baseline's model is dropped once evaluated

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from modhifi.errors import UserError
-from modhifi.options import (FLOOR, REFERENCE_SAMPLES, RETAIN_SAMPLES, ROUND_TO, TOPIC_TARGET,
+from modhifi.options import (DEFAULT_METHOD, FLOOR, REFERENCE_SAMPLES, RETAIN_SAMPLES, ROUND_TO, TOPIC_TARGET,
                              UNLEARN_BATCH, WHY_FLOOR, WHY_FORGET_TARGET, WHY_K, WHY_OVERRIDE,
                              WHY_ROUND_TO,
                              Allocation, Compensation, Component, Edit, Method, Scope, Score,
@@ -88,7 +88,7 @@ class PruneRequest:
     target: float                          # fraction in [0, 1) of channels or MACs to remove
     target_kind: TargetKind = "channels"
     allocation: Allocation = "uniform"
-    method: Method = "modhifi"
+    method: Method = DEFAULT_METHOD
     scope: Scope = "all"
     floor: float = FLOOR                   # fraction of each group always kept
     round_to: int = ROUND_TO               # kept channels per group: a multiple of this

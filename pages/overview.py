@@ -46,7 +46,7 @@ def guided_start(model: str) -> None:
                            "bright cells the few input channels that explain the outputs.")
         st.page_link("pages/prune.py", icon=":material/looks_two:",
                      query_params={"model": model, "kind": "macs", "target": "0.5",
-                                   "method": "modhifi"},
+                                   "method": "modhifi-greedy"},
                      label="Prune half the MACs, then set Compensation to none and turn "
                            "BatchNorm recalibration off: watch what each one saves.")
         st.page_link("pages/prune.py", icon=":material/looks_3:",

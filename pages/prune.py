@@ -30,9 +30,8 @@ def render_text(chosen: cache.Selection) -> None:
                                 format_func={"macs": "share of MACs",
                                              "channels": "share of the components"}.get)
     url.restore(keys.PRUNE_METHOD, lambda name: name in choices(Method))
-    method = cols[1].selectbox("Method", ("modhifi-greedy", *[m for m in choices(Method)
-                                                              if m != "modhifi-greedy"]),
-                               format_func=METHOD_LABELS.get, key=keys.PRUNE_METHOD)
+    method = cols[1].selectbox("Method", choices(Method), format_func=METHOD_LABELS.get,
+                               key=keys.PRUNE_METHOD)
     compensation = cols[2].selectbox("Compensation", choices(Compensation),
                                      index=choices(Compensation).index(default_compensation(method)),
                                      key=keys.PRUNE_COMPENSATION)

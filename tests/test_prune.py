@@ -84,7 +84,8 @@ def test_vit_prunes_only_ffn_hidden_neurons():
 def test_torchvision_architectures_prune_to_the_planned_cost(arch, shape):
     model = build_torchvision(arch, num_classes=10)
     analysis = _analysis(model, shape, samples=32)
-    plan = analysis.plan(0.4, target_kind="macs", allocation="global")
+    # The cost and the surgery are under test: the union rule ranks ResNet-50 6 s faster.
+    plan = analysis.plan(0.4, target_kind="macs", allocation="global", method="modhifi")
     pruned = analysis.apply(plan, compensation="refit")
     cost = count_cost(pruned, shape)
     assert (cost.macs, cost.params) == (plan.macs_after, plan.params_after)
@@ -358,10 +359,10 @@ def test_union_rule_keeps_every_hifi_set_union_as_a_prefix():
 def test_global_allocation_keeps_the_best_scores_across_groups(target):
     """Brute force of the global allocation: with exact counts, no removed channel of any
     group scores above a kept one (groups' scores normalised to [0, 1]), unless a group's floor
-    of one channel forced it."""
+    of one channel forced it. The default method: greedy, its gains normalised per group."""
     analysis = _analysis(nets.vgg(stages=((8, 12), (16,))), (1, 12, 12), samples=64)
-    rankings = analysis.ranking("modhifi")
     plan = analysis.plan(target, allocation="global", round_to=1, floor=0.0)
+    rankings = analysis.ranking(plan.method)
     kept, removed = [], []
     for group in plan.groups:
         score = dict(zip(rankings[group.name].order, rankings[group.name].score))

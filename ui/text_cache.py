@@ -75,7 +75,7 @@ def score_map(selection: Selection, kind: str, target: float) -> pd.DataFrame:
     `target` of the components go (columns as the image pages' channel table)."""
     studied = analysis(selection)
     frame = studied.score_map(kind)
-    kept = studied.plan(target, kind=kind, method="modhifi-greedy").kept
+    kept = studied.plan(target, kind=kind).kept  # the default: greedy
     frame["kept"] = [c in kept[layer] for layer, c in zip(frame["layer"], frame["component"])]
     frame["layer"] = [f"layer {layer}" for layer in frame["layer"]]
     return frame.rename(columns={"component": "channel"})

@@ -19,7 +19,8 @@ from modhifi.errors import UserError
 from modhifi.fidelity import LayerFidelity
 from modhifi.hooks import private_copy
 from modhifi.moments import LayerMoments, collect_moments
-from modhifi.options import FLOOR, ROUND_TO, Allocation, Compensation, Method, Scope, TargetKind
+from modhifi.options import (DEFAULT_METHOD, FLOOR, ROUND_TO, Allocation, Compensation, Method,
+                             Scope, TargetKind)
 from modhifi.prune.apply import compensate, cut_channels, kept_inputs, recalibrate_batchnorm
 from modhifi.prune.importance import Evidence, Ranking, rank
 from modhifi.prune.plan import (PrunePlan, check_overrides, in_scope, most, plan_pruning,
@@ -63,7 +64,7 @@ class Analysis:
             return dict(self._rankings[method, seed])
 
     def plan(self, target: float, *, target_kind: TargetKind = "channels",
-             allocation: Allocation = "uniform", method: Method = "modhifi",
+             allocation: Allocation = "uniform", method: Method = DEFAULT_METHOD,
              scope: Scope = "all", floor: float = FLOOR, round_to: int = ROUND_TO,
              seed: int = 0, overrides: Mapping[str, float] | None = None) -> PrunePlan:
         """The plan that removes at least `target` of the channels (or of the MACs); the
@@ -73,7 +74,7 @@ class Analysis:
                             scope=scope, floor=floor, round_to=round_to, overrides=overrides)
 
     def most(self, *, target_kind: TargetKind = "channels", allocation: Allocation = "uniform",
-             method: Method = "modhifi", scope: Scope = "all", floor: float = FLOOR,
+             method: Method = DEFAULT_METHOD, scope: Scope = "all", floor: float = FLOOR,
              round_to: int = ROUND_TO, seed: int = 0,
              overrides: Mapping[str, float] | None = None) -> float:
         """The largest target a plan with these options can reach (`plan`'s arguments)."""

@@ -105,8 +105,8 @@ def random_ranking(group: ChannelGroup, evidence: Evidence) -> Ranking:
 Importance = Callable[[ChannelGroup, Evidence], Ranking]
 
 IMPORTANCES: dict[str, Importance] = {
-    "modhifi": modhifi_ranking,
     "modhifi-greedy": greedy_ranking,
+    "modhifi": modhifi_ranking,
     "l1": l1_ranking,
     "random": random_ranking,
     "activation": activation_ranking,

@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from modhifi.options import (ROUND_TO, WHY_STEPS, Allocation, Compensation, Method, Scope, TargetKind,
-                             check_target, check_whole)
+from modhifi.options import (DEFAULT_METHOD, ROUND_TO, WHY_STEPS, Allocation, Compensation,
+                             Method, Scope, TargetKind, check_target, check_whole)
 from modhifi.data import reusable
 from modhifi.distributed import ALONE, Shard
 from modhifi.prune.analysis import analyse
@@ -23,7 +23,7 @@ def _size(plan: PrunePlan, target_kind: TargetKind) -> int:
 def prune_in_steps(model: nn.Module, calibration: Iterable[torch.Tensor], *, device: torch.device,
                    input_shape: tuple[int, ...], target: float, steps: int,
                    target_kind: TargetKind = "channels", allocation: Allocation = "uniform",
-                   method: Method = "modhifi", scope: Scope = "all",
+                   method: Method = DEFAULT_METHOD, scope: Scope = "all",
                    compensation: Compensation = "refit", recalibrate: bool = True,
                    round_to: int = ROUND_TO, shard: Shard = ALONE,
                    progress: Callable[[float], None] | None = None,

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from modhifi.fidelity import hifi_size
-from modhifi.options import HIFI_LEVEL, Method
+from modhifi.options import DEFAULT_METHOD, HIFI_LEVEL, Method
 from modhifi.prune.apply import kept_inputs
 from modhifi.prune.plan import PrunePlan
 
@@ -38,7 +38,7 @@ def score_table(analysis: Analysis, plan: PrunePlan | None = None) -> pd.DataFra
 
 
 def channel_table(analysis: Analysis, plan: PrunePlan | None = None, *,
-                  method: Method = "modhifi") -> pd.DataFrame:
+                  method: Method = DEFAULT_METHOD) -> pd.DataFrame:
     """One row per (consumer layer, input channel): its scores, keep priority and fate.
 
     Columns: layer, channel, singleton (best over the layer's outputs), saliency_share (mean

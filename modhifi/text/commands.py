@@ -9,7 +9,8 @@ from pathlib import Path
 
 from modhifi.console import class_index, progress
 from modhifi.errors import UserError
-from modhifi.options import CALIBRATION_TEXT, Component, choices, default_compensation
+from modhifi.options import (CALIBRATION_TEXT, DEFAULT_METHOD, Component, choices,
+                             default_compensation)
 from modhifi.text.corpus import Corpus, load_fortunes
 
 
@@ -61,7 +62,7 @@ def prune(args: argparse.Namespace) -> dict:
     from modhifi.text.surgery import apply_plan
 
     backend, subject, texts = open_arguments(args)
-    method = args.method or "modhifi-greedy"
+    method = args.method or DEFAULT_METHOD
     compensation = args.compensation or default_compensation(method)
     progress(f"statistics and scores on {len(texts)} calibration texts")
     start = time.perf_counter()
@@ -134,7 +135,7 @@ def scores(args: argparse.Namespace) -> dict:
         kept = {}
         for kind in choices(Component):
             kept.update(analysis.kept_by_consumer(analysis.plan(args.target, kind=kind,
-                                                                method="modhifi-greedy")))
+                                                                method=DEFAULT_METHOD)))
         table["kept"] = [channel in kept[layer]
                          for layer, channel in zip(table["layer"], table["in_channel"])]
     write_atomically(Path(args.out), lambda p: table.to_csv(p, index=False))

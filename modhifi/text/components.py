@@ -27,7 +27,7 @@ from modhifi.errors import UserError
 from modhifi.fidelity import LayerFidelity
 from modhifi.hooks import hooked, private_copy
 from modhifi.moments import LayerMoments, moments_of
-from modhifi.options import (COMPONENT_LABELS, FLOOR, ROUND_TO, WHY_FLOOR, WHY_ROUND_TO,
+from modhifi.options import (COMPONENT_LABELS, DEFAULT_METHOD, FLOOR, ROUND_TO, WHY_FLOOR, WHY_ROUND_TO,
                              Component, Method, TargetKind, check, check_fraction, check_target,
                              check_whole)
 from modhifi.prune.importance import IMPORTANCES, Evidence, Ranking, ranking_of
@@ -233,13 +233,13 @@ class TextAnalysis:
                    for layer, group in zip(self.layers, self.groups(kind)))
 
     def most(self, *, kind: Component = "ffn", target_kind: TargetKind = "channels",
-             method: Method = "modhifi", floor: float = FLOOR, round_to: int | None = None,
+             method: Method = DEFAULT_METHOD, floor: float = FLOOR, round_to: int | None = None,
              seed: int = 0) -> float:
         """The largest target a plan with these options can reach."""
         return most(self._counts(kind, method, target_kind, floor, round_to, seed)[1])
 
     def plan(self, target: float, *, kind: Component = "ffn", target_kind: TargetKind = "channels",
-             method: Method = "modhifi", floor: float = FLOOR, round_to: int | None = None,
+             method: Method = DEFAULT_METHOD, floor: float = FLOOR, round_to: int | None = None,
              seed: int = 0) -> TextPlan:
         """The same share of every layer's components removed, at least `target` of them
         (`target_kind="channels"`) or of the MACs per sentence (`"macs"`).
