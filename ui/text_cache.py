@@ -173,7 +173,8 @@ def try_it(selection: Selection, request: TextPruneRequest | None, sentence: str
 def dense_audit(opened: Opened, category: int) -> Audit:
     chosen = subject(opened)
     return forget.audit_text(chosen.model, chosen.probe, chosen.corpus, category=category,
-                             device=backend(opened.device).device)
+                             device=backend(opened.device).device,
+                             test_embeddings=dense_embeddings(opened, True))
 
 
 @st.cache_resource(show_spinner="Forgetting: the category's statistics, the gate, its "
@@ -196,17 +197,11 @@ def forget_tables(opened: Opened, request: TextUnlearnRequest) -> tuple[pd.DataF
     return result.to_frame(), per_class, result.plan.neurons()
 
 
-@st.cache_resource(show_spinner="Encoding the test quotations with the edited model…",
-                   max_entries=PRUNED_MODELS)
-def forgotten_embeddings(opened: Opened, request: TextUnlearnRequest) -> torch.Tensor:
-    texts, _ = test_texts(opened, False)
-    return encoder.embed(forgotten(opened, request).model, texts,
-                         device=backend(opened.device).device)
-
-
 @st.cache_data(show_spinner="Searching the quotations…", max_entries=CACHED_TABLES)
 def try_forgotten(opened: Opened, request: TextUnlearnRequest, sentence: str) -> pd.DataFrame:
-    """The live test quotations nearest to `sentence` under the dense and the edited model."""
-    models = {"dense": (subject(opened).model, dense_embeddings(opened, False)),
-              "edited": (forgotten(opened, request).model, forgotten_embeddings(opened, request))}
-    return _nearest(opened, models, sentence, False)
+    """The test quotations nearest to `sentence` under the dense and the edited model (the
+    whole split, whose embeddings the audits already made)."""
+    result = forgotten(opened, request)
+    models = {"dense": (subject(opened).model, dense_embeddings(opened, True)),
+              "edited": (result.model, result.test_embeddings)}
+    return _nearest(opened, models, sentence, True)

@@ -322,6 +322,7 @@ class TopicResult:
     after: Audit
     seconds: float  # statistics, plan and edit; not the audits
     categories: tuple[str, ...]
+    test_embeddings: Tensor = field(repr=False)  # (n_test, hidden) the edited model's, in order
 
     def to_frame(self) -> pd.DataFrame:
         """One row per audit figure: metric, before, after."""
@@ -342,11 +343,14 @@ class TopicResult:
 
 
 def audit_text(model: nn.Module, probe: Probe, corpus: Corpus, *, category: int,
-               device: torch.device | str, seed: int = 0) -> Audit:
-    """The image path's audit for an encoder with its category probe (module docstring, 5)."""
+               device: torch.device | str, seed: int = 0,
+               test_embeddings: Tensor | None = None) -> Audit:
+    """The image path's audit for an encoder with its category probe (module docstring, 5);
+    `test_embeddings`: the model's embeddings of the test split, when already made."""
     test, train, calibration = corpus.test, corpus.train, corpus.calibration
     test_labels = torch.tensor(test.labels)
-    test_embeddings = embed(model, test.texts, device=device)
+    if test_embeddings is None:
+        test_embeddings = embed(model, test.texts, device=device)
     train_labels = torch.tensor(train.labels)
     members, _ = balanced((train_labels == category).nonzero().squeeze(1),
                           (test_labels == category).nonzero().squeeze(1), seed)
@@ -393,5 +397,7 @@ def forget_category(model: nn.Module, probe: Probe, corpus: Corpus, *, category:
     edited = apply_plan(model, plan)
     seconds = time.perf_counter() - begin
     run = dict(category=category, device=device, seed=seed)
+    test_embeddings = embed(edited, corpus.test.texts, device=device)  # the audit's, kept
     return TopicResult(edited, plan, before or audit_text(model, probe, corpus, **run),
-                       audit_text(edited, probe, corpus, **run), seconds, corpus.categories)
+                       audit_text(edited, probe, corpus, test_embeddings=test_embeddings, **run),
+                       seconds, corpus.categories, test_embeddings)
