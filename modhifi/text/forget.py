@@ -42,7 +42,6 @@ discriminant, spare neuron and threshold choice it shares, with texts for images
 """
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Callable
@@ -61,8 +60,8 @@ from modhifi.options import (FOLDS, GATE_QUANTILES, GATE_SLACK, REFERENCE_TEXTS,
 from modhifi.text.corpus import Corpus, TextSplit
 from modhifi.text.encoder import TransformerLayer, embed, token_batches, transformer_layers
 from modhifi.text.quality import Probe
-from modhifi.unlearn.direction import (Gate, best_threshold, discriminant, spare_neuron,
-                                       weakest_strength)
+from modhifi.unlearn.direction import (Gate, discriminant, moved_bias, search_gate,
+                                       spare_neuron)
 from modhifi.unlearn.scores import reference_index
 
 
@@ -272,24 +271,24 @@ def plan_forgetting(statistics: TopicStatistics, probe: Probe, *, category: int,
     others = statistics.reference & ~statistics.forget  # (n,)
     dense = probe.predict(statistics.embeddings[others]).cpu()
     quantiles = GATE_QUANTILES if quantile is None else (quantile,)
-    options = []
-    for folds in topic_gates(statistics, quantiles=quantiles, ridge=ridge, cross_fitted=True):
-        replay = statistics.replay(folds, statistics.forget)
 
-        @functools.cache  # the strength search and the plan ask for some strengths twice
-        def accuracy(alpha: float, replay: Callable[[float], Tensor] = replay) -> float:
-            return float((probe.predict(replay(alpha)).cpu() == category).double().mean())
+    def accuracy(folds: Gate) -> Callable[[float], float]:
+        replay = statistics.replay(folds, statistics.forget)  # once per gate, for every α
+        return lambda alpha: float((probe.predict(replay(alpha)).cpu() == category)
+                                   .double().mean())
 
-        alpha = weakest_strength(accuracy, allowed, TOPIC_SLACK) if strength is None \
-            else strength
-        kept = None
-        if others.any():
-            edited = statistics.edited_embeddings(folds, alpha, others)
-            kept = float((probe.predict(edited).cpu() == dense).double().mean())
-        options.append((accuracy(alpha), kept, folds.quantile, alpha))
-    forget_accuracy, kept, q, alpha = best_threshold(options, GATE_SLACK)
-    gate, = topic_gates(statistics, quantiles=(q,), ridge=ridge)
-    return plan_for(statistics, category, gate, alpha, forget_accuracy, kept)
+    def kept(folds: Gate, alpha: float) -> float:
+        edited = statistics.edited_embeddings(folds, alpha, others)
+        return float((probe.predict(edited).cpu() == dense).double().mean())
+
+    choice = search_gate(topic_gates(statistics, quantiles=quantiles, ridge=ridge,
+                                     cross_fitted=True), accuracy,
+                         kept if others.any() else None, target=allowed,
+                         strength_slack=TOPIC_SLACK, threshold_slack=GATE_SLACK,
+                         strength=strength)
+    gate, = topic_gates(statistics, quantiles=(choice.gate.quantile,), ridge=ridge)
+    return plan_for(statistics, category, gate, choice.strength, choice.forget_accuracy,
+                    choice.kept)
 
 
 @torch.no_grad()
@@ -300,7 +299,7 @@ def apply_plan(model: nn.Module, plan: TopicPlan) -> nn.Module:
     down = edited.get_submodule(plan.layer.ffn_down)
     j = plan.neuron
     plan.gate.write(edited.get_submodule(plan.layer.ffn_up), down, neuron=j,
-                    strength=plan.strength, bias=down.bias + down.weight[:, j] * plan.neuron_mean)
+                    strength=plan.strength, bias=moved_bias(down, j, plan.neuron_mean))
     return edited
 
 

@@ -1,8 +1,8 @@
 """ModHiFi-U's gated class-direction edit, for networks whose head reads a token (a ViT's class
 token): one neuron of the last feed-forward layer before the head becomes a gate that fires only
 on the forget class's tokens and moves them off the class. The gate itself (`Gate`, `discriminant`,
-`spare_neuron`, `weakest_strength`, `best_threshold`) is shared with the text encoders' topic edit
-(`text.forget`).
+`spare_neuron`, `moved_bias`) and the search of its threshold and strength (`search_gate`) are
+shared with the text encoders' topic edit (`text.forget`).
 
 1. **Statistics** (`class_direction`): one pass over the forget class's calibration images and a
    seeded reference sample of all classes records, at the positions that reach the head
@@ -35,7 +35,7 @@ a little pay too; the gate leaves the tokens below its threshold alone.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -134,14 +134,37 @@ def weakest_strength(accuracy: Callable[[float], float], target: float, slack: f
                             ALPHA_REFINE_STEPS)
 
 
-def best_threshold(options: list[tuple[float, float | None, float, float]], slack: float
-                   ) -> tuple[float, float | None, float, float]:
-    """Of (forget accuracy, other samples' predictions kept or None, quantile, strength) per
-    threshold, the one that keeps most among those within `slack` of the lowest forget
-    accuracy (the first of them when nothing was kept count)."""
-    lowest = min(option[0] for option in options)
-    return max((option for option in options if option[0] <= lowest + slack),
-               key=lambda option: -1.0 if option[1] is None else option[1])
+@dataclass(frozen=True)
+class GateChoice:
+    """The gate a search kept, its strength and the figures it was chosen by."""
+
+    gate: Gate
+    strength: float                 # α
+    forget_accuracy: float          # on the forget samples it was judged on, at α
+    kept: float | None              # the other samples' predictions unchanged, at α
+
+
+def search_gate(gates: Iterable[Gate], forget_accuracy: Callable[[Gate], Callable[[float], float]],
+                kept: Callable[[Gate, float], float] | None, *, target: float,
+                strength_slack: float, threshold_slack: float,
+                strength: float | None = None) -> GateChoice:
+    """The threshold and strength of the gate edit, shared by images and text. For each gate
+    (one per threshold), the weakest strength that takes `forget_accuracy(gate)(α)` to `target`
+    (`weakest_strength` with `strength_slack`), or `strength` when given; of the gates within
+    `threshold_slack` of the lowest forget accuracy, the one whose edit `kept` most of the other
+    samples' predictions (without `kept`: the first of them)."""
+    options = []
+    for gate in gates:
+        # The strength search and the final figure ask for some strengths twice.
+        accuracy = functools.cache(forget_accuracy(gate))
+        alpha = weakest_strength(accuracy, target, strength_slack) if strength is None \
+            else strength
+        options.append(GateChoice(gate, alpha, accuracy(alpha),
+                                  None if kept is None else kept(gate, alpha)))
+    lowest = min(option.forget_accuracy for option in options)
+    return max((option for option in options
+                if option.forget_accuracy <= lowest + threshold_slack),
+               key=lambda option: -1.0 if option.kept is None else option.kept)
 
 
 @dataclass(frozen=True, eq=False)
@@ -263,16 +286,19 @@ def class_direction(model: nn.Module, calibration: Split, *, forget_class: int,
 def apply_direction(model: nn.Module, plan: DirectionPlan) -> nn.Module:
     """A copy of `model` with the plan's gate written in (step 5); `model` is not touched."""
     copy = private_copy(model)
-    _write(copy, plan.direction, plan.gate, plan.strength, moved_bias(copy, plan.direction))
+    _write(copy, plan.direction, plan.gate, plan.strength, _moved_bias(copy, plan.direction))
     return copy
 
 
-def moved_bias(model: nn.Module, direction: ClassDirection) -> Tensor:
-    """(d_model,) the unedited down-projection's bias with the spare neuron's mean output moved
-    in (taken before the gate overwrites the neuron's column)."""
-    down = model.get_submodule(direction.layer)
+def moved_bias(down: nn.Linear, neuron: int, mean: float) -> Tensor:
+    """(d_model,) the unedited down-projection's bias with `neuron`'s mean output moved in (taken
+    before the gate overwrites the neuron's column)."""
     bias = torch.zeros_like(down.weight[:, 0]) if down.bias is None else down.bias
-    return (bias + down.weight[:, direction.spare] * direction.spare_mean).detach().clone()
+    return (bias + down.weight[:, neuron] * mean).detach().clone()
+
+
+def _moved_bias(model: nn.Module, direction: ClassDirection) -> Tensor:
+    return moved_bias(model.get_submodule(direction.layer), direction.spare, direction.spare_mean)
 
 
 def _write(model: nn.Module, direction: ClassDirection, gate: Gate, strength: float,
@@ -296,28 +322,25 @@ def plan_direction(model: nn.Module, direction: ClassDirection, calibration: Spl
         torch.cat([split.images.to(device) for split in both]))  # (n_f + n_r, C, H, W)
     replay = Replay(model, images, [direction.up], batch_size=batch_size,
                     max_bytes=REPLAY_BYTES)
-    bias = moved_bias(replay.model, direction)
+    bias = _moved_bias(replay.model, direction)
     forget = torch.arange(len(forget_images))
     retain = torch.arange(len(forget_images), len(images))
     dense = replay.logits[retain].argmax(1).cpu()
-    options = []
     with replay.before(direction.up) as run:
         def predicted(gate: Gate, alpha: float, index: Tensor) -> Tensor:
             _write(replay.model, direction, gate, alpha, bias)
             return torch.cat([run(index[start:start + batch_size]).argmax(1).cpu()
                               for start in range(0, len(index), batch_size)])
 
-        for quantile in GATE_QUANTILES:
-            gate = direction.gate(quantile)
+        def accuracy(gate: Gate) -> Callable[[float], float]:
+            return lambda alpha: float(
+                (predicted(gate, alpha, forget) == direction.forget_class).double().mean())
 
-            @functools.cache  # the strength search and the plan ask for some strengths twice
-            def accuracy(alpha: float, gate: Gate = gate) -> float:
-                hits = predicted(gate, alpha, forget) == direction.forget_class
-                return float(hits.double().mean())
+        def kept(gate: Gate, alpha: float) -> float:
+            return float((predicted(gate, alpha, retain) == dense).double().mean())
 
-            alpha = weakest_strength(accuracy, target, DIRECTION_SLACK)
-            kept = None if retain_images is None else float(
-                (predicted(gate, alpha, retain) == dense).double().mean())
-            options.append((accuracy(alpha), kept, quantile, alpha))
-    forget_accuracy, kept, quantile, alpha = best_threshold(options, DIRECTION_SLACK)
-    return DirectionPlan(direction, direction.gate(quantile), alpha, forget_accuracy, kept)
+        choice = search_gate(map(direction.gate, GATE_QUANTILES), accuracy,
+                             None if retain_images is None else kept, target=target,
+                             strength_slack=DIRECTION_SLACK, threshold_slack=DIRECTION_SLACK)
+    return DirectionPlan(direction, choice.gate, choice.strength, choice.forget_accuracy,
+                         choice.kept)
