@@ -70,7 +70,8 @@ def _prune(args: argparse.Namespace) -> dict:
     import time
 
     from modhifi.metrics import compare
-    from modhifi.prune import prune_in_steps
+    from modhifi.prune import measured_costs, prune_in_steps, trace_structure
+    from modhifi.zoo import cost_cache
 
     if is_text(args):
         return text_commands.prune(args)
@@ -80,6 +81,14 @@ def _prune(args: argparse.Namespace) -> dict:
     compensation = args.compensation or default_compensation(method)
     calibration, samples = _calibration(subject, args.calib_samples, args.shard,
                                         backend.device)
+    costs = None
+    if args.target_kind == "latency":
+        cache = cost_cache(args.model, model, backend, args.batch_size)
+        how = "read from" if cache.is_file() else "timing each layer at candidate widths, kept in"
+        progress(f"latency cost model: {how} {cache}")
+        costs = measured_costs(model, trace_structure(model, dataset.input_shape),
+                               dataset.input_shape, backend=backend, batch_size=args.batch_size,
+                               cache=cache, shard=args.shard)
     progress("statistics and scores on the calibration images")
     start = time.perf_counter()
     pruned, plans = prune_in_steps(model, calibration,
@@ -88,7 +97,7 @@ def _prune(args: argparse.Namespace) -> dict:
                                    target_kind=args.target_kind, allocation=args.allocation,
                                    method=method, scope=args.scope, compensation=compensation,
                                    recalibrate=not args.no_bn_recal, round_to=round_to,
-                                   shard=args.shard, progress=tenths("statistics"))
+                                   costs=costs, shard=args.shard, progress=tenths("statistics"))
     seconds = time.perf_counter() - start
     progress(f"pruned in {seconds:.1f} s; evaluating and timing")
     result = compare(model, pruned, dataset=dataset, backend=backend, batch_size=args.batch_size,
@@ -112,7 +121,11 @@ def _prune(args: argparse.Namespace) -> dict:
             "latency_ms_before": result.latency_before.optimised.median_ms,
             "latency_ms_after": result.latency_after.optimised.median_ms,
             "speedup_macs": result.speedup_macs, "speedup_measured": result.speedup_measured,
-            "speedup_eager": result.speedup_eager, "seconds": seconds}
+            "speedup_eager": result.speedup_eager,
+            # latency targets: what the cost model predicted, beside what was measured
+            "speedup_planned": plans[0].latency_before_ms / plans[-1].latency_after_ms
+            if costs else None,
+            "seconds": seconds}
 
 
 def _unlearn(args: argparse.Namespace) -> dict:
@@ -323,8 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="saliency centred for forgetting this class (index or name)")
         if name == "prune":
             command.add_argument("--target", type=float, required=True,
-                                 help="fraction of channels (or of MACs) to remove")
-            command.add_argument("--target-kind", choices=choices(TargetKind), default="channels")
+                                 help="fraction of channels (or of MACs, or of latency) to remove")
+            command.add_argument("--target-kind", choices=choices(TargetKind), default="channels",
+                                 help="latency: of the measured latency on this device at "
+                                      "--batch-size (each layer timed once at candidate widths, "
+                                      "cached beside the model; JSON adds speedup_planned)")
             command.add_argument("--allocation", choices=choices(Allocation), default="uniform")
             command.add_argument("--scope", choices=choices(Scope), default="all",
                                  help="internal: leave residual-stream channels alone")

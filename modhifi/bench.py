@@ -19,7 +19,7 @@ from modhifi.backend import Backend, percentile
 from modhifi.data import Dataset, Split
 from modhifi.metrics import evaluate, measure_latencies
 from modhifi.options import DEFAULT_METHOD
-from modhifi.prune import Analysis, PrunePlan, analyse
+from modhifi.prune import Analysis, CostModel, PrunePlan, analyse
 from modhifi.requests import PruneRequest
 
 LIVE_TEST_IMAGES = 2000  # the dashboard's live numbers use this prefix of the test split
@@ -55,7 +55,7 @@ class SweepPoint:
 
 
 def sweep(analysis: Analysis, requests: Sequence[PruneRequest], split: Split, *,
-          backend: Backend, num_classes: int,
+          backend: Backend, num_classes: int, costs: CostModel | None = None,
           progress: Callable[[float], None] | None = None) -> Iterator[SweepPoint]:
     """Plan, apply and evaluate on `split` each request in turn, one pruned model at a time.
 
@@ -63,6 +63,7 @@ def sweep(analysis: Analysis, requests: Sequence[PruneRequest], split: Split, *,
         analysis: the model's analysis (statistics and rankings are reused across requests).
         requests: the prunings, in order.
         split: the images every pruned model is evaluated on.
+        costs: the model's latency cost model, for latency targets (`prune.measured_costs`).
         progress: called with the share of requests done (for progress bars).
 
     Returns:
@@ -70,7 +71,7 @@ def sweep(analysis: Analysis, requests: Sequence[PruneRequest], split: Split, *,
     """
     for done, request in enumerate(requests, 1):
         start = time.perf_counter()
-        plan = analysis.plan(**request.plan_kwargs())
+        plan = analysis.plan(**request.plan_kwargs(), costs=costs)
         model = analysis.apply(plan, **request.apply_kwargs())
         accuracy = evaluate(model, split, device=backend.device, num_classes=num_classes).accuracy
         yield SweepPoint(request, plan, model, accuracy, time.perf_counter() - start)

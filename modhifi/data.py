@@ -176,10 +176,11 @@ def _split(name, classes, train, test, calibration_size, *, mean, std) -> Datase
 def fashion_mnist_dirs(data_dir: str | Path | None = None) -> list[Path]:
     """Directories searched for Fashion-MNIST's IDX files, in order."""
     dirs = [Path(d) for d in (data_dir, os.environ.get("MODHIFI_DATA_DIR")) if d]
-    return dirs + [DEBIAN_FASHION_DIR, _torchvision_root() / "FashionMNIST" / "raw"]
+    return dirs + [DEBIAN_FASHION_DIR, cache_root() / "FashionMNIST" / "raw"]
 
 
-def _torchvision_root() -> Path:
+def cache_root() -> Path:
+    """Where downloads and measurements are kept: $MODHIFI_CACHE, else ~/.cache/modhifi."""
     return Path(os.environ.get("MODHIFI_CACHE", Path.home() / ".cache" / "modhifi"))
 
 
@@ -188,7 +189,7 @@ def _fashion_mnist(data_dir) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         if _find_idx(folder, FASHION_FILES["train"][0]):
             return tuple(_read_pair(folder, *FASHION_FILES[s]) for s in ("train", "test"))
     _download_fashion_mnist()
-    return tuple(_read_pair(_torchvision_root() / "FashionMNIST" / "raw", *FASHION_FILES[s])
+    return tuple(_read_pair(cache_root() / "FashionMNIST" / "raw", *FASHION_FILES[s])
                  for s in ("train", "test"))
 
 
@@ -197,8 +198,8 @@ def _download_fashion_mnist() -> None:
     looked = ", ".join(str(d) for d in fashion_mnist_dirs())
     try:
         from torchvision.datasets import FashionMNIST
-        FashionMNIST(str(_torchvision_root()), train=True, download=True)
-        FashionMNIST(str(_torchvision_root()), train=False, download=True)
+        FashionMNIST(str(cache_root()), train=True, download=True)
+        FashionMNIST(str(cache_root()), train=False, download=True)
     except Exception as error:  # offline, proxy, disk: all mean the same to the user
         raise UserError(f"Fashion-MNIST not found (looked in {looked}) and the download failed "
                         f"({type(error).__name__}): install the Debian package "

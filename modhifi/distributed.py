@@ -87,6 +87,14 @@ class Shard:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
         return bool(flag.item())
 
+    def from_main(self, value: T) -> T:
+        """Process 0's `value` (picklable) on every process; the others pass anything."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, group=self.group, group_src=0, device=self.device)
+        return box[0]
+
     def check_same(self, value: Any, what: str) -> None:
         """Raise on every process unless `value` (picklable) is equal on all of them."""
         if self.world == 1:

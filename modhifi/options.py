@@ -13,7 +13,8 @@ DeviceChoice = Literal["auto", "cpu", "cuda"]
 Method = Literal["modhifi-greedy", "modhifi", "l1", "random", "activation"]  # default first
 Compensation = Literal["refit", "rescale", "none"]
 Allocation = Literal["uniform", "global"]
-TargetKind = Literal["channels", "macs"]
+TargetKind = Literal["channels", "macs", "latency"]  # latency: measured (`prune.latency`)
+TEXT_TARGET_KINDS: tuple[TargetKind, ...] = ("channels", "macs")  # a text encoder's plans take
 Scope = Literal["all", "internal"]  # internal: leave channels shared by residual additions alone
 Edit = Literal["zero", "negate", "direction"]
 Score = Literal["contrastive", "centred"]
@@ -93,8 +94,8 @@ def check_whole(label: str, value, why: str) -> int:
 def check_target(target: float) -> float:
     """`target` if it is a finite fraction in [0, 1), else a one-line UserError."""
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 <= target < 1:
-        raise UserError(f"target {target!r} must be in [0, 1): the fraction of channels or MACs "
-                        "to remove, e.g. --target 0.5")
+        raise UserError(f"target {target!r} must be in [0, 1): the fraction of channels, MACs "
+                        "or latency to remove, e.g. --target 0.5")
     return target
 
 
@@ -112,6 +113,15 @@ WHY_K = ("the share of each layer's (output, input) pairs edited, e.g. --k 0.03;
 WHY_FORGET_TARGET = "the highest forget-class accuracy the chosen k may leave, e.g. 0.05"
 WHY_FLOOR = "the share of each channel group always kept"
 WHY_OVERRIDE = "the share of that group removed whatever the target"
+
+
+def check_text_target(target_kind: str) -> str:
+    """`target_kind` if a text encoder's plan takes it (channels or MACs), else a one-line
+    UserError: the latency cost model times image layers only, so far."""
+    if check(TargetKind, target_kind) not in TEXT_TARGET_KINDS:
+        raise UserError("a latency target is for image models so far: use --target-kind macs "
+                        "on a text model (its speed is measured as sentences per second)")
+    return target_kind
 
 
 def check(kind, value: str) -> str:

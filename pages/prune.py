@@ -3,8 +3,9 @@ from dataclasses import replace
 
 import streamlit as st
 
-from modhifi.options import (COMPONENT_LABELS, METHOD_LABELS, Allocation, Compensation, Component,
-                             Method, Scope, TargetKind, choices, default_compensation)
+from modhifi.options import (COMPONENT_LABELS, METHOD_LABELS, TEXT_TARGET_KINDS, Allocation,
+                             Compensation, Component, Method, Scope, TargetKind, choices,
+                             default_compensation)
 from modhifi.prune.plan import TARGET_UNITS
 from modhifi.requests import PruneRequest, TextPruneRequest
 from modhifi.text.components import target_units
@@ -24,8 +25,9 @@ def render_text(chosen: cache.Selection) -> None:
     cols = st.columns(3)
     kind = cols[0].radio("Components", choices(Component), horizontal=True,
                          key=keys.PRUNE_COMPONENTS, format_func=COMPONENT_LABELS.get)
-    url.restore(keys.PRUNE_KIND, lambda kind: kind in choices(TargetKind))
-    target_kind = cols[0].radio("Target", choices(TargetKind), horizontal=True,
+    page.drop_unless(keys.PRUNE_KIND, TEXT_TARGET_KINDS)
+    url.restore(keys.PRUNE_KIND, lambda kind: kind in TEXT_TARGET_KINDS)
+    target_kind = cols[0].radio("Target", TEXT_TARGET_KINDS, horizontal=True,
                                 key=keys.PRUNE_KIND,
                                 format_func={"macs": "share of MACs",
                                              "channels": "share of the components"}.get)
@@ -161,8 +163,13 @@ def render() -> None:
 
     cols = st.columns(3)
     url.restore(keys.PRUNE_KIND, lambda kind: kind in choices(TargetKind))
-    kind = cols[0].radio("Target", ("macs", "channels"), horizontal=True, key=keys.PRUNE_KIND,
-                         format_func={"macs": "share of MACs", "channels": "share of channels"}.get)
+    kind = cols[0].radio("Target", ("macs", "channels", "latency"), horizontal=True,
+                         key=keys.PRUNE_KIND,
+                         format_func={"macs": "share of MACs", "channels": "share of channels",
+                                      "latency": "share of latency"}.get,
+                         help="Latency: this device's at batch 64, from each layer timed once at "
+                              "candidate widths (the first time takes a few seconds; kept on "
+                              "disk).")
     url.restore(keys.PRUNE_METHOD, lambda name: name in choices(Method))
     method = cols[1].selectbox("Method", choices(Method), format_func=METHOD_LABELS.get,
                               key=keys.PRUNE_METHOD)
@@ -213,8 +220,13 @@ def render() -> None:
     else:  # the same images as after; the Overview's figure is on all of them
         seen = (f"the first {live:,} of {total:,} test images, the same as after (on all of "
                 f"them, as on the Overview: {cache.evaluation(chosen.opened).accuracy:.2%})")
+    planned = ""
+    if plan.speedup_planned is not None:
+        planned = (f" Predicted speed-up {plan.speedup_planned:.2f}× ({cache.LATENCY_BATCH} images "
+                   "per batch, this device; each layer timed alone at candidate widths, the "
+                   "rest of the pass scaled by the activations kept): measure it below.")
     st.caption(f"Before: {before.accuracy:.2%} on {seen}. Asked to remove {target:.0%} {what}; "
-               f"the plan removes {plan.achieved:.1%}.")
+               f"the plan removes {plan.achieved:.1%}.{planned}")
     if plan.achieved > target + OVERSHOOT:
         st.info(f"The plan removes {plan.achieved:.1%} {what}, more than the {target:.0%} asked: "
                 f"kept channels are rounded up to multiples of {round_to} per group, and the "
@@ -226,13 +238,16 @@ def render() -> None:
                  key=keys.PRUNE_SPEED):
         dense, small = cache.pruned_latency(chosen, request)
         speedup = dense.optimised.median_ms / small.optimised.median_ms
-        cols = st.columns(3)
+        cols = st.columns(4)
         cols[0].metric("Latency, optimised", f"{small.optimised.median_ms:.2f} ms",
                        f"{dense.optimised.median_ms / small.optimised.median_ms:.2f}× faster",
                        help="BatchNorm folded, frozen TorchScript; the MACs ratio is the ideal.")
         cols[1].metric("Latency, eager", f"{small.eager.median_ms:.2f} ms",
                        f"{dense.eager.median_ms / small.eager.median_ms:.2f}× faster")
         cols[2].metric("Ideal (MACs ratio)", f"{plan.speedup_macs:.2f}×")
+        if plan.speedup_planned is not None:
+            cols[3].metric("Planned (cost model)", f"{plan.speedup_planned:.2f}×",
+                           help="What the latency cost model predicted before the cut.")
         st.caption(f"{dense.device}, median of {dense.eager.repeats} runs after {dense.eager.warmup} warm-up.")
 
     history.record({
@@ -242,6 +257,7 @@ def render() -> None:
                    + "".join(f", {group} −{share:.0%}" for group, share in request.overrides),
         "accuracy": after.accuracy, "test images": after.samples, "MACs": plan.macs_after,
         "MACs ×": round(plan.speedup_macs, 3), "parameters": plan.params_after,
+        "planned speed-up": None if plan.speedup_planned is None else round(plan.speedup_planned, 3),
         "measured speed-up": None if speedup is None else round(speedup, 3)})
 
     architecture(chosen, request)  # kept share per layer, in forward order, readable names

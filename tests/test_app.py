@@ -600,3 +600,31 @@ def test_the_architecture_and_per_group_overrides_follow_the_library():
     app.radio(key="prune.scope").set_value("internal").run()
     inside = analysis.plan(0.3, scope="internal")
     assert metrics(app)["Channels kept"] == f"{inside.channels_after} / {inside.channels_before}"
+
+
+def test_a_latency_target_plans_with_the_measured_cost_model_and_shows_planned_beside_measured(
+        tmp_path, monkeypatch):
+    """The page times digits-cnn's layers once (kept under MODHIFI_CACHE) and plans with them:
+    the library's plan from the same cost model file is the oracle."""
+    from modhifi import bench
+    from modhifi.backend import choose_backend
+    from modhifi.prune import CostModel
+    from modhifi.zoo import open_subject
+
+    monkeypatch.setenv("MODHIFI_CACHE", str(tmp_path))
+    app = open_page("pages/prune.py", **{"prune.kind": "latency", "prune.target": 0.1})
+    assert not app.exception and not app.error
+    files = list((tmp_path / "latency").glob("digits-cnn.latency-b64-*.json"))
+    assert len(files) == 1
+    costs = CostModel.from_json(files[0].read_text())
+    subject = open_subject("digits-cnn", device=__import__("torch").device("cpu"))
+    analysis = bench.live_analysis(subject.loaded.model, subject.dataset,
+                                   backend=choose_backend("cpu"), samples=250)
+    plan = analysis.plan(0.1, target_kind="latency", costs=costs)
+    captions = " ".join(c.value for c in app.caption)
+    assert f"Asked to remove 10% of the latency; the plan removes {plan.achieved:.1%}." in captions
+    assert f"Predicted speed-up {plan.speedup_planned:.2f}×" in captions
+    app.toggle(key=keys.PRUNE_SPEED).set_value(True).run()
+    assert metrics(app)["Planned (cost model)"] == f"{plan.speedup_planned:.2f}×"
+    assert app.session_state["prune.history"][-1]["planned speed-up"] == round(
+        plan.speedup_planned, 3)

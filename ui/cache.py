@@ -119,6 +119,27 @@ def analysis(selection: Selection) -> prune.Analysis:
                           f"{selection.samples:,} calibration images, then fidelity scores…", work)
 
 
+LATENCY_BATCH = 64  # the Prune page's latency: targets and measured speed-ups at this batch size
+
+
+@st.cache_resource(show_spinner="Timing each layer at candidate widths (batch 64; once per model "
+                                "and device, kept on disk)…", max_entries=OPEN_MODELS)
+def costs(opened: Opened) -> prune.CostModel:
+    """The model's latency cost model on this device, read from or written to its cache file."""
+    chosen = subject(opened)
+    model, shape, chosen_backend = chosen.loaded.model, chosen.dataset.input_shape, backend(
+        opened.device)
+    return prune.measured_costs(model, prune.trace_structure(model, shape), shape,
+                                backend=chosen_backend, batch_size=LATENCY_BATCH,
+                                cache=zoo.cost_cache(opened.model.spec, model, chosen_backend,
+                                                     LATENCY_BATCH))
+
+
+def _costs_for(opened: Opened, request: PruneRequest) -> prune.CostModel | None:
+    """The cost model a latency target plans with; None for the others (nothing to time)."""
+    return costs(opened) if request.target_kind == "latency" else None
+
+
 @st.cache_resource(show_spinner="Pruning: compensating, cutting, recalibrating BatchNorm…",
                    max_entries=PRUNED_MODELS)
 def pruned(selection: Selection, request: PruneRequest):
@@ -167,7 +188,8 @@ def latency(opened: Opened, batch_size: int) -> metrics.Latency:
 
 @st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)
 def plan(selection: Selection, request: PruneRequest) -> prune.PrunePlan:
-    return analysis(selection).plan(**request.plan_kwargs())
+    return analysis(selection).plan(**request.plan_kwargs(),
+                                    costs=_costs_for(selection.opened, request))
 
 
 @st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)
@@ -175,7 +197,7 @@ def most(selection: Selection, request: PruneRequest) -> float:
     """The largest target reachable with the request's other options."""
     options = request.plan_kwargs()
     del options["target"]
-    return analysis(selection).most(**options)
+    return analysis(selection).most(**options, costs=_costs_for(selection.opened, request))
 
 
 @st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)
@@ -275,7 +297,7 @@ def pruned_evaluation(selection: Selection, request: PruneRequest, *,
 @st.cache_data(show_spinner="Timing dense and pruned models side by side…",
                max_entries=CACHED_TABLES)
 def pruned_latency(selection: Selection, request: PruneRequest,
-                   batch_size: int = 64) -> list[metrics.Latency]:
+                   batch_size: int = LATENCY_BATCH) -> list[metrics.Latency]:
     chosen = subject(selection.opened)
     return metrics.measure_latencies([chosen.loaded.model, pruned(selection, request)],
                                      chosen.dataset.input_shape, backend=backend(selection.device),
@@ -287,12 +309,14 @@ def sparsity_curve(selection: Selection, target_kind: str) -> pd.DataFrame:
     requests = [PruneRequest(target=target, target_kind=target_kind, method=method,
                              compensation=compensation)
                 for method, compensation in CURVE_METHODS for target in CURVE_TARGETS]
+    latency = _costs_for(selection.opened, requests[0])  # measured before the progress bar
 
     def work(report) -> pd.DataFrame:
         chosen = subject(selection.opened)
         live = chosen.dataset.test.subset(slice(0, LIVE_TEST_IMAGES))
         points = bench.sweep(analysis(selection), requests, live, backend=backend(selection.device),
-                             num_classes=chosen.dataset.num_classes, progress=report)
+                             num_classes=chosen.dataset.num_classes, costs=latency,
+                             progress=report)
         rows = [point.to_row() for point in points]
         return pd.DataFrame([{**row, "method": f"{row['method']} ({row['compensation']})"}
                              for row in rows])

@@ -23,8 +23,9 @@ from modhifi.options import (DEFAULT_METHOD, FLOOR, ROUND_TO, Allocation, Compen
                              Scope, TargetKind)
 from modhifi.prune.apply import compensate, cut_channels, kept_inputs, recalibrate_batchnorm
 from modhifi.prune.importance import Evidence, Ranking, rank
-from modhifi.prune.plan import (PrunePlan, check_overrides, in_scope, most, plan_pruning,
-                                 removed_share)
+from modhifi.prune.latency import CostModel
+from modhifi.prune.plan import (PrunePlan, check_costs, check_overrides, in_scope, most,
+                                plan_pruning, removed_share)
 from modhifi.prune.structure import Structure, trace_structure
 
 
@@ -66,22 +67,28 @@ class Analysis:
     def plan(self, target: float, *, target_kind: TargetKind = "channels",
              allocation: Allocation = "uniform", method: Method = DEFAULT_METHOD,
              scope: Scope = "all", floor: float = FLOOR, round_to: int = ROUND_TO,
-             seed: int = 0, overrides: Mapping[str, float] | None = None) -> PrunePlan:
-        """The plan that removes at least `target` of the channels (or of the MACs); the
-        arguments are `plan.plan_pruning`'s, `seed` the random baseline's."""
+             seed: int = 0, overrides: Mapping[str, float] | None = None,
+             costs: CostModel | None = None) -> PrunePlan:
+        """The plan that removes at least `target` of the channels (or of the MACs, or of the
+        latency `costs` predicts); the arguments are `plan.plan_pruning`'s, `seed` the random
+        baseline's."""
+        check_costs(target_kind, costs)  # before a costly ranking
         return plan_pruning(self.structure, self.ranking(method, seed=seed), target,
                             method=method, target_kind=target_kind, allocation=allocation,
-                            scope=scope, floor=floor, round_to=round_to, overrides=overrides)
+                            scope=scope, floor=floor, round_to=round_to, overrides=overrides,
+                            costs=costs)
 
     def most(self, *, target_kind: TargetKind = "channels", allocation: Allocation = "uniform",
              method: Method = DEFAULT_METHOD, scope: Scope = "all", floor: float = FLOOR,
              round_to: int = ROUND_TO, seed: int = 0,
-             overrides: Mapping[str, float] | None = None) -> float:
+             overrides: Mapping[str, float] | None = None,
+             costs: CostModel | None = None) -> float:
         """The largest target a plan with these options can reach (`plan`'s arguments)."""
+        check_costs(target_kind, costs)
         rankings = in_scope(self.structure, self.ranking(method, seed=seed), scope)
         check_overrides(rankings, overrides)
         return most(removed_share(self.structure, rankings, target_kind, allocation, floor,
-                                  round_to, overrides))
+                                  round_to, overrides, costs))
 
     def apply(self, plan: PrunePlan, *, compensation: Compensation = "refit",
               recalibrate: bool = True) -> nn.Module:

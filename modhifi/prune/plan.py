@@ -1,6 +1,7 @@
 """The plan (method.md §3.5): how many channels each group keeps, and which, for a target
-fraction of channels or of MACs. A `PrunePlan` is a plain value, with the exact MACs and
-parameters it leads to, shown before anything changes.
+fraction of channels, of MACs or of measured latency. A `PrunePlan` is a plain value, with the
+exact MACs and parameters it leads to (and the latency a cost model predicts), shown before
+anything changes.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from modhifi.errors import UserError
 from modhifi.options import (FLOOR, ROUND_TO, WHY_FLOOR, WHY_OVERRIDE, WHY_ROUND_TO, Allocation,
                              Scope, TargetKind, check, check_fraction, check_target, check_whole)
 from modhifi.prune.importance import Ranking
+from modhifi.prune.latency import CostModel
 from modhifi.prune.structure import Structure
 
 
@@ -41,6 +43,9 @@ class PrunePlan:
     macs_after: int
     params_before: int
     params_after: int
+    # Milliseconds per batch a cost model predicts (`prune.latency`): None when none was given.
+    latency_before_ms: float | None = None
+    latency_after_ms: float | None = None
 
     @property
     def channels_before(self) -> int:
@@ -55,11 +60,21 @@ class PrunePlan:
         return self.macs_before / max(self.macs_after, 1)
 
     @property
+    def speedup_planned(self) -> float | None:
+        """The speed-up the cost model predicts (None without one)."""
+        if self.latency_before_ms is None:
+            return None
+        return self.latency_before_ms / self.latency_after_ms
+
+    @property
     def achieved(self) -> float:
-        """The share of the target's quantity (channels or MACs) the plan removes: at least the
-        target, more where kept channels are rounded up to multiples or a floor binds."""
+        """The share of the target's quantity (channels, MACs or predicted latency) the plan
+        removes: at least the target, more where kept channels are rounded up to multiples or a
+        floor binds."""
         if self.target_kind == "macs":
             return 1 - self.macs_after / self.macs_before
+        if self.target_kind == "latency":
+            return 1 - self.latency_after_ms / self.latency_before_ms
         return 1 - self.channels_after / self.channels_before
 
     def removed_channels(self) -> dict[str, list[int]]:
@@ -106,19 +121,32 @@ def in_scope(structure: Structure, rankings: dict[str, Ranking],
 
 def removed_share(structure: Structure, rankings: dict[str, Ranking], target_kind: TargetKind,
                   allocation: Allocation, floor: float, round_to: int,
-                  overrides: Mapping[str, float] | None = None) -> Callable[[float], float]:
-    """knob -> the share of the channels (or of the MACs) that `kept_counts` removes."""
+                  overrides: Mapping[str, float] | None = None,
+                  costs: CostModel | None = None) -> Callable[[float], float]:
+    """knob -> the share of the channels (or of the MACs, or of the latency `costs` predicts)
+    that `kept_counts` removes."""
     total = sum(len(r.order) for r in rankings.values())
+    if target_kind == "latency":
+        before = costs.predict(structure, {})
 
     def share(knob: float) -> float:
         kept = kept_counts(rankings, knob, allocation, floor, round_to, overrides)
         if target_kind == "channels":
             return 1 - sum(kept.values()) / total
+        if target_kind == "latency":
+            return 1 - costs.predict(structure, kept) / before
         return 1 - structure.cost(kept)[0] / structure.macs
     return share
 
 
-TARGET_UNITS = {"channels": "channels", "macs": "MACs"}  # what a target is a share of
+TARGET_UNITS = {"channels": "channels", "macs": "MACs", "latency": "latency"}  # a target's whole
+
+
+def check_costs(target_kind: TargetKind, costs: CostModel | None) -> None:
+    """A latency target needs a cost model: a one-line UserError without one."""
+    if target_kind == "latency" and costs is None:
+        raise UserError("a latency target needs the model's measured layer times: pass "
+                        "costs=prune.measured_costs(...) (the CLI and the pages measure them)")
 
 
 def least_knob(removed: Callable[[float], float], target: float, *, what: str) -> float:
@@ -150,15 +178,17 @@ def most(removed: Callable[[float], float]) -> float:
 def plan_pruning(structure: Structure, rankings: dict[str, Ranking], target: float, *,
                  method: str, target_kind: TargetKind = "channels",
                  allocation: Allocation = "uniform", scope: Scope = "all", floor: float = FLOOR,
-                 round_to: int = ROUND_TO,
-                 overrides: Mapping[str, float] | None = None) -> PrunePlan:
-    """The plan that removes at least `target` of the channels (or of the MACs).
+                 round_to: int = ROUND_TO, overrides: Mapping[str, float] | None = None,
+                 costs: CostModel | None = None) -> PrunePlan:
+    """The plan that removes at least `target` of the channels (or of the MACs, or of the
+    measured latency).
 
     Args:
         structure: the model's channel groups and layer sizes (`trace_structure`).
         rankings: group name -> its channels in keep order (`importance.rank`).
-        target: fraction in [0, 1) of prunable channels (target_kind="channels") or of the
-            model's MACs (target_kind="macs") to remove.
+        target: fraction in [0, 1) of prunable channels (target_kind="channels"), of the
+            model's MACs ("macs") or of its latency on the device and batch size `costs` was
+            measured on ("latency") to remove.
         method: the importance behind `rankings`, recorded in the plan.
         allocation: "uniform" (the same fraction of every group) or "global" (one threshold
             on the normalised score across groups).
@@ -171,6 +201,8 @@ def plan_pruning(structure: Structure, rankings: dict[str, Ranking], target: flo
         overrides: group name -> the share of that group to remove, whatever the target; the
             other groups are pruned as far as the target still needs (a target the overrides
             already meet leaves them whole).
+        costs: the model's latency cost model (`latency.measured_costs`): needed for a latency
+            target; with any target, the plan then carries its predicted latency.
     """
     check_target(target)
     check(Allocation, allocation)
@@ -178,10 +210,11 @@ def plan_pruning(structure: Structure, rankings: dict[str, Ranking], target: flo
     check(Scope, scope)
     check_whole("--round-to", round_to, WHY_ROUND_TO)
     check_fraction("floor", floor, why=WHY_FLOOR)
+    check_costs(target_kind, costs)
     rankings = in_scope(structure, rankings, scope)
     check_overrides(rankings, overrides)
     removed = removed_share(structure, rankings, target_kind, allocation, floor, round_to,
-                            overrides)
+                            overrides, costs)
     knob = least_knob(removed, target, what=TARGET_UNITS[target_kind])
     kept = kept_counts(rankings, knob, allocation, floor, round_to, overrides)
     groups = tuple(GroupPlan(g.name, g.size,
@@ -189,8 +222,9 @@ def plan_pruning(structure: Structure, rankings: dict[str, Ranking], target: flo
                              tuple(sorted(rankings[g.name].order[kept[g.name]:])))
                    for g in structure.groups if g.name in rankings)
     macs, params = structure.cost(kept)
+    latency = (costs.predict(structure, {}), costs.predict(structure, kept)) if costs else ()
     return PrunePlan(method, target, target_kind, allocation, scope, groups,
-                     structure.macs, macs, structure.params, params)
+                     structure.macs, macs, structure.params, params, *latency)
 
 
 def check_overrides(rankings: dict[str, Ranking], overrides: Mapping[str, float] | None) -> None:

@@ -12,12 +12,14 @@ from modhifi.options import (DEFAULT_METHOD, ROUND_TO, WHY_STEPS, Allocation, Co
 from modhifi.data import reusable
 from modhifi.distributed import ALONE, Shard
 from modhifi.prune.analysis import analyse
-from modhifi.prune.plan import PrunePlan
+from modhifi.prune.latency import CostModel
+from modhifi.prune.plan import PrunePlan, check_costs
 
 
-def _size(plan: PrunePlan, target_kind: TargetKind) -> int:
-    """What a target counts, before the plan: channels in scope or MACs."""
-    return plan.channels_before if target_kind == "channels" else plan.macs_before
+def _size(plan: PrunePlan, target_kind: TargetKind) -> float:
+    """What a target counts, before the plan: channels in scope, MACs or predicted latency."""
+    return {"channels": plan.channels_before, "macs": plan.macs_before,
+            "latency": plan.latency_before_ms}[target_kind]
 
 
 def prune_in_steps(model: nn.Module, calibration: Iterable[torch.Tensor], *, device: torch.device,
@@ -25,28 +27,31 @@ def prune_in_steps(model: nn.Module, calibration: Iterable[torch.Tensor], *, dev
                    target_kind: TargetKind = "channels", allocation: Allocation = "uniform",
                    method: Method = DEFAULT_METHOD, scope: Scope = "all",
                    compensation: Compensation = "refit", recalibrate: bool = True,
-                   round_to: int = ROUND_TO, shard: Shard = ALONE,
-                   progress: Callable[[float], None] | None = None,
+                   round_to: int = ROUND_TO, costs: CostModel | None = None,
+                   shard: Shard = ALONE, progress: Callable[[float], None] | None = None,
                    ) -> tuple[nn.Module, tuple[PrunePlan, ...]]:
     """The iterative mode: `steps` rounds of score → remove → compensate → recalibrate.
 
     Each round removes an equal share of the original channels (or MACs), re-scoring the model
-    that the previous round left. Returns the pruned model and each round's plan. With several
+    that the previous round left (a latency target: as the model's `costs`, measured once,
+    predict it). Returns the pruned model and each round's plan. With several
     processes (`shard`), `calibration` is this one's batches (`modhifi.distributed`).
     `progress` is told the share of the calibration batches each round's statistics have read.
     """
     check_whole("--steps", steps, WHY_STEPS)
     check_target(target)
+    check_costs(target_kind, costs)
     batches = reusable(calibration, device)
     current, plans = model, []
     for step in range(1, steps + 1):
         analysis = analyse(current, batches, device=device, input_shape=input_shape, shard=shard,
                            progress=progress)
-        now = analysis.plan(0.0, target_kind=target_kind, scope=scope)  # the model as it is now
+        now = analysis.plan(0.0, target_kind=target_kind, scope=scope, costs=costs)  # as it is
         done = 1 - _size(now, target_kind) / _size(plans[0], target_kind) if plans else 0.0
         goal = target * step / steps  # share of the original model removed after this round
         plan = analysis.plan(max(0.0, 1 - (1 - goal) / (1 - done)), target_kind=target_kind,
-                             allocation=allocation, method=method, scope=scope, round_to=round_to)
+                             allocation=allocation, method=method, scope=scope, round_to=round_to,
+                             costs=costs)
         shard.check_same(plan.removed_channels(), "plans")  # else their models would differ
         current = analysis.apply(plan, compensation=compensation, recalibrate=recalibrate)
         plans.append(plan)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from modhifi.console import class_index, progress
 from modhifi.errors import UserError
-from modhifi.options import (CALIBRATION_TEXT, DEFAULT_METHOD, Component, choices,
-                             default_compensation)
+from modhifi.options import (CALIBRATION_TEXT, DEFAULT_METHOD, Component, check_text_target,
+                             choices, default_compensation)
 from modhifi.text.corpus import Corpus, load_fortunes
 
 
@@ -61,6 +61,7 @@ def prune(args: argparse.Namespace) -> dict:
     from modhifi.text.subject import compare_text, save_text_model
     from modhifi.text.surgery import apply_plan
 
+    check_text_target(args.target_kind)  # before the model loads
     backend, subject, texts = open_arguments(args)
     method = args.method or DEFAULT_METHOD
     compensation = args.compensation or default_compensation(method)

@@ -29,7 +29,7 @@ from modhifi.hooks import hooked, private_copy
 from modhifi.moments import LayerMoments, moments_of
 from modhifi.options import (COMPONENT_LABELS, DEFAULT_METHOD, FLOOR, ROUND_TO, WHY_FLOOR, WHY_ROUND_TO,
                              Component, Method, TargetKind, check, check_fraction, check_target,
-                             check_whole)
+                             check_text_target, check_whole)
 from modhifi.prune.importance import IMPORTANCES, Evidence, Ranking, ranking_of
 from modhifi.prune.plan import kept_counts, least_knob, most
 from modhifi.prune.structure import ChannelGroup
@@ -209,7 +209,7 @@ class TextAnalysis:
                                                           Callable[[float], float],
                                                           dict[str, Ranking]]:
         """(knob -> kept components per layer, knob -> share removed, the rankings)."""
-        check(TargetKind, target_kind)
+        check_text_target(target_kind)
         check_fraction("floor", floor, why=WHY_FLOOR)
         round_to = (ROUND_TO if kind == "ffn" else 1) if round_to is None else round_to
         check_whole("--round-to", round_to, WHY_ROUND_TO)

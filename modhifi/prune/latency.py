@@ -1,0 +1,272 @@
+"""The latency cost model behind latency targets: each Conv2d/Linear layer timed alone at candidate
+widths on one device and batch size, the rest of the forward pass, and a plan's latency predicted
+from them before anything changes.
+
+MACs do not say what a plan saves in time: small layers are bound by memory and call overhead,
+and vector units run whole blocks of 8 or 16 channels (docs/results.md, "speed"). So each layer
+is timed as it is, a lone copy of its shape at every candidate (input, output) width, the
+candidates in alternation so that machine noise hits them alike; a width between two candidates
+is interpolated. What the layers' own times leave out of the whole inference-optimised forward
+(BatchNorm, activations, additions, pooling: work on the activations the layers write) is taken
+to shrink with the share of those activations a plan keeps. Measured once per model, device and
+batch size, and cached on disk beside the model: `measured_costs(..., cache=FOLDER)`.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from modhifi.backend import Backend, time_calls, time_side_by_side
+from modhifi.batch import example_of
+from modhifi.distributed import ALONE, Shard
+from modhifi.errors import UserError
+from modhifi.hooks import hooked
+from modhifi.metrics import channels_last, optimise_for_inference
+from modhifi.options import ROUND_TO
+from modhifi.prune.structure import Structure
+
+WIDTHS = 8      # candidate widths timed per prunable dimension of a layer (the full one included)
+REPEATS = 7     # timed calls per candidate, after one warm-up call each
+VERSION = 1     # of the cached file's layout
+
+
+@dataclass(frozen=True)
+class LayerTimes:
+    """One layer's measured forward time over a grid of (input, output) widths."""
+
+    in_widths: tuple[int, ...]   # ascending, the layer's full width last
+    out_widths: tuple[int, ...]
+    ms: tuple[tuple[float, ...], ...]  # (len(in_widths), len(out_widths)) median ms per batch
+    outputs: int  # output elements per sample at full width (what the rest of the pass touches)
+
+    def at(self, c_in: int, c_out: int) -> float:
+        """Milliseconds at `c_in` input and `c_out` output channels: interpolated linearly
+        between the two nearest widths timed in each dimension (the nearest outside them)."""
+        i, a = _between(self.in_widths, c_in)
+        j, b = _between(self.out_widths, c_out)
+        row = [self.ms[i][j] * (1 - b) + self.ms[i][j + 1] * b if b else self.ms[i][j]
+               for i in ((i, i + 1) if a else (i,))]
+        return row[0] * (1 - a) + row[1] * a if a else row[0]
+
+
+def _between(widths: tuple[int, ...], width: int) -> tuple[int, float]:
+    """(k, t): `width` lies t of the way from widths[k] to widths[k + 1] (t = 0 at or outside)."""
+    k = bisect.bisect_right(widths, width) - 1
+    if k < 0 or k == len(widths) - 1:
+        return max(k, 0), 0.0
+    return k, (width - widths[k]) / (widths[k + 1] - widths[k])
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """A model's measured latency at full width and its layers' times at candidate widths."""
+
+    device: str
+    batch_size: int
+    dense_ms: float                 # median ms of the whole inference-optimised forward
+    layers: Mapping[str, LayerTimes]  # every Conv2d/Linear, by module name
+    seconds: float = 0.0            # what measuring took
+
+    @property
+    def rest_ms(self) -> float:
+        """The part of `dense_ms` the layers' own times leave out (negative where the optimised
+        pass fuses more than the lone layers show)."""
+        return self.dense_ms - sum(t.at(t.in_widths[-1], t.out_widths[-1])
+                                   for t in self.layers.values())
+
+    def predict(self, structure: Structure, kept: Mapping[str, int]) -> float:
+        """Milliseconds of a forward pass once each group keeps `kept[group]` channels (the
+        groups left out keep all theirs).
+
+        Args:
+            structure: the model's channel groups, as traced now (a pruned model's in later steps).
+            kept: group name -> channels it keeps.
+        """
+        sizes = {g.name: g.size for g in structure.groups}
+        spent = written = total = 0.0
+        for name, times in self.layers.items():
+            layer = structure.layers.get(name)
+            if layer is None:
+                raise UserError(f"the latency cost model has a layer {name!r} this model lacks: "
+                                "it was measured for another model; measure it again")
+            c_in = _width(layer.in_group, kept, sizes, times.in_widths[-1])
+            c_out = _width(layer.out_group, kept, sizes, times.out_widths[-1])
+            spent += times.at(c_in, c_out)
+            written += times.outputs * c_out / times.out_widths[-1]
+            total += times.outputs
+        return spent + self.rest_ms * (written / total if total else 1.0)
+
+    def to_json(self) -> str:
+        return json.dumps({"version": VERSION, **asdict(self)}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> CostModel:
+        state = json.loads(text)
+        if state.pop("version", None) != VERSION:
+            raise ValueError("another layout")
+        layers = {name: LayerTimes(tuple(t["in_widths"]), tuple(t["out_widths"]),
+                                   tuple(map(tuple, t["ms"])), t["outputs"])
+                  for name, t in state.pop("layers").items()}
+        return cls(layers=layers, **state)
+
+
+def _width(group: str | None, kept: Mapping[str, int], sizes: Mapping[str, int],
+           full: int) -> int:
+    """A layer side's width under a plan: its group's kept count, its present size when the
+    plan leaves it whole, `full` when no group owns it."""
+    return kept.get(group, sizes[group]) if group in sizes else full
+
+
+def candidate_widths(full: int, *, step: int = ROUND_TO, count: int = WIDTHS) -> tuple[int, ...]:
+    """The widths timed for a dimension of `full` channels: multiples of `step` below it and
+    itself, at most `count`, evenly spread when there are more (ascending)."""
+    widths = list(range(step, full, step)) + [full]
+    if len(widths) <= count:
+        return tuple(widths)
+    picks = {round(k * (len(widths) - 1) / (count - 1)) for k in range(count)}
+    return tuple(widths[k] for k in sorted(picks))
+
+
+def _replica(module: nn.Module, c_in: int, c_out: int) -> nn.Module:
+    """A fresh layer of `module`'s kind and geometry with `c_in` inputs and `c_out` outputs
+    (random weights: the time does not depend on them)."""
+    if isinstance(module, nn.Linear):
+        return nn.Linear(c_in, c_out)
+    if _depthwise(module):  # one filter per channel: as many inputs and groups as outputs
+        c_in = groups = c_out
+    else:
+        groups = module.groups
+    return nn.Conv2d(c_in, c_out, module.kernel_size, module.stride, module.padding,
+                     module.dilation, groups,
+                     bias=True).to(memory_format=torch.channels_last)  # BatchNorm folds into a bias
+
+
+def _depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and \
+        module.groups == module.in_channels == module.out_channels
+
+
+def _grid(module: nn.Module, name: str, structure: Structure) -> tuple[tuple[int, ...], ...]:
+    """The (input widths, output widths) to time `module` at: candidates along each side a
+    channel group owns, the full width alone along the others (and along a depthwise conv's
+    input, which follows its output)."""
+    layer = structure.layers.get(name)
+    c_in, c_out = module.weight.shape[1] * getattr(module, "groups", 1), module.weight.shape[0]
+    grouped = getattr(module, "groups", 1) > 1 and not _depthwise(module)  # left whole
+    owned_in = layer is not None and layer.in_group is not None and module.weight.shape[1] > 1 \
+        and not grouped
+    owned_out = layer is not None and layer.out_group is not None and not grouped
+    return (candidate_widths(c_in) if owned_in else (c_in,),
+            candidate_widths(c_out) if owned_out else (c_out,))
+
+
+@torch.no_grad()
+def _time_layer(module: nn.Module, shape: tuple[int, ...], widths, *, backend: Backend,
+                batch_size: int) -> tuple[tuple[float, ...], ...]:
+    """(len(in widths), len(out widths)) median ms of lone copies of `module` at each width, on
+    a random batch of `batch_size` inputs of one-sample `shape` (the width axis resized)."""
+    in_widths, out_widths = widths
+    axis = 0 if isinstance(module, nn.Conv2d) else len(shape) - 1  # channels, or the last axis
+    calls = []
+    for c_in in in_widths:
+        resized = list(shape)
+        resized[axis] = c_in
+        x = channels_last(torch.randn(batch_size, *resized, device=backend.device))
+        for c_out in out_widths:
+            layer = _replica(module, c_in, c_out).to(backend.device).eval()
+            calls.append(lambda layer=layer, x=x: layer(x))
+    timings = time_side_by_side(backend, calls, warmup=1, repeats=REPEATS)
+    ms = [t.median_ms for t in timings]
+    return tuple(tuple(ms[i * len(out_widths):(i + 1) * len(out_widths)])
+                 for i in range(len(in_widths)))
+
+
+def _shapes(model: nn.Module, input_shape) -> dict[str, tuple[tuple[int, ...], int]]:
+    """Conv2d/Linear name -> (one sample's input shape, its output elements), from one pass."""
+    layers = [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    seen: dict[str, tuple[tuple[int, ...], int]] = {}
+
+    def record(name):
+        def hook(module, args, output):
+            seen.setdefault(name, (tuple(args[0].shape[1:]), output[0].numel()))
+        return hook
+
+    device = next(model.parameters()).device
+    with hooked(model, after={name: record(name) for name in layers}) as run, torch.no_grad():
+        run(example_of(input_shape, device))
+    return seen
+
+
+def measure_costs(model: nn.Module, structure: Structure, input_shape: tuple[int, ...], *,
+                  backend: Backend, batch_size: int = 64) -> CostModel:
+    """Time `model`'s whole optimised forward and each of its Conv2d/Linear layers at candidate
+    widths (`candidate_widths` along each side a channel group owns), on `backend`'s device.
+
+    Args:
+        model: the network (only read).
+        structure: its channel groups (`trace_structure`).
+        input_shape: (C, H, W) of one input.
+        batch_size: inputs per timed call, as the latency target means it.
+    """
+    if not isinstance(input_shape, tuple):
+        raise UserError("a latency target needs image inputs of one shape; use --target-kind "
+                        "macs for this model")
+    start = time.perf_counter()
+    example = torch.randn(batch_size, *input_shape, device=backend.device)
+    optimised = optimise_for_inference(model, example)
+    fast = channels_last(example)
+    with torch.no_grad():
+        dense = time_calls(backend, lambda: optimised(fast))  # as `metrics.measure_latency`
+    layers = {}
+    for name, (shape, outputs) in _shapes(model, input_shape).items():
+        module = model.get_submodule(name)
+        widths = _grid(module, name, structure)
+        layers[name] = LayerTimes(*widths, _time_layer(module, shape, widths, backend=backend,
+                                                       batch_size=batch_size), outputs)
+    return CostModel(backend.description, batch_size, dense.median_ms, layers,
+                     time.perf_counter() - start)
+
+
+def cost_file(folder: Path, stem: str, model: nn.Module, backend: Backend,
+              batch_size: int) -> Path:
+    """Where `model`'s cost model for this device and batch size is cached in `folder`: the name
+    carries a digest of what the times depend on (every layer's shape, the device, its threads,
+    torch's version), so a changed model or machine is measured again."""
+    shapes = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+    key = repr((shapes, backend.description, batch_size, torch.__version__, VERSION))
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    return Path(folder) / f"{stem}.latency-b{batch_size}-{digest}.json"
+
+
+def measured_costs(model: nn.Module, structure: Structure, input_shape: tuple[int, ...], *,
+                   backend: Backend, batch_size: int = 64, cache: Path | None = None,
+                   shard: Shard = ALONE) -> CostModel:
+    """`measure_costs`, read from the file `cache` when it holds them, else measured and
+    written there (atomically); with several processes (`shard`), process 0 measures and the
+    others take its model, so that every process plans alike."""
+    from modhifi.zoo import write_atomically
+
+    costs = None
+    if shard.is_main:
+        if cache is not None and cache.is_file():
+            try:
+                costs = CostModel.from_json(cache.read_text())
+            except (ValueError, KeyError, TypeError):  # an older layout: measure again
+                costs = None
+        if costs is None:
+            costs = measure_costs(model, structure, input_shape, backend=backend,
+                                  batch_size=batch_size)
+            if cache is not None:
+                try:
+                    write_atomically(cache, lambda path: path.write_text(costs.to_json()))
+                except OSError:  # a read-only folder: measured again next time, nothing lost
+                    pass
+    return shard.from_main(costs)

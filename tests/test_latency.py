@@ -1,0 +1,181 @@
+"""Latency targets: the cost model's grid, interpolation, prediction and cache, and plans made
+from it. Times are never asserted: a synthetic table whose time is bilinear in the widths makes
+every prediction checkable against the pruned model's real layer widths."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from modhifi import nets
+from modhifi.errors import UserError
+from modhifi.prune import (analyse, cost_file, measured_costs, prune_in_steps,
+                           recalibrate_batchnorm)
+from modhifi.prune.latency import CostModel, LayerTimes, candidate_widths, measure_costs
+from modhifi.requests import TextPruneRequest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPE = (1, 16, 16)
+
+
+def _time(c_in: int, c_out: int) -> float:
+    """The synthetic layer time: bilinear in the widths, so interpolation reproduces it exactly."""
+    return 0.002 * c_in * c_out + 0.03 * c_out + 0.1
+
+
+def _model_and_batches():
+    model = nets.ResNet(widths=(16, 32, 64))
+    torch.manual_seed(0)
+    batches = [torch.randn(32, *SHAPE) for _ in range(2)]
+    recalibrate_batchnorm(model.eval(), batches)
+    return model, batches
+
+
+@pytest.fixture(scope="module")
+def measured(cpu):
+    model, batches = _model_and_batches()
+    analysis = analyse(model, batches, device=torch.device("cpu"), input_shape=SHAPE)
+    return model, batches, analysis, measure_costs(analysis.model, analysis.structure, SHAPE,
+                                                   backend=cpu, batch_size=4)
+
+
+def _synthetic(costs: CostModel, rest: float = 0.5) -> CostModel:
+    layers = {name: dataclasses.replace(t, ms=tuple(tuple(_time(i, o) for o in t.out_widths)
+                                                    for i in t.in_widths))
+              for name, t in costs.layers.items()}
+    full = sum(_time(t.in_widths[-1], t.out_widths[-1]) for t in layers.values())
+    return dataclasses.replace(costs, layers=layers, dense_ms=full + rest)
+
+
+def _widths(layer: nn.Module) -> tuple[int, int]:
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    return layer.in_channels, layer.out_channels
+
+
+def _explicit_ms(pruned: nn.Module, costs: CostModel, rest: float) -> float:
+    """The oracle: each layer's synthetic time at the widths it really has after surgery, and
+    the rest scaled by the share of its output activations kept."""
+    spent = written = total = 0.0
+    for name, times in costs.layers.items():
+        c_in, c_out = _widths(pruned.get_submodule(name))
+        spent += _time(c_in, c_out)
+        written += times.outputs * c_out / times.out_widths[-1]
+        total += times.outputs
+    return spent + rest * written / total
+
+
+def test_the_grid_covers_every_layer_where_a_group_can_change_it(measured):
+    model, _, analysis, costs = measured
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert set(costs.layers) == set(convs)
+    for name, times in costs.layers.items():
+        c_in, c_out = _widths(convs[name])
+        layer = analysis.structure.layers[name]
+        assert times.in_widths == (candidate_widths(c_in) if layer.in_group else (c_in,))
+        assert times.out_widths == (candidate_widths(c_out) if layer.out_group else (c_out,))
+        assert len(times.ms) == len(times.in_widths)
+        assert all(len(row) == len(times.out_widths) and min(row) > 0 for row in times.ms)
+    assert candidate_widths(64) == (8, 16, 24, 32, 40, 48, 56, 64)
+    spread = candidate_widths(200)  # 8 of the 25 multiples of 8 up to 200, evenly spread
+    gaps = {b - a for a, b in zip(spread, spread[1:])}
+    assert len(spread) == 8 and spread[0] == 8 and spread[-1] == 200
+    assert all(w % 8 == 0 for w in spread) and gaps <= {24, 32}
+    assert candidate_widths(5) == (5,)
+
+
+def test_a_bilinear_time_is_interpolated_exactly_and_held_outside_the_grid():
+    widths = (8, 16, 32)
+    times = LayerTimes(widths, widths, tuple(tuple(_time(i, o) for o in widths) for i in widths), 1)
+    for c_in, c_out in [(8, 8), (12, 20), (31, 9), (32, 32), (16, 24)]:
+        assert times.at(c_in, c_out) == pytest.approx(_time(c_in, c_out))
+    assert times.at(4, 40) == pytest.approx(_time(8, 32))  # the nearest timed widths
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_a_latency_plan_predicts_the_pruned_models_time_and_meets_its_target(measured,
+                                                                            allocation):
+    model, _, analysis, costs = measured
+    synthetic = _synthetic(costs, rest=0.5)
+    assert synthetic.predict(analysis.structure, {}) == pytest.approx(synthetic.dense_ms)
+    plan = analysis.plan(0.4, target_kind="latency", allocation=allocation, costs=synthetic)
+    pruned = analysis.apply(plan)
+    assert plan.latency_before_ms == pytest.approx(synthetic.dense_ms)
+    assert plan.latency_after_ms == pytest.approx(_explicit_ms(pruned, synthetic, 0.5))
+    assert plan.achieved >= 0.4 and plan.speedup_planned >= 1 / 0.6
+    # the least pruning that does it: 8 channels back in any group and the target is missed
+    sizes = {g.name: g.size for g in plan.groups}
+    kept = {g.name: len(g.kept) for g in plan.groups}
+    if allocation == "uniform":
+        fewer = {name: min(sizes[name], count + 8) for name, count in kept.items()}
+        assert synthetic.predict(analysis.structure, fewer) > 0.6 * plan.latency_before_ms
+    # a channels target with a cost model carries its predicted time too
+    by_channels = analysis.plan(0.3, costs=synthetic)
+    assert by_channels.latency_after_ms == pytest.approx(
+        _explicit_ms(analysis.apply(by_channels), synthetic, 0.5))
+    assert analysis.plan(0.3).speedup_planned is None
+
+
+def test_rounds_of_a_latency_target_each_start_where_the_last_ended(measured):
+    model, batches, _, costs = measured
+    synthetic = _synthetic(costs, rest=-0.2)  # the optimised pass may fuse more than lone layers
+    pruned, plans = prune_in_steps(model, batches, device=torch.device("cpu"), input_shape=SHAPE,
+                                   target=0.5, steps=2, target_kind="latency", costs=synthetic)
+    assert plans[1].latency_before_ms == pytest.approx(plans[0].latency_after_ms)
+    assert plans[-1].latency_after_ms == pytest.approx(_explicit_ms(pruned, synthetic, -0.2))
+    assert plans[-1].latency_after_ms <= 0.5 * plans[0].latency_before_ms + 1e-9
+
+
+def test_the_cost_model_is_cached_beside_the_model_and_measured_again_when_unreadable(
+        measured, cpu, tmp_path, monkeypatch):
+    model, _, analysis, costs = measured
+    path = cost_file(tmp_path, "net", model, cpu, 4)
+    assert path != cost_file(tmp_path, "net", model, cpu, 8)  # another batch size, another file
+    assert path != cost_file(tmp_path, "net", nets.ResNet(widths=(16, 32, 48)), cpu, 4)
+    monkeypatch.setattr("modhifi.prune.latency.measure_costs", lambda *a, **k: costs)
+    assert measured_costs(model, analysis.structure, SHAPE, backend=cpu, batch_size=4,
+                          cache=path) == costs
+    assert CostModel.from_json(path.read_text()) == costs
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+
+    def measuring(*args, **kwargs):
+        raise AssertionError("measured again although the cache holds the model")
+
+    monkeypatch.setattr("modhifi.prune.latency.measure_costs", measuring)
+    assert measured_costs(model, analysis.structure, SHAPE, backend=cpu, batch_size=4,
+                          cache=path) == costs
+    path.write_text(json.dumps({"version": 0}))  # another layout: measured again and replaced
+    monkeypatch.setattr("modhifi.prune.latency.measure_costs", lambda *a, **k: costs)
+    assert measured_costs(model, analysis.structure, SHAPE, backend=cpu, batch_size=4,
+                          cache=path) == costs
+    assert CostModel.from_json(path.read_text()) == costs
+
+
+def test_a_latency_target_without_a_cost_model_or_on_text_is_one_clear_error(measured):
+    _, _, analysis, costs = measured
+    with pytest.raises(UserError, match="latency target needs the model's measured"):
+        analysis.plan(0.3, target_kind="latency")
+    with pytest.raises(UserError, match="another model"):
+        other = dataclasses.replace(costs, layers={**costs.layers, "nowhere": next(
+            iter(costs.layers.values()))})
+        analysis.plan(0.3, target_kind="latency", costs=other)
+    with pytest.raises(UserError, match="image models so far"):
+        TextPruneRequest(target=0.3, target_kind="latency")
+
+
+def test_cli_prune_to_a_latency_target_reports_planned_and_measured_speed_up(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "modhifi", "prune", "--model", "digits-cnn",
+                           "--target", "0.1", "--target-kind", "latency", "--calib-samples", "200",
+                           "--batch-size", "8", "--device", "cpu", "--json"],
+                          capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "MODHIFI_CACHE": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["target_kind"] == "latency" and result["speedup_planned"] >= 1 / 0.9 - 1e-9
+    assert result["speedup_measured"] > 0
+    assert len(list((tmp_path / "latency").glob("digits-cnn.latency-b8-*.json"))) == 1
