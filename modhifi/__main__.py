@@ -70,7 +70,8 @@ def _prune(args: argparse.Namespace) -> dict:
     import time
 
     from modhifi.metrics import compare
-    from modhifi.prune import measured_costs, prune_in_steps, trace_structure
+    from modhifi.prune import analyse, measured_costs, prune_in_steps, trace_structure
+    from modhifi.prune.hold import hold_latency
     from modhifi.zoo import cost_cache
 
     if is_text(args):
@@ -91,13 +92,24 @@ def _prune(args: argparse.Namespace) -> dict:
                                cache=cache, shard=args.shard)
     progress("statistics and scores on the calibration images")
     start = time.perf_counter()
-    pruned, plans = prune_in_steps(model, calibration,
-                                   device=backend.device, input_shape=dataset.input_shape,
-                                   target=args.target, steps=args.steps,
-                                   target_kind=args.target_kind, allocation=args.allocation,
-                                   method=method, scope=args.scope, compensation=compensation,
-                                   recalibrate=not args.no_bn_recal, round_to=round_to,
-                                   costs=costs, shard=args.shard, progress=tenths("statistics"))
+    options = {"allocation": args.allocation, "method": method, "scope": args.scope,
+               "round_to": round_to}
+    tries = None
+    if costs is not None and args.steps == 1:  # cut, time, and plan for more where it fell short
+        analysis = analyse(model, calibration, device=backend.device,
+                           input_shape=dataset.input_shape, shard=args.shard,
+                           progress=tenths("statistics"))
+        held = hold_latency(analysis, args.target, costs=costs, backend=backend,
+                            batch_size=args.batch_size, compensation=compensation,
+                            recalibrate=not args.no_bn_recal, **options)
+        pruned, plans, tries = held.model, (held.plan,), list(held.asked)
+    else:
+        pruned, plans = prune_in_steps(model, calibration, device=backend.device,
+                                       input_shape=dataset.input_shape, target=args.target,
+                                       steps=args.steps, target_kind=args.target_kind,
+                                       compensation=compensation,
+                                       recalibrate=not args.no_bn_recal, costs=costs,
+                                       shard=args.shard, progress=tenths("statistics"), **options)
     seconds = time.perf_counter() - start
     progress(f"pruned in {seconds:.1f} s; evaluating and timing")
     result = compare(model, pruned, dataset=dataset, backend=backend, batch_size=args.batch_size,
@@ -125,6 +137,7 @@ def _prune(args: argparse.Namespace) -> dict:
             # latency targets: what the cost model predicted, beside what was measured
             "speedup_planned": plans[0].latency_before_ms / plans[-1].latency_after_ms
             if costs else None,
+            "latency_targets_tried": tries,  # the plans cut and timed until the target held
             "seconds": seconds}
 
 

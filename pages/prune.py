@@ -257,7 +257,7 @@ def render() -> None:
                    + "".join(f", {group} −{share:.0%}" for group, share in request.overrides),
         "accuracy": after.accuracy, "test images": after.samples, "MACs": plan.macs_after,
         "MACs ×": round(plan.speedup_macs, 3), "parameters": plan.params_after,
-        "planned speed-up": None if plan.speedup_planned is None else round(plan.speedup_planned, 3),
+        "planned speed-up": plan.speedup_planned and round(plan.speedup_planned, 3),
         "measured speed-up": None if speedup is None else round(speedup, 3)})
 
     architecture(chosen, request)  # kept share per layer, in forward order, readable names

@@ -217,6 +217,10 @@ def plan_pruning(structure: Structure, rankings: dict[str, Ranking], target: flo
                             overrides, costs)
     knob = least_knob(removed, target, what=TARGET_UNITS[target_kind])
     kept = kept_counts(rankings, knob, allocation, floor, round_to, overrides)
+    if target_kind == "latency":
+        kept = give_back(rankings, kept, lambda more: costs.predict(structure, more),
+                         most=(1 - target) * costs.predict(structure, {}), round_to=round_to,
+                         fixed=overrides or {})
     groups = tuple(GroupPlan(g.name, g.size,
                              tuple(sorted(rankings[g.name].order[:kept[g.name]])),
                              tuple(sorted(rankings[g.name].order[kept[g.name]:])))
@@ -225,6 +229,34 @@ def plan_pruning(structure: Structure, rankings: dict[str, Ranking], target: flo
     latency = (costs.predict(structure, {}), costs.predict(structure, kept)) if costs else ()
     return PrunePlan(method, target, target_kind, allocation, scope, groups,
                      structure.macs, macs, structure.params, params, *latency)
+
+
+def give_back(rankings: dict[str, Ranking], kept: dict[str, int],
+              cost: Callable[[dict[str, int]], float], *, most: float, round_to: int,
+              fixed: Mapping[str, float]) -> dict[str, int]:
+    """`kept` with blocks of `round_to` channels given back while `cost` stays within `most`:
+    the cheapest block first (ties: the best-scored), until none fits.
+
+    Under a latency cost model the cheapest blocks are often free: vector units run whole
+    blocks of 16 channels on AVX-512, so a layer 24 channels wide takes as long as one 32 wide
+    (docs/results.md, "A latency target"). Groups in `fixed` (overrides) keep their share.
+    """
+    kept = dict(kept)
+    while True:
+        now, best = cost(kept), None
+        for name, count in kept.items():
+            size = len(rankings[name].order)
+            if name in fixed or count >= size:
+                continue
+            more = {**kept, name: min(size, count + round_to)}
+            spent = cost(more)
+            if spent <= most + 1e-12:
+                key = (spent - now, -rankings[name].score[count])
+                if best is None or key < best[0]:
+                    best = (key, more)
+        if best is None:
+            return kept
+        kept = best[1]
 
 
 def check_overrides(rankings: dict[str, Ranking], overrides: Mapping[str, float] | None) -> None:
