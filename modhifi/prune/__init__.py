@@ -6,7 +6,8 @@
   fidelity, baselines), one small callable each.
 - `plan`: a target (a fraction of channels, of MACs or of measured latency) becomes a
   `PrunePlan`, a plain value with the exact MACs and parameters, before anything changes;
-  `latency`: the cost model behind latency targets (each layer timed at candidate widths).
+  `latency`: the cost model behind latency targets (each layer timed at candidate widths);
+  `hold`: a latency target cut, timed and planned again until the measurement meets it.
 - `apply`: compensation (δ* or refit), surgery by Torch-Pruning, BatchNorm recalibration, on a
   copy; `steps`: the iterative mode; `tables`: the analysis as tables for the pages.
 """
