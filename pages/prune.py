@@ -279,6 +279,10 @@ def render() -> None:
     if st.toggle("Show the curve for ModHiFi and the baselines (computed once per model)",
                  key=keys.PRUNE_CURVE):
         curve = cache.sparsity_curve(chosen, kind)
+        if curve.empty:
+            st.info(f"None of the curve's targets ({', '.join(map(str, cache.CURVE_TARGETS))} "
+                    f"of the {TARGET_UNITS[kind]}) is within reach of this model here.")
+            return
         here = cache.pruned_evaluation(chosen, request, full=live == total)  # the curve's images
         live_runs = picked[picked["test images"] == live] if len(picked) else picked
         st.plotly_chart(figures.sparsity_curve(

@@ -20,9 +20,10 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def torchrun(processes: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def torchrun(processes: int, *args: str, timeout: int = 300,
+             env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*TORCHRUN, f"--nproc-per-node={processes}", *args], cwd=ROOT,
-                          env=ENV, capture_output=True, text=True, timeout=timeout)
+                          env=env or ENV, capture_output=True, text=True, timeout=timeout)
 
 
 def failure(done: subprocess.CompletedProcess) -> str:
@@ -127,15 +128,17 @@ def test_a_shard_takes_whole_batches_in_turn():
 
 
 def test_the_cli_prunes_with_three_processes_as_with_one(tmp_path):
-    """`torchrun -m modhifi prune` (two rounds, each planned alike on every process) and `info`:
-    the same JSON as one process (timings aside), printed once; the pruned model written once,
-    by process 0, and it reloads."""
-    command = ["-m", "modhifi", "prune", "--model", "digits-cnn", "--target", "0.5",
-               "--target-kind", "macs", "--steps", "2", "--json"]
+    """`torchrun -m modhifi prune` to a latency target (two rounds, each planned alike on every
+    process from the cost model process 0 reads and hands on; the one-process run measured and
+    cached it) and `info`: the same JSON as one process (timings aside), printed once; the
+    pruned model written once, by process 0, and it reloads."""
+    command = ["-m", "modhifi", "prune", "--model", "digits-cnn", "--target", "0.15",
+               "--target-kind", "latency", "--steps", "2", "--json"]
+    cached = {**ENV, "MODHIFI_CACHE": str(tmp_path / "cache")}
     results = {}
     for processes in (1, 3):
         out = tmp_path / f"pruned{processes}.pt"
-        done = torchrun(processes, *command, "--out", str(out))
+        done = torchrun(processes, *command, "--out", str(out), env=cached)
         assert done.returncode == 0, failure(done)
         lines = done.stdout.strip().splitlines()
         assert len(lines) == 1  # one voice
@@ -146,6 +149,7 @@ def test_the_cli_prunes_with_three_processes_as_with_one(tmp_path):
     for key, value in results[1].items():
         if key not in timed:
             assert results[3][key] == value, key
+    assert results[1]["speedup_planned"] >= 1 / 0.85 - 1e-9
     reloaded = subprocess.run([sys.executable, "-m", "modhifi", "info", "--model",
                                str(tmp_path / "pruned3.pt"), "--json"], cwd=ROOT, env=ENV,
                               capture_output=True, text=True, timeout=300)

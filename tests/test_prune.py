@@ -1,5 +1,6 @@
 """ModHiFi-P: plans are exact, surgery is real, the input model is untouched, compensation helps."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -287,18 +288,24 @@ def test_greedy_plans_keep_multiples_of_round_to_at_the_planned_cost():
 
 
 def test_cli_prune_writes_a_model_that_reloads_with_the_same_accuracy(tmp_path):
+    """To a latency target (its cost model cached under MODHIFI_CACHE): planned beside measured
+    speed-up, the targets tried, and a written model that reloads with the same figures."""
     out = tmp_path / "pruned.pt"
+    env = {**os.environ, "MODHIFI_CACHE": str(tmp_path / "cache")}
 
     def cli(*args):
         done = subprocess.run([sys.executable, "-m", "modhifi", *args, "--json", "--device", "cpu",
-                               "--batch-size", "8"], capture_output=True, text=True, cwd=ROOT)
+                               "--batch-size", "8"], capture_output=True, text=True, cwd=ROOT,
+                              env=env)
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)
 
-    pruned = cli("prune", "--model", "digits-cnn", "--target", "0.3", "--target-kind", "macs",
+    pruned = cli("prune", "--model", "digits-cnn", "--target", "0.1", "--target-kind", "latency",
                  "--calib-samples", "200", "--out", str(out))
-    assert pruned["macs_after"] <= 0.7 * pruned["macs_before"]
+    assert pruned["speedup_planned"] >= 1 / 0.9 - 1e-9 and pruned["speedup_measured"] > 0
+    assert pruned["latency_targets_tried"][0] == 0.1 and pruned["macs_after"] < pruned["macs_before"]
     assert pruned["accuracy_after"] > 0.85
+    assert len(list((tmp_path / "cache" / "latency").glob("digits-cnn.latency-b8-*.json"))) == 1
     reloaded = cli("info", "--model", str(out))
     assert reloaded["accuracy"] == pruned["accuracy_after"]
     assert reloaded["macs"] == pruned["macs_after"]

@@ -8,7 +8,6 @@ target"), so only a measurement after the cut says whether the target is met.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from torch import nn

@@ -52,9 +52,11 @@ class LayerTimes:
         between the two nearest widths timed in each dimension (the nearest outside them)."""
         i, a = _between(self.in_widths, c_in)
         j, b = _between(self.out_widths, c_out)
-        row = [self.ms[i][j] * (1 - b) + self.ms[i][j + 1] * b if b else self.ms[i][j]
-               for i in ((i, i + 1) if a else (i,))]
-        return row[0] * (1 - a) + row[1] * a if a else row[0]
+
+        def along(row: tuple[float, ...]) -> float:  # at c_out, on one input width's row
+            return (1 - b) * row[j] + b * row[j + 1] if b else row[j]
+
+        return (1 - a) * along(self.ms[i]) + a * along(self.ms[i + 1]) if a else along(self.ms[i])
 
 
 def _between(widths: tuple[int, ...], width: int) -> tuple[int, float]:
