@@ -14,7 +14,8 @@ Method = Literal["modhifi-greedy", "modhifi", "l1", "random", "activation"]  # d
 Compensation = Literal["refit", "rescale", "none"]
 Allocation = Literal["uniform", "global"]
 TargetKind = Literal["channels", "macs", "latency"]  # latency: measured (`prune.latency`)
-TEXT_TARGET_KINDS: tuple[TargetKind, ...] = ("channels", "macs")  # a text encoder's plans take
+TEXT_TARGET_KINDS: tuple[TargetKind, ...] = ("channels", "macs")  # on the text Prune page
+#                           (latency on text: the CLI and the library so far)
 Scope = Literal["all", "internal"]  # internal: leave channels shared by residual additions alone
 Edit = Literal["zero", "negate", "direction"]
 Score = Literal["contrastive", "centred"]
@@ -113,15 +114,6 @@ WHY_K = ("the share of each layer's (output, input) pairs edited, e.g. --k 0.03;
 WHY_FORGET_TARGET = "the highest forget-class accuracy the chosen k may leave, e.g. 0.05"
 WHY_FLOOR = "the share of each channel group always kept"
 WHY_OVERRIDE = "the share of that group removed whatever the target"
-
-
-def check_text_target(target_kind: str) -> str:
-    """`target_kind` if a text encoder's plan takes it (channels or MACs), else a one-line
-    UserError: the latency cost model times image layers only, so far."""
-    if check(TargetKind, target_kind) not in TEXT_TARGET_KINDS:
-        raise UserError("a latency target is for image models so far: use --target-kind macs "
-                        "on a text model (its speed is measured as sentences per second)")
-    return target_kind
 
 
 def check(kind, value: str) -> str:

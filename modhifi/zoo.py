@@ -325,16 +325,18 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def cost_cache(spec: str, model: nn.Module, backend, batch_size: int) -> Path:
-    """Where `spec`'s latency cost model (`prune.latency`) for this device and batch size is
-    cached: beside a checkpoint file; for a zoo or untrained model, in `data.cache_root()`/latency
-    (so that no run writes into the project's assets)."""
+    """Where `spec`'s latency cost model (`prune.latency`, `text.latency`) for this device and
+    batch size is cached: beside a checkpoint file or a text model's folder; for a zoo or
+    untrained model, in `data.cache_root()`/latency (so that no run writes into the project's
+    assets)."""
     from modhifi.data import cache_root
     from modhifi.prune.latency import cost_file
 
     path = Path(spec)
-    if spec in ZOO or spec == "random" or not path.is_file():
-        return cost_file(cache_root() / "latency", spec, model, backend, batch_size)
-    return cost_file(path.parent, path.stem, model, backend, batch_size)
+    if path.is_file() or path.is_dir():
+        return cost_file(path.parent, path.stem if path.is_file() else path.name, model, backend,
+                         batch_size)
+    return cost_file(cache_root() / "latency", spec, model, backend, batch_size)
 
 
 def base_of(spec: str, arch: str | None, dataset: Dataset) -> dict:

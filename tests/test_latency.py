@@ -13,7 +13,6 @@ from modhifi.errors import UserError
 from modhifi.prune import (analyse, cost_file, measured_costs, prune_in_steps,
                            recalibrate_batchnorm)
 from modhifi.prune.latency import CostModel, LayerTimes, candidate_widths, measure_costs
-from modhifi.requests import TextPruneRequest
 
 SHAPE = (1, 16, 16)
 
@@ -151,7 +150,8 @@ def test_the_cost_model_is_cached_beside_the_model_and_measured_again_when_unrea
     assert CostModel.from_json(path.read_text()) == costs
 
 
-def test_a_latency_target_without_a_cost_model_or_on_text_is_one_clear_error(measured):
+def test_a_latency_target_without_a_cost_model_or_with_another_models_is_one_clear_error(
+        measured):
     _, _, analysis, costs = measured
     with pytest.raises(UserError, match="latency target needs the model's measured"):
         analysis.plan(0.3, target_kind="latency")
@@ -159,8 +159,6 @@ def test_a_latency_target_without_a_cost_model_or_on_text_is_one_clear_error(mea
         other = dataclasses.replace(costs, layers={**costs.layers, "nowhere": next(
             iter(costs.layers.values()))})
         analysis.plan(0.3, target_kind="latency", costs=other)
-    with pytest.raises(UserError, match="image models so far"):
-        TextPruneRequest(target=0.3, target_kind="latency")
 
 
 def test_an_override_keeps_its_share_when_blocks_are_given_back(measured):

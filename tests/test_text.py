@@ -2,6 +2,7 @@
 layout) and, once, on the real all-MiniLM-L6-v2 through the command line."""
 import copy
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -234,12 +235,19 @@ def cli(*args):
 
 
 def test_cli_prunes_a_local_folder_and_the_output_reloads(tiny, tmp_path):
+    """To a latency target: the cost model is kept beside the folder, the JSON has the planned
+    speed-up beside the measured one."""
     out = tmp_path / "pruned"
-    done = cli("prune", "--model", str(tiny), "--target", "0.5", "--components", "heads",
-               "--calib-samples", "64", "--json", "--out", str(out))
+    done = subprocess.run([sys.executable, "-m", "modhifi", "prune", "--model", str(tiny),
+                           "--target", "0.1", "--target-kind", "latency", "--components", "heads",
+                           "--calib-samples", "64", "--json", "--out", str(out)],
+                          capture_output=True, text=True,
+                          env={**os.environ, "MODHIFI_CACHE": str(tmp_path / "cache")})
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
-    assert result["channels_before"] == 8 and result["channels_after"] == 4
+    assert result["channels_before"] == 8 and result["channels_after"] < 8
+    assert result["speedup_planned"] >= 1 / 0.9 - 1e-9 and result["speedup_measured"] > 0
+    assert len(list(tiny.parent.glob(f"{tiny.name}.latency-b64-*.json"))) == 1
     for key in ("embedding_cosine", "retrieval_agreement", "sentences_per_second_before",
                 "sentences_per_second_after", "accuracy_before", "accuracy_after"):
         assert key in result
@@ -469,3 +477,46 @@ def test_cli_scores_of_a_text_model_with_a_forget_class_give_each_neurons_contra
     assert torch.allclose(torch.tensor(last["forget_contrast"].to_numpy()), expected, rtol=1e-5,
                           atol=1e-9)
     assert table.loc[table["layer"] != layer, "forget_contrast"].isna().all()
+
+
+def test_a_text_latency_plan_predicts_each_layers_saving_from_its_real_widths(model, analysis,
+                                                                              cpu):
+    """The cost model times one FFN and one attention block at candidate counts on the timing
+    batches; with synthetic block times (linear in the count) a plan's predicted time is the
+    dense time less each layer's saving at the widths the pruned encoder really has."""
+    import dataclasses
+
+    from modhifi.prune.latency import candidate_widths
+    from modhifi.text.latency import TextCosts, measure_text_costs
+
+    costs = measure_text_costs(model, TEXTS, backend=cpu, batch_size=8)
+    assert costs.ffn.out_widths == candidate_widths(48) and costs.heads.out_widths == (1, 2, 3, 4)
+    assert costs.shapes == tuple(tuple(f["input_ids"].shape) for _, f in token_batches(
+        model, TEXTS[:16], batch_size=8, device="cpu"))
+    assert min(costs.ffn.ms[0] + costs.heads.ms[0]) > 0 and costs.dense_ms > 0
+    assert TextCosts.from_json(costs.to_json()) == costs
+
+    def ffn_ms(n):
+        return 0.01 * n + 0.2
+
+    def heads_ms(h):
+        return 0.3 * h + 0.1
+
+    synthetic = dataclasses.replace(
+        costs, dense_ms=10.0,
+        ffn=dataclasses.replace(costs.ffn, ms=(tuple(map(ffn_ms, costs.ffn.out_widths)),)),
+        heads=dataclasses.replace(costs.heads, ms=(tuple(map(heads_ms, (1, 2, 3, 4))),)))
+    for kind, target in (("ffn", 0.05), ("heads", 0.1)):
+        plan = analysis.plan(target, kind=kind, target_kind="latency", costs=synthetic)
+        pruned = apply_plan(analysis, plan)
+        saving = 0.0
+        for layer in transformer_layers(pruned):
+            if kind == "ffn":
+                saving += ffn_ms(48) - ffn_ms(pruned.get_submodule(layer.ffn_up).out_features)
+            else:
+                heads = pruned.get_submodule(layer.query).out_features // layer.head_size
+                saving += heads_ms(4) - heads_ms(heads)
+        assert plan.latency_after_ms == pytest.approx(10.0 - saving)
+        assert 1 - plan.latency_after_ms / 10.0 >= target and plan.speedup_planned > 1
+    with pytest.raises(UserError, match="latency target needs"):
+        analysis.plan(0.1, target_kind="latency")

@@ -17,9 +17,10 @@ import bisect
 import hashlib
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -35,7 +36,8 @@ from modhifi.prune.structure import Structure
 
 WIDTHS = 8      # candidate widths timed per prunable dimension of a layer (the full one included)
 REPEATS = 7     # timed calls per candidate, after one warm-up call each
-VERSION = 1     # of the cached file's layout
+VERSION = 1     # of the cached files' layout
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,12 @@ class LayerTimes:
     out_widths: tuple[int, ...]
     ms: tuple[tuple[float, ...], ...]  # (len(in_widths), len(out_widths)) median ms per batch
     outputs: int  # output elements per sample at full width (what the rest of the pass touches)
+
+    @classmethod
+    def from_state(cls, state: dict) -> LayerTimes:
+        """From its fields as JSON holds them (lists for tuples)."""
+        return cls(tuple(state["in_widths"]), tuple(state["out_widths"]),
+                   tuple(map(tuple, state["ms"])), state["outputs"])
 
     def at(self, c_in: int, c_out: int) -> float:
         """Milliseconds at `c_in` input and `c_out` output channels: interpolated linearly
@@ -107,17 +115,45 @@ class CostModel:
         return spent + self.rest_ms * (written / total if total else 1.0)
 
     def to_json(self) -> str:
-        return json.dumps({"version": VERSION, **asdict(self)}, indent=1)
+        return to_json(self)
 
     @classmethod
     def from_json(cls, text: str) -> CostModel:
-        state = json.loads(text)
-        if state.pop("version", None) != VERSION:
-            raise ValueError("another layout")
-        layers = {name: LayerTimes(tuple(t["in_widths"]), tuple(t["out_widths"]),
-                                   tuple(map(tuple, t["ms"])), t["outputs"])
-                  for name, t in state.pop("layers").items()}
+        state = from_json(text)
+        layers = {name: LayerTimes.from_state(t) for name, t in state.pop("layers").items()}
         return cls(layers=layers, **state)
+
+
+def to_json(costs) -> str:
+    """A cost model (a dataclass) as its cache file's text."""
+    return json.dumps({"version": VERSION, **asdict(costs)}, indent=1)
+
+
+def from_json(text: str) -> dict:
+    """A cost model's fields from its cache file's text; ValueError for another layout."""
+    state = json.loads(text)
+    if state.pop("version", None) != VERSION:
+        raise ValueError("another layout")
+    return state
+
+
+def cached(cache: Path | None, read: Callable[[str], T], measure: Callable[[], T]) -> T:
+    """`read` of the file `cache` where it holds a readable cost model, else `measure()`, then
+    written there atomically (left unwritten in a read-only folder: measured again next time)."""
+    from modhifi.zoo import write_atomically
+
+    if cache is not None and cache.is_file():
+        try:
+            return read(cache.read_text())
+        except (ValueError, KeyError, TypeError):  # an older layout: measure again
+            pass
+    costs = measure()
+    if cache is not None:
+        try:
+            write_atomically(cache, lambda path: path.write_text(costs.to_json()))
+        except OSError:
+            pass
+    return costs
 
 
 def _width(group: str | None, kept: Mapping[str, int], sizes: Mapping[str, int],
@@ -252,23 +288,9 @@ def measured_costs(model: nn.Module, structure: Structure, input_shape: tuple[in
                    backend: Backend, batch_size: int = 64, cache: Path | None = None,
                    shard: Shard = ALONE) -> CostModel:
     """`measure_costs`, read from the file `cache` when it holds them, else measured and
-    written there (atomically); with several processes (`shard`), process 0 measures and the
+    written there (`cached`); with several processes (`shard`), process 0 measures and the
     others take its model, so that every process plans alike."""
-    from modhifi.zoo import write_atomically
-
-    costs = None
-    if shard.is_main:
-        if cache is not None and cache.is_file():
-            try:
-                costs = CostModel.from_json(cache.read_text())
-            except (ValueError, KeyError, TypeError):  # an older layout: measure again
-                costs = None
-        if costs is None:
-            costs = measure_costs(model, structure, input_shape, backend=backend,
-                                  batch_size=batch_size)
-            if cache is not None:
-                try:
-                    write_atomically(cache, lambda path: path.write_text(costs.to_json()))
-                except OSError:  # a read-only folder: measured again next time, nothing lost
-                    pass
+    costs = cached(cache, CostModel.from_json,
+                   lambda: measure_costs(model, structure, input_shape, backend=backend,
+                                         batch_size=batch_size)) if shard.is_main else None
     return shard.from_main(costs)

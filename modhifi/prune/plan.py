@@ -145,8 +145,9 @@ TARGET_UNITS = {"channels": "channels", "macs": "MACs", "latency": "latency"}  #
 def check_costs(target_kind: TargetKind, costs: CostModel | None) -> None:
     """A latency target needs a cost model: a one-line UserError without one."""
     if target_kind == "latency" and costs is None:
-        raise UserError("a latency target needs the model's measured layer times: pass "
-                        "costs=prune.measured_costs(...) (the CLI and the pages measure them)")
+        raise UserError("a latency target needs the model's measured layer times: pass a cost "
+                        "model, costs=prune.measured_costs(...) or text.latency."
+                        "measured_text_costs(...) (the CLI and the pages measure them)")
 
 
 def least_knob(removed: Callable[[float], float], target: float, *, what: str) -> float:

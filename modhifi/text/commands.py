@@ -9,8 +9,8 @@ from pathlib import Path
 
 from modhifi.console import class_index, progress
 from modhifi.errors import UserError
-from modhifi.options import (CALIBRATION_TEXT, DEFAULT_METHOD, Component, check_text_target,
-                             choices, default_compensation)
+from modhifi.options import (CALIBRATION_TEXT, DEFAULT_METHOD, Component, choices,
+                             default_compensation)
 from modhifi.text.corpus import Corpus, load_fortunes
 
 
@@ -58,18 +58,26 @@ def prune(args: argparse.Namespace) -> dict:
     import time
 
     from modhifi.text.components import analyse_text
+    from modhifi.text.latency import measured_text_costs
     from modhifi.text.subject import compare_text, save_text_model
     from modhifi.text.surgery import apply_plan
+    from modhifi.zoo import cost_cache
 
-    check_text_target(args.target_kind)  # before the model loads
     backend, subject, texts = open_arguments(args)
     method = args.method or DEFAULT_METHOD
     compensation = args.compensation or default_compensation(method)
+    costs = None
+    if args.target_kind == "latency":
+        cache = cost_cache(args.model, subject.model, backend, args.batch_size)
+        how = "read from" if cache.is_file() else "timing one FFN and one attention block, kept in"
+        progress(f"latency cost model: {how} {cache}")
+        costs = measured_text_costs(subject.model, texts, backend=backend,
+                                    batch_size=args.batch_size, cache=cache)
     progress(f"statistics and scores on {len(texts)} calibration texts")
     start = time.perf_counter()
     analysis = analyse_text(subject.model, texts, device=backend.device)
     plan = analysis.plan(args.target, kind=args.components, target_kind=args.target_kind,
-                         method=method, round_to=args.round_to)
+                         method=method, round_to=args.round_to, costs=costs)
     pruned = apply_plan(analysis, plan, compensation=compensation)
     seconds = time.perf_counter() - start
     progress(f"pruned in {seconds:.1f} s; evaluating and timing on {len(subject.corpus.test)} "
@@ -83,7 +91,8 @@ def prune(args: argparse.Namespace) -> dict:
             "target_kind": args.target_kind, "components": plan.kind, "allocation": "uniform",
             "compensation": compensation, "bn_recalibrated": False, "calib_samples": len(texts),
             "device": backend.description, "channels_before": plan.units_before,
-            "channels_after": plan.units_after, **result, "seconds": seconds}
+            "channels_after": plan.units_after, **result,
+            "speedup_planned": plan.speedup_planned, "seconds": seconds}
 
 
 def unlearn(args: argparse.Namespace) -> dict:

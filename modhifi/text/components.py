@@ -29,11 +29,12 @@ from modhifi.hooks import hooked, private_copy
 from modhifi.moments import LayerMoments, moments_of
 from modhifi.options import (COMPONENT_LABELS, DEFAULT_METHOD, FLOOR, ROUND_TO, WHY_FLOOR, WHY_ROUND_TO,
                              Component, Method, TargetKind, check, check_fraction, check_target,
-                             check_text_target, check_whole)
+                             check_whole)
 from modhifi.prune.importance import IMPORTANCES, Evidence, Ranking, ranking_of
-from modhifi.prune.plan import kept_counts, least_knob, most
+from modhifi.prune.plan import TARGET_UNITS, check_costs, kept_counts, least_knob, most
 from modhifi.prune.structure import ChannelGroup
 from modhifi.text.encoder import TransformerLayer, token_batches, transformer_layers
+from modhifi.text.latency import TextCosts
 
 
 def consumer(layer: TransformerLayer, kind: Component) -> str:
@@ -52,8 +53,8 @@ def block(layer: TransformerLayer, kind: Component) -> int:
 
 
 def target_units(kind: Component, target_kind: TargetKind) -> str:
-    """What a target is a share of: the components of `kind`, or the MACs."""
-    return COMPONENT_LABELS[kind] if target_kind == "channels" else "MACs"
+    """What a target is a share of: the components of `kind`, the MACs or the latency."""
+    return COMPONENT_LABELS[kind] if target_kind == "channels" else TARGET_UNITS[target_kind]
 
 
 def component_group(model: nn.Module, layer: TransformerLayer, kind: Component) -> ChannelGroup:
@@ -115,6 +116,16 @@ class TextPlan:
     kept: tuple[tuple[int, ...], ...]  # kept components per layer, sorted
     macs_before: float                 # per sentence, at the calibration texts' token lengths
     macs_after: float
+    # Milliseconds per timed pass a cost model predicts (`text.latency`): None without one.
+    latency_before_ms: float | None = None
+    latency_after_ms: float | None = None
+
+    @property
+    def speedup_planned(self) -> float | None:
+        """The speed-up the cost model predicts (None without one)."""
+        if self.latency_before_ms is None:
+            return None
+        return self.latency_before_ms / self.latency_after_ms
 
     @property
     def units_before(self) -> int:
@@ -205,11 +216,12 @@ class TextAnalysis:
             return dict(self._rankings[key])
 
     def _counts(self, kind: Component, method: Method, target_kind: TargetKind, floor: float,
-                round_to: int | None, seed: int) -> tuple[Callable[[float], dict[str, int]],
-                                                          Callable[[float], float],
-                                                          dict[str, Ranking]]:
+                round_to: int | None, seed: int,
+                costs: TextCosts | None) -> tuple[Callable[[float], dict[str, int]],
+                                                  Callable[[float], float], dict[str, Ranking]]:
         """(knob -> kept components per layer, knob -> share removed, the rankings)."""
-        check_text_target(target_kind)
+        check(TargetKind, target_kind)
+        check_costs(target_kind, costs)
         check_fraction("floor", floor, why=WHY_FLOOR)
         round_to = (ROUND_TO if kind == "ffn" else 1) if round_to is None else round_to
         check_whole("--round-to", round_to, WHY_ROUND_TO)
@@ -224,6 +236,8 @@ class TextAnalysis:
             counts = kept(knob)
             if target_kind == "channels":
                 return 1 - sum(counts.values()) / total
+            if target_kind == "latency":
+                return 1 - costs.predict(kind, list(counts.values())) / costs.dense_ms
             return self.saved_macs(kind, counts) / self.macs
         return kept, removed, rankings
 
@@ -234,27 +248,32 @@ class TextAnalysis:
 
     def most(self, *, kind: Component = "ffn", target_kind: TargetKind = "channels",
              method: Method = DEFAULT_METHOD, floor: float = FLOOR, round_to: int | None = None,
-             seed: int = 0) -> float:
+             seed: int = 0, costs: TextCosts | None = None) -> float:
         """The largest target a plan with these options can reach."""
-        return most(self._counts(kind, method, target_kind, floor, round_to, seed)[1])
+        return most(self._counts(kind, method, target_kind, floor, round_to, seed, costs)[1])
 
     def plan(self, target: float, *, kind: Component = "ffn", target_kind: TargetKind = "channels",
              method: Method = DEFAULT_METHOD, floor: float = FLOOR, round_to: int | None = None,
-             seed: int = 0) -> TextPlan:
+             seed: int = 0, costs: TextCosts | None = None) -> TextPlan:
         """The same share of every layer's components removed, at least `target` of them
-        (`target_kind="channels"`) or of the MACs per sentence (`"macs"`).
+        (`target_kind="channels"`), of the MACs per sentence (`"macs"`) or of the latency
+        `costs` predicts (`"latency"`).
 
         Args:
             round_to: kept components per layer are a multiple of this; default 8 neurons, 1 head.
             floor: share of each layer's components always kept (at least one).
+            costs: the encoder's cost model (`text.latency.measured_text_costs`): needed for a
+                latency target; with any target, the plan then carries its predicted latency.
         """
         check_target(target)
-        counts, removed, rankings = self._counts(kind, method, target_kind, floor, round_to, seed)
+        counts, removed, rankings = self._counts(kind, method, target_kind, floor, round_to, seed,
+                                                 costs)
         kept = counts(least_knob(removed, target, what=target_units(kind, target_kind)))
         groups = self.groups(kind)
         chosen = tuple(tuple(sorted(rankings[g.name].order[:kept[g.name]])) for g in groups)
+        latency = (costs.dense_ms, costs.predict(kind, list(kept.values()))) if costs else ()
         return TextPlan(kind, method, target, target_kind, tuple(g.size for g in groups), chosen,
-                        self.macs, self.macs - self.saved_macs(kind, kept))
+                        self.macs, self.macs - self.saved_macs(kind, kept), *latency)
 
 
 def analyse_text(model: nn.Module, texts: Sequence[str], *, device: torch.device | str,
