@@ -14,8 +14,6 @@ Method = Literal["modhifi-greedy", "modhifi", "l1", "random", "activation"]  # d
 Compensation = Literal["refit", "rescale", "none"]
 Allocation = Literal["uniform", "global"]
 TargetKind = Literal["channels", "macs", "latency"]  # latency: measured (`prune.latency`)
-TEXT_TARGET_KINDS: tuple[TargetKind, ...] = ("channels", "macs")  # on the text Prune page
-#                           (latency on text: the CLI and the library so far)
 Scope = Literal["all", "internal"]  # internal: leave channels shared by residual additions alone
 Edit = Literal["zero", "negate", "direction"]
 Score = Literal["contrastive", "centred"]

@@ -3,9 +3,8 @@ from dataclasses import replace
 
 import streamlit as st
 
-from modhifi.options import (COMPONENT_LABELS, METHOD_LABELS, TEXT_TARGET_KINDS, Allocation,
-                             Compensation, Component, Method, Scope, TargetKind, choices,
-                             default_compensation)
+from modhifi.options import (COMPONENT_LABELS, METHOD_LABELS, Allocation, Compensation,
+                             Component, Method, Scope, TargetKind, choices, default_compensation)
 from modhifi.prune.plan import TARGET_UNITS
 from modhifi.requests import PruneRequest, TextPruneRequest
 from modhifi.text.components import target_units
@@ -25,12 +24,15 @@ def render_text(chosen: cache.Selection) -> None:
     cols = st.columns(3)
     kind = cols[0].radio("Components", choices(Component), horizontal=True,
                          key=keys.PRUNE_COMPONENTS, format_func=COMPONENT_LABELS.get)
-    page.drop_unless(keys.PRUNE_KIND, TEXT_TARGET_KINDS)
-    url.restore(keys.PRUNE_KIND, lambda kind: kind in TEXT_TARGET_KINDS)
-    target_kind = cols[0].radio("Target", TEXT_TARGET_KINDS, horizontal=True,
+    url.restore(keys.PRUNE_KIND, lambda kind: kind in choices(TargetKind))
+    target_kind = cols[0].radio("Target", choices(TargetKind), horizontal=True,
                                 key=keys.PRUNE_KIND,
                                 format_func={"macs": "share of MACs",
-                                             "channels": "share of the components"}.get)
+                                             "channels": "share of the components",
+                                             "latency": "share of latency"}.get,
+                                help="Latency: this device's at batch 64, from one FFN and one "
+                                     "attention block timed at candidate counts (the first time "
+                                     "takes about half a minute; kept on disk).")
     url.restore(keys.PRUNE_METHOD, lambda name: name in choices(Method))
     method = cols[1].selectbox("Method", choices(Method), format_func=METHOD_LABELS.get,
                                key=keys.PRUNE_METHOD)
@@ -64,13 +66,19 @@ def render_text(chosen: cache.Selection) -> None:
                    delta_arrow="off")
     cols[4].metric(f"Kept: {COMPONENT_LABELS[kind]}",
                    f"{plan.units_after} / {plan.units_before}")
+    if plan.speedup_planned is not None:
+        st.caption(f"Predicted speed-up {plan.speedup_planned:.2f}× ({cache.LATENCY_BATCH} "
+                   "quotations per batch, this device; one FFN and one attention block timed "
+                   "alone at candidate counts): measure it below.")
     speedup = None
     if st.toggle("Measure the real speed-up (batch 64, dense and pruned timed side by side)",
                  key=keys.PRUNE_SPEED):
         before, after = text_cache.speed(chosen, request)
+        planned = (f", planned {plan.speedup_planned:.2f}×" if plan.speedup_planned is not None
+                   else "")
         st.metric("Sentences per second", f"{after:.0f}", f"{after / before:.2f}× the dense "
-                  f"{before:.0f} (MACs ratio {plan.macs_before / plan.macs_after:.2f}×)",
-                  delta_color="off")
+                  f"{before:.0f} (MACs ratio {plan.macs_before / plan.macs_after:.2f}×"
+                  f"{planned})", delta_color="off")
         speedup = after / before
     history.record({
         "model": chosen.model.spec, "method": method, "target": target,
@@ -79,6 +87,7 @@ def render_text(chosen: cache.Selection) -> None:
         "same nearest neighbour": round(result["retrieval_agreement"], 4),
         "accuracy": result["accuracy_after"], "test quotations": result["texts"],
         "MACs": plan.macs_after, "MACs ×": round(plan.macs_before / plan.macs_after, 3),
+        "planned speed-up": plan.speedup_planned and round(plan.speedup_planned, 3),
         "measured speed-up": None if speedup is None else round(speedup, 3)})
     st.subheader(f"Kept per layer: {COMPONENT_LABELS[kind]}")
     st.plotly_chart(figures.kept_bars(plan.to_frame(), COMPONENT_LABELS[kind]), width="stretch")

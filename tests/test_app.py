@@ -628,3 +628,26 @@ def test_a_latency_target_plans_with_the_measured_cost_model_and_shows_planned_b
     assert metrics(app)["Planned (cost model)"] == f"{plan.speedup_planned:.2f}×"
     assert app.session_state["prune.history"][-1]["planned speed-up"] == round(
         plan.speedup_planned, 3)
+
+
+@pytest.mark.zoo
+def test_the_text_prune_page_plans_a_latency_target_with_the_measured_cost_model(tmp_path,
+                                                                                 monkeypatch):
+    """MiniLM's blocks are timed once (about half a minute; opt in: -m zoo), kept under
+    MODHIFI_CACHE, and the page's caption is the library's plan from that cost model file."""
+    from modhifi.requests import ModelRef
+    from modhifi.text.latency import TextCosts
+    from ui import text_cache
+    from ui.cache import Selection
+
+    monkeypatch.setenv("MODHIFI_CACHE", str(tmp_path))
+    app = open_text_page("pages/prune.py", **{"prune.kind": "latency", "prune.target": 0.2})
+    assert not app.exception and not app.error
+    files = list((tmp_path / "latency").glob("minilm-l6.latency-b64-*.json"))
+    assert len(files) == 1
+    costs = TextCosts.from_json(files[0].read_text())
+    analysis = text_cache.analysis(Selection(ModelRef("minilm-l6"), "cpu", 250))
+    plan = analysis.plan(0.2, kind="ffn", target_kind="latency", costs=costs)
+    captions = " ".join(c.value for c in app.caption)
+    assert f"Predicted speed-up {plan.speedup_planned:.2f}×" in captions
+    assert metrics(app)["Kept: FFN neurons"] == f"{plan.units_after} / {plan.units_before}"

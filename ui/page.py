@@ -64,13 +64,6 @@ def lower_to(key: str, most: int) -> None:
         st.session_state[key] = most
 
 
-def drop_unless(key: str, allowed) -> None:
-    """Forget a widget's remembered choice that its options no longer hold (call before the
-    widget: e.g. a latency target chosen for an image model, when a text model is opened)."""
-    if key in st.session_state and st.session_state[key] not in allowed:
-        del st.session_state[key]
-
-
 STEP = 0.05  # of every target slider
 
 

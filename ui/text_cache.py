@@ -10,10 +10,12 @@ import pandas as pd
 import streamlit as st
 import torch
 
+from modhifi import zoo
 from modhifi.audit import Audit
 from modhifi.requests import TextPruneRequest, TextUnlearnRequest
 from modhifi.text import components, encoder, forget, quality, subject as subjects, surgery
-from ui.cache import CACHED_TABLES, PRUNED_MODELS, Opened, Selection, backend
+from modhifi.text.latency import TextCosts, measured_text_costs
+from ui.cache import CACHED_TABLES, LATENCY_BATCH, PRUNED_MODELS, Opened, Selection, backend
 
 LIVE_TEST_TEXTS = 400   # live numbers use this prefix of the (shuffled) test split
 TRY_IT_NEIGHBOURS = 5
@@ -81,17 +83,34 @@ def score_map(selection: Selection, kind: str, target: float) -> pd.DataFrame:
     return frame.rename(columns={"component": "channel"})
 
 
+@st.cache_resource(show_spinner="Timing one FFN and one attention block at candidate counts "
+                                "(batch 64; once per model and device, kept on disk)…",
+                   max_entries=4)
+def costs(opened: Opened) -> TextCosts:
+    """The encoder's latency cost model on this device, read from or written to its file."""
+    chosen, chosen_backend = subject(opened), backend(opened.device)
+    return measured_text_costs(chosen.model, chosen.corpus.calibration.texts,
+                               backend=chosen_backend, batch_size=LATENCY_BATCH,
+                               cache=zoo.cost_cache(opened.model.spec, chosen.model,
+                                                    chosen_backend, LATENCY_BATCH))
+
+
+def _costs_for(opened: Opened, request: TextPruneRequest) -> TextCosts | None:
+    return costs(opened) if request.target_kind == "latency" else None
+
+
 @st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)
 def most(selection: Selection, request: TextPruneRequest) -> float:
     """The largest target reachable with the request's other options."""
     options = request.plan_kwargs()
     del options["target"]
-    return analysis(selection).most(**options)
+    return analysis(selection).most(**options, costs=_costs_for(selection.opened, request))
 
 
 @st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)
 def plan(selection: Selection, request: TextPruneRequest) -> components.TextPlan:
-    return analysis(selection).plan(**request.plan_kwargs())
+    return analysis(selection).plan(**request.plan_kwargs(),
+                                    costs=_costs_for(selection.opened, request))
 
 
 @st.cache_resource(show_spinner="Pruning: refitting the consumers, cutting the components…",
