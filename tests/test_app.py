@@ -602,6 +602,18 @@ def test_the_architecture_and_per_group_overrides_follow_the_library():
     assert metrics(app)["Channels kept"] == f"{inside.channels_after} / {inside.channels_before}"
 
 
+def open_with_cost_file(tmp_path, monkeypatch, model: str, target: float) -> tuple[AppTest, str]:
+    """The Prune page of a zoo model at a latency target, its cost model kept under tmp_path;
+    the page and the one cost model file's text."""
+    monkeypatch.setenv("MODHIFI_CACHE", str(tmp_path))
+    app = open_page("pages/prune.py", **{"sidebar.model": model, "prune.kind": "latency",
+                                         "prune.target": target})
+    assert not app.exception and not app.error
+    files = list((tmp_path / "latency").glob(f"{model}.latency-b64-*.json"))
+    assert len(files) == 1
+    return app, files[0].read_text()
+
+
 def test_a_latency_target_plans_with_the_measured_cost_model_and_shows_planned_beside_measured(
         tmp_path, monkeypatch):
     """The page times digits-cnn's layers once (kept under MODHIFI_CACHE) and plans with them:
@@ -611,12 +623,8 @@ def test_a_latency_target_plans_with_the_measured_cost_model_and_shows_planned_b
     from modhifi.prune import CostModel
     from modhifi.zoo import open_subject
 
-    monkeypatch.setenv("MODHIFI_CACHE", str(tmp_path))
-    app = open_page("pages/prune.py", **{"prune.kind": "latency", "prune.target": 0.1})
-    assert not app.exception and not app.error
-    files = list((tmp_path / "latency").glob("digits-cnn.latency-b64-*.json"))
-    assert len(files) == 1
-    costs = CostModel.from_json(files[0].read_text())
+    app, saved = open_with_cost_file(tmp_path, monkeypatch, "digits-cnn", 0.1)
+    costs = CostModel.from_json(saved)
     subject = open_subject("digits-cnn", device=__import__("torch").device("cpu"))
     analysis = bench.live_analysis(subject.loaded.model, subject.dataset,
                                    backend=choose_backend("cpu"), samples=250)
@@ -640,12 +648,8 @@ def test_the_text_prune_page_plans_a_latency_target_with_the_measured_cost_model
     from ui import text_cache
     from ui.cache import Selection
 
-    monkeypatch.setenv("MODHIFI_CACHE", str(tmp_path))
-    app = open_text_page("pages/prune.py", **{"prune.kind": "latency", "prune.target": 0.2})
-    assert not app.exception and not app.error
-    files = list((tmp_path / "latency").glob("minilm-l6.latency-b64-*.json"))
-    assert len(files) == 1
-    costs = TextCosts.from_json(files[0].read_text())
+    app, saved = open_with_cost_file(tmp_path, monkeypatch, "minilm-l6", 0.2)
+    costs = TextCosts.from_json(saved)
     analysis = text_cache.analysis(Selection(ModelRef("minilm-l6"), "cpu", 250))
     plan = analysis.plan(0.2, kind="ffn", target_kind="latency", costs=costs)
     captions = " ".join(c.value for c in app.caption)
