@@ -71,7 +71,7 @@ def _prune(args: argparse.Namespace) -> dict:
 
     from modhifi.metrics import compare
     from modhifi.prune import analyse, measured_costs, prune_in_steps, trace_structure
-    from modhifi.prune.hold import hold_latency
+    from modhifi.prune.hold import TOLERANCE, hold_latency
     from modhifi.zoo import cost_cache
 
     if is_text(args):
@@ -84,7 +84,7 @@ def _prune(args: argparse.Namespace) -> dict:
                                         backend.device)
     costs = None
     if args.target_kind == "latency":
-        cache = cost_cache(args.model, model, backend, args.batch_size)
+        cache = cost_cache(args.model, model, backend, args.batch_size, dataset.input_shape)
         how = "read from" if cache.is_file() else "timing each layer at candidate widths, kept in"
         progress(f"latency cost model: {how} {cache}")
         costs = measured_costs(model, trace_structure(model, dataset.input_shape),
@@ -95,6 +95,8 @@ def _prune(args: argparse.Namespace) -> dict:
     options = {"allocation": args.allocation, "method": method, "scope": args.scope,
                "round_to": round_to}
     tries = None
+    if costs is not None and args.steps > 1:
+        progress("with --steps, each round is planned to the latency target but not timed")
     if costs is not None and args.steps == 1:  # cut, time, and plan for more where it fell short
         analysis = analyse(model, calibration, device=backend.device,
                            input_shape=dataset.input_shape, shard=args.shard,
@@ -138,6 +140,8 @@ def _prune(args: argparse.Namespace) -> dict:
             "speedup_planned": plans[0].latency_before_ms / plans[-1].latency_after_ms
             if costs else None,
             "latency_targets_tried": tries,  # the plans cut and timed until the target held
+            "latency_target_met": (1 - 1 / result.speedup_measured >= args.target - TOLERANCE
+                                   if costs else None),  # by the measurement above
             "seconds": seconds}
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -87,12 +87,20 @@ class Shard:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
         return bool(flag.item())
 
-    def from_main(self, value: T) -> T:
-        """Process 0's `value` (picklable) on every process; the others pass anything."""
+    def on_main(self, work: Callable[[], T]) -> T:
+        """`work()` run by process 0 alone, its result (picklable) on every process; what it
+        raises is raised on every process (not only on 0, the others left waiting)."""
         if self.world == 1:
-            return value
-        box = [value]
+            return work()
+        box: list[Any] = [None, None]  # (result, error)
+        if self.is_main:
+            try:
+                box[0] = work()
+            except Exception as error:  # handed on, then raised everywhere
+                box[1] = error
         dist.broadcast_object_list(box, group=self.group, group_src=0, device=self.device)
+        if box[1] is not None:
+            raise box[1]
         return box[0]
 
     def check_same(self, value: Any, what: str) -> None:

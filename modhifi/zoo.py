@@ -324,19 +324,21 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     write_together({Path(path): write})
 
 
-def cost_cache(spec: str, model: nn.Module, backend, batch_size: int) -> Path:
-    """Where `spec`'s latency cost model (`prune.latency`, `text.latency`) for this device and
-    batch size is cached: beside a checkpoint file or a text model's folder; for a zoo or
-    untrained model, in `data.cache_root()`/latency (so that no run writes into the project's
-    assets)."""
+def cost_cache(spec: str, model: nn.Module, backend, batch_size: int, inputs: object, *,
+               beside: bool = True) -> Path:
+    """Where `spec`'s latency cost model (`prune.latency`, `text.latency`) for this device,
+    batch size and `inputs` is cached: beside a checkpoint file or a text model's folder (when
+    `beside`: the command line); else, and for a zoo or untrained model, in
+    `data.cache_root()`/latency (the dashboard writes only there, never into the project's
+    assets or a visitor's folders)."""
     from modhifi.data import cache_root
     from modhifi.prune.latency import cost_file
 
     path = Path(spec)
-    if path.is_file() or path.is_dir():
+    if beside and (path.is_file() or path.is_dir()):
         return cost_file(path.parent, path.stem if path.is_file() else path.name, model, backend,
-                         batch_size)
-    return cost_file(cache_root() / "latency", spec, model, backend, batch_size)
+                         batch_size, inputs)
+    return cost_file(cache_root() / "latency", path.name, model, backend, batch_size, inputs)
 
 
 def base_of(spec: str, arch: str | None, dataset: Dataset) -> dict:

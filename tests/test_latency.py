@@ -38,10 +38,15 @@ def measured(cpu):
                                                    backend=cpu, batch_size=4)
 
 
-def _synthetic(costs: CostModel, rest: float = 0.5) -> CostModel:
-    layers = {name: dataclasses.replace(t, ms=tuple(tuple(_time(i, o) for o in t.out_widths)
-                                                    for i in t.in_widths))
-              for name, t in costs.layers.items()}
+def _synthetic(costs: CostModel, rest: float = 0.5, depthwise: tuple[str, ...] = ()) -> CostModel:
+    """`costs` with every layer's table the synthetic time (a depthwise conv's at as many inputs
+    as outputs: timed along its output alone) and the rest `rest`."""
+    def table(name: str, t: LayerTimes) -> tuple[tuple[float, ...], ...]:
+        if name in depthwise:
+            return (tuple(_time(o, o) for o in t.out_widths),)
+        return tuple(tuple(_time(i, o) for o in t.out_widths) for i in t.in_widths)
+
+    layers = {name: dataclasses.replace(t, ms=table(name, t)) for name, t in costs.layers.items()}
     full = sum(_time(t.in_widths[-1], t.out_widths[-1]) for t in layers.values())
     return dataclasses.replace(costs, layers=layers, dense_ms=full + rest)
 
@@ -54,14 +59,16 @@ def _widths(layer: nn.Module) -> tuple[int, int]:
 
 def _explicit_ms(pruned: nn.Module, costs: CostModel, rest: float) -> float:
     """The oracle: each layer's synthetic time at the widths it really has after surgery, and
-    the rest scaled by the share of its output activations kept."""
-    spent = written = total = 0.0
+    the rest scaled by the share of its output activations kept (a negative rest: the layers'
+    times scaled to the dense pass instead)."""
+    spent = written = total = full = 0.0
     for name, times in costs.layers.items():
         c_in, c_out = _widths(pruned.get_submodule(name))
         spent += _time(c_in, c_out)
+        full += _time(times.in_widths[-1], times.out_widths[-1])
         written += times.outputs * c_out / times.out_widths[-1]
         total += times.outputs
-    return spent + rest * written / total
+    return spent * (full + rest) / full if rest < 0 else spent + rest * written / total
 
 
 def test_the_grid_covers_every_layer_where_a_group_can_change_it(measured):
@@ -128,9 +135,10 @@ def test_rounds_of_a_latency_target_each_start_where_the_last_ended(measured):
 def test_the_cost_model_is_cached_beside_the_model_and_measured_again_when_unreadable(
         measured, cpu, tmp_path, monkeypatch):
     model, _, analysis, costs = measured
-    path = cost_file(tmp_path, "net", model, cpu, 4)
-    assert path != cost_file(tmp_path, "net", model, cpu, 8)  # another batch size, another file
-    assert path != cost_file(tmp_path, "net", nets.ResNet(widths=(16, 32, 48)), cpu, 4)
+    path = cost_file(tmp_path, "net", model, cpu, 4, SHAPE)
+    assert path != cost_file(tmp_path, "net", model, cpu, 8, SHAPE)  # another batch size
+    assert path != cost_file(tmp_path, "net", model, cpu, 4, (1, 28, 28))  # other inputs
+    assert path != cost_file(tmp_path, "net", nets.ResNet(widths=(16, 32, 48)), cpu, 4, SHAPE)
     monkeypatch.setattr("modhifi.prune.latency.measure_costs", lambda *a, **k: costs)
     assert measured_costs(model, analysis.structure, SHAPE, backend=cpu, batch_size=4,
                           cache=path) == costs
@@ -155,10 +163,11 @@ def test_a_latency_target_without_a_cost_model_or_with_another_models_is_one_cle
     _, _, analysis, costs = measured
     with pytest.raises(UserError, match="latency target needs the model's measured"):
         analysis.plan(0.3, target_kind="latency")
-    with pytest.raises(UserError, match="another model"):
-        other = dataclasses.replace(costs, layers={**costs.layers, "nowhere": next(
-            iter(costs.layers.values()))})
-        analysis.plan(0.3, target_kind="latency", costs=other)
+    for layers in ({**costs.layers, "nowhere": next(iter(costs.layers.values()))},
+                   dict(list(costs.layers.items())[1:])):  # a layer too many, one too few
+        with pytest.raises(UserError, match="another model"):
+            analysis.plan(0.3, target_kind="latency",
+                          costs=dataclasses.replace(costs, layers=layers))
 
 
 def test_an_override_keeps_its_share_when_blocks_are_given_back(measured):
@@ -192,6 +201,8 @@ def test_a_latency_target_holds_when_the_measured_pass_is_slower_than_planned(
                 for ms in (synthetic.dense_ms, slow)]
 
     monkeypatch.setattr("modhifi.prune.hold.measure_latencies", fake)
+    with pytest.raises(UserError, match="measured at batch 4"):
+        hold_latency(analysis, 0.3, costs=synthetic, backend=cpu, batch_size=64)
     held = hold_latency(analysis, 0.3, costs=synthetic, backend=cpu, batch_size=4)
     assert len(held.asked) >= 2 and held.asked[0] == 0.3
     assert held.removed >= 0.3 - TOLERANCE
@@ -202,3 +213,23 @@ def test_a_latency_target_holds_when_the_measured_pass_is_slower_than_planned(
         first = analysis.apply(analysis.plan(before, target_kind="latency", costs=synthetic))
         short = 0.3 - (1 - 1.15 * _explicit_ms(first, synthetic, 0.5) / synthetic.dense_ms)
         assert after == pytest.approx(before + short)
+
+
+def test_a_depthwise_convolution_is_timed_at_its_output_widths_and_predicted_exactly(cpu):
+    """MobileNet's kind of layer: a depthwise conv's input follows its output, so it is timed
+    along the output alone (each copy fed as many channels as it has)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.BatchNorm2d(32),
+                          nn.ReLU(), nn.Conv2d(32, 16, 1), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(16, 10)).eval()
+    batches = [torch.randn(16, *SHAPE)]
+    analysis = analyse(model, batches, device=torch.device("cpu"), input_shape=SHAPE)
+    costs = measure_costs(analysis.model, analysis.structure, SHAPE, backend=cpu, batch_size=2)
+    assert costs.layers["3"].in_widths == (32,) and costs.layers["3"].out_widths == (
+        8, 16, 24, 32)
+    synthetic = _synthetic(costs, rest=0.5, depthwise=("3",))
+    plan = analysis.plan(0.3, target_kind="latency", costs=synthetic)
+    assert plan.latency_after_ms == pytest.approx(
+        _explicit_ms(analysis.apply(plan), synthetic, 0.5))
+    assert plan.achieved >= 0.3

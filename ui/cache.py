@@ -126,13 +126,11 @@ LATENCY_BATCH = 64  # the Prune page's latency: targets and measured speed-ups a
                                 "and device, kept on disk)…", max_entries=OPEN_MODELS)
 def costs(opened: Opened) -> prune.CostModel:
     """The model's latency cost model on this device, read from or written to its cache file."""
-    chosen = subject(opened)
-    model, shape, chosen_backend = chosen.loaded.model, chosen.dataset.input_shape, backend(
-        opened.device)
-    return prune.measured_costs(model, prune.trace_structure(model, shape), shape,
-                                backend=chosen_backend, batch_size=LATENCY_BATCH,
-                                cache=zoo.cost_cache(opened.model.spec, model, chosen_backend,
-                                                     LATENCY_BATCH))
+    chosen, on = subject(opened), backend(opened.device)
+    model, shape = chosen.loaded.model, chosen.dataset.input_shape
+    cache = zoo.cost_cache(opened.model.spec, model, on, LATENCY_BATCH, shape, beside=False)
+    return prune.measured_costs(model, prune.trace_structure(model, shape), shape, backend=on,
+                                batch_size=LATENCY_BATCH, cache=cache)
 
 
 def _costs_for(opened: Opened, request: PruneRequest) -> prune.CostModel | None:

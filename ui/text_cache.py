@@ -88,11 +88,11 @@ def score_map(selection: Selection, kind: str, target: float) -> pd.DataFrame:
                    max_entries=4)
 def costs(opened: Opened) -> TextCosts:
     """The encoder's latency cost model on this device, read from or written to its file."""
-    chosen, chosen_backend = subject(opened), backend(opened.device)
-    return measured_text_costs(chosen.model, chosen.corpus.calibration.texts,
-                               backend=chosen_backend, batch_size=LATENCY_BATCH,
-                               cache=zoo.cost_cache(opened.model.spec, chosen.model,
-                                                    chosen_backend, LATENCY_BATCH))
+    chosen, on = subject(opened), backend(opened.device)
+    cache = zoo.cost_cache(opened.model.spec, chosen.model, on, LATENCY_BATCH, "fortunes",
+                           beside=False)
+    return measured_text_costs(chosen.model, chosen.corpus.calibration.texts, backend=on,
+                               batch_size=LATENCY_BATCH, cache=cache)
 
 
 def _costs_for(opened: Opened, request: TextPruneRequest) -> TextCosts | None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from modhifi.backend import Backend
+from modhifi.errors import UserError
 from modhifi.metrics import Latency, measure_latencies
 from modhifi.options import Compensation
 from modhifi.prune.analysis import Analysis
@@ -56,15 +57,20 @@ def hold_latency(analysis: Analysis, target: float, *, costs: CostModel, backend
         The first try whose measured share is within `TOLERANCE` of the target, else the one
         that came closest. With several processes, process 0 times and the others follow it.
     """
+    if costs.batch_size != batch_size or costs.device != backend.description:
+        raise UserError(f"the cost model was measured at batch {costs.batch_size} on "
+                        f"{costs.device}, not at batch {batch_size} on {backend.description}: "
+                        "measure it for this batch size and device")
+    if tries < 1:
+        raise UserError(f"tries {tries!r} must be at least 1 (cuts timed)")
     reach = analysis.most(target_kind="latency", costs=costs, **options)
     asked, best = [target], None
     while True:
         plan = analysis.plan(asked[-1], target_kind="latency", costs=costs, **options)
         model = analysis.apply(plan, compensation=compensation, recalibrate=recalibrate)
-        timed = (measure_latencies([analysis.model, model], analysis.input_shape,
-                                   backend=backend, batch_size=batch_size)
-                 if analysis.shard.is_main else None)
-        held = HeldTarget(plan, model, *analysis.shard.from_main(timed), tuple(asked))
+        timed = analysis.shard.on_main(lambda: measure_latencies(
+            [analysis.model, model], analysis.input_shape, backend=backend, batch_size=batch_size))
+        held = HeldTarget(plan, model, *timed, tuple(asked))
         best = held if best is None or held.removed > best.removed else best
         short = target - held.removed
         if short <= TOLERANCE or len(asked) == tries or asked[-1] >= reach:

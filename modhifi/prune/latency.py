@@ -16,6 +16,8 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import os
+import platform
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -82,36 +84,49 @@ class CostModel:
     device: str
     batch_size: int
     dense_ms: float                 # median ms of the whole inference-optimised forward
-    layers: Mapping[str, LayerTimes]  # every Conv2d/Linear, by module name
+    layers: Mapping[str, LayerTimes]  # every Conv2d/Linear the pass calls, by module name
     seconds: float = 0.0            # what measuring took
 
     @property
     def rest_ms(self) -> float:
         """The part of `dense_ms` the layers' own times leave out (negative where the optimised
         pass fuses more than the lone layers show)."""
-        return self.dense_ms - sum(t.at(t.in_widths[-1], t.out_widths[-1])
-                                   for t in self.layers.values())
+        return self.dense_ms - self._full_ms
+
+    @property
+    def _full_ms(self) -> float:
+        return sum(t.at(t.in_widths[-1], t.out_widths[-1]) for t in self.layers.values())
 
     def predict(self, structure: Structure, kept: Mapping[str, int]) -> float:
         """Milliseconds of a forward pass once each group keeps `kept[group]` channels (the
         groups left out keep all theirs).
 
+        The layers' own times at the plan's widths, plus the rest shrunk with the share of the
+        activations they write; where the rest is negative (the lone layers add up to more than
+        the pass), the layers' times scaled down to the pass instead, so that removing channels
+        never adds time.
+
         Args:
             structure: the model's channel groups, as traced now (a pruned model's in later steps).
             kept: group name -> channels it keeps.
         """
+        missing = [name for name in structure.order if name not in self.layers]
+        strange = [name for name in self.layers if name not in structure.layers]
+        if missing or strange:
+            raise UserError(f"the latency cost model does not fit this model (layer "
+                            f"{(missing or strange)[0]!r}): it was measured for another model; "
+                            "measure it again")
         sizes = {g.name: g.size for g in structure.groups}
         spent = written = total = 0.0
         for name, times in self.layers.items():
-            layer = structure.layers.get(name)
-            if layer is None:
-                raise UserError(f"the latency cost model has a layer {name!r} this model lacks: "
-                                "it was measured for another model; measure it again")
+            layer = structure.layers[name]
             c_in = _width(layer.in_group, kept, sizes, times.in_widths[-1])
             c_out = _width(layer.out_group, kept, sizes, times.out_widths[-1])
             spent += times.at(c_in, c_out)
             written += times.outputs * c_out / times.out_widths[-1]
             total += times.outputs
+        if self.rest_ms < 0:
+            return spent * self.dense_ms / self._full_ms
         return spent + self.rest_ms * (written / total if total else 1.0)
 
     def to_json(self) -> str:
@@ -199,8 +214,8 @@ def _grid(module: nn.Module, name: str, structure: Structure) -> tuple[tuple[int
     layer = structure.layers.get(name)
     c_in, c_out = module.weight.shape[1] * getattr(module, "groups", 1), module.weight.shape[0]
     grouped = getattr(module, "groups", 1) > 1 and not _depthwise(module)  # left whole
-    owned_in = layer is not None and layer.in_group is not None and module.weight.shape[1] > 1 \
-        and not grouped
+    owned_in = (layer is not None and layer.in_group is not None and not grouped
+                and not _depthwise(module))
     owned_out = layer is not None and layer.out_group is not None and not grouped
     return (candidate_widths(c_in) if owned_in else (c_in,),
             candidate_widths(c_out) if owned_out else (c_out,))
@@ -210,21 +225,28 @@ def _grid(module: nn.Module, name: str, structure: Structure) -> tuple[tuple[int
 def _time_layer(module: nn.Module, shape: tuple[int, ...], widths, *, backend: Backend,
                 batch_size: int) -> tuple[tuple[float, ...], ...]:
     """(len(in widths), len(out widths)) median ms of lone copies of `module` at each width, on
-    a random batch of `batch_size` inputs of one-sample `shape` (the width axis resized)."""
-    in_widths, out_widths = widths
-    axis = 0 if isinstance(module, nn.Conv2d) else len(shape) - 1  # channels, or the last axis
-    calls = []
-    for c_in in in_widths:
-        resized = list(shape)
-        resized[axis] = c_in
-        x = channels_last(torch.randn(batch_size, *resized, device=backend.device))
-        for c_out in out_widths:
-            layer = _replica(module, c_in, c_out).to(backend.device).eval()
-            calls.append(lambda layer=layer, x=x: layer(x))
-    timings = time_side_by_side(backend, calls, warmup=1, repeats=REPEATS)
-    ms = [t.median_ms for t in timings]
-    return tuple(tuple(ms[i * len(out_widths):(i + 1) * len(out_widths)])
-                 for i in range(len(in_widths)))
+    a random batch of `batch_size` inputs of one-sample `shape` (the width axis resized to each
+    copy's input: a depthwise conv's follows its output). One input width's copies at a time,
+    timed in alternation, so that only they are held."""
+    conv = isinstance(module, nn.Conv2d)
+    axis = 0 if conv else len(shape) - 1  # channels, or a Linear's last axis
+    inputs: dict[int, torch.Tensor] = {}
+
+    def batch(width: int) -> torch.Tensor:
+        if width not in inputs:
+            resized = list(shape)
+            resized[axis] = width
+            inputs[width] = channels_last(torch.randn(batch_size, *resized, device=backend.device))
+        return inputs[width]
+
+    rows = []
+    for c_in in widths[0]:
+        copies = [_replica(module, c_in, c_out).to(backend.device).eval() for c_out in widths[1]]
+        calls = [lambda m=m, x=batch(m.in_channels if conv else m.in_features): m(x)
+                 for m in copies]
+        rows.append(tuple(t.median_ms for t in time_side_by_side(backend, calls, warmup=1,
+                                                                 repeats=REPEATS)))
+    return tuple(rows)
 
 
 def _shapes(model: nn.Module, input_shape) -> dict[str, tuple[tuple[int, ...], int]]:
@@ -273,13 +295,16 @@ def measure_costs(model: nn.Module, structure: Structure, input_shape: tuple[int
                      time.perf_counter() - start)
 
 
-def cost_file(folder: Path, stem: str, model: nn.Module, backend: Backend,
-              batch_size: int) -> Path:
-    """Where `model`'s cost model for this device and batch size is cached in `folder`: the name
-    carries a digest of what the times depend on (every layer's shape, the device, its threads,
-    torch's version), so a changed model or machine is measured again."""
+def cost_file(folder: Path, stem: str, model: nn.Module, backend: Backend, batch_size: int,
+              inputs: object) -> Path:
+    """Where `model`'s cost model for this device, batch size and `inputs` (one input's shape,
+    or what else the timing batches depend on) is cached in `folder`: the name carries a digest
+    of what the times depend on (every layer's shape, the inputs, the device and its threads,
+    the processor, torch's version), so a changed model or machine is measured again."""
     shapes = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
-    key = repr((shapes, backend.description, batch_size, torch.__version__, VERSION))
+    machine = (platform.machine(), os.cpu_count(), torch.backends.cpu.get_cpu_capability())
+    key = repr((shapes, inputs, backend.description, machine, batch_size, torch.__version__,
+                VERSION))
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     return Path(folder) / f"{stem}.latency-b{batch_size}-{digest}.json"
 
@@ -290,7 +315,8 @@ def measured_costs(model: nn.Module, structure: Structure, input_shape: tuple[in
     """`measure_costs`, read from the file `cache` when it holds them, else measured and
     written there (`cached`); with several processes (`shard`), process 0 measures and the
     others take its model, so that every process plans alike."""
-    costs = cached(cache, CostModel.from_json,
-                   lambda: measure_costs(model, structure, input_shape, backend=backend,
-                                         batch_size=batch_size)) if shard.is_main else None
-    return shard.from_main(costs)
+    def measure() -> CostModel:
+        return measure_costs(model, structure, input_shape, backend=backend,
+                             batch_size=batch_size)
+
+    return shard.on_main(lambda: cached(cache, CostModel.from_json, measure))

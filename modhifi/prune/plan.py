@@ -220,7 +220,7 @@ def plan_pruning(structure: Structure, rankings: dict[str, Ranking], target: flo
     kept = kept_counts(rankings, knob, allocation, floor, round_to, overrides)
     if target_kind == "latency":
         kept = give_back(rankings, kept, lambda more: costs.predict(structure, more),
-                         most=(1 - target) * costs.predict(structure, {}), round_to=round_to,
+                         budget=(1 - target) * costs.predict(structure, {}), round_to=round_to,
                          fixed=overrides or {})
     groups = tuple(GroupPlan(g.name, g.size,
                              tuple(sorted(rankings[g.name].order[:kept[g.name]])),
@@ -233,14 +233,15 @@ def plan_pruning(structure: Structure, rankings: dict[str, Ranking], target: flo
 
 
 def give_back(rankings: dict[str, Ranking], kept: dict[str, int],
-              cost: Callable[[dict[str, int]], float], *, most: float, round_to: int,
+              cost: Callable[[dict[str, int]], float], *, budget: float, round_to: int,
               fixed: Mapping[str, float]) -> dict[str, int]:
-    """`kept` with blocks of `round_to` channels given back while `cost` stays within `most`:
+    """`kept` with blocks of `round_to` channels given back while `cost` stays within `budget`:
     the cheapest block first (ties: the best-scored), until none fits.
 
-    Under a latency cost model the cheapest blocks are often free: vector units run whole
-    blocks of 16 channels on AVX-512, so a layer 24 channels wide takes as long as one 32 wide
-    (docs/results.md, "A latency target"). Groups in `fixed` (overrides) keep their share.
+    Under a latency cost model some blocks are free: vector units run whole blocks of 16
+    channels on AVX-512, so a layer 24 channels wide takes as long as one 32 wide (seen where
+    every multiple of 8 is timed, layers up to 64 channels; docs/results.md, "A latency
+    target"). Groups in `fixed` (overrides) keep their share.
     """
     kept = dict(kept)
     while True:
@@ -251,7 +252,7 @@ def give_back(rankings: dict[str, Ranking], kept: dict[str, int],
                 continue
             more = {**kept, name: min(size, count + round_to)}
             spent = cost(more)
-            if spent <= most + 1e-12:
+            if spent <= budget + 1e-12:
                 key = (spent - now, -rankings[name].score[count])
                 if best is None or key < best[0]:
                     best = (key, more)

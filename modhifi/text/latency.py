@@ -1,11 +1,12 @@
 """The latency cost model of a text encoder's components, behind latency targets on text: one
 FFN block timed alone at candidate neuron counts and one attention block at every head count,
-on the batches the encoder is timed on, and the whole encoder on them once.
+and the whole encoder once, on batches like those its speed is measured on.
 
 Every layer of a BERT-style encoder has the same shape, so one FFN and one attention block
 stand for all of them (the image cost model, `prune.latency`, times each layer). The batches are
-the first `2 × batch_size` texts sorted by length and padded to each batch's longest, as
-`text.quality.sentences_per_second` times the dense and pruned encoders.
+the first `2 × batch_size` texts given (the calibration quotations), sorted by length and padded
+to each batch's longest, as `text.quality.sentences_per_second` batches the test quotations it
+times the dense and pruned encoders on.
 """
 from __future__ import annotations
 
