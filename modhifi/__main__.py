@@ -95,8 +95,6 @@ def _prune(args: argparse.Namespace) -> dict:
     options = {"allocation": args.allocation, "method": method, "scope": args.scope,
                "round_to": round_to}
     tries = None
-    if costs is not None and args.steps > 1:
-        progress("with --steps, each round is planned to the latency target but not timed")
     if costs is not None and args.steps == 1:  # cut, time, and plan for more where it fell short
         analysis = analyse(model, calibration, device=backend.device,
                            input_shape=dataset.input_shape, shard=args.shard,
@@ -106,6 +104,8 @@ def _prune(args: argparse.Namespace) -> dict:
                             recalibrate=not args.no_bn_recal, **options)
         pruned, plans, tries = held.model, (held.plan,), list(held.asked)
     else:
+        if costs is not None:
+            progress("with --steps, each round is planned to the latency target but not timed")
         pruned, plans = prune_in_steps(model, calibration, device=backend.device,
                                        input_shape=dataset.input_shape, target=args.target,
                                        steps=args.steps, target_kind=args.target_kind,

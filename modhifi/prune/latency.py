@@ -21,6 +21,7 @@ import platform
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TypeVar
 
@@ -87,14 +88,15 @@ class CostModel:
     layers: Mapping[str, LayerTimes]  # every Conv2d/Linear the pass calls, by module name
     seconds: float = 0.0            # what measuring took
 
-    @property
+    @cached_property
     def rest_ms(self) -> float:
         """The part of `dense_ms` the layers' own times leave out (negative where the optimised
         pass fuses more than the lone layers show)."""
         return self.dense_ms - self._full_ms
 
-    @property
+    @cached_property
     def _full_ms(self) -> float:
+        """The layers' own times at full width (computed once: `predict` runs in bisections)."""
         return sum(t.at(t.in_widths[-1], t.out_widths[-1]) for t in self.layers.values())
 
     def predict(self, structure: Structure, kept: Mapping[str, int]) -> float:
