@@ -92,12 +92,14 @@ class LayerFidelity:
         return self.weight.to(self.H).reshape(self.weight.shape[0], self.weight.shape[1], -1)
 
     @cached_property
+    def Hw(self) -> Tensor:
+        """(c_out, d) row c is (H w_c)ᵀ (H is symmetric): E[patch · Y_c], one matmul for all c."""
+        return self.w.reshape(self.w.shape[0], -1) @ self.H
+
+    @cached_property
     def saliency(self) -> Tensor:
-        """(c_out, c_in) r_ci = (Q_c 1)_i = E⟨Y_c, A_ci⟩, one matmul for all output channels."""
-        c_out, c_in, K = self.w.shape
-        # Row c is (H w_c)ᵀ since H is symmetric.
-        Hw = (self.w.reshape(c_out, -1) @ self.H).view(c_out, c_in, K)
-        return (self.w * Hw).sum(-1)
+        """(c_out, c_in) r_ci = (Q_c 1)_i = E⟨Y_c, A_ci⟩."""
+        return (self.w * self.Hw.view(self.w.shape)).sum(-1)
 
     @cached_property
     def energy(self) -> Tensor:
@@ -274,14 +276,17 @@ def greedy_subset(consumers: Sequence[tuple[LayerFidelity, Sequence[int]]], size
     chosen = torch.zeros(size, dtype=torch.bool)
     order, gains = [], []
     for _ in range(size):
-        open_ = (~chosen).nonzero()[:, 0]                          # components still to rank
-        gain = sum(complement.gains(open_) for complement in complements)
-        best = int(open_[gain.argmax()])
+        gain = sum((complement.gains() for complement in complements),
+                   torch.zeros(size, dtype=torch.float64))            # (size,)
+        best = int(gain.masked_fill_(chosen, -math.inf).argmax())
         chosen[best] = True
         order.append(best)
-        gains.append(float(gain.max()))
+        gains.append(float(gain[best]))
         for complement in complements:
             complement.take(best)
+        # A consumer whose open inputs are all explained (few samples at depth, dead channels)
+        # adds 0 from now on: its steps are skipped.
+        complements = [complement for complement in complements if not complement.explained]
     return order, gains
 
 
@@ -289,100 +294,126 @@ class _Complement:
     """One consumer's Schur complements on the channels chosen so far, for `greedy_subset`.
 
     After choosing the set S: H̃ = H − F Fᵀ and b̃ = B − F Z (B = H wᵀ, one column per output
-    normalised by its energy), with F (d, r) the pivoted Cholesky factor of the chosen blocks and
-    Z (r, c_out) their steps. A step needs only the complement's column at the chosen block and,
-    for every open channel, its diagonal block of H̃ and of b̃ b̃ᵀ (the gain is tr((H̃_ii + ridge)⁻¹
-    b̃_i b̃_iᵀ)). So the complements are held explicitly only as of the last panel, and the
-    panel's columns Fp, Zp correct them on the fly: H̃ = H̃₀ − Fp Fpᵀ, b̃ = b̃₀ − Fp Zp. Every
-    `panel` columns, two matrix products bring H̃₀ and b̃₀ up to date and drop the chosen
-    channels' rows, so the work shrinks as the set grows, instead of one rank-k update of all of
-    b̃ and a read of all of F per step (memory-bound: 1.5-3× slower on ResNet-50's wide layers).
+    normalised by its energy, or as few as span its rows), with F (d, r) the pivoted Cholesky
+    factor of the chosen blocks and Z (r, m) their steps. A step needs only the complement's
+    column at the chosen block and, for every open channel, its diagonal block of H̃ and of b̃ b̃ᵀ
+    (the gain is tr((H̃_ii + ridge)⁻¹ b̃_i b̃_iᵀ)). So the complements are held explicitly only as
+    of the last panel, and the panel's columns Fp, Zp correct them on the fly: H̃ = H̃₀ − Fp Fpᵀ,
+    b̃ = b̃₀ − Fp Zp. Every `panel` columns, two matrix products bring H̃₀ and b̃₀ up to date and
+    drop the chosen channels' rows, so the work shrinks as the set grows, instead of one rank-k
+    update of all of b̃ and a read of all of F per step (memory-bound). A step reads Fp once and
+    runs a fixed, small number of operations: on 1×1 layers the per-operation overhead, not the
+    arithmetic, was most of the time.
     """
 
     def __init__(self, fidelity: LayerFidelity, index: Sequence[int], panel: int):
         c_out, c_in, K = fidelity.w.shape
-        weight = fidelity.w.reshape(c_out, -1) / fidelity.energy.clamp(min=1e-30).sqrt()[:, None]
         H = fidelity.H                                             # (d, d), only read
         self.K, self.lam = K, fidelity.lam
         self.index = torch.as_tensor(index, device=H.device)      # component -> input channel
         # Below this a block's complement is rounding: its input is already explained (or dead).
-        self.negligible = 1e-9 * H.diagonal().mean()
-        self.chosen = torch.zeros(c_in, dtype=torch.bool, device=H.device)
+        self.negligible = float(1e-9 * H.diagonal().mean())
         # Where each input channel's block is among those still held (-1: dropped).
         self.position = torch.arange(c_in, device=H.device)
-        self.H, self.b = H.clone(), H @ weight.T                   # (d', d'), (d', c_out)
+        norm = fidelity.energy.clamp(min=1e-30).sqrt()             # (c_out,)
+        b = (fidelity.Hw / norm[:, None]).T.contiguous()           # (d, c_out)
+        if c_out > len(H):
+            # Only b̃ b̃ᵀ matters, and every update acts on b̃ from the left: b·Q for any Q with
+            # orthonormal columns spanning b's rows gives the same gains. With bᵀ = QR, b·Q = Rᵀ:
+            # d columns instead of c_out (a 1×1 layer that widens 2-4× reads half to a quarter).
+            b = torch.linalg.qr(b.T, mode="r").R.T                  # (d, d)
+        self.H, self.b = H, b  # (d', d'), (d', m): H̃₀ is only ever replaced, never written
         self.width = max(panel, K)
         self.F = H.new_empty(len(H), self.width)                   # Fp (d', width) and
-        self.Z = H.new_empty(self.width, c_out)                    # Zp (width, c_out), filled
+        self.Z = H.new_empty(self.width, b.shape[1])               # Zp (width, m), filled
         self.filled = 0                                            # up to this column
-        self._diagonal_blocks()
+        self._held()
 
-    def _diagonal_blocks(self) -> None:
-        """Each held channel's diagonal blocks of H̃ and of b̃ b̃ᵀ, (d'/K, K, K) each."""
+    def _held(self) -> None:
+        """Each component's held block, and each held channel's diagonal blocks of H̃ and of
+        b̃ b̃ᵀ, (d'/K, K, K) each, updated apart from H̃₀ and b̃₀ until the next panel."""
         held, K = len(self.H) // self.K, self.K
+        self.at = self.position[self.index].clamp(min=0)           # (size,) dropped ones: any
+        self.rows = self.at.tolist()                               # the same, read per step
+        self.open = torch.ones(held, dtype=torch.bool, device=self.H.device)  # not yet chosen
         diagonal = self.H.view(held, K, held, K).diagonal(dim1=0, dim2=2)  # (K, K, d'/K)
-        self.blocks = diagonal.permute(2, 0, 1).clone()            # updated apart from H̃₀
-        b = self.b.view(held, K, self.b.shape[1])                  # (d'/K, K, c_out)
+        self.blocks = diagonal.permute(2, 0, 1).clone()
+        b = self.b.view(held, K, self.b.shape[1])                  # (d'/K, K, m)
         self.outer = b @ b.mT
 
-    def gains(self, open_: Tensor) -> Tensor:
-        """(open,) float64 on the CPU: the refit fidelity each open component would add."""
-        K, lam = self.K, self.lam
-        at = self.position[self.index[open_.to(self.index.device)]]  # held, being open
-        blocks, outer = self.blocks[at], self.outer[at]            # (open, K, K) each
-        gain = torch.zeros(len(open_), dtype=torch.float64)
-        # Explained blocks add nothing; solving them would need a pseudo-inverse each.
-        live = blocks.diagonal(dim1=-2, dim2=-1).mean(-1) > self.negligible  # (open,)
-        if K == 1:  # scalar blocks: the solve is a division (with _ridge_solve's ridge)
-            total = outer[live, 0, 0] / (blocks[live, 0, 0] * (1 + lam))
-        else:  # tr(A⁻¹ b̃_i b̃_iᵀ)
-            total = _ridge_solve(blocks[live], outer[live], lam).diagonal(dim1=-2, dim2=-1).sum(-1)
-        gain[live.cpu()] = total.double().cpu()
-        return gain
+    def gains(self) -> Tensor:
+        """(size,) float64 on the CPU: the refit fidelity each component would add (chosen ones
+        are the caller's to ignore)."""
+        blocks, outer, lam = self.blocks, self.outer, self.lam
+        # Explained blocks add nothing; solving them would need a pseudo-inverse each. A chosen
+        # block's complement is rounding too.
+        if self.K == 1:  # scalar blocks: the solve is a division (with _ridge_solve's ridge)
+            live = (blocks.view(-1) > self.negligible) & self.open  # (d',)
+            gain = (outer.view(-1) / (blocks.view(-1) * (1 + lam))).where(live, 0.0)
+        else:  # tr((H̃_ii + ridge)⁻¹ b̃_i b̃_iᵀ)
+            live = (blocks.diagonal(dim1=-2, dim2=-1).mean(-1) > self.negligible) & self.open
+            gain = torch.zeros(len(blocks), dtype=blocks.dtype, device=blocks.device)
+            gain[live] = _ridge_solve(blocks[live], outer[live], lam).diagonal(
+                dim1=-2, dim2=-1).sum(-1)
+        # No open block live: every gain is 0 and stays 0 (complements only shrink).
+        self.explained = not live.any()
+        return gain[self.at].double().cpu()
 
     def take(self, component: int) -> None:
         """Add `component` to the chosen set: one more block of the factor."""
         K, used = self.K, self.filled
-        channel = self.index[component]
-        self.chosen[channel] = True
-        at = int(self.position[channel])
+        at = self.rows[component]
+        self.open[at] = False
         block = slice(at * K, (at + 1) * K)
-        Fp, Zp = self.F[:, :used], self.Z[:used]                   # (d', used), (used, c_out)
-        column = self.H[:, block] - Fp @ Fp[block].T               # (d', K): H̃'s columns
-        pivot = column[block]                                      # (K, K)
-        if pivot.diagonal().mean() <= self.negligible:
+        Fp, Zp, Fb = self.F[:, :used], self.Z[:used], self.F[block, :used]  # Fb (K, used)
+        pivot = self.H[block, block] - Fb @ Fb.T                   # (K, K) block of H̃
+        scale = float(pivot.trace()) / K
+        if scale <= self.negligible:
             return  # nothing new to take out of the other components
-        ridge = self.lam * pivot.diagonal().mean()
-        lower, info = torch.linalg.cholesky_ex(pivot + ridge * torch.eye(K).to(pivot))
-        if info:
+        inverse = self._inverse_factor(pivot, scale)               # (K, K) L⁻¹, or None
+        if inverse is None:
             return  # numerically explained already
-        new = torch.linalg.solve_triangular(lower, column.T, upper=False).T     # (d', K)
-        step = torch.linalg.solve_triangular(lower, self.b[block] - Fp[block] @ Zp,
-                                             upper=False)          # (K, c_out)
-        cross = self.b @ step.T - Fp @ (Zp @ step.T)               # (d', K): b̃ stepᵀ
+        step = inverse @ (self.b[block] - Fb @ Zp)                 # (K, m)
+        # One read of Fp for H̃'s columns at the block and b̃ stepᵀ (H̃₀ is symmetric).
+        both = Fp @ torch.cat([Fb.T, Zp @ step.T], 1)              # (d', 2K)
+        new = (self.H[block].T - both[:, :K]) @ inverse.T          # (d', K)
+        cross = self.b @ step.T - both[:, K:]                      # (d', K): b̃ stepᵀ
         # b̃ − new·step: each held channel's blocks of H̃ and b̃ b̃ᵀ change by (K, K) terms.
-        n, x = new.view(-1, K, K), cross.view(-1, K, K)            # (d'/K, K, K)
-        self.blocks -= n @ n.mT
-        self.outer -= n @ x.mT + x @ n.mT - n @ (step @ step.T) @ n.mT
+        if K == 1:
+            n, x = new.view(-1), cross.view(-1)
+            self.blocks.view(-1).sub_(n * n)
+            self.outer.view(-1).sub_(n * (2 * x - n * (step @ step.T).view(())))
+        else:
+            n, x = new.view(-1, K, K), cross.view(-1, K, K)        # (d'/K, K, K)
+            self.blocks -= n @ n.mT
+            self.outer -= n @ x.mT + x @ n.mT - n @ (step @ step.T) @ n.mT
         self.F[:, used:used + K], self.Z[used:used + K] = new, step
         self.filled += K
         if self.filled + K > self.width:
             self._update()
 
+    def _inverse_factor(self, pivot: Tensor, scale: float) -> Tensor | None:
+        """L⁻¹ of the ridged pivot block L Lᵀ = pivot + λ·scale·I, or None if it is singular."""
+        if self.K == 1:  # a scalar: no factorisation to call
+            return pivot.new_full((1, 1), 1 / math.sqrt(scale * (1 + self.lam)))
+        eye = torch.eye(self.K, dtype=pivot.dtype, device=pivot.device)
+        lower, info = torch.linalg.cholesky_ex(pivot + self.lam * scale * eye)
+        return None if info else torch.linalg.solve_triangular(lower, eye, upper=False)
+
     def _update(self) -> None:
         """H̃₀ −= Fp Fpᵀ, b̃₀ −= Fp Zp; drop the chosen channels' rows; an empty panel."""
         Fp, Zp = self.F[:, :self.filled], self.Z[:self.filled]
-        held = (self.position >= 0) & ~self.chosen                 # (c_in,) kept from now on
-        at = self.position[held]                                   # their blocks, in order
-        rows = (at[:, None] * self.K + torch.arange(self.K, device=at.device)).flatten()
+        kept = self.open.nonzero()[:, 0]                           # held blocks still open
+        rows = (kept[:, None] * self.K + torch.arange(self.K, device=kept.device)).flatten()
         self.H = self.H[rows][:, rows] - Fp[rows] @ Fp[rows].T
         self.b = self.b[rows] - Fp[rows] @ Zp
-        self.position = torch.full_like(self.position, -1)
-        self.position[held] = torch.arange(len(at), device=at.device)
+        renumber = torch.full_like(self.open, -1, dtype=torch.long)
+        renumber[kept] = torch.arange(len(kept), device=kept.device)
+        self.position = torch.where(self.position >= 0, renumber[self.position.clamp(min=0)], -1)
         self.F = self.F.new_empty(len(rows), self.width)
         self.filled = 0
         # Recomputed from the complements themselves: no rounding builds up across panels.
-        self._diagonal_blocks()
+        self._held()
 
 
 def layer_fidelity(

@@ -284,11 +284,12 @@ def _summed_refit_fidelity(layer, x, kept):
     return float((1 - residual.square().sum(0) / Y.square().sum(0)).sum())
 
 
-# Beside CASES' layers: fewer outputs (3), and two more input channels.
+# Beside CASES' layers: fewer outputs (3); two more input channels and more outputs than inputs
+# (c_out > d = c_in·k², where the greedy keeps b's row space instead of b).
 FEWER = {"conv3x3-stride2-pad1": lambda: nn.Conv2d(4, 3, 3, stride=2, padding=1),
          "linear-tokens": lambda: nn.Linear(6, 3)}
-WIDER = {"conv3x3-stride2-pad1": lambda: nn.Conv2d(6, 5, 3, stride=2, padding=1),
-         "linear-tokens": lambda: nn.Linear(8, 5)}
+WIDER = {"conv3x3-stride2-pad1": lambda: nn.Conv2d(6, 60, 3, stride=2, padding=1),
+         "linear-tokens": lambda: nn.Linear(8, 11)}
 
 
 @pytest.mark.parametrize("panel", [1, 5, PANEL])  # complements updated every 1 or 5 columns, or never
@@ -319,6 +320,24 @@ def test_greedy_subset_adds_the_best_component_each_step_and_its_gains_are_exact
     for k in range(1, c_in + 1):
         assert sum(gains[:k]) == pytest.approx(brute(order[:k]), rel=1e-8)
         best = max(brute(order[:k - 1] + [j]) for j in range(c_in) if j not in order[:k - 1])
+        assert brute(order[:k]) == pytest.approx(best, rel=1e-8)
+
+
+def test_greedy_subset_is_exact_after_one_consumer_is_explained():
+    """A consumer that saw 3 samples is fully explained by 3 channels and then left out of the
+    steps; the other consumer's choices and gains stay the brute-force optimum."""
+    torch.manual_seed(0)
+    few, many = torch.randn(3, 6, dtype=torch.float64), torch.randn(40, 6, dtype=torch.float64)
+    consumers = [(nn.Linear(6, 4).double(), few), (nn.Linear(6, 9).double(), many)]
+
+    def brute(kept):
+        return sum(_summed_refit_fidelity(layer, x, kept) for layer, x in consumers)
+
+    order, gains = greedy_subset([(layer_fidelity(layer, x, lam=0), range(6))
+                                  for layer, x in consumers], 6)
+    for k in range(1, 7):
+        assert sum(gains[:k]) == pytest.approx(brute(order[:k]), rel=1e-8)
+        best = max(brute(order[:k - 1] + [j]) for j in range(6) if j not in order[:k - 1])
         assert brute(order[:k]) == pytest.approx(best, rel=1e-8)
 
 
