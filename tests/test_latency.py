@@ -183,7 +183,8 @@ def test_a_latency_target_holds_when_the_measured_pass_is_slower_than_planned(
         measured, cpu, monkeypatch):
     """A fake clock: every pruned model runs 15% slower than the synthetic cost model says (its
     time from its real layer widths), the dense one as said. The first cut falls short; each
-    next plan asks for the shortfall more, until the measured share meets the target."""
+    next plan asks for what the last predicted plus the shortfall, until the measured share
+    meets the target."""
     from modhifi.backend import Timing
     from modhifi.metrics import Latency
     from modhifi.prune.hold import TOLERANCE, hold_latency
@@ -209,10 +210,13 @@ def test_a_latency_target_holds_when_the_measured_pass_is_slower_than_planned(
     assert held.removed == pytest.approx(
         1 - 1.15 * _explicit_ms(held.model, synthetic, 0.5) / synthetic.dense_ms)
     assert held.plan.target == held.asked[-1] and held.plan.achieved >= held.asked[-1]
-    for before, after in zip(held.asked, held.asked[1:]):  # each asks for the shortfall more
+    assert held.planned == pytest.approx(
+        1 - _explicit_ms(held.model, synthetic, 0.5) / synthetic.dense_ms)
+    for before, after in zip(held.asked, held.asked[1:]):  # the last prediction + the shortfall
         first = analysis.apply(analysis.plan(before, target_kind="latency", costs=synthetic))
+        planned = 1 - _explicit_ms(first, synthetic, 0.5) / synthetic.dense_ms
         short = 0.3 - (1 - 1.15 * _explicit_ms(first, synthetic, 0.5) / synthetic.dense_ms)
-        assert after == pytest.approx(before + short)
+        assert after == pytest.approx(planned + short)
 
 
 def test_a_depthwise_convolution_is_timed_at_its_output_widths_and_predicted_exactly(cpu):

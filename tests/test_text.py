@@ -236,7 +236,7 @@ def cli(*args):
 
 def test_cli_prunes_a_local_folder_and_the_output_reloads(tiny, tmp_path):
     """To a latency target: the cost model is kept beside the folder, the JSON has the planned
-    speed-up beside the measured one."""
+    speed-up beside the measured one and the targets tried."""
     out = tmp_path / "pruned"
     done = subprocess.run([sys.executable, "-m", "modhifi", "prune", "--model", str(tiny),
                            "--target", "0.1", "--target-kind", "latency", "--components", "heads",
@@ -247,6 +247,8 @@ def test_cli_prunes_a_local_folder_and_the_output_reloads(tiny, tmp_path):
     result = json.loads(done.stdout)
     assert result["channels_before"] == 8 and result["channels_after"] < 8
     assert result["speedup_planned"] >= 1 / 0.9 - 1e-9 and result["speedup_measured"] > 0
+    assert result["latency_targets_tried"][0] == 0.1  # cut, timed, and cut again if short
+    assert isinstance(result["latency_target_met"], bool)
     assert len(list(tiny.parent.glob(f"{tiny.name}.latency-b64-*.json"))) == 1
     for key in ("embedding_cosine", "retrieval_agreement", "sentences_per_second_before",
                 "sentences_per_second_after", "accuracy_before", "accuracy_after"):
@@ -479,44 +481,101 @@ def test_cli_scores_of_a_text_model_with_a_forget_class_give_each_neurons_contra
     assert table.loc[table["layer"] != layer, "forget_contrast"].isna().all()
 
 
-def test_a_text_latency_plan_predicts_each_layers_saving_from_its_real_widths(model, analysis,
-                                                                              cpu):
+def _ffn_ms(neurons):
+    return 0.01 * neurons + 0.2
+
+
+def _heads_ms(heads):
+    return 0.3 * heads + 0.1
+
+
+DENSE_MS = 4.0  # the synthetic encoder's time: its blocks' times are 0.7-1.3 ms
+
+
+def _synthetic_text_costs(costs):
+    """`costs` with a 4 ms encoder and block times linear in the components kept."""
+    import dataclasses
+
+    return dataclasses.replace(
+        costs, dense_ms=DENSE_MS,
+        ffn=dataclasses.replace(costs.ffn, ms=(tuple(map(_ffn_ms, costs.ffn.out_widths)),)),
+        heads=dataclasses.replace(costs.heads, ms=(tuple(map(_heads_ms, (1, 2, 3, 4))),)))
+
+
+def _explicit_text_ms(pruned, kind):
+    """The synthetic time of a pruned encoder from the widths its layers really have."""
+    saving = 0.0
+    for layer in transformer_layers(pruned):
+        if kind == "ffn":
+            saving += _ffn_ms(48) - _ffn_ms(pruned.get_submodule(layer.ffn_up).out_features)
+        else:
+            heads = pruned.get_submodule(layer.query).out_features // layer.head_size
+            saving += _heads_ms(4) - _heads_ms(heads)
+    return DENSE_MS - saving
+
+
+@pytest.fixture(scope="module")
+def text_costs(model, cpu):
+    from modhifi.text.latency import measure_text_costs
+
+    return measure_text_costs(model, TEXTS, backend=cpu, batch_size=8)
+
+
+def test_a_text_latency_plan_predicts_each_layers_saving_from_its_real_widths(
+        model, analysis, text_costs):
     """The cost model times one FFN and one attention block at candidate counts on the timing
     batches; with synthetic block times (linear in the count) a plan's predicted time is the
     dense time less each layer's saving at the widths the pruned encoder really has."""
-    import dataclasses
-
     from modhifi.prune.latency import candidate_widths
-    from modhifi.text.latency import TextCosts, measure_text_costs
+    from modhifi.text.latency import TextCosts
 
-    costs = measure_text_costs(model, TEXTS, backend=cpu, batch_size=8)
+    costs = text_costs
     assert costs.ffn.out_widths == candidate_widths(48) and costs.heads.out_widths == (1, 2, 3, 4)
     assert costs.shapes == tuple(tuple(f["input_ids"].shape) for _, f in token_batches(
         model, TEXTS[:16], batch_size=8, device="cpu"))
     assert min(costs.ffn.ms[0] + costs.heads.ms[0]) > 0 and costs.dense_ms > 0
     assert TextCosts.from_json(costs.to_json()) == costs
-
-    def ffn_ms(n):
-        return 0.01 * n + 0.2
-
-    def heads_ms(h):
-        return 0.3 * h + 0.1
-
-    synthetic = dataclasses.replace(
-        costs, dense_ms=10.0,
-        ffn=dataclasses.replace(costs.ffn, ms=(tuple(map(ffn_ms, costs.ffn.out_widths)),)),
-        heads=dataclasses.replace(costs.heads, ms=(tuple(map(heads_ms, (1, 2, 3, 4))),)))
+    synthetic = _synthetic_text_costs(costs)
     for kind, target in (("ffn", 0.05), ("heads", 0.1)):
         plan = analysis.plan(target, kind=kind, target_kind="latency", costs=synthetic)
-        pruned = apply_plan(analysis, plan)
-        saving = 0.0
-        for layer in transformer_layers(pruned):
-            if kind == "ffn":
-                saving += ffn_ms(48) - ffn_ms(pruned.get_submodule(layer.ffn_up).out_features)
-            else:
-                heads = pruned.get_submodule(layer.query).out_features // layer.head_size
-                saving += heads_ms(4) - heads_ms(heads)
-        assert plan.latency_after_ms == pytest.approx(10.0 - saving)
-        assert 1 - plan.latency_after_ms / 10.0 >= target and plan.speedup_planned > 1
+        assert plan.latency_after_ms == pytest.approx(
+            _explicit_text_ms(apply_plan(analysis, plan), kind))
+        assert 1 - plan.latency_after_ms / DENSE_MS >= target and plan.speedup_planned > 1
     with pytest.raises(UserError, match="latency target needs"):
         analysis.plan(0.1, target_kind="latency")
+
+
+@pytest.mark.parametrize("kind", ["ffn", "heads"])
+def test_a_text_latency_target_holds_when_the_encoder_is_slower_than_planned(
+        analysis, text_costs, cpu, kind, monkeypatch):
+    """A fake clock: every pruned encoder runs 10% slower than the synthetic cost model says
+    (its time from its real widths). The first cut falls short; each next plan asks for what the
+    last one predicted plus the shortfall, until the measured share meets the target."""
+    from modhifi.prune.hold import TOLERANCE
+    from modhifi.text.hold import hold_text_latency
+
+    synthetic, target = _synthetic_text_costs(text_costs), 0.1
+
+    def slow(pruned):
+        return 1.1 * _explicit_text_ms(pruned, kind)
+
+    def fake(models, texts, *, backend, batch_size, batches):  # sentences per second
+        assert batch_size == 8 and list(texts) == TEXTS
+        dense, pruned = models
+        return [1e3 / DENSE_MS, 1e3 / slow(pruned)]
+
+    monkeypatch.setattr("modhifi.text.hold.sentences_per_second", fake)
+    options = {"kind": kind, "costs": synthetic, "texts": TEXTS, "backend": cpu}
+    with pytest.raises(UserError, match="measured at batch 8"):
+        hold_text_latency(analysis, target, batch_size=64, **options)
+    held = hold_text_latency(analysis, target, batch_size=8, **options)
+    assert len(held.asked) >= 2 and held.asked[0] == target
+    assert held.removed >= target - TOLERANCE
+    assert held.removed == pytest.approx(1 - slow(held.model) / DENSE_MS)
+    assert held.planned == pytest.approx(1 - _explicit_text_ms(held.model, kind) / DENSE_MS)
+    assert held.plan.target == held.asked[-1]
+    for before, after in zip(held.asked, held.asked[1:]):
+        first = apply_plan(analysis, analysis.plan(before, kind=kind, target_kind="latency",
+                                                   costs=synthetic))
+        planned = 1 - _explicit_text_ms(first, kind) / DENSE_MS
+        assert after == pytest.approx(planned + target - (1 - slow(first) / DENSE_MS))

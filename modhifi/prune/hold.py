@@ -8,13 +8,15 @@ target"), so only a measurement after the cut says whether the target is met.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from torch import nn
 
 from modhifi.backend import Backend
 from modhifi.errors import UserError
-from modhifi.metrics import Latency, measure_latencies
+from modhifi.metrics import measure_latencies
 from modhifi.options import Compensation
 from modhifi.prune.analysis import Analysis
 from modhifi.prune.latency import CostModel
@@ -23,28 +25,58 @@ from modhifi.prune.plan import PrunePlan
 TRIES = 3          # plans cut and timed at most
 TOLERANCE = 0.005  # a measured share this far below the target counts as met (timing noise)
 
+Plan = TypeVar("Plan")
+
 
 @dataclass(frozen=True)
-class HeldTarget:
-    """The plan whose cut model met the latency target (or the last one tried), as measured."""
+class HeldTarget(Generic[Plan]):
+    """The plan whose cut model met the latency target (or the one that came closest)."""
 
-    plan: PrunePlan
+    plan: Plan
     model: nn.Module = field(repr=False)
-    dense: Latency
-    pruned: Latency
+    planned: float            # the share of latency the plan was predicted to remove
+    removed: float            # the share the cut removed, measured
     asked: tuple[float, ...]  # the target each try planned for, the first the user's
 
-    @property
-    def removed(self) -> float:
-        """The share of the optimised latency the cut removed, measured."""
-        return 1 - self.pruned.optimised.median_ms / self.dense.optimised.median_ms
+
+def hold(target: float, reach: float,
+         cut: Callable[[float], tuple[Plan, nn.Module, float, float]], *,
+         tries: int = TRIES) -> HeldTarget[Plan]:
+    """Plan, cut and time: `cut(asked)` gives the plan, its model, the share of latency the plan
+    predicts it removes and the share measured. Where the measurement falls short of `target`,
+    plan for the prediction plus the shortfall (a plan that already predicted more than it was
+    asked is not asked for the same again), up to `reach` (the most a plan can predict), at most
+    `tries` cuts.
+
+    Returns:
+        The first try whose measured share is within `TOLERANCE` of the target, else the one
+        that came closest.
+    """
+    if tries < 1:
+        raise UserError(f"tries {tries!r} must be at least 1 (cuts timed)")
+    asked, best = [target], None
+    while True:
+        held = HeldTarget(*cut(asked[-1]), tuple(asked))
+        best = held if best is None or held.removed > best.removed else best
+        short = target - held.removed
+        if short <= TOLERANCE or len(asked) == tries or asked[-1] >= reach:
+            return best if short > TOLERANCE else held
+        asked.append(min(reach, held.planned + short))
+
+
+def check_batch(costs, batch_size: int, backend: Backend) -> None:
+    """A cost model (image or text) measured at another batch size or device is refused."""
+    if costs.batch_size != batch_size or costs.device != backend.description:
+        raise UserError(f"the cost model was measured at batch {costs.batch_size} on "
+                        f"{costs.device}, not at batch {batch_size} on {backend.description}: "
+                        "measure it for this batch size and device")
 
 
 def hold_latency(analysis: Analysis, target: float, *, costs: CostModel, backend: Backend,
                  batch_size: int, compensation: Compensation = "refit", recalibrate: bool = True,
-                 tries: int = TRIES, **options) -> HeldTarget:
-    """Prune `analysis`' model to remove `target` of its measured latency: plan, cut, time; plan
-    for more where the measurement falls short (by the shortfall, at most `tries` cuts).
+                 tries: int = TRIES, **options) -> HeldTarget[PrunePlan]:
+    """Prune `analysis`' model to remove `target` of its measured latency (`hold`): the pruned
+    model's optimised pass timed beside the dense one's.
 
     Args:
         analysis: the model's analysis.
@@ -54,25 +86,17 @@ def hold_latency(analysis: Analysis, target: float, *, costs: CostModel, backend
         options: the other arguments of `Analysis.plan` (method, allocation, scope, …).
 
     Returns:
-        The first try whose measured share is within `TOLERANCE` of the target, else the one
-        that came closest. With several processes, process 0 times and the others follow it.
+        As `hold`. With several processes, process 0 times and the others follow it.
     """
-    if costs.batch_size != batch_size or costs.device != backend.description:
-        raise UserError(f"the cost model was measured at batch {costs.batch_size} on "
-                        f"{costs.device}, not at batch {batch_size} on {backend.description}: "
-                        "measure it for this batch size and device")
-    if tries < 1:
-        raise UserError(f"tries {tries!r} must be at least 1 (cuts timed)")
-    reach = analysis.most(target_kind="latency", costs=costs, **options)
-    asked, best = [target], None
-    while True:
-        plan = analysis.plan(asked[-1], target_kind="latency", costs=costs, **options)
+    check_batch(costs, batch_size, backend)
+
+    def cut(asked: float) -> tuple[PrunePlan, nn.Module, float, float]:
+        plan = analysis.plan(asked, target_kind="latency", costs=costs, **options)
         model = analysis.apply(plan, compensation=compensation, recalibrate=recalibrate)
-        timed = analysis.shard.on_main(lambda: measure_latencies(
+        dense, pruned = analysis.shard.on_main(lambda: measure_latencies(
             [analysis.model, model], analysis.input_shape, backend=backend, batch_size=batch_size))
-        held = HeldTarget(plan, model, *timed, tuple(asked))
-        best = held if best is None or held.removed > best.removed else best
-        short = target - held.removed
-        if short <= TOLERANCE or len(asked) == tries or asked[-1] >= reach:
-            return best if short > TOLERANCE else held
-        asked.append(min(reach, asked[-1] + short))
+        return (plan, model, 1 - 1 / plan.speedup_planned,
+                1 - pruned.optimised.median_ms / dense.optimised.median_ms)
+
+    reach = analysis.most(target_kind="latency", costs=costs, **options)
+    return hold(target, reach, cut, tries=tries)
