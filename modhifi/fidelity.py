@@ -405,8 +405,9 @@ class _Complement:
         Fp, Zp = self.F[:, :self.filled], self.Z[:self.filled]
         kept = self.open.nonzero()[:, 0]                           # held blocks still open
         rows = (kept[:, None] * self.K + torch.arange(self.K, device=kept.device)).flatten()
-        self.H = self.H[rows][:, rows] - Fp[rows] @ Fp[rows].T
-        self.b = self.b[rows] - Fp[rows] @ Zp
+        Fr = Fp[rows]
+        self.H = torch.addmm(self.H[rows[:, None], rows], Fr, Fr.T, alpha=-1)  # one gather
+        self.b = torch.addmm(self.b[rows], Fr, Zp, alpha=-1)
         renumber = torch.full_like(self.open, -1, dtype=torch.long)
         renumber[kept] = torch.arange(len(kept), device=kept.device)
         self.position = torch.where(self.position >= 0, renumber[self.position.clamp(min=0)], -1)
