@@ -278,15 +278,15 @@ def greedy_subset(consumers: Sequence[tuple[LayerFidelity, Sequence[int]]], size
     for _ in range(size):
         gain = sum((complement.gains() for complement in complements),
                    torch.zeros(size, dtype=torch.float64))            # (size,)
+        # A consumer whose open inputs are all explained (few samples at depth, dead channels)
+        # adds 0 from now on: its steps are skipped.
+        complements = [complement for complement in complements if not complement.explained]
         best = int(gain.masked_fill_(chosen, -math.inf).argmax())
         chosen[best] = True
         order.append(best)
         gains.append(float(gain[best]))
         for complement in complements:
             complement.take(best)
-        # A consumer whose open inputs are all explained (few samples at depth, dead channels)
-        # adds 0 from now on: its steps are skipped.
-        complements = [complement for complement in complements if not complement.explained]
     return order, gains
 
 

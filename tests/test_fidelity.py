@@ -323,9 +323,12 @@ def test_greedy_subset_adds_the_best_component_each_step_and_its_gains_are_exact
         assert brute(order[:k]) == pytest.approx(best, rel=1e-8)
 
 
-def test_greedy_subset_is_exact_after_one_consumer_is_explained():
+@pytest.mark.parametrize("panel", [1, 2, PANEL])
+def test_greedy_subset_is_exact_after_one_consumer_is_explained(panel, monkeypatch):
     """A consumer that saw 3 samples is fully explained by 3 channels and then left out of the
     steps; the other consumer's choices and gains stay the brute-force optimum."""
+    from modhifi.fidelity import _Complement
+
     torch.manual_seed(0)
     few, many = torch.randn(3, 6, dtype=torch.float64), torch.randn(40, 6, dtype=torch.float64)
     consumers = [(nn.Linear(6, 4).double(), few), (nn.Linear(6, 9).double(), many)]
@@ -333,8 +336,12 @@ def test_greedy_subset_is_exact_after_one_consumer_is_explained():
     def brute(kept):
         return sum(_summed_refit_fidelity(layer, x, kept) for layer, x in consumers)
 
+    steps, take = [], _Complement.take
+    monkeypatch.setattr(_Complement, "take", lambda self, component: (
+        steps.append(self.Z.shape[1]), take(self, component))[1])  # Z: 4 or 6 columns (QR)
     order, gains = greedy_subset([(layer_fidelity(layer, x, lam=0), range(6))
-                                  for layer, x in consumers], 6)
+                                  for layer, x in consumers], 6, panel=panel)
+    assert steps.count(6) == 6 and steps.count(4) == 3  # the first left after 3 channels
     for k in range(1, 7):
         assert sum(gains[:k]) == pytest.approx(brute(order[:k]), rel=1e-8)
         best = max(brute(order[:k - 1] + [j]) for j in range(6) if j not in order[:k - 1])

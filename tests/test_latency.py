@@ -237,3 +237,29 @@ def test_a_depthwise_convolution_is_timed_at_its_output_widths_and_predicted_exa
     assert plan.latency_after_ms == pytest.approx(
         _explicit_ms(analysis.apply(plan), synthetic, 0.5))
     assert plan.achieved >= 0.3
+
+
+def test_the_hold_loop_stops_when_nothing_more_can_be_asked_and_lists_every_try():
+    """Plans that predict 0.05 more than asked and measure 0.5 less than predicted never meet
+    0.3: the second try asks for all that can go (0.6), its plan predicts past it, and the loop
+    ends there (no third cut of the same plan), returning the closest try with every target."""
+    from modhifi.prune.hold import hold
+
+    cuts = []
+
+    def cut(asked):
+        cuts.append(asked)
+        return f"plan for {asked}", nn.Identity(), asked + 0.05, asked + 0.05 - 0.5
+
+    held = hold(0.3, 0.6, cut, tries=3)
+    assert cuts == [0.3, 0.6] and held.asked == (0.3, 0.6)
+    assert held.plan == "plan for 0.6" and held.removed == pytest.approx(0.15)
+    with pytest.raises(UserError, match="at least 1"):
+        hold(0.3, 0.6, cut, tries=0)
+
+    def worse(asked):  # the first cut comes closest; later ones measure less
+        return f"plan for {asked}", nn.Identity(), asked + 0.01, 0.25 if asked == 0.3 else 0.1
+
+    held = hold(0.3, 0.9, worse, tries=3)
+    assert held.plan == "plan for 0.3" and held.removed == 0.25
+    assert held.asked == pytest.approx((0.3, 0.36, 0.57))

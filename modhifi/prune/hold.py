@@ -1,6 +1,6 @@
 """A latency target that holds: plan with the cost model, cut, time the pruned model beside the
 dense one, and where the measured share of latency removed falls short of the target, plan again
-for the shortfall.
+for the last prediction plus the shortfall.
 
 The cost model predicts each plan's latency from layers timed alone (`prune.latency`); inside the
 whole optimised pass they run a few percent faster or slower (docs/results.md, "A latency
@@ -9,7 +9,7 @@ target"), so only a measurement after the cut says whether the target is met.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 from torch import nn
@@ -36,7 +36,7 @@ class HeldTarget(Generic[Plan]):
     model: nn.Module = field(repr=False)
     planned: float            # the share of latency the plan was predicted to remove
     removed: float            # the share the cut removed, measured
-    asked: tuple[float, ...]  # the target each try planned for, the first the user's
+    asked: tuple[float, ...]  # the target of every try, the first the user's
 
 
 def hold(target: float, reach: float,
@@ -50,7 +50,7 @@ def hold(target: float, reach: float,
 
     Returns:
         The first try whose measured share is within `TOLERANCE` of the target, else the one
-        that came closest.
+        that came closest; `asked` lists every try's target either way.
     """
     if tries < 1:
         raise UserError(f"tries {tries!r} must be at least 1 (cuts timed)")
@@ -59,8 +59,9 @@ def hold(target: float, reach: float,
         held = HeldTarget(*cut(asked[-1]), tuple(asked))
         best = held if best is None or held.removed > best.removed else best
         short = target - held.removed
-        if short <= TOLERANCE or len(asked) == tries or asked[-1] >= reach:
-            return best if short > TOLERANCE else held
+        # No more to ask for once a plan predicts all that can go: it would be cut again.
+        if short <= TOLERANCE or len(asked) == tries or max(asked[-1], held.planned) >= reach:
+            return held if short <= TOLERANCE else replace(best, asked=tuple(asked))
         asked.append(min(reach, held.planned + short))
 
 
@@ -95,7 +96,7 @@ def hold_latency(analysis: Analysis, target: float, *, costs: CostModel, backend
         model = analysis.apply(plan, compensation=compensation, recalibrate=recalibrate)
         dense, pruned = analysis.shard.on_main(lambda: measure_latencies(
             [analysis.model, model], analysis.input_shape, backend=backend, batch_size=batch_size))
-        return (plan, model, 1 - 1 / plan.speedup_planned,
+        return (plan, model, 1 - plan.latency_after_ms / plan.latency_before_ms,
                 1 - pruned.optimised.median_ms / dense.optimised.median_ms)
 
     reach = analysis.most(target_kind="latency", costs=costs, **options)
