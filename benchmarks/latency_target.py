@@ -7,10 +7,11 @@ alone at candidate widths, `prune.latency`; the seconds it took are reported), t
 target T the default plan (greedy ranking, uniform, multiples of 8, refit, BatchNorm
 recalibrated) removes T of the predicted latency (a T out of reach is skipped, with a line);
 the held one (`prune.hold`) cuts, times, and plans for the last prediction plus the shortfall
-until the measured share reaches T (at most 3 cuts); the MACs plan removes T of the MACs. The dense model and the
-three pruned ones are timed side by side in one run (inference-optimised: BatchNorm
-folded, frozen TorchScript, channels-last; median of 30 after 5 warm-up), and evaluated on the
-whole test split. 2,000 calibration images. Writes docs/benchmarks/latency_target.csv.
+until the measured share reaches T (at most 3 cuts); the MACs plan removes T of the MACs. The
+dense model and the three pruned ones are timed side by side in one run (inference-optimised:
+BatchNorm folded, frozen TorchScript, channels-last; median of 30 after 5 warm-up), and
+evaluated on the whole test split. 2,000 calibration images. Writes
+docs/benchmarks/latency_target.csv.
 """
 from __future__ import annotations
 
