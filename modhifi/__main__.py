@@ -71,7 +71,7 @@ def _prune(args: argparse.Namespace) -> dict:
 
     from modhifi.metrics import compare
     from modhifi.prune import analyse, measured_costs, prune_in_steps, trace_structure
-    from modhifi.prune.hold import TOLERANCE, hold_latency
+    from modhifi.prune.hold import hold_latency, meets
     from modhifi.zoo import cost_cache
 
     if is_text(args):
@@ -140,7 +140,7 @@ def _prune(args: argparse.Namespace) -> dict:
             "speedup_planned": plans[0].latency_before_ms / plans[-1].latency_after_ms
             if costs else None,
             "latency_targets_tried": tries,  # the plans cut and timed until the target held
-            "latency_target_met": (1 - 1 / result.speedup_measured >= args.target - TOLERANCE
+            "latency_target_met": (meets(args.target, 1 - 1 / result.speedup_measured)
                                    if costs else None),  # by the measurement above
             "seconds": seconds}
 

@@ -28,6 +28,11 @@ TOLERANCE = 0.005  # a measured share this far below the target counts as met (t
 Plan = TypeVar("Plan")
 
 
+def meets(target: float, removed: float) -> bool:
+    """Whether a measured share of latency `removed` meets `target` (within `TOLERANCE`)."""
+    return target - removed <= TOLERANCE
+
+
 @dataclass(frozen=True)
 class HeldTarget(Generic[Plan]):
     """The plan whose cut model met the latency target (or the one that came closest)."""
@@ -58,11 +63,12 @@ def hold(target: float, reach: float,
     while True:
         held = HeldTarget(*cut(asked[-1]), tuple(asked))
         best = held if best is None or held.removed > best.removed else best
-        short = target - held.removed
+        if meets(target, held.removed):
+            return held
         # No more to ask for once a plan predicts all that can go: it would be cut again.
-        if short <= TOLERANCE or len(asked) == tries or max(asked[-1], held.planned) >= reach:
-            return held if short <= TOLERANCE else replace(best, asked=tuple(asked))
-        asked.append(min(reach, held.planned + short))
+        if len(asked) == tries or max(asked[-1], held.planned) >= reach:
+            return replace(best, asked=tuple(asked))
+        asked.append(min(reach, held.planned + target - held.removed))
 
 
 def check_batch(costs, batch_size: int, backend: Backend) -> None:
