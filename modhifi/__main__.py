@@ -373,7 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "counts)")
             command.add_argument("--compensation", choices=choices(Compensation),
                                  help="default: refit for modhifi and modhifi-greedy, none for "
-                                      "the baselines")
+                                      "the baselines; sequential: the refit layer by layer on "
+                                      "the pruned network's own inputs (image models; more "
+                                      "accurate, a pass over the calibration images per layer)")
             command.add_argument("--steps", type=int, default=1,
                                  help="iterative mode: rounds of score, remove, compensate, recalibrate")
             command.add_argument("--no-bn-recal", action="store_true",

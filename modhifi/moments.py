@@ -78,6 +78,14 @@ class LayerMoments:
         mu = self.position_sum.double() / self.samples  # (L, d)
         return self.mean_second() - mu.T @ mu
 
+    def pooled_centered_second(self) -> Tensor:
+        """(d, d) E[Σ_positions (P − m)ᵀ(P − m)] with m the mean patch over samples and positions
+        (float64): centred as a BatchNorm after the layer centres its outputs, one mean per
+        channel whatever the position."""
+        positions = len(self.position_sum)
+        m = self.position_sum.double().sum(0, keepdim=True) / (self.samples * positions)  # (1, d)
+        return self.mean_second() - positions * m.T @ m
+
 
 def is_scorable(module: nn.Module) -> bool:
     """A layer whose input statistics we compute: Linear, or Conv2d with groups=1."""

@@ -11,7 +11,9 @@ from modhifi.errors import UserError
 
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 Method = Literal["modhifi-greedy", "modhifi", "l1", "random", "activation"]  # default first
-Compensation = Literal["refit", "rescale", "none"]
+# sequential: the refit layer by layer on the pruned network's own inputs (`prune.apply`)
+Compensation = Literal["refit", "sequential", "rescale", "none"]
+TextCompensation = Literal["refit", "rescale", "none"]  # a text encoder's (its refit fits biases)
 Allocation = Literal["uniform", "global"]
 TargetKind = Literal["channels", "macs", "latency"]  # latency: measured (`prune.latency`)
 Scope = Literal["all", "internal"]  # internal: leave channels shared by residual additions alone
@@ -28,6 +30,7 @@ _MEANING = {
     DeviceChoice: "device",
     Method: "method",
     Compensation: "compensation",
+    TextCompensation: "compensation of a text encoder",
     Allocation: "allocation",
     TargetKind: "target kind",
     Scope: "scope",

@@ -16,8 +16,8 @@ from modhifi.options import (DEFAULT_METHOD, FLOOR, REFERENCE_SAMPLES, RETAIN_SA
                              UNLEARN_BATCH, WHY_FLOOR, WHY_FORGET_TARGET, WHY_K, WHY_OVERRIDE,
                              WHY_ROUND_TO,
                              Allocation, Compensation, Component, Edit, Method, Scope, Score,
-                             TargetKind, check, check_fraction, check_target, check_whole,
-                             default_compensation)
+                             TargetKind, TextCompensation, check, check_fraction, check_target,
+                             check_whole, default_compensation)
 
 SEPARATOR = "|"  # ModelRef's string form: NAME, or PATH|ARCH|DATA (ARCH may be empty)
 _MODEL_FORM = ("use a zoo name (e.g. digits-cnn) or PATH|ARCH|DATA "
@@ -135,7 +135,7 @@ class TextPruneRequest:
     components: Component = "ffn"
     target_kind: TargetKind = "channels"
     method: Method = "modhifi-greedy"
-    compensation: Compensation | None = None
+    compensation: TextCompensation | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "target", float(check_target(self.target)))
@@ -144,7 +144,7 @@ class TextPruneRequest:
         check(Method, self.method)
         if self.compensation is None:
             object.__setattr__(self, "compensation", default_compensation(self.method))
-        check(Compensation, self.compensation)
+        check(TextCompensation, self.compensation)
 
     def plan_kwargs(self) -> dict:
         """Keyword arguments of `TextAnalysis.plan`."""

@@ -4,7 +4,8 @@ from dataclasses import replace
 import streamlit as st
 
 from modhifi.options import (COMPONENT_LABELS, METHOD_LABELS, Allocation, Compensation,
-                             Component, Method, Scope, TargetKind, choices, default_compensation)
+                             Component, Method, Scope, TargetKind, TextCompensation, choices,
+                             default_compensation)
 from modhifi.prune.plan import TARGET_UNITS
 from modhifi.requests import PruneRequest, TextPruneRequest
 from modhifi.text.components import target_units
@@ -36,8 +37,9 @@ def render_text(chosen: cache.Selection) -> None:
     url.restore(keys.PRUNE_METHOD, lambda name: name in choices(Method))
     method = cols[1].selectbox("Method", choices(Method), format_func=METHOD_LABELS.get,
                                key=keys.PRUNE_METHOD)
-    compensation = cols[2].selectbox("Compensation", choices(Compensation),
-                                     index=choices(Compensation).index(default_compensation(method)),
+    compensation = cols[2].selectbox("Compensation", choices(TextCompensation),
+                                     index=choices(TextCompensation).index(
+                                         default_compensation(method)),
                                      key=keys.PRUNE_COMPENSATION)
     live, total = text_cache.test_count(chosen.opened)
     full = live == total or cols[2].toggle(f"Evaluate on all {total:,} test quotations (live "
@@ -191,8 +193,12 @@ def render() -> None:
         "Keep multiples of", (1, 8, 16), value=8, key=keys.PRUNE_ROUND_TO,
         help="Channels kept per group are rounded up to this multiple: vector units run whole "
              "blocks of 8 (16 on AVX-512 CPUs) at full speed.")
-    compensation = cols[2].selectbox("Compensation", choices(Compensation),
-                                     key=keys.PRUNE_COMPENSATION)
+    compensation = cols[2].selectbox(
+        "Compensation", choices(Compensation), key=keys.PRUNE_COMPENSATION,
+        help="refit: least squares from the dense model's statistics (milliseconds). sequential: "
+             "the same, layer by layer on the pruned network's own inputs, BatchNorm "
+             "re-estimated before each (more accurate: about half the accuracy lost at 2-3x "
+             "fewer MACs; seconds per move). rescale: the paper's per-channel δ*.")
     if cache.has_batchnorm(chosen.opened):
         recalibrate = cols[2].toggle("Recalibrate BatchNorm", True, key=keys.PRUNE_RECALIBRATE)
     else:

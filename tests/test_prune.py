@@ -110,14 +110,99 @@ def test_refit_beats_rescale_beats_no_compensation_on_every_layer():
         assert torch.all(errors[1] <= errors[2] * (1 + 1e-6) + 1e-12), name
 
 
+def _sequential_oracle(dense, structure, plan, batches):
+    """The sequential refit written out: in forward order, BatchNorm re-estimated by torch's own
+    cumulative average, each consumer's pruned and dense inputs captured whole, unfolded by
+    F.unfold, centred over samples and positions where a BatchNorm follows, and fitted by
+    torch.linalg.lstsq; then BatchNorm re-estimated once more. The removed inputs are zeroed,
+    not cut (a masked dense model)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    model = copy.deepcopy(dense).eval()
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+
+    def recalibrate():
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # the cumulative average of the batches' statistics
+            norm.train()
+        with torch.no_grad():
+            for batch in batches:
+                model(batch)
+        model.eval()
+
+    def inputs(network, name):
+        seen = []
+        handle = network.get_submodule(name).register_forward_pre_hook(
+            lambda module, args: seen.append(args[0]))
+        with torch.no_grad():
+            for batch in batches:
+                network(batch)
+        handle.remove()
+        return torch.cat(seen)
+
+    def rows(layer, x):  # (N·L, d) patches, channel-major
+        if isinstance(layer, nn.Linear):
+            return x.reshape(-1, x.shape[-1])
+        patches = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+    removed = {}
+    for group in plan.groups:
+        for name, index in structure.group(group.name).consumers:
+            removed.setdefault(name, set()).update(index[i] for i in group.removed)
+    for name in [n for n in structure.consumers if removed.get(n)]:
+        recalibrate()
+        layer = model.get_submodule(name)
+        W = layer.weight.detach().reshape(len(layer.weight), -1)       # (c_out, d)
+        K = W.shape[1] // layer.weight.shape[1]
+        keep = [i for i in range(layer.weight.shape[1]) if i not in removed[name]]
+        C = [i * K + j for i in keep for j in range(K)]
+        Q = rows(layer, inputs(model, name))[:, C]                      # (N·L, |C|) pruned
+        P = rows(layer, inputs(dense, name))                            # (N·L, d) dense
+        if name in structure.followed_by_norm:
+            Q, P = Q - Q.mean(0), P - P.mean(0)
+        new = torch.zeros_like(W)
+        new[:, C] = torch.linalg.lstsq(Q, P @ W.T).solution.T
+        with torch.no_grad():
+            layer.weight.copy_(new.reshape(layer.weight.shape))
+    recalibrate()
+    return model
+
+
+def test_the_sequential_refit_is_least_squares_on_the_pruned_networks_own_inputs():
+    torch.manual_seed(0)
+    model = nets.ResNet(widths=(8, 16, 32)).double().eval()
+    batches = [torch.randn(32, 1, 16, 16, dtype=torch.float64) for _ in range(4)]
+    recalibrate_batchnorm(model, batches)  # sensible BatchNorm statistics for a random network
+    before = snapshot(model)
+    analysis = analyse(model, batches, device=torch.device("cpu"), lam=0)
+    kept_before = snapshot(analysis.model)
+    plan = analysis.plan(0.5, target_kind="channels")
+    pruned = analysis.apply(plan, compensation="sequential")
+    oracle = _sequential_oracle(analysis.model, analysis.structure, plan, batches)
+    one_shot = analysis.apply(plan, compensation="refit")
+    probe = torch.randn(16, 1, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        expected, got, one_shot = oracle(probe), pruned(probe), one_shot(probe)
+    torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9)
+    assert (one_shot - expected).abs().max() > 1e-3  # the two refits differ: the test can tell
+    assert_unchanged(model, before)
+    assert_unchanged(analysis.model, kept_before)
+
+
 def test_batchnorm_recalibration_matches_the_calibration_statistics():
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)).eval()
     batches = [torch.randn(16, 2, 8, 8) * 3 + 1 for _ in range(3)]
     recalibrate_batchnorm(model, batches)
     with torch.no_grad():
-        features = torch.cat([model[0](b) for b in batches])       # (N, C, H, W)
-    torch.testing.assert_close(model[1].running_mean, features.mean((0, 2, 3)))
-    torch.testing.assert_close(model[1].running_var, features.var((0, 2, 3)), rtol=1e-3, atol=1e-4)
+        features = torch.stack([model[0](b) for b in batches])     # (batches, N, C, H, W)
+    # the mean over batches of each batch's mean and unbiased variance
+    torch.testing.assert_close(model[1].running_mean, features.mean((1, 3, 4)).mean(0))
+    torch.testing.assert_close(model[1].running_var, features.var((1, 3, 4)).mean(0))
     assert not model[1].training
 
 

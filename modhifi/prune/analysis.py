@@ -21,7 +21,8 @@ from modhifi.hooks import private_copy
 from modhifi.moments import LayerMoments, collect_moments
 from modhifi.options import (DEFAULT_METHOD, FLOOR, ROUND_TO, Allocation, Compensation, Method,
                              Scope, TargetKind)
-from modhifi.prune.apply import compensate, cut_channels, kept_inputs, recalibrate_batchnorm
+from modhifi.prune.apply import (compensate, cut_channels, kept_inputs, recalibrate_batchnorm,
+                                 refit_in_order)
 from modhifi.prune.importance import Evidence, Ranking, rank
 from modhifi.prune.latency import CostModel
 from modhifi.prune.plan import (PrunePlan, check_costs, check_overrides, in_scope, most,
@@ -92,11 +93,20 @@ class Analysis:
 
     def apply(self, plan: PrunePlan, *, compensation: Compensation = "refit",
               recalibrate: bool = True) -> nn.Module:
-        """A new, physically pruned model: compensate consumers, cut channels, recalibrate BN."""
+        """A new, physically pruned model: compensate consumers, cut channels, recalibrate BN.
+
+        `sequential` compensation runs a recalibration (when `recalibrate`) and a pass of both
+        models over the calibration batches per consumer: seconds, not the slider's
+        milliseconds."""
         pruned = private_copy(self.model)
         removed = plan.removed_channels()
-        compensate(pruned, self.fidelity, kept_inputs(self.structure, self.model, removed),
-                   compensation)
+        kept = kept_inputs(self.structure, self.model, removed)
+        if compensation == "sequential":
+            refit_in_order(pruned, self.model, self.fidelity, kept, self.structure.consumers,
+                           self.calibration, centered=self.structure.followed_by_norm,
+                           recalibrate=recalibrate, shard=self.shard)
+        else:
+            compensate(pruned, self.fidelity, kept, compensation)
         cut_channels(pruned, removed, self.input_shape)
         if recalibrate:
             recalibrate_batchnorm(pruned, self.calibration, shard=self.shard)

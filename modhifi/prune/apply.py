@@ -1,22 +1,25 @@
 """Apply a plan (method.md §3.2–3.3): compensate the consumers of removed channels (the paper's
-δ* rescaling, or a full least-squares refit), cut the channels with Torch-Pruning, recalibrate
+δ* rescaling, a full least-squares refit on the dense model's statistics, or the same refit layer
+by layer on the pruned network's own inputs), cut the channels with Torch-Pruning, recalibrate
 BatchNorm with forward passes. Always on a copy: the analysed model is never modified.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from modhifi.batch import call, example_of
+from modhifi.batch import Batch, call, example_of, head
 from modhifi.distributed import ALONE, Shard
 from modhifi.errors import UserError
 from modhifi.fidelity import LayerFidelity
-from modhifi.hooks import hooked
+from modhifi.hooks import hooked, private_copy
 from modhifi.metrics import channels_last
+from modhifi.moments import LayerMoments, moments_of
 from modhifi.options import Compensation, check
 from modhifi.prune.structure import Structure, dependency_graph
+from modhifi.trace import trace_forward
 
 
 def kept_inputs(structure: Structure, model: nn.Module,
@@ -45,14 +48,118 @@ def compensate(model: nn.Module, fidelity: Mapping[str, LayerFidelity],
         model: a private copy, before its channels are cut.
         fidelity: consumer -> its `LayerFidelity`.
         kept: consumer -> kept input channels (`kept_inputs`).
-        compensation: `refit` (least squares of all kept slices), `rescale` (δ*) or `none`.
+        compensation: `refit` (least squares of all kept slices), `rescale` (δ*) or `none`
+            (`sequential` is `refit_in_order`, which needs forward passes).
     """
     if check(Compensation, compensation) == "none":
         return
+    if compensation == "sequential":
+        raise ValueError("the sequential refit runs forward passes: call refit_in_order")
     for name, keep in kept.items():
         layer = fidelity[name]
         weight = layer.refit_weight(keep) if compensation == "refit" else layer.rescaled_weight(keep)
         model.get_submodule(name).weight.copy_(weight)
+
+
+@torch.no_grad()
+def refit_in_order(pruned: nn.Module, dense: nn.Module, fidelity: Mapping[str, LayerFidelity],
+                   kept: Mapping[str, torch.Tensor], order: Sequence[str],
+                   batches: Sequence[Batch], *, centered: Collection[str], recalibrate: bool,
+                   shard: Shard = ALONE) -> None:
+    """The sequential refit: overwrite, in place, each consumer's weight, in forward order, by
+    the least squares of the dense model's output on the inputs the consumer receives in
+    `pruned` (whose earlier consumers are refitted already, and whose BatchNorm statistics are
+    re-estimated first when `recalibrate`), not on the dense model's inputs as `compensate`'s
+    one-shot refit does. Each consumer is then fitted to what it will see in the final model.
+
+    The fit is the one-shot refit (`LayerFidelity.refit_weight`) of a stand-in layer that reads
+    both networks' inputs side by side: zero weights on the pruned network's kept channels, the
+    dense weights on the dense network's channels; keeping only the former fits the dense output
+    from the pruned inputs, with the same ridge and the same centring (`centered`: the layers a
+    BatchNorm follows).
+
+    Args:
+        pruned: a private copy of `dense`, before its channels are cut.
+        dense: the analysed model (only read: its own private copy is hooked).
+        fidelity: consumer -> its `LayerFidelity` (the dense weight and the ridge strength).
+        kept: consumer -> kept input channels (`kept_inputs`).
+        order: every consumer in forward order (`Structure.consumers`).
+        batches: the calibration batches (summed over every process of `shard`).
+        centered: consumers whose outputs go straight into a BatchNorm.
+        recalibrate: re-estimate BatchNorm statistics before each consumer is fitted, as the
+            final model's are (`recalibrate_batchnorm`).
+    """
+    calls = trace_forward(dense, head(batches[0], 1)).calls
+    dense = private_copy(dense, channels_last=True)
+    for name in (n for n in order if n in kept):
+        once = calls.get(name) == 1  # then nothing after its start is needed
+        if recalibrate:
+            recalibrate_batchnorm(pruned, batches, shard=shard, until=name if once else None)
+        pruned.to(memory_format=torch.channels_last)  # as `_forward` feeds it
+        keep, layer = kept[name], dense.get_submodule(name)
+        axis = 1 if isinstance(layer, nn.Conv2d) else -1  # the input channels' axis
+        twin = _reading(layer, len(keep) + layer.weight.shape[1])
+        joint: LayerMoments | None = None
+        for batch in batches:  # patches of [pruned kept channels, dense channels]
+            both = torch.cat([_inputs(pruned, name, batch, once=once).index_select(axis, keep),
+                              _inputs(dense, name, batch, once=once)], axis)
+            part = moments_of(twin, both).float64()
+            joint = part if joint is None else joint + part
+        weight = fidelity[name].weight  # (c_out, c_in[, k, k]) dense
+        side_by_side = torch.cat([weight.new_zeros(len(weight), len(keep), *weight.shape[2:]),
+                                  weight], 1)
+        joint = joint.summed(shard)
+        H = joint.pooled_centered_second() if name in centered else joint.mean_second()
+        fit = LayerFidelity(H, side_by_side, fidelity[name].lam).refit_weight(
+            torch.arange(len(keep)))
+        new = torch.zeros_like(weight)
+        new[:, keep] = fit[:, :len(keep)]
+        pruned.get_submodule(name).weight.copy_(new)
+    pruned.to(memory_format=torch.contiguous_format)
+
+
+def _reading(layer: nn.Conv2d | nn.Linear, width: int) -> nn.Conv2d | nn.Linear:
+    """A weightless stand-in (meta device) for `layer` that reads `width` input channels: the
+    same kernel, stride, padding and dilation, for `moments_of`."""
+    if isinstance(layer, nn.Linear):
+        return nn.Linear(width, 1, bias=False, device="meta")
+    return nn.Conv2d(width, 1, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+                     bias=False, padding_mode=layer.padding_mode, device="meta")
+
+
+def _inputs(model: nn.Module, name: str, batch: Batch, *, once: bool) -> torch.Tensor:
+    """The inputs layer `name` of `model` (a private copy) receives on `batch`: every call's rows
+    one after another; each pass ends where the layer starts when it is called `once`."""
+    seen: list[torch.Tensor] = []
+
+    def keep(module: nn.Module, args: tuple) -> None:
+        seen.append(args[0])
+        if once:
+            raise _Reached
+
+    with hooked(model, before={name: keep}, private=True) as run:
+        _forward(run, batch)
+    return torch.cat(seen)
+
+
+class _Reached(Exception):
+    """Ends a forward pass where the layer whose inputs (or prefix) it needs starts."""
+
+
+def _stop(module: nn.Module, args: tuple) -> None:
+    raise _Reached
+
+
+def _forward(model: nn.Module, batch: Batch, chunk: int = 128) -> None:
+    """Run `batch` through `model`: a tensor `chunk` images at a time in channels-last layout
+    (oneDNN's faster convolutions; the activations stay in cache), other forms as they come. A
+    hook raising `_Reached` ends a pass early."""
+    parts = batch.split(chunk) if isinstance(batch, torch.Tensor) else (batch,)
+    for part in parts:
+        try:
+            call(model, channels_last(part) if isinstance(part, torch.Tensor) else part)
+        except _Reached:
+            pass
 
 
 def cut_channels(model: nn.Module, removed: dict[str, Iterable[int]], input_shape) -> None:
@@ -88,14 +195,18 @@ def batchnorms(model: nn.Module) -> dict[str, nn.Module]:
 
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], *,
-                          chunk: int = 128, shard: Shard = ALONE) -> None:
+                          chunk: int = 128, shard: Shard = ALONE,
+                          until: str | None = None) -> None:
     """Re-estimate BatchNorm running statistics with forward passes (no gradients, no labels):
     each BatchNorm's mean over its calls of the call's batch mean and (unbiased) variance, added
     up in float64 (over every process of `shard` when several share the batches: a collective
     call then). `model` is the caller's own copy (an analysis' pruned model): hooked in place.
 
-    Runs `chunk` images at a time in channels-last layout (oneDNN's faster convolutions), which
-    keeps activations in cache, and hands the model back in the usual contiguous layout.
+    Runs `chunk` images at a time in channels-last layout (`_forward`) and hands the model back
+    in the usual contiguous layout.
+
+    `until`: a layer called once; each pass ends where it starts, so only the BatchNorms that
+    run before it are re-estimated (the others keep reset statistics).
     """
     norms = batchnorms(model)
     if not norms:
@@ -121,13 +232,10 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], *,
         m.train()
     model.to(memory_format=torch.channels_last)
     try:
-        with hooked(model, after={name: add_call(name) for name in norms}, private=True):
+        with hooked(model, before={until: _stop} if until else None,
+                    after={name: add_call(name) for name in norms}, private=True):
             for batch in batches:
-                if not isinstance(batch, torch.Tensor):  # token ids with a mask, say: as it comes
-                    call(model, batch)
-                    continue
-                for part in batch.split(chunk):
-                    model(channels_last(part))
+                _forward(model, batch, chunk)
         shard.sum(sums)
         for name, m in norms.items():
             c, calls = m.num_features, parts[name][-1]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from modhifi.console import class_index, progress
 from modhifi.errors import UserError
-from modhifi.options import (CALIBRATION_TEXT, DEFAULT_METHOD, Component, choices,
-                             default_compensation)
+from modhifi.options import (CALIBRATION_TEXT, DEFAULT_METHOD, Component, TextCompensation,
+                             check, choices, default_compensation)
 from modhifi.text.corpus import Corpus, load_fortunes
 
 
@@ -65,9 +65,9 @@ def prune(args: argparse.Namespace) -> dict:
     from modhifi.text.surgery import apply_plan
     from modhifi.zoo import cost_cache
 
-    backend, subject, texts = open_arguments(args)
     method = args.method or DEFAULT_METHOD
-    compensation = args.compensation or default_compensation(method)
+    compensation = check(TextCompensation, args.compensation or default_compensation(method))
+    backend, subject, texts = open_arguments(args)
     costs, tries = None, None
     timing = subject.corpus.calibration.texts  # whatever --calib-samples: the same batches
     if args.target_kind == "latency":

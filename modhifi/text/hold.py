@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from modhifi.backend import Backend
-from modhifi.options import Compensation, Component
+from modhifi.options import Component, TextCompensation
 from modhifi.prune.hold import TRIES, HeldTarget, check_batch, hold
 from modhifi.text.components import TextAnalysis, TextPlan
 from modhifi.text.latency import BATCHES, TextCosts
@@ -22,7 +22,7 @@ from modhifi.text.surgery import apply_plan
 
 def hold_text_latency(analysis: TextAnalysis, target: float, *, kind: Component,
                       costs: TextCosts, texts: Sequence[str], backend: Backend, batch_size: int,
-                      compensation: Compensation = "refit", tries: int = TRIES,
+                      compensation: TextCompensation = "refit", tries: int = TRIES,
                       **options) -> HeldTarget[TextPlan]:
     """Prune `analysis`' encoder to remove `target` of its measured latency: plan, cut, time the
     encoders side by side on the first `BATCHES × batch_size` of `texts` (those `costs` was

@@ -19,7 +19,7 @@ from torch import nn
 from modhifi.errors import UserError
 from modhifi.fidelity import LayerFidelity
 from modhifi.hooks import private_copy
-from modhifi.options import Compensation, check
+from modhifi.options import TextCompensation, check
 from modhifi.text.components import TextAnalysis, TextPlan, block, consumer, producers
 from modhifi.text.encoder import TransformerLayer, bert_of, transformer_layers
 
@@ -54,7 +54,7 @@ def refit(analysis: TextAnalysis, layer: TransformerLayer, plan: TextPlan,
 
 @torch.no_grad()
 def apply_plan(analysis: TextAnalysis, plan: TextPlan, *,
-               compensation: Compensation = "refit") -> nn.Module:
+               compensation: TextCompensation = "refit") -> nn.Module:
     """A new, physically smaller encoder: consumers compensated, components cut.
 
     Args:
@@ -63,7 +63,7 @@ def apply_plan(analysis: TextAnalysis, plan: TextPlan, *,
         compensation: `refit` (least squares on the kept inputs, bias included), `rescale` (the
             paper's δ*) or `none`.
     """
-    check(Compensation, compensation)
+    check(TextCompensation, compensation)
     if len(plan.kept) != len(analysis.layers):
         raise UserError(f"the plan has {len(plan.kept)} layers and the model "
                         f"{len(analysis.layers)}; make the plan from this analysis")
