@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from modhifi.errors import UserError
 from modhifi.moments import CHUNK_ELEMENTS, LayerMoments, moments_of
 
-def _ridge_solve(A: Tensor, B: Tensor, lam: float) -> Tensor:
+
+def ridge_solve(A: Tensor, B: Tensor, lam: float) -> Tensor:
     """(A + λ·mean(diag A)·I)⁻¹ B for a batch of PSD systems A (..., n, n), B (..., n, m)."""
     scale = lam * A.diagonal(dim1=-2, dim2=-1).mean(-1)  # (...,): λ relative, so unit-free
     A = A + scale[..., None, None] * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
@@ -131,7 +132,7 @@ class LayerFidelity:
 
     def _delta(self, Q_SS: Tensor, r_S: Tensor) -> Tensor:
         """(..., n) δ*_S = 1 + Q_SS⁻¹ Q_SS̄ 1, using Q_SS̄ 1 = r_S − Q_SS 1."""
-        return 1 + _ridge_solve(Q_SS, (r_S - Q_SS.sum(-1))[..., None], self.lam)[..., 0]
+        return 1 + ridge_solve(Q_SS, (r_S - Q_SS.sum(-1))[..., None], self.lam)[..., 0]
 
     def compensation(self, c: int, S: Iterable[int] | Tensor) -> Tensor:
         """Optimal rescaling δ* of the kept components of output channel c.
@@ -227,7 +228,7 @@ class LayerFidelity:
         W = self.w.reshape(c_out, -1)  # (c_out, d)
         H_C = self.H[C]  # (|C|, d)
         w = torch.zeros_like(W)
-        w[:, C] = _ridge_solve(H_C[:, C], H_C @ W.T, self.lam).T
+        w[:, C] = ridge_solve(H_C[:, C], H_C @ W.T, self.lam).T
         return self._like_weight(w)
 
     def reconstruction_error(self, new_weight: Tensor) -> Tensor:
@@ -347,13 +348,13 @@ class _Complement:
         blocks, outer, lam = self.blocks, self.outer, self.lam
         # Explained blocks add nothing; solving them would need a pseudo-inverse each. A chosen
         # block's complement is rounding too.
-        if self.K == 1:  # scalar blocks: the solve is a division (with _ridge_solve's ridge)
+        if self.K == 1:  # scalar blocks: the solve is a division (with ridge_solve's ridge)
             live = (blocks.view(-1) > self.negligible) & self.open  # (d',)
             gain = (outer.view(-1) / (blocks.view(-1) * (1 + lam))).where(live, 0.0)
         else:  # tr((H̃_ii + ridge)⁻¹ b̃_i b̃_iᵀ)
             live = (blocks.diagonal(dim1=-2, dim2=-1).mean(-1) > self.negligible) & self.open
             gain = torch.zeros(len(blocks), dtype=blocks.dtype, device=blocks.device)
-            gain[live] = _ridge_solve(blocks[live], outer[live], lam).diagonal(
+            gain[live] = ridge_solve(blocks[live], outer[live], lam).diagonal(
                 dim1=-2, dim2=-1).sum(-1)
         # No open block live: every gain is 0 and stays 0 (complements only shrink).
         self.explained = not live.any()

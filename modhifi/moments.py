@@ -152,18 +152,48 @@ def moments_of(layer: nn.Conv2d | nn.Linear, inputs: Tensor, *,
     """
     _check_supported(layer, inputs)
     inputs = inputs.detach().to(torch.promote_types(inputs.dtype, torch.float32))
-    # Unfolding multiplies the data by k², so unfold a few samples at a time.
-    kernel_area = layer.weight[0, 0].numel()
-    chunk = max(1, CHUNK_ELEMENTS // (inputs[0].numel() * kernel_area))
+    chunks = (_patches(layer, part) for part in inputs.split(_chunk(layer, inputs)))  # (n, L, d)
+    if positions is not None:
+        chunks = (patches[:, positions.to(patches.device)] for patches in chunks)
+    return _sums(chunks, len(inputs))
+
+
+def regression_moments(layer: nn.Conv2d | nn.Linear, inputs: Tensor,
+                       targets: Tensor) -> LayerMoments:
+    """Statistics of one layer's input patches with targets at the same output positions
+    appended as more features: the sums a least squares of the targets on the patches needs
+    (PᵀP, PᵀT and the means of both, in `second` and `position_sum`).
+
+    Args:
+        layer: an `nn.Conv2d` with groups=1 or an `nn.Linear`.
+        inputs: the layer's input, as for `moments_of`.
+        targets: (N, L, m): m values at each of the layer's L output positions (H'·W' in
+            row-major order, or the flattened token axes).
+
+    Returns:
+        The `LayerMoments` of the rows [patch, target], of width d + m.
+    """
+    _check_supported(layer, inputs)
+    inputs = inputs.detach().to(torch.promote_types(inputs.dtype, torch.float32))
+    chunk = _chunk(layer, inputs)
+    chunks = (torch.cat([_patches(layer, part), aims.to(part)], -1)  # (n, L, d + m)
+              for part, aims in zip(inputs.split(chunk), targets.detach().split(chunk)))
+    return _sums(chunks, len(inputs))
+
+
+def _chunk(layer: nn.Conv2d | nn.Linear, inputs: Tensor) -> int:
+    """Samples unfolded at a time: unfolding multiplies the data by k²."""
+    return max(1, CHUNK_ELEMENTS // (inputs[0].numel() * layer.weight[0, 0].numel()))
+
+
+def _sums(chunks: Iterable[Tensor], samples: int) -> LayerMoments:
+    """The `LayerMoments` of rows that come a few samples at a time, (n, L, d) each."""
     second, position_sum = 0, 0
-    for part in inputs.split(chunk):
-        patches = _patches(layer, part)  # (n, L, d)
-        if positions is not None:
-            patches = patches[:, positions.to(patches.device)]  # (n, |positions|, d)
+    for patches in chunks:
         rows = patches.reshape(-1, patches.shape[-1])  # (n·L, d)
         second = second + rows.T @ rows
         position_sum = position_sum + patches.sum(0)
-    return LayerMoments(second, position_sum, len(inputs))
+    return LayerMoments(second, position_sum, samples)
 
 
 def collect_moments(

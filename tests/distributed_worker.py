@@ -36,6 +36,7 @@ def main(out: str) -> None:
                        input_shape=SHAPE, shard=shard)
     plan = analysis.plan(0.4, method="modhifi-greedy", round_to=1)
     pruned = analysis.apply(plan)
+    sequential = analysis.apply(plan, compensation="sequential")  # collective at every layer
     result = evaluate(pruned, test, device=torch.device("cpu"), num_classes=10, batch_size=32,
                       shard=shard)
     if shard.is_main:
@@ -44,6 +45,7 @@ def main(out: str) -> None:
                                 for name, m in analysis.moments.items()},
                     "kept": {g.name: g.kept for g in plan.groups},
                     "buffers": {name: b.clone() for name, b in pruned.named_buffers()},
+                    "sequential": {name: p.clone() for name, p in sequential.state_dict().items()},
                     "confusion": result.confusion, "accuracy": result.accuracy}, out)
     distributed.leave()
     threads = [(Path("/proc/self/task") / task / "comm").read_text().strip()

@@ -57,6 +57,9 @@ def test_every_process_count_gives_the_same_statistics_plan_batchnorm_and_accura
         assert many["kept"] == one["kept"]  # the same channels, group by group
         for name, buffer in one["buffers"].items():  # recalibrated BatchNorm, to the bit
             assert torch.equal(many["buffers"][name], buffer), name
+        for name, value in one["sequential"].items():  # the sequential refit's sums, shared
+            torch.testing.assert_close(many["sequential"][name], value, rtol=1e-5, atol=1e-6,
+                                       msg=name)
         assert many["confusion"] == one["confusion"] and many["accuracy"] == one["accuracy"]
 
 

@@ -102,8 +102,10 @@ class Analysis:
         removed = plan.removed_channels()
         kept = kept_inputs(self.structure, self.model, removed)
         if compensation == "sequential":
-            refit_in_order(pruned, self.model, self.fidelity, kept, self.structure.consumers,
-                           self.calibration, centered=self.structure.followed_by_norm,
+            consumers = self.structure.consumers
+            refit_in_order(pruned, self.model, kept, consumers, self.calibration,
+                           centered=self.structure.followed_by_norm,
+                           lam=self.fidelity[consumers[0]].lam,  # the analysis' (every layer's)
                            recalibrate=recalibrate, shard=self.shard)
         else:
             compensate(pruned, self.fidelity, kept, compensation)

@@ -13,10 +13,10 @@ from torch import nn
 from modhifi.batch import Batch, call, example_of, head
 from modhifi.distributed import ALONE, Shard
 from modhifi.errors import UserError
-from modhifi.fidelity import LayerFidelity
+from modhifi.fidelity import LayerFidelity, ridge_solve
 from modhifi.hooks import hooked, private_copy
 from modhifi.metrics import channels_last
-from modhifi.moments import LayerMoments, moments_of
+from modhifi.moments import LayerMoments, regression_moments
 from modhifi.options import Compensation, check
 from modhifi.prune.structure import Structure, dependency_graph
 from modhifi.trace import trace_forward
@@ -62,30 +62,24 @@ def compensate(model: nn.Module, fidelity: Mapping[str, LayerFidelity],
 
 
 @torch.no_grad()
-def refit_in_order(pruned: nn.Module, dense: nn.Module, fidelity: Mapping[str, LayerFidelity],
-                   kept: Mapping[str, torch.Tensor], order: Sequence[str],
-                   batches: Sequence[Batch], *, centered: Collection[str], recalibrate: bool,
-                   shard: Shard = ALONE) -> None:
+def refit_in_order(pruned: nn.Module, dense: nn.Module, kept: Mapping[str, torch.Tensor],
+                   order: Sequence[str], batches: Sequence[Batch], *, centered: Collection[str],
+                   lam: float, recalibrate: bool, shard: Shard = ALONE) -> None:
     """The sequential refit: overwrite, in place, each consumer's weight, in forward order, by
-    the least squares of the dense model's output on the inputs the consumer receives in
+    the least squares of the dense layer's output on the kept inputs the consumer receives in
     `pruned` (whose earlier consumers are refitted already, and whose BatchNorm statistics are
     re-estimated first when `recalibrate`), not on the dense model's inputs as `compensate`'s
     one-shot refit does. Each consumer is then fitted to what it will see in the final model.
 
-    The fit is the one-shot refit (`LayerFidelity.refit_weight`) of a stand-in layer that reads
-    both networks' inputs side by side: zero weights on the pruned network's kept channels, the
-    dense weights on the dense network's channels; keeping only the former fits the dense output
-    from the pruned inputs, with the same ridge and the same centring (`centered`: the layers a
-    BatchNorm follows).
-
     Args:
         pruned: a private copy of `dense`, before its channels are cut.
         dense: the analysed model (only read: its own private copy is hooked).
-        fidelity: consumer -> its `LayerFidelity` (the dense weight and the ridge strength).
         kept: consumer -> kept input channels (`kept_inputs`).
         order: every consumer in forward order (`Structure.consumers`).
         batches: the calibration batches (summed over every process of `shard`).
-        centered: consumers whose outputs go straight into a BatchNorm.
+        centered: consumers whose outputs go straight into a BatchNorm: fitted up to a constant
+            per output channel (the mean over samples and positions, which the norm removes).
+        lam: ridge strength, relative to the mean diagonal (as `LayerFidelity.refit_weight`).
         recalibrate: re-estimate BatchNorm statistics before each consumer is fitted, as the
             final model's are (`recalibrate_batchnorm`).
     """
@@ -98,29 +92,26 @@ def refit_in_order(pruned: nn.Module, dense: nn.Module, fidelity: Mapping[str, L
         pruned.to(memory_format=torch.channels_last)  # as `_forward` feeds it
         keep, layer = kept[name], dense.get_submodule(name)
         axis = 1 if isinstance(layer, nn.Conv2d) else -1  # the input channels' axis
-        twin = _reading(layer, len(keep) + layer.weight.shape[1])
-        joint: LayerMoments | None = None
-        for batch in batches:  # patches of [pruned kept channels, dense channels]
-            both = torch.cat([_inputs(pruned, name, batch, once=once).index_select(axis, keep),
-                              _inputs(dense, name, batch, once=once)], axis)
-            part = moments_of(twin, both).float64()
-            joint = part if joint is None else joint + part
-        weight = fidelity[name].weight  # (c_out, c_in[, k, k]) dense
-        side_by_side = torch.cat([weight.new_zeros(len(weight), len(keep), *weight.shape[2:]),
-                                  weight], 1)
-        joint = joint.summed(shard)
-        H = joint.pooled_centered_second() if name in centered else joint.mean_second()
-        fit = LayerFidelity(H, side_by_side, fidelity[name].lam).refit_weight(
-            torch.arange(len(keep)))
-        new = torch.zeros_like(weight)
-        new[:, keep] = fit[:, :len(keep)]
+        reading = _reading(layer, len(keep))
+        sums: LayerMoments | None = None
+        for batch in batches:  # rows [patch of the kept pruned inputs, dense output]
+            part = regression_moments(
+                reading, _inputs(pruned, name, batch, once=once).index_select(axis, keep),
+                _outputs(dense, name, batch, once=once)).float64()
+            sums = part if sums is None else sums + part
+        sums = sums.summed(shard)
+        H = sums.pooled_centered_second() if name in centered else sums.mean_second()
+        C = reading.weight[0].numel()  # the kept patch features, then the c_out outputs
+        new = torch.zeros_like(layer.weight)  # (c_out, c_in[, k, k])
+        new[:, keep] = ridge_solve(H[:C, :C], H[:C, C:], lam).T.reshape(
+            new[:, keep].shape).to(new)
         pruned.get_submodule(name).weight.copy_(new)
     pruned.to(memory_format=torch.contiguous_format)
 
 
 def _reading(layer: nn.Conv2d | nn.Linear, width: int) -> nn.Conv2d | nn.Linear:
     """A weightless stand-in (meta device) for `layer` that reads `width` input channels: the
-    same kernel, stride, padding and dilation, for `moments_of`."""
+    same kernel, stride, padding and dilation, for `regression_moments`."""
     if isinstance(layer, nn.Linear):
         return nn.Linear(width, 1, bias=False, device="meta")
     return nn.Conv2d(width, 1, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
@@ -138,6 +129,26 @@ def _inputs(model: nn.Module, name: str, batch: Batch, *, once: bool) -> torch.T
             raise _Reached
 
     with hooked(model, before={name: keep}, private=True) as run:
+        _forward(run, batch)
+    return torch.cat(seen)
+
+
+def _outputs(model: nn.Module, name: str, batch: Batch, *, once: bool) -> torch.Tensor:
+    """(N, L, c_out): what layer `name` of `model` (a private copy) adds to its bias at each
+    output position on `batch`; every call's rows one after another; each pass ends where the
+    layer ends when it is called `once`."""
+    seen: list[torch.Tensor] = []
+
+    def keep(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if isinstance(module, nn.Conv2d):  # (N, c_out, H', W') -> (N, H'·W', c_out)
+            output = output.flatten(2).transpose(1, 2)
+        if module.bias is not None:
+            output = output - module.bias
+        seen.append(output.reshape(len(output), -1, output.shape[-1]))  # (N, L, c_out)
+        if once:
+            raise _Reached
+
+    with hooked(model, after={name: keep}, private=True) as run:
         _forward(run, batch)
     return torch.cat(seen)
 
