@@ -150,8 +150,7 @@ def moments_of(layer: nn.Conv2d | nn.Linear, inputs: Tensor, *,
     Raises:
         UserError (a ValueError): for an unsupported layer or an input of the wrong shape.
     """
-    _check_supported(layer, inputs)
-    inputs = inputs.detach().to(torch.promote_types(inputs.dtype, torch.float32))
+    inputs = _checked(layer, inputs)
     chunks = (_patches(layer, part) for part in inputs.split(_chunk(layer, inputs)))  # (n, L, d)
     if positions is not None:
         chunks = (patches[:, positions.to(patches.device)] for patches in chunks)
@@ -173,12 +172,17 @@ def regression_moments(layer: nn.Conv2d | nn.Linear, inputs: Tensor,
     Returns:
         The `LayerMoments` of the rows [patch, target], of width d + m.
     """
-    _check_supported(layer, inputs)
-    inputs = inputs.detach().to(torch.promote_types(inputs.dtype, torch.float32))
+    inputs = _checked(layer, inputs)
     chunk = _chunk(layer, inputs)
-    chunks = (torch.cat([_patches(layer, part), aims.to(part)], -1)  # (n, L, d + m)
-              for part, aims in zip(inputs.split(chunk), targets.detach().split(chunk)))
+    chunks = (torch.cat([_patches(layer, part), aimed.to(part)], -1)  # (n, L, d + m)
+              for part, aimed in zip(inputs.split(chunk), targets.detach().split(chunk)))
     return _sums(chunks, len(inputs))
+
+
+def _checked(layer: nn.Conv2d | nn.Linear, inputs: Tensor) -> Tensor:
+    """`inputs` checked for `layer` (`_check_supported`), detached, at least float32."""
+    _check_supported(layer, inputs)
+    return inputs.detach().to(torch.promote_types(inputs.dtype, torch.float32))
 
 
 def _chunk(layer: nn.Conv2d | nn.Linear, inputs: Tensor) -> int:

@@ -11,9 +11,14 @@ from modhifi.errors import UserError
 
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 Method = Literal["modhifi-greedy", "modhifi", "l1", "random", "activation"]  # default first
-# sequential: the refit layer by layer on the pruned network's own inputs (`prune.apply`)
+# sequential: the refit layer by layer on the pruned network's own inputs (`prune.apply`); a pass
+# over the calibration data per layer, so the live pages leave it to the CLI.
 Compensation = Literal["refit", "sequential", "rescale", "none"]
-TextCompensation = Literal["refit", "rescale", "none"]  # a text encoder's (its refit fits biases)
+# the Prune page's: what a slider move can run
+LIVE_COMPENSATIONS = tuple(c for c in get_args(Compensation) if c != "sequential")
+# A text encoder's: its refit fits each consumer with its bias from per-token statistics; a
+# sequential refit of MiniLM gained nothing (benchmarks/text_sequential_refit.py).
+TextCompensation = Literal["refit", "rescale", "none"]
 Allocation = Literal["uniform", "global"]
 TargetKind = Literal["channels", "macs", "latency"]  # latency: measured (`prune.latency`)
 Scope = Literal["all", "internal"]  # internal: leave channels shared by residual additions alone

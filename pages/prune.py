@@ -3,7 +3,7 @@ from dataclasses import replace
 
 import streamlit as st
 
-from modhifi.options import (COMPONENT_LABELS, METHOD_LABELS, Allocation, Compensation,
+from modhifi.options import (COMPONENT_LABELS, LIVE_COMPENSATIONS, METHOD_LABELS, Allocation,
                              Component, Method, Scope, TargetKind, TextCompensation, choices,
                              default_compensation)
 from modhifi.prune.plan import TARGET_UNITS
@@ -194,11 +194,11 @@ def render() -> None:
         help="Channels kept per group are rounded up to this multiple: vector units run whole "
              "blocks of 8 (16 on AVX-512 CPUs) at full speed.")
     compensation = cols[2].selectbox(
-        "Compensation", choices(Compensation), key=keys.PRUNE_COMPENSATION,
-        help="refit: least squares from the dense model's statistics (milliseconds). sequential: "
-             "the same, layer by layer on the pruned network's own inputs, BatchNorm "
-             "re-estimated before each (more accurate: about half the accuracy lost at 2-3x "
-             "fewer MACs; seconds per move). rescale: the paper's per-channel δ*.")
+        "Compensation", LIVE_COMPENSATIONS, key=keys.PRUNE_COMPENSATION,
+        help="refit: least squares of each output from the dense model's statistics. rescale: "
+             "the paper's per-channel δ*. The command line's `--compensation sequential` refits "
+             "layer by layer on the pruned network's own inputs: more accurate (about half the "
+             "accuracy lost at 2-3× fewer MACs) but seconds, not a slider move.")
     if cache.has_batchnorm(chosen.opened):
         recalibrate = cols[2].toggle("Recalibrate BatchNorm", True, key=keys.PRUNE_RECALIBRATE)
     else:

@@ -10,7 +10,7 @@ from torch import nn
 from oracles import contributions
 
 from modhifi.fidelity import PANEL, greedy_subset, layer_fidelity
-from modhifi.moments import LayerMoments, collect_moments, moments_of
+from modhifi.moments import LayerMoments, collect_moments, moments_of, regression_moments
 
 RTOL = 1e-8
 
@@ -147,6 +147,38 @@ def test_moments_of_halves_add_up_to_the_whole(case):
     assert_rel(halves.second, whole.second, rtol=1e-12)
     assert_rel(halves.position_sum, whole.position_sum, rtol=1e-12)
     assert_rel(halves.centered_second(), whole.centered_second(), rtol=1e-12)
+
+
+def test_regression_moments_put_the_layers_own_outputs_beside_its_patches(case):
+    """Targets T = the layer's output minus its bias, computed by torch's own layer: T = P Wᵀ,
+    so the sums must be [[PᵀP, PᵀP Wᵀ], [W PᵀP, W PᵀP Wᵀ]] with PᵀP from `moments_of` (whose
+    own oracle is above), which also checks that positions and channels line up."""
+    layer, x = case
+    conv = isinstance(layer, nn.Conv2d)
+    with torch.no_grad():
+        y = layer(x) - (layer.bias.view(-1, 1, 1) if conv else layer.bias)
+    targets = y.flatten(2).transpose(1, 2) if conv else y.reshape(len(x), -1, y.shape[-1])
+    got, patches = regression_moments(layer, x, targets), moments_of(layer, x)
+    W = layer.weight.detach().reshape(len(layer.weight), -1).double()   # (c_out, d)
+    d, H = W.shape[1], patches.second.double()
+    assert_rel(got.second[:d, :d], H)
+    assert_rel(got.second[:d, d:], H @ W.T)
+    assert_rel(got.second[d:, d:], W @ H @ W.T)
+    assert_rel(got.position_sum, torch.cat([patches.position_sum,
+                                            patches.position_sum.double() @ W.T], -1))
+
+
+@pytest.mark.parametrize("shape", [(5, 4, 3, 3), (5, 6, 4)])
+def test_pooled_centring_removes_one_mean_per_feature_over_samples_and_positions(shape):
+    """Rows whose patches are the inputs themselves (a 1×1 convolution, a token layer)."""
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64) + 3
+    layer = nn.Conv2d(4, 2, 1) if len(shape) == 4 else nn.Linear(4, 2)
+    rows = x.flatten(2).transpose(1, 2) if len(shape) == 4 else x    # (N, L, 4)
+    flat = rows.reshape(-1, 4)
+    centred = flat - flat.mean(0)
+    assert_rel(moments_of(layer.double(), x).pooled_centered_second(),
+               centred.T @ centred / len(x))
 
 
 def test_layer_moments_is_a_plain_sum():

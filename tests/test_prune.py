@@ -110,20 +110,22 @@ def test_refit_beats_rescale_beats_no_compensation_on_every_layer():
         assert torch.all(errors[1] <= errors[2] * (1 + 1e-6) + 1e-12), name
 
 
-def _sequential_oracle(dense, structure, plan, batches):
+def _sequential_oracle(dense, structure, plan, batches, recalibrating=True):
     """The sequential refit written out: in forward order, BatchNorm re-estimated by torch's own
     cumulative average, each consumer's pruned and dense inputs captured whole, unfolded by
     F.unfold, centred over samples and positions where a BatchNorm follows, and fitted by
     torch.linalg.lstsq; then BatchNorm re-estimated once more. The removed inputs are zeroed,
-    not cut (a masked dense model)."""
+    not cut (a masked dense model). Not `recalibrating`: no re-estimation and no centring."""
     import copy
 
     import torch.nn.functional as F
 
-    model = copy.deepcopy(dense).eval()
+    model, dense = copy.deepcopy(dense).eval(), copy.deepcopy(dense).eval()  # hooked below
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
 
     def recalibrate():
+        if not recalibrating:
+            return
         for norm in norms:
             norm.reset_running_stats()
             norm.momentum = None  # the cumulative average of the batches' statistics
@@ -162,7 +164,7 @@ def _sequential_oracle(dense, structure, plan, batches):
         C = [i * K + j for i in keep for j in range(K)]
         Q = rows(layer, inputs(model, name))[:, C]                      # (N·L, |C|) pruned
         P = rows(layer, inputs(dense, name))                            # (N·L, d) dense
-        if name in structure.followed_by_norm:
+        if recalibrating and name in structure.followed_by_norm:
             Q, P = Q - Q.mean(0), P - P.mean(0)
         new = torch.zeros_like(W)
         new[:, C] = torch.linalg.lstsq(Q, P @ W.T).solution.T
@@ -172,15 +174,34 @@ def _sequential_oracle(dense, structure, plan, batches):
     return model
 
 
-def test_the_sequential_refit_is_least_squares_on_the_pruned_networks_own_inputs():
+class _ReadTwice(nn.Module):
+    """A consumer called twice per pass (`head`), with an in-place ReLU on its first output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        features = torch.relu(self.conv2(torch.relu(self.conv1(x)))).mean((2, 3))  # (N, 16)
+        first = torch.relu_(self.head(features))
+        return first + self.head(torch.tanh(features))
+
+
+@pytest.mark.parametrize("make", [lambda: nets.ResNet(widths=(8, 16, 32)),  # BatchNorm, residuals
+                                  lambda: nets.ViT(image_size=16, dim=16, depth=2, heads=2,
+                                                   hidden=32),  # token inputs (N, T, c)
+                                  _ReadTwice],
+                         ids=["resnet", "vit", "read-twice"])
+def test_the_sequential_refit_is_least_squares_on_the_pruned_networks_own_inputs(make):
     torch.manual_seed(0)
-    model = nets.ResNet(widths=(8, 16, 32)).double().eval()
+    model = make().double().eval()
     batches = [torch.randn(32, 1, 16, 16, dtype=torch.float64) for _ in range(4)]
     recalibrate_batchnorm(model, batches)  # sensible BatchNorm statistics for a random network
     before = snapshot(model)
     analysis = analyse(model, batches, device=torch.device("cpu"), lam=0)
     kept_before = snapshot(analysis.model)
-    plan = analysis.plan(0.5, target_kind="channels")
+    plan = analysis.plan(0.5, target_kind="channels", method="modhifi", round_to=1)
     pruned = analysis.apply(plan, compensation="sequential")
     oracle = _sequential_oracle(analysis.model, analysis.structure, plan, batches)
     one_shot = analysis.apply(plan, compensation="refit")
@@ -191,6 +212,22 @@ def test_the_sequential_refit_is_least_squares_on_the_pruned_networks_own_inputs
     assert (one_shot - expected).abs().max() > 1e-3  # the two refits differ: the test can tell
     assert_unchanged(model, before)
     assert_unchanged(analysis.model, kept_before)
+
+
+def test_without_recalibration_the_sequential_refit_fits_the_whole_output():
+    """No BatchNorm re-estimation: nothing would remove a mean left out, so nothing is centred."""
+    torch.manual_seed(0)
+    model = nets.ResNet(widths=(8, 16, 32)).double().eval()
+    batches = [torch.randn(32, 1, 16, 16, dtype=torch.float64) for _ in range(4)]
+    recalibrate_batchnorm(model, batches)
+    analysis = analyse(model, batches, device=torch.device("cpu"), lam=0)
+    plan = analysis.plan(0.5, target_kind="channels", method="modhifi", round_to=1)
+    pruned = analysis.apply(plan, compensation="sequential", recalibrate=False)
+    oracle = _sequential_oracle(analysis.model, analysis.structure, plan, batches,
+                                recalibrating=False)
+    probe = torch.randn(16, 1, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(probe), oracle(probe), rtol=1e-7, atol=1e-9)
 
 
 def test_batchnorm_recalibration_matches_the_calibration_statistics():

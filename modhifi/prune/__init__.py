@@ -9,7 +9,8 @@
   `latency`: the cost model behind latency targets (each layer timed at candidate widths);
   `hold`: a latency target cut, timed and planned again until the measurement meets it.
 - `apply`: compensation (δ*, the one-shot refit, or the sequential refit on the pruned
-  network's own inputs), surgery by Torch-Pruning, BatchNorm recalibration, on a copy; `steps`: the iterative mode; `tables`: the analysis as tables for the pages.
+  network's own inputs), surgery by Torch-Pruning, BatchNorm recalibration, on a copy;
+  `steps`: the iterative mode; `tables`: the analysis as tables for the pages.
 """
 from modhifi.prune.analysis import Analysis, analyse, calibration_caveats
 from modhifi.prune.apply import (batchnorms, compensate, cut_channels, kept_inputs,

@@ -34,8 +34,9 @@ from modhifi.prune.structure import Structure, trace_structure
 class Analysis:
     """Structure, input statistics and fidelities of one model, computed once; plans come from it.
 
-    With several processes (`shard`), `apply` recalibrates BatchNorm over all of them: every
-    process calls it, with the same plan.
+    With several processes (`shard`), `apply` recalibrates BatchNorm (and sums a sequential
+    refit's statistics) over all of them: every process calls it, with the same plan and
+    options.
     """
 
     model: nn.Module = field(repr=False)   # the analysis' own eval-mode copy, never modified

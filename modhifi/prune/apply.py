@@ -73,34 +73,39 @@ def refit_in_order(pruned: nn.Module, dense: nn.Module, kept: Mapping[str, torch
 
     Args:
         pruned: a private copy of `dense`, before its channels are cut.
-        dense: the analysed model (only read: its own private copy is hooked).
+        dense: the analysed model (only read: a private copy of it runs).
         kept: consumer -> kept input channels (`kept_inputs`).
         order: every consumer in forward order (`Structure.consumers`).
-        batches: the calibration batches (summed over every process of `shard`).
+        batches: the calibration batches (summed over every process of `shard`, which all call
+            this with the same arguments: a collective call per consumer).
         centered: consumers whose outputs go straight into a BatchNorm: fitted up to a constant
-            per output channel (the mean over samples and positions, which the norm removes).
+            per output channel when `recalibrate` (the mean over samples and positions, which
+            the re-estimated norm removes; the scores' centring is per position instead).
         lam: ridge strength, relative to the mean diagonal (as `LayerFidelity.refit_weight`).
         recalibrate: re-estimate BatchNorm statistics before each consumer is fitted, as the
             final model's are (`recalibrate_batchnorm`).
     """
     calls = trace_forward(dense, head(batches[0], 1)).calls
-    dense = private_copy(dense, channels_last=True)
+    reference = private_copy(dense, channels_last=True)
     for name in (n for n in order if n in kept):
-        once = calls.get(name) == 1  # then nothing after its start is needed
+        called_once = calls.get(name) == 1  # then each pass can end at the layer
         if recalibrate:
-            recalibrate_batchnorm(pruned, batches, shard=shard, until=name if once else None)
+            recalibrate_batchnorm(pruned, batches, shard=shard,
+                                  until=name if called_once else None)
         pruned.to(memory_format=torch.channels_last)  # as `_forward` feeds it
-        keep, layer = kept[name], dense.get_submodule(name)
+        keep, layer = kept[name], reference.get_submodule(name)
         axis = 1 if isinstance(layer, nn.Conv2d) else -1  # the input channels' axis
         reading = _reading(layer, len(keep))
         sums: LayerMoments | None = None
         for batch in batches:  # rows [patch of the kept pruned inputs, dense output]
-            part = regression_moments(
-                reading, _inputs(pruned, name, batch, once=once).index_select(axis, keep),
-                _outputs(dense, name, batch, once=once)).float64()
+            inputs = _captured(pruned, name, batch, output=False, called_once=called_once)
+            outputs = _captured(reference, name, batch, output=True, called_once=called_once)
+            part = regression_moments(reading, inputs.index_select(axis, keep),
+                                      _output_rows(layer, outputs)).float64()
             sums = part if sums is None else sums + part
         sums = sums.summed(shard)
-        H = sums.pooled_centered_second() if name in centered else sums.mean_second()
+        H = (sums.pooled_centered_second() if recalibrate and name in centered
+             else sums.mean_second())
         C = reading.weight[0].numel()  # the kept patch features, then the c_out outputs
         new = torch.zeros_like(layer.weight)  # (c_out, c_in[, k, k])
         new[:, keep] = ridge_solve(H[:C, :C], H[:C, C:], lam).T.reshape(
@@ -118,43 +123,36 @@ def _reading(layer: nn.Conv2d | nn.Linear, width: int) -> nn.Conv2d | nn.Linear:
                      bias=False, padding_mode=layer.padding_mode, device="meta")
 
 
-def _inputs(model: nn.Module, name: str, batch: Batch, *, once: bool) -> torch.Tensor:
-    """The inputs layer `name` of `model` (a private copy) receives on `batch`: every call's rows
-    one after another; each pass ends where the layer starts when it is called `once`."""
+def _captured(model: nn.Module, name: str, batch: Batch, *, output: bool,
+              called_once: bool) -> torch.Tensor:
+    """The input (or the output) of layer `name` of `model`, a private copy, on `batch`: every
+    call's rows one after another. A layer `called_once` ends each pass."""
     seen: list[torch.Tensor] = []
 
-    def keep(module: nn.Module, args: tuple) -> None:
-        seen.append(args[0])
-        if once:
+    def keep(module: nn.Module, args: tuple, *result: torch.Tensor) -> None:
+        if called_once:
+            seen.append(result[0] if output else args[0])
             raise _Reached
+        # the pass goes on: a later in-place operation must not change what was kept
+        seen.append((result[0] if output else args[0]).clone())
 
-    with hooked(model, before={name: keep}, private=True) as run:
+    with hooked(model, **{"after" if output else "before": {name: keep}}, private=True) as run:
         _forward(run, batch)
     return torch.cat(seen)
 
 
-def _outputs(model: nn.Module, name: str, batch: Batch, *, once: bool) -> torch.Tensor:
-    """(N, L, c_out): what layer `name` of `model` (a private copy) adds to its bias at each
-    output position on `batch`; every call's rows one after another; each pass ends where the
-    layer ends when it is called `once`."""
-    seen: list[torch.Tensor] = []
-
-    def keep(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if isinstance(module, nn.Conv2d):  # (N, c_out, H', W') -> (N, H'·W', c_out)
-            output = output.flatten(2).transpose(1, 2)
-        if module.bias is not None:
-            output = output - module.bias
-        seen.append(output.reshape(len(output), -1, output.shape[-1]))  # (N, L, c_out)
-        if once:
-            raise _Reached
-
-    with hooked(model, after={name: keep}, private=True) as run:
-        _forward(run, batch)
-    return torch.cat(seen)
+def _output_rows(layer: nn.Conv2d | nn.Linear, output: torch.Tensor) -> torch.Tensor:
+    """(N, L, c_out): the layer's output without its bias, one row per output position (H'·W'
+    in row-major order, or the flattened token axes), as `regression_moments` takes targets."""
+    if isinstance(layer, nn.Conv2d):  # (N, c_out, H', W') -> (N, H'·W', c_out)
+        output = output.flatten(2).transpose(1, 2)
+    if layer.bias is not None:
+        output = output - layer.bias
+    return output.reshape(len(output), -1, output.shape[-1])
 
 
 class _Reached(Exception):
-    """Ends a forward pass where the layer whose inputs (or prefix) it needs starts."""
+    """Ends a forward pass at the layer it needs (before it starts, or after it ends)."""
 
 
 def _stop(module: nn.Module, args: tuple) -> None:
