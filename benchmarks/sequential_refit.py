@@ -6,8 +6,9 @@
 The CLI's calibration (the first 2,000 calibration images in batches of 128) and default plan
 (greedy ranking, uniform, multiples of 8) at half and two-thirds of the MACs. For each
 compensation (`Analysis.apply`): the accuracy on the whole test split, on the calibration
-images the analysis did not read (held out: what a user without test labels can check), and
-the seconds of the apply. Prints a Markdown table.
+images the analysis did not read (held out), how often the pruned model's prediction on those
+is the dense model's (agreement: what a user without labels can check), and the seconds of the
+apply. Prints a Markdown table.
 
 `--cost ARCH...`: only the seconds, of the analysis and of each apply at half the MACs (the
 union rule, quicker to rank), for torchvision architectures with random weights on 128 random
@@ -24,7 +25,7 @@ import torch
 from _table import markdown
 
 from modhifi.data import Batches
-from modhifi.metrics import evaluate
+from modhifi.metrics import evaluate, predict
 from modhifi.options import CALIBRATION_CLI
 from modhifi.prune import analyse, recalibrate_batchnorm
 from modhifi.zoo import build_torchvision, open_subject
@@ -70,8 +71,14 @@ def main() -> None:
     def accuracy(model, split) -> float:
         return evaluate(model, split, device=device, num_classes=dataset.num_classes).accuracy
 
+    dense = predict(analysis.model, held_out, device=device).argmax(1)
+
+    def agreement(model) -> float:
+        return (predict(model, held_out, device=device).argmax(1) == dense).double().mean().item()
+
     rows = [{"MACs": "dense", "compensation": "", "test": accuracy(analysis.model, dataset.test),
-             "held-out calibration": accuracy(analysis.model, held_out), "seconds": 0.0}]
+             "held-out calibration": accuracy(analysis.model, held_out), "agreement": 1.0,
+             "seconds": 0.0}]
     for target in args.targets:
         plan = analysis.plan(target, target_kind="macs")
         for compensation in ("refit", "sequential"):
@@ -80,7 +87,8 @@ def main() -> None:
             seconds = time.perf_counter() - start
             rows.append({"MACs": f"{plan.speedup_macs:.2f}x fewer", "compensation": compensation,
                          "test": accuracy(model, dataset.test),
-                         "held-out calibration": accuracy(model, held_out), "seconds": seconds})
+                         "held-out calibration": accuracy(model, held_out),
+                         "agreement": agreement(model), "seconds": seconds})
             print(rows[-1], flush=True)
     print(markdown(pd.DataFrame(rows), digits=4))
     print(f"{len(read)} calibration images read, {len(held_out)} held out; "
