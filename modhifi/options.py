@@ -12,7 +12,7 @@ from modhifi.errors import UserError
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 Method = Literal["modhifi-greedy", "modhifi", "l1", "random", "activation"]  # default first
 # sequential: the refit layer by layer on the pruned network's own inputs (`prune.apply`); a pass
-# over the calibration data per layer, so the live pages leave it to the CLI.
+# over the calibration data per layer, so the Prune page offers it as a comparison, not a choice.
 Compensation = Literal["refit", "sequential", "rescale", "none"]
 # the Prune page's: what a slider move can run
 LIVE_COMPENSATIONS = tuple(c for c in get_args(Compensation) if c != "sequential")

@@ -364,6 +364,28 @@ def test_the_prune_page_says_how_much_the_plan_removes_against_what_was_asked():
     assert f"the plan removes {analysis.plan(0.5, target_kind='macs', round_to=1).achieved:.1%}" in exact
 
 
+def test_the_prune_page_compares_the_refit_with_the_library_sequential_refit():
+    """The toggle's accuracy is the library's sequential refit of the same plan, evaluated on
+    the same test images (all 360 of digits)."""
+    from modhifi import bench, metrics as evaluation
+    from modhifi.backend import choose_backend
+    from modhifi.zoo import open_subject
+
+    app = open_page("pages/prune.py")
+    app.toggle(key=keys.PRUNE_SEQUENTIAL).set_value(True).run()
+    assert not app.exception and not app.error
+    subject = open_subject("digits-cnn", device=__import__("torch").device("cpu"))
+    analysis = bench.live_analysis(subject.loaded.model, subject.dataset,
+                                   backend=choose_backend("cpu"), samples=250)
+    plan = analysis.plan(0.5, target_kind="macs")
+    expected = evaluation.evaluate(analysis.apply(plan, compensation="sequential"),
+                                   subject.dataset.test, device="cpu",
+                                   num_classes=subject.dataset.num_classes)
+    assert metrics(app)["Accuracy, sequential refit"] == f"{expected.accuracy:.2%}"
+    app.selectbox(key=keys.PRUNE_COMPENSATION).set_value("rescale").run()
+    assert "Accuracy, sequential refit" not in metrics(app)  # compared with the refit only
+
+
 def test_download_names_say_which_model_and_what_was_done():
     from modhifi.requests import ModelRef
     from ui.page import download_stem

@@ -36,6 +36,7 @@ PRUNE_COMPENSATION = "prune.compensation"
 PRUNE_RECALIBRATE = "prune.recalibrate"
 PRUNE_FULL = "prune.full"
 PRUNE_SPEED = "prune.speed"
+PRUNE_SEQUENTIAL = "prune.sequential"
 PRUNE_CURVE = "prune.curve"
 PRUNE_OVERRIDES = "prune.overrides"              # per-group shares removed whatever the target
 PRUNE_OVERRIDES_FOR = "prune.overrides_for"  # (model, scope) whose group table was edited
