@@ -108,8 +108,8 @@ def refit_in_order(pruned: nn.Module, dense: nn.Module, kept: Mapping[str, torch
              else sums.mean_second())
         C = reading.weight[0].numel()  # the kept patch features, then the c_out outputs
         new = torch.zeros_like(layer.weight)  # (c_out, c_in[, k, k])
-        new[:, keep] = ridge_solve(H[:C, :C], H[:C, C:], lam).T.reshape(
-            new[:, keep].shape).to(new)
+        fit = ridge_solve(H[:C, :C], H[:C, C:], lam).T                    # (c_out, |keep|·k²)
+        new[:, keep] = fit.reshape(len(new), len(keep), *new.shape[2:]).to(new)
         pruned.get_submodule(name).weight.copy_(new)
     pruned.to(memory_format=torch.contiguous_format)
 
