@@ -6,20 +6,22 @@ run again. `Replay` keeps a private copy of the model, records the outputs of th
 modules that finish before each chosen layer (`prefix_modules`) on one clean pass over fixed
 inputs, and inside `Replay.before(layer)` those modules return their recorded rows instead of
 running. Used by ModHiFi-U's search of k (`modhifi.unlearn.search`) and by the theory's global
-errors (`modhifi.theory.local_global`).
+errors (`modhifi.theory.local_global`). `Frontier` does the same for a model that is settled layer
+by layer in forward order (the sequential refit): each pass records the prefix the next replays.
 
 The replayed modules are swapped out only by an instance attribute `forward` on the private copy,
-set and removed by `before`; the model given is never touched, and attribute reads of the
+set and removed by `before` (by `Frontier.passes` on the caller's copy); the model given is never touched, and attribute reads of the
 replayed modules (a parent reading a child's weight, say) still work.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
+from modhifi.batch import Batch
 from modhifi.hooks import hooked, private_copy
 from modhifi.trace import Trace, trace_forward
 
@@ -41,6 +43,11 @@ def prefix_modules(trace: Trace, layer: str) -> tuple[str, ...]:
         return any(name.rsplit(".", j)[0] in done for j in range(1, name.count(".") + 1))
 
     return tuple(name for name in sorted(done, key=trace.end.get) if not has_done_ancestor(name))
+
+
+def inside(name: str, modules: Iterable[str]) -> bool:
+    """Module `name` is one of `modules` or inside one."""
+    return any(name == m or name.startswith(m + ".") for m in modules)
 
 
 class Replay:
@@ -103,27 +110,57 @@ class Replay:
         """The modules `before(layer)` replays."""
         return self._prefix[layer]
 
+    def read(self, layer: str) -> frozenset[str]:
+        """The modules of `prefix(layer)` whose recorded outputs the rest of the network reads."""
+        return self._read[layer]
+
     @torch.inference_mode()
     def _read_later(self, layer: str) -> frozenset[str]:
         """The prefix modules of `layer` whose recorded outputs the rest of the network reads.
 
         A module is unread when large random outputs in its place (alone, then all unread ones
-        together) leave the logits of a few inputs exactly as they were: e.g. every block of a
-        ViT but the last before `layer`, whose outputs only the replayed next block would read.
+        together) leave the logits, the outputs of every module that runs after the prefix and
+        the inputs of every such leaf exactly as they were (not the logits alone: a zero
+        classifier hides what it is given):
+        e.g. every block of a ViT but the last before `layer`, whose outputs only the replayed
+        next block would read. Each test is a row of one batch, every row the first input.
         """
-        index = torch.arange(min(4, len(self.inputs)), device=self.inputs.device)
         prefix = self.prefix(layer)
-        with self._installed(layer, frozenset(prefix)) as run:
-            expected = run(index)
-        unread = [name for name in prefix
-                  if self._same(layer, frozenset(prefix) - {name}, index, expected)]
-        if not self._same(layer, frozenset(prefix) - set(unread), index, expected):
+        if not prefix:
+            return frozenset()
+        # row 0 clean, row 1 + i with random outputs of prefix[i]
+        noisy = {name: torch.arange(len(prefix) + 1) == i + 1 for i, name in enumerate(prefix)}
+        same = self._unchanged(layer, noisy)
+        unread = [name for i, name in enumerate(prefix) if same[i]]
+        if unread and not self._unchanged(layer, {name: torch.arange(2) == 1
+                                                  for name in unread})[0]:
             unread = []  # they matter together
         return frozenset(prefix) - set(unread)
 
-    def _same(self, layer: str, copied: frozenset[str], index: Tensor, expected: Tensor) -> bool:
-        with self._installed(layer, copied, noise=True) as run:
-            return torch.equal(run(index), expected)
+    def _unchanged(self, layer: str, noisy: dict[str, Tensor]) -> list[bool]:
+        """Run copies of the first input, one per row of the masks in `noisy`, with the prefix of
+        `layer` replayed and each module's outputs random in the rows it marks: for each row but
+        the first, whether everything computed after the prefix is as in the first."""
+        prefix = self.prefix(layer)
+        rows = len(next(iter(noisy.values())))
+        changed = torch.zeros(rows, dtype=torch.bool, device=self.inputs.device)
+
+        def compare(*tensors) -> None:  # as they come: a later in-place operation changes them
+            for t in tensors:
+                if isinstance(t, Tensor) and t.dim() and len(t) == rows:
+                    changed.logical_or_((t != t[:1]).reshape(rows, -1).any(1))
+
+        def keep(module: nn.Module, args: tuple, output) -> None:
+            if next(module.children(), None) is None:  # a leaf's inputs (a zero classifier's)
+                compare(*args)
+            compare(*(output if isinstance(output, (tuple, list)) else (output,)))
+
+        after = [name for name, _ in self.model.named_modules() if name and not inside(name, prefix)]
+        index = torch.zeros(rows, dtype=torch.long, device=self.inputs.device)
+        with self._installed(layer, frozenset(prefix), noisy=noisy) as run, \
+                hooked(self.model, after={name: keep for name in after}, private=True):
+            compare(run(index))
+        return [not bool(c) for c in changed[1:]]
 
     @contextmanager
     def before(self, layer: str) -> Iterator[Callable[[Tensor], Tensor]]:
@@ -134,9 +171,11 @@ class Replay:
 
     @contextmanager
     def _installed(self, layer: str, copied: frozenset[str], *,
-                   noise: bool = False) -> Iterator[Callable[[Tensor], Tensor]]:
-        """Replay the prefix of `layer`: modules in `copied` return their recorded rows, the
-        others a tensor of the right shape whose values nothing reads (random when `noise`)."""
+                   noisy: dict[str, Tensor] | None = None
+                   ) -> Iterator[Callable[[Tensor], Tensor]]:
+        """Replay the prefix of `layer`: modules in `copied` return their recorded rows (random
+        values in the rows a `noisy` mask marks for them), the others a tensor of the right
+        shape whose values nothing reads."""
         rows: list[Tensor] = []  # the running call's input indices
 
         def replayed(name: str) -> Callable[..., Tensor]:
@@ -144,11 +183,12 @@ class Replay:
 
             def forward(*args, **kwargs) -> Tensor:
                 if name in copied:
-                    return recorded[rows[-1]]  # a copy: in-place ops downstream are harmless
+                    out = recorded[rows[-1]]  # a copy: in-place ops downstream are harmless
+                    if noisy and name in noisy:
+                        mask = noisy[name].to(out.device)
+                        out[mask] = _NOISE * torch.randn_like(out[mask])
+                    return out
                 shape = (len(rows[-1]), *recorded.shape[1:])
-                if noise:
-                    return _NOISE * torch.randn(shape, dtype=recorded.dtype,
-                                                device=recorded.device)
                 if len(self._spare.get(name, ())) < shape[0]:
                     self._spare[name] = recorded.new_zeros(shape)
                 return self._spare[name][:shape[0]]
@@ -170,3 +210,86 @@ class Replay:
         finally:
             for name in prefix:
                 del self.model.get_submodule(name).forward
+
+
+class Frontier:
+    """Passes over fixed inputs of a model settled layer by layer in forward order, each pass
+    replaying what the previous one reached.
+
+    The sequential refit (`prune.apply.refit_in_order`) runs the network up to each consumer in
+    turn, then refits it. What finished before the previous pass's layer started no longer
+    changes, so `passes(layer)` replays those modules' outputs, recorded by the previous pass,
+    instead of running them again, and records the modules that finish before `layer` for the
+    next: the passes up to every layer cost about one forward pass in all, not one per layer.
+
+    Args:
+        model: the caller's private copy; `passes` sets and removes instance `forward`s on it.
+        chunks: the inputs of each forward pass, the same on every call of `passes`.
+        trace: `trace_forward` of the model (or of one with the same modules).
+        read: layer -> the modules of `prefix_modules(trace, layer)` whose outputs the rest of
+            the network reads (`Replay.read`); the others return zeros that nothing reads.
+        max_bytes: the most recorded outputs kept; past it, a pass records nothing and the next
+            runs from the input.
+    """
+
+    def __init__(self, model: nn.Module, chunks: list[Batch], trace: Trace,
+                 read: Mapping[str, frozenset[str]], *, max_bytes: int = 2**31):
+        self.model, self.chunks, self.trace, self.read = model, chunks, trace, read
+        self.max_bytes = max_bytes
+        self.settled: tuple[str, ...] = ()  # the modules the next pass replays
+        # name -> per chunk: its output, or a meta tensor of its shape where nothing reads it
+        self._outputs: dict[str, list[Tensor]] = {}
+
+    def passes(self, layer: str) -> Iterator[Batch]:
+        """Yield each chunk for the caller to run through `model`, each pass ending where `layer`
+        starts or later; while it runs, the settled modules return their recorded outputs. After
+        the last chunk, the modules that finished before `layer` are the settled ones."""
+        prefix = prefix_modules(self.trace, layer)
+        read = self.read.get(layer, frozenset())
+        # a settled module keeps its recording (what the rest of the network reads only shrinks)
+        recorded = {name: self._outputs.get(name, []) for name in prefix}
+        index, over = [0], [False]  # the running chunk; over the budget
+
+        def record(name: str):
+            def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+                if not over[0]:  # a copy: a later in-place operation must not change it
+                    recorded[name].append(output.clone() if name in read else output.to("meta"))
+            return hook
+
+        def replayed(name: str) -> Callable[..., Tensor]:
+            outputs = self._outputs[name]
+
+            def forward(*args, **kwargs) -> Tensor:
+                kept = outputs[index[0]]
+                if kept.is_meta:  # unread: the right shape will do
+                    return torch.zeros(kept.shape, dtype=kept.dtype, device=self._device)
+                return kept.clone()  # a copy: in-place operations downstream are harmless
+            return forward
+
+        for name in self.settled:
+            self.model.get_submodule(name).forward = replayed(name)
+        fresh = [name for name in prefix if name not in self.settled]
+        try:
+            with hooked(self.model, after={name: record(name) for name in fresh}, private=True):
+                for index[0], chunk in enumerate(self.chunks):
+                    yield chunk
+                    over[0] = over[0] or self._bytes(recorded) > self.max_bytes
+        finally:
+            for name in self.settled:
+                del self.model.get_submodule(name).forward
+        complete = not over[0] and all(len(v) == len(self.chunks) for v in recorded.values())
+        self.settled = tuple(recorded) if complete else ()
+        self._outputs = recorded if complete else {}
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _bytes(self, recorded: Mapping[str, list[Tensor]]) -> int:
+        """The recordings' size once every chunk is in, estimated from those so far."""
+        done = min((len(outputs) for outputs in recorded.values()), default=0)
+        if not done:
+            return 0
+        size = sum(o.nbytes for outputs in recorded.values() for o in outputs[:done]
+                   if not o.is_meta)
+        return size * len(self.chunks) // done

@@ -214,6 +214,66 @@ def test_the_sequential_refit_is_least_squares_on_the_pruned_networks_own_inputs
     assert_unchanged(analysis.model, kept_before)
 
 
+class _Doubling(nn.Module):
+    """A block whose output the parent doubles in place and reads twice; a zero classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = nets.BasicBlock(8, 8)
+        self.conv1, self.conv2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+        nn.init.zeros_(self.head[2].weight)  # the logits no longer show what the layers read
+
+    def forward(self, x):
+        y = self.block(self.stem(x))
+        y.mul_(2)  # in place, on an output the frontier records and replays twice
+        z = torch.relu(self.conv1(y) + y)
+        return self.head(torch.relu(self.conv2(z) + y))
+
+
+@pytest.mark.parametrize("max_bytes", [2**30, 0], ids=["replayed", "over-budget"])
+def test_frontier_passes_see_what_whole_passes_see_while_layers_change_in_order(max_bytes):
+    """Each pass up to a layer gives the layer the input a whole forward pass gives it, after
+    every earlier layer was edited; with room to record, the stem runs only on the first two."""
+    from modhifi.hooks import private_copy
+    from modhifi.replay import Frontier, Replay
+    from modhifi.trace import forward_order
+
+    torch.manual_seed(0)
+    model = _Doubling().double().eval()
+    chunks = [torch.randn(n, 1, 8, 8, dtype=torch.float64) for n in (5, 5, 3)]
+    layers = forward_order(model, chunks[0][:1])
+    replay = Replay(model, chunks[0][:1], layers, batch_size=1)
+    edited = private_copy(model)
+    frontier = Frontier(edited, chunks, replay.trace,
+                        {layer: replay.read(layer) for layer in layers}, max_bytes=max_bytes)
+    stem_calls = []
+    edited.stem[0].register_forward_hook(lambda *args: stem_calls.append(1))
+
+    def inputs_of(layer, passes):
+        seen = []
+        handle = edited.get_submodule(layer).register_forward_pre_hook(
+            lambda module, args: seen.append(args[0].clone()))
+        with torch.no_grad():
+            for chunk in passes:
+                edited(chunk)
+        handle.remove()
+        return seen
+
+    for layer in layers:
+        expected = inputs_of(layer, chunks)
+        stem_calls.clear()
+        got = inputs_of(layer, frontier.passes(layer))
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, e, rtol=0, atol=0)
+        # the pass to the stem records nothing before it; the pass after it records the stem
+        assert len(stem_calls) == (len(chunks) if layer in layers[:2] or max_bytes == 0 else 0)
+        with torch.no_grad():
+            edited.get_submodule(layer).weight.mul_(-0.5)  # the layer settles after its pass
+    assert frontier.settled or max_bytes == 0
+
+
 def test_without_recalibration_the_sequential_refit_fits_the_whole_output():
     """No BatchNorm re-estimation: nothing would remove a mean left out, so nothing is centred."""
     torch.manual_seed(0)

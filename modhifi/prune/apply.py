@@ -5,12 +5,12 @@ BatchNorm with forward passes. Always on a copy: the analysed model is never mod
 """
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from modhifi.batch import Batch, call, example_of, head
+from modhifi.batch import Batch, call, example_of
 from modhifi.distributed import ALONE, Shard
 from modhifi.errors import UserError
 from modhifi.fidelity import LayerFidelity, ridge_solve
@@ -19,7 +19,7 @@ from modhifi.metrics import channels_last
 from modhifi.moments import LayerMoments, regression_moments
 from modhifi.options import Compensation, check
 from modhifi.prune.structure import Structure, dependency_graph
-from modhifi.trace import trace_forward
+from modhifi.replay import Frontier, Replay, inside
 
 
 def kept_inputs(structure: Structure, model: nn.Module,
@@ -71,6 +71,11 @@ def refit_in_order(pruned: nn.Module, dense: nn.Module, kept: Mapping[str, torch
     re-estimated first when `recalibrate`), not on the dense model's inputs as `compensate`'s
     one-shot refit does. Each consumer is then fitted to what it will see in the final model.
 
+    The passes up to each consumer replay what the previous pass reached (`replay.Frontier`,
+    one for the re-estimation, one for the pruned inputs, one for the dense outputs): about
+    three forward passes over the calibration images in all, where the recordings fit in
+    memory.
+
     Args:
         pruned: a private copy of `dense`, before its channels are cut.
         dense: the analysed model (only read: a private copy of it runs).
@@ -85,23 +90,33 @@ def refit_in_order(pruned: nn.Module, dense: nn.Module, kept: Mapping[str, torch
         recalibrate: re-estimate BatchNorm statistics before each consumer is fitted, as the
             final model's are (`recalibrate_batchnorm`).
     """
-    calls = trace_forward(dense, head(batches[0], 1)).calls
+    chunks = [channels_last(part) for batch in batches for part in batch.split(_CHUNK)]
+    fitted = [name for name in order if name in kept]
+    # the same modules in every copy: one trace, and one test of which recordings are read
+    read = Replay(dense, chunks[0][:1], fitted, batch_size=1)
+    trace, read = read.trace, {name: read.read(name) for name in fitted}
     reference = private_copy(dense, channels_last=True)
-    for name in (n for n in order if n in kept):
-        called_once = calls.get(name) == 1  # then each pass can end at the layer
-        if recalibrate:
-            recalibrate_batchnorm(pruned, batches, shard=shard,
-                                  until=name if called_once else None)
-        pruned.to(memory_format=torch.channels_last)  # as `_forward` feeds it
+    pruned.to(memory_format=torch.channels_last)  # as the chunks come
+    training, inputs, outputs = (Frontier(model, chunks, trace, read)
+                                 for model in (pruned, pruned, reference))
+    norms = batchnorms(pruned)
+    for name in fitted:
+        called_once = trace.calls.get(name) == 1  # then each pass can end at the layer
+        if recalibrate:  # the norms the last pass settled keep their statistics
+            _reestimate(pruned, {n: m for n, m in norms.items()
+                                 if not inside(n, training.settled)},
+                        _run_to(training, name, called_once), shard)
         keep, layer = kept[name], reference.get_submodule(name)
         axis = 1 if isinstance(layer, nn.Conv2d) else -1  # the input channels' axis
         reading = _reading(layer, len(keep))
         sums: LayerMoments | None = None
-        for batch in batches:  # rows [patch of the kept pruned inputs, dense output]
-            inputs = _captured(pruned, name, batch, output=False, called_once=called_once)
-            outputs = _captured(reference, name, batch, output=True, called_once=called_once)
-            part = regression_moments(reading, inputs.index_select(axis, keep),
-                                      _output_rows(layer, outputs)).float64()
+        # strict: both passes run to their end, where the frontiers settle what they reached
+        for x, y in zip(_captured(inputs, name, output=False, called_once=called_once),
+                        _captured(outputs, name, output=True, called_once=called_once),
+                        strict=True):
+            # rows [patch of the kept pruned inputs, dense output]
+            part = regression_moments(reading, x.index_select(axis, keep),
+                                      _output_rows(layer, y)).float64()
             sums = part if sums is None else sums + part
         sums = sums.summed(shard)
         H = (sums.pooled_centered_second() if recalibrate and name in centered
@@ -123,9 +138,9 @@ def _reading(layer: nn.Conv2d | nn.Linear, width: int) -> nn.Conv2d | nn.Linear:
                      bias=False, padding_mode=layer.padding_mode, device="meta")
 
 
-def _captured(model: nn.Module, name: str, batch: Batch, *, output: bool,
-              called_once: bool) -> torch.Tensor:
-    """The input (or the output) of layer `name` of `model`, a private copy, on `batch`: every
+def _captured(frontier: Frontier, name: str, *, output: bool,
+              called_once: bool) -> Iterator[torch.Tensor]:
+    """The input (or the output) of layer `name` of the frontier's model on each chunk: every
     call's rows one after another. A layer `called_once` ends each pass."""
     seen: list[torch.Tensor] = []
 
@@ -136,9 +151,22 @@ def _captured(model: nn.Module, name: str, batch: Batch, *, output: bool,
         # the pass goes on: a later in-place operation must not change what was kept
         seen.append((result[0] if output else args[0]).clone())
 
-    with hooked(model, **{"after" if output else "before": {name: keep}}, private=True) as run:
-        _forward(run, batch)
-    return torch.cat(seen)
+    with hooked(frontier.model, **{"after" if output else "before": {name: keep}},
+                private=True) as run:
+        for chunk in frontier.passes(name):
+            _forward(run, chunk)
+            yield seen[0] if len(seen) == 1 else torch.cat(seen)
+            seen.clear()
+
+
+def _run_to(frontier: Frontier, name: str, stop: bool) -> Callable[[], None]:
+    """Passes of the frontier's model over its chunks up to layer `name` (to the end unless
+    `stop`)."""
+    def run() -> None:
+        with hooked(frontier.model, before={name: _stop} if stop else None, private=True):
+            for chunk in frontier.passes(name):
+                _forward(frontier.model, chunk)
+    return run
 
 
 def _output_rows(layer: nn.Conv2d | nn.Linear, output: torch.Tensor) -> torch.Tensor:
@@ -159,10 +187,12 @@ def _stop(module: nn.Module, args: tuple) -> None:
     raise _Reached
 
 
-def _forward(model: nn.Module, batch: Batch, chunk: int = 128) -> None:
-    """Run `batch` through `model`: a tensor `chunk` images at a time in channels-last layout
-    (oneDNN's faster convolutions; the activations stay in cache), other forms as they come. A
-    hook raising `_Reached` ends a pass early."""
+_CHUNK = 128  # images per forward pass: oneDNN's faster convolutions, activations in cache
+
+
+def _forward(model: nn.Module, batch: Batch, chunk: int = _CHUNK) -> None:
+    """Run `batch` through `model`: a tensor `chunk` images at a time in channels-last layout,
+    other forms as they come. A hook raising `_Reached` ends a pass early."""
     parts = batch.split(chunk) if isinstance(batch, torch.Tensor) else (batch,)
     for part in parts:
         try:
@@ -204,8 +234,7 @@ def batchnorms(model: nn.Module) -> dict[str, nn.Module]:
 
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], *,
-                          chunk: int = 128, shard: Shard = ALONE,
-                          until: str | None = None) -> None:
+                          chunk: int = _CHUNK, shard: Shard = ALONE) -> None:
     """Re-estimate BatchNorm running statistics with forward passes (no gradients, no labels):
     each BatchNorm's mean over its calls of the call's batch mean and (unbiased) variance, added
     up in float64 (over every process of `shard` when several share the batches: a collective
@@ -213,11 +242,22 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], *,
 
     Runs `chunk` images at a time in channels-last layout (`_forward`) and hands the model back
     in the usual contiguous layout.
-
-    `until`: a layer called once; each pass ends where it starts, so only the BatchNorms that
-    run before it are re-estimated (the others keep reset statistics).
     """
     norms = batchnorms(model)
+    if not norms:
+        return
+    model.to(memory_format=torch.channels_last)
+    try:
+        _reestimate(model, norms, lambda: [_forward(model, b, chunk) for b in batches], shard)
+    finally:
+        model.to(memory_format=torch.contiguous_format)  # channels-last weights slow NCHW exports
+
+
+def _reestimate(model: nn.Module, norms: Mapping[str, nn.Module],
+                passes: Callable[[], object], shard: Shard) -> None:
+    """Reset `norms`, BatchNorms of `model` (hooked in place), and re-estimate them over the
+    forward `passes` (`recalibrate_batchnorm`); a norm the passes never call keeps reset
+    statistics. No norms: nothing runs."""
     if not norms:
         return
     saved = {name: m.momentum for name, m in norms.items()}
@@ -239,12 +279,9 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], *,
         m.reset_running_stats()
         m.momentum = 1.0
         m.train()
-    model.to(memory_format=torch.channels_last)
     try:
-        with hooked(model, before={until: _stop} if until else None,
-                    after={name: add_call(name) for name in norms}, private=True):
-            for batch in batches:
-                _forward(model, batch, chunk)
+        with hooked(model, after={name: add_call(name) for name in norms}, private=True):
+            passes()
         shard.sum(sums)
         for name, m in norms.items():
             c, calls = m.num_features, parts[name][-1]
@@ -253,8 +290,6 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], *,
                 m.running_var.copy_(parts[name][c:2 * c] / calls)
                 m.num_batches_tracked.fill_(int(calls))
     finally:
-        model.to(memory_format=torch.contiguous_format)  # channels-last weights slow NCHW exports
         for name, m in norms.items():
             m.momentum = saved[name]
             m.eval()
-
