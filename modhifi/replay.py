@@ -119,9 +119,9 @@ class Replay:
         """The prefix modules of `layer` whose recorded outputs the rest of the network reads.
 
         A module is unread when large random outputs in its place (alone, then all unread ones
-        together) leave the logits, the outputs of every module that runs after the prefix and
-        the inputs of every such leaf exactly as they were (not the logits alone: a zero
-        classifier hides what it is given):
+        together) leave the logits and the inputs of every leaf module that runs after the
+        prefix exactly as they were (not the logits alone: a zero classifier hides what it is
+        given):
         e.g. every block of a ViT but the last before `layer`, whose outputs only the replayed
         next block would read. Each test is a row of one batch, every row the first input.
         """
@@ -150,15 +150,15 @@ class Replay:
                 if isinstance(t, Tensor) and t.dim() and len(t) == rows:
                     changed.logical_or_((t != t[:1]).reshape(rows, -1).any(1))
 
-        def keep(module: nn.Module, args: tuple, output) -> None:
-            if next(module.children(), None) is None:  # a leaf's inputs (a zero classifier's)
-                compare(*args)
-            compare(*(output if isinstance(output, (tuple, list)) else (output,)))
+        def keep(module: nn.Module, args: tuple) -> None:
+            compare(*args)
 
-        after = [name for name, _ in self.model.named_modules() if name and not inside(name, prefix)]
+        # what reaches a module reaches a leaf, or the logits
+        leaves = [name for name, m in self.model.named_modules()
+                  if name and next(m.children(), None) is None and not inside(name, prefix)]
         index = torch.zeros(rows, dtype=torch.long, device=self.inputs.device)
         with self._installed(layer, frozenset(prefix), noisy=noisy) as run, \
-                hooked(self.model, after={name: keep for name in after}, private=True):
+                hooked(self.model, before={name: keep for name in leaves}, private=True):
             compare(run(index))
         return [not bool(c) for c in changed[1:]]
 
