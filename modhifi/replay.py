@@ -230,12 +230,15 @@ class Frontier:
             the network reads (`Replay.read`); the others return zeros that nothing reads.
         max_bytes: the most recorded outputs kept; past it, a pass records nothing and the next
             runs from the input.
+        agree: whether every process that shares the work settled (`Shard.all`), so that all
+            of them replay the same modules.
     """
 
     def __init__(self, model: nn.Module, chunks: list[Batch], trace: Trace,
-                 read: Mapping[str, frozenset[str]], *, max_bytes: int = 2**31):
+                 read: Mapping[str, frozenset[str]], *, max_bytes: int = 2**31,
+                 agree: Callable[[bool], bool] = bool):
         self.model, self.chunks, self.trace, self.read = model, chunks, trace, read
-        self.max_bytes = max_bytes
+        self.max_bytes, self.agree = max_bytes, agree
         self.settled: tuple[str, ...] = ()  # the modules the next pass replays
         # name -> per chunk: its output, or a meta tensor of its shape where nothing reads it
         self._outputs: dict[str, list[Tensor]] = {}
@@ -277,7 +280,8 @@ class Frontier:
         finally:
             for name in self.settled:
                 del self.model.get_submodule(name).forward
-        complete = not over[0] and all(len(v) == len(self.chunks) for v in recorded.values())
+        complete = self.agree(not over[0] and all(len(v) == len(self.chunks)
+                                                  for v in recorded.values()))
         self.settled = tuple(recorded) if complete else ()
         self._outputs = recorded if complete else {}
 

@@ -14,6 +14,7 @@ from modhifi.backend import choose_backend
 from modhifi.data import Split
 from modhifi.metrics import evaluate
 from modhifi.prune import analyse, recalibrate_batchnorm
+from modhifi.prune import apply as prune_apply
 
 BATCHES, BATCH, SHAPE = 7, 24, (1, 12, 12)  # 7 batches: shared unevenly by 2 and by 3
 
@@ -37,6 +38,8 @@ def main(out: str) -> None:
     plan = analysis.plan(0.4, method="modhifi-greedy", round_to=1)
     pruned = analysis.apply(plan)
     sequential = analysis.apply(plan, compensation="sequential")  # collective at every layer
+    prune_apply.FRONTIER_BYTES = 0 if shard.is_main else 2**31  # process 0 alone cannot record
+    uneven = analysis.apply(plan, compensation="sequential")
     result = evaluate(pruned, test, device=torch.device("cpu"), num_classes=10, batch_size=32,
                       shard=shard)
     if shard.is_main:
@@ -46,6 +49,7 @@ def main(out: str) -> None:
                     "kept": {g.name: g.kept for g in plan.groups},
                     "buffers": {name: b.clone() for name, b in pruned.named_buffers()},
                     "sequential": {name: p.clone() for name, p in sequential.state_dict().items()},
+                    "uneven": {name: p.clone() for name, p in uneven.state_dict().items()},
                     "confusion": result.confusion, "accuracy": result.accuracy}, out)
     distributed.leave()
     threads = [(Path("/proc/self/task") / task / "comm").read_text().strip()
