@@ -14,6 +14,10 @@ apply. Prints a Markdown table.
 union rule, quicker to rank), for torchvision architectures with random weights on 128 random
 64×64 images (BatchNorm recalibrated on them first): how the sequential refit's passes grow
 with depth.
+
+`--recordings ARCH...`: what one frontier of the sequential refit records per 224×224 image at
+its largest (the outputs `Replay.read` keeps for a consumer, 1,000 classes), and for the CLI's
+2,000 images: whether the frontiers fit `prune.apply.FRONTIER_BYTES`.
 """
 from __future__ import annotations
 
@@ -28,6 +32,9 @@ from modhifi.data import Batches
 from modhifi.metrics import evaluate, predict
 from modhifi.options import CALIBRATION_CLI
 from modhifi.prune import analyse, recalibrate_batchnorm
+from modhifi.prune.apply import FRONTIER_BYTES
+from modhifi.replay import Replay
+from modhifi.trace import forward_order
 from modhifi.zoo import build_torchvision, open_subject
 
 
@@ -52,14 +59,32 @@ def cost(architectures: list[str]) -> None:
     print(markdown(pd.DataFrame(rows), digits=1))
 
 
+def recordings(architectures: list[str]) -> None:
+    torch.manual_seed(0)
+    for arch in architectures:
+        model = build_torchvision(arch, num_classes=1000).eval()
+        image = torch.randn(1, 3, 224, 224)
+        layers = forward_order(model, image)
+        replay = Replay(model, image, layers, batch_size=1)
+        largest = max(sum(replay.recorded(name).nbytes for name in replay.read(layer))
+                      for layer in layers)
+        print(f"{arch}: {largest / 2**20:.1f} MiB per image, "
+              f"{largest * CALIBRATION_CLI / 2**30:.1f} GiB for {CALIBRATION_CLI} images "
+              f"(a frontier records up to {FRONTIER_BYTES / 2**30:.0f} GiB)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="fmnist-resnet")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.67])
     parser.add_argument("--cost", nargs="+", metavar="ARCH", help="torchvision architectures")
+    parser.add_argument("--recordings", nargs="+", metavar="ARCH",
+                        help="torchvision architectures")
     args = parser.parse_args()
     if args.cost:
         return cost(args.cost)
+    if args.recordings:
+        return recordings(args.recordings)
     device = torch.device("cpu")
     subject = open_subject(args.model, device=device)
     dataset = subject.dataset

@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="default: refit for modhifi and modhifi-greedy, none for "
                                       "the baselines; sequential: the refit layer by layer on "
                                       "the pruned network's own inputs (image models; more "
-                                      "accurate, a pass over the calibration images per layer)")
+                                      "accurate, about one analysis more)")
             command.add_argument("--steps", type=int, default=1,
                                  help="iterative mode: rounds of score, remove, compensate, recalibrate")
             command.add_argument("--no-bn-recal", action="store_true",

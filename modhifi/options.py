@@ -11,8 +11,8 @@ from modhifi.errors import UserError
 
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 Method = Literal["modhifi-greedy", "modhifi", "l1", "random", "activation"]  # default first
-# sequential: the refit layer by layer on the pruned network's own inputs (`prune.apply`); a pass
-# over the calibration data per layer, so the Prune page offers it as a comparison, not a choice.
+# sequential: the refit layer by layer on the pruned network's own inputs (`prune.apply`); about
+# an analysis' worth of work, so the Prune page offers it as a comparison, not a choice.
 Compensation = Literal["refit", "sequential", "rescale", "none"]
 # the Prune page's: what a slider move can run
 LIVE_COMPENSATIONS = tuple(c for c in get_args(Compensation) if c != "sequential")

@@ -110,6 +110,10 @@ class Replay:
         """The modules `before(layer)` replays."""
         return self._prefix[layer]
 
+    def recorded(self, name: str) -> Tensor:
+        """(N, ...) the recorded outputs of prefix module `name` (one row where none is read)."""
+        return self._outputs[name]
+
     def read(self, layer: str) -> frozenset[str]:
         """The modules of `prefix(layer)` whose recorded outputs the rest of the network reads."""
         return self._read[layer]

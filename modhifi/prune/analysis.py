@@ -96,8 +96,8 @@ class Analysis:
               recalibrate: bool = True) -> nn.Module:
         """A new, physically pruned model: compensate consumers, cut channels, recalibrate BN.
 
-        `sequential` compensation runs a recalibration (when `recalibrate`) and a pass of both
-        models over the calibration batches per consumer: seconds, not the slider's
+        `sequential` compensation runs about three forward passes over the calibration batches
+        and an analysis' worth of statistics (`refit_in_order`): seconds, not the slider's
         milliseconds."""
         pruned = private_copy(self.model)
         removed = plan.removed_channels()
