@@ -136,8 +136,8 @@ class Replay:
         noisy = {name: torch.arange(len(prefix) + 1) == i + 1 for i, name in enumerate(prefix)}
         same = self._unchanged(layer, noisy)
         unread = [name for i, name in enumerate(prefix) if same[i]]
-        if unread and not self._unchanged(layer, {name: torch.arange(2) == 1
-                                                  for name in unread})[0]:
+        together = {name: torch.arange(2) == 1 for name in unread}
+        if len(unread) > 1 and not self._unchanged(layer, together)[0]:
             unread = []  # they matter together
         return frozenset(prefix) - set(unread)
 
