@@ -16,7 +16,7 @@ union rule, quicker to rank), for torchvision architectures with random weights 
 with depth.
 
 `--recordings ARCH...`: what one frontier of the sequential refit records per 224×224 image at
-its largest (the outputs `Replay.read` keeps for a consumer, 1,000 classes), and for the CLI's
+its largest (the outputs `Replay.read` finds read, for a consumer, 1,000 classes), and for the CLI's
 2,000 images: whether the frontiers fit `prune.apply.FRONTIER_BYTES`.
 """
 from __future__ import annotations

@@ -10,8 +10,9 @@ errors (`modhifi.theory.local_global`). `Frontier` does the same for a model tha
 by layer in forward order (the sequential refit): each pass records the prefix the next replays.
 
 The replayed modules are swapped out only by an instance attribute `forward` on the private copy,
-set and removed by `before` (by `Frontier.passes` on the caller's copy); the model given is never touched, and attribute reads of the
-replayed modules (a parent reading a child's weight, say) still work.
+set and removed by `before` (by `Frontier.passes`, on the caller's copy); the model given is never
+touched, and attribute reads of the replayed modules (a parent reading a child's weight, say)
+still work.
 """
 from __future__ import annotations
 
@@ -89,8 +90,13 @@ class Replay:
     def _record(self, names: list[str], batch_size: int, max_bytes: int) -> Tensor:
         recorded: dict[str, list[Tensor]] = {name: [] for name in names}
 
+        samples = [0]  # the running batch's
+        mixed: set[str] = set()  # outputs whose rows are not the samples: they run, not replay
+
         def keep(name: str):
             def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+                if not output.dim() or len(output) != samples[0]:
+                    mixed.add(name)
                 if name in recorded:  # (not once over the budget)
                     recorded[name].append(output)
             return hook
@@ -98,12 +104,16 @@ class Replay:
         logits = []
         with hooked(self.model, after={name: keep(name) for name in names}, private=True) as run:
             for start in range(0, len(self.inputs), batch_size):
+                samples[0] = len(self.inputs[start:start + batch_size])
                 logits.append(run(self.inputs[start:start + batch_size]))
                 per_input = sum(r[0][0].numel() * r[0].element_size() for r in recorded.values())
                 if start == 0 and per_input * len(self.inputs) > max_bytes:
                     recorded.clear()
                     self._prefix = {layer: () for layer in self._prefix}
-        self._outputs = {name: torch.cat(parts) for name, parts in recorded.items()}
+        self._prefix = {layer: tuple(n for n in prefix if n not in mixed)
+                        for layer, prefix in self._prefix.items()}
+        self._outputs = {name: torch.cat(parts) for name, parts in recorded.items()
+                         if name not in mixed}
         return torch.cat(logits)  # (N, K)
 
     def prefix(self, layer: str) -> tuple[str, ...]:
@@ -117,6 +127,10 @@ class Replay:
     def read(self, layer: str) -> frozenset[str]:
         """The modules of `prefix(layer)` whose recorded outputs the rest of the network reads."""
         return self._read[layer]
+
+    def unread(self, layer: str) -> frozenset[str]:
+        """The modules of `prefix(layer)` whose outputs nothing after them reads."""
+        return frozenset(self.prefix(layer)) - self._read[layer]
 
     @torch.inference_mode()
     def _read_later(self, layer: str) -> frozenset[str]:
@@ -148,11 +162,16 @@ class Replay:
         prefix = self.prefix(layer)
         rows = len(next(iter(noisy.values())))
         changed = torch.zeros(rows, dtype=torch.bool, device=self.inputs.device)
+        unsure = [False]  # a tensor whose rows are not the samples: no row can be told apart
 
         def compare(*tensors) -> None:  # as they come: a later in-place operation changes them
             for t in tensors:
-                if isinstance(t, Tensor) and t.dim() and len(t) == rows:
+                if not isinstance(t, Tensor) or not t.dim():
+                    continue
+                if len(t) == rows:
                     changed.logical_or_((t != t[:1]).reshape(rows, -1).any(1))
+                else:  # tokens flattened into the batch axis, a sequence-first tensor
+                    unsure[0] = True
 
         def keep(module: nn.Module, args: tuple) -> None:
             compare(*args)
@@ -163,7 +182,10 @@ class Replay:
         index = torch.zeros(rows, dtype=torch.long, device=self.inputs.device)
         with self._installed(layer, frozenset(prefix), noisy=noisy) as run, \
                 hooked(self.model, before={name: keep for name in leaves}, private=True):
-            compare(run(index))
+            logits = run(index)
+        compare(logits)
+        if unsure[0] or not isinstance(logits, Tensor):
+            return [False] * (rows - 1)  # every module read: recordings cost memory, not numbers
         return [not bool(c) for c in changed[1:]]
 
     @contextmanager
@@ -190,7 +212,9 @@ class Replay:
                     out = recorded[rows[-1]]  # a copy: in-place ops downstream are harmless
                     if noisy and name in noisy:
                         mask = noisy[name].to(out.device)
-                        out[mask] = _NOISE * torch.randn_like(out[mask])
+                        noise = torch.Generator(out.device).manual_seed(0)  # not torch's own
+                        out[mask] = _NOISE * torch.randn(out[mask].shape, generator=noise,
+                                                         dtype=out.dtype, device=out.device)
                     return out
                 shape = (len(rows[-1]), *recorded.shape[1:])
                 if len(self._spare.get(name, ())) < shape[0]:
@@ -216,6 +240,12 @@ class Replay:
                 del self.model.get_submodule(name).forward
 
 
+def _in_place(args: tuple, output) -> bool:
+    """The module wrote its output into its first input (an in-place ReLU)."""
+    return (bool(args) and isinstance(args[0], Tensor) and isinstance(output, Tensor)
+            and output.data_ptr() == args[0].data_ptr() and output.shape == args[0].shape)
+
+
 class Frontier:
     """Passes over fixed inputs of a model settled layer by layer in forward order, each pass
     replaying what the previous one reached.
@@ -230,8 +260,8 @@ class Frontier:
         model: the caller's private copy; `passes` sets and removes instance `forward`s on it.
         chunks: the inputs of each forward pass, the same on every call of `passes`.
         trace: `trace_forward` of the model (or of one with the same modules).
-        read: layer -> the modules of `prefix_modules(trace, layer)` whose outputs the rest of
-            the network reads (`Replay.read`); the others return zeros that nothing reads.
+        unread: layer -> modules of `prefix_modules(trace, layer)` whose outputs nothing after
+            them reads (`Replay.unread`): they return zeros. The others are recorded.
         max_bytes: the most recorded outputs kept; past it, a pass records nothing and the next
             runs from the input.
         agree: whether every process that shares the work settled (`Shard.all`), so that all
@@ -239,28 +269,32 @@ class Frontier:
     """
 
     def __init__(self, model: nn.Module, chunks: list[Batch], trace: Trace,
-                 read: Mapping[str, frozenset[str]], *, max_bytes: int = 2**31,
+                 unread: Mapping[str, frozenset[str]], *, max_bytes: int = 2**31,
                  agree: Callable[[bool], bool] = bool):
-        self.model, self.chunks, self.trace, self.read = model, chunks, trace, read
+        self.model, self.chunks, self.trace, self.unread = model, chunks, trace, unread
         self.max_bytes, self.agree = max_bytes, agree
         self.settled: tuple[str, ...] = ()  # the modules the next pass replays
         # name -> per chunk: its output, or a meta tensor of its shape where nothing reads it
         self._outputs: dict[str, list[Tensor]] = {}
+        self._in_place: set[str] = set()  # modules that return their input, written over
 
     def passes(self, layer: str) -> Iterator[Batch]:
         """Yield each chunk for the caller to run through `model`, each pass ending where `layer`
         starts or later; while it runs, the settled modules return their recorded outputs. After
         the last chunk, the modules that finished before `layer` are the settled ones."""
         prefix = prefix_modules(self.trace, layer)
-        read = self.read.get(layer, frozenset())
+        unread = self.unread.get(layer, frozenset())
         # a settled module keeps its recording (what the rest of the network reads only shrinks)
         recorded = {name: self._outputs.get(name, []) for name in prefix}
         index, over = [0], [False]  # the running chunk; over the budget
 
         def record(name: str):
             def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+                if _in_place(args, output):  # what it wrote into its input is read
+                    self._in_place.add(name)
                 if not over[0]:  # a copy: a later in-place operation must not change it
-                    recorded[name].append(output.clone() if name in read else output.to("meta"))
+                    kept = name not in unread or name in self._in_place
+                    recorded[name].append(output.clone() if kept else output.to("meta"))
             return hook
 
         def replayed(name: str) -> Callable[..., Tensor]:
@@ -268,11 +302,15 @@ class Frontier:
 
             def forward(*args, **kwargs) -> Tensor:
                 kept = outputs[index[0]]
+                if name in self._in_place:  # write into the input, as the module did
+                    return args[0].copy_(kept)
                 if kept.is_meta:  # unread: the right shape will do
                     return torch.zeros(kept.shape, dtype=kept.dtype, device=self._device)
                 return kept.clone()  # a copy: in-place operations downstream are harmless
             return forward
 
+        saved = {name: self.model.get_submodule(name).__dict__.get("forward")
+                 for name in self.settled}  # an instance `forward` of its own, put back after
         for name in self.settled:
             self.model.get_submodule(name).forward = replayed(name)
         fresh = [name for name in prefix if name not in self.settled]
@@ -282,8 +320,10 @@ class Frontier:
                     yield chunk
                     over[0] = over[0] or self._bytes(recorded) > self.max_bytes
         finally:
-            for name in self.settled:
+            for name, own in saved.items():
                 del self.model.get_submodule(name).forward
+                if own is not None:
+                    self.model.get_submodule(name).forward = own
         complete = self.agree(not over[0] and all(len(v) == len(self.chunks)
                                                   for v in recorded.values()))
         self.settled = tuple(recorded) if complete else ()

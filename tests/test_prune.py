@@ -215,41 +215,61 @@ def test_the_sequential_refit_is_least_squares_on_the_pruned_networks_own_inputs
 
 
 class _Doubling(nn.Module):
-    """A block whose output the parent doubles in place and reads twice; a zero classifier."""
+    """An output the parent doubles in place and reads twice, once after an in-place ReLU
+    module wrote over it; a zero classifier."""
 
     def __init__(self):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.block = nets.BasicBlock(8, 8)
+        self.block, self.norm, self.act = nets.BasicBlock(8, 8), nn.BatchNorm2d(8), nn.ReLU(True)
         self.conv1, self.conv2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
         nn.init.zeros_(self.head[2].weight)  # the logits no longer show what the layers read
+        nn.init.normal_(self.norm.bias)  # values of both signs for the in-place ReLU
 
     def forward(self, x):
-        y = self.block(self.stem(x))
+        y = self.norm(self.block(self.stem(x)))
         y.mul_(2)  # in place, on an output the frontier records and replays twice
-        z = torch.relu(self.conv1(y) + y)
+        z = torch.relu(self.conv1(self.act(y)) + y)  # the in-place ReLU changed y too
         return self.head(torch.relu(self.conv2(z) + y))
 
 
+class _Flattened(nn.Module):
+    """Tokens flattened into the batch axis, to the logits (rows that are not the samples); a
+    zero classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Sequential(nn.Linear(8, 8))  # replayed whole: its layer does not run
+        self.mid, self.out = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.head = nn.Linear(8, 10)
+        nn.init.zeros_(self.head.weight)
+
+    def forward(self, x):  # (N, 1, 8, 8): 8 tokens of 8 features
+        tokens = self.embed(x.reshape(len(x), 8, 8)).reshape(-1, 8)  # (N·8, 8)
+        return self.head(self.out(torch.relu(self.mid(tokens))) + tokens)  # (N·8, 10)
+
+
+@pytest.mark.parametrize("make", [_Doubling, _Flattened], ids=["in-place", "flattened"])
 @pytest.mark.parametrize("max_bytes", [2**30, 0], ids=["replayed", "over-budget"])
-def test_frontier_passes_see_what_whole_passes_see_while_layers_change_in_order(max_bytes):
+def test_frontier_passes_see_what_whole_passes_see_while_layers_change_in_order(max_bytes, make):
     """Each pass up to a layer gives the layer the input a whole forward pass gives it, after
-    every earlier layer was edited; with room to record, the stem runs only on the first two."""
+    every earlier layer was edited; with room to record, the first layer runs only on the first
+    two passes."""
     from modhifi.hooks import private_copy
     from modhifi.replay import Frontier, Replay
     from modhifi.trace import forward_order
 
     torch.manual_seed(0)
-    model = _Doubling().double().eval()
+    model = make().double().eval()
     chunks = [torch.randn(n, 1, 8, 8, dtype=torch.float64) for n in (5, 5, 3)]
     layers = forward_order(model, chunks[0][:1])
     replay = Replay(model, chunks[0][:1], layers, batch_size=1)
     edited = private_copy(model)
     frontier = Frontier(edited, chunks, replay.trace,
-                        {layer: replay.read(layer) for layer in layers}, max_bytes=max_bytes)
-    stem_calls = []
-    edited.stem[0].register_forward_hook(lambda *args: stem_calls.append(1))
+                        {layer: replay.unread(layer) for layer in layers}, max_bytes=max_bytes)
+    first_calls = []
+    edited.get_submodule(layers[0]).register_forward_hook(lambda *args: first_calls.append(1))
 
     def inputs_of(layer, passes):
         seen = []
@@ -263,12 +283,12 @@ def test_frontier_passes_see_what_whole_passes_see_while_layers_change_in_order(
 
     for layer in layers:
         expected = inputs_of(layer, chunks)
-        stem_calls.clear()
+        first_calls.clear()
         got = inputs_of(layer, frontier.passes(layer))
         for g, e in zip(got, expected, strict=True):
             torch.testing.assert_close(g, e, rtol=0, atol=0)
-        # the pass to the stem records nothing before it; the pass after it records the stem
-        assert len(stem_calls) == (len(chunks) if layer in layers[:2] or max_bytes == 0 else 0)
+        # the pass to the first layer records nothing before it; the next records the layer
+        assert len(first_calls) == (len(chunks) if layer in layers[:2] or max_bytes == 0 else 0)
         with torch.no_grad():
             edited.get_submodule(layer).weight.mul_(-0.5)  # the layer settles after its pass
     assert frontier.settled or max_bytes == 0
@@ -288,6 +308,27 @@ def test_without_recalibration_the_sequential_refit_fits_the_whole_output():
     probe = torch.randn(16, 1, 16, 16, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(pruned(probe), oracle(probe), rtol=1e-7, atol=1e-9)
+
+
+class _Keyed(nets.ResNet):
+    """A ResNet called with its images by keyword: calibration batches are dicts."""
+
+    def forward(self, image):
+        return super().forward(image)
+
+
+def test_the_sequential_refit_takes_dict_batches_as_it_takes_tensors():
+    torch.manual_seed(0)
+    model = _Keyed(widths=(8, 16)).double().eval()
+    batches = [torch.randn(32, 1, 16, 16, dtype=torch.float64) for _ in range(3)]
+    recalibrate_batchnorm(model, batches)
+    tensors = analyse(model, batches, device=torch.device("cpu"), lam=0)
+    dicts = analyse(model, [{"image": b} for b in batches], device=torch.device("cpu"), lam=0)
+    plan = tensors.plan(0.5, target_kind="channels", method="modhifi", round_to=1)
+    probe = torch.randn(8, 1, 16, 16, dtype=torch.float64)
+    expected, got = (a.apply(plan, compensation="sequential") for a in (tensors, dicts))
+    with torch.no_grad():
+        torch.testing.assert_close(got(probe), expected(probe), rtol=1e-10, atol=1e-12)
 
 
 def test_batchnorm_recalibration_matches_the_calibration_statistics():

@@ -5,12 +5,13 @@ BatchNorm with forward passes. Always on a copy: the analysed model is never mod
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from modhifi.batch import Batch, call, example_of
+from modhifi.batch import Batch, call, example_of, head
 from modhifi.distributed import ALONE, Shard
 from modhifi.errors import UserError
 from modhifi.fidelity import LayerFidelity, ridge_solve
@@ -20,6 +21,7 @@ from modhifi.moments import LayerMoments, regression_moments
 from modhifi.options import Compensation, check
 from modhifi.prune.structure import Structure, dependency_graph
 from modhifi.replay import Frontier, Replay, inside
+from modhifi.trace import trace_forward
 
 
 def kept_inputs(structure: Structure, model: nn.Module,
@@ -94,14 +96,19 @@ def refit_in_order(pruned: nn.Module, dense: nn.Module, kept: Mapping[str, torch
         recalibrate: re-estimate BatchNorm statistics before each consumer is fitted, as the
             final model's are (`recalibrate_batchnorm`).
     """
-    chunks = [channels_last(part) for batch in batches for part in batch.split(_CHUNK)]
+    chunks = [channels_last(part) if isinstance(batch, torch.Tensor) else part
+              for batch in batches
+              for part in (batch.split(_CHUNK) if isinstance(batch, torch.Tensor) else (batch,))]
     fitted = [name for name in order if name in kept]
     # the same modules in every copy: one trace, and one test of which recordings are read
-    read = Replay(dense, chunks[0][:1], fitted, batch_size=1)
-    trace, read = read.trace, {name: read.read(name) for name in fitted}
+    if isinstance(chunks[0], torch.Tensor):
+        replay = Replay(dense, chunks[0][:1], fitted, batch_size=1, max_bytes=sys.maxsize)
+        trace, unread = replay.trace, {name: replay.unread(name) for name in fitted}
+    else:  # tuples and dicts of tensors: every recording is kept
+        trace, unread = trace_forward(dense, head(chunks[0], 1)), {}
     reference = private_copy(dense, channels_last=True)
     pruned.to(memory_format=torch.channels_last)  # as the chunks come
-    training, inputs, outputs = (Frontier(model, chunks, trace, read, max_bytes=FRONTIER_BYTES,
+    training, inputs, outputs = (Frontier(model, chunks, trace, unread, max_bytes=FRONTIER_BYTES,
                                           agree=shard.all)
                                  for model in (pruned, pruned, reference))
     norms = batchnorms(pruned)
