@@ -139,9 +139,9 @@ class Replay:
         A module is unread when large random outputs in its place (alone, then all unread ones
         together) leave the logits and the inputs of every leaf module that runs after the
         prefix exactly as they were (not the logits alone: a zero classifier hides what it is
-        given):
-        e.g. every block of a ViT but the last before `layer`, whose outputs only the replayed
-        next block would read. Each test is a row of one batch, every row the first input.
+        given): e.g. every block of a ViT but the last before `layer`, whose outputs only the
+        replayed next block would read. Each test is a row of one batch, every row the first
+        input.
         """
         prefix = self.prefix(layer)
         if not prefix:
@@ -173,15 +173,13 @@ class Replay:
                 else:  # tokens flattened into the batch axis, a sequence-first tensor
                     unsure[0] = True
 
-        def keep(module: nn.Module, args: tuple) -> None:
-            compare(*args)
-
         # what reaches a module reaches a leaf, or the logits
         leaves = [name for name, m in self.model.named_modules()
                   if name and next(m.children(), None) is None and not inside(name, prefix)]
+        inputs = {name: lambda module, args: compare(*args) for name in leaves}
         index = torch.zeros(rows, dtype=torch.long, device=self.inputs.device)
         with self._installed(layer, frozenset(prefix), noisy=noisy) as run, \
-                hooked(self.model, before={name: keep for name in leaves}, private=True):
+                hooked(self.model, before=inputs, private=True):
             logits = run(index)
         compare(logits)
         if unsure[0] or not isinstance(logits, Tensor):
@@ -318,7 +316,8 @@ class Frontier:
             with hooked(self.model, after={name: record(name) for name in fresh}, private=True):
                 for index[0], chunk in enumerate(self.chunks):
                     yield chunk
-                    over[0] = over[0] or self._bytes(recorded) > self.max_bytes
+                    if index[0] == 0:  # the first chunk's recordings, times the chunks
+                        over[0] = self._bytes(recorded) > self.max_bytes
         finally:
             for name, own in saved.items():
                 del self.model.get_submodule(name).forward
@@ -334,10 +333,7 @@ class Frontier:
         return next(self.model.parameters()).device
 
     def _bytes(self, recorded: Mapping[str, list[Tensor]]) -> int:
-        """The recordings' size once every chunk is in, estimated from those so far."""
-        done = min((len(outputs) for outputs in recorded.values()), default=0)
-        if not done:
-            return 0
-        size = sum(o.nbytes for outputs in recorded.values() for o in outputs[:done]
-                   if not o.is_meta)
-        return size * len(self.chunks) // done
+        """The recordings' size once every chunk is in, estimated from the first chunk's."""
+        first = sum(outputs[0].nbytes for outputs in recorded.values()
+                    if outputs and not outputs[0].is_meta)
+        return first * len(self.chunks)

@@ -96,9 +96,7 @@ def refit_in_order(pruned: nn.Module, dense: nn.Module, kept: Mapping[str, torch
         recalibrate: re-estimate BatchNorm statistics before each consumer is fitted, as the
             final model's are (`recalibrate_batchnorm`).
     """
-    chunks = [channels_last(part) if isinstance(batch, torch.Tensor) else part
-              for batch in batches
-              for part in (batch.split(_CHUNK) if isinstance(batch, torch.Tensor) else (batch,))]
+    chunks = [part for batch in batches for part in _parts(batch)]
     fitted = [name for name in order if name in kept]
     # the same modules in every copy: one trace, and one test of which recordings are read
     if isinstance(chunks[0], torch.Tensor):
@@ -166,7 +164,7 @@ def _captured(frontier: Frontier, name: str, *, output: bool,
     with hooked(frontier.model, **{"after" if output else "before": {name: keep}},
                 private=True) as run:
         for chunk in frontier.passes(name):
-            _forward(run, chunk)
+            _run(run, chunk)
             yield seen[0] if len(seen) == 1 else torch.cat(seen)
             seen.clear()
 
@@ -177,7 +175,7 @@ def _run_to(frontier: Frontier, name: str, stop: bool) -> Callable[[], None]:
     def run() -> None:
         with hooked(frontier.model, before={name: _stop} if stop else None, private=True):
             for chunk in frontier.passes(name):
-                _forward(frontier.model, chunk)
+                _run(frontier.model, chunk)
     return run
 
 
@@ -202,15 +200,26 @@ def _stop(module: nn.Module, args: tuple) -> None:
 _CHUNK = 128  # images per forward pass: oneDNN's faster convolutions, activations in cache
 
 
+def _parts(batch: Batch, chunk: int = _CHUNK) -> list[Batch]:
+    """`batch` as forward passes: a tensor `chunk` images at a time in channels-last layout,
+    other forms whole."""
+    if not isinstance(batch, torch.Tensor):
+        return [batch]
+    return [channels_last(part) for part in batch.split(chunk)]
+
+
+def _run(model: nn.Module, part: Batch) -> None:
+    """One forward pass of `part`; a hook raising `_Reached` ends it early."""
+    try:
+        call(model, part)
+    except _Reached:
+        pass
+
+
 def _forward(model: nn.Module, batch: Batch, chunk: int = _CHUNK) -> None:
-    """Run `batch` through `model`: a tensor `chunk` images at a time in channels-last layout,
-    other forms as they come. A hook raising `_Reached` ends a pass early."""
-    parts = batch.split(chunk) if isinstance(batch, torch.Tensor) else (batch,)
-    for part in parts:
-        try:
-            call(model, channels_last(part) if isinstance(part, torch.Tensor) else part)
-        except _Reached:
-            pass
+    """Run `batch` through `model` (`_parts`, `_run`)."""
+    for part in _parts(batch, chunk):
+        _run(model, part)
 
 
 def cut_channels(model: nn.Module, removed: dict[str, Iterable[int]], input_shape) -> None:
