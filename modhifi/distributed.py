@@ -17,6 +17,7 @@ distributed script of one's own passes its process group to `from_group`.
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -149,4 +150,7 @@ def leave() -> None:
     if _JOINED and dist.is_initialized():
         dist.barrier()  # gloo aborts a process whose peers hang up while it still talks to them
         dist.destroy_process_group()
+        # A reference cycle still holding the group (an exception's traceback, say) would keep
+        # its threads running until the interpreter exits, where they abort it: free it now.
+        gc.collect()
         _JOINED.clear()

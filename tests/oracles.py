@@ -1,7 +1,12 @@
-"""Oracles shared by the tests: explicit per-sample contributions (brute force), and a snapshot
-of everything a call could change on a model, to assert that it changed nothing."""
+"""Oracles shared by the tests: explicit per-sample contributions (brute force), a snapshot of
+everything a call could change on a model, to assert that it changed nothing, and a synthetic
+latency cost model whose times are known in closed form."""
+import dataclasses
+
 import torch
 from torch import nn
+
+from modhifi.prune.latency import CostModel, LayerTimes
 
 
 def contributions(layer, x):
@@ -84,3 +89,23 @@ def prune_page_numbers(model: str, target: float, *, samples: int | None = None)
     live = data.test.subset(slice(0, bench.LIVE_TEST_IMAGES))
     accuracy = metrics.evaluate(pruned, live, device=cpu, num_classes=data.num_classes).accuracy
     return f"{accuracy:.2%}", f"{plan.macs_after / 1e6:.2f} M"
+
+
+def layer_time(c_in: int, c_out: int) -> float:
+    """The synthetic layer time: bilinear in the widths, so interpolation reproduces it exactly."""
+    return 0.002 * c_in * c_out + 0.03 * c_out + 0.1
+
+
+def synthetic_costs(costs: CostModel, rest: float = 0.5,
+                    depthwise: tuple[str, ...] = ()) -> CostModel:
+    """`costs` with every layer's table the synthetic time (a depthwise conv's at as many inputs
+    as outputs: timed along its output alone) and the rest `rest`: a plan's predicted latency
+    then depends on its widths alone, not on how loaded the machine was when `costs` was timed."""
+    def table(name: str, t: LayerTimes) -> tuple[tuple[float, ...], ...]:
+        if name in depthwise:
+            return (tuple(layer_time(o, o) for o in t.out_widths),)
+        return tuple(tuple(layer_time(i, o) for o in t.out_widths) for i in t.in_widths)
+
+    layers = {name: dataclasses.replace(t, ms=table(name, t)) for name, t in costs.layers.items()}
+    full = sum(layer_time(t.in_widths[-1], t.out_widths[-1]) for t in layers.values())
+    return dataclasses.replace(costs, layers=layers, dense_ms=full + rest)

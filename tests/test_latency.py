@@ -13,13 +13,9 @@ from modhifi.errors import UserError
 from modhifi.prune import (analyse, cost_file, measured_costs, prune_in_steps,
                            recalibrate_batchnorm)
 from modhifi.prune.latency import CostModel, LayerTimes, candidate_widths, measure_costs
+from oracles import layer_time, synthetic_costs
 
 SHAPE = (1, 16, 16)
-
-
-def _time(c_in: int, c_out: int) -> float:
-    """The synthetic layer time: bilinear in the widths, so interpolation reproduces it exactly."""
-    return 0.002 * c_in * c_out + 0.03 * c_out + 0.1
 
 
 def _model_and_batches():
@@ -38,19 +34,6 @@ def measured(cpu):
                                                    backend=cpu, batch_size=4)
 
 
-def _synthetic(costs: CostModel, rest: float = 0.5, depthwise: tuple[str, ...] = ()) -> CostModel:
-    """`costs` with every layer's table the synthetic time (a depthwise conv's at as many inputs
-    as outputs: timed along its output alone) and the rest `rest`."""
-    def table(name: str, t: LayerTimes) -> tuple[tuple[float, ...], ...]:
-        if name in depthwise:
-            return (tuple(_time(o, o) for o in t.out_widths),)
-        return tuple(tuple(_time(i, o) for o in t.out_widths) for i in t.in_widths)
-
-    layers = {name: dataclasses.replace(t, ms=table(name, t)) for name, t in costs.layers.items()}
-    full = sum(_time(t.in_widths[-1], t.out_widths[-1]) for t in layers.values())
-    return dataclasses.replace(costs, layers=layers, dense_ms=full + rest)
-
-
 def _widths(layer: nn.Module) -> tuple[int, int]:
     if isinstance(layer, nn.Linear):
         return layer.in_features, layer.out_features
@@ -64,8 +47,8 @@ def _explicit_ms(pruned: nn.Module, costs: CostModel, rest: float) -> float:
     spent = written = total = full = 0.0
     for name, times in costs.layers.items():
         c_in, c_out = _widths(pruned.get_submodule(name))
-        spent += _time(c_in, c_out)
-        full += _time(times.in_widths[-1], times.out_widths[-1])
+        spent += layer_time(c_in, c_out)
+        full += layer_time(times.in_widths[-1], times.out_widths[-1])
         written += times.outputs * c_out / times.out_widths[-1]
         total += times.outputs
     return spent * (full + rest) / full if rest < 0 else spent + rest * written / total
@@ -92,17 +75,17 @@ def test_the_grid_covers_every_layer_where_a_group_can_change_it(measured):
 
 def test_a_bilinear_time_is_interpolated_exactly_and_held_outside_the_grid():
     widths = (8, 16, 32)
-    times = LayerTimes(widths, widths, tuple(tuple(_time(i, o) for o in widths) for i in widths), 1)
+    times = LayerTimes(widths, widths, tuple(tuple(layer_time(i, o) for o in widths) for i in widths), 1)
     for c_in, c_out in [(8, 8), (12, 20), (31, 9), (32, 32), (16, 24)]:
-        assert times.at(c_in, c_out) == pytest.approx(_time(c_in, c_out))
-    assert times.at(4, 40) == pytest.approx(_time(8, 32))  # the nearest timed widths
+        assert times.at(c_in, c_out) == pytest.approx(layer_time(c_in, c_out))
+    assert times.at(4, 40) == pytest.approx(layer_time(8, 32))  # the nearest timed widths
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
 def test_a_latency_plan_predicts_the_pruned_models_time_and_meets_its_target(measured,
                                                                             allocation):
     model, _, analysis, costs = measured
-    synthetic = _synthetic(costs, rest=0.5)
+    synthetic = synthetic_costs(costs, rest=0.5)
     assert synthetic.predict(analysis.structure, {}) == pytest.approx(synthetic.dense_ms)
     plan = analysis.plan(0.4, target_kind="latency", allocation=allocation, costs=synthetic)
     pruned = analysis.apply(plan)
@@ -124,7 +107,7 @@ def test_a_latency_plan_predicts_the_pruned_models_time_and_meets_its_target(mea
 
 def test_rounds_of_a_latency_target_each_start_where_the_last_ended(measured):
     model, batches, _, costs = measured
-    synthetic = _synthetic(costs, rest=-0.2)  # the optimised pass may fuse more than lone layers
+    synthetic = synthetic_costs(costs, rest=-0.2)  # the optimised pass may fuse more than lone layers
     pruned, plans = prune_in_steps(model, batches, device=torch.device("cpu"), input_shape=SHAPE,
                                    target=0.5, steps=2, target_kind="latency", costs=synthetic)
     assert plans[1].latency_before_ms == pytest.approx(plans[0].latency_after_ms)
@@ -172,7 +155,7 @@ def test_a_latency_target_without_a_cost_model_or_with_another_models_is_one_cle
 
 def test_an_override_keeps_its_share_when_blocks_are_given_back(measured):
     _, _, analysis, costs = measured
-    synthetic = _synthetic(costs)
+    synthetic = synthetic_costs(costs)
     first = next(g for g in analysis.structure.groups if g.size >= 32)
     plan = analysis.plan(0.3, target_kind="latency", costs=synthetic, overrides={first.name: 0.5})
     kept = {g.name: len(g.kept) for g in plan.groups}
@@ -190,7 +173,7 @@ def test_a_latency_target_holds_when_the_measured_pass_is_slower_than_planned(
     from modhifi.prune.hold import TOLERANCE, hold_latency
 
     model, _, analysis, costs = measured
-    synthetic = _synthetic(costs, rest=0.5)
+    synthetic = synthetic_costs(costs, rest=0.5)
 
     def timing(ms: float) -> Timing:
         return Timing(ms, ms, ms, 30, 5)
@@ -232,7 +215,7 @@ def test_a_depthwise_convolution_is_timed_at_its_output_widths_and_predicted_exa
     costs = measure_costs(analysis.model, analysis.structure, SHAPE, backend=cpu, batch_size=2)
     assert costs.layers["3"].in_widths == (32,) and costs.layers["3"].out_widths == (
         8, 16, 24, 32)
-    synthetic = _synthetic(costs, rest=0.5, depthwise=("3",))
+    synthetic = synthetic_costs(costs, rest=0.5, depthwise=("3",))
     plan = analysis.plan(0.3, target_kind="latency", costs=synthetic)
     assert plan.latency_after_ms == pytest.approx(
         _explicit_ms(analysis.apply(plan), synthetic, 0.5))
