@@ -16,12 +16,13 @@ union rule, quicker to rank), for torchvision architectures with random weights 
 with depth.
 
 `--recordings ARCH...`: what one frontier of the sequential refit records per 224×224 image at
-its largest (the outputs `Replay.read` finds read, for a consumer, 1,000 classes), and for the CLI's
-2,000 images: whether the frontiers fit `prune.apply.FRONTIER_BYTES`.
+its largest (`prune.sequential_recordings`, 1,000 classes), and for the CLI's 2,000 images:
+whether the frontiers fit `prune.apply.FRONTIER_BYTES`.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import pandas as pd
@@ -31,10 +32,8 @@ from _table import markdown
 from modhifi.data import Batches
 from modhifi.metrics import evaluate, predict
 from modhifi.options import CALIBRATION_CLI
-from modhifi.prune import analyse, recalibrate_batchnorm
+from modhifi.prune import analyse, recalibrate_batchnorm, sequential_recordings, trace_structure
 from modhifi.prune.apply import FRONTIER_BYTES
-from modhifi.replay import Replay
-from modhifi.trace import forward_order
 from modhifi.zoo import build_torchvision, open_subject
 
 
@@ -63,11 +62,9 @@ def recordings(architectures: list[str]) -> None:
     torch.manual_seed(0)
     for arch in architectures:
         model = build_torchvision(arch, num_classes=1000).eval()
-        image = torch.randn(1, 3, 224, 224)
-        layers = forward_order(model, image)
-        replay = Replay(model, image, layers, batch_size=1)
-        largest = max(sum(replay.recorded(name).nbytes for name in replay.read(layer))
-                      for layer in layers)
+        order = trace_structure(model, (3, 224, 224)).consumers
+        largest = sequential_recordings(model, torch.randn(1, 3, 224, 224), order, samples=1,
+                                        max_bytes=sys.maxsize).bytes
         print(f"{arch}: {largest / 2**20:.1f} MiB per image, "
               f"{largest * CALIBRATION_CLI / 2**30:.1f} GiB for {CALIBRATION_CLI} images "
               f"(a frontier records up to {FRONTIER_BYTES / 2**30:.0f} GiB)")

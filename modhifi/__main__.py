@@ -79,9 +79,9 @@ def _prune(args: argparse.Namespace) -> dict:
     backend, subject = _open(args)
     model, dataset = subject.loaded.model, subject.dataset
     method, round_to = args.method or DEFAULT_METHOD, args.round_to or ROUND_TO
-    compensation = args.compensation or default_compensation(method)
     calibration, samples = _calibration(subject, args.calib_samples, args.shard,
                                         backend.device)
+    compensation = _compensation(args, method, model, calibration, dataset.input_shape)
     costs = None
     if args.target_kind == "latency":
         cache = cost_cache(args.model, model, backend, args.batch_size, dataset.input_shape)
@@ -223,6 +223,34 @@ def _scores(args: argparse.Namespace) -> dict:
 # (`recalibrate_batchnorm`'s chunk), so that each batch's terms are the same however shared.
 CALIBRATION_BATCH = 128
 SHARED = ("info", "prune", "scores", "unlearn", "theory")  # whose work torchrun's processes share
+
+
+def _compensation(args: argparse.Namespace, method: str, model, calibration,
+                  input_shape: tuple[int, ...]) -> str:
+    """--compensation, else the sequential refit for ModHiFi's selections where its recordings
+    of this process's calibration images fit in memory (one analysis more, and the most
+    accurate), else the one-shot refit, and none for the baselines; a line on stderr says why
+    where the sequential refit is left out or will run long."""
+    from modhifi.batch import head
+    from modhifi.prune import sequential_recordings, trace_structure
+    from modhifi.prune.apply import FRONTIER_BYTES
+
+    chosen = args.compensation or default_compensation(method)
+    order = trace_structure(model, input_shape).consumers  # none: the analysis says why
+    if args.compensation not in (None, "sequential") or chosen == "none" or not order:
+        return chosen
+    recordings = sequential_recordings(model, head(calibration[0], 1), order,
+                                       len(calibration.split), shard=args.shard)
+    if recordings.fits:
+        return "sequential"
+    over = (f"the sequential refit would record {recordings.bytes / 2**30:.1f} GiB of "
+            f"activations per pass, over the {FRONTIER_BYTES / 2**30:.0f} GiB it keeps")
+    if args.compensation == "sequential":
+        progress(f"warning: {over}: each of its passes runs from the input, which takes far "
+                 "longer; fewer --calib-samples fit")
+        return "sequential"
+    progress(f"compensation: the one-shot refit ({over}; fewer --calib-samples fit)")
+    return "refit"
 
 
 def _calibration(subject, samples: int | None, shard, device) -> tuple:
@@ -372,10 +400,13 @@ def build_parser() -> argparse.ArgumentParser:
                                       f"{ROUND_TO}, text heads 1; 16 suits AVX-512 CPUs; 1: exact "
                                       "counts)")
             command.add_argument("--compensation", choices=choices(Compensation),
-                                 help="default: refit for modhifi and modhifi-greedy, none for "
-                                      "the baselines; sequential: the refit layer by layer on "
-                                      "the pruned network's own inputs (image models; more "
-                                      "accurate, about one analysis more)")
+                                 help="default for modhifi and modhifi-greedy on image "
+                                      "models: sequential where its recordings of the "
+                                      "calibration images fit in memory, else refit; none for "
+                                      "the baselines. sequential: the refit layer by layer on "
+                                      "the pruned network's own inputs (more accurate, about "
+                                      "one analysis more); refit: in one shot, on the dense "
+                                      "model's statistics")
             command.add_argument("--steps", type=int, default=1,
                                  help="iterative mode: rounds of score, remove, compensate, recalibrate")
             command.add_argument("--no-bn-recal", action="store_true",

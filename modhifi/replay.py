@@ -272,6 +272,7 @@ class Frontier:
         self.model, self.chunks, self.trace, self.unread = model, chunks, trace, unread
         self.max_bytes, self.agree = max_bytes, agree
         self.settled: tuple[str, ...] = ()  # the modules the next pass replays
+        self.largest = 0  # the most bytes the recordings of a settled pass came to
         # name -> per chunk: its output, or a meta tensor of its shape where nothing reads it
         self._outputs: dict[str, list[Tensor]] = {}
         self._in_place: set[str] = set()  # modules that return their input, written over
@@ -282,17 +283,22 @@ class Frontier:
         the last chunk, the modules that finished before `layer` are the settled ones."""
         prefix = prefix_modules(self.trace, layer)
         unread = self.unread.get(layer, frozenset())
-        # a settled module keeps its recording (what the rest of the network reads only shrinks)
-        recorded = {name: self._outputs.get(name, []) for name in prefix}
+
+        def kept(name: str) -> bool:  # an in-place module's writing into its input may be read
+            return name not in unread or name in self._in_place
+
+        # a settled module keeps its recording while the rest of the network reads it (what it
+        # reads only shrinks: once unread, a module returns zeros of its shape from then on)
+        recorded = {name: [o if kept(name) else o.to("meta") for o in self._outputs.get(name, [])]
+                    for name in prefix}
         index, over = [0], [False]  # the running chunk; over the budget
 
         def record(name: str):
             def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-                if _in_place(args, output):  # what it wrote into its input is read
+                if _in_place(args, output):
                     self._in_place.add(name)
                 if not over[0]:  # a copy: a later in-place operation must not change it
-                    kept = name not in unread or name in self._in_place
-                    recorded[name].append(output.clone() if kept else output.to("meta"))
+                    recorded[name].append(output.clone() if kept(name) else output.to("meta"))
             return hook
 
         def replayed(name: str) -> Callable[..., Tensor]:
@@ -327,6 +333,8 @@ class Frontier:
                                                   for v in recorded.values()))
         self.settled = tuple(recorded) if complete else ()
         self._outputs = recorded if complete else {}
+        if complete:
+            self.largest = max(self.largest, self._bytes(recorded))
 
     @property
     def _device(self) -> torch.device:

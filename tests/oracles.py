@@ -2,6 +2,7 @@
 everything a call could change on a model, to assert that it changed nothing, and a synthetic
 latency cost model whose times are known in closed form."""
 import dataclasses
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -109,3 +110,25 @@ def synthetic_costs(costs: CostModel, rest: float = 0.5,
     layers = {name: dataclasses.replace(t, ms=table(name, t)) for name, t in costs.layers.items()}
     full = sum(layer_time(t.in_widths[-1], t.out_widths[-1]) for t in layers.values())
     return dataclasses.replace(costs, layers=layers, dense_ms=full + rest)
+
+
+def cache_synthetic_costs(model: str, batch_size: int) -> CostModel:
+    """Write the synthetic cost model of zoo model `model` (its layers' grid measured, then every
+    time replaced) where the command line looks first: $MODHIFI_CACHE/latency, for this
+    process's CPU backend (its threads) at `batch_size`. A command line test of a latency target
+    then plans the same way however loaded the machine is (a busy box once timed digits-cnn's
+    small layers as leaving less than the 10% asked). Returns what it wrote."""
+    from modhifi.backend import choose_backend
+    from modhifi.prune import trace_structure
+    from modhifi.prune.latency import measure_costs
+    from modhifi.zoo import cost_cache, open_subject
+
+    cpu = choose_backend("cpu")
+    subject = open_subject(model, device=torch.device("cpu"))
+    network, shape = subject.loaded.model, subject.dataset.input_shape
+    costs = synthetic_costs(measure_costs(network, trace_structure(network, shape), shape,
+                                          backend=cpu, batch_size=batch_size))
+    path: Path = cost_cache(model, network, cpu, batch_size, shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(costs.to_json())
+    return costs

@@ -133,12 +133,20 @@ def test_a_shard_takes_whole_batches_in_turn():
 
 def test_the_cli_prunes_with_three_processes_as_with_one(tmp_path):
     """`torchrun -m modhifi prune` to a latency target (two rounds, each planned alike on every
-    process from the cost model process 0 reads and hands on; the one-process run measured and
-    cached it) and `info`: the same JSON as one process (timings aside), printed once; the
+    process from the cost model process 0 reads from the cache and hands on) and `info`: the same JSON as one process (timings aside), printed once; the
     pruned model written once, by process 0, and it reloads."""
     command = ["-m", "modhifi", "prune", "--model", "digits-cnn", "--target", "0.15",
                "--target-kind", "latency", "--steps", "2", "--json"]
     cached = {**ENV, "MODHIFI_CACHE": str(tmp_path / "cache")}
+    # a synthetic cost model where the command looks, for its one thread: the plans do not
+    # depend on the machine's load (`oracles.cache_synthetic_costs`)
+    written = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, 'tests'); "
+                              "from oracles import cache_synthetic_costs as write; "
+                              "write('digits-cnn', 64)"], cwd=ROOT, env=cached,
+                             capture_output=True, text=True, timeout=300)
+    assert written.returncode == 0, written.stderr
+    [costs] = (tmp_path / "cache" / "latency").iterdir()
+    synthetic = costs.read_text()
     results = {}
     for processes in (1, 3):
         out = tmp_path / f"pruned{processes}.pt"
@@ -148,6 +156,8 @@ def test_the_cli_prunes_with_three_processes_as_with_one(tmp_path):
         assert len(lines) == 1  # one voice
         results[processes] = json.loads(lines[0])
         assert out.is_file()
+    # read as written by every run (a measured one would have replaced it)
+    assert list(costs.parent.iterdir()) == [costs] and costs.read_text() == synthetic
     timed = ("latency_ms_before", "latency_ms_after", "speedup_measured", "speedup_eager",
              "latency_target_met", "seconds", "device")  # met: judged by the measurement
     for key, value in results[1].items():

@@ -15,7 +15,7 @@ from modhifi.options import METHOD_LABELS, Method, choices
 from modhifi.prune import (IMPORTANCES, Evidence, analyse, kept_inputs, rank, recalibrate_batchnorm,
                            trace_structure)
 from modhifi.zoo import build_torchvision
-from oracles import assert_unchanged, snapshot, synthetic_costs
+from oracles import assert_unchanged, cache_synthetic_costs, snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -293,6 +293,82 @@ def test_frontier_passes_see_what_whole_passes_see_while_layers_change_in_order(
     assert frontier.settled or max_bytes == 0
 
 
+@pytest.mark.parametrize("make, shape", [
+    (lambda: build_torchvision("resnet18", num_classes=10), (3, 32, 32)),  # in-place ReLUs
+    (lambda: nets.ResNet(widths=(8, 16, 32)), (1, 16, 16))], ids=["torchvision", "ours"])
+def test_the_recordings_foreseen_are_what_the_frontiers_keep_at_their_largest(monkeypatch, make,
+                                                                              shape):
+    """`sequential_recordings` foresees the most a frontier records over the whole refit: with
+    that budget every pass after the first settles what it reached; a byte less, and some pass
+    records nothing (the next runs from the input). Where each consumer's own input is over the
+    budget already, the verdict comes without the read test."""
+    from modhifi.hooks import private_copy
+    from modhifi.prune import apply as prune_apply
+    from modhifi.prune import sequential_recordings
+    from modhifi.replay import Frontier, Replay
+
+    torch.manual_seed(0)
+    model = make().eval()
+    chunks = [torch.randn(2, *shape) for _ in range(3)]
+    order = trace_structure(model, shape).consumers
+    foreseen = sequential_recordings(model, chunks[0][:1], order, samples=6)
+    # the oracle: what the rest of the network reads, and the in-place ReLUs, whose writing
+    # into their inputs is not seen by the read test
+    replay = Replay(model, chunks[0][:1], order, batch_size=1)
+    in_place = {name for name, m in model.named_modules() if getattr(m, "inplace", False)}
+    assert foreseen.fits
+    assert foreseen.bytes == 6 * max(
+        sum(replay.recorded(name).nbytes for name in replay.prefix(layer)
+            if name in replay.read(layer) or name in in_place) for layer in order)
+
+    def settled(max_bytes: int) -> list[bool]:
+        """Whether each pass after the first (which reaches nothing) settled what it reached."""
+        copy = private_copy(model)
+        frontier = Frontier(copy, chunks, replay.trace,
+                            {layer: replay.unread(layer) for layer in order}, max_bytes=max_bytes)
+        done = []
+        with torch.no_grad():
+            for layer in order:
+                for chunk in frontier.passes(layer):
+                    copy(chunk)
+                done.append(bool(frontier.settled))
+        return done[1:]
+
+    assert all(settled(foreseen.bytes))
+    assert not all(settled(foreseen.bytes - 1))
+
+    def no_test(*args, **kwargs):
+        raise AssertionError("the read test ran")
+
+    monkeypatch.setattr(prune_apply, "FRONTIER_BYTES", foreseen.bytes // 8)
+    monkeypatch.setattr(prune_apply, "Replay", no_test)
+    # the largest consumer input here is at least an eighth of the largest recording
+    least = sequential_recordings(model, chunks[0][:1], order, samples=6)
+    assert not least.fits and foreseen.bytes // 8 < least.bytes <= foreseen.bytes
+
+
+@pytest.mark.parametrize("budget, asked, used, said", [
+    (None, None, "sequential", ""),
+    (0, None, "refit", "modhifi: compensation: the one-shot refit (the sequential refit would "
+                       "record"),
+    (0, "sequential", "sequential", "modhifi: warning: the sequential refit would record")])
+def test_the_cli_refits_in_order_by_default_where_its_recordings_fit(monkeypatch, capsys, budget,
+                                                                     asked, used, said):
+    """The command line's default compensation for ModHiFi is the sequential refit where its
+    recordings fit the budget, else the one-shot refit, saying so; asked for, it runs anyway."""
+    from modhifi.__main__ import main
+    from modhifi.prune import apply as prune_apply
+
+    if budget is not None:
+        monkeypatch.setattr(prune_apply, "FRONTIER_BYTES", budget)
+    chosen = ["--compensation", asked] if asked else []
+    assert main(["prune", "--model", "digits-cnn", "--target", "0.3", "--device", "cpu",
+                 "--calib-samples", "200", "--json", *chosen]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["compensation"] == used
+    assert said in err and (said or "the sequential refit would" not in err)
+
+
 def test_without_recalibration_the_sequential_refit_fits_the_whole_output():
     """No BatchNorm re-estimation: nothing would remove a mean left out, so nothing is centred."""
     torch.manual_seed(0)
@@ -509,25 +585,16 @@ def test_greedy_plans_keep_multiples_of_round_to_at_the_planned_cost():
     assert (cost.macs, cost.params) == (plan.macs_after, plan.params_after)
 
 
-def test_cli_prune_writes_a_model_that_reloads_with_the_same_accuracy(tmp_path, monkeypatch, cpu):
-    """To a latency target, planned with the cost model cached under MODHIFI_CACHE: planned
-    beside measured speed-up, the targets tried, and a written model that reloads with the same
-    figures. The cached cost model is a synthetic one written here, so that what the plan can
-    reach does not depend on how loaded the machine is (timing digits-cnn's small layers on a
-    busy box once left less than the 10% asked)."""
-    from modhifi.prune import CostModel, trace_structure
-    from modhifi.prune.latency import measure_costs
-    from modhifi.zoo import cost_cache, open_subject
+def test_cli_prune_writes_a_model_that_reloads_with_the_same_accuracy(tmp_path, monkeypatch):
+    """To a latency target, planned with the cost model cached under MODHIFI_CACHE (a synthetic
+    one, so that what the plan can reach does not depend on the machine's load): planned beside
+    measured speed-up, the targets tried, and a written model that reloads with the same
+    figures."""
+    from modhifi.prune import CostModel
 
     out = tmp_path / "pruned.pt"
     monkeypatch.setenv("MODHIFI_CACHE", str(tmp_path / "cache"))
-    subject = open_subject("digits-cnn", device=torch.device("cpu"))
-    model, shape = subject.loaded.model, subject.dataset.input_shape
-    costs = synthetic_costs(measure_costs(model, trace_structure(model, shape), shape,
-                                          backend=cpu, batch_size=8))
-    cached = cost_cache("digits-cnn", model, cpu, 8, shape)
-    cached.parent.mkdir(parents=True)
-    cached.write_text(costs.to_json())
+    costs = cache_synthetic_costs("digits-cnn", 8)
 
     def cli(*args):
         done = subprocess.run([sys.executable, "-m", "modhifi", *args, "--json", "--device", "cpu",
@@ -544,8 +611,9 @@ def test_cli_prune_writes_a_model_that_reloads_with_the_same_accuracy(tmp_path, 
     first_cut_only = pruned["latency_targets_tried"] == [0.1]
     assert pruned["accuracy_after"] > (0.85 if first_cut_only else 0.3)
     # the one cost model file, read as written (a measured one would have replaced it)
-    assert list((tmp_path / "cache" / "latency").iterdir()) == [cached]
+    [cached] = (tmp_path / "cache" / "latency").iterdir()
     assert CostModel.from_json(cached.read_text()) == costs
+    assert pruned["compensation"] == "sequential"  # the default, where its recordings fit
     reloaded = cli("info", "--model", str(out))
     assert reloaded["accuracy"] == pruned["accuracy_after"]
     assert reloaded["macs"] == pruned["macs_after"]

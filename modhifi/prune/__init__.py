@@ -13,8 +13,8 @@
   `steps`: the iterative mode; `tables`: the analysis as tables for the pages.
 """
 from modhifi.prune.analysis import Analysis, analyse, calibration_caveats
-from modhifi.prune.apply import (batchnorms, compensate, cut_channels, kept_inputs,
-                                 recalibrate_batchnorm)
+from modhifi.prune.apply import (Recordings, batchnorms, compensate, cut_channels, kept_inputs,
+                                 recalibrate_batchnorm, sequential_recordings)
 from modhifi.prune.importance import IMPORTANCES, Evidence, Ranking, rank
 from modhifi.prune.latency import CostModel, cost_file, measured_costs
 from modhifi.prune.plan import GroupPlan, PrunePlan, kept_counts, plan_pruning
@@ -24,5 +24,5 @@ from modhifi.prune.structure import ChannelGroup, Structure, dependency_graph, t
 __all__ = ["IMPORTANCES", "Analysis", "batchnorms", "ChannelGroup", "CostModel", "Evidence", "GroupPlan", "PrunePlan",
            "Ranking", "Structure", "analyse", "calibration_caveats", "compensate", "cost_file",
            "cut_channels", "dependency_graph", "kept_counts", "kept_inputs", "measured_costs",
-           "plan_pruning", "prune_in_steps",
-           "rank", "recalibrate_batchnorm", "trace_structure"]
+           "plan_pruning", "prune_in_steps", "Recordings",
+           "rank", "recalibrate_batchnorm", "sequential_recordings", "trace_structure"]

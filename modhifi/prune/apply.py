@@ -5,8 +5,10 @@ BatchNorm with forward passes. Always on a copy: the analysed model is never mod
 """
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -65,6 +67,38 @@ def compensate(model: nn.Module, fidelity: Mapping[str, LayerFidelity],
 
 FRONTIER_BYTES = 2**31  # the most each of the sequential refit's frontiers records; past it,
 # the passes run from the input (ResNet-50 at 224×224 with 2,000 images would need 12.7 GiB)
+
+
+@dataclass(frozen=True)
+class Recordings:
+    """What one frontier of the sequential refit records at its largest, against the budget."""
+
+    bytes: int  # on this process, for its calibration inputs (over the budget: perhaps at least)
+    fits: bool  # within the budget on every process: the passes cost about one forward
+
+
+@torch.no_grad()
+def sequential_recordings(model: nn.Module, example: torch.Tensor, order: Sequence[str],
+                          samples: int, *, shard: Shard = ALONE,
+                          max_bytes: int | None = None) -> Recordings:
+    """What `refit_in_order`'s frontiers will record at their largest over `samples` inputs
+    like `example` (one input, as the calibration batches come): the refit's passes run on
+    `example` alone, and the most their recordings came to, times `samples`. Every consumer's
+    own input is recorded, so where the largest of those is over the budget already, the passes
+    do not run (their test of which recordings are read costs about a forward pass per
+    consumer). `max_bytes`: the budget (None: `FRONTIER_BYTES`)."""
+    budget = FRONTIER_BYTES if max_bytes is None else max_bytes
+    trace = trace_forward(model, example)
+    need = max(math.prod(trace.shapes[name]) for name in order) * example.element_size()
+    if need * samples <= budget:
+        replay = Replay(model, example, order, batch_size=1, max_bytes=sys.maxsize)
+        frontier = Frontier(private_copy(model), [example], replay.trace,
+                            {name: replay.unread(name) for name in order}, max_bytes=sys.maxsize)
+        for name in order:
+            _run_to(frontier, name, replay.trace.calls.get(name) == 1)()
+        need = frontier.largest
+    need *= samples
+    return Recordings(need, shard.all(need <= budget))
 
 
 @torch.no_grad()
