@@ -16,6 +16,7 @@ still work.
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
@@ -238,6 +239,14 @@ class Replay:
                 del self.model.get_submodule(name).forward
 
 
+def _made(made: Mapping[int, tuple[str, weakref.ref]], output: Tensor) -> str | None:
+    """The module of `made` (data pointer -> module, its output) whose output `output` is: held
+    still (so that its memory is not another's since), of the same shape; else None."""
+    name, ref = made.get(output.data_ptr(), (None, lambda: None))
+    earlier = ref()
+    return name if earlier is not None and earlier.shape == output.shape else None
+
+
 def _in_place(args: tuple, output) -> bool:
     """The module wrote its output into its first input (an in-place ReLU)."""
     return (bool(args) and isinstance(args[0], Tensor) and isinstance(output, Tensor)
@@ -275,7 +284,9 @@ class Frontier:
         self.largest = 0  # the most bytes the recordings of a settled pass came to
         # name -> per chunk: its output, or a meta tensor of its shape where nothing reads it
         self._outputs: dict[str, list[Tensor]] = {}
-        self._in_place: set[str] = set()  # modules that return their input, written over
+        # modules that return their input, written over (an in-place ReLU) -> the module whose
+        # output they wrote over, or None where another's (the parent's code, the input)
+        self._wrote_over: dict[str, str | None] = {}
 
     def passes(self, layer: str) -> Iterator[Batch]:
         """Yield each chunk for the caller to run through `model`, each pass ending where `layer`
@@ -284,21 +295,32 @@ class Frontier:
         prefix = prefix_modules(self.trace, layer)
         unread = self.unread.get(layer, frozenset())
 
-        def kept(name: str) -> bool:  # an in-place module's writing into its input may be read
-            return name not in unread or name in self._in_place
+        def kept(name: str) -> bool:
+            if name not in unread:
+                return True
+            if name not in self._wrote_over:
+                return False
+            # an in-place module's output is also the buffer it wrote over: read where the
+            # output it wrote over is (whose recording is from before the writing)
+            over = self._wrote_over[name]
+            return over is None or over not in unread
 
         # a settled module keeps its recording while the rest of the network reads it (what it
         # reads only shrinks: once unread, a module returns zeros of its shape from then on)
         recorded = {name: [o if kept(name) else o.to("meta") for o in self._outputs.get(name, [])]
                     for name in prefix}
         index, over = [0], [False]  # the running chunk; over the budget
+        made: dict[int, tuple[str, weakref.ref]] = {}  # the running chunk's prefix outputs
 
         def record(name: str):
             def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-                if _in_place(args, output):
-                    self._in_place.add(name)
-                if not over[0]:  # a copy: a later in-place operation must not change it
-                    recorded[name].append(output.clone() if kept(name) else output.to("meta"))
+                if name not in self.settled:
+                    if _in_place(args, output) and name not in self._wrote_over:
+                        self._wrote_over[name] = _made(made, output)
+                    if not over[0]:  # a copy: a later in-place operation must not change it
+                        recorded[name].append(output.clone() if kept(name) else output.to("meta"))
+                if isinstance(output, Tensor):
+                    made[output.data_ptr()] = name, weakref.ref(output)
             return hook
 
         def replayed(name: str) -> Callable[..., Tensor]:
@@ -306,10 +328,10 @@ class Frontier:
 
             def forward(*args, **kwargs) -> Tensor:
                 kept = outputs[index[0]]
-                if name in self._in_place:  # write into the input, as the module did
-                    return args[0].copy_(kept)
                 if kept.is_meta:  # unread: the right shape will do
                     return torch.zeros(kept.shape, dtype=kept.dtype, device=self._device)
+                if name in self._wrote_over:  # write into the input, as the module did
+                    return args[0].copy_(kept)
                 return kept.clone()  # a copy: in-place operations downstream are harmless
             return forward
 
@@ -317,11 +339,11 @@ class Frontier:
                  for name in self.settled}  # an instance `forward` of its own, put back after
         for name in self.settled:
             self.model.get_submodule(name).forward = replayed(name)
-        fresh = [name for name in prefix if name not in self.settled]
         try:
-            with hooked(self.model, after={name: record(name) for name in fresh}, private=True):
+            with hooked(self.model, after={name: record(name) for name in prefix}, private=True):
                 for index[0], chunk in enumerate(self.chunks):
                     yield chunk
+                    made.clear()
                     if index[0] == 0:  # the first chunk's recordings, times the chunks
                         over[0] = self._bytes(recorded) > self.max_bytes
         finally:
