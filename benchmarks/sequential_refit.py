@@ -64,7 +64,7 @@ def recordings(architectures: list[str]) -> None:
         model = build_torchvision(arch, num_classes=1000).eval()
         order = trace_structure(model, (3, 224, 224)).consumers
         largest = sequential_recordings(model, torch.randn(1, 3, 224, 224), order, samples=1,
-                                        max_bytes=sys.maxsize).bytes
+                                        max_bytes=sys.maxsize).nbytes
         print(f"{arch}: {largest / 2**20:.1f} MiB per image, "
               f"{largest * CALIBRATION_CLI / 2**30:.1f} GiB for {CALIBRATION_CLI} images "
               f"(a frontier records up to {FRONTIER_BYTES / 2**30:.0f} GiB)")

@@ -236,15 +236,17 @@ def _compensation(args: argparse.Namespace, method: str, model, calibration,
     from modhifi.prune.apply import FRONTIER_BYTES
 
     chosen = args.compensation or default_compensation(method)
-    order = trace_structure(model, input_shape).consumers  # none: the analysis says why
-    if args.compensation not in (None, "sequential") or chosen == "none" or not order:
+    if args.compensation not in (None, "sequential") or chosen == "none":
+        return chosen
+    order = trace_structure(model, input_shape).consumers
+    if not order:  # nothing to prune: the analysis says why
         return chosen
     recordings = sequential_recordings(model, head(calibration[0], 1), order,
                                        len(calibration.split), shard=args.shard)
     if recordings.fits:
         return "sequential"
-    over = (f"the sequential refit would record {recordings.bytes / 2**30:.1f} GiB of "
-            f"activations per pass, over the {FRONTIER_BYTES / 2**30:.0f} GiB it keeps")
+    over = (f"the sequential refit would record at least {recordings.nbytes / 2**30:.1f} GiB "
+            f"of activations per pass, over the {FRONTIER_BYTES / 2**30:.0f} GiB it keeps")
     if args.compensation == "sequential":
         progress(f"warning: {over}: each of its passes runs from the input, which takes far "
                  "longer; fewer --calib-samples fit")

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from modhifi.batch import Batch
+from modhifi.batch import Batch, size
 from modhifi.hooks import hooked, private_copy
 from modhifi.trace import Trace, trace_forward
 
@@ -239,7 +239,7 @@ class Replay:
                 del self.model.get_submodule(name).forward
 
 
-def _made(made: Mapping[int, tuple[str, weakref.ref]], output: Tensor) -> str | None:
+def _producer(made: Mapping[int, tuple[str, weakref.ref]], output: Tensor) -> str | None:
     """The module of `made` (data pointer -> module, its output) whose output `output` is: held
     still (so that its memory is not another's since), of the same shape; else None."""
     name, ref = made.get(output.data_ptr(), (None, lambda: None))
@@ -268,7 +268,8 @@ class Frontier:
         chunks: the inputs of each forward pass, the same on every call of `passes`.
         trace: `trace_forward` of the model (or of one with the same modules).
         unread: layer -> modules of `prefix_modules(trace, layer)` whose outputs nothing after
-            them reads (`Replay.unread`): they return zeros. The others are recorded.
+            them reads (`Replay.unread`): they return zeros (an in-place module too, unless the
+            output it wrote over is read). The others are recorded.
         max_bytes: the most recorded outputs kept; past it, a pass records nothing and the next
             runs from the input.
         agree: whether every process that shares the work settled (`Shard.all`), so that all
@@ -280,6 +281,7 @@ class Frontier:
                  agree: Callable[[bool], bool] = bool):
         self.model, self.chunks, self.trace, self.unread = model, chunks, trace, unread
         self.max_bytes, self.agree = max_bytes, agree
+        self._samples = sum(size(chunk) for chunk in chunks)
         self.settled: tuple[str, ...] = ()  # the modules the next pass replays
         self.largest = 0  # the most bytes the recordings of a settled pass came to
         # name -> per chunk: its output, or a meta tensor of its shape where nothing reads it
@@ -300,13 +302,18 @@ class Frontier:
                 return True
             if name not in self._wrote_over:
                 return False
-            # an in-place module's output is also the buffer it wrote over: read where the
-            # output it wrote over is (whose recording is from before the writing)
+            # an in-place module's output is also the buffer it wrote over: kept where that
+            # output is (whose recording is from before the writing), along a chain of them
             over = self._wrote_over[name]
-            return over is None or over not in unread
+            return over is None or kept(over)
 
-        # a settled module keeps its recording while the rest of the network reads it (what it
-        # reads only shrinks: once unread, a module returns zeros of its shape from then on)
+        # a settled module keeps its recording while the rest of the network reads it; what it
+        # reads only shrinks, so once unread, a module returns zeros of its shape from then on.
+        # Where a dropped one is read again (the read test's joint run can find every module
+        # read), nothing is replayed: the pass runs from the input and records afresh.
+        if any(kept(name) and self._outputs[name][0].is_meta for name in self.settled
+               if name in prefix):
+            self.settled, self._outputs = (), {}
         recorded = {name: [o if kept(name) else o.to("meta") for o in self._outputs.get(name, [])]
                     for name in prefix}
         index, over = [0], [False]  # the running chunk; over the budget
@@ -316,7 +323,7 @@ class Frontier:
             def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
                 if name not in self.settled:
                     if _in_place(args, output) and name not in self._wrote_over:
-                        self._wrote_over[name] = _made(made, output)
+                        self._wrote_over[name] = _producer(made, output)
                     if not over[0]:  # a copy: a later in-place operation must not change it
                         recorded[name].append(output.clone() if kept(name) else output.to("meta"))
                 if isinstance(output, Tensor):
@@ -363,7 +370,7 @@ class Frontier:
         return next(self.model.parameters()).device
 
     def _bytes(self, recorded: Mapping[str, list[Tensor]]) -> int:
-        """The recordings' size once every chunk is in, estimated from the first chunk's."""
+        """The recordings' size once every chunk is in, from the first chunk's per input."""
         first = sum(outputs[0].nbytes for outputs in recorded.values()
                     if outputs and not outputs[0].is_meta)
-        return first * len(self.chunks)
+        return first * self._samples // size(self.chunks[0])

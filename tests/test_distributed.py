@@ -133,8 +133,9 @@ def test_a_shard_takes_whole_batches_in_turn():
 
 def test_the_cli_prunes_with_three_processes_as_with_one(tmp_path):
     """`torchrun -m modhifi prune` to a latency target (two rounds, each planned alike on every
-    process from the cost model process 0 reads from the cache and hands on) and `info`: the same JSON as one process (timings aside), printed once; the
-    pruned model written once, by process 0, and it reloads."""
+    process from the cost model process 0 reads from the cache and hands on) and `info`: the
+    same JSON as one process (timings aside), printed once; the pruned model written once, by
+    process 0, and it reloads."""
     command = ["-m", "modhifi", "prune", "--model", "digits-cnn", "--target", "0.15",
                "--target-kind", "latency", "--steps", "2", "--json"]
     cached = {**ENV, "MODHIFI_CACHE": str(tmp_path / "cache")}

@@ -75,7 +75,8 @@ def test_the_grid_covers_every_layer_where_a_group_can_change_it(measured):
 
 def test_a_bilinear_time_is_interpolated_exactly_and_held_outside_the_grid():
     widths = (8, 16, 32)
-    times = LayerTimes(widths, widths, tuple(tuple(layer_time(i, o) for o in widths) for i in widths), 1)
+    times = LayerTimes(widths, widths,
+                       tuple(tuple(layer_time(i, o) for o in widths) for i in widths), 1)
     for c_in, c_out in [(8, 8), (12, 20), (31, 9), (32, 32), (16, 24)]:
         assert times.at(c_in, c_out) == pytest.approx(layer_time(c_in, c_out))
     assert times.at(4, 40) == pytest.approx(layer_time(8, 32))  # the nearest timed widths
@@ -107,7 +108,8 @@ def test_a_latency_plan_predicts_the_pruned_models_time_and_meets_its_target(mea
 
 def test_rounds_of_a_latency_target_each_start_where_the_last_ended(measured):
     model, batches, _, costs = measured
-    synthetic = synthetic_costs(costs, rest=-0.2)  # the optimised pass may fuse more than lone layers
+    # the optimised pass may fuse more than lone layers
+    synthetic = synthetic_costs(costs, rest=-0.2)
     pruned, plans = prune_in_steps(model, batches, device=torch.device("cpu"), input_shape=SHAPE,
                                    target=0.5, steps=2, target_kind="latency", costs=synthetic)
     assert plans[1].latency_before_ms == pytest.approx(plans[0].latency_after_ms)

@@ -73,7 +73,7 @@ FRONTIER_BYTES = 2**31  # the most each of the sequential refit's frontiers reco
 class Recordings:
     """What one frontier of the sequential refit records at its largest, against the budget."""
 
-    bytes: int  # on this process, for its calibration inputs (over the budget: perhaps at least)
+    nbytes: int  # on this process, for its calibration inputs (over the budget: perhaps more)
     fits: bool  # within the budget on every process: the passes cost about one forward
 
 
@@ -83,10 +83,12 @@ def sequential_recordings(model: nn.Module, example: torch.Tensor, order: Sequen
                           max_bytes: int | None = None) -> Recordings:
     """What `refit_in_order`'s frontiers will record at their largest over `samples` inputs
     like `example` (one input, as the calibration batches come): the refit's passes run on
-    `example` alone, and the most their recordings came to, times `samples`. Every consumer's
-    own input is recorded, so where the largest of those is over the budget already, the passes
-    do not run (their test of which recordings are read costs about a forward pass per
-    consumer). `max_bytes`: the budget (None: `FRONTIER_BYTES`)."""
+    `example` alone, and the most their recordings came to, times `samples` (for each of the
+    refit's three frontiers). A consumer's own input is recorded as it is (unless the parent's
+    code makes it larger from what is recorded: an upsampling), so where the largest of those is
+    over the budget already, the passes do not run (their test of which recordings are read
+    costs about a forward pass per consumer). `max_bytes`: the budget (None:
+    `FRONTIER_BYTES`)."""
     budget = FRONTIER_BYTES if max_bytes is None else max_bytes
     trace = trace_forward(model, example)
     need = max(math.prod(trace.shapes[name]) for name in order) * example.element_size()
