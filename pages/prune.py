@@ -196,8 +196,8 @@ def render() -> None:
     compensation = cols[2].selectbox(
         "Compensation", LIVE_COMPENSATIONS, key=keys.PRUNE_COMPENSATION,
         help="refit: least squares of each output from the dense model's statistics. rescale: "
-             "the paper's per-channel δ*. The sequential refit (`--compensation sequential`) "
-             "refits layer by layer on the pruned network's own inputs: more accurate (about "
+             "the paper's per-channel δ*. The sequential refit (the command line's default where "
+             "its recordings fit in memory) refits layer by layer on the pruned network's own inputs: more accurate (about "
              "half the accuracy lost at 2-3× fewer MACs) but seconds, so it is a comparison "
              "below the refit's numbers, not a slider setting.")
     if cache.has_batchnorm(chosen.opened):
@@ -256,7 +256,7 @@ def render() -> None:
                                              full=full)
         st.metric("Accuracy, sequential refit", f"{sequential.accuracy:.2%}",
                   f"{(sequential.accuracy - after.accuracy) * 100:+.2f} pts against the refit",
-                  help="The command line's --compensation sequential: the same plan, each "
+                  help="The command line's default where it fits: the same plan, each "
                        "consumer fitted by least squares of the dense output on the inputs it "
                        "receives in the pruned network, BatchNorm re-estimated before each.")
 
