@@ -247,11 +247,14 @@ def _compensation(args: argparse.Namespace, method: str, model, calibration,
         return "sequential"
     over = (f"the sequential refit would record at least {recordings.nbytes / 2**30:.1f} GiB "
             f"of activations per pass, over the {FRONTIER_BYTES / 2**30:.0f} GiB it keeps")
+    # at least that much per image: an upper bound on the images that fit, over every process
+    most = FRONTIER_BYTES * len(calibration.split) // recordings.nbytes * args.shard.world
+    fewer = f"--calib-samples {most} or fewer might fit" if most else "no image fits"
     if args.compensation == "sequential":
         progress(f"warning: {over}: each of its passes runs from the input, which takes far "
-                 "longer; fewer --calib-samples fit")
+                 f"longer; {fewer}")
         return "sequential"
-    progress(f"compensation: the one-shot refit ({over}; fewer --calib-samples fit)")
+    progress(f"compensation: the one-shot refit ({over}; {fewer})")
     return "refit"
 
 

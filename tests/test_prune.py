@@ -422,6 +422,32 @@ def test_the_cli_refits_in_order_by_default_where_its_recordings_fit(monkeypatch
     assert said in err and (said or "the sequential refit would" not in err)
 
 
+def test_the_cli_says_how_many_calibration_images_the_sequential_refit_takes(monkeypatch,
+                                                                            capsys):
+    """Over the budget, the message gives the most calibration images whose recordings fit;
+    with that many, the command line refits in order."""
+    from modhifi.__main__ import main
+    from modhifi.prune import apply as prune_apply
+    from modhifi.prune import sequential_recordings
+    from modhifi.zoo import open_subject
+
+    subject = open_subject("digits-cnn", device=torch.device("cpu"))
+    model, shape = subject.loaded.model, subject.dataset.input_shape
+    per_image = sequential_recordings(model, torch.zeros(1, *shape),
+                                      trace_structure(model, shape).consumers, 1).nbytes
+    monkeypatch.setattr(prune_apply, "FRONTIER_BYTES", 100 * per_image + per_image // 2)
+
+    def compensation(samples: int) -> tuple[str, str]:
+        assert main(["prune", "--model", "digits-cnn", "--target", "0.3", "--device", "cpu",
+                     "--calib-samples", str(samples), "--json"]) == 0
+        out, err = capsys.readouterr()
+        return json.loads(out)["compensation"], err
+
+    used, said = compensation(200)
+    assert used == "refit" and "--calib-samples 100 or fewer might fit" in said
+    assert compensation(100)[0] == "sequential" and compensation(101)[0] == "refit"
+
+
 def test_without_recalibration_the_sequential_refit_fits_the_whole_output():
     """No BatchNorm re-estimation: nothing would remove a mean left out, so nothing is centred."""
     torch.manual_seed(0)
