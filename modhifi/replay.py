@@ -351,7 +351,7 @@ class Frontier:
                 for index[0], chunk in enumerate(self.chunks):
                     yield chunk
                     made.clear()
-                    if index[0] == 0:  # the first chunk's recordings, times the chunks
+                    if index[0] == 0:  # the first chunk's recordings, per input, for all
                         over[0] = self._bytes(recorded) > self.max_bytes
         finally:
             for name, own in saved.items():
