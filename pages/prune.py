@@ -197,9 +197,9 @@ def render() -> None:
         "Compensation", LIVE_COMPENSATIONS, key=keys.PRUNE_COMPENSATION,
         help="refit: least squares of each output from the dense model's statistics. rescale: "
              "the paper's per-channel δ*. The sequential refit (the command line's default where "
-             "its recordings fit in memory) refits layer by layer on the pruned network's own inputs: more accurate (about "
-             "half the accuracy lost at 2-3× fewer MACs) but seconds, so it is a comparison "
-             "below the refit's numbers, not a slider setting.")
+             "its recordings fit in memory) refits layer by layer on the pruned network's own "
+             "inputs: more accurate (about half the accuracy lost at 2-3× fewer MACs) but "
+             "seconds, so it is a comparison below the refit's numbers, not a slider setting.")
     if cache.has_batchnorm(chosen.opened):
         recalibrate = cols[2].toggle("Recalibrate BatchNorm", True, key=keys.PRUNE_RECALIBRATE)
     else:

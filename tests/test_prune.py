@@ -409,24 +409,31 @@ def test_the_cli_refits_in_order_by_default_where_its_recordings_fit(monkeypatch
                                                                      asked, used, said):
     """The command line's default compensation for ModHiFi is the sequential refit where its
     recordings fit the budget, else the one-shot refit, saying so; asked for, it runs anyway."""
-    from modhifi.__main__ import main
     from modhifi.prune import apply as prune_apply
 
     if budget is not None:
         monkeypatch.setattr(prune_apply, "FRONTIER_BYTES", budget)
     chosen = ["--compensation", asked] if asked else []
-    assert main(["prune", "--model", "digits-cnn", "--target", "0.3", "--device", "cpu",
-                 "--calib-samples", "200", "--json", *chosen]) == 0
-    out, err = capsys.readouterr()
-    assert json.loads(out)["compensation"] == used
+    compensation, err = _cli_compensation(capsys, 200, *chosen)
+    assert compensation == used
     assert said in err and (said or "the sequential refit would" not in err)
+
+
+def _cli_compensation(capsys, samples: int, *args: str) -> tuple[str, str]:
+    """`prune` of digits-cnn on `samples` calibration images: the compensation its JSON says
+    it used, and what it printed on stderr."""
+    from modhifi.__main__ import main
+
+    assert main(["prune", "--model", "digits-cnn", "--target", "0.3", "--device", "cpu",
+                 "--calib-samples", str(samples), "--json", *args]) == 0
+    out, err = capsys.readouterr()
+    return json.loads(out)["compensation"], err
 
 
 def test_the_cli_says_how_many_calibration_images_the_sequential_refit_takes(monkeypatch,
                                                                             capsys):
     """Over the budget, the message gives the most calibration images whose recordings fit;
     with that many, the command line refits in order."""
-    from modhifi.__main__ import main
     from modhifi.prune import apply as prune_apply
     from modhifi.prune import sequential_recordings
     from modhifi.zoo import open_subject
@@ -437,15 +444,10 @@ def test_the_cli_says_how_many_calibration_images_the_sequential_refit_takes(mon
                                       trace_structure(model, shape).consumers, 1).nbytes
     monkeypatch.setattr(prune_apply, "FRONTIER_BYTES", 100 * per_image + per_image // 2)
 
-    def compensation(samples: int) -> tuple[str, str]:
-        assert main(["prune", "--model", "digits-cnn", "--target", "0.3", "--device", "cpu",
-                     "--calib-samples", str(samples), "--json"]) == 0
-        out, err = capsys.readouterr()
-        return json.loads(out)["compensation"], err
-
-    used, said = compensation(200)
+    used, said = _cli_compensation(capsys, 200)
     assert used == "refit" and "--calib-samples 100 or fewer might fit" in said
-    assert compensation(100)[0] == "sequential" and compensation(101)[0] == "refit"
+    assert _cli_compensation(capsys, 100)[0] == "sequential"
+    assert _cli_compensation(capsys, 101)[0] == "refit"
 
 
 def test_without_recalibration_the_sequential_refit_fits_the_whole_output():

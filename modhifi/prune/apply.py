@@ -23,7 +23,7 @@ from modhifi.moments import LayerMoments, regression_moments
 from modhifi.options import Compensation, check
 from modhifi.prune.structure import Structure, dependency_graph
 from modhifi.replay import Frontier, Replay, inside
-from modhifi.trace import trace_forward
+from modhifi.trace import Trace, trace_forward
 
 
 def kept_inputs(structure: Structure, model: nn.Module,
@@ -69,6 +69,17 @@ FRONTIER_BYTES = 2**31  # the most each of the sequential refit's frontiers reco
 # the passes run from the input (ResNet-50 at 224×224 with 2,000 images would need 12.7 GiB)
 
 
+def _read_sets(model: nn.Module, example: Batch,
+               order: Sequence[str]) -> tuple[Trace, dict[str, frozenset[str]]]:
+    """What a `Frontier` of `model` needs: its trace on `example` (one input) and, for each layer
+    of `order`, the prefix modules whose outputs nothing after them reads (`Replay.unread`; for
+    tuples and dicts of tensors none is known, so every recording is kept)."""
+    if not isinstance(example, torch.Tensor):
+        return trace_forward(model, example), {}
+    replay = Replay(model, example, order, batch_size=1, max_bytes=sys.maxsize)
+    return replay.trace, {name: replay.unread(name) for name in order}
+
+
 @dataclass(frozen=True)
 class Recordings:
     """What one frontier of the sequential refit records at its largest, against the budget."""
@@ -93,11 +104,10 @@ def sequential_recordings(model: nn.Module, example: torch.Tensor, order: Sequen
     trace = trace_forward(model, example)
     need = max(math.prod(trace.shapes[name]) for name in order) * example.element_size()
     if need * samples <= budget:
-        replay = Replay(model, example, order, batch_size=1, max_bytes=sys.maxsize)
-        frontier = Frontier(private_copy(model), [example], replay.trace,
-                            {name: replay.unread(name) for name in order}, max_bytes=sys.maxsize)
+        trace, unread = _read_sets(model, example, order)
+        frontier = Frontier(private_copy(model), [example], trace, unread, max_bytes=sys.maxsize)
         for name in order:
-            _run_to(frontier, name, replay.trace.calls.get(name) == 1)()
+            _run_to(frontier, name, trace.calls.get(name) == 1)()
         need = frontier.largest
     need *= samples
     return Recordings(need, shard.all(need <= budget))
@@ -135,11 +145,7 @@ def refit_in_order(pruned: nn.Module, dense: nn.Module, kept: Mapping[str, torch
     chunks = [part for batch in batches for part in _parts(batch)]
     fitted = [name for name in order if name in kept]
     # the same modules in every copy: one trace, and one test of which recordings are read
-    if isinstance(chunks[0], torch.Tensor):
-        replay = Replay(dense, chunks[0][:1], fitted, batch_size=1, max_bytes=sys.maxsize)
-        trace, unread = replay.trace, {name: replay.unread(name) for name in fitted}
-    else:  # tuples and dicts of tensors: every recording is kept
-        trace, unread = trace_forward(dense, head(chunks[0], 1)), {}
+    trace, unread = _read_sets(dense, head(chunks[0], 1), fitted)
     reference = private_copy(dense, channels_last=True)
     pruned.to(memory_format=torch.channels_last)  # as the chunks come
     training, inputs, outputs = (Frontier(model, chunks, trace, unread, max_bytes=FRONTIER_BYTES,
