@@ -120,9 +120,10 @@ class _Graph(tp.DependencyGraph):
     """
 
     opaque: dict[tp.Node, str]  # node -> why no group may pass through it
+    _pruners: dict[nn.Module, object]  # module -> its Torch-Pruning pruner, until the next cut
 
     def build_dependency(self, model, example_inputs, **kwargs):
-        self.opaque = {}
+        self.opaque, self._pruners = {}, {}
         try:
             return super().build_dependency(model, example_inputs, **kwargs)
         except _TRACE_ERRORS:  # its last step maps the indices; redo it node by node
@@ -130,19 +131,34 @@ class _Graph(tp.DependencyGraph):
                 raise
             return self
 
+    def get_pruner_of_module(self, module):
+        # Asked at every node visited while Torch-Pruning infers a channel count, millions of
+        # times on a Swin; the answer depends on the module's type and, for a convolution,
+        # on whether it is depthwise, which a cut may change (so it is kept per group asked).
+        if module not in self._pruners:
+            self._pruners[module] = super().get_pruner_of_module(module)
+        return self._pruners[module]
+
     def get_pruning_group(self, module, pruning_fn, idxs):
-        # A cut changes the shapes the mappings are worked out from: another one may fail now.
-        self._map_each_node()
-        try:
+        self._pruners = {}
+        try:  # Torch-Pruning maps every node again first: a cut changes the shapes it maps from
             return super().get_pruning_group(module, pruning_fn, idxs)
-        except _TRACE_ERRORS as error:  # a mapping failed on this group's indices: which one,
-            mapped = [n for n in self.module2node.values() if n.type in _MAPPINGS]  # it hides
-            if not mapped:
-                raise
-            for node in mapped:  # so no channel passes any mapped operation of this model
-                self._make_opaque(node, f"its channels cannot be mapped ({type(error).__name__} "
-                                        "in another mapped operation of this model)")
-            return super().get_pruning_group(module, pruning_fn, idxs)
+        except _TRACE_ERRORS as error:
+            failed = error
+        if self._map_each_node():  # a mapping fails on the new shapes: it is opaque now
+            try:
+                return super().get_pruning_group(module, pruning_fn, idxs)
+            except _TRACE_ERRORS as error:
+                failed = error
+        # A mapping failed on this group's indices: which one, it hides, so no channel passes
+        # any mapped operation of this model.
+        mapped = [n for n in self.module2node.values() if n.type in _MAPPINGS]
+        if not mapped:
+            raise failed
+        for node in mapped:
+            self._make_opaque(node, f"its channels cannot be mapped ({type(failed).__name__} "
+                                    "in another mapped operation of this model)")
+        return super().get_pruning_group(module, pruning_fn, idxs)
 
     def _map_each_node(self) -> bool:
         """Map every node's indices; a node whose mapping fails becomes opaque. True if one did."""
