@@ -141,23 +141,22 @@ class _Graph(tp.DependencyGraph):
 
     def get_pruning_group(self, module, pruning_fn, idxs):
         self._pruners = {}
-        try:  # Torch-Pruning maps every node again first: a cut changes the shapes it maps from
-            return super().get_pruning_group(module, pruning_fn, idxs)
-        except _TRACE_ERRORS as error:
-            failed = error
-        if self._map_each_node():  # a mapping fails on the new shapes: it is opaque now
-            try:
+        for attempt in range(2):
+            try:  # Torch-Pruning maps every node first: a cut changes the shapes it maps from
                 return super().get_pruning_group(module, pruning_fn, idxs)
             except _TRACE_ERRORS as error:
-                failed = error
+                why = type(error).__name__
+                mapped = [n for n in self.module2node.values() if n.type in _MAPPINGS]
+                if not mapped:
+                    raise
+                if attempt == 0 and self._map_each_node():
+                    continue  # a mapping fails on the new shapes: that node is opaque now
+            break
         # A mapping failed on this group's indices: which one, it hides, so no channel passes
         # any mapped operation of this model.
-        mapped = [n for n in self.module2node.values() if n.type in _MAPPINGS]
-        if not mapped:
-            raise failed
         for node in mapped:
-            self._make_opaque(node, f"its channels cannot be mapped ({type(failed).__name__} "
-                                    "in another mapped operation of this model)")
+            self._make_opaque(node, f"its channels cannot be mapped ({why} in another mapped "
+                                    "operation of this model)")
         return super().get_pruning_group(module, pruning_fn, idxs)
 
     def _map_each_node(self) -> bool:
