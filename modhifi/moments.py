@@ -76,15 +76,15 @@ class LayerMoments:
         Float64 because the subtraction cancels most of the magnitude when the means are large.
         """
         mu = self.position_sum.double() / self.samples  # (L, d)
-        return self.mean_second() - mu.T @ mu
+        return self.mean_second().addmm_(mu.T, mu, alpha=-1)  # in place: no second (d, d)
 
     def pooled_centered_second(self) -> Tensor:
         """(d, d) E[Σ_positions (P − m)ᵀ(P − m)] with m the mean patch over samples and positions
         (float64): centred as a BatchNorm after the layer centres its outputs, one mean per
         channel whatever the position."""
         positions = len(self.position_sum)
-        m = self.position_sum.double().sum(0, keepdim=True) / (self.samples * positions)  # (1, d)
-        return self.mean_second() - positions * m.T @ m
+        m = self.position_sum.double().sum(0) / (self.samples * positions)  # (d,)
+        return self.mean_second().addr_(m, m, alpha=-positions)
 
 
 def is_scorable(module: nn.Module) -> bool:

@@ -9,7 +9,7 @@ from torch import nn
 
 from oracles import contributions
 
-from modhifi.fidelity import PANEL, greedy_subset, layer_fidelity
+from modhifi.fidelity import PANEL, RIDGE_TRIES, greedy_subset, layer_fidelity, ridge_solve
 from modhifi.moments import LayerMoments, collect_moments, moments_of, regression_moments
 
 RTOL = 1e-8
@@ -138,6 +138,39 @@ def test_dead_channels_score_zero_and_solve():
     for weight in (lf.rescaled_weight(keep), lf.refit_weight(keep)):
         assert weight.isfinite().all()
         assert (lf.reconstruction_error(weight) <= lf.reconstruction_error(layer.weight * 0) + 1e-12).all()
+
+
+def test_a_system_rounding_left_indefinite_gets_a_larger_ridge_not_an_svd(monkeypatch):
+    """A PSD matrix with one eigenvalue pushed to −5·10⁻⁴ of its mean diagonal (what float32
+    sums leave in a centred second moment) does not factorise at λ = 10⁻⁴: it is solved at 10λ,
+    the first ridge tried that makes it positive definite, beside an untouched system solved at
+    λ, and without an SVD; one that no ridge tried fixes gets the pseudo-inverse."""
+    torch.manual_seed(0)
+    n = 40
+    U = torch.randn(n, 5, dtype=torch.float64)
+    H = U @ U.T  # PSD of rank 5
+    v = torch.randn(n, dtype=torch.float64)
+    v = F.normalize(v - U @ torch.linalg.lstsq(U, v).solution, dim=0)  # in H's null space
+    mean = float(H.diagonal().mean())
+    bent, hopeless = (H - share * mean * torch.outer(v, v) for share in (5e-4, 0.2))
+    B = torch.randn(n, 3, dtype=torch.float64)
+    eye = torch.eye(n, dtype=torch.float64)
+
+    def ridged(A, ridge):
+        return torch.linalg.solve(A + ridge * A.diagonal().mean() * eye, B)
+
+    def no_svd(*args, **kwargs):
+        raise AssertionError("an SVD where a larger ridge factorises")
+
+    assert torch.linalg.cholesky_ex(bent + 1e-4 * bent.diagonal().mean() * eye)[1] != 0
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.linalg, "pinv", no_svd)
+        X = ridge_solve(torch.stack([H, bent]), torch.stack([B, B]), 1e-4)
+    for got, want in ((X[0], ridged(H, 1e-4)), (X[1], ridged(bent, 1e-3))):
+        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-7 * float(want.abs().max()))
+    last = 1e-4 * 10.0 ** RIDGE_TRIES  # still indefinite: −0.2 + 0.1 of the mean diagonal
+    torch.testing.assert_close(ridge_solve(hopeless, B, 1e-4), torch.linalg.pinv(
+        hopeless + last * hopeless.diagonal().mean() * eye, hermitian=True) @ B)
 
 
 def test_moments_of_halves_add_up_to_the_whole(case):
