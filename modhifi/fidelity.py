@@ -26,8 +26,9 @@ def ridge_solve(A: Tensor, B: Tensor, lam: float) -> Tensor:
     `RIDGE_TRIES` times: rounding can leave a computed PSD matrix with eigenvalues a little below
     zero (a centred second moment of features whose mean dwarfs their spread, summed in float32
     batches: about −2·10⁻⁴ of its mean diagonal on a random-weight wide_resnet50_2). What still
-    fails, and every failure with λ = 0 (dead channels, collinear inputs), gets the minimum-norm
-    optimum: an SVD each, a hundred times a factorisation at d = 9,216.
+    fails gets the pseudo-inverse of its last ridged matrix: with λ = 0 (dead channels,
+    collinear inputs) the minimum-norm optimum. That is an SVD each, a hundred times a
+    factorisation at d = 9,216.
     """
     eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     scale = lam * A.diagonal(dim1=-2, dim2=-1).mean(-1)  # (...,): λ relative, so unit-free
