@@ -18,6 +18,8 @@ from torch import Tensor, nn
 from modhifi.errors import UserError
 from modhifi.moments import CHUNK_ELEMENTS, LayerMoments, moments_of
 
+RIDGE_TRIES = 3  # a ridge up to 1000× the asked one before the SVD
+
 
 def ridge_solve(A: Tensor, B: Tensor, lam: float) -> Tensor:
     """(A + λ·mean(diag A)·I)⁻¹ B for a batch of PSD systems A (..., n, n), B (..., n, m).
@@ -48,9 +50,6 @@ def ridge_solve(A: Tensor, B: Tensor, lam: float) -> Tensor:
         X[failed] = torch.linalg.pinv(A[failed] + scale[failed][..., None, None] * eye,
                                       hermitian=True) @ B[failed]
     return X
-
-
-RIDGE_TRIES = 3  # a ridge up to 1000× the asked one before the SVD
 
 
 def _as_index(S: Iterable[int] | Tensor, device: torch.device, size: int) -> Tensor:
