@@ -31,23 +31,13 @@ from modhifi.__main__ import CALIBRATION_BATCH
 from modhifi.backend import choose_backend
 from modhifi.metrics import evaluate
 from modhifi.options import FLOOR
-from modhifi.prune import GroupPlan, PrunePlan, analyse
+from modhifi.prune import analyse
 from modhifi.prune.plan import give_back, kept_counts, least_knob, removed_share
 from modhifi.zoo import open_subject
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = 16
 METHOD = "modhifi-greedy"
-
-
-def plan_with(analysis, kept: dict[str, int]) -> PrunePlan:
-    """The greedy plan that keeps the first `kept[group]` channels of every group."""
-    rankings = analysis.ranking(METHOD)
-    groups = tuple(GroupPlan(name, len(r.order), tuple(sorted(r.order[:kept[name]])),
-                             tuple(sorted(r.order[kept[name]:]))) for name, r in rankings.items())
-    macs, params = analysis.structure.cost(kept)
-    return PrunePlan(METHOD, 0.0, "macs", "uniform", "all", groups, analysis.structure.macs, macs,
-                     analysis.structure.params, params)
 
 
 def given_back(analysis, kept: dict[str, int], budget: float) -> dict[str, int]:
@@ -98,8 +88,9 @@ def main() -> None:
             g.name: int(found.iloc[rank][g.name]) for g in structure.groups}
 
     rows, pruned = [], []
-    for label, kept in plans.items():
-        plan = plan_with(analysis, kept)
+    sizes = {g.name: g.size for g in structure.groups}
+    for label, kept in plans.items():  # the greedy plan keeping exactly `kept` of each group
+        plan = analysis.plan(0.0, overrides={g: 1 - kept[g] / sizes[g] for g in sizes})
         pruned.append(analysis.apply(plan, compensation="sequential"))
         accuracy = evaluate(pruned[-1], dataset.test, device=backend.device,
                             num_classes=dataset.num_classes).accuracy
