@@ -122,3 +122,53 @@ def test_a_failed_computation_is_not_stored_and_can_be_retried():
     with pytest.raises(RuntimeError):
         store.get("k", failing)
     assert len(store) == 0 and store.get("k", lambda: 1) == 1
+
+
+class _Scaled(nn.Module):
+    """An unwrapped parameter whose 8 channels lie along its dimension 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.scale = nn.Conv2d(3, 8, 3), nn.Parameter(torch.ones(8, 1, 1))
+
+    def forward(self, x):
+        return self.conv(x) * self.scale
+
+
+class _Token(nn.Module):
+    """An unwrapped parameter whose 16 features lie along its dimension 2."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear, self.token = nn.Linear(4, 16), nn.Parameter(torch.zeros(1, 1, 16))
+
+    def forward(self, x):
+        return self.linear(x) + self.token
+
+
+def test_two_sessions_graphs_take_turns_on_torch_pruning_s_shared_pruners(monkeypatch):
+    """Torch-Pruning sets the dimension to measure on one pruner shared by the whole process,
+    then measures: a session's graph that sets 0 must not measure along another's 2."""
+    from modhifi.prune.structure import dependency_graph
+
+    a, b = _Scaled(), _Token()
+    graph_a = dependency_graph(a, torch.randn(1, 3, 8, 8))
+    graph_b = dependency_graph(b, torch.randn(1, 5, 4))
+    pruner = type(graph_a.get_pruner_of_module(a.scale))
+    measure = pruner.get_out_channels
+    inside, meddled = threading.Event(), threading.Event()
+
+    def slowed(self, parameter):  # session A pauses between setting its dimension and measuring
+        if parameter is a.scale:
+            inside.set()
+            meddled.wait(1)  # session B's measurement, if it ran meanwhile
+        else:
+            meddled.set()
+        return measure(self, parameter)
+
+    monkeypatch.setattr(pruner, "get_out_channels", slowed)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(graph_a.get_out_channels, a.scale)
+        inside.wait(5)
+        second = pool.submit(graph_b.get_out_channels, b.token)
+        assert (first.result(), second.result()) == (8, 16)

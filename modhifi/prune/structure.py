@@ -4,6 +4,7 @@ per-layer sizes that cost a plan exactly before anything changes.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -107,6 +108,12 @@ _MAPPINGS = {tp.ops.OPTYPE.CONCAT: index_mapping.update_concat_index_mapping,
              tp.ops.OPTYPE.EXPAND: index_mapping.update_expand_index_mapping,
              tp.ops.OPTYPE.SLICE: index_mapping.update_slice_index_mapping}
 
+# Torch-Pruning keeps one pruner per layer type for the whole process and sets the dimension it
+# measures on it (`pruning_dim`: an unwrapped parameter's, a LayerNorm's) just before asking a
+# layer's width, so the graphs of concurrent sessions take turns there. (Cutting a group sets it
+# too, but it is read only by the pruners of what no group we cut passes through: _PASS_THROUGH.)
+_SHARED_PRUNERS = threading.Lock()
+
 
 class _Graph(tp.DependencyGraph):
     """Torch-Pruning's dependency graph that survives an operation whose channels it cannot map.
@@ -138,6 +145,14 @@ class _Graph(tp.DependencyGraph):
         if module not in self._pruners:
             self._pruners[module] = super().get_pruner_of_module(module)
         return self._pruners[module]
+
+    def get_out_channels(self, module_or_node):
+        with _SHARED_PRUNERS:
+            return super().get_out_channels(module_or_node)
+
+    def get_in_channels(self, module_or_node):
+        with _SHARED_PRUNERS:
+            return super().get_in_channels(module_or_node)
 
     def get_pruning_group(self, module, pruning_fn, idxs):
         self._pruners = {}
