@@ -98,8 +98,8 @@ class Replay:
             def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
                 if not output.dim() or len(output) != samples[0]:
                     mixed.add(name)
-                if name in recorded:  # (not once over the budget)
-                    recorded[name].append(output)
+                if name in recorded:  # (not once over the budget) a copy: the parent's code
+                    recorded[name].append(output.clone())  # may write into it (`out += x`)
             return hook
 
         logits = []

@@ -260,6 +260,25 @@ def test_replayed_prefix_gives_the_full_forward(name, layers):
         assert torch.allclose(replayed, expected, atol=1e-6)
 
 
+def test_a_replay_of_an_unchanged_model_is_its_forward_whatever_the_parent_writes_into():
+    """torchvision's blocks add into their last BatchNorm's output in place (`out += identity`)
+    before the downsample runs: every layer's replayed prefix still gives the model's logits."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=3).eval()
+    images = torch.randn(4, 3, 32, 32)
+    layers = ["layer1.1.conv2", "layer2.0.conv2", "layer2.0.downsample.0", "layer3.0.downsample.0",
+              "fc"]
+    replay = Replay(model, images, layers, batch_size=2)
+    with torch.inference_mode():
+        expected = model(images)
+    assert "layer2.0.bn2" in replay.prefix("layer2.0.downsample.0")
+    for layer in layers:
+        with replay.before(layer) as run:
+            assert torch.equal(run(torch.arange(4)), expected), layer
+
+
 def test_negate_edits_only_the_layers_that_write_the_stream():
     """In a ViT, negation acts on the layers whose outputs are added to the residual stream (the
     head's input width): the patch embedding, attention projections and second FFN layers."""
