@@ -15,11 +15,11 @@ from typing import Callable
 
 from modhifi.console import RANK, WORLD, class_index, progress, tenths
 from modhifi.errors import UserError
-from modhifi.options import (CALIBRATION_CLI, COMPONENT_LABELS, DEFAULT_METHOD, Component,
-                             WHY_FORGET_TARGET, WHY_K, WHY_ROUND_TO, WHY_STEPS,
-                             Allocation, Compensation, DeviceChoice, Edit, Method, Scope,
-                             METHOD_LABELS, ROUND_TO, TargetKind, check_fraction, check_target, check_whole, choices,
-                             default_compensation)
+from modhifi.options import (CALIBRATION_CLI, COMPONENT_LABELS, DEFAULT_COMPONENT, DEFAULT_METHOD,
+                             METHOD_LABELS, ROUND_TO, WHY_FORGET_TARGET, WHY_K, WHY_ROUND_TO,
+                             WHY_STEPS, Allocation, Compensation, Component, DeviceChoice, Edit,
+                             Method, Scope, TargetKind, check_fraction, check_target, check_whole,
+                             choices, default_compensation)
 from modhifi.text import commands as text_commands
 from modhifi.text.commands import is_text
 
@@ -76,6 +76,9 @@ def _prune(args: argparse.Namespace) -> dict:
 
     if is_text(args):
         return text_commands.prune(args)
+    if args.components is not None:
+        raise UserError("--components applies to text models only: an image model's components "
+                        "are its channels; leave --components out")
     backend, subject = _open(args)
     model, dataset = subject.loaded.model, subject.dataset
     method, round_to = args.method or DEFAULT_METHOD, args.round_to or ROUND_TO
@@ -397,8 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--method", choices=choices(Method),
                                  help=f"default: {DEFAULT_METHOD}; " + "; ".join(
                                           f"{name}: {label}" for name, label in METHOD_LABELS.items()))
-            command.add_argument("--components", choices=choices(Component), default="ffn",
-                                 help="text models: what to remove, " + "; ".join(
+            command.add_argument("--components", choices=choices(Component),
+                                 help=f"text models only: what to remove (default "
+                                      f"{DEFAULT_COMPONENT}), " + "; ".join(
                                      f"{name}: {label}" for name, label in COMPONENT_LABELS.items()))
             command.add_argument("--round-to", type=int,
                                  help=f"keep multiples of this many channels per group (default "

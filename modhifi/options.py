@@ -25,6 +25,7 @@ Scope = Literal["all", "internal"]  # internal: leave channels shared by residua
 Edit = Literal["zero", "negate", "direction"]
 Score = Literal["contrastive", "centred"]
 Component = Literal["ffn", "heads"]  # a text encoder's units: FFN neurons or attention heads
+DEFAULT_COMPONENT: Component = "ffn"
 # Greedy subset fidelity: at 2x / 3.2x fewer MACs of fmnist-resnet 0.6 / 2.3 points more accurate
 # than the paper's union rule, for 0.5 s more analysis (docs/results.md); the Fidelity page shows
 # why it keeps a channel (`prune.card.greedy_steps`).

@@ -79,6 +79,7 @@ CLI_CASES = [
     ("round-to-zero", (*PRUNE, "--round-to", "0"), "must be at least 1"),
     ("data-on-zoo", (*PRUNE, "--data", "fashion-mnist"), "does not apply to zoo model"),
     ("arch-on-zoo", (*PRUNE, "--arch", "resnet18"), "does not apply to zoo model"),
+    ("heads-of-an-image-model", (*PRUNE, "--components", "heads"), "text models only"),
     ("out-under-a-file", (*PRUNE, "--out", "{file}/pruned.pt"), "is a file, not a folder"),
     ("out-is-a-folder", (*PRUNE, "--out", "{outdir}"), "is a folder"),
     ("scores-out-is-a-folder", ("scores", *ZOO, "--out", "{outdir}"), "is a folder"),

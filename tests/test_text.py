@@ -273,6 +273,8 @@ def test_cli_prunes_a_local_folder_and_the_output_reloads(tiny, tmp_path):
     (["--target", "0.99", "--components", "heads"], "cannot be reached"),
     (["--target", "0.3", "--calib-samples", "100000"], "--calib-samples"),
     (["--target", "0.3", "--compensation", "sequential"], "compensation of a text encoder"),
+    (["--target", "0.3", "--allocation", "global"], "--allocation global does not apply"),
+    (["--target", "0.3", "--steps", "2"], "--steps 2 does not apply"),
 ])
 def test_cli_bad_input_on_a_text_model_is_one_line_and_exit_2(tiny, args, message, capsys):
     code, lines = refused(capsys, "prune", "--model", str(tiny), *args)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from modhifi.console import class_index, progress
 from modhifi.errors import UserError
-from modhifi.options import (CALIBRATION_TEXT, DEFAULT_METHOD, Component, TextCompensation,
-                             check, choices, default_compensation)
+from modhifi.options import (CALIBRATION_TEXT, DEFAULT_COMPONENT, DEFAULT_METHOD, Component,
+                             TextCompensation, check, choices, default_compensation)
 from modhifi.text.corpus import Corpus, load_fortunes
 
 
@@ -65,7 +65,12 @@ def prune(args: argparse.Namespace) -> dict:
     from modhifi.text.surgery import apply_plan
     from modhifi.zoo import cost_cache
 
-    method = args.method or DEFAULT_METHOD
+    for option, only in (("allocation", "uniform"), ("steps", 1)):
+        if getattr(args, option) != only:
+            raise UserError(f"--{option} {getattr(args, option)} does not apply to a text model, "
+                            "whose plan removes the same share of every layer in one round; "
+                            f"leave --{option} out")
+    method, components = args.method or DEFAULT_METHOD, args.components or DEFAULT_COMPONENT
     compensation = check(TextCompensation, args.compensation or default_compensation(method))
     backend, subject, texts = open_arguments(args)
     costs, tries = None, None
@@ -80,13 +85,13 @@ def prune(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     analysis = analyse_text(subject.model, texts, device=backend.device)
     if costs is not None:  # cut, time, and plan for more where it fell short
-        held = hold_text_latency(analysis, args.target, kind=args.components, costs=costs,
+        held = hold_text_latency(analysis, args.target, kind=components, costs=costs,
                                  texts=timing, backend=backend, batch_size=args.batch_size,
                                  compensation=compensation, method=method,
                                  round_to=args.round_to)
         plan, pruned, tries = held.plan, held.model, list(held.asked)
     else:
-        plan = analysis.plan(args.target, kind=args.components, target_kind=args.target_kind,
+        plan = analysis.plan(args.target, kind=components, target_kind=args.target_kind,
                              method=method, round_to=args.round_to)
         pruned = apply_plan(analysis, plan, compensation=compensation)
     seconds = time.perf_counter() - start
