@@ -79,7 +79,7 @@ def measure(model_name: str, images: int, device_choice: str) -> dict:
         fidelity = {name: LayerFidelity.from_moments(model.get_submodule(name).weight, moments[name],
                                                      centered=name in structure.followed_by_norm)
                     for name in structure.consumers}
-        analysis = Analysis(model, shape, structure, moments, fidelity, batches, 0.0)
+        analysis = Analysis(model, shape, structure, fidelity, batches, 0.0)
         return analysis, analysis.plan(0.5, target_kind="macs")
 
     analysis, plan = stage("scores", score)

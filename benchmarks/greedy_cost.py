@@ -46,7 +46,7 @@ def main() -> None:
         model = getattr(torchvision.models, arch)(weights=None).eval()
         analysis = analyse(model, [torch.randn(32, 3, 64, 64)], device=torch.device("cpu"),
                            input_shape=(3, 64, 64))
-        evidence = Evidence(analysis.model, analysis.fidelity, analysis.moments, 0)
+        evidence = Evidence(analysis.model, analysis.fidelity, 0)
         for group in analysis.structure.groups:
             _, union = timed(modhifi_ranking, group, evidence)
             ranking, greedy = timed(greedy_ranking, group, evidence)

@@ -83,7 +83,7 @@ def orders_of(analysis, kind: str, method: str) -> list[list[int]] | None:
     if method == "l2":
         from modhifi.prune.importance import Evidence
 
-        evidence = Evidence(analysis.model, analysis.fidelity, analysis.moments)
+        evidence = Evidence(analysis.model, analysis.fidelity)
         return [list(magnitude_ranking(g, evidence, p=2).order) for g in analysis.groups(kind)]
     return None  # one of the analysis' own methods
 

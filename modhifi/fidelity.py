@@ -73,6 +73,8 @@ class LayerFidelity:
     H: Tensor  # (d, d) float64 second moment of the input patches per sample (centred or not)
     weight: Tensor  # (c_out, c_in[, k, k]) detached copy of the layer's weight
     lam: float  # ridge strength, relative to the mean diagonal of the matrix being inverted
+    # (L, d) float64 mean patch at each position, subtracted from H (centred); None: not centred
+    means: Tensor | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0):
@@ -105,7 +107,20 @@ class LayerFidelity:
                 f"weight {tuple(weight.shape)} does not match input statistics of width {H.shape[0]}; "
                 "pass the moments of this layer's input"
             )
-        return cls(H=H, weight=weight.detach().clone(), lam=lam)
+        means = moments.position_sum.double() / moments.samples if centered else None
+        return cls(H=H, weight=weight.detach().clone(), lam=lam, means=means)
+
+    def uncentred(self) -> LayerFidelity:
+        """This layer's fidelity on E[Σ_positions PᵀP], the means left in (itself when H is)."""
+        if self.means is None:
+            return self
+        return LayerFidelity(H=self.H.addmm(self.means.T, self.means), weight=self.weight,
+                             lam=self.lam)
+
+    def mean_square(self) -> Tensor:
+        """(d,) E[Σ_positions P²] of each patch feature: the diagonal of the uncentred H."""
+        square = self.H.diagonal()
+        return square if self.means is None else square + self.means.square().sum(0)
 
     @cached_property
     def w(self) -> Tensor:

@@ -46,8 +46,9 @@ def main(out: str) -> None:
                       shard=shard)
     if shard.is_main:
         torch.save({"world": shard.world,
-                    "moments": {name: (m.second, m.position_sum, m.samples)
-                                for name, m in analysis.moments.items()},
+                    # per consumer: E[Σ PᵀP] and the mean patches (where centred, else None)
+                    "statistics": {name: (f.uncentred().H, f.means)
+                                   for name, f in analysis.fidelity.items()},
                     "kept": {g.name: g.kept for g in plan.groups},
                     "buffers": {name: b.clone() for name, b in pruned.named_buffers()},
                     "sequential": {name: p.clone() for name, p in sequential.state_dict().items()},

@@ -153,5 +153,5 @@ def test_an_analysis_reads_an_image_folder_again_at_each_pass_and_holds_no_image
     streamed.apply(streamed.plan(0.25, round_to=1))  # BatchNorm recalibrated: read again
     assert len(reads) - before == 5
     held = analyse(model, list(data.calibration.batches(2)), device="cpu")
-    for name, moments in held.moments.items():
-        assert torch.allclose(streamed.moments[name].second, moments.second, rtol=1e-12)
+    for name, fidelity in held.fidelity.items():
+        assert torch.allclose(streamed.fidelity[name].H, fidelity.H, rtol=1e-12)

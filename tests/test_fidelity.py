@@ -9,7 +9,8 @@ from torch import nn
 
 from oracles import contributions
 
-from modhifi.fidelity import PANEL, RIDGE_TRIES, greedy_subset, layer_fidelity, ridge_solve
+from modhifi.fidelity import (PANEL, RIDGE_TRIES, LayerFidelity, greedy_subset, layer_fidelity,
+                              ridge_solve)
 from modhifi.moments import LayerMoments, collect_moments, moments_of, regression_moments
 
 RTOL = 1e-8
@@ -424,3 +425,22 @@ def test_greedy_subset_ranks_a_duplicate_and_a_dead_channel_last():
     assert set(order[-2:]) == {later_twin, 6}
     assert gains[-2:] == pytest.approx([0, 0], abs=1e-9)
     assert sum(gains) == pytest.approx(4)  # all kept: each of the 4 outputs is fully explained
+
+
+def test_a_centred_fidelity_gives_back_the_uncentred_statistics():
+    """What the activation baseline and the theory's bound read (E[Σ P²], E[Σ PᵀP]) from a
+    fidelity that subtracted the means, against explicit patches."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 4, 3)
+    x = torch.randn(16, 3, 6, 6).double() + 2  # means well away from zero
+    patches = F.unfold(x, 3)  # (N, d, L) explicit
+    second = torch.einsum("ndl,nel->de", patches, patches) / len(x)  # E[Σ_l P_l P_lᵀ]
+    moments = moments_of(layer.double(), x)
+    centred = LayerFidelity.from_moments(layer.weight, moments, centered=True)
+    plain = LayerFidelity.from_moments(layer.weight, moments)
+    assert not torch.allclose(centred.H, second)
+    torch.testing.assert_close(centred.uncentred().H, second)
+    torch.testing.assert_close(centred.mean_square(), second.diagonal())
+    torch.testing.assert_close(centred.means, patches.mean(0).T)  # (L, d)
+    assert plain.uncentred() is plain and plain.means is None
+    torch.testing.assert_close(plain.mean_square(), second.diagonal())

@@ -723,7 +723,7 @@ def test_every_method_is_one_importance_of_the_registry_with_a_valid_ranking():
     every channel of every group once, scores in [0, 1] never rising along the order."""
     analysis = _analysis(nets.ResNet(widths=(8, 16, 24)), (1, 12, 12), samples=64)
     assert tuple(IMPORTANCES) == choices(Method) == tuple(METHOD_LABELS)
-    evidence = Evidence(analysis.model, analysis.fidelity, analysis.moments, seed=3)
+    evidence = Evidence(analysis.model, analysis.fidelity, seed=3)
     for method, importance in IMPORTANCES.items():
         for group in analysis.structure.groups:
             ranking = importance(group, evidence)

@@ -236,7 +236,7 @@ def test_random_order_curves_are_subset_fidelities(float64):
     layer = nn.Conv2d(6, 3, 3, padding=1)
     f = layer_fidelity(layer, torch.randn(32, 6, 5, 5) + 0.5, lam=0.0)
     scores = torch.rand(3, 6)
-    curves = theory.RandomOrder(f.H, f.weight, f.lam, scores).fidelity_curves()
+    curves = theory.RandomOrder(f.H, f.weight, f.lam, scores=scores).fidelity_curves()
     for c in range(3):
         order = scores[c].argsort(descending=True)
         for k in range(1, 7):

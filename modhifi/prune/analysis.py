@@ -18,7 +18,7 @@ from modhifi.distributed import ALONE, Shard
 from modhifi.errors import UserError
 from modhifi.fidelity import LayerFidelity
 from modhifi.hooks import private_copy
-from modhifi.moments import LayerMoments, collect_moments
+from modhifi.moments import collect_moments
 from modhifi.options import (DEFAULT_METHOD, FLOOR, ROUND_TO, Allocation, Compensation, Method,
                              Scope, TargetKind)
 from modhifi.prune.apply import (compensate, cut_channels, kept_inputs, recalibrate_batchnorm,
@@ -42,7 +42,7 @@ class Analysis:
     model: nn.Module = field(repr=False)   # the analysis' own eval-mode copy, never modified
     input_shape: tuple[int, ...] | Batch  # one input's shape, or a one-sample example
     structure: Structure
-    moments: dict[str, LayerMoments] = field(repr=False)
+    # consumer -> its fidelity, on its input statistics (the only copy of their (d, d) moment)
     fidelity: dict[str, LayerFidelity] = field(repr=False)
     calibration: Sequence[Batch] = field(repr=False)  # normalised batches, on the device
     # (`data.Batches`: made again from the split at each pass, so nothing but the split is held)
@@ -62,7 +62,7 @@ class Analysis:
         """group name -> Ranking of its channels by `method` (computed once per method and seed)."""
         with self._lock:
             if (method, seed) not in self._rankings:
-                evidence = Evidence(self.model, self.fidelity, self.moments, seed)
+                evidence = Evidence(self.model, self.fidelity, seed)
                 self._rankings[method, seed] = rank(self.structure.groups, method, evidence)
             return dict(self._rankings[method, seed])
 
@@ -158,13 +158,14 @@ def analyse(model: nn.Module, calibration: Iterable[Batch], *, device: torch.dev
                 progress(done / len(batches))
 
     moments = collect_moments(model, consumers, reporting(), device=device)
-    moments = {name: moments[name].summed(shard) for name in consumers}  # the same order everywhere
-    fidelity = {name: LayerFidelity.from_moments(model.get_submodule(name).weight, moments[name],
-                                                 centered=name in structure.followed_by_norm,
-                                                 lam=lam)
-                for name in consumers}
-    images = moments[consumers[0]].samples  # over every process
-    return Analysis(model, input_shape, structure, moments, fidelity, batches,
+    fidelity = {}
+    for name in consumers:  # in the same order everywhere; each layer's sums dropped once used
+        summed = moments.pop(name).summed(shard)
+        images = summed.samples  # over every process
+        fidelity[name] = LayerFidelity.from_moments(model.get_submodule(name).weight, summed,
+                                                    centered=name in structure.followed_by_norm,
+                                                    lam=lam)
+    return Analysis(model, input_shape, structure, fidelity, batches,
                     time.perf_counter() - start, calibration_caveats(model, images), shard)
 
 

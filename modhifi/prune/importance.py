@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from modhifi.fidelity import LayerFidelity, greedy_subset
-from modhifi.moments import LayerMoments
 from modhifi.options import Method, check
 from modhifi.prune.structure import ChannelGroup
 
@@ -25,7 +24,6 @@ class Evidence:
 
     model: nn.Module = field(repr=False)  # the analysed model (read only)
     fidelity: Mapping[str, LayerFidelity] = field(repr=False)  # consumer -> its fidelity
-    moments: Mapping[str, LayerMoments] = field(repr=False)    # consumer -> its input moments
     seed: int = 0  # for the random baseline
 
 
@@ -86,10 +84,10 @@ def activation_ranking(group: ChannelGroup, evidence: Evidence) -> Ranking:
     energy = torch.zeros(group.size, dtype=torch.float64)
     for name, index in group.consumers:
         # Input channels as the fidelity sees them: a conv's, or a text encoder's heads (blocks).
-        c_in = evidence.fidelity[name].weight.shape[1]
-        m = evidence.moments[name]
-        # diag of Σ PᵀP / N: (c_in·K,) -> mean over a channel's K taps (or head features) -> (c_in,)
-        energy += (m.second.diagonal().double().cpu() / m.samples).view(c_in, -1).mean(1)[list(index)]
+        fidelity = evidence.fidelity[name]
+        c_in = fidelity.weight.shape[1]
+        # E[Σ P²]: (c_in·K,) -> mean over a channel's K taps (or head features) -> (c_in,)
+        energy += fidelity.mean_square().cpu().view(c_in, -1).mean(1)[list(index)]
     rms = energy.sqrt()
     order = rms.argsort(descending=True)
     return ranking_of(order, rms[order])

@@ -211,7 +211,7 @@ class TextAnalysis:
         with self._lock:
             key = (kind, method, seed)
             if key not in self._rankings:
-                evidence = Evidence(self.model, self.fidelity, self.moments, seed)
+                evidence = Evidence(self.model, self.fidelity, seed)
                 self._rankings[key] = {g.name: importance(g, evidence) for g in self.groups(kind)}
             return dict(self._rankings[key])
 

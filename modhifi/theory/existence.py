@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import pandas as pd
@@ -27,7 +27,7 @@ class RandomOrder(LayerFidelity):
     """A layer whose inputs are ranked at random: its fidelity curves (hence `hifi_size`) follow
     random nested subsets instead of the singleton ranking (FS itself is unchanged)."""
 
-    scores: Tensor  # (c_out, c_in) random priorities
+    scores: Tensor = field(kw_only=True)  # (c_out, c_in) random priorities
 
     @cached_property
     def singleton(self) -> Tensor:
@@ -41,7 +41,7 @@ def random_search(fidelity: LayerFidelity, *, level: float, trials: int,
     c_out, c_in = fidelity.weight.shape[:2]
     weight = fidelity.weight.repeat(trials, *[1] * (fidelity.weight.dim() - 1))  # (trials·c_out, …)
     scores = torch.rand(trials * c_out, c_in, generator=generator, dtype=torch.float64)
-    shares = hifi_size(RandomOrder(fidelity.H, weight, fidelity.lam, scores.to(fidelity.H)),
+    shares = hifi_size(RandomOrder(fidelity.H, weight, fidelity.lam, scores=scores.to(fidelity.H)),
                        level=level)
     return shares.view(trials, c_out).min(0).values
 
@@ -54,7 +54,7 @@ def _existence_rows(label: str, fidelity: Mapping[str, LayerFidelity], *, level:
         c_out, c_in = f.weight.shape[:2]
         if outputs is not None and outputs < c_out:  # the same outputs for both searches
             rows_ = torch.randperm(c_out, generator=generator)[:outputs].sort().values
-            f = LayerFidelity(f.H, f.weight[rows_.to(f.weight.device)], f.lam)
+            f = replace(f, weight=f.weight[rows_.to(f.weight.device)])
         topk = hifi_size(f, level=level)                                 # (outputs,)
         search = random_search(f, level=level, trials=trials, generator=generator)
         rows.append((label, name, c_in, len(topk), float(topk.median()), float(search.median()),

@@ -98,8 +98,7 @@ def _check_layer(analysis: Analysis, layer: str) -> None:
 
 def _uncentred(analysis: Analysis, layer: str) -> LayerFidelity:
     """The layer's fidelity without centring: the bound is about E‖ΔY‖², means included."""
-    weight = analysis.fidelity[layer].weight
-    return LayerFidelity.from_moments(weight, analysis.moments[layer], centered=False)
+    return analysis.fidelity[layer].uncentred()
 
 
 def draw_masks(c_in: int, kept: float, n: int, generator: torch.Generator) -> Tensor:
@@ -113,7 +112,7 @@ def _hifi_masks(analysis: Analysis, layer: str, kept: Sequence[float]) -> Tensor
     """(len(kept), c_in) the union rule within one layer: the best-priority channels kept."""
     c_in = analysis.fidelity[layer].w.shape[1]
     group = ChannelGroup(layer, c_in, (), ((layer, tuple(range(c_in))),), ())
-    evidence = Evidence(analysis.model, analysis.fidelity, analysis.moments)
+    evidence = Evidence(analysis.model, analysis.fidelity)
     order = torch.tensor(modhifi_ranking(group, evidence).order)
     masks = torch.zeros(len(kept), c_in)
     for row, share in enumerate(kept):
