@@ -73,7 +73,8 @@ class LayerFidelity:
     H: Tensor  # (d, d) float64 second moment of the input patches per sample (centred or not)
     weight: Tensor  # (c_out, c_in[, k, k]) detached copy of the layer's weight
     lam: float  # ridge strength, relative to the mean diagonal of the matrix being inverted
-    # (L, d) float64 mean patch at each position, subtracted from H (centred); None: not centred
+    # (L, d) float64 mean patch at each position, subtracted from H (`from_moments`, centred);
+    # None: H as given, uncentred unless its maker says otherwise
     means: Tensor | None = None
 
     def __post_init__(self) -> None:
@@ -111,7 +112,8 @@ class LayerFidelity:
         return cls(H=H, weight=weight.detach().clone(), lam=lam, means=means)
 
     def uncentred(self) -> LayerFidelity:
-        """This layer's fidelity on E[Σ_positions PᵀP], the means left in (itself when H is)."""
+        """This layer's fidelity on E[Σ_positions PᵀP], the means put back (itself where no
+        means were subtracted)."""
         if self.means is None:
             return self
         return LayerFidelity(H=self.H.addmm(self.means.T, self.means), weight=self.weight,

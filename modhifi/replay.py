@@ -98,8 +98,9 @@ class Replay:
             def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
                 if not output.dim() or len(output) != samples[0]:
                     mixed.add(name)
-                if name in recorded:  # (not once over the budget) a copy: the parent's code
-                    recorded[name].append(output.clone())  # may write into it (`out += x`)
+                if name in recorded:  # (not once over the budget)
+                    # a copy: the parent's code may write into the output (`out += identity`)
+                    recorded[name].append(output.clone())
             return hook
 
         logits = []

@@ -108,11 +108,11 @@ _MAPPINGS = {tp.ops.OPTYPE.CONCAT: index_mapping.update_concat_index_mapping,
              tp.ops.OPTYPE.EXPAND: index_mapping.update_expand_index_mapping,
              tp.ops.OPTYPE.SLICE: index_mapping.update_slice_index_mapping}
 
-# Torch-Pruning keeps one pruner per layer type for the whole process and sets the dimension it
-# measures on it (`pruning_dim`: an unwrapped parameter's, a LayerNorm's) just before asking a
-# layer's width, so the graphs of concurrent sessions take turns there. (Cutting a group sets it
-# too, but it is read only by the pruners of what no group we cut passes through: _PASS_THROUGH.)
-_SHARED_PRUNERS = threading.Lock()
+# Torch-Pruning keeps one pruner per layer type for the whole process, and before asking a
+# layer's width it sets on that pruner the dimension to measure (`pruning_dim`), so the graphs of
+# concurrent sessions take turns there. Cutting a group sets it too, unlocked; but only the
+# LayerNorm and Parameter pruners read it, and no group we cut contains either (_PASS_THROUGH).
+_SHARED_PRUNERS = threading.RLock()
 
 
 class _Graph(tp.DependencyGraph):

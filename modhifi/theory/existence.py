@@ -41,7 +41,8 @@ def random_search(fidelity: LayerFidelity, *, level: float, trials: int,
     c_out, c_in = fidelity.weight.shape[:2]
     weight = fidelity.weight.repeat(trials, *[1] * (fidelity.weight.dim() - 1))  # (trials·c_out, …)
     scores = torch.rand(trials * c_out, c_in, generator=generator, dtype=torch.float64)
-    shares = hifi_size(RandomOrder(fidelity.H, weight, fidelity.lam, scores=scores.to(fidelity.H)),
+    shares = hifi_size(RandomOrder(fidelity.H, weight, fidelity.lam, fidelity.means,
+                                   scores=scores.to(fidelity.H)),
                        level=level)
     return shares.view(trials, c_out).min(0).values
 
