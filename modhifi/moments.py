@@ -207,10 +207,13 @@ def collect_moments(
     *,
     device: torch.device | str,
     positions: Mapping[str, Tensor | None] | None = None,
+    private: bool = False,
 ) -> dict[str, LayerMoments]:
     """Input statistics of several layers from forward passes of `model` over every sample.
 
-    The passes run on a private eval-mode copy (`hooks.hooked`): the model is only read.
+    The passes run on a private eval-mode copy (`hooks.hooked`): the model is only read. With
+    `private`, `model` is the calling function's own eval-mode copy, hooked in place (a copy of
+    a model of billions of parameters costs gigabytes).
 
     Args:
         model: the network to run, on `device`.
@@ -227,7 +230,8 @@ def collect_moments(
         UserError (a ValueError): for an unsupported layer, non-finite inputs, or a layer that no
             batch reached.
     """
-    return collect_row_moments(model, layers, batches, device=device, positions=positions)[None]
+    return collect_row_moments(model, layers, batches, device=device, positions=positions,
+                               private=private)[None]
 
 
 def collect_row_moments(
@@ -238,6 +242,7 @@ def collect_row_moments(
     device: torch.device | str,
     rows: Mapping[str, Tensor] | None = None,
     positions: Mapping[str, Tensor | None] | None = None,
+    private: bool = False,
 ) -> dict[str | None, dict[str, LayerMoments]]:
     """`collect_moments` for several subsets of the samples at once, in one pass.
 
@@ -272,8 +277,8 @@ def collect_row_moments(
         return hook
 
     start = 0
-    with torch.inference_mode(), hooked(model, before={name: record(name, label)
-                                                       for name, label in named.items()}) as run:
+    hooks = {name: record(name, label) for name, label in named.items()}
+    with torch.inference_mode(), hooked(model, before=hooks, private=private) as run:
         for batch in batches:
             batch = to_device(batch, device)
             if not finite(batch):

@@ -157,7 +157,7 @@ def analyse(model: nn.Module, calibration: Iterable[Batch], *, device: torch.dev
             if progress:
                 progress(done / len(batches))
 
-    moments = collect_moments(model, consumers, reporting(), device=device)
+    moments = collect_moments(model, consumers, reporting(), device=device, private=True)
     fidelity = {}
     for name in consumers:  # in the same order everywhere; each layer's sums dropped once used
         summed = moments.pop(name).summed(shard)
