@@ -12,8 +12,8 @@ from modhifi import nets
 from modhifi.metrics import count_cost
 from modhifi.errors import UserError
 from modhifi.options import METHOD_LABELS, Method, choices
-from modhifi.prune import (IMPORTANCES, Evidence, analyse, kept_inputs, rank, recalibrate_batchnorm,
-                           trace_structure)
+from modhifi.prune import (IMPORTANCES, Evidence, analyse, cut_channels, kept_inputs, rank,
+                           recalibrate_batchnorm, trace_structure)
 from modhifi.zoo import build_torchvision
 from oracles import assert_unchanged, cache_synthetic_costs, snapshot
 
@@ -871,3 +871,33 @@ def test_a_group_pruned_alone_and_per_group_overrides():
         analysis.plan(0.3, overrides={"nowhere": 0.5})
     with pytest.raises(UserError, match="out of range"):
         analysis.plan(0.3, overrides={name: 1.5})
+
+
+def test_the_trace_and_the_cut_let_go_of_the_weights_they_no_longer_need(monkeypatch):
+    """Torch-Pruning's nodes refer to each other in cycles: left so, the trace's copy of the
+    model and the weights a cut replaced (gigabytes for a large model) would wait for Python's
+    next full collection."""
+    import gc
+    import weakref
+
+    from modhifi.prune import structure
+
+    structure.trace_structure(nets.ResNet(), (1, 28, 28))  # torch's lazy imports, once a process
+    copies, copy = [], structure.private_copy
+
+    def kept_track_of(model):
+        copied = copy(model)
+        copies.append([weakref.ref(p) for p in copied.parameters()])  # where the memory is
+        return copied
+
+    monkeypatch.setattr(structure, "private_copy", kept_track_of)
+    model = nets.ResNet()
+    gc.disable()  # only reference counts free them
+    try:
+        structure.trace_structure(model, (1, 28, 28))
+        assert len(copies) == 1 and copies[0] and all(p() is None for p in copies[0])
+        replaced = [weakref.ref(p) for p in model.stem[0].parameters()]  # cut: new tensors
+        cut_channels(model, {"stem.0": [0, 1]}, (1, 28, 28))
+        assert model.stem[0].out_channels == 30 and all(p() is None for p in replaced)
+    finally:
+        gc.enable()

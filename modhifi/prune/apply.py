@@ -21,7 +21,7 @@ from modhifi.hooks import hooked, private_copy
 from modhifi.metrics import channels_last
 from modhifi.moments import LayerMoments, regression_moments
 from modhifi.options import Compensation, check
-from modhifi.prune.structure import Structure, dependency_graph
+from modhifi.prune.structure import Structure, dependency_graph, release_graph
 from modhifi.replay import Frontier, Replay, inside
 from modhifi.trace import Trace, trace_forward
 
@@ -271,21 +271,24 @@ def cut_channels(model: nn.Module, removed: dict[str, Iterable[int]], input_shap
     """
     device = next(model.parameters()).device
     graph = dependency_graph(model, example_of(input_shape, device))
-    for name, index in removed.items():
-        index = sorted(int(i) for i in index)
-        if not index:
-            continue
-        layer = dict(model.named_modules()).get(name)
-        width = getattr(layer, "out_channels", getattr(layer, "out_features", 0))
-        if not width or not 0 <= index[0] <= index[-1] < width:
-            raise UserError(f"cannot remove channels {index[:4]}… of {name}: the model has no "
-                            "such layer or channels; pass a plan made for this model")
-        prune_out = graph.get_pruner_of_module(layer).prune_out_channels
-        group = graph.get_pruning_group(layer, prune_out, idxs=index)
-        if not graph.check_pruning_group(group):
-            raise UserError(f"cannot remove {len(index)} channels of {name}: a layer would "
-                            "be left with none; lower the target")
-        group.prune()
+    try:
+        for name, index in removed.items():
+            index = sorted(int(i) for i in index)
+            if not index:
+                continue
+            layer = dict(model.named_modules()).get(name)
+            width = getattr(layer, "out_channels", getattr(layer, "out_features", 0))
+            if not width or not 0 <= index[0] <= index[-1] < width:
+                raise UserError(f"cannot remove channels {index[:4]}… of {name}: the model has "
+                                "no such layer or channels; pass a plan made for this model")
+            prune_out = graph.get_pruner_of_module(layer).prune_out_channels
+            group = graph.get_pruning_group(layer, prune_out, idxs=index)
+            if not graph.check_pruning_group(group):
+                raise UserError(f"cannot remove {len(index)} channels of {name}: a layer would "
+                                "be left with none; lower the target")
+            group.prune()
+    finally:
+        release_graph(graph)  # the model's old weights go as soon as the model drops them
 
 
 def batchnorms(model: nn.Module) -> dict[str, nn.Module]:

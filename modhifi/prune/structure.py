@@ -277,8 +277,19 @@ def trace_structure(model: nn.Module, input_shape) -> Structure:
                          if isinstance(node.module, (nn.Conv2d, nn.Linear))
                          and any(isinstance(o.module, nn.modules.batchnorm._BatchNorm)
                                  for o in node.outputs))
+    release_graph(graph)
     return Structure(tuple(groups), layers, cost.macs, cost.params, followed, tuple(refused),
                      tuple(order))
+
+
+def release_graph(graph: _Graph) -> None:
+    """Break the reference cycles of Torch-Pruning's nodes (each one's inputs list the others'
+    outputs), so that once the graph is dropped, the modules it refers to go with their last
+    other reference, not at Python's next full collection: a large model is gigabytes."""
+    for node in graph.module2node.values():
+        node.inputs.clear()
+        node.outputs.clear()
+        node.dependencies.clear()
 
 
 def in_forward_order(groups: list[ChannelGroup], order: list[str]) -> list[ChannelGroup]:
