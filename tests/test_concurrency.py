@@ -152,23 +152,23 @@ def test_two_sessions_graphs_take_turns_on_torch_pruning_s_shared_pruners(monkey
     from modhifi.prune.structure import dependency_graph
 
     a, b = _Scaled(), _Token()
-    graph_a = dependency_graph(a, torch.randn(1, 3, 8, 8))
-    graph_b = dependency_graph(b, torch.randn(1, 5, 4))
-    pruner = type(graph_a.get_pruner_of_module(a.scale))
-    measure = pruner.get_out_channels
-    inside, meddled = threading.Event(), threading.Event()
+    with dependency_graph(a, torch.randn(1, 3, 8, 8)) as graph_a, \
+            dependency_graph(b, torch.randn(1, 5, 4)) as graph_b:
+        pruner = type(graph_a.get_pruner_of_module(a.scale))
+        measure = pruner.get_out_channels
+        inside, meddled = threading.Event(), threading.Event()
 
-    def slowed(self, parameter):  # session A pauses between setting its dimension and measuring
-        if parameter is a.scale:
-            inside.set()
-            meddled.wait(1)  # session B's measurement, if it ran meanwhile
-        else:
-            meddled.set()
-        return measure(self, parameter)
+        def slowed(self, parameter):  # session A pauses between setting its dimension and measuring
+            if parameter is a.scale:
+                inside.set()
+                meddled.wait(1)  # session B's measurement, if it ran meanwhile
+            else:
+                meddled.set()
+            return measure(self, parameter)
 
-    monkeypatch.setattr(pruner, "get_out_channels", slowed)
-    with ThreadPoolExecutor(2) as pool:
-        first = pool.submit(graph_a.get_out_channels, a.scale)
-        inside.wait(5)
-        second = pool.submit(graph_b.get_out_channels, b.token)
-        assert (first.result(), second.result()) == (8, 16)
+        monkeypatch.setattr(pruner, "get_out_channels", slowed)
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(graph_a.get_out_channels, a.scale)
+            inside.wait(5)
+            second = pool.submit(graph_b.get_out_channels, b.token)
+            assert (first.result(), second.result()) == (8, 16)

@@ -21,7 +21,7 @@ from modhifi.hooks import hooked, private_copy
 from modhifi.metrics import channels_last
 from modhifi.moments import LayerMoments, regression_moments
 from modhifi.options import Compensation, check
-from modhifi.prune.structure import Structure, dependency_graph, release_graph
+from modhifi.prune.structure import Structure, dependency_graph
 from modhifi.replay import Frontier, Replay, inside
 from modhifi.trace import Trace, trace_forward
 
@@ -270,8 +270,7 @@ def cut_channels(model: nn.Module, removed: dict[str, Iterable[int]], input_shap
     Torch-Pruning's dependency graph cuts every coupled layer of a group together.
     """
     device = next(model.parameters()).device
-    graph = dependency_graph(model, example_of(input_shape, device))
-    try:
+    with dependency_graph(model, example_of(input_shape, device)) as graph:
         for name, index in removed.items():
             index = sorted(int(i) for i in index)
             if not index:
@@ -287,8 +286,6 @@ def cut_channels(model: nn.Module, removed: dict[str, Iterable[int]], input_shap
                 raise UserError(f"cannot remove {len(index)} channels of {name}: a layer would "
                                 "be left with none; lower the target")
             group.prune()
-    finally:
-        release_graph(graph)  # the model's old weights go as soon as the model drops them
 
 
 def batchnorms(model: nn.Module) -> dict[str, nn.Module]:

@@ -5,6 +5,8 @@ per-layer sizes that cost a plan exactly before anything changes.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -197,16 +199,22 @@ class _Graph(tp.DependencyGraph):
             dep.index_mapping = [None, None]
 
 
-def dependency_graph(model: nn.Module, example: torch.Tensor) -> _Graph:
-    """Torch-Pruning's dependency graph of `model`, with the nodes no group may pass through in
-    `graph.opaque`: the operations whose channels it cannot map and its reshapes that are not
-    one-to-one.
+@contextmanager
+def dependency_graph(model: nn.Module, example: torch.Tensor) -> Iterator[_Graph]:
+    """A block with Torch-Pruning's dependency graph of `model`, with the nodes no group may
+    pass through in `graph.opaque`: the operations whose channels it cannot map and its reshapes
+    that are not one-to-one.
 
     A group that passes through such a reshape (a feature map flattened into a Linear, a Swin
     window partition) is never pruned (`_as_group`). Torch-Pruning would still expand each channel
     into all its flattened positions while collecting the group, which runs out of memory on
     window attention (tens of GiB for swin_t at 64×64), so these reshapes are recorded, then made
     plain pass-throughs that Torch-Pruning maps one-to-one.
+
+    When the block ends, the reference cycles of Torch-Pruning's nodes (each one's inputs list
+    the others' outputs) are broken, so that the modules the graph refers to, and the weights a
+    cut replaced, go with their last other reference, not at Python's next full collection: a
+    large model is gigabytes.
 
     Raises:
         UserError: when Torch-Pruning cannot trace the model at all.
@@ -227,7 +235,13 @@ def dependency_graph(model: nn.Module, example: torch.Tensor) -> _Graph:
         for dep in node.dependencies:
             dep.index_mapping = [None if isinstance(m, _FlattenIndexMapping) else m
                                  for m in dep.index_mapping]
-    return graph
+    try:
+        yield graph
+    finally:
+        for node in nodes:
+            node.inputs.clear()
+            node.outputs.clear()
+            node.dependencies.clear()
 
 
 def _failing_stage(error: BaseException) -> str:
@@ -246,18 +260,22 @@ def trace_structure(model: nn.Module, input_shape) -> Structure:
     model = private_copy(model).cpu()
     names = {module: name for name, module in model.named_modules()}
     example = example_of(input_shape)
-    graph = dependency_graph(model, example)
     order = forward_order(model, example)
     classifier = last_linear(model, order)
     head = [model.get_submodule(classifier)] if classifier else []  # its outputs are the classes
     groups, refused = [], {}  # refused: why groups were left whole, the first few
-    for candidate in graph.get_all_groups(ignored_layers=head,
-                                          root_module_types=(nn.Conv2d, nn.Linear)):
-        blocker = _blocker(candidate, names, graph.opaque)
-        if blocker is None:
-            groups += [g for g in (_as_group(candidate, names, graph),) if g]
-        elif len(refused) < 3:
-            refused[blocker] = None
+    with dependency_graph(model, example) as graph:
+        for candidate in graph.get_all_groups(ignored_layers=head,
+                                              root_module_types=(nn.Conv2d, nn.Linear)):
+            blocker = _blocker(candidate, names, graph.opaque)
+            if blocker is None:
+                groups += [g for g in (_as_group(candidate, names, graph),) if g]
+            elif len(refused) < 3:
+                refused[blocker] = None
+        followed = frozenset(names[node.module] for node in graph.module2node.values()
+                             if isinstance(node.module, (nn.Conv2d, nn.Linear))
+                             and any(isinstance(o.module, nn.modules.batchnorm._BatchNorm)
+                                     for o in node.outputs))
     groups = in_forward_order(groups, order)
     cost = count_cost(model, input_shape)
     per_layer = dict(cost.per_layer)
@@ -273,23 +291,8 @@ def trace_structure(model: nn.Module, input_shape) -> Structure:
                            or getattr(module, "groups", 1) > 1)
             layers[name] = _Layer(per_layer.get(name, 0), module.weight.numel(), bias, per_channel,
                                   owner.get((name, "in")), owner.get((name, "out")))
-    followed = frozenset(names[node.module] for node in graph.module2node.values()
-                         if isinstance(node.module, (nn.Conv2d, nn.Linear))
-                         and any(isinstance(o.module, nn.modules.batchnorm._BatchNorm)
-                                 for o in node.outputs))
-    release_graph(graph)
     return Structure(tuple(groups), layers, cost.macs, cost.params, followed, tuple(refused),
                      tuple(order))
-
-
-def release_graph(graph: _Graph) -> None:
-    """Break the reference cycles of Torch-Pruning's nodes (each one's inputs list the others'
-    outputs), so that once the graph is dropped, the modules it refers to go with their last
-    other reference, not at Python's next full collection: a large model is gigabytes."""
-    for node in graph.module2node.values():
-        node.inputs.clear()
-        node.outputs.clear()
-        node.dependencies.clear()
 
 
 def in_forward_order(groups: list[ChannelGroup], order: list[str]) -> list[ChannelGroup]:

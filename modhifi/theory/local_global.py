@@ -96,11 +96,6 @@ def _check_layer(analysis: Analysis, layer: str) -> None:
                         f"{', '.join(analysis.fidelity)}")
 
 
-def _uncentred(analysis: Analysis, layer: str) -> LayerFidelity:
-    """The layer's fidelity without centring: the bound is about E‖ΔY‖², means included."""
-    return analysis.fidelity[layer].uncentred()
-
-
 def draw_masks(c_in: int, kept: float, n: int, generator: torch.Generator) -> Tensor:
     """(n, c_in) masks keeping max(1, round(kept·c_in)) channels chosen uniformly at random."""
     keep = max(1, round(kept * c_in))
@@ -157,7 +152,8 @@ def local_global(analysis: Analysis, layer: str, *, kept: Sequence[float] = (0.2
     randoms = [draw_masks(c_in, share, random_masks, generator) for share in kept]
     masks = torch.cat([_hifi_masks(analysis, layer, kept), *randoms])  # (n, c_in)
     kinds = ["hifi"] * len(kept) + ["random"] * (len(kept) * random_masks)
-    local = masked_local_error(_uncentred(analysis, layer), masks).cpu()
+    # uncentred: the bound is about E‖ΔY‖², means included
+    local = masked_local_error(analysis.fidelity[layer].uncentred(), masks).cpu()
     replay = _replay(analysis, [layer])
     measured = global_errors(replay, layer, masks, batch_size=len(analysis.calibration[0]),
                              shard=analysis.shard)
@@ -187,7 +183,8 @@ def layer_errors(analysis: Analysis, *, kept: float = 0.5, masks: int = 3,
     rows = []
     for layer in layers:
         drawn = draw_masks(analysis.fidelity[layer].w.shape[1], kept, masks, generator)
-        local = masked_local_error(_uncentred(analysis, layer), drawn).cpu()
+        # uncentred: the bound is about E‖ΔY‖², means included
+        local = masked_local_error(analysis.fidelity[layer].uncentred(), drawn).cpu()
         measured = global_errors(replay, layer, drawn, batch_size=len(analysis.calibration[0]),
                                  shard=analysis.shard)
         ratio = measured / local
