@@ -15,11 +15,12 @@ from typing import Callable
 
 from modhifi.console import RANK, WORLD, class_index, progress, tenths
 from modhifi.errors import UserError
-from modhifi.options import (CALIBRATION_CLI, COMPONENT_LABELS, DEFAULT_COMPONENT, DEFAULT_METHOD,
-                             METHOD_LABELS, ROUND_TO, WHY_FORGET_TARGET, WHY_K, WHY_ROUND_TO,
-                             WHY_STEPS, Allocation, Compensation, Component, DeviceChoice, Edit,
-                             Method, Scope, TargetKind, check_fraction, check_target, check_whole,
-                             choices, default_compensation)
+from modhifi.options import (CALIBRATION_CLI, COMPONENT_LABELS, DEFAULT_ALLOCATION,
+                             DEFAULT_COMPONENT, DEFAULT_METHOD, METHOD_LABELS, ROUND_TO,
+                             WHY_FORGET_TARGET, WHY_K, WHY_ROUND_TO, WHY_STEPS, Allocation,
+                             Compensation, Component, DeviceChoice, Edit, Method, Scope, TargetKind,
+                             check_fraction, check_target, check_whole, choices,
+                             default_compensation)
 from modhifi.text import commands as text_commands
 from modhifi.text.commands import is_text
 
@@ -76,32 +77,30 @@ def _prune(args: argparse.Namespace) -> dict:
 
     if is_text(args):
         return text_commands.prune(args)
-    if args.components is not None:
-        raise UserError("--components applies to text models only: an image model's components "
-                        "are its channels; leave --components out")
     backend, subject = _open(args)
     model, dataset = subject.loaded.model, subject.dataset
     method, round_to = args.method or DEFAULT_METHOD, args.round_to or ROUND_TO
+    allocation, steps = args.allocation or DEFAULT_ALLOCATION, args.steps or 1
     calibration, samples = _calibration(subject, args.calib_samples, args.shard,
                                         backend.device)
-    compensation = _compensation(args, method, model, calibration, dataset.input_shape)
+    structure = trace_structure(model, dataset.input_shape)  # once: the analysis reuses it
+    compensation = _compensation(args, method, model, calibration, structure.consumers)
     costs = None
     if args.target_kind == "latency":
         cache = cost_cache(args.model, model, backend, args.batch_size, dataset.input_shape)
         how = "read from" if cache.is_file() else "timing each layer at candidate widths, kept in"
         progress(f"latency cost model: {how} {cache}")
-        costs = measured_costs(model, trace_structure(model, dataset.input_shape),
-                               dataset.input_shape, backend=backend, batch_size=args.batch_size,
-                               cache=cache, shard=args.shard)
+        costs = measured_costs(model, structure, dataset.input_shape, backend=backend,
+                               batch_size=args.batch_size, cache=cache, shard=args.shard)
     progress("statistics and scores on the calibration images")
     start = time.perf_counter()
-    options = {"allocation": args.allocation, "method": method, "scope": args.scope,
+    options = {"allocation": allocation, "method": method, "scope": args.scope,
                "round_to": round_to}
     tries = None
-    if costs is not None and args.steps == 1:  # cut, time, and plan for more where it fell short
+    if costs is not None and steps == 1:  # cut, time, and plan for more where it fell short
         analysis = analyse(model, calibration, device=backend.device,
                            input_shape=dataset.input_shape, shard=args.shard,
-                           progress=tenths("statistics"))
+                           progress=tenths("statistics"), structure=structure)
         held = hold_latency(analysis, args.target, costs=costs, backend=backend,
                             batch_size=args.batch_size, compensation=compensation,
                             recalibrate=not args.no_bn_recal, **options)
@@ -111,10 +110,11 @@ def _prune(args: argparse.Namespace) -> dict:
             progress("with --steps, each round is planned to the latency target but not timed")
         pruned, plans = prune_in_steps(model, calibration, device=backend.device,
                                        input_shape=dataset.input_shape, target=args.target,
-                                       steps=args.steps, target_kind=args.target_kind,
+                                       steps=steps, target_kind=args.target_kind,
                                        compensation=compensation,
                                        recalibrate=not args.no_bn_recal, costs=costs,
-                                       shard=args.shard, progress=tenths("statistics"), **options)
+                                       shard=args.shard, progress=tenths("statistics"),
+                                       structure=structure, **options)
     seconds = time.perf_counter() - start
     progress(f"pruned in {seconds:.1f} s; evaluating and timing")
     result = compare(model, pruned, dataset=dataset, backend=backend, batch_size=args.batch_size,
@@ -125,7 +125,7 @@ def _prune(args: argparse.Namespace) -> dict:
         removed = [plan.removed_channels() for plan in plans]
         _save_modified(args, subject, pruned, removed=removed[0] if len(removed) == 1 else removed)
     return {"model": subject.loaded.name, "method": method, "target": args.target,
-            "target_kind": args.target_kind, "allocation": args.allocation, "scope": args.scope,
+            "target_kind": args.target_kind, "allocation": allocation, "scope": args.scope,
             "round_to": round_to,
             "compensation": compensation, "bn_recalibrated": not args.no_bn_recal,
             "calib_samples": samples, "device": backend.description,
@@ -133,7 +133,7 @@ def _prune(args: argparse.Namespace) -> dict:
             "macs_before": result.cost_before.macs, "macs_after": result.cost_after.macs,
             "params_before": result.cost_before.params, "params_after": result.cost_after.params,
             "channels_before": plans[0].channels_before, "channels_after": plans[-1].channels_after,
-            "steps": args.steps,
+            "steps": steps,
             "batch_size": args.batch_size,
             "latency_ms_before": result.latency_before.optimised.median_ms,
             "latency_ms_after": result.latency_after.optimised.median_ms,
@@ -229,19 +229,18 @@ SHARED = ("info", "prune", "scores", "unlearn", "theory")  # whose work torchrun
 
 
 def _compensation(args: argparse.Namespace, method: str, model, calibration,
-                  input_shape: tuple[int, ...]) -> str:
+                  order: tuple[str, ...]) -> str:
     """--compensation, else the sequential refit for ModHiFi's selections where its recordings
     of this process's calibration images fit in memory (one analysis more, and the most
     accurate), else the one-shot refit, and none for the baselines; a line on stderr says why
     where the sequential refit is left out or will run long."""
     from modhifi.batch import head
-    from modhifi.prune import sequential_recordings, trace_structure
+    from modhifi.prune import sequential_recordings
     from modhifi.prune.apply import FRONTIER_BYTES
 
     chosen = args.compensation or default_compensation(method)
     if args.compensation not in (None, "sequential") or chosen == "none":
         return chosen
-    order = trace_structure(model, input_shape).consumers
     if not order:  # nothing to prune: the analysis says why
         return chosen
     recordings = sequential_recordings(model, head(calibration[0], 1), order,
@@ -394,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="latency: of the measured latency on this device at "
                                       "--batch-size (each layer timed once at candidate widths, "
                                       "cached beside the model; JSON adds speedup_planned)")
-            command.add_argument("--allocation", choices=choices(Allocation), default="uniform")
+            command.add_argument("--allocation", choices=choices(Allocation),
+                                 help=f"image models: default {DEFAULT_ALLOCATION}")
             command.add_argument("--scope", choices=choices(Scope), default="all",
                                  help="internal: leave residual-stream channels alone")
             command.add_argument("--method", choices=choices(Method),
@@ -416,8 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "the pruned network's own inputs (more accurate, about "
                                       "one analysis more); refit: in one shot, on the dense "
                                       "model's statistics")
-            command.add_argument("--steps", type=int, default=1,
-                                 help="iterative mode: rounds of score, remove, compensate, recalibrate")
+            command.add_argument("--steps", type=int,
+                                 help="image models, iterative mode: rounds of score, remove, "
+                                      "compensate, recalibrate (default 1)")
             command.add_argument("--no-bn-recal", action="store_true",
                                  help="keep the old BatchNorm statistics")
             command.add_argument("--out", help="write the pruned model here (and FILE.channels.json); "
@@ -439,10 +440,36 @@ def _print(result: dict, *, as_json: bool) -> None:
             print(f"{key:>20}: {value}")
 
 
+# Options for one kind of model only: (command, or "*" for all, option) -> (that kind, what the
+# other kind does instead). Given for the other kind, they are refused before any work.
+ONE_KIND_ONLY = {
+    ("*", "arch"): ("image", "a text model is a Hugging Face folder or a zoo name"),
+    ("*", "data"): ("image", "a text model is evaluated on Debian's fortunes"),
+    ("prune", "components"): ("text", "an image model's components are its channels"),
+    ("prune", "allocation"): ("image", "a text model's plan removes the same share of every "
+                                       "layer"),
+    ("prune", "steps"): ("image", "a text model is pruned in one round"),
+    **{("unlearn", option): ("image", "a text model's edit is one FFN neuron of the last layer "
+                                      "made a gate") for option in ("edit", "layers", "k")},
+    ("unlearn", "calib_samples"): ("image", "forgetting a category of a text model reads every "
+                                            "calibration text of it"),
+}
+
+
 def _check(args: argparse.Namespace) -> None:
-    """Every numeric option in range and every output path writable, before any work starts."""
+    """Every option meant for this kind of model, every numeric one in range and every output
+    path writable, before any work starts."""
+    from modhifi.text.encoder import is_text_model
+
     def given(name: str):
         return getattr(args, name, None)
+
+    kind = "text" if given("model") and is_text_model(args.model) else "image"
+    for (command, option), (only, instead) in ONE_KIND_ONLY.items():
+        if command in ("*", args.command) and only != kind and given(option) is not None:
+            flag = "--" + option.replace("_", "-")
+            raise UserError(f"{flag} does not apply to {'a text' if kind == 'text' else 'an image'}"
+                            f" model ({instead}); leave {flag} out")
 
     for option, label, why in (("batch_size", "--batch-size", "images per timed batch"),
                                ("calib_samples", "--calib-samples", "leave it out for the "
@@ -461,10 +488,7 @@ def _check(args: argparse.Namespace) -> None:
         from modhifi.zoo import check_output
 
         check_output(Path(args.out))
-        from modhifi.text.encoder import is_text_model
-
-        if args.command in ("prune", "unlearn") and is_text_model(args.model) \
-                and Path(args.out).exists():
+        if args.command in ("prune", "unlearn") and kind == "text" and Path(args.out).exists():
             raise UserError(f"--out {args.out} exists; a text model is written as a new folder: "
                             "give a new name")
         if args.command != "scores":

@@ -20,6 +20,7 @@ LIVE_COMPENSATIONS = tuple(c for c in get_args(Compensation) if c != "sequential
 # sequential refit of MiniLM gained nothing (benchmarks/text_sequential_refit.py).
 TextCompensation = Literal["refit", "rescale", "none"]
 Allocation = Literal["uniform", "global"]
+DEFAULT_ALLOCATION: Allocation = "uniform"
 TargetKind = Literal["channels", "macs", "latency"]  # latency: measured (`prune.latency`)
 Scope = Literal["all", "internal"]  # internal: leave channels shared by residual additions alone
 Edit = Literal["zero", "negate", "direction"]

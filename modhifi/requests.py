@@ -12,12 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from modhifi.errors import UserError
-from modhifi.options import (DEFAULT_COMPONENT, DEFAULT_METHOD, FLOOR, REFERENCE_SAMPLES,
-                             RETAIN_SAMPLES, ROUND_TO, TOPIC_TARGET, UNLEARN_BATCH, WHY_FLOOR,
-                             WHY_FORGET_TARGET, WHY_K, WHY_OVERRIDE, WHY_ROUND_TO, Allocation,
-                             Compensation, Component, Edit, Method, Scope, Score, TargetKind,
-                             TextCompensation, check, check_fraction, check_target, check_whole,
-                             default_compensation)
+from modhifi.options import (DEFAULT_ALLOCATION, DEFAULT_COMPONENT, DEFAULT_METHOD, FLOOR,
+                             REFERENCE_SAMPLES, RETAIN_SAMPLES, ROUND_TO, TOPIC_TARGET,
+                             UNLEARN_BATCH, WHY_FLOOR, WHY_FORGET_TARGET, WHY_K, WHY_OVERRIDE,
+                             WHY_ROUND_TO, Allocation, Compensation, Component, Edit, Method, Scope,
+                             Score, TargetKind, TextCompensation, check, check_fraction,
+                             check_target, check_whole, default_compensation)
 
 SEPARATOR = "|"  # ModelRef's string form: NAME, or PATH|ARCH|DATA (ARCH may be empty)
 _MODEL_FORM = ("use a zoo name (e.g. digits-cnn) or PATH|ARCH|DATA "
@@ -87,7 +87,7 @@ class PruneRequest:
 
     target: float                          # fraction in [0, 1) of channels or MACs to remove
     target_kind: TargetKind = "channels"
-    allocation: Allocation = "uniform"
+    allocation: Allocation = DEFAULT_ALLOCATION
     method: Method = DEFAULT_METHOD
     scope: Scope = "all"
     floor: float = FLOOR                   # fraction of each group always kept

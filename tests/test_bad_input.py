@@ -11,7 +11,7 @@ from streamlit.testing.v1 import AppTest
 from torch import nn
 
 from modhifi import nets
-from modhifi.__main__ import main
+from modhifi.__main__ import ONE_KIND_ONLY, main
 from modhifi.errors import UserError
 from modhifi.fidelity import layer_fidelity
 from modhifi.prune import analyse, prune_in_steps
@@ -79,7 +79,6 @@ CLI_CASES = [
     ("round-to-zero", (*PRUNE, "--round-to", "0"), "must be at least 1"),
     ("data-on-zoo", (*PRUNE, "--data", "fashion-mnist"), "does not apply to zoo model"),
     ("arch-on-zoo", (*PRUNE, "--arch", "resnet18"), "does not apply to zoo model"),
-    ("heads-of-an-image-model", (*PRUNE, "--components", "heads"), "text models only"),
     ("out-under-a-file", (*PRUNE, "--out", "{file}/pruned.pt"), "is a file, not a folder"),
     ("out-is-a-folder", (*PRUNE, "--out", "{outdir}"), "is a folder"),
     ("scores-out-is-a-folder", ("scores", *ZOO, "--out", "{outdir}"), "is a folder"),
@@ -140,6 +139,28 @@ def test_the_cli_refuses_bad_input_in_one_line_with_exit_2(argv, message, files,
     assert len(errors) == 1 and message in errors[0], err
     assert "Traceback" not in err
     assert list(outputs.iterdir()) == []  # no partial or orphan file
+
+
+EXAMPLES = {"arch": "resnet18", "data": "digits", "components": "heads", "allocation": "global",
+            "steps": "2", "edit": "zero", "layers": "2", "k": "0.1", "calib_samples": "64"}
+
+
+@pytest.mark.parametrize("command, option", list(ONE_KIND_ONLY))
+def test_an_option_for_the_other_kind_of_model_is_refused_before_anything_loads(command, option,
+                                                                                capsys):
+    """Each entry of the command line's table, given for a zoo model of the other kind: one
+    line, and no other (nothing was loaded)."""
+    only, _ = ONE_KIND_ONLY[command, option]
+    command = "prune" if command == "*" else command
+    needed = {"prune": ("--target", "0.3"), "unlearn": ("--forget-class", "0")}[command]
+    model, kind = ("digits-cnn", "an image") if only == "text" else ("minilm-l6", "a text")
+    flag = "--" + option.replace("_", "-")
+    code = main([command, "--model", model, *needed, flag, EXAMPLES[option]])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"modhifi: error: {flag} does not apply to {kind} model ("), lines
+    assert lines[0].endswith(f"; leave {flag} out"), lines
+
 
 
 def test_the_message_arrives_before_the_work_starts(tmp_path, capsys):

@@ -702,20 +702,30 @@ def test_cli_prune_writes_a_model_that_reloads_with_the_same_accuracy(tmp_path, 
     assert sum(map(len, removed.values())) == pruned["channels_before"] - pruned["channels_after"]
 
 
-def test_iterative_mode_reaches_the_target_in_rounds():
-    from modhifi.prune import prune_in_steps
+def test_iterative_mode_reaches_the_target_in_rounds(monkeypatch):
+    """Each round starts where the last ended; given the model's structure (as the command line
+    traces it once for its other uses), the first round does not trace it again, and the rounds
+    are the same."""
+    from modhifi.prune import analysis as analysis_module, prune_in_steps
 
     model = nets.ResNet(widths=(16, 32, 64))
     torch.manual_seed(1)
     batches = [torch.randn(32, 1, 16, 16) for _ in range(2)]
     recalibrate_batchnorm(model.eval(), batches)
     before = snapshot(model)
-    pruned, plans = prune_in_steps(model, batches, device=torch.device("cpu"), input_shape=(1, 16, 16),
-                                   target=0.5, steps=3, target_kind="macs")
+    rounds = dict(device=torch.device("cpu"), input_shape=(1, 16, 16), target=0.5, steps=3,
+                  target_kind="macs")
+    pruned, plans = prune_in_steps(model, batches, **rounds)
     assert len(plans) == 3
     assert plans[1].macs_before == plans[0].macs_after  # each round starts where the last ended
     assert count_cost(pruned, (1, 16, 16)).macs == plans[-1].macs_after <= 0.5 * plans[0].macs_before
     assert_unchanged(model, before)
+    traced = []
+    monkeypatch.setattr(analysis_module, "trace_structure",
+                        lambda *args: traced.append(args) or trace_structure(*args))
+    _, given = prune_in_steps(model, batches, structure=trace_structure(model, (1, 16, 16)),
+                              **rounds)
+    assert len(traced) == 2 and given == plans
 
 
 def test_every_method_is_one_importance_of_the_registry_with_a_valid_ranking():

@@ -269,12 +269,9 @@ def test_cli_prunes_a_local_folder_and_the_output_reloads(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--target", "0.3", "--arch", "resnet18"], "--arch does not apply"),
     (["--target", "0.99", "--components", "heads"], "cannot be reached"),
     (["--target", "0.3", "--calib-samples", "100000"], "--calib-samples"),
     (["--target", "0.3", "--compensation", "sequential"], "compensation of a text encoder"),
-    (["--target", "0.3", "--allocation", "global"], "--allocation global does not apply"),
-    (["--target", "0.3", "--steps", "2"], "--steps 2 does not apply"),
 ])
 def test_cli_bad_input_on_a_text_model_is_one_line_and_exit_2(tiny, args, message, capsys):
     code, lines = refused(capsys, "prune", "--model", str(tiny), *args)
@@ -459,7 +456,6 @@ def test_cli_forgets_a_category_of_a_local_folder_and_the_output_reloads(tiny, t
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--forget-class", "0", "--k", "0.1"], "--k does not apply"),
     (["--forget-class", "nosuch"], "no class 'nosuch'"),
     (["--forget-class", "0", "--forget-target", "2"], "--forget-target"),
 ])

@@ -19,8 +19,8 @@ from modhifi.errors import UserError
 from modhifi.fidelity import LayerFidelity
 from modhifi.hooks import private_copy
 from modhifi.moments import collect_moments
-from modhifi.options import (DEFAULT_METHOD, FLOOR, ROUND_TO, Allocation, Compensation, Method,
-                             Scope, TargetKind)
+from modhifi.options import (DEFAULT_ALLOCATION, DEFAULT_METHOD, FLOOR, ROUND_TO, Allocation,
+                             Compensation, Method, Scope, TargetKind)
 from modhifi.prune.apply import (compensate, cut_channels, kept_inputs, recalibrate_batchnorm,
                                  refit_in_order)
 from modhifi.prune.importance import Evidence, Ranking, rank
@@ -67,7 +67,7 @@ class Analysis:
             return dict(self._rankings[method, seed])
 
     def plan(self, target: float, *, target_kind: TargetKind = "channels",
-             allocation: Allocation = "uniform", method: Method = DEFAULT_METHOD,
+             allocation: Allocation = DEFAULT_ALLOCATION, method: Method = DEFAULT_METHOD,
              scope: Scope = "all", floor: float = FLOOR, round_to: int = ROUND_TO,
              seed: int = 0, overrides: Mapping[str, float] | None = None,
              costs: CostModel | None = None) -> PrunePlan:
@@ -80,9 +80,9 @@ class Analysis:
                             scope=scope, floor=floor, round_to=round_to, overrides=overrides,
                             costs=costs)
 
-    def most(self, *, target_kind: TargetKind = "channels", allocation: Allocation = "uniform",
-             method: Method = DEFAULT_METHOD, scope: Scope = "all", floor: float = FLOOR,
-             round_to: int = ROUND_TO, seed: int = 0,
+    def most(self, *, target_kind: TargetKind = "channels",
+             allocation: Allocation = DEFAULT_ALLOCATION, method: Method = DEFAULT_METHOD,
+             scope: Scope = "all", floor: float = FLOOR, round_to: int = ROUND_TO, seed: int = 0,
              overrides: Mapping[str, float] | None = None,
              costs: CostModel | None = None) -> float:
         """The largest target a plan with these options can reach (`plan`'s arguments)."""
@@ -118,7 +118,8 @@ class Analysis:
 
 def analyse(model: nn.Module, calibration: Iterable[Batch], *, device: torch.device,
             input_shape: tuple[int, ...] | None = None, lam: float = 1e-4,
-            progress: Callable[[float], None] | None = None, shard: Shard = ALONE) -> Analysis:
+            progress: Callable[[float], None] | None = None, shard: Shard = ALONE,
+            structure: Structure | None = None) -> Analysis:
     """Trace the model's channel groups and score every consumer layer on calibration batches.
 
     Args:
@@ -131,6 +132,8 @@ def analyse(model: nn.Module, calibration: Iterable[Batch], *, device: torch.dev
         progress: called with the share of calibration batches read so far (for progress bars).
         shard: when several processes share the calibration data (`modhifi.distributed`):
             `calibration` is this process's batches, and the statistics are summed over all.
+        structure: `trace_structure(model, input_shape)` where the caller has it already (the
+            trace is seconds on large models); None: traced here.
     """
     start = time.perf_counter()
     # The analysis keeps its own eval-mode copy: the caller's model (perhaps in train mode, or
@@ -143,7 +146,7 @@ def analyse(model: nn.Module, calibration: Iterable[Batch], *, device: torch.dev
             if shard.world > 1 else "; pass at least one unlabeled sample"))
     if input_shape is None:  # inputs of any form: one calibration sample is the example
         input_shape = head(batches[0], 1)
-    structure = trace_structure(model, input_shape)
+    structure = structure or trace_structure(model, input_shape)
     if not structure.groups:
         blocked = f" (here: {'; '.join(structure.refused)})" if structure.refused else ""
         raise UserError("this model has no channel group ModHiFi can prune: it needs a Conv2d or "

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import pandas as pd
 
 from modhifi.errors import UserError
-from modhifi.options import (FLOOR, ROUND_TO, WHY_FLOOR, WHY_OVERRIDE, WHY_ROUND_TO, Allocation,
-                             Scope, TargetKind, check, check_fraction, check_target, check_whole)
+from modhifi.options import (DEFAULT_ALLOCATION, FLOOR, ROUND_TO, WHY_FLOOR, WHY_OVERRIDE,
+                             WHY_ROUND_TO, Allocation, Scope, TargetKind, check, check_fraction,
+                             check_target, check_whole)
 from modhifi.prune.importance import Ranking
 from modhifi.prune.latency import CostModel
 from modhifi.prune.structure import Structure
@@ -178,8 +179,9 @@ def most(removed: Callable[[float], float]) -> float:
 
 def plan_pruning(structure: Structure, rankings: dict[str, Ranking], target: float, *,
                  method: str, target_kind: TargetKind = "channels",
-                 allocation: Allocation = "uniform", scope: Scope = "all", floor: float = FLOOR,
-                 round_to: int = ROUND_TO, overrides: Mapping[str, float] | None = None,
+                 allocation: Allocation = DEFAULT_ALLOCATION, scope: Scope = "all",
+                 floor: float = FLOOR, round_to: int = ROUND_TO,
+                 overrides: Mapping[str, float] | None = None,
                  costs: CostModel | None = None) -> PrunePlan:
     """The plan that removes at least `target` of the channels (or of the MACs, or of the
     measured latency).

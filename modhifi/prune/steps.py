@@ -7,13 +7,14 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from modhifi.options import (DEFAULT_METHOD, ROUND_TO, WHY_STEPS, Allocation, Compensation,
-                             Method, Scope, TargetKind, check_target, check_whole)
+from modhifi.options import (DEFAULT_ALLOCATION, DEFAULT_METHOD, ROUND_TO, WHY_STEPS, Allocation,
+                             Compensation, Method, Scope, TargetKind, check_target, check_whole)
 from modhifi.data import reusable
 from modhifi.distributed import ALONE, Shard
 from modhifi.prune.analysis import analyse
 from modhifi.prune.latency import CostModel
 from modhifi.prune.plan import PrunePlan, check_costs
+from modhifi.prune.structure import Structure
 
 
 def _size(plan: PrunePlan, target_kind: TargetKind) -> float:
@@ -24,11 +25,13 @@ def _size(plan: PrunePlan, target_kind: TargetKind) -> float:
 
 def prune_in_steps(model: nn.Module, calibration: Iterable[torch.Tensor], *, device: torch.device,
                    input_shape: tuple[int, ...], target: float, steps: int,
-                   target_kind: TargetKind = "channels", allocation: Allocation = "uniform",
-                   method: Method = DEFAULT_METHOD, scope: Scope = "all",
-                   compensation: Compensation = "refit", recalibrate: bool = True,
+                   target_kind: TargetKind = "channels",
+                   allocation: Allocation = DEFAULT_ALLOCATION, method: Method = DEFAULT_METHOD,
+                   scope: Scope = "all", compensation: Compensation = "refit",
+                   recalibrate: bool = True,
                    round_to: int = ROUND_TO, costs: CostModel | None = None,
                    shard: Shard = ALONE, progress: Callable[[float], None] | None = None,
+                   structure: Structure | None = None,
                    ) -> tuple[nn.Module, tuple[PrunePlan, ...]]:
     """The iterative mode: `steps` rounds of score → remove → compensate → recalibrate.
 
@@ -37,6 +40,8 @@ def prune_in_steps(model: nn.Module, calibration: Iterable[torch.Tensor], *, dev
     predict it). Returns the pruned model and each round's plan. With several
     processes (`shard`), `calibration` is this one's batches (`modhifi.distributed`).
     `progress` is told the share of the calibration batches each round's statistics have read.
+    `structure`: `model`'s, where the caller has traced it (the first round's; the others trace
+    the model the round before left).
     """
     check_whole("--steps", steps, WHY_STEPS)
     check_target(target)
@@ -45,7 +50,7 @@ def prune_in_steps(model: nn.Module, calibration: Iterable[torch.Tensor], *, dev
     current, plans = model, []
     for step in range(1, steps + 1):
         analysis = analyse(current, batches, device=device, input_shape=input_shape, shard=shard,
-                           progress=progress)
+                           progress=progress, structure=None if plans else structure)
         now = analysis.plan(0.0, target_kind=target_kind, scope=scope, costs=costs)  # as it is
         done = 1 - _size(now, target_kind) / _size(plans[0], target_kind) if plans else 0.0
         goal = target * step / steps  # share of the original model removed after this round

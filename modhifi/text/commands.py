@@ -9,22 +9,18 @@ from pathlib import Path
 
 from modhifi.console import class_index, progress
 from modhifi.errors import UserError
-from modhifi.options import (CALIBRATION_TEXT, DEFAULT_COMPONENT, DEFAULT_METHOD, Component,
-                             TextCompensation, check, choices, default_compensation)
+from modhifi.options import (CALIBRATION_TEXT, DEFAULT_ALLOCATION, DEFAULT_COMPONENT,
+                             DEFAULT_METHOD, Component, TextCompensation, check, choices,
+                             default_compensation)
 from modhifi.text.corpus import Corpus, load_fortunes
 
 
 def is_text(args: argparse.Namespace) -> bool:
-    """Whether `--model` is a text model (refusing the image-only options it was given)."""
+    """Whether `--model` is a text model (the command line has refused the options it cannot
+    take: `modhifi.__main__.ONE_KIND_ONLY`)."""
     from modhifi.text.encoder import is_text_model
 
-    if not is_text_model(args.model):
-        return False
-    for option in ("arch", "data"):
-        if getattr(args, option, None) is not None:
-            raise UserError(f"--{option} does not apply to the text model {args.model}, which "
-                            f"is evaluated on Debian's fortunes; leave --{option} out")
-    return True
+    return is_text_model(args.model)
 
 
 def open_arguments(args: argparse.Namespace, corpus: Corpus | None = None):
@@ -65,11 +61,6 @@ def prune(args: argparse.Namespace) -> dict:
     from modhifi.text.surgery import apply_plan
     from modhifi.zoo import cost_cache
 
-    for option, only in (("allocation", "uniform"), ("steps", 1)):
-        if getattr(args, option) != only:
-            raise UserError(f"--{option} {getattr(args, option)} does not apply to a text model, "
-                            "whose plan removes the same share of every layer in one round; "
-                            f"leave --{option} out")
     method, components = args.method or DEFAULT_METHOD, args.components or DEFAULT_COMPONENT
     compensation = check(TextCompensation, args.compensation or default_compensation(method))
     backend, subject, texts = open_arguments(args)
@@ -103,8 +94,9 @@ def prune(args: argparse.Namespace) -> dict:
                         removed={"components": plan.kind, "removed": plan.removed()})
         progress(f"wrote {args.out}")
     return {"model": subject.name, "method": method, "target": args.target,
-            "target_kind": args.target_kind, "components": plan.kind, "allocation": "uniform",
-            "compensation": compensation, "bn_recalibrated": False, "calib_samples": len(texts),
+            "target_kind": args.target_kind, "components": plan.kind,
+            "allocation": DEFAULT_ALLOCATION, "compensation": compensation,
+            "bn_recalibrated": False, "calib_samples": len(texts),
             "device": backend.description, "channels_before": plan.units_before,
             "channels_after": plan.units_after, **result,
             "speedup_planned": plan.speedup_planned,
@@ -119,13 +111,6 @@ def unlearn(args: argparse.Namespace) -> dict:
     from modhifi.text.forget import forget_category
     from modhifi.text.subject import save_text_model
 
-    for option in ("edit", "layers", "k"):
-        if getattr(args, option) is not None:
-            raise UserError(f"--{option} does not apply to a text model, whose edit is one "
-                            f"FFN neuron of the last layer made a gate; leave --{option} out")
-    if args.calib_samples is not None:
-        raise UserError("--calib-samples does not apply to forgetting a category of a text "
-                        "model, which reads every calibration text of it; leave it out")
     corpus = load_fortunes()
     category = class_index(corpus, args.forget_class)  # before the model loads
     backend, subject, _ = open_arguments(args, corpus)
