@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,11 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 def torchrun(processes: int, *args: str, timeout: int = 300,
              env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*TORCHRUN, f"--nproc-per-node={processes}", *args], cwd=ROOT,
-                          env=env or ENV, capture_output=True, text=True, timeout=timeout)
+    # torchrun leaves a folder of its workers' logs in TMPDIR: one that goes with the run
+    with tempfile.TemporaryDirectory() as logs:
+        return subprocess.run([*TORCHRUN, f"--nproc-per-node={processes}", *args], cwd=ROOT,
+                              env={**(env or ENV), "TMPDIR": logs}, capture_output=True,
+                              text=True, timeout=timeout)
 
 
 def failure(done: subprocess.CompletedProcess) -> str:
