@@ -6,7 +6,7 @@ audit on the 1,271 test quotations: the category's accuracy before and after, th
 change, the membership attack, the refitted probe; the calibration figures the plan was chosen
 by; seconds for statistics, plan and edit (the audits not counted).
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/text_forget.py           # ~12 min on 2 cores
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/text_forget.py           # ~2 min on 2 cores
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/text_forget.py --quick   # computers only
 
 Writes docs/benchmarks/text_forget_minilm-l6.csv and .md.
@@ -25,7 +25,7 @@ from _table import markdown
 
 from modhifi.backend import choose_backend
 from modhifi.options import REFERENCE_TEXTS, TOPIC_RIDGE, TOPIC_TARGET
-from modhifi.text.forget import audit_text, forget_category
+from modhifi.text.forget import audit_inputs, audit_text, forget_category
 from modhifi.text.subject import open_text
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
@@ -47,13 +47,15 @@ def main() -> None:
     chosen = ([names.index("computers")] if args.quick else range(len(names))
               if args.categories is None else [int(c) for c in args.categories.split(",")])
     rows = []
+    recorded = audit_inputs(subject.model, subject.corpus, device=backend.device)  # as the page
     for category in chosen:
         before = audit_text(subject.model, subject.probe, subject.corpus, category=category,
-                            device=backend.device)
+                            device=backend.device, test_embeddings=recorded.test.embeddings,
+                            calibration_embeddings=recorded.calibration.embeddings)
         result = forget_category(subject.model, subject.probe, subject.corpus,
                                  category=category, device=backend.device, target=args.target,
                                  ridge=args.ridge, reference_texts=args.reference_texts,
-                                 before=before)
+                                 before=before, recorded=recorded)
         after = result.after
         others = [a - b for c, (a, b) in enumerate(zip(after.per_class, before.per_class))
                   if c != category]

@@ -407,6 +407,40 @@ def test_the_replayed_edit_equals_the_edited_model_and_the_input_is_untouched(mo
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_the_audit_of_an_edit_replays_the_last_ffn_as_full_passes_would_give(model, statistics):
+    """`forget_category` audits the edited encoder from the last FFN's inputs recorded on the
+    dense one: its embeddings equal the edited encoder's full passes (a strong edit, so that
+    they differ from the dense ones), the audits equal `audit_text`'s from full passes, and a
+    change before the last FFN is not what the replay is for (it would not show)."""
+    from modhifi.audit import AUDIT_FIGURES
+    from modhifi.text.encoder import embed_from, record_last_ffn
+    from modhifi.text.forget import apply_plan, audit_text, forget_category, plan_for, topic_gates
+    from modhifi.text.quality import train_probe
+
+    recorded = record_last_ffn(model, TEXTS, device="cpu", batch_size=4)  # several batches
+    assert torch.equal(recorded.embeddings, embed(model, TEXTS, device="cpu", batch_size=4))
+    gate, = topic_gates(statistics, quantiles=(0.5,))
+    edited = apply_plan(model, plan_for(statistics, 1, gate, 5.0, 0.0))
+    full = embed(edited, TEXTS, device="cpu")
+    assert (full - recorded.embeddings).abs().max() > 1e-2
+    torch.testing.assert_close(embed_from(edited, recorded), full, rtol=1e-5, atol=1e-6)
+    earlier = copy.deepcopy(edited)
+    with torch.no_grad():
+        earlier.get_submodule(transformer_layers(model)[0].ffn_down).weight.mul_(2.0)
+    assert not torch.allclose(embed(earlier, TEXTS, device="cpu"), full, atol=1e-3)
+
+    corpus = tiny_corpus()
+    probe = train_probe(embed(model, TEXTS, device="cpu"), corpus.train.labels, corpus.categories)
+    result = forget_category(model, probe, corpus, category=1, device="cpu", quantile=0.5,
+                             strength=2.0, reference_texts=None)
+    for audited, audit in ((model, result.before), (result.model, result.after)):
+        by_full_passes = audit_text(audited, probe, corpus, category=1, device="cpu")
+        flat = [[*figures.per_class, *(getattr(figures, key) for key in AUDIT_FIGURES)]
+                for figures in (audit, by_full_passes)]
+        assert flat[0] == pytest.approx(flat[1], abs=1e-6)
+    assert result.after.forget_accuracy < result.before.forget_accuracy
+
+
 def test_the_cross_fitted_figures_equal_each_fold_edited_with_the_others_gate(model, statistics):
     """The strength is judged on texts each edit's gate was not fitted on: the plan's calibration
     figures (forget accuracy, other texts' predictions unchanged) equal editing the real model

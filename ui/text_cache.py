@@ -187,13 +187,23 @@ def try_it(selection: Selection, request: TextPruneRequest | None, sentence: str
     return _nearest(opened, models, sentence, full)
 
 
-@st.cache_data(show_spinner="Auditing the dense model on the test, train and calibration "
-                            "quotations…", max_entries=CACHED_TABLES)
-def dense_audit(opened: Opened, category: int) -> Audit:
+@st.cache_resource(show_spinner="Encoding the test and calibration quotations, keeping the "
+                                "last FFN's inputs (once per model)…", max_entries=1)
+def audit_inputs(opened: Opened) -> forget.AuditInputs:
+    """What every category's audits replay (about 160 MB for MiniLM): one text model's at a
+    time."""
     chosen = subject(opened)
+    return forget.audit_inputs(chosen.model, chosen.corpus, device=backend(opened.device).device)
+
+
+@st.cache_data(show_spinner="Auditing the dense model on the quotations…",
+               max_entries=CACHED_TABLES)
+def dense_audit(opened: Opened, category: int) -> Audit:
+    chosen, recorded = subject(opened), audit_inputs(opened)
     return forget.audit_text(chosen.model, chosen.probe, chosen.corpus, category=category,
                              device=backend(opened.device).device,
-                             test_embeddings=dense_embeddings(opened, True))
+                             test_embeddings=recorded.test.embeddings,
+                             calibration_embeddings=recorded.calibration.embeddings)
 
 
 @st.cache_resource(show_spinner="Forgetting: the category's statistics, the gate, its "
@@ -203,7 +213,8 @@ def forgotten(opened: Opened, request: TextUnlearnRequest) -> forget.TopicResult
     return forget.forget_category(chosen.model, chosen.probe, chosen.corpus,
                                   category=request.category, target=request.target,
                                   device=backend(opened.device).device,
-                                  before=dense_audit(opened, request.category))
+                                  before=dense_audit(opened, request.category),
+                                  recorded=audit_inputs(opened))
 
 
 @st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)

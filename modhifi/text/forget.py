@@ -39,6 +39,9 @@ discriminant, spare neuron and threshold choice it shares, with texts for images
 5. **Audit** (`audit_text`, with `modhifi.audit`): per-category accuracy on the test split, the
    membership attack on the probe's outputs (the category's train texts, which the probe was
    fitted on, against its test texts), and a probe refitted on the edited calibration embeddings.
+   The edit changes only the last FFN, so the edited encoder's embeddings of the test and
+   calibration splits come from that FFN's inputs recorded on the dense one (`audit_inputs`,
+   `encoder.embed_from`): only the member texts take a full pass.
 """
 from __future__ import annotations
 
@@ -58,7 +61,8 @@ from modhifi.hooks import hooked, private_copy
 from modhifi.options import (FOLDS, GATE_QUANTILES, GATE_SLACK, REFERENCE_TEXTS, TOPIC_RIDGE,
                              TOPIC_SLACK, TOPIC_TARGET, WHY_FORGET_TARGET, check_fraction)
 from modhifi.text.corpus import Corpus, TextSplit
-from modhifi.text.encoder import TransformerLayer, embed, token_batches, transformer_layers
+from modhifi.text.encoder import (LastFfnInputs, TransformerLayer, embed, embed_from, pooled,
+                                  record_last_ffn, token_batches, transformer_layers)
 from modhifi.text.quality import Probe
 from modhifi.unlearn.direction import (Gate, discriminant, moved_bias, search_gate,
                                        spare_neuron)
@@ -119,13 +123,8 @@ class TopicStatistics:
 
         @torch.inference_mode()
         def embeddings(strength: float) -> Tensor:
-            out = []
-            for _, mask, base, moved in parts:
-                features = {"token_embeddings": norm(base - strength * moved),
-                            "attention_mask": mask}
-                for module in pooling:
-                    features = module(features)
-                out.append(features["sentence_embedding"].float())
+            out = [pooled(pooling, norm(base - strength * moved), mask)
+                   for _, mask, base, moved in parts]
             return torch.cat(out)[order.to(out[0].device)]
         return embeddings
 
@@ -341,23 +340,47 @@ class TopicResult:
                 **summary_keys(self.before, self.after), "seconds": self.seconds}
 
 
+@dataclass(frozen=True, eq=False)
+class AuditInputs:
+    """The test and calibration splits recorded once on the dense encoder (`LastFfnInputs`):
+    with them, auditing the dense encoder and any edit of its last FFN passes anew only over the
+    category's member texts (about 160 of the 2,700 texts an audit reads on fortunes)."""
+
+    test: LastFfnInputs
+    calibration: LastFfnInputs
+
+    @property
+    def nbytes(self) -> int:
+        return self.test.nbytes + self.calibration.nbytes
+
+
+def audit_inputs(model: nn.Module, corpus: Corpus, *,
+                 device: torch.device | str) -> AuditInputs:
+    """One pass over the test and one over the calibration split (hidden·4 bytes a token: about
+    160 MB for MiniLM on fortunes)."""
+    return AuditInputs(*(record_last_ffn(model, split.texts, device=device)
+                         for split in (corpus.test, corpus.calibration)))
+
+
 def audit_text(model: nn.Module, probe: Probe, corpus: Corpus, *, category: int,
-               device: torch.device | str, seed: int = 0,
-               test_embeddings: Tensor | None = None) -> Audit:
+               device: torch.device | str, seed: int = 0, test_embeddings: Tensor | None = None,
+               calibration_embeddings: Tensor | None = None) -> Audit:
     """The image path's audit for an encoder with its category probe (module docstring, 5);
-    `test_embeddings`: the model's embeddings of the test split, when already made."""
+    `test_embeddings`, `calibration_embeddings`: the model's embeddings of those splits, when
+    already made."""
     test, train, calibration = corpus.test, corpus.train, corpus.calibration
     test_labels = torch.tensor(test.labels)
     if test_embeddings is None:
         test_embeddings = embed(model, test.texts, device=device)
+    if calibration_embeddings is None:
+        calibration_embeddings = embed(model, calibration.texts, device=device)
     train_labels = torch.tensor(train.labels)
     members, _ = balanced((train_labels == category).nonzero().squeeze(1),
                           (test_labels == category).nonzero().squeeze(1), seed)
     members = members.sort().values
     member_embeddings = embed(model, [train.texts[i] for i in members.tolist()], device=device)
-    probed = refit_probe(embed(model, calibration.texts, device=device).cpu(),
-                   torch.tensor(calibration.labels), test_embeddings.cpu(), test_labels,
-                   num_classes=len(corpus.categories))
+    probed = refit_probe(calibration_embeddings.cpu(), torch.tensor(calibration.labels),
+                         test_embeddings.cpu(), test_labels, num_classes=len(corpus.categories))
     return audit_from(probe.logits(test_embeddings).cpu(), test_labels,
                       probe.logits(member_embeddings).cpu(), train_labels[members], probed,
                       forget_class=category, seed=seed)
@@ -368,7 +391,8 @@ def forget_category(model: nn.Module, probe: Probe, corpus: Corpus, *, category:
                     ridge: float = TOPIC_RIDGE, quantile: float | None = None,
                     strength: float | None = None,
                     reference_texts: int | None = REFERENCE_TEXTS, seed: int = 0,
-                    before: Audit | None = None) -> TopicResult:
+                    before: Audit | None = None,
+                    recorded: AuditInputs | None = None) -> TopicResult:
     """Make the encoder forget one category (statistics → gate → plan → edit) and audit it.
 
     Args:
@@ -383,6 +407,8 @@ def forget_category(model: nn.Module, probe: Probe, corpus: Corpus, *, category:
         strength: α, instead of the search.
         reference_texts: calibration texts of all categories behind the means (seeded).
         before: the audit of `model`, when already computed.
+        recorded: `audit_inputs(model, corpus)`, when already made (else made here): the edited
+            encoder differs from `model` only in the last FFN, so its audit replays that FFN.
     """
     if not 0 <= category < len(corpus.categories):
         last = len(corpus.categories) - 1
@@ -396,7 +422,11 @@ def forget_category(model: nn.Module, probe: Probe, corpus: Corpus, *, category:
     edited = apply_plan(model, plan)
     seconds = time.perf_counter() - begin
     run = dict(category=category, device=device, seed=seed)
-    test_embeddings = embed(edited, corpus.test.texts, device=device)  # the audit's, kept
-    return TopicResult(edited, plan, before or audit_text(model, probe, corpus, **run),
-                       audit_text(edited, probe, corpus, test_embeddings=test_embeddings, **run),
-                       seconds, corpus.categories, test_embeddings)
+    recorded = recorded or audit_inputs(model, corpus, device=device)
+    if before is None:
+        before = audit_text(model, probe, corpus, test_embeddings=recorded.test.embeddings,
+                            calibration_embeddings=recorded.calibration.embeddings, **run)
+    test_embeddings = embed_from(edited, recorded.test)  # the audit's, kept
+    after = audit_text(edited, probe, corpus, test_embeddings=test_embeddings,
+                       calibration_embeddings=embed_from(edited, recorded.calibration), **run)
+    return TopicResult(edited, plan, before, after, seconds, corpus.categories, test_embeddings)
