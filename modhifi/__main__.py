@@ -80,7 +80,8 @@ def _prune(args: argparse.Namespace) -> dict:
     backend, subject = _open(args)
     model, dataset = subject.loaded.model, subject.dataset
     method, round_to = args.method or DEFAULT_METHOD, args.round_to or ROUND_TO
-    allocation, steps = args.allocation or DEFAULT_ALLOCATION, args.steps or 1
+    allocation = args.allocation or DEFAULT_ALLOCATION
+    steps = 1 if args.steps is None else args.steps
     calibration, samples = _calibration(subject, args.calib_samples, args.shard,
                                         backend.device)
     structure = trace_structure(model, dataset.input_shape)  # once: the analysis reuses it
@@ -360,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "cifar10:DIR, imagefolder:DIR")
             command.add_argument("--batch-size", type=int, default=64,
                                  help="batch size for latency timing")
+        if name in ("prune", "scores", "theory"):
             command.add_argument("--calib-samples", type=int,
                                  help="unlabeled calibration images (default: 2000, or all if fewer)")
         if name == "unlearn":
@@ -441,18 +443,17 @@ def _print(result: dict, *, as_json: bool) -> None:
 
 
 # Options for one kind of model only: (command, or "*" for all, option) -> (that kind, what the
-# other kind does instead). Given for the other kind, they are refused before any work.
+# other kind does instead, the value that asks for just that or None). Given with another value
+# for the other kind, they are refused before any work.
 ONE_KIND_ONLY = {
-    ("*", "arch"): ("image", "a text model is a Hugging Face folder or a zoo name"),
-    ("*", "data"): ("image", "a text model is evaluated on Debian's fortunes"),
-    ("prune", "components"): ("text", "an image model's components are its channels"),
+    ("*", "arch"): ("image", "a text model is a Hugging Face folder or a zoo name", None),
+    ("*", "data"): ("image", "a text model is evaluated on Debian's fortunes", None),
+    ("prune", "components"): ("text", "an image model's components are its channels", None),
     ("prune", "allocation"): ("image", "a text model's plan removes the same share of every "
-                                       "layer"),
-    ("prune", "steps"): ("image", "a text model is pruned in one round"),
+                                       "layer", "uniform"),
+    ("prune", "steps"): ("image", "a text model is pruned in one round", 1),
     **{("unlearn", option): ("image", "a text model's edit is one FFN neuron of the last layer "
-                                      "made a gate") for option in ("edit", "layers", "k")},
-    ("unlearn", "calib_samples"): ("image", "forgetting a category of a text model reads every "
-                                            "calibration text of it"),
+                                      "made a gate", None) for option in ("edit", "layers", "k")},
 }
 
 
@@ -465,8 +466,8 @@ def _check(args: argparse.Namespace) -> None:
         return getattr(args, name, None)
 
     kind = "text" if given("model") and is_text_model(args.model) else "image"
-    for (command, option), (only, instead) in ONE_KIND_ONLY.items():
-        if command in ("*", args.command) and only != kind and given(option) is not None:
+    for (command, option), (only, instead, same) in ONE_KIND_ONLY.items():
+        if command in ("*", args.command) and only != kind and given(option) not in (None, same):
             flag = "--" + option.replace("_", "-")
             raise UserError(f"{flag} does not apply to {'a text' if kind == 'text' else 'an image'}"
                             f" model ({instead}); leave {flag} out")

@@ -11,7 +11,7 @@ from streamlit.testing.v1 import AppTest
 from torch import nn
 
 from modhifi import nets
-from modhifi.__main__ import ONE_KIND_ONLY, main
+from modhifi.__main__ import ONE_KIND_ONLY, _check, build_parser, main
 from modhifi.errors import UserError
 from modhifi.fidelity import layer_fidelity
 from modhifi.prune import analyse, prune_in_steps
@@ -142,7 +142,7 @@ def test_the_cli_refuses_bad_input_in_one_line_with_exit_2(argv, message, files,
 
 
 EXAMPLES = {"arch": "resnet18", "data": "digits", "components": "heads", "allocation": "global",
-            "steps": "2", "edit": "zero", "layers": "2", "k": "0.1", "calib_samples": "64"}
+            "steps": "2", "edit": "zero", "layers": "2", "k": "0.1"}
 
 
 @pytest.mark.parametrize("command, option", list(ONE_KIND_ONLY))
@@ -150,7 +150,7 @@ def test_an_option_for_the_other_kind_of_model_is_refused_before_anything_loads(
                                                                                 capsys):
     """Each entry of the command line's table, given for a zoo model of the other kind: one
     line, and no other (nothing was loaded)."""
-    only, _ = ONE_KIND_ONLY[command, option]
+    only, _, _ = ONE_KIND_ONLY[command, option]
     command = "prune" if command == "*" else command
     needed = {"prune": ("--target", "0.3"), "unlearn": ("--forget-class", "0")}[command]
     model, kind = ("digits-cnn", "an image") if only == "text" else ("minilm-l6", "a text")
@@ -161,6 +161,28 @@ def test_an_option_for_the_other_kind_of_model_is_refused_before_anything_loads(
     assert lines[0].startswith(f"modhifi: error: {flag} does not apply to {kind} model ("), lines
     assert lines[0].endswith(f"; leave {flag} out"), lines
 
+
+@pytest.mark.parametrize("argv", [
+    ("prune", "--model", "digits-cnn", "--target", "0.3", "--steps", "2", "--allocation", "global"),
+    ("prune", "--model", "minilm-l6", "--target", "0.3", "--components", "heads"),
+    ("prune", "--model", "minilm-l6", "--target", "0.3", "--allocation", "uniform", "--steps", "1"),
+    ("unlearn", "--model", "digits-cnn", "--forget-class", "3", "--edit", "zero", "--k", "0.1"),
+    ("theory", "--model", "digits-cnn", "--calib-samples", "64"),
+], ids=["image-prune", "text-components", "text-what-it-does-anyway", "image-unlearn",
+        "theory-calibrates"])
+def test_an_option_for_its_own_kind_of_model_passes_the_checks(argv):
+    """The other side of the table: what a kind of model takes (or, given to the other kind,
+    asks for what that kind does anyway) is not refused."""
+    _check(build_parser().parse_args(list(argv)))
+
+
+@pytest.mark.parametrize("argv", [("info", "--model", "digits-cnn"),
+                                  ("unlearn", "--model", "digits-cnn", "--forget-class", "3")])
+def test_calibration_images_are_an_option_only_of_the_commands_that_calibrate(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([*argv, "--calib-samples", "64"])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --calib-samples 64" in capsys.readouterr().err
 
 
 def test_the_message_arrives_before_the_work_starts(tmp_path, capsys):

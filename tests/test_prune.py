@@ -728,6 +728,27 @@ def test_iterative_mode_reaches_the_target_in_rounds(monkeypatch):
     assert len(traced) == 2 and given == plans
 
 
+def test_the_command_line_traces_the_structure_once(monkeypatch, capsys):
+    """`prune` chooses its compensation, analyses, plans and applies on one trace of the model's
+    channel groups (a trace is seconds on large models)."""
+    from modhifi import prune
+    from modhifi.__main__ import main
+    from modhifi.prune import analysis as analysis_module
+
+    traced = []
+
+    def counted(*args):
+        traced.append(args)
+        return trace_structure(*args)
+
+    for module in (prune, analysis_module):
+        monkeypatch.setattr(module, "trace_structure", counted)
+    assert main(["prune", "--model", "digits-cnn", "--target", "0.3", "--device", "cpu",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["compensation"] == "sequential"
+    assert len(traced) == 1
+
+
 def test_every_method_is_one_importance_of_the_registry_with_a_valid_ranking():
     """The CLI's, the pages' and the library's methods are the registry's; each importance ranks
     every channel of every group once, scores in [0, 1] never rising along the order."""

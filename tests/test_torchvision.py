@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from coverage import input_size  # noqa: E402
 
 # One small member per family (the torchvision module that builds it), and the variants whose
-# blocks differ: grouped convolutions (resnext), squeeze-excitation (regnet_y), fused MBConv
-# (efficientnet_v2), v2 attention (swin_v2). `-m registry` runs the rest.
+# blocks differ: grouped convolutions, squeeze-excitation, fused MBConv, v2 attention.
+# `-m registry` runs the rest.
+VARIANTS = ("resnext50_32x4d", "regnet_y_400mf", "efficientnet_v2_s", "swin_v2_t")
 FAMILIES = ("alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_v2_s",
             "googlenet", "inception_v3", "maxvit_t", "mnasnet0_5", "mobilenet_v2",
             "mobilenet_v3_small", "regnet_x_400mf", "regnet_y_400mf", "resnet18",
@@ -50,7 +51,7 @@ def _family(name: str) -> str:
 
 def test_the_default_run_covers_every_family():
     families = {_family(name) for name in BUILDERS}
-    assert families <= {_family(name) for name in FAMILIES}
+    assert families <= {_family(name) for name in FAMILIES} and set(VARIANTS) <= set(FAMILIES)
 
 
 @pytest.mark.parametrize("name", [_params(n) for n in BUILDERS])

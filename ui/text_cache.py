@@ -188,10 +188,10 @@ def try_it(selection: Selection, request: TextPruneRequest | None, sentence: str
 
 
 @st.cache_resource(show_spinner="Encoding the test and calibration quotations, keeping the "
-                                "last FFN's inputs (once per model)…", max_entries=1)
+                                "last FFN's inputs (once per model)…", max_entries=2)
 def audit_inputs(opened: Opened) -> forget.AuditInputs:
-    """What every category's audits replay (about 160 MB for MiniLM): one text model's at a
-    time."""
+    """What every category's audits replay (150 MiB for MiniLM): two text models' (or devices')
+    at a time."""
     chosen = subject(opened)
     return forget.audit_inputs(chosen.model, chosen.corpus, device=backend(opened.device).device)
 

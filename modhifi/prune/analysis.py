@@ -146,7 +146,8 @@ def analyse(model: nn.Module, calibration: Iterable[Batch], *, device: torch.dev
             if shard.world > 1 else "; pass at least one unlabeled sample"))
     if input_shape is None:  # inputs of any form: one calibration sample is the example
         input_shape = head(batches[0], 1)
-    structure = structure or trace_structure(model, input_shape)
+    if structure is None:
+        structure = trace_structure(model, input_shape)
     if not structure.groups:
         blocked = f" (here: {'; '.join(structure.refused)})" if structure.refused else ""
         raise UserError("this model has no channel group ModHiFi can prune: it needs a Conv2d or "

@@ -9,9 +9,8 @@ from pathlib import Path
 
 from modhifi.console import class_index, progress
 from modhifi.errors import UserError
-from modhifi.options import (CALIBRATION_TEXT, DEFAULT_ALLOCATION, DEFAULT_COMPONENT,
-                             DEFAULT_METHOD, Component, TextCompensation, check, choices,
-                             default_compensation)
+from modhifi.options import (CALIBRATION_TEXT, DEFAULT_COMPONENT, DEFAULT_METHOD, Component,
+                             TextCompensation, check, choices, default_compensation)
 from modhifi.text.corpus import Corpus, load_fortunes
 
 
@@ -32,8 +31,8 @@ def open_arguments(args: argparse.Namespace, corpus: Corpus | None = None):
     backend = choose_backend(args.device)
     corpus = corpus or load_fortunes()
     calibration = corpus.calibration
-    samples = (min(CALIBRATION_TEXT, len(calibration)) if args.calib_samples is None
-               else args.calib_samples)
+    given = getattr(args, "calib_samples", None)  # the commands that calibrate take it
+    samples = min(CALIBRATION_TEXT, len(calibration)) if given is None else given
     if not samples <= len(calibration):
         raise UserError(f"--calib-samples {samples} must be at most {len(calibration)} for "
                         f"{corpus.name}")
@@ -95,7 +94,7 @@ def prune(args: argparse.Namespace) -> dict:
         progress(f"wrote {args.out}")
     return {"model": subject.name, "method": method, "target": args.target,
             "target_kind": args.target_kind, "components": plan.kind,
-            "allocation": DEFAULT_ALLOCATION, "compensation": compensation,
+            "allocation": "uniform", "compensation": compensation,
             "bn_recalibrated": False, "calib_samples": len(texts),
             "device": backend.description, "channels_before": plan.units_before,
             "channels_after": plan.units_after, **result,

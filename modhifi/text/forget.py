@@ -12,9 +12,10 @@ here is one FFN neuron of the last layer turned into a gate that fires only on t
 tokens: the class-direction edit of the image Transformers (`unlearn.direction`), whose `Gate`,
 discriminant, spare neuron and threshold choice it shares, with texts for images.
 
-1. **Statistics** (`topic_statistics`): one pass over the forget category's calibration texts
-   and a seeded reference sample of all calibration texts (their labels unread). A text is a
-   sample: its mean over real tokens of the last layer's FFN input x (hidden), FFN activation
+1. **Statistics** (`topic_statistics`): the forget category's calibration texts and a seeded
+   reference sample of all calibration texts (their labels unread), from the last FFN's inputs
+   recorded on the whole calibration split (`audit_inputs`, which the audit reads too). A text
+   is a sample: its mean over real tokens of the last layer's FFN input x (hidden), FFN activation
    a (d_ff) and residual stream h entering the last LayerNorm (hidden); every token's x and h
    are kept for the replay. The spare neuron j is the one whose replacement by its mean changes
    the stream least on the reference tokens: ‖W_{:j}‖²·Var(a_j).
@@ -57,12 +58,12 @@ from torch import Tensor, nn
 from modhifi.audit import Audit, audit_frame, audit_from, balanced, per_class_frame, summary_keys
 from modhifi.audit import probe as refit_probe
 from modhifi.errors import UserError
-from modhifi.hooks import hooked, private_copy
+from modhifi.hooks import private_copy
 from modhifi.options import (FOLDS, GATE_QUANTILES, GATE_SLACK, REFERENCE_TEXTS, TOPIC_RIDGE,
                              TOPIC_SLACK, TOPIC_TARGET, WHY_FORGET_TARGET, check_fraction)
 from modhifi.text.corpus import Corpus, TextSplit
 from modhifi.text.encoder import (LastFfnInputs, TransformerLayer, embed, embed_from, pooled,
-                                  record_last_ffn, token_batches, transformer_layers)
+                                  record_last_ffn, transformer_layers)
 from modhifi.text.quality import Probe
 from modhifi.unlearn.direction import (Gate, discriminant, moved_bias, search_gate,
                                        spare_neuron)
@@ -71,7 +72,7 @@ from modhifi.unlearn.scores import reference_index
 
 @dataclass(frozen=True, eq=False)
 class TopicStatistics:
-    """What one pass over calibration texts gives: each text's mean FFN input, activation and
+    """What the last FFN gives on calibration texts: each text's mean FFN input, activation and
     stream, every token's FFN input and stream, and the spare neuron."""
 
     layer: TransformerLayer   # the edited layer (the last one)
@@ -129,6 +130,14 @@ class TopicStatistics:
         return embeddings
 
 
+def _per_text(recorded: LastFfnInputs) -> dict[int, Tensor]:
+    """Each recorded text's last-FFN inputs (tokens, hidden), by its index."""
+    out = {}
+    for index, mask, x in recorded.batches:
+        out.update(zip(index.tolist(), x.split(mask.sum(1).tolist())))
+    return out
+
+
 def _real(x: Tensor, mask: Tensor, chosen: Tensor) -> Tensor:
     """(tokens, d) the real (unpadded) tokens of the texts `chosen` (B,) bool of a batch x
     (B, T, d) with attention mask (B, T)."""
@@ -137,9 +146,11 @@ def _real(x: Tensor, mask: Tensor, chosen: Tensor) -> Tensor:
 
 def topic_statistics(model: nn.Module, calibration: TextSplit, *, category: int,
                      device: torch.device | str, reference_texts: int | None = REFERENCE_TEXTS,
-                     folds: int = FOLDS, seed: int = 0, batch_size: int = 64) -> TopicStatistics:
-    """One forward pass over the forget category's calibration texts and a seeded sample of all
-    calibration texts (labels unread beyond choosing the forget texts).
+                     folds: int = FOLDS, seed: int = 0, batch_size: int = 64,
+                     recorded: LastFfnInputs | None = None) -> TopicStatistics:
+    """The forget category's calibration texts and a seeded sample of all calibration texts
+    (labels unread beyond choosing the forget texts), from the last FFN's inputs: `recorded`
+    over the whole calibration split (`audit_inputs`), else one pass over those texts.
 
     Memory: every text's tokens are kept, 2·hidden·4 bytes each (about 90 MB for MiniLM's 28,000
     tokens of 512 reference quotations and the *computers* ones).
@@ -152,43 +163,42 @@ def topic_statistics(model: nn.Module, calibration: TextSplit, *, category: int,
     reference = reference_index(len(calibration), reference_texts, seed)
     used = torch.cat([forget, reference]).unique()  # sorted calibration indices
     is_forget, is_reference = torch.isin(used, forget), torch.isin(used, reference)
+    if recorded is None:  # the texts it reads, in the order of `used`
+        recorded = record_last_ffn(model, [calibration.texts[i] for i in used.tolist()],
+                                   device=device, batch_size=batch_size)
+        source = torch.arange(len(used))
+    else:
+        source = used
+    tokens = _per_text(recorded)  # recorded index -> (tokens, hidden)
     layer = transformer_layers(model)[-1]
-    means: dict[str, Tensor] = {}
-    state: dict[str, Tensor] = {}
-    moments = torch.zeros(3, model.get_submodule(layer.ffn_down).in_features,
-                          dtype=torch.float64, device=device)  # count, Σ a, Σ a² (reference)
-
-    def record(key: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            x, mask = args[0], state["mask"]  # (B, T, d), (B, T)
-            mean = (x.double() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # (B, d)
-            if key not in means:
-                means[key] = mean.new_empty(len(used), mean.shape[1])
-            means[key][state["rows"].to(mean.device)] = mean
-            state[key] = x
-            if key == "a":
-                real = _real(x, mask, is_reference[state["rows"]]).double()  # (tokens, d_ff)
-                moments[0] += len(real)
-                moments[1] += real.sum(0)
-                moments[2] += (real * real).sum(0)
-        return hook
-
-    dense, kept = [], []
-    texts = [calibration.texts[i] for i in used.tolist()]
-    hooks = {layer.ffn_up: record("x"), layer.ffn_down: record("a"), layer.ffn_norm: record("h")}
-    with torch.inference_mode(), hooked(model, before=hooks) as run:
-        for rows, features in token_batches(run, texts, batch_size=batch_size, device=device):
-            state.update(mask=features["attention_mask"], rows=rows)
-            dense.append((rows, run(dict(features))["sentence_embedding"].float().cpu()))
-            kept.append((rows, features["attention_mask"], state["x"].clone(),
-                         state["h"].clone()))
-        finish = (run.get_submodule(layer.ffn_up), run.get_submodule(layer.ffn_activation),
-                  run.get_submodule(layer.ffn_down), run.get_submodule(layer.ffn_norm),
-                  *list(run)[1:])
-    embeddings = torch.empty(len(used), dense[0][1].shape[1])
-    for rows, vectors in dense:
-        embeddings[rows] = vectors
-    spare, spare_mean = spare_neuron(moments, finish[2].weight)
+    finish = tuple(model.get_submodule(name) for name in (
+        layer.ffn_up, layer.ffn_activation, layer.ffn_down, layer.ffn_norm)) + tuple(model)[1:]
+    up, activation, down = finish[:3]
+    means = {key: torch.empty(len(used), width, dtype=torch.float64) for key, width in (
+        ("x", up.in_features), ("a", down.in_features), ("h", down.out_features))}
+    moments = torch.zeros(3, down.in_features, dtype=torch.float64,
+                          device=recorded.embeddings.device)  # count, Σ a, Σ a² (reference)
+    kept = []  # per batch: (B,) rows, (B, T) mask, (B, T, hidden) x and h
+    # the batches `token_batches` makes of the texts used (by length), whatever was recorded
+    order = sorted(range(len(used)), key=lambda i: len(calibration.texts[int(used[i])]))
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            rows = torch.tensor(order[start:start + batch_size])
+            x = nn.utils.rnn.pad_sequence([tokens[int(source[i])] for i in rows],
+                                          batch_first=True)  # (B, T, hidden), padding 0
+            lengths = torch.tensor([len(tokens[int(source[i])]) for i in rows])
+            mask = (torch.arange(x.shape[1]) < lengths[:, None]).to(x.device, torch.long)
+            a = activation(up(x))  # (B, T, d_ff)
+            h = down(a) + x        # the stream entering the last LayerNorm (BertOutput)
+            for key, value in (("x", x), ("a", a), ("h", h)):
+                summed = (value.double() * mask[..., None]).sum(1)
+                means[key][rows] = (summed / mask.sum(1, keepdim=True)).cpu()  # (B, width)
+            real = _real(a, mask, is_reference[rows]).double()  # (tokens, d_ff)
+            moments[0] += len(real)
+            moments[1] += real.sum(0)
+            moments[2] += (real * real).sum(0)
+            kept.append((rows, mask, x, h))
+    spare, spare_mean = spare_neuron(moments, down.weight)
     # Folds: the forget texts dealt out in a seeded order, then the others, so each fold holds
     # its share of both.
     generator = torch.Generator().manual_seed(seed)
@@ -196,9 +206,10 @@ def topic_statistics(model: nn.Module, calibration: TextSplit, *, category: int,
     for rows in (is_forget.nonzero().squeeze(1), (~is_forget).nonzero().squeeze(1)):
         fold[rows[torch.randperm(len(rows), generator=generator)]] = \
             torch.arange(len(rows)) % folds
-    return TopicStatistics(layer, means["x"].cpu(), means["a"].cpu(), means["h"].cpu(),
-                           is_forget, is_reference, fold, spare, spare_mean, tuple(kept),
-                           finish, embeddings, tuple(used.tolist()))
+    return TopicStatistics(layer, means["x"], means["a"], means["h"], is_forget, is_reference,
+                           fold, spare, spare_mean, tuple(kept), finish,
+                           recorded.embeddings[source.to(recorded.embeddings.device)].cpu(),
+                           tuple(used.tolist()))
 
 
 def _gates(statistics: TopicStatistics, rows: Tensor, quantiles: tuple[float, ...],
@@ -414,15 +425,21 @@ def forget_category(model: nn.Module, probe: Probe, corpus: Corpus, *, category:
         last = len(corpus.categories) - 1
         raise UserError(f"category {category!r} is out of range for {corpus.name} "
                         f"({last + 1} categories): pass 0..{last}")
+    if recorded is None:
+        recorded = audit_inputs(model, corpus, device=device)
+    elif (len(recorded.test.embeddings), len(recorded.calibration.embeddings)) != (
+            len(corpus.test), len(corpus.calibration)):
+        raise ValueError("`recorded` holds other texts than this corpus's test and calibration "
+                         "splits: pass audit_inputs(model, corpus)")
     begin = time.perf_counter()
     statistics = topic_statistics(model, corpus.calibration, category=category, device=device,
-                                  reference_texts=reference_texts, seed=seed)
+                                  reference_texts=reference_texts, seed=seed,
+                                  recorded=recorded.calibration)
     plan = plan_forgetting(statistics, probe, category=category, target=target, ridge=ridge,
                            quantile=quantile, strength=strength)
     edited = apply_plan(model, plan)
     seconds = time.perf_counter() - begin
     run = dict(category=category, device=device, seed=seed)
-    recorded = recorded or audit_inputs(model, corpus, device=device)
     if before is None:
         before = audit_text(model, probe, corpus, test_embeddings=recorded.test.embeddings,
                             calibration_embeddings=recorded.calibration.embeddings, **run)
