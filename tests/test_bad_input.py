@@ -11,7 +11,8 @@ from streamlit.testing.v1 import AppTest
 from torch import nn
 
 from modhifi import nets
-from modhifi.__main__ import ONE_KIND_ONLY, _check, build_parser, main
+from modhifi.__main__ import main
+from modhifi.arguments import ONE_KIND_ONLY, build_parser, check_arguments
 from modhifi.errors import UserError
 from modhifi.fidelity import layer_fidelity
 from modhifi.prune import analyse, prune_in_steps
@@ -173,7 +174,7 @@ def test_an_option_for_the_other_kind_of_model_is_refused_before_anything_loads(
 def test_an_option_for_its_own_kind_of_model_passes_the_checks(argv):
     """The other side of the table: what a kind of model takes (or, given to the other kind,
     asks for what that kind does anyway) is not refused."""
-    _check(build_parser().parse_args(list(argv)))
+    check_arguments(build_parser().parse_args(list(argv)))
 
 
 @pytest.mark.parametrize("argv", [("info", "--model", "digits-cnn"),

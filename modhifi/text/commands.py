@@ -16,7 +16,7 @@ from modhifi.text.corpus import Corpus, load_fortunes
 
 def is_text(args: argparse.Namespace) -> bool:
     """Whether `--model` is a text model (the command line has refused the options it cannot
-    take: `modhifi.__main__.ONE_KIND_ONLY`)."""
+    take: `modhifi.arguments.ONE_KIND_ONLY`)."""
     from modhifi.text.encoder import is_text_model
 
     return is_text_model(args.model)

@@ -159,6 +159,14 @@ def _in_order(count: int, batches: Iterable[tuple[Tensor, Tensor]]) -> Tensor:
     return out
 
 
+def last_ffn(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+    """The last layer's FFN: up-projection, activation, down-projection and the LayerNorm that
+    reads the stream plus its output."""
+    layer = transformer_layers(model)[-1]
+    return tuple(model.get_submodule(name) for name in (
+        layer.ffn_up, layer.ffn_activation, layer.ffn_down, layer.ffn_norm))
+
+
 def pooled(pooling: Sequence[nn.Module], tokens: Tensor, mask: Tensor) -> Tensor:
     """(B, d) sentence embeddings from the last layer's output `tokens` (B, T, hidden) and the
     attention mask (B, T), through the model's modules after the transformer (`list(model)[1:]`:
@@ -211,9 +219,7 @@ def embed_from(model: nn.Module, inputs: LastFfnInputs) -> Tensor:
     """(n, d) `model`'s sentence embeddings of the recorded texts, in their order. `model` must
     be the recording encoder with at most its last FFN changed (nothing checks the layers before:
     ModHiFi-U's gate edits only that FFN)."""
-    layer = transformer_layers(model)[-1]
-    up, activation, down, norm = (model.get_submodule(name) for name in (
-        layer.ffn_up, layer.ffn_activation, layer.ffn_down, layer.ffn_norm))
+    up, activation, down, norm = last_ffn(model)
     pooling = list(model)[1:]
 
     def embedded():

@@ -63,7 +63,7 @@ from modhifi.options import (FOLDS, GATE_QUANTILES, GATE_SLACK, REFERENCE_TEXTS,
                              TOPIC_SLACK, TOPIC_TARGET, WHY_FORGET_TARGET, check_fraction)
 from modhifi.text.corpus import Corpus, TextSplit
 from modhifi.text.encoder import (LastFfnInputs, TransformerLayer, embed, embed_from, pooled,
-                                  record_last_ffn, transformer_layers)
+                                  last_ffn, record_last_ffn, transformer_layers)
 from modhifi.text.quality import Probe
 from modhifi.unlearn.direction import (Gate, discriminant, moved_bias, search_gate,
                                        spare_neuron)
@@ -170,9 +170,7 @@ def topic_statistics(model: nn.Module, calibration: TextSplit, *, category: int,
     else:
         source = used
     tokens = _per_text(recorded)  # recorded index -> (tokens, hidden)
-    layer = transformer_layers(model)[-1]
-    finish = tuple(model.get_submodule(name) for name in (
-        layer.ffn_up, layer.ffn_activation, layer.ffn_down, layer.ffn_norm)) + tuple(model)[1:]
+    finish = last_ffn(model) + tuple(model)[1:]  # then pooling, normalisation
     up, activation, down = finish[:3]
     means = {key: torch.empty(len(used), width, dtype=torch.float64) for key, width in (
         ("x", up.in_features), ("a", down.in_features), ("h", down.out_features))}
@@ -206,8 +204,8 @@ def topic_statistics(model: nn.Module, calibration: TextSplit, *, category: int,
     for rows in (is_forget.nonzero().squeeze(1), (~is_forget).nonzero().squeeze(1)):
         fold[rows[torch.randperm(len(rows), generator=generator)]] = \
             torch.arange(len(rows)) % folds
-    return TopicStatistics(layer, means["x"], means["a"], means["h"], is_forget, is_reference,
-                           fold, spare, spare_mean, tuple(kept), finish,
+    return TopicStatistics(transformer_layers(model)[-1], means["x"], means["a"], means["h"],
+                           is_forget, is_reference, fold, spare, spare_mean, tuple(kept), finish,
                            recorded.embeddings[source.to(recorded.embeddings.device)].cpu(),
                            tuple(used.tolist()))
 
