@@ -48,26 +48,31 @@ class Backend:
 def quiet_dependency_warnings() -> None:
     """Hide the dependencies' notices that are not for our users, for the whole process: a
     TorchScript deprecation (latency is timed on frozen TorchScript on purpose), Torch-Pruning's
-    depth limit on shape inference (the groups it affects are left whole), and scikit-learn's
-    convergence notice for the audit's linear probe (a near-optimum is enough).
+    depth limit on shape inference (the groups it affects are left whole), scikit-learn's
+    convergence notice for the audit's linear probe (a near-optimum is enough), and the text
+    models' loader's weight-loading bars and reports of shapes we restore.
 
     Process-wide, so only applications call it, once at start (the CLI, the dashboard); the
     library itself never changes warning filters (`warnings.catch_warnings` is not thread-safe).
+    It imports neither scikit-learn nor transformers (a second or two of every command that
+    never uses them): the first is matched by its message, the second's switches are the
+    environment variables it reads when first imported (unless it is in memory already).
     """
+    import sys
     import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
 
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated",
                             category=FutureWarning)
     warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
-    warnings.filterwarnings("ignore", category=ConvergenceWarning)
-    try:  # the text models' loader: weight-loading bars and reports of shapes we restore
+    warnings.filterwarnings("ignore", message=r".*failed to converge", category=UserWarning,
+                            module=r"sklearn\.")  # a ConvergenceWarning
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # what a user set wins
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if {"transformers", "huggingface_hub"} & set(sys.modules):  # too late for the variables
         from transformers.utils import logging as transformers_logging
-    except ImportError:
-        return
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
+
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
 
 
 def choose_backend(choice: DeviceChoice = "auto") -> Backend:

@@ -1,4 +1,5 @@
 """The library never imports the UI stack; pages never import torch."""
+import os
 import re
 import subprocess
 import sys
@@ -14,6 +15,28 @@ def test_library_imports_no_ui_packages():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=ROOT).stdout
     assert out.strip() == "[]"
+
+
+def test_quieting_the_dependencies_imports_none_of_them_and_still_quiets_them():
+    """Every command starts with `quiet_dependency_warnings`: it costs no import of
+    scikit-learn or transformers, and their notices are still hidden once they load."""
+    code = ("import sys, warnings\n"
+            "from modhifi.backend import quiet_dependency_warnings\n"
+            "quiet_dependency_warnings()\n"
+            "print(sorted(m for m in ('sklearn', 'transformers') if m in sys.modules))\n"
+            "import numpy as np\n"
+            "from sklearn.linear_model import LogisticRegression\n"
+            "from transformers.utils import logging\n"
+            "x = np.random.default_rng(0).normal(size=(40, 3))\n"
+            "with warnings.catch_warnings(record=True) as seen:\n"
+            "    LogisticRegression(max_iter=1).fit(x, np.arange(40) % 2)\n"
+            "print(len(seen), logging.get_verbosity() == logging.ERROR,\n"
+            "      logging.is_progress_bar_enabled())\n")
+    quiet = {name: value for name, value in os.environ.items()
+             if name not in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=ROOT, env=quiet).stdout
+    assert out.split("\n")[:2] == ["[]", "0 True False"]
 
 
 def test_pages_do_no_tensor_math():

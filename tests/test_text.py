@@ -2,10 +2,8 @@
 layout) and, once, on the real all-MiniLM-L6-v2 through the command line."""
 import copy
 import json
-import os
 import shutil
-import subprocess
-import sys
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -231,26 +229,36 @@ def test_fortunes_splits_are_whole_disjoint_stratified_and_seeded(tmp_path):
         load_fortunes(tmp_path)
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "modhifi", *args], capture_output=True, text=True)
+@dataclass(frozen=True)
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(capsys, *args: str) -> Ran:
+    """The command line run in this process: a fresh one costs ~7 s of imports (torch,
+    transformers, sentence-transformers), and the exit code's way out of `python -m modhifi` is
+    tested in test_cli."""
+    capsys.readouterr()  # what earlier steps printed
+    code = main(list(args))
+    return Ran(code, *capsys.readouterr())
 
 
 def refused(capsys, *args) -> tuple[int, list[str]]:
-    """The command line run in this process (a fresh one costs seconds of imports; the exit
-    code's way out of `python -m modhifi` is tested in test_cli): its code and stderr lines."""
-    code = main(list(args))
-    return code, capsys.readouterr().err.strip().splitlines()
+    """The command line's exit code and stderr lines."""
+    done = cli(capsys, *args)
+    return done.returncode, done.stderr.strip().splitlines()
 
 
-def test_cli_prunes_a_local_folder_and_the_output_reloads(tiny, tmp_path):
+def test_cli_prunes_a_local_folder_and_the_output_reloads(tiny, tmp_path, capsys, monkeypatch):
     """To a latency target: the cost model is kept beside the folder, the JSON has the planned
     speed-up beside the measured one and the targets tried."""
     out = tmp_path / "pruned"
-    done = subprocess.run([sys.executable, "-m", "modhifi", "prune", "--model", str(tiny),
-                           "--target", "0.1", "--target-kind", "latency", "--components", "heads",
-                           "--calib-samples", "64", "--json", "--out", str(out)],
-                          capture_output=True, text=True,
-                          env={**os.environ, "MODHIFI_CACHE": str(tmp_path / "cache")})
+    monkeypatch.setenv("MODHIFI_CACHE", str(tmp_path / "cache"))
+    done = cli(capsys, "prune", "--model", str(tiny), "--target", "0.1", "--target-kind",
+               "latency", "--components", "heads", "--calib-samples", "64", "--json", "--out",
+               str(out))
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["channels_before"] == 8 and result["channels_after"] < 8
@@ -262,7 +270,7 @@ def test_cli_prunes_a_local_folder_and_the_output_reloads(tiny, tmp_path):
                 "sentences_per_second_after", "accuracy_before", "accuracy_after"):
         assert key in result
     assert result["macs_after"] < result["macs_before"]
-    info = cli("info", "--model", str(out), "--json")
+    info = cli(capsys, "info", "--model", str(out), "--json")
     assert info.returncode == 0, info.stderr
     assert json.loads(info.stdout)["accuracy"] == pytest.approx(result["accuracy_after"])
     assert json.loads((out / "modhifi_removed.json").read_text())["components"] == "heads"
@@ -292,13 +300,13 @@ def test_cli_refuses_an_existing_output_folder_before_any_work(tiny, tmp_path, c
 
 
 @pytest.mark.zoo  # opt in (-m zoo): the pages' tests prune the real model in the default run
-def test_the_real_minilm_is_pruned_end_to_end_from_the_command_line():
+def test_the_real_minilm_is_pruned_end_to_end_from_the_command_line(capsys):
     """all-MiniLM-L6-v2 from its PyPI package, 30% of FFN neurons: the text keys, a smaller and
     faster-by-MACs model, and embeddings still close to the dense ones (the bars themselves are
     measured by benchmarks/text_quality.py; the union rule here, as the greedy ranking of 9,216
     neurons is the slow part and the pages' tests run it)."""
-    done = cli("prune", "--model", "minilm-l6", "--target", "0.3", "--calib-samples", "256",
-               "--method", "modhifi", "--batch-size", "16", "--json")
+    done = cli(capsys, "prune", "--model", "minilm-l6", "--target", "0.3", "--calib-samples",
+               "256", "--method", "modhifi", "--batch-size", "16", "--json")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["channels_before"] == 6 * 1536 and result["channels_after"] == 6 * 1072
@@ -306,16 +314,16 @@ def test_the_real_minilm_is_pruned_end_to_end_from_the_command_line():
     assert result["speedup_macs"] > 1.2
     assert result["embedding_cosine"] > 0.9 and result["recall_at_10"] > 0.9
     assert abs(result["accuracy_after"] - result["accuracy_before"]) < 0.05
-    listed = json.loads(cli("models", "--json").stdout)["models"]
+    listed = json.loads(cli(capsys, "models", "--json").stdout)["models"]
     assert any(row["name"] == "minilm-l6" and row["params"] == 22_713_216 for row in listed)
 
 
-def test_cli_scores_of_a_text_model_cover_every_neuron_and_head(tiny, tmp_path):
+def test_cli_scores_of_a_text_model_cover_every_neuron_and_head(tiny, tmp_path, capsys):
     import pandas as pd
 
     out = tmp_path / "scores.csv"
-    done = cli("scores", "--model", str(tiny), "--target", "0.5", "--calib-samples", "64",
-               "--out", str(out), "--json")
+    done = cli(capsys, "scores", "--model", str(tiny), "--target", "0.5", "--calib-samples",
+               "64", "--out", str(out), "--json")
     assert done.returncode == 0, done.stderr
     table = pd.read_csv(out)
     # 2 layers × (32 outputs × 48 neurons of the down-projection + 32 outputs × 4 heads)
@@ -478,10 +486,11 @@ def test_the_cross_fitted_figures_equal_each_fold_edited_with_the_others_gate(mo
     assert plan.calibration_retain_agreement == pytest.approx(kept / int(others.sum()))
 
 
-def test_cli_forgets_a_category_of_a_local_folder_and_the_output_reloads(tiny, tmp_path):
+def test_cli_forgets_a_category_of_a_local_folder_and_the_output_reloads(tiny, tmp_path,
+                                                                          capsys):
     out = tmp_path / "forgot"
-    done = cli("unlearn", "--model", str(tiny), "--forget-class", "computers", "--json",
-               "--out", str(out))
+    done = cli(capsys, "unlearn", "--model", str(tiny), "--forget-class", "computers",
+               "--json", "--out", str(out))
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["forget_class"] == 1 and result["forget_category"] == "computers"
@@ -489,7 +498,7 @@ def test_cli_forgets_a_category_of_a_local_folder_and_the_output_reloads(tiny, t
     for key in ("retain_accuracy_after", "mia_after", "probe_accuracy_after", "strength",
                 "gate_neuron", "gate_quantile"):
         assert key in result
-    info = cli("info", "--model", str(out), "--json")
+    info = cli(capsys, "info", "--model", str(out), "--json")
     assert info.returncode == 0, info.stderr
     per_class = json.loads(info.stdout)["per_class_accuracy"]
     assert per_class["computers"] == pytest.approx(result["forget_accuracy_after"])
@@ -506,7 +515,8 @@ def test_cli_unlearn_bad_input_on_a_text_model_is_one_line_and_exit_2(tiny, args
 
 
 def test_cli_scores_of_a_text_model_with_a_forget_class_give_each_neurons_contrast(tiny,
-                                                                                  tmp_path):
+                                                                                  tmp_path,
+                                                                                  capsys):
     """The forget-class column is each last-layer neuron's contrast (the library's, on the same
     statistics), and empty elsewhere."""
     import pandas as pd
@@ -514,8 +524,8 @@ def test_cli_scores_of_a_text_model_with_a_forget_class_give_each_neurons_contra
     from modhifi.text.forget import contrast, topic_statistics
 
     out = tmp_path / "scores.csv"
-    done = cli("scores", "--model", str(tiny), "--forget-class", "art", "--calib-samples", "64",
-               "--out", str(out))
+    done = cli(capsys, "scores", "--model", str(tiny), "--forget-class", "art",
+               "--calib-samples", "64", "--out", str(out))
     assert done.returncode == 0, done.stderr
     table = pd.read_csv(out)
     model = load_encoder(str(tiny), device="cpu")

@@ -189,10 +189,6 @@ class LastFfnInputs:
     # per batch of `token_batches`: (B,) text indices, (B, T) attention mask, (tokens, hidden)
     # x of its real tokens only (the padding's are masked out of the pooling)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(x.nbytes + mask.nbytes for _, mask, x in self.batches)
-
 
 def record_last_ffn(model: nn.Module, texts: Sequence[str], *, device: torch.device | str,
                     batch_size: int = ENCODE_BATCH) -> LastFfnInputs:

@@ -358,10 +358,6 @@ class AuditInputs:
     test: LastFfnInputs
     calibration: LastFfnInputs
 
-    @property
-    def nbytes(self) -> int:
-        return self.test.nbytes + self.calibration.nbytes
-
 
 def audit_inputs(model: nn.Module, corpus: Corpus, *,
                  device: torch.device | str) -> AuditInputs:
