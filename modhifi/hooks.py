@@ -2,10 +2,14 @@
 
 The dashboard hands one model object to every session at once. A hook on that object would see
 every session's inputs, and `copy.deepcopy` carries hooks into copies, so one call's inputs would
-land in another call's statistics. Hence: hooks only ever go on a private copy (`private_copy`,
-an eval-mode deep copy that the calling function alone holds), and `hooked` removes them when
-its block ends, whatever happens. A model given by a caller is never hooked, put in another
-mode or moved.
+land in another call's statistics. Hence: hooks only ever go on a copy that the calling function
+alone holds, and `hooked` removes them when its block ends, whatever happens. A model given by a
+caller is never hooked, put in another mode or moved.
+
+Two kinds of copy: `private_copy` copies the weights too, for a call that edits them (surgery,
+compensation, unlearning edits); `shared_copy` copies the modules and buffers but shares the
+parameters, for a call that only hooks, traces or runs the model (its mode and its BatchNorm
+statistics are its own): a large model is gigabytes of weights.
 """
 from __future__ import annotations
 
@@ -35,6 +39,26 @@ def private_copy(model: nn.Module, *, channels_last: bool = False) -> nn.Module:
     return copied.to(memory_format=torch.channels_last) if channels_last else copied
 
 
+def shared_copy(model: nn.Module, *, device: torch.device | str | None = None) -> nn.Module:
+    """A copy of `model` in eval mode with its own modules and buffers that shares the model's
+    parameter tensors: for one call's hooks, traces and forward passes, without copying the
+    weights. Never edit, move or convert its parameters (they are the caller's model's);
+    `private_copy` is the copy to edit.
+
+    Args:
+        model: any network; it is only read.
+        device: where the copy runs; parameters elsewhere are copied there (and only they).
+    """
+    place = None if device is None else torch.device(device)
+    memo: dict[int, object] = {}
+    for p in model.parameters():
+        memo[id(p)] = p if place is None or p.device == place else nn.Parameter(
+            p.detach().to(place), requires_grad=p.requires_grad)
+    for b in model.buffers():  # BatchNorm statistics: a pass in train mode updates them
+        memo[id(b)] = b.detach().to(place or b.device, copy=True)
+    return copy.deepcopy(model, memo).eval()
+
+
 @contextmanager
 def hooked(model: nn.Module, *, before: Mapping[str, PreHook] | None = None,
            after: Mapping[str, PostHook] | None = None,
@@ -42,7 +66,8 @@ def hooked(model: nn.Module, *, before: Mapping[str, PreHook] | None = None,
     """Run a block with forward hooks on named modules; yields the model that carries them.
 
     Args:
-        model: the network. Unless `private`, the hooks go on a `private_copy` of it (yielded).
+        model: the network. Unless `private`, the hooks go on a `shared_copy` of it (yielded):
+            the block may run it, in any mode, but never edits its weights.
         before: module name -> forward pre-hook.
         after: module name -> forward hook.
         private: `model` is already a private copy made by the calling function (never one a
@@ -51,7 +76,7 @@ def hooked(model: nn.Module, *, before: Mapping[str, PreHook] | None = None,
     Yields:
         The hooked model; call it inside the block. The hooks are gone when the block ends.
     """
-    target = model if private else private_copy(model)
+    target = model if private else shared_copy(model)
     handles = []
     try:
         for name, hook in (before or {}).items():

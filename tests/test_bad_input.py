@@ -177,6 +177,13 @@ def test_an_option_for_its_own_kind_of_model_passes_the_checks(argv):
     check_arguments(build_parser().parse_args(list(argv)))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_a_gpu_asked_for_on_a_machine_without_one_is_one_line(capsys):
+    code = main(["info", "--model", "digits-cnn", "--device", "cuda", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.count("\n") == 1 and "no CUDA GPU" in err, err
+
+
 @pytest.mark.parametrize("argv", [("info", "--model", "digits-cnn"),
                                   ("unlearn", "--model", "digits-cnn", "--forget-class", "3")])
 def test_calibration_images_are_an_option_only_of_the_commands_that_calibrate(argv, capsys):

@@ -172,3 +172,26 @@ def test_two_sessions_graphs_take_turns_on_torch_pruning_s_shared_pruners(monkey
             inside.wait(5)
             second = pool.submit(graph_b.get_out_channels, b.token)
             assert (first.result(), second.result()) == (8, 16)
+
+
+def test_a_hooked_copy_shares_only_the_weights_and_leaves_the_model_alone():
+    """`hooked` runs a copy that holds the model's parameter tensors (a large model is
+    gigabytes) but its own modules, modes and BatchNorm statistics; `shared_copy` copies only
+    the parameters that live on another device."""
+    from modhifi import nets
+    from modhifi.hooks import hooked, shared_copy
+
+    torch.manual_seed(0)
+    model = nets.ResNet(widths=(8, 16)).train()
+    before, seen = snapshot(model), []
+    with hooked(model, before={"stem.0": lambda module, args: seen.append(args[0].shape)}) as run:
+        assert all(a is b for a, b in zip(run.parameters(), model.parameters(), strict=True))
+        assert not any(a is b for a, b in zip(run.buffers(), model.buffers(), strict=True))
+        assert not run.training
+        run.train()(torch.randn(4, 1, 28, 28))  # a BatchNorm re-estimation, in the copy only
+        assert not torch.equal(run.stem[1].running_mean, model.stem[1].running_mean)
+    assert seen == [torch.Size([4, 1, 28, 28])]
+    assert_unchanged(model, before)
+    elsewhere = shared_copy(model, device="meta")
+    assert all(p.is_meta for p in (*elsewhere.parameters(), *elsewhere.buffers()))
+    assert_unchanged(model, before)

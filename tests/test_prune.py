@@ -1,8 +1,5 @@
 """ModHiFi-P: plans are exact, surgery is real, the input model is untouched, compensation helps."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +13,6 @@ from modhifi.prune import (IMPORTANCES, Evidence, analyse, cut_channels, kept_in
                            recalibrate_batchnorm, trace_structure)
 from modhifi.zoo import build_torchvision
 from oracles import assert_unchanged, cache_synthetic_costs, snapshot
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _analysis(model, shape, samples=64, seed=0):
@@ -666,11 +661,13 @@ def test_greedy_plans_keep_multiples_of_round_to_at_the_planned_cost():
     assert (cost.macs, cost.params) == (plan.macs_after, plan.params_after)
 
 
-def test_cli_prune_writes_a_model_that_reloads_with_the_same_accuracy(tmp_path, monkeypatch):
+def test_cli_prune_writes_a_model_that_reloads_with_the_same_accuracy(tmp_path, monkeypatch,
+                                                                      capsys):
     """To a latency target, planned with the cost model cached under MODHIFI_CACHE (a synthetic
     one, so that what the plan can reach does not depend on the machine's load): planned beside
     measured speed-up, the targets tried, and a written model that reloads with the same
-    figures."""
+    figures. (In this process: the way out of a real one is test_cli's.)"""
+    from modhifi.__main__ import main
     from modhifi.prune import CostModel
 
     out = tmp_path / "pruned.pt"
@@ -678,10 +675,11 @@ def test_cli_prune_writes_a_model_that_reloads_with_the_same_accuracy(tmp_path, 
     costs = cache_synthetic_costs("digits-cnn", 8)
 
     def cli(*args):
-        done = subprocess.run([sys.executable, "-m", "modhifi", *args, "--json", "--device", "cpu",
-                               "--batch-size", "8"], capture_output=True, text=True, cwd=ROOT)
-        assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout)
+        capsys.readouterr()
+        code = main([*args, "--json", "--device", "cpu", "--batch-size", "8"])
+        printed, err = capsys.readouterr()
+        assert code == 0, err
+        return json.loads(printed)
 
     pruned = cli("prune", "--model", "digits-cnn", "--target", "0.1", "--target-kind", "latency",
                  "--calib-samples", "200", "--out", str(out))
@@ -906,22 +904,22 @@ def test_a_group_pruned_alone_and_per_group_overrides():
 
 def test_the_trace_and_the_cut_let_go_of_the_weights_they_no_longer_need(monkeypatch):
     """Torch-Pruning's nodes refer to each other in cycles: left so, the trace's copy of the
-    model and the weights a cut replaced (gigabytes for a large model) would wait for Python's
-    next full collection."""
+    model (its modules and buffers; it shares the weights) and the weights a cut replaced
+    (gigabytes for a large model) would wait for Python's next full collection."""
     import gc
     import weakref
 
     from modhifi.prune import structure
 
     structure.trace_structure(nets.ResNet(), (1, 28, 28))  # torch's lazy imports, once a process
-    copies, copy = [], structure.private_copy
+    copies, copy = [], structure.shared_copy
 
-    def kept_track_of(model):
-        copied = copy(model)
-        copies.append([weakref.ref(p) for p in copied.parameters()])  # where the memory is
+    def kept_track_of(model, **where):
+        copied = copy(model, **where)
+        copies.append([weakref.ref(t) for t in (*copied.modules(), *copied.buffers())])
         return copied
 
-    monkeypatch.setattr(structure, "private_copy", kept_track_of)
+    monkeypatch.setattr(structure, "shared_copy", kept_track_of)
     model = nets.ResNet()
     gc.disable()  # only reference counts free them
     try:

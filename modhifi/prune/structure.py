@@ -17,7 +17,7 @@ from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
 from modhifi.batch import example_of
 from modhifi.errors import UserError
-from modhifi.hooks import private_copy
+from modhifi.hooks import shared_copy
 from modhifi.metrics import count_cost
 from modhifi.moments import is_scorable
 from modhifi.trace import forward_order, last_linear
@@ -257,7 +257,7 @@ def trace_structure(model: nn.Module, input_shape) -> Structure:
 
     `input_shape`: the shape of one input, or a one-sample example of any form (`modhifi.batch`).
     """
-    model = private_copy(model).cpu()
+    model = shared_copy(model, device="cpu")  # Torch-Pruning traces on the CPU
     names = {module: name for name, module in model.named_modules()}
     example = example_of(input_shape)
     order = forward_order(model, example)
