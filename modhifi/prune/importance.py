@@ -56,8 +56,10 @@ def modhifi_ranking(group: ChannelGroup, evidence: Evidence) -> Ranking:
     best = torch.zeros(group.size, dtype=torch.float64)
     for name, index in group.consumers:
         s = evidence.fidelity[name].singleton[:, list(index)]       # (c_out, group size)
-        rank = s.argsort(1, descending=True).argsort(1).double()   # rank_c(i), 0 = best
-        priority = torch.minimum(priority, rank.min(0).values)
+        by_fidelity = s.argsort(1, descending=True)                 # (c_out, group size)
+        rank = torch.empty_like(by_fidelity).scatter_(              # rank_c(i), 0 = best: the
+            1, by_fidelity, torch.arange(group.size).expand_as(by_fidelity))  # inverse order
+        priority = torch.minimum(priority, rank.min(0).values.double())
         best = torch.maximum(best, s.max(0).values)
     order = torch.argsort(priority * 2 + (1 - best), stable=True)  # lexicographic: rank, then -s
     return ranking_of(order, best[order])
