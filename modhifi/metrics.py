@@ -25,7 +25,7 @@ from modhifi.batch import call, example_of
 from modhifi.data import Split
 from modhifi.distributed import ALONE, Shard
 from modhifi.errors import UserError
-from modhifi.hooks import hooked, private_copy
+from modhifi.hooks import hooked, private_copy, shared_copy
 
 
 @dataclass(frozen=True)
@@ -239,7 +239,7 @@ def measure_latencies(models: list[nn.Module], input_shape: tuple[int, ...], *, 
     """Latency of several models timed in alternation (side by side), eager and optimised."""
     example = torch.randn(batch_size, *input_shape, device=backend.device)
     fast = channels_last(example)
-    eager = [lambda m=private_copy(model): m(example) for model in models]
+    eager = [lambda m=shared_copy(model): m(example) for model in models]
     optimised = [lambda m=optimise_for_inference(model, example): m(fast) for model in models]
     with torch.no_grad():
         timings = time_side_by_side(backend, eager + optimised, warmup=warmup, repeats=repeats)

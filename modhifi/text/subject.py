@@ -150,9 +150,9 @@ def save_text_model(model: nn.Module, out: Path, *, base: str, removed: dict) ->
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        from modhifi.hooks import private_copy
+        from modhifi.hooks import shared_copy
 
-        copy = private_copy(model)
+        copy = shared_copy(model)  # its config gets the base; its weights are only written out
         setattr(bert_of(copy).config, BASE_KEY, base)
         copy.save(str(staging / "model"))
         listing = staging / "model" / "modhifi_removed.json"

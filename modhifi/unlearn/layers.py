@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from modhifi.errors import UserError
-from modhifi.hooks import hooked, private_copy
+from modhifi.hooks import hooked, shared_copy
 from modhifi.options import Edit
 from modhifi.trace import classifier_name, forward_order
 
@@ -128,7 +128,7 @@ def reaching_positions(model: nn.Module, name: str, example: Tensor, *,
         Sorted (n,) long indices into the positions (H'·W' of a conv output in row-major order,
         the flattened token axes of a Linear output), or None for all positions.
     """
-    working = private_copy(model)
+    working = shared_copy(model)  # hooked and run only
     layer = working.get_submodule(name)
     shapes: list[torch.Size] = []
     with hooked(working, after={name: lambda m, args, out: shapes.append(out.shape)},
