@@ -70,8 +70,9 @@ def hooked(model: nn.Module, *, before: Mapping[str, PreHook] | None = None,
             the block may run it, in any mode, but never edits its weights.
         before: module name -> forward pre-hook.
         after: module name -> forward hook.
-        private: `model` is already a private copy made by the calling function (never one a
-            caller passed in or that a result hands out): hook it in place.
+        private: `model` is already a copy made by the calling function (`private_copy` or
+            `shared_copy`; never one a caller passed in or that a result hands out): hook it
+            in place.
 
     Yields:
         The hooked model; call it inside the block. The hooks are gone when the block ends.
