@@ -82,7 +82,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         # (B, T, 3D) -> 3 x (B, heads, T, D/heads)
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(
+            2, 0, 3, 1, 4).unbind(0)  # unbound, not iterated: TorchScript's tracer follows it
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, t, d))
 
@@ -128,5 +129,5 @@ class ViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.embed(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, T, D)
-        x = torch.cat([self.cls.expand(len(x), -1, -1), x], dim=1) + self.pos
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
         return self.head(self.norm(self.blocks(x))[:, 0])

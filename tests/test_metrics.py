@@ -1,8 +1,11 @@
 """Metrics against hand counts: MACs of known layers, confusion matrices, latency bookkeeping."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
+from modhifi import nets
 from modhifi.metrics import (channels_last, count_cost, evaluation_from, measure_latency,
                              optimise_for_inference)
 
@@ -36,6 +39,23 @@ def test_optimised_model_folds_batchnorm_and_matches_eager():
     fast = optimise_for_inference(model, x)
     assert "batch_norm" not in str(fast.graph)
     torch.testing.assert_close(fast(channels_last(x)), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("build", [lambda: nets.ViT(dim=32, depth=2, heads=4, hidden=64),
+                                   lambda: nets.ResNet(widths=(8, 16)),
+                                   lambda: nets.vgg(stages=((8,), (16,)))],
+                         ids=["vit", "resnet", "vgg"])
+def test_the_zoo_networks_are_timed_on_a_trace_that_follows_the_batch_size(build):
+    """The optimised copy that latency is timed on is a TorchScript trace: no step of the zoo's
+    networks may be frozen into it as a constant (the tracer warns where one is, e.g. a batch
+    size read with len()), so it computes the model at another batch size too."""
+    torch.manual_seed(0)
+    model = build().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        fast = optimise_for_inference(model, torch.randn(4, 1, 28, 28))
+    x = torch.randn(3, 1, 28, 28)
+    torch.testing.assert_close(fast(channels_last(x)), model(x), rtol=1e-4, atol=1e-4)
 
 
 def test_latency_records_its_settings(cpu):
