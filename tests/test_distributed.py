@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from modhifi import nets
+from modhifi.__main__ import main
 from modhifi.distributed import ALONE, Shard
 from modhifi.prune import recalibrate_batchnorm
 
@@ -206,8 +207,6 @@ def test_unlearning_shares_its_statistics_and_prints_the_one_process_result():
 def test_a_command_that_shares_no_work_runs_on_process_0_alone(capsys):
     many = torchrun(2, "-m", "modhifi", "models", "--json")
     assert many.returncode == 0 and "runs in process 0 alone" in many.stderr
-    from modhifi.__main__ import main
-
     assert main(["models", "--json"]) == 0  # one process: this one
     one = capsys.readouterr().out
     assert many.stdout == one and len(one.strip().splitlines()) == 1
