@@ -4,7 +4,7 @@ import streamlit as st
 from modhifi.backend import quiet_dependency_warnings
 from ui import page, sidebar
 
-quiet_dependency_warnings()  # once per server process, before any session's work
+quiet_dependency_warnings()  # at every run of the script, before its work (idempotent)
 
 st.set_page_config(page_title="ModHiFi Studio", page_icon=":material/tune:", layout="wide")
 sidebar.sidebar()

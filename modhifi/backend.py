@@ -66,13 +66,15 @@ def quiet_dependency_warnings() -> None:
     warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
     warnings.filterwarnings("ignore", message=r".*failed to converge", category=UserWarning,
                             module=r"sklearn\.")  # a ConvergenceWarning
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # what a user set wins
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    if {"transformers", "huggingface_hub"} & set(sys.modules):  # too late for the variables
+    quiet = os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error") == "error"
+    no_bars = os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1") == "1"  # a user's wins
+    if any(name in sys.modules for name in ("transformers", "huggingface_hub")):  # read already
         from transformers.utils import logging as transformers_logging
 
-        transformers_logging.set_verbosity_error()
-        transformers_logging.disable_progress_bar()
+        if quiet:
+            transformers_logging.set_verbosity_error()
+        if no_bars:
+            transformers_logging.disable_progress_bar()
 
 
 def choose_backend(choice: DeviceChoice = "auto") -> Backend:

@@ -8,8 +8,8 @@ caller is never hooked, put in another mode or moved.
 
 Two kinds of copy: `private_copy` copies the weights too, for a call that edits them (surgery,
 compensation, unlearning edits); `shared_copy` copies the modules and buffers but shares the
-parameters, for a call that only hooks, traces or runs the model (its mode and its BatchNorm
-statistics are its own): a large model is gigabytes of weights.
+weights' storage, for a call that only hooks, traces or runs the model (its mode and its
+BatchNorm statistics are its own): a large model is gigabytes of weights.
 """
 from __future__ import annotations
 
@@ -40,20 +40,23 @@ def private_copy(model: nn.Module, *, channels_last: bool = False) -> nn.Module:
 
 
 def shared_copy(model: nn.Module, *, device: torch.device | str | None = None) -> nn.Module:
-    """A copy of `model` in eval mode with its own modules and buffers that shares the model's
-    parameter tensors: for one call's hooks, traces and forward passes, without copying the
-    weights. Never edit, move or convert its parameters (they are the caller's model's);
-    `private_copy` is the copy to edit.
+    """A copy of `model` in eval mode with its own modules, buffers and parameter objects whose
+    tensors share the model's storage: for one call's hooks, traces and forward passes, without
+    copying the weights. Moving it, converting it or accumulating gradients in it leaves the
+    model alone; writing into its weights in place would not (`private_copy` is the copy to
+    edit).
 
     Args:
         model: any network; it is only read.
         device: where the copy runs; parameters elsewhere are copied there (and only they).
     """
     place = None if device is None else torch.device(device)
-    memo: dict[int, object] = {}
+    memo: dict[int, object] = {}  # tied weights stay tied: one new object per parameter
     for p in model.parameters():
-        memo[id(p)] = p if place is None or p.device == place else nn.Parameter(
-            p.detach().to(place), requires_grad=p.requires_grad)
+        data = p.detach()
+        if (place is not None and data.device != place) or data.is_inference():
+            data = data.to(place or data.device, copy=True)  # moved, or usable by autograd
+        memo[id(p)] = nn.Parameter(data, requires_grad=p.requires_grad)
     for b in model.buffers():  # BatchNorm statistics: a pass in train mode updates them
         memo[id(b)] = b.detach().to(place or b.device, copy=True)
     return copy.deepcopy(model, memo).eval()

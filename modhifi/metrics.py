@@ -149,7 +149,7 @@ class Cost:
 class _GlobalOnly:
     """Stands in for FlopCounterMode's module tracker, which registers process-wide module hooks
     (every forward pass in every thread would enter them and scramble its attribution). Only
-    the total is kept; per-layer MACs come from our own hooks on a private copy."""
+    the total is kept; per-layer MACs come from our own hooks on a copy."""
 
     parents = frozenset({"Global"})
 
@@ -166,7 +166,7 @@ def count_cost(model: nn.Module, input_shape) -> Cost:
     `input_shape` is the shape of one input (zeros of (1, *input_shape) are fed) or a one-sample
     example of any form (`modhifi.batch`: a tensor, a tuple or a dict of tensors).
 
-    Counted on a private copy: `model` is only read. A layer's MACs are the FLOPs counted while
+    Counted on a copy: `model` is only read. A layer's MACs are the FLOPs counted while
     it runs (leaf modules only, so that a block's MACs are not counted again under its children).
     """
     device = next(model.parameters()).device
@@ -265,7 +265,7 @@ def measure_layer_latency(model: nn.Module, input_shape: tuple[int, ...], *, bac
                           repeats: int = 15) -> LayerLatency:
     """Each Conv2d/Linear layer's time inside an eager forward of a random batch (the device
     synchronised around it), the median over `repeats` forwards after `warmup`; a layer called
-    twice in one forward counts both calls. Timed on a private copy: `model` is only read."""
+    twice in one forward counts both calls. Timed on a copy: `model` is only read."""
     example = torch.randn(batch_size, *input_shape, device=backend.device)
     names = [name for name, module in model.named_modules()
              if isinstance(module, (nn.Conv2d, nn.Linear))]

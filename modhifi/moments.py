@@ -211,9 +211,9 @@ def collect_moments(
 ) -> dict[str, LayerMoments]:
     """Input statistics of several layers from forward passes of `model` over every sample.
 
-    The passes run on a private eval-mode copy (`hooks.hooked`): the model is only read. With
-    `private`, `model` is the calling function's own eval-mode copy, hooked in place (a copy of
-    a model of billions of parameters costs gigabytes).
+    The passes run on an eval-mode copy that shares the weights (`hooks.hooked`): the model is
+    only read. With `private`, `model` is the calling function's own eval-mode copy, hooked in
+    place.
 
     Args:
         model: the network to run, on `device`.

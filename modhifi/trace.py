@@ -2,8 +2,7 @@
 
 `forward_order` (the scorable layers in call order), `classifier_name` (the last Linear called),
 the theory's layer walk and the replay of the modules before a layer (`modhifi.replay`) all read
-it. The pass runs on a private copy
-(`hooks.hooked`), so the model given is never hooked.
+it. The pass runs on a copy (`hooks.hooked`), so the model given is never hooked.
 """
 from __future__ import annotations
 
@@ -37,7 +36,7 @@ class Trace:
 
 @torch.inference_mode()
 def trace_forward(model: nn.Module, example: Batch) -> Trace:
-    """Record one forward pass of `model` on `example` (on a private copy, in eval mode).
+    """Record one forward pass of `model` on `example` (on a copy, in eval mode).
 
     Args:
         model: the network; only read.

@@ -1,4 +1,5 @@
 """Shared fixtures: the CPU backend and cached zoo subjects (loaded once per test session)."""
+import os
 import subprocess
 import sys
 from functools import cache
@@ -14,6 +15,18 @@ from modhifi.zoo import ZOO, open_subject
 @pytest.fixture(scope="session")
 def cpu():
     return choose_backend("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _environment():
+    """The environment as it was before each test: `main()` run in the test process sets
+    variables for its process (`quiet_dependency_warnings`), which the processes that later
+    tests start must not inherit."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @cache

@@ -175,9 +175,10 @@ def test_two_sessions_graphs_take_turns_on_torch_pruning_s_shared_pruners(monkey
 
 
 def test_a_hooked_copy_shares_only_the_weights_and_leaves_the_model_alone():
-    """`hooked` runs a copy that holds the model's parameter tensors (a large model is
-    gigabytes) but its own modules, modes and BatchNorm statistics; `shared_copy` copies only
-    the parameters that live on another device."""
+    """`hooked` runs a copy that shares the storage of the model's weights (a large model is
+    gigabytes) but has its own modules, parameter objects, modes and BatchNorm statistics, so
+    that moving or converting it leaves the model alone; `shared_copy` copies only the
+    parameters that live on another device, or that autograd cannot use (inference tensors)."""
     from modhifi import nets
     from modhifi.hooks import hooked, shared_copy
 
@@ -185,13 +186,19 @@ def test_a_hooked_copy_shares_only_the_weights_and_leaves_the_model_alone():
     model = nets.ResNet(widths=(8, 16)).train()
     before, seen = snapshot(model), []
     with hooked(model, before={"stem.0": lambda module, args: seen.append(args[0].shape)}) as run:
-        assert all(a is b for a, b in zip(run.parameters(), model.parameters(), strict=True))
+        assert all(a is not b and a.data_ptr() == b.data_ptr()
+                   for a, b in zip(run.parameters(), model.parameters(), strict=True))
         assert not any(a is b for a, b in zip(run.buffers(), model.buffers(), strict=True))
         assert not run.training
         run.train()(torch.randn(4, 1, 28, 28))  # a BatchNorm re-estimation, in the copy only
         assert not torch.equal(run.stem[1].running_mean, model.stem[1].running_mean)
+        run.double().to(memory_format=torch.channels_last)  # its own parameter objects convert
     assert seen == [torch.Size([4, 1, 28, 28])]
     assert_unchanged(model, before)
     elsewhere = shared_copy(model, device="meta")
     assert all(p.is_meta for p in (*elsewhere.parameters(), *elsewhere.buffers()))
     assert_unchanged(model, before)
+    with torch.inference_mode():
+        made_in_inference = nets.ResNet(widths=(8, 16))
+    usable = shared_copy(made_in_inference)
+    assert not any(p.is_inference() for p in usable.parameters())

@@ -43,8 +43,8 @@ def test_optimised_model_folds_batchnorm_and_matches_eager():
 
 @pytest.mark.parametrize("build", [lambda: nets.ViT(dim=32, depth=2, heads=4, hidden=64),
                                    lambda: nets.ResNet(widths=(8, 16)),
-                                   lambda: nets.vgg(stages=((8,), (16,)))],
-                         ids=["vit", "resnet", "vgg"])
+                                   lambda: nets.vgg(stages=((8,), (16,))), nets.tiny_cnn],
+                         ids=["vit", "resnet", "vgg", "tiny_cnn"])
 def test_the_zoo_networks_are_timed_on_a_trace_that_follows_the_batch_size(build):
     """The optimised copy that latency is timed on is a TorchScript trace: no step of the zoo's
     networks may be frozen into it as a constant (the tracer warns where one is, e.g. a batch

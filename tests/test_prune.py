@@ -916,7 +916,8 @@ def test_the_trace_and_the_cut_let_go_of_the_weights_they_no_longer_need(monkeyp
 
     def kept_track_of(model, **where):
         copied = copy(model, **where)
-        copies.append([weakref.ref(t) for t in (*copied.modules(), *copied.buffers())])
+        copies.append([weakref.ref(t) for t in (*copied.modules(), *copied.parameters(),
+                                                *copied.buffers())])
         return copied
 
     monkeypatch.setattr(structure, "shared_copy", kept_track_of)

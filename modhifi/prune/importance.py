@@ -55,7 +55,7 @@ def modhifi_ranking(group: ChannelGroup, evidence: Evidence) -> Ranking:
     priority = torch.full((group.size,), float("inf"), dtype=torch.float64)
     best = torch.zeros(group.size, dtype=torch.float64)
     for name, index in group.consumers:
-        s = evidence.fidelity[name].singleton[:, list(index)]       # (c_out, group size)
+        s = evidence.fidelity[name].singleton[:, list(index)].cpu()  # (c_out, group size)
         by_fidelity = s.argsort(1, descending=True)                 # (c_out, group size)
         rank = torch.empty_like(by_fidelity).scatter_(              # rank_c(i), 0 = best: the
             1, by_fidelity, torch.arange(group.size).expand_as(by_fidelity))  # inverse order
