@@ -1,6 +1,7 @@
 """Oracles shared by the tests: explicit per-sample contributions (brute force), a snapshot of
 everything a call could change on a model, to assert that it changed nothing, and a synthetic
-latency cost model whose times are known in closed form."""
+latency cost model whose times are known in closed form; and the command line run in the
+test's own process."""
 import dataclasses
 from pathlib import Path
 
@@ -26,6 +27,24 @@ def contributions(layer, x):
         y = layer(alone) - bias_only  # (N, c_out, H', W') or (N, [T,] c_out)
         A.append(y.flatten(2) if is_conv else y.reshape(len(x), -1, y.shape[-1]).transpose(1, 2))
     return torch.stack(A, dim=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def command_line(capsys, *args: str) -> Ran:
+    """`python -m modhifi ARGS` run in this process (`main`): a fresh one costs seconds of
+    imports (~7 s with the text models' libraries); the exit code's way out of a real process
+    is tested in test_cli."""
+    from modhifi.__main__ import main
+
+    capsys.readouterr()  # what earlier steps printed
+    code = main(list(args))
+    return Ran(code, *capsys.readouterr())
 
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from modhifi import nets
-from modhifi.__main__ import main
 from modhifi.distributed import ALONE, Shard
 from modhifi.prune import recalibrate_batchnorm
+from oracles import command_line
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -207,9 +207,9 @@ def test_unlearning_shares_its_statistics_and_prints_the_one_process_result():
 def test_a_command_that_shares_no_work_runs_on_process_0_alone(capsys):
     many = torchrun(2, "-m", "modhifi", "models", "--json")
     assert many.returncode == 0 and "runs in process 0 alone" in many.stderr
-    assert main(["models", "--json"]) == 0  # one process: this one
-    one = capsys.readouterr().out
-    assert many.stdout == one and len(one.strip().splitlines()) == 1
+    one = command_line(capsys, "models", "--json")  # one process: this one
+    assert one.returncode == 0
+    assert many.stdout == one.stdout and len(one.stdout.strip().splitlines()) == 1
 
 
 def test_too_few_calibration_batches_for_the_processes_is_one_line():

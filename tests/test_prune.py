@@ -12,7 +12,7 @@ from modhifi.options import METHOD_LABELS, Method, choices
 from modhifi.prune import (IMPORTANCES, Evidence, analyse, cut_channels, kept_inputs, rank,
                            recalibrate_batchnorm, trace_structure)
 from modhifi.zoo import build_torchvision
-from oracles import assert_unchanged, cache_synthetic_costs, snapshot
+from oracles import assert_unchanged, cache_synthetic_costs, command_line, snapshot
 
 
 def _analysis(model, shape, samples=64, seed=0):
@@ -667,7 +667,6 @@ def test_cli_prune_writes_a_model_that_reloads_with_the_same_accuracy(tmp_path, 
     one, so that what the plan can reach does not depend on the machine's load): planned beside
     measured speed-up, the targets tried, and a written model that reloads with the same
     figures. (In this process: the way out of a real one is test_cli's.)"""
-    from modhifi.__main__ import main
     from modhifi.prune import CostModel
 
     out = tmp_path / "pruned.pt"
@@ -675,11 +674,9 @@ def test_cli_prune_writes_a_model_that_reloads_with_the_same_accuracy(tmp_path, 
     costs = cache_synthetic_costs("digits-cnn", 8)
 
     def cli(*args):
-        capsys.readouterr()
-        code = main([*args, "--json", "--device", "cpu", "--batch-size", "8"])
-        printed, err = capsys.readouterr()
-        assert code == 0, err
-        return json.loads(printed)
+        done = command_line(capsys, *args, "--json", "--device", "cpu", "--batch-size", "8")
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
 
     pruned = cli("prune", "--model", "digits-cnn", "--target", "0.1", "--target-kind", "latency",
                  "--calib-samples", "200", "--out", str(out))

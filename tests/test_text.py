@@ -3,13 +3,11 @@ layout) and, once, on the real all-MiniLM-L6-v2 through the command line."""
 import copy
 import json
 import shutil
-from dataclasses import dataclass
 
 import pytest
 import torch
 from torch import nn
 
-from modhifi.__main__ import main
 from modhifi.errors import UserError
 from modhifi.text.components import analyse_text, consumer, sentence_macs
 from modhifi.text.corpus import load_fortunes
@@ -17,6 +15,7 @@ from modhifi.text.encoder import embed, load_encoder, model_folder, token_batche
 from modhifi.text.quality import agreement, nearest
 from modhifi.text.subject import save_text_model
 from modhifi.text.surgery import apply_plan
+from oracles import command_line as cli
 
 TEXTS = ["The cat sat on the mat.", "Computers are fast, people are slow.",
          "A definition: recursion, see recursion.", "Work expands to fill the time.",
@@ -227,22 +226,6 @@ def test_fortunes_splits_are_whole_disjoint_stratified_and_seeded(tmp_path):
     assert load_fortunes(seed=1).test != corpus.test
     with pytest.raises(UserError, match="apt-get install fortunes"):
         load_fortunes(tmp_path)
-
-
-@dataclass(frozen=True)
-class Ran:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def cli(capsys, *args: str) -> Ran:
-    """The command line run in this process: a fresh one costs ~7 s of imports (torch,
-    transformers, sentence-transformers), and the exit code's way out of `python -m modhifi` is
-    tested in test_cli."""
-    capsys.readouterr()  # what earlier steps printed
-    code = main(list(args))
-    return Ran(code, *capsys.readouterr())
 
 
 def refused(capsys, *args) -> tuple[int, list[str]]:
