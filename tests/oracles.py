@@ -2,6 +2,7 @@
 everything a call could change on a model, to assert that it changed nothing, and a synthetic
 latency cost model whose times are known in closed form; and the command line run in the
 test's own process."""
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -36,15 +37,27 @@ class Ran:
     stderr: str
 
 
-def command_line(capsys, *args: str) -> Ran:
-    """`python -m modhifi ARGS` run in this process (`main`): a fresh one costs seconds of
-    imports (~7 s with the text models' libraries); the exit code's way out of a real process
-    is tested in test_cli."""
+@contextlib.contextmanager
+def one_thread():
+    """Torch on one thread inside the block (the thread count is the process's: put back)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def command_line(capture, *args: str) -> Ran:
+    """`python -m modhifi ARGS` run in this process (`main`), its output read by pytest's
+    `capture` fixture (`capsys`, or `capfd` for the file descriptors): a fresh process costs
+    seconds of imports (~7 s with the text models' libraries); the exit code's way out of a
+    real process is tested in test_cli."""
     from modhifi.__main__ import main
 
-    capsys.readouterr()  # what earlier steps printed
+    capture.readouterr()  # what earlier steps printed
     code = main(list(args))
-    return Ran(code, *capsys.readouterr())
+    return Ran(code, *capture.readouterr())
 
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",

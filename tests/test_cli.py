@@ -1,19 +1,20 @@
-"""The command line: contract keys, --json purity, one-line errors with exit code 2."""
+"""The command line: contract keys, --json purity, one-line errors with exit code 2.
+
+The commands run in this process (`oracles.command_line`) with what they write to the file
+descriptors captured (`capfd`: a library printing from C would show too); the way out of a
+real process, exit code and streams, is the one subprocess below."""
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+from oracles import command_line
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "modhifi", *args], capture_output=True,
-                          text=True, cwd=ROOT, timeout=600)
-
-
-def test_models_lists_the_zoo_as_json():
-    done = cli("models", "--json")
+def test_models_lists_the_zoo_as_json(capfd):
+    done = command_line(capfd, "models", "--json")
     assert done.returncode == 0
     rows = json.loads(done.stdout)["models"]
     assert {r["name"] for r in rows} == {"fmnist-resnet", "fmnist-vgg", "fmnist-vit", "digits-cnn",
@@ -21,8 +22,9 @@ def test_models_lists_the_zoo_as_json():
     assert all({"arch", "dataset", "accuracy", "params", "macs"} <= set(r) for r in rows)
 
 
-def test_info_prints_the_contract_keys():
-    done = cli("info", "--model", "digits-cnn", "--json", "--device", "cpu", "--batch-size", "8")
+def test_info_prints_the_contract_keys(capfd):
+    done = command_line(capfd, "info", "--model", "digits-cnn", "--json", "--device", "cpu",
+                        "--batch-size", "8")
     assert done.returncode == 0, done.stderr
     info = json.loads(done.stdout)  # stdout holds exactly one JSON object
     assert {"model", "arch", "dataset", "device", "accuracy", "per_class_accuracy", "macs",
@@ -33,14 +35,16 @@ def test_info_prints_the_contract_keys():
 
 def test_bad_input_is_one_line_on_stderr_and_exit_2():
     """The way out of a real process; every refusal is tested in this one (test_bad_input.py)."""
-    done = cli("info", "--model", "no-such-model", "--json")
+    done = subprocess.run([sys.executable, "-m", "modhifi", "info", "--model", "no-such-model",
+                           "--json"], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 2 and done.stdout == ""
     errors = [line for line in done.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and "not a zoo model" in errors[0]
 
 
-def test_bench_quick_prints_its_keys():
-    done = cli("bench", "--quick", "--model", "digits-cnn", "--json", "--device", "cpu")
+def test_bench_quick_prints_its_keys(capfd):
+    done = command_line(capfd, "bench", "--quick", "--model", "digits-cnn", "--json", "--device",
+                        "cpu")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert {"accuracy_modhifi", "accuracy_best_baseline", "macs_ratio", "speedup_measured",
@@ -48,8 +52,9 @@ def test_bench_quick_prints_its_keys():
     assert result["macs_ratio"] >= 2.0 and 0 < result["slider_median_s"] <= result["slider_p95_s"]
 
 
-def test_unlearn_and_scores_follow_the_contract(tmp_path):
-    done = cli("unlearn", "--model", "digits-cnn", "--forget-class", "3", "--json", "--device", "cpu")
+def test_unlearn_and_scores_follow_the_contract(tmp_path, capfd):
+    done = command_line(capfd, "unlearn", "--model", "digits-cnn", "--forget-class", "3", "--json",
+                        "--device", "cpu")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert {"model", "forget_class", "edit", "layers", "k", "device", "forget_accuracy_before",
@@ -57,14 +62,15 @@ def test_unlearn_and_scores_follow_the_contract(tmp_path):
             "mia_after", "probe_accuracy_before", "probe_accuracy_after", "seconds"} <= set(result)
     assert result["forget_accuracy_after"] < result["forget_accuracy_before"]
     out = tmp_path / "scores.csv"
-    done = cli("scores", "--model", "digits-cnn", "--target", "0.3", "--out", str(out), "--json")
+    done = command_line(capfd, "scores", "--model", "digits-cnn", "--target", "0.3", "--out",
+                        str(out), "--json")
     assert done.returncode == 0, done.stderr
     header = out.read_text().splitlines()[0]
     assert header == "layer,out_channel,in_channel,singleton_fidelity,saliency,kept"
 
 
-def test_theory_prints_the_contract_keys():
-    done = cli("theory", "--model", "digits-cnn", "--json", "--device", "cpu")
+def test_theory_prints_the_contract_keys(capfd):
+    done = command_line(capfd, "theory", "--model", "digits-cnn", "--json", "--device", "cpu")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert {"model", "layers", "max_ratio", "hifi_share"} <= set(report)

@@ -15,7 +15,7 @@ from torch import nn
 from modhifi import nets
 from modhifi.distributed import ALONE, Shard
 from modhifi.prune import recalibrate_batchnorm
-from oracles import command_line
+from oracles import cache_synthetic_costs, command_line, one_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -140,32 +140,32 @@ def test_a_shard_takes_whole_batches_in_turn():
     assert ALONE.indices(5, 2).tolist() == [0, 1, 2, 3, 4] and ALONE.is_main
 
 
-def test_the_cli_prunes_with_three_processes_as_with_one(tmp_path):
+def test_the_cli_prunes_with_three_processes_as_with_one(tmp_path, monkeypatch, capsys):
     """`torchrun -m modhifi prune` to a latency target (two rounds, each planned alike on every
     process from the cost model process 0 reads from the cache and hands on) and `info`: the
     same JSON as one process (timings aside), printed once; the pruned model written once, by
     process 0, and it reloads."""
-    command = ["-m", "modhifi", "prune", "--model", "digits-cnn", "--target", "0.15",
-               "--target-kind", "latency", "--steps", "2", "--json"]
-    cached = {**ENV, "MODHIFI_CACHE": str(tmp_path / "cache")}
-    # a synthetic cost model where the command looks, for its one thread: the plans do not
-    # depend on the machine's load (`oracles.cache_synthetic_costs`)
-    written = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, 'tests'); "
-                              "from oracles import cache_synthetic_costs as write; "
-                              "write('digits-cnn', 64)"], cwd=ROOT, env=cached,
-                             capture_output=True, text=True, timeout=300)
-    assert written.returncode == 0, written.stderr
+    command = ["prune", "--model", "digits-cnn", "--target", "0.15", "--target-kind", "latency",
+               "--steps", "2", "--json"]
+    monkeypatch.setenv("MODHIFI_CACHE", str(tmp_path / "cache"))
+    with one_thread():  # the torchrun processes' one thread (ENV), which the cache file names
+        # a synthetic cost model where the command looks: the plans do not depend on the
+        # machine's load (`oracles.cache_synthetic_costs`)
+        cache_synthetic_costs("digits-cnn", 64)
+        alone = command_line(capsys, *command, "--out", str(tmp_path / "pruned1.pt"))
     [costs] = (tmp_path / "cache" / "latency").iterdir()
     synthetic = costs.read_text()
+    assert alone.returncode == 0, alone.stderr
+    out = tmp_path / "pruned3.pt"
+    done = torchrun(3, "-m", "modhifi", *command, "--out", str(out),
+                    env={**ENV, "MODHIFI_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 0, failure(done)
     results = {}
-    for processes in (1, 3):
-        out = tmp_path / f"pruned{processes}.pt"
-        done = torchrun(processes, *command, "--out", str(out), env=cached)
-        assert done.returncode == 0, failure(done)
-        lines = done.stdout.strip().splitlines()
+    for processes, printed in ((1, alone.stdout), (3, done.stdout)):
+        lines = printed.strip().splitlines()
         assert len(lines) == 1  # one voice
         results[processes] = json.loads(lines[0])
-        assert out.is_file()
+        assert (tmp_path / f"pruned{processes}.pt").is_file()
     # read as written by every run (a measured one would have replaced it)
     assert list(costs.parent.iterdir()) == [costs] and costs.read_text() == synthetic
     timed = ("latency_ms_before", "latency_ms_after", "speedup_measured", "speedup_eager",
@@ -174,32 +174,31 @@ def test_the_cli_prunes_with_three_processes_as_with_one(tmp_path):
         if key not in timed:
             assert results[3][key] == value, key
     assert results[1]["speedup_planned"] >= 1 / 0.85 - 1e-9
-    reloaded = subprocess.run([sys.executable, "-m", "modhifi", "info", "--model",
-                               str(tmp_path / "pruned3.pt"), "--json"], cwd=ROOT, env=ENV,
-                              capture_output=True, text=True, timeout=300)
+    with one_thread():
+        reloaded = command_line(capsys, "info", "--model", str(out), "--json")
     assert json.loads(reloaded.stdout)["accuracy"] == results[1]["accuracy_after"]
     info = torchrun(2, "-m", "modhifi", "info", "--model", "digits-cnn", "--json")
     assert json.loads(info.stdout)["accuracy"] == results[1]["accuracy_before"]
 
 
-def shared_and_alone(processes: int, *command: str) -> tuple[dict, dict]:
+def shared_and_alone(capsys, processes: int, *command: str) -> tuple[dict, dict]:
     """The JSON of `modhifi COMMAND --json` under torchrun (one line, from process 0) and from
-    one plain process."""
-    command = ("-m", "modhifi", *command, "--json")
-    many = torchrun(processes, *command)
+    one process on one thread, as each torchrun process (this one: `oracles.command_line`)."""
+    many = torchrun(processes, "-m", "modhifi", *command, "--json")
     assert many.returncode == 0, failure(many)
-    one = subprocess.run([sys.executable, *command], cwd=ROOT, env=ENV, capture_output=True,
-                         text=True, timeout=300)
+    with one_thread():
+        one = command_line(capsys, *command, "--json")
+    assert one.returncode == 0, one.stderr
     lines = many.stdout.strip().splitlines()
     assert len(lines) == 1
     return json.loads(lines[0]), json.loads(one.stdout)
 
 
-def test_unlearning_shares_its_statistics_and_prints_the_one_process_result():
+def test_unlearning_shares_its_statistics_and_prints_the_one_process_result(capsys):
     """`unlearn` with 3 processes: the forget-class statistics read in shares and summed give
     the one-process k, layers and audit (the search and the audit run alike everywhere)."""
-    shared, alone = shared_and_alone(3, "unlearn", "--model", "digits-cnn", "--forget-class",
-                                     "3")
+    shared, alone = shared_and_alone(capsys, 3, "unlearn", "--model", "digits-cnn",
+                                     "--forget-class", "3")
     assert {k: v for k, v in shared.items() if k != "seconds"} == {
         k: v for k, v in alone.items() if k != "seconds"}
 
@@ -220,11 +219,11 @@ def test_too_few_calibration_batches_for_the_processes_is_one_line():
                                         "least 129, or start fewer") in too_few.stderr
 
 
-def test_the_theory_report_shares_its_statistics_and_global_errors():
+def test_the_theory_report_shares_its_statistics_and_global_errors(capsys):
     """`theory` with 2 processes (digits: 300 calibration images, batches of 250): moments and
     measured output errors summed over both give the one-process local and global errors, to
     float64 rounding, and the same HiFi shares (the untrained architecture on every process)."""
-    shared, alone = shared_and_alone(2, "theory", "--model", "digits-cnn")
+    shared, alone = shared_and_alone(capsys, 2, "theory", "--model", "digits-cnn")
     for key in ("hifi_share", "hifi_share_untrained", "calib_samples"):
         assert shared[key] == alone[key]
     assert [row["layer"] for row in shared["layers"]] == [row["layer"] for row in alone["layers"]]

@@ -17,19 +17,17 @@ from modhifi.prune.tables import hifi_table
 from modhifi.replay import Replay
 from modhifi.prune import analyse, recalibrate_batchnorm
 from modhifi.zoo import ZOO
-from oracles import assert_unchanged, snapshot
+from oracles import assert_unchanged, one_thread, snapshot
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def _one_thread():
     """These tensors are tiny: one thread is as fast, and ~100x faster per op on a CPU shared with
     other jobs (multi-threaded small ops then wait on each other's threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 @pytest.fixture

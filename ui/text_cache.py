@@ -230,8 +230,9 @@ def forget_tables(opened: Opened, request: TextUnlearnRequest) -> tuple[pd.DataF
 @st.cache_data(show_spinner="Searching the quotations…", max_entries=CACHED_TABLES)
 def try_forgotten(opened: Opened, request: TextUnlearnRequest, sentence: str) -> pd.DataFrame:
     """The test quotations nearest to `sentence` under the dense and the edited model (the
-    whole split, whose embeddings the audits already made)."""
+    whole split, whose embeddings the audits already made: the dense model's in the recording
+    of the last FFN's inputs)."""
     result = forgotten(opened, request)
-    models = {"dense": (subject(opened).model, dense_embeddings(opened, True)),
+    models = {"dense": (subject(opened).model, audit_inputs(opened).test.embeddings),
               "edited": (result.model, result.test_embeddings)}
     return _nearest(opened, models, sentence, True)
