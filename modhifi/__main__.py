@@ -185,6 +185,7 @@ def _bench(args: argparse.Namespace) -> dict:
     if not args.quick:
         raise UserError("only `bench --quick` runs from the CLI: the full benchmarks are the "
                         "scripts in benchmarks/ (see docs/results.md)")
+    _image_only(args, "bench --quick")
     backend, subject = _open(args)
     return {"model": subject.loaded.name,
             **quick(subject.loaded.model, subject.dataset, backend=backend)}

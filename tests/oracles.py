@@ -37,6 +37,15 @@ class Ran:
     stderr: str
 
 
+# `prune --json`'s keys for every kind of model (shared/docs/contract.md)
+PRUNE_KEYS = frozenset({
+    "model", "method", "target", "target_kind", "allocation", "compensation", "bn_recalibrated",
+    "calib_samples", "device", "accuracy_before", "accuracy_after", "macs_before", "macs_after",
+    "params_before", "params_after", "channels_before", "channels_after", "batch_size",
+    "latency_ms_before", "latency_ms_after", "speedup_macs", "speedup_measured", "speedup_eager",
+    "seconds"})
+
+
 @contextlib.contextmanager
 def one_thread():
     """Torch on one thread inside the block (the thread count is the process's: put back)."""

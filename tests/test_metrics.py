@@ -22,6 +22,53 @@ def test_macs_of_known_layers_equal_the_hand_count():
     assert cost.to_frame()["share"].sum() == pytest.approx(1.0)
 
 
+class _SelfAttention(nn.Module):
+    """nn.MultiheadAttention as torchvision's ViT calls it (fused kernel in inference)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def forward(self, x):
+        return self.attention(x, x, x, need_weights=False)[0]
+
+
+class _Scaled(nn.Module):
+    def forward(self, q):  # (B, H, L, d): the same tensor as queries, keys and values
+        return nn.functional.scaled_dot_product_attention(q, q, q)
+
+
+def test_attention_kernels_count_their_matrix_products():
+    """The kernels the flop counter has no formula for (the CPU's SDPA, the fused
+    MultiheadAttention and TransformerEncoderLayer of inference) count as their hand count:
+    projections, QKᵀ and AV, the feed-forward layers. (Counted 0 before: a ViT's attention
+    vanished on the CPU, though not on a GPU.)"""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from modhifi.metrics import ATTENTION_FLOPS
+
+    batch, length, dim, heads, hidden = 2, 5, 16, 4, 24
+    attention = 2 * batch * length * length * dim  # QKᵀ and AV, summed over the heads
+    projections = 4 * batch * length * dim * dim  # q, k, v and the output
+    encoder = nn.TransformerEncoderLayer(dim, heads, hidden, batch_first=True, dropout=0.0)
+    cases = {
+        "aten._scaled_dot_product_flash_attention_for_cpu":
+            (_Scaled(), (heads, length, dim // heads), attention),
+        "aten._native_multi_head_attention":
+            (_SelfAttention(dim, heads), (length, dim), projections + attention),
+        "aten._transformer_encoder_layer_fwd":
+            (encoder, (length, dim), projections + attention + 2 * batch * length * dim * hidden),
+    }
+    for kernel, (model, shape, macs) in cases.items():
+        model.eval()
+        x = torch.randn(batch, *shape)
+        assert count_cost(model, x).macs == macs, kernel
+        with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter, \
+                torch.inference_mode():
+            model(x)  # the kernel under test is the one that ran
+        assert kernel in {str(op) for op in counter.get_flop_counts()["Global"]}, kernel
+
+
 def test_confusion_matrix_and_per_class_accuracy():
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     predicted = torch.tensor([0, 1, 1, 1, 0, 2])

@@ -12,7 +12,7 @@ from modhifi.options import METHOD_LABELS, Method, choices
 from modhifi.prune import (IMPORTANCES, Evidence, analyse, cut_channels, kept_inputs, rank,
                            recalibrate_batchnorm, trace_structure)
 from modhifi.zoo import build_torchvision
-from oracles import assert_unchanged, cache_synthetic_costs, command_line, snapshot
+from oracles import PRUNE_KEYS, assert_unchanged, cache_synthetic_costs, command_line, snapshot
 
 
 def _analysis(model, shape, samples=64, seed=0):
@@ -680,6 +680,7 @@ def test_cli_prune_writes_a_model_that_reloads_with_the_same_accuracy(tmp_path, 
 
     pruned = cli("prune", "--model", "digits-cnn", "--target", "0.1", "--target-kind", "latency",
                  "--calib-samples", "200", "--out", str(out))
+    assert PRUNE_KEYS <= set(pruned) and "speedup_planned" in pruned
     assert pruned["latency_targets_tried"][0] == 0.1 and pruned["macs_after"] < pruned["macs_before"]
     assert pruned["speedup_planned"] >= 1 / 0.9 - 1e-9 and pruned["speedup_measured"] > 0
     # where the timing on a loaded box falls short, the CLI cuts again (a smaller model): the

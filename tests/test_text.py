@@ -15,7 +15,7 @@ from modhifi.text.encoder import embed, load_encoder, model_folder, token_batche
 from modhifi.text.quality import agreement, nearest
 from modhifi.text.subject import save_text_model
 from modhifi.text.surgery import apply_plan
-from oracles import command_line as cli
+from oracles import PRUNE_KEYS, command_line as cli
 
 TEXTS = ["The cat sat on the mat.", "Computers are fast, people are slow.",
          "A definition: recursion, see recursion.", "Work expands to fill the time.",
@@ -163,6 +163,36 @@ def test_sentence_macs_equal_counting_every_text_on_its_own(model):
     assert sentence_macs(model, texts) == pytest.approx(total / len(texts), rel=1e-9)
 
 
+def test_macs_counted_while_another_session_runs_a_model_are_this_models_alone(model):
+    """The dashboard counts a text model's MACs (its Overview, every analysis) while other
+    sessions run models in other threads: their passes never enter the count, and no
+    process-wide hook is left (the flop counter's own module tracker hooks every module of the
+    process)."""
+    import threading
+
+    from modhifi.text.components import macs_by_module
+
+    serial = macs_by_module(model, TEXTS)
+    other, done = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 8)), threading.Event()
+
+    def another_session():
+        with torch.inference_mode():
+            while not done.is_set():
+                other(torch.randn(4, 8))
+
+    thread = threading.Thread(target=another_session)
+    thread.start()
+    try:
+        crowded = [macs_by_module(model, TEXTS) for _ in range(3)]
+    finally:
+        done.set()
+        thread.join()
+    assert all(counted == serial for counted in crowded)
+    assert serial[""] == sentence_macs(model, TEXTS) > 0
+    assert not nn.modules.module._global_forward_hooks
+    assert not nn.modules.module._global_forward_pre_hooks
+
+
 def test_saved_folders_reload_with_the_same_embeddings(model, analysis, tmp_path):
     from sentence_transformers import SentenceTransformer
 
@@ -239,7 +269,8 @@ def test_cli_prunes_a_local_folder_and_the_output_reloads(tiny, tmp_path, capsys
     speed-up beside the measured one and the targets tried."""
     out = tmp_path / "pruned"
     monkeypatch.setenv("MODHIFI_CACHE", str(tmp_path / "cache"))
-    done = cli(capsys, "prune", "--model", str(tiny), "--target", "0.1", "--target-kind",
+    monkeypatch.chdir(tiny.parent)  # the model named by a relative path
+    done = cli(capsys, "prune", "--model", tiny.name, "--target", "0.1", "--target-kind",
                "latency", "--components", "heads", "--calib-samples", "64", "--json", "--out",
                str(out))
     assert done.returncode == 0, done.stderr
@@ -249,10 +280,13 @@ def test_cli_prunes_a_local_folder_and_the_output_reloads(tiny, tmp_path, capsys
     assert result["latency_targets_tried"][0] == 0.1  # cut, timed, and cut again if short
     assert isinstance(result["latency_target_met"], bool)
     assert len(list(tiny.parent.glob(f"{tiny.name}.latency-b64-*.json"))) == 1
-    for key in ("embedding_cosine", "retrieval_agreement", "sentences_per_second_before",
-                "sentences_per_second_after", "accuracy_before", "accuracy_after"):
-        assert key in result
+    assert PRUNE_KEYS <= set(result)  # the shared keys, and the text ones
+    assert {"embedding_cosine", "retrieval_agreement", "sentences_per_second_before",
+            "sentences_per_second_after"} <= set(result)
+    assert result["speedup_eager"] == result["speedup_measured"]  # both timed in eager mode
     assert result["macs_after"] < result["macs_before"]
+    monkeypatch.chdir(tmp_path)  # the folder names its base so that it opens from anywhere
+    assert json.loads((out / "config.json").read_text())["modhifi_base"] == str(tiny.resolve())
     info = cli(capsys, "info", "--model", str(out), "--json")
     assert info.returncode == 0, info.stderr
     assert json.loads(info.stdout)["accuracy"] == pytest.approx(result["accuracy_after"])
@@ -265,15 +299,56 @@ def test_cli_prunes_a_local_folder_and_the_output_reloads(tiny, tmp_path, capsys
     (["--target", "0.3", "--compensation", "sequential"], "compensation of a text encoder"),
 ])
 def test_cli_bad_input_on_a_text_model_is_one_line_and_exit_2(tiny, args, message, capsys):
-    code, lines = refused(capsys, "prune", "--model", str(tiny), *args)
-    errors = [line for line in lines if line.startswith("modhifi: error:")]
-    assert code == 2 and len(errors) == 1 and message in errors[0], lines
-    assert len(lines) <= 3 and not any("Traceback" in line for line in lines)
+    assert message in one_error(capsys, "prune", "--model", str(tiny), *args)
 
 
-def test_the_theory_report_of_a_text_model_says_it_has_none_in_one_line(tiny, capsys):
-    code, lines = refused(capsys, "theory", "--model", str(tiny))
+def one_error(capsys, *args) -> str:
+    """The one error line of a refused command (after at most two lines of progress: what
+    is refused once the model is open), without its prefix."""
+    code, lines = refused(capsys, *args)
+    errors = [line for line in lines if line.startswith("modhifi: error: ")]
+    assert code == 2 and len(errors) == 1 and len(lines) <= 3, lines
+    assert not any("Traceback" in line for line in lines)
+    return errors[0].removeprefix("modhifi: error: ")
+
+
+@pytest.mark.parametrize("command", [("theory",), ("bench", "--quick")])
+def test_a_command_with_no_text_path_says_so_in_one_line(tiny, capsys, command):
+    code, lines = refused(capsys, *command, "--model", str(tiny))
     assert code == 2 and len(lines) == 1 and "not available for text models yet" in lines[0]
+
+
+def test_a_damaged_folder_is_one_line_naming_what_is_wrong(tiny, model, analysis, tmp_path,
+                                                           capsys):
+    """A config.json that is not JSON, and a modhifi folder whose weights do not fit the widths
+    its config records: one line and exit 2, no traceback."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny, broken)
+    (broken / "config.json").write_text("{")
+    assert one_error(capsys, "info", "--model", str(broken)).startswith(
+        f"{broken / 'config.json'} cannot be read as JSON (")
+    saved = tmp_path / "saved"
+    save_text_model(apply_plan(analysis, analysis.plan(0.5, kind="heads", round_to=1)), saved,
+                    base=str(tiny), removed={})
+    config = json.loads((saved / "config.json").read_text())
+    config["modhifi_shapes"]["heads"] = [1, 1]  # the weights hold 2 heads a layer
+    (saved / "config.json").write_text(json.dumps(config))
+    assert "do not fit the widths its config records" in one_error(capsys, "info", "--model",
+                                                                   str(saved))
+
+
+def test_an_encoder_not_laid_out_as_bert_is_refused_in_one_line():
+    """MPNet's layers name their attention `attention.attn`: refused, naming BERT's layout."""
+    holder = nn.Sequential(nn.Module())
+    holder[0].model = nn.Module()
+    holder[0].model.encoder = nn.Module()
+    layer = nn.Module()
+    layer.attention = nn.Module()
+    layer.attention.attn = nn.Linear(4, 4)
+    holder[0].model.encoder.layer = nn.ModuleList([layer])
+    with pytest.raises(UserError, match="layer 0 of the text model is not laid out as BERT's") as e:
+        transformer_layers(holder)
+    assert "\n" not in str(e.value)
 
 
 def test_cli_refuses_an_existing_output_folder_before_any_work(tiny, tmp_path, capsys):
@@ -470,7 +545,7 @@ def test_the_cross_fitted_figures_equal_each_fold_edited_with_the_others_gate(mo
 
 
 def test_cli_forgets_a_category_of_a_local_folder_and_the_output_reloads(tiny, tmp_path,
-                                                                          capsys):
+                                                                          capsys, monkeypatch):
     out = tmp_path / "forgot"
     done = cli(capsys, "unlearn", "--model", str(tiny), "--forget-class", "computers",
                "--json", "--out", str(out))
@@ -481,6 +556,8 @@ def test_cli_forgets_a_category_of_a_local_folder_and_the_output_reloads(tiny, t
     for key in ("retain_accuracy_after", "mia_after", "probe_accuracy_after", "strength",
                 "gate_neuron", "gate_quantile"):
         assert key in result
+    monkeypatch.chdir(tmp_path)  # the folder names its base so that it opens from anywhere
+    assert json.loads((out / "config.json").read_text())["modhifi_base"] == str(tiny.resolve())
     info = cli(capsys, "info", "--model", str(out), "--json")
     assert info.returncode == 0, info.stderr
     per_class = json.loads(info.stdout)["per_class_accuracy"]

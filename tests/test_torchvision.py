@@ -76,6 +76,22 @@ def test_every_classification_builder_is_pruned_end_to_end(name):
         torch.testing.assert_close(unpruned(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=[] if n in FAMILIES else [pytest.mark.registry]) for n in BUILDERS])
+def test_macs_are_torchvision_s_published_figures(name):
+    """Oracle: the MACs torchvision publishes with each model's weights (`_ops`, GFLOPs as
+    multiply-accumulates, at the weights' input size), counted here without the weights: on
+    the meta device (no memory, no time), except where the CPU runs other kernels (the ViTs'
+    fused attention, which the meta device runs unfused) or a builder's init reads data."""
+    weights = min(torchvision.models.get_model_weights(name),
+                  key=lambda w: w.transforms().crop_size[0])  # the builder's own input size
+    size = weights.transforms().crop_size[0]
+    cpu = _family(name) in ("regnet", "vision_transformer")
+    with torch.device("cpu" if cpu else "meta"):
+        model = torchvision.models.get_model(name, weights=None).eval()
+    assert round(count_cost(model, (3, size, size)).macs / 1e9, 3) == weights.meta["_ops"]
+
+
 class _SelfAttention(nn.Module):
     """One head with separate q, k, v projections over one sequence (tokens as rows): with 2-D
     matmuls, Torch-Pruning (which calls them element-wise) puts q, k and v in one group."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from modhifi.errors import UserError
-from modhifi.metrics import evaluate
+from modhifi.metrics import count_cost, evaluate
 from modhifi.zoo import ZOO, build_torchvision, load_model, model_card, save_checkpoint
 
 from conftest import subject
@@ -22,6 +22,8 @@ def test_zoo_model_reaches_its_accuracy_on_the_full_test_split(name, cpu):
     assert result.samples == len(chosen.dataset.test)
     assert result.accuracy >= ZOO[name].min_accuracy
     assert result.accuracy == pytest.approx(model_card(name)["test_accuracy"], abs=1e-4)
+    cost = count_cost(chosen.loaded.model, chosen.dataset.input_shape)  # what `models` lists
+    assert (model_card(name)["macs"], model_card(name)["params"]) == (cost.macs, cost.params)
 
 
 def test_mismatched_checkpoint_lists_every_mismatch(tmp_path):

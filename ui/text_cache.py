@@ -21,10 +21,6 @@ LIVE_TEST_TEXTS = 400   # live numbers use this prefix of the (shuffled) test sp
 TRY_IT_NEIGHBOURS = 5
 
 
-def is_text(opened: Opened) -> bool:
-    return opened.model.arch is None and encoder.is_text_model(opened.model.spec)
-
-
 @st.cache_resource(show_spinner="Loading the text model and the fortunes corpus…", max_entries=2)
 def subject(opened: Opened) -> subjects.TextSubject:
     return subjects.open_text(opened.model.spec, device=backend(opened.device).device)

@@ -77,7 +77,7 @@ def token_moments(model: nn.Module, texts: Sequence[str], layers: Sequence[str],
     def record(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0][tokens["mask"]]  # (B, T, c_in) -> (real tokens, c_in)
-            part = moments_of(module, x)
+            part = moments_of(module, x).float64()  # batches add up in float64, as images' do
             moments[name] = moments[name] + part if name in moments else part
         return hook
 
@@ -333,28 +333,22 @@ def macs_at(model: nn.Module, lengths: Sequence[int]) -> dict[str, float]:
 
     An encoder's MACs are exactly quadratic in the length T (linear layers ∝ T, attention scores
     and their product with V ∝ T², the pooler constant), so `torch.utils.flop_counter` counts
-    three lengths and the mean follows from E[T] and E[T²]. CPU attention kernels get PyTorch's
-    own SDPA formula (the counter has none for them).
+    three lengths and the mean follows from E[T] and E[T²] (`metrics.count_flops`, which counts
+    the CPU's attention kernels too).
     """
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+    from modhifi.metrics import count_flops
 
-    def cpu_attention(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-        return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-    custom = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention}
     device = next(model.parameters()).device
+    modules = [name for name, _ in model.named_modules() if name]
     probes = (8, 16, 32)
-    counted: list[dict[str, float]] = []
-    for length in probes:
-        features = {"input_ids": torch.full((1, length), 1000, device=device),
-                    "attention_mask": torch.ones(1, length, dtype=torch.long, device=device),
-                    "token_type_ids": torch.zeros(1, length, dtype=torch.long, device=device)}
-        with FlopCounterMode(display=False, custom_mapping=custom) as counter, \
-                torch.inference_mode():
-            model(features)
-        root = type(model).__name__
-        counted.append({"" if name in (root, "Global") else name.removeprefix(root + "."):
-                        sum(ops.values()) / 2 for name, ops in counter.get_flop_counts().items()})
+    # token 0: every vocabulary has it, and the count is the same for any; (features,): called
+    # as model(features)
+    batches = [({"input_ids": torch.zeros(1, length, dtype=torch.long, device=device),
+                 "attention_mask": torch.ones(1, length, dtype=torch.long, device=device),
+                 "token_type_ids": torch.zeros(1, length, dtype=torch.long, device=device)},)
+               for length in probes]
+    counted = [{"": total / 2, **{name: n / 2 for name, n in flops.items()}}
+               for total, flops in count_flops(model, batches, modules)]
     # MACs(T) = a + b T + c T²: three lengths give a, b, c exactly, per module.
     powers = torch.tensor([[1.0, t, t * t] for t in probes], dtype=torch.float64)
     names = sorted(counted[0])

