@@ -11,7 +11,8 @@ channels-last (NHWC). `best` compares each model's fastest optimised form. The t
 run at 224×224 with random weights (latency does not depend on the values; their plan comes from
 random-normal calibration images). `--threads` times every model at each CPU thread count (the
 ratio depends on it; docs/results.md). Writes
-docs/benchmarks/speedup[_quick|_threads].csv and .png.
+docs/benchmarks/speedup[_quick|_threads].csv and .png (with `--models`, those models' rows
+replace theirs in the CSV and the others stay).
 """
 from __future__ import annotations
 
@@ -34,8 +35,10 @@ from modhifi.prune import analyse
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("fmnist-resnet", "fmnist-vgg", "fmnist-vit", "resnet18", "resnet50")
 BATCHES = {"cpu": (1, 64), "cuda": (1, 64, 640)}  # the paper's GPU settings
-# Only the ViT's FFN hidden neurons are prunable: at most 46% of its MACs can go.
-TARGET_CAP = {"fmnist-vit": 0.4}
+# Only the ViT's FFN hidden neurons are prunable: at most 40% of its MACs can go (its
+# attention counted, 16.74 M MACs in all; 0.4 of the 14.82 M counted without it until
+# 2026-12-07 was about the same plan as 0.35 now).
+TARGET_CAP = {"fmnist-vit": 0.35}
 
 
 def subject(name: str, device: torch.device) -> tuple[torch.nn.Module, tuple[int, ...], tuple]:
@@ -149,6 +152,11 @@ def main() -> None:
     table = pd.DataFrame(rows)
     suffix = "_quick" if args.quick else "_threads" if args.threads else ""
     out = ROOT / "docs" / "benchmarks" / f"speedup{suffix}.csv"
+    if out.is_file() and not args.quick:  # the other models' rows stay as they were measured
+        before = pd.read_csv(out)
+        table = pd.concat([before[~before["model"].isin(models)], table], ignore_index=True)
+        order = {name: i for i, name in enumerate(MODELS)}
+        table = table.sort_values("model", key=lambda names: names.map(order), kind="stable")
     table.to_csv(out, index=False)
     plot(table, out.with_suffix(".png"))
     columns = ["model", "threads", "batch", "mode", "dense_ms", "modhifi_ms", "torch_pruning_ms",

@@ -47,6 +47,21 @@ def balanced(members: Tensor, non_members: Tensor, seed: int) -> tuple[Tensor, T
             non_members[torch.randperm(len(non_members), generator=generator)[:n]])
 
 
+def membership_samples(dataset: Dataset, *, forget_class: int,
+                       seed: int = 0) -> tuple[Tensor, Tensor]:
+    """The membership attack's samples: indices of the forget class's training images (members)
+    and test images (non-members), seeded subsamples of the same size; refused in one line where
+    either split has fewer than 2 (checked before any pass over the images)."""
+    members = (dataset.train.labels == forget_class).nonzero().squeeze(1)
+    non_members = (dataset.test.labels == forget_class).nonzero().squeeze(1)
+    if min(len(members), len(non_members)) < 2:
+        raise UserError(f"the membership attack needs at least 2 images of class {forget_class} "
+                        f"in the train and in the test split ({len(members)} and "
+                        f"{len(non_members)} in {dataset.name}): forget another class, or add "
+                        "images of this one")
+    return balanced(members, non_members, seed)
+
+
 def membership_auc(members: Tensor, non_members: Tensor, *, seed: int = 0, folds: int = 5) -> float:
     """How well a logistic-regression attack tells members from non-members (cross-validated AUC).
 
@@ -203,10 +218,8 @@ def audit(model: nn.Module, dataset: Dataset, *, forget_class: int, device: torc
         The `Audit`.
     """
     test, train = dataset.test, dataset.train
+    members = membership_samples(dataset, forget_class=forget_class, seed=seed)[0].sort().values
     outputs = outputs or model_outputs(model, dataset, device=device, batch_size=batch_size)
-    members, _ = balanced((train.labels == forget_class).nonzero().squeeze(1),
-                           (test.labels == forget_class).nonzero().squeeze(1), seed)
-    members = members.sort().values
     with torch.inference_mode():
         member_logits = torch.cat([model(x).float().cpu() for x in train.subset(members).batches(
             batch_size, device=device)])
@@ -272,8 +285,7 @@ def membership_scores(model: nn.Module, dataset: Dataset, *, forget_class: int,
         Columns: sample ("member" or "non-member"), loss, confidence.
     """
     test, train = dataset.test, dataset.train
-    members, non_members = balanced((train.labels == forget_class).nonzero().squeeze(1),
-                                    (test.labels == forget_class).nonzero().squeeze(1), seed)
+    members, non_members = membership_samples(dataset, forget_class=forget_class, seed=seed)
     frames = []
     with torch.inference_mode():
         for name, split, index in (("member", train, members), ("non-member", test, non_members)):

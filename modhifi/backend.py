@@ -36,6 +36,26 @@ class Backend:
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
 
+    def random(self, *shape: int) -> torch.Tensor:
+        """Standard-normal numbers of `shape` on this device, for timing inputs: drawn from a
+        generator of their own (the process-wide one is left alone: other sessions may be
+        drawing from it, or have seeded it to build a model)."""
+        generator = torch.Generator(self.device).manual_seed(0)
+        return torch.randn(*shape, generator=generator, device=self.device)
+
+    def build(self, make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+        """`make()` on this device, for timing: its parameters seeded random numbers of a
+        generator of their own (a module's constructor draws its initial weights from the
+        process-wide one, which other sessions may be drawing from or have seeded)."""
+        with torch.device("meta"):
+            module = make()
+        module = module.to_empty(device=self.device)
+        generator = torch.Generator(self.device).manual_seed(0)
+        with torch.no_grad():
+            for parameter in module.parameters():
+                parameter.normal_(0.0, 0.02, generator=generator)
+        return module
+
     def peak_memory_reset(self) -> None:
         if self.is_cuda:
             torch.cuda.reset_peak_memory_stats(self.device)

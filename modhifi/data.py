@@ -347,7 +347,13 @@ def _imagefolder(root: Path, calibration_size: int | None, image_size: int = 224
 
     if (root / "train").is_dir() and (root / "test").is_dir():
         *train, classes = read(root / "train")
-        *test, _ = read(root / "test")
+        *test, test_classes = read(root / "test")
+        unknown = sorted(set(test_classes) - set(classes))
+        if unknown:
+            raise UserError(f"{root / 'test'} has classes that {root / 'train'} lacks "
+                            f"({', '.join(unknown)}); give both the same class folders")
+        # each folder numbers its own classes: the test labels by the train folder's names
+        test[1] = torch.tensor([classes.index(name) for name in test_classes])[test[1]]
     else:
         images, labels, classes = read(root)
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(SPLIT_SEED))

@@ -289,7 +289,7 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...], *, backend: 
 def measure_latencies(models: list[nn.Module], input_shape: tuple[int, ...], *, backend: Backend,
                       batch_size: int = 64, warmup: int = 5, repeats: int = 30) -> list[Latency]:
     """Latency of several models timed in alternation (side by side), eager and optimised."""
-    example = torch.randn(batch_size, *input_shape, device=backend.device)
+    example = backend.random(batch_size, *input_shape)
     fast = channels_last(example)
     eager = [lambda m=shared_copy(model): m(example) for model in models]
     optimised = [lambda m=optimise_for_inference(model, example): m(fast) for model in models]
@@ -318,7 +318,7 @@ def measure_layer_latency(model: nn.Module, input_shape: tuple[int, ...], *, bac
     """Each Conv2d/Linear layer's time inside an eager forward of a random batch (the device
     synchronised around it), the median over `repeats` forwards after `warmup`; a layer called
     twice in one forward counts both calls. Timed on a copy: `model` is only read."""
-    example = torch.randn(batch_size, *input_shape, device=backend.device)
+    example = backend.random(batch_size, *input_shape)
     names = [name for name, module in model.named_modules()
              if isinstance(module, (nn.Conv2d, nn.Linear))]
     spent: dict[str, list[float]] = {name: [] for name in names}  # per forward, in ms

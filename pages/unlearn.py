@@ -142,11 +142,14 @@ def render() -> None:
                                  format_func=lambda e: "by architecture" if e is None else e)
         most = cache.editable_layers(opened, edit)  # negate acts on fewer layers
         page.lower_to(keys.UNLEARN_LAYERS, most)
+        # the pair edits' controls: the direction edit is one neuron (`UnlearnRequest`)
+        pairs = edit != "direction"
         layers = cols[1].number_input("Layers edited (last L; empty: chosen with k)", 1, most, None,
-                                      key=keys.UNLEARN_LAYERS)
-        auto = cols[2].toggle("Choose k automatically", True, key=keys.UNLEARN_AUTO)
+                                      key=keys.UNLEARN_LAYERS, disabled=not pairs)
+        auto = cols[2].toggle("Choose k automatically", True, key=keys.UNLEARN_AUTO,
+                              disabled=not pairs)
         k = cols[2].slider("k (share of slices per layer) when not automatic", 0.005, 0.2, 0.03,
-                           0.005, key=keys.UNLEARN_K)
+                           0.005, key=keys.UNLEARN_K, disabled=not pairs)
         target = cols[2].number_input(
             "Forget target (calibration accuracy) when automatic", 0.0, 0.5, 0.0, 0.01,
             key=keys.UNLEARN_TARGET, help="What the automatic k aims for on the forget class's "
@@ -155,8 +158,9 @@ def render() -> None:
 
     # The target only steers the automatic k.
     request = UnlearnRequest(forget_class=forget, edit=edit,
-                             layers=None if layers is None else int(layers),
-                             k=None if auto else k, target_forget_accuracy=target if auto else 0.0)
+                             layers=None if layers is None or not pairs else int(layers),
+                             k=None if auto or not pairs else k,
+                             target_forget_accuracy=target if auto else 0.0)
     result = cache.unlearned(opened, request)
     before, after = result.before, result.after
     audit_metrics(before, after)

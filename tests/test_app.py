@@ -141,6 +141,16 @@ def test_the_direction_edit_forgets_a_vit_class_on_the_page():
     assert not app.exception and not app.error
     assert any("of blocks.3.ffn.fc1 → blocks.3.ffn.fc2 made a gate" in c.value
                for c in app.caption)
+    # The direction edit chosen with the pair edits' controls set: they are greyed out and left
+    # out of the request (which refuses them with a direction edit), not an error box.
+    app.number_input(key=keys.UNLEARN_LAYERS).set_value(2)
+    app.toggle(key=keys.UNLEARN_AUTO).set_value(False)
+    app.selectbox(key=keys.UNLEARN_EDIT).set_value("direction")
+    submit(app)
+    assert not app.exception and not app.error
+    assert app.number_input(key=keys.UNLEARN_LAYERS).disabled
+    assert app.toggle(key=keys.UNLEARN_AUTO).disabled and app.slider(key=keys.UNLEARN_K).disabled
+    assert any("made a gate" in c.value for c in app.caption)
 
 
 def test_a_damaging_edit_is_flagged_before_the_test_split_says_so():

@@ -89,6 +89,28 @@ def test_imagefolder_reads_users_images(tmp_path):
     assert len(data.train) + len(data.calibration) + len(data.test) == 20
 
 
+def test_a_test_folder_without_some_class_keeps_the_train_folders_labels(tmp_path):
+    """train/ has cat, dog and eel; test/ only cat and eel: its eel images are class 2 (the
+    folder alone would number them 1, dog's index). A class test/ has and train/ lacks is one
+    line."""
+    from PIL import Image
+
+    from modhifi.errors import UserError
+
+    for split, labels in (("train", ("cat", "dog", "eel")), ("test", ("cat", "eel"))):
+        for label in labels:
+            (tmp_path / split / label).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (8, 8)).save(tmp_path / split / label / f"{i}.png")
+    data = load_dataset(f"imagefolder:{tmp_path}", calibration_size=2)
+    assert data.classes == ("cat", "dog", "eel")
+    assert data.test.labels.tolist() == [0] * 4 + [2] * 4
+    (tmp_path / "test" / "fox").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "test" / "fox" / "0.png")
+    with pytest.raises(UserError, match=r"has classes that .* lacks \(fox\)"):
+        load_dataset(f"imagefolder:{tmp_path}", calibration_size=2)
+
+
 def test_an_image_folder_streams_its_images_batch_by_batch(tmp_path):
     """Loading reads only file headers; a batch reads its own files (oracle: PIL and the same
     resize and crop, file by file), so a file damaged after loading fails when its batch is

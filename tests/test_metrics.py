@@ -133,3 +133,18 @@ def test_layer_latency_books_each_layer_between_its_own_hooks(monkeypatch):
     assert [name for name, _ in timed.per_layer] == ["0", "2", "4"]
     assert dict(timed.per_layer) == {"0": 1e3, "2": 1e3, "4": 2e3}
     assert timed.forward_ms == (2 * 4 + 1) * 1e3
+
+
+def test_timing_leaves_the_process_random_generator_alone(cpu):
+    """Timing inputs come from a generator of their own: a session building a seeded model
+    meanwhile (`training.seeded`) gets its weights, and nobody's draws are consumed."""
+    from modhifi.prune import trace_structure
+    from modhifi.prune.latency import measure_costs
+
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
+    torch.manual_seed(1)
+    state = torch.random.get_rng_state()
+    measure_latency(model, (1, 12, 12), backend=cpu, batch_size=2, warmup=1, repeats=1)
+    measure_costs(model, trace_structure(model, (1, 12, 12)), (1, 12, 12), backend=cpu,
+                  batch_size=2)
+    assert torch.equal(torch.random.get_rng_state(), state)

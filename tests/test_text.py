@@ -635,7 +635,11 @@ def _explicit_text_ms(pruned, kind):
 def text_costs(model, cpu):
     from modhifi.text.latency import measure_text_costs
 
-    return measure_text_costs(model, TEXTS, backend=cpu, batch_size=8)
+    state = torch.random.get_rng_state()
+    costs = measure_text_costs(model, TEXTS, backend=cpu, batch_size=8)
+    # its blocks and inputs come from generators of their own (`Backend.build`, `random`)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    return costs
 
 
 def test_a_text_latency_plan_predicts_each_layers_saving_from_its_real_widths(

@@ -296,3 +296,19 @@ def test_bad_input_is_one_line_user_error():
     analysis = _zoo_analysis("digits-cnn", 32)
     with pytest.raises(UserError, match="not a scored consumer layer"):
         theory.local_global(analysis, "nope")
+
+
+def test_a_conv_norm_is_returned_though_another_thread_empties_the_cache(monkeypatch):
+    """The memo is shared by every session's thread; one that empties it (past its size) between
+    this call's store and read must not cost this call its result."""
+    from modhifi.theory import lipschitz
+
+    class Emptied(dict):  # another thread clears the memo right after each store
+        def __setitem__(self, key, value):
+            super().__setitem__(key, value)
+            self.clear()
+
+    monkeypatch.setattr(lipschitz, "_CONV_NORMS", Emptied())
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    norm = lipschitz.conv_lipschitz(conv, (2, 6, 6), iterations=50)
+    assert norm > 0 and norm == lipschitz.conv_lipschitz(conv, (2, 6, 6), iterations=50)

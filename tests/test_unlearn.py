@@ -602,6 +602,10 @@ def test_the_class_direction_finds_a_torchvision_vits_last_mlp_and_refuses_a_zer
     with pytest.raises(UserError, match="reaches the logits"):  # torchvision zeroes the head
         class_direction(model, split, forget_class=1, device="cpu")
     nn.init.normal_(model.heads.head.weight)
+    unbiased = copy.deepcopy(model)  # the gate's threshold and shift go into the biases
+    unbiased.encoder.layers.encoder_layer_1.mlp[3].bias = None
+    with pytest.raises(UserError, match=r"^encoder\.layers\.encoder_layer_1\.mlp\.3 has no bias"):
+        class_direction(unbiased, split, forget_class=1, device="cpu")
     direction = class_direction(model, split, forget_class=1, device="cpu", ridge=0.1)
     assert direction.layer == "encoder.layers.encoder_layer_1.mlp.3"
     assert direction.up == "encoder.layers.encoder_layer_1.mlp.0"
@@ -615,3 +619,22 @@ def test_the_class_direction_finds_a_torchvision_vits_last_mlp_and_refuses_a_zer
                if not torch.equal(p, model.state_dict()[name])}
     assert changed and all(name.startswith("encoder.layers.encoder_layer_1.mlp.")
                            for name in changed)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_forget_class_too_rare_for_the_audit_is_refused_before_any_work(split, monkeypatch):
+    """The membership attack needs 2 forget-class images in each split: a class missing from
+    one is one line, before the model is even copied (the search used to run, then the audit
+    failed with a traceback)."""
+    import dataclasses
+
+    from modhifi.unlearn import run
+
+    chosen = subject("digits-cnn")
+    data = chosen.dataset
+    rest = getattr(data, split)
+    data = dataclasses.replace(data, **{split: rest.subset((rest.labels != 3).nonzero()[:, 0])})
+    monkeypatch.setattr(run, "private_copy", lambda *a, **k: pytest.fail("the work started"))
+    with pytest.raises(UserError, match=r"at least 2 images of class 3 in the train and in the "
+                                        r"test split \((0 and \d+|\d+ and 0) in digits\)"):
+        unlearn(chosen.loaded.model, data, forget_class=3, device="cpu")

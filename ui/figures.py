@@ -108,9 +108,10 @@ def confusion(matrix: list[list[int]], classes: list[str]) -> go.Figure:
     return figure
 
 
-def local_global(table: pd.DataFrame, fitted: float, bound: float | None = None) -> go.Figure:
+def local_global(table: pd.DataFrame, fitted: float, bound: float | None = None, *,
+                 bound_name: str = "bound") -> go.Figure:
     """Measured global error against the local error of each mask, with the fitted ratio and
-    the theorem's bound C_l² × local (`bound` = C_l²)."""
+    the theorem's bound C_l² × local (`bound` = C_l²; None: no line)."""
     figure = px.scatter(table, x="local_error", y="global_error", color="kind", symbol="kind",
                         hover_data=["kept_share", "ratio"], log_x=True, log_y=True,
                         labels={"local_error": "local error Σ_c (1−m)ᵀQ_c(1−m)",
@@ -119,8 +120,8 @@ def local_global(table: pd.DataFrame, fitted: float, bound: float | None = None)
     figure.add_scatter(x=span, y=fitted * span, mode="lines", name=f"fitted ratio {fitted:.3g}",
                        line={"dash": "dash", "color": "grey"})
     if bound is not None:
-        figure.add_scatter(x=span, y=bound * span, mode="lines", name=f"bound C_l² = {bound:.3g}",
-                           line={"color": "#e76f51"})
+        figure.add_scatter(x=span, y=bound * span, mode="lines",
+                           name=f"{bound_name} C_l² = {bound:.3g}", line={"color": "#e76f51"})
     figure.update_layout(margin={"t": 20})
     return figure
 

@@ -190,18 +190,18 @@ def candidate_widths(full: int, *, step: int = ROUND_TO, count: int = WIDTHS) ->
     return tuple(widths[k] for k in sorted(picks))
 
 
-def _replica(module: nn.Module, c_in: int, c_out: int) -> nn.Module:
-    """A fresh layer of `module`'s kind and geometry with `c_in` inputs and `c_out` outputs
-    (random weights: the time does not depend on them)."""
+def _replica(module: nn.Module, c_in: int, c_out: int, backend: Backend) -> nn.Module:
+    """A fresh layer of `module`'s kind and geometry with `c_in` inputs and `c_out` outputs on
+    `backend`'s device (random weights: the time does not depend on them)."""
     if isinstance(module, nn.Linear):
-        return nn.Linear(c_in, c_out)
+        return backend.build(lambda: nn.Linear(c_in, c_out))
     if _depthwise(module):  # one filter per channel: as many inputs and groups as outputs
         c_in = groups = c_out
     else:
         groups = module.groups
-    return nn.Conv2d(c_in, c_out, module.kernel_size, module.stride, module.padding,
-                     module.dilation, groups,
-                     bias=True).to(memory_format=torch.channels_last)  # BatchNorm folds into a bias
+    return backend.build(lambda: nn.Conv2d(
+        c_in, c_out, module.kernel_size, module.stride, module.padding, module.dilation, groups,
+        bias=True)).to(memory_format=torch.channels_last)  # BatchNorm folds into a bias
 
 
 def _depthwise(module: nn.Module) -> bool:
@@ -238,12 +238,12 @@ def _time_layer(module: nn.Module, shape: tuple[int, ...], widths, *, backend: B
         if width not in inputs:
             resized = list(shape)
             resized[axis] = width
-            inputs[width] = channels_last(torch.randn(batch_size, *resized, device=backend.device))
+            inputs[width] = channels_last(backend.random(batch_size, *resized))
         return inputs[width]
 
     rows = []
     for c_in in widths[0]:
-        copies = [_replica(module, c_in, c_out).to(backend.device).eval() for c_out in widths[1]]
+        copies = [_replica(module, c_in, c_out, backend).eval() for c_out in widths[1]]
         calls = [lambda m=m, x=batch(m.in_channels if conv else m.in_features): m(x)
                  for m in copies]
         rows.append(tuple(t.median_ms for t in time_side_by_side(backend, calls, warmup=1,
@@ -282,7 +282,7 @@ def measure_costs(model: nn.Module, structure: Structure, input_shape: tuple[int
         raise UserError("a latency target needs image inputs of one shape; use --target-kind "
                         "macs for this model")
     start = time.perf_counter()
-    example = torch.randn(batch_size, *input_shape, device=backend.device)
+    example = backend.random(batch_size, *input_shape)
     optimised = optimise_for_inference(model, example)
     fast = channels_last(example)
     with torch.no_grad():

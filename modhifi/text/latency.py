@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -109,16 +110,16 @@ def measure_text_costs(model: nn.Module, texts: Sequence[str], *, backend: Backe
                                                       batch_size=batch_size,
                                                       device=backend.device)]
     shapes = tuple(tuple(f["input_ids"].shape) for f in work)
-    inputs = [torch.randn(b, t, hidden, device=backend.device) for b, t in shapes]
+    inputs = [backend.random(b, t, hidden) for b, t in shapes]
     with torch.inference_mode():
         dense, = time_side_by_side(backend, [lambda: [model(dict(f)) for f in work]],
                                    warmup=1, repeats=REPEATS)
     counts = candidate_widths(neurons)
-    ffn = _time_blocks([_FeedForward(hidden, n).to(backend.device).eval() for n in counts],
+    ffn = _time_blocks([backend.build(partial(_FeedForward, hidden, n)).eval() for n in counts],
                        inputs, backend=backend)
     every = tuple(range(1, heads + 1))
-    attention = _time_blocks([_Attention(hidden, h, layer.head_size).to(backend.device).eval()
-                              for h in every], inputs, backend=backend)
+    attention = _time_blocks([backend.build(partial(_Attention, hidden, h, layer.head_size))
+                              .eval() for h in every], inputs, backend=backend)
     return TextCosts(backend.description, batch_size, shapes, dense.median_ms,
                      LayerTimes((1,), counts, (ffn,), 0), LayerTimes((1,), every, (attention,), 0),
                      time.perf_counter() - start)

@@ -104,12 +104,14 @@ def conv_lipschitz(conv: nn.Conv2d, input_shape: tuple[int, int, int], *, iterat
     key = (hashlib.blake2b(weight.cpu().numpy().tobytes(), digest_size=16).hexdigest(),
            tuple(weight.shape), conv.stride, conv.padding, conv.dilation, conv.groups,
            conv.padding_mode, tuple(input_shape), iterations, tol, seed)
-    if key not in _CONV_NORMS:
+    norm = _CONV_NORMS.get(key)  # one read: another session's thread may clear the cache
+    if norm is None:
+        norm = _conv_norm(conv, weight, tuple(input_shape), iterations=iterations, tol=tol,
+                          seed=seed)
         if len(_CONV_NORMS) > 1024:
             _CONV_NORMS.clear()
-        _CONV_NORMS[key] = _conv_norm(conv, weight, tuple(input_shape), iterations=iterations,
-                                      tol=tol, seed=seed)
-    return _CONV_NORMS[key]
+        _CONV_NORMS[key] = norm
+    return norm
 
 
 _CONV_NORMS: dict[tuple, float] = {}

@@ -114,10 +114,7 @@ class Gate:
               bias: Tensor) -> None:
         """Neuron `neuron` of the FFN (up, down) becomes this gate at strength α, in place;
         `bias` (d_model,): the down-projection's bias with the neuron's mean output moved in."""
-        kappa, sigma = GATE_SHARPNESS, float(self.scale)
-        for linear in (up, down):
-            if linear.bias is None:
-                linear.bias = nn.Parameter(linear.weight.new_zeros(linear.out_features))
+        kappa, sigma = GATE_SHARPNESS, float(self.scale)  # both have biases: class_direction
         up.weight[neuron] = (kappa * self.reading / sigma).to(up.weight)
         up.bias[neuron] = -kappa * float(self.reading @ self.centre + self.threshold) / sigma
         down.weight[:, neuron] = (-strength * self.shift * sigma / kappa).to(down.weight)
@@ -236,8 +233,8 @@ def class_direction(model: nn.Module, calibration: Split, *, forget_class: int,
         reference_samples: calibration images of all classes (seeded) that give Σ and m.
 
     Raises:
-        UserError: fewer than 2 forget-class images, no feed-forward block before the head, or
-            none of its outputs reaching the logits.
+        UserError: fewer than 2 forget-class images, no feed-forward block before the head, one
+            without biases, or none of its outputs reaching the logits.
     """
     forget = (calibration.labels == forget_class).nonzero()[:, 0]
     if len(forget) < 2:
@@ -250,6 +247,11 @@ def class_direction(model: nn.Module, calibration: Split, *, forget_class: int,
                         "the class-direction edit is for Transformers; use the pair edits "
                         "(`unlearn`, edit zero or negate)")
     up = feeding_linear(model, layer, example)
+    unbiased = [name for name in (up, layer) if model.get_submodule(name).bias is None]
+    if unbiased:  # the gate writes its threshold and its shift into them
+        raise UserError(f"{' and '.join(unbiased)} ha{'s' if len(unbiased) == 1 else 've'} no "
+                        "bias, which the class-direction gate is written into (an edited model "
+                        "would not reload): use the pair edits (`unlearn`, edit zero or negate)")
     positions = reaching_positions(model, layer, example, seed=seed)
     if positions is not None and not len(positions):
         raise UserError(f"no output of {layer} reaches the logits (is the head untrained, all "

@@ -10,7 +10,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from modhifi.audit import Audit, Outputs, audit, audit_frame, per_class_frame, summary_keys
+from modhifi.audit import (Audit, Outputs, audit, audit_frame, membership_samples, per_class_frame,
+                           summary_keys)
 from modhifi.data import Dataset
 from modhifi.distributed import ALONE, Shard
 from modhifi.errors import UserError
@@ -107,6 +108,7 @@ def unlearn(model: nn.Module, dataset: Dataset, *, forget_class: int, device: to
     if not forget_class < classes:
         raise UserError(f"forget class {forget_class!r} is out of range for {dataset.name} "
                         f"({classes} classes): pass --forget-class 0..{classes - 1}")
+    membership_samples(dataset, forget_class=forget_class, seed=seed)  # the audit can run
 
     begin = time.perf_counter()
     # eval() and hooks touch only this copy; channels-last convolutions are ~1.7x faster on a CPU
