@@ -76,6 +76,7 @@ def test_every_classification_builder_is_pruned_end_to_end(name):
         torch.testing.assert_close(unpruned(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:The default weight initialization")  # googlenet, inception
 @pytest.mark.parametrize("name", [
     pytest.param(n, marks=[] if n in FAMILIES else [pytest.mark.registry]) for n in BUILDERS])
 def test_macs_are_torchvision_s_published_figures(name):
