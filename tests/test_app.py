@@ -687,3 +687,35 @@ def test_the_text_prune_page_plans_a_latency_target_with_the_measured_cost_model
     captions = " ".join(c.value for c in app.caption)
     assert f"Predicted speed-up {plan.speedup_planned:.2f}×" in captions
     assert metrics(app)["Kept: FFN neurons"] == f"{plan.units_after} / {plan.units_before}"
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("composition", "every point lies below it"),
+    ("sequential", "a heuristic, not a bound"),
+    ("unavailable", "No red line: a module after this layer"),
+])
+def test_the_theory_page_says_whether_c_l_is_a_bound(monkeypatch, kind, words):
+    """Only a composed C_l is the theorem's bound: a product in forward order (a branching
+    torchvision network) is a heuristic, and an unknown constant (LayerNorm, attention) draws
+    no line and shows no number, where the page used to call each a bound (and print "nan")."""
+    import dataclasses
+
+    from ui import cache
+
+    measured = cache.local_global
+
+    def of_kind(selection, layer):
+        result = measured(selection, layer)
+        constant = float("nan") if kind == "unavailable" else result.bound_constant
+        return dataclasses.replace(result, bound_kind=kind, bound_constant=constant)
+
+    monkeypatch.setattr(cache, "local_global", of_kind)
+    app = open_page("pages/theory.py")
+    assert not app.exception and not app.error
+    [caption] = [c.value for c in app.caption if c.value.startswith("Each point is one mask")]
+    assert words in caption
+    assert (metrics(app)["Bound's C_l²"] == "—") == (kind == "unavailable")
+    names = {trace["name"].split(" C_l²")[0] for trace in
+             json.loads(app.get("plotly_chart")[0].proto.spec)["data"] if "C_l²" in trace["name"]}
+    assert names == {"composition": {"bound"}, "sequential": {"heuristic"},
+                     "unavailable": set()}[kind]
