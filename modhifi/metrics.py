@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from modhifi.backend import Backend, Timing, time_side_by_side
 from modhifi.batch import call, example_of
@@ -179,24 +179,20 @@ def count_cost(model: nn.Module, input_shape) -> Cost:
                 per_layer=per_layer)
 
 
-def _attention(batch: int, queries: int, keys: int, width: int) -> int:
-    """FLOPs of softmax(QKᵀ)V for `batch` sequences: QKᵀ and its product with V, each
-    queries × keys × width multiply-adds (2 FLOPs)."""
-    return 2 * 2 * batch * queries * keys * width
-
-
 def _cpu_attention(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    """F.scaled_dot_product_attention's CPU kernel: (B, H, L, d) queries, (B, H, S, d) keys."""
-    return _attention(math.prod(query[:-2]), query[-2], key[-2], query[-1])
+    """F.scaled_dot_product_attention's CPU kernel: the counter's own SDPA formula."""
+    return sdpa_flop_count(query, key, value)
 
 
 def _multi_head_attention(query, key, value, embed_dim, num_head, *args, out_shape=None,
                           **kwargs) -> int:
     """nn.MultiheadAttention's fused inference kernel, (B, L, E) queries over (B, S, E) keys:
-    the query, key, value and output projections and the attention itself."""
+    the query, key, value and output projections, and the attention (SDPA's formula, the heads
+    side by side: one head of width E counts the same)."""
     batch, (queries, width), keys = math.prod(query[:-2]), query[-2:], key[-2]
     projections = 2 * batch * width * width * (2 * queries + 2 * keys)
-    return projections + _attention(batch, queries, keys, width)
+    return projections + sdpa_flop_count((batch, 1, queries, width), (batch, 1, keys, width),
+                                         (batch, 1, keys, width))
 
 
 def _encoder_layer(src, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias,
