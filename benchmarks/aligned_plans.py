@@ -44,20 +44,13 @@ def given_back(analysis, kept: dict[str, int], budget: float) -> dict[str, int]:
     """`kept` with blocks of BLOCK channels given back while the MACs stay within `budget`:
     each time the block whose greedy gains (as a share of its group's) per MAC are largest."""
     rankings, cost = analysis.ranking(METHOD), analysis.structure.cost
-    kept = dict(kept)
-    while True:
-        now, best = cost(kept)[0], None
-        for name, count in kept.items():
-            gains = rankings[name].gain
-            more = {**kept, name: min(len(gains), count + BLOCK)}
-            spent = cost(more)[0]
-            if more[name] > count and spent <= budget:
-                value = sum(gains[count:more[name]]) / sum(gains) / (spent - now)
-                if best is None or value > best[0]:
-                    best = (value, more)
-        if best is None:
-            return kept
-        kept = best[1]
+
+    def priority(name: str, count: int, macs: float) -> float:
+        gains = rankings[name].gain
+        return -sum(gains[count:count + BLOCK]) / sum(gains) / macs
+
+    return give_back(rankings, kept, lambda more: cost(more)[0], budget=budget, round_to=BLOCK,
+                     fixed={}, priority=priority)
 
 
 def main() -> None:

@@ -236,9 +236,11 @@ def plan_pruning(structure: Structure, rankings: dict[str, Ranking], target: flo
 
 def give_back(rankings: dict[str, Ranking], kept: dict[str, int],
               cost: Callable[[dict[str, int]], float], *, budget: float, round_to: int,
-              fixed: Mapping[str, float]) -> dict[str, int]:
+              fixed: Mapping[str, float],
+              priority: Callable[[str, int, float], object] | None = None) -> dict[str, int]:
     """`kept` with blocks of `round_to` channels given back while `cost` stays within `budget`:
-    the cheapest block first (ties: the best-scored), until none fits.
+    the cheapest block first (ties: the best-scored), until none fits. `priority(group, kept
+    count, extra cost)` orders the blocks otherwise (the smallest first).
 
     Under a latency cost model some blocks are free: vector units run whole blocks of 16
     channels on AVX-512, so a layer 24 channels wide takes as long as one 32 wide (seen where
@@ -255,7 +257,8 @@ def give_back(rankings: dict[str, Ranking], kept: dict[str, int],
             more = {**kept, name: min(size, count + round_to)}
             spent = cost(more)
             if spent <= budget + 1e-12:
-                key = (spent - now, -rankings[name].score[count])
+                key = ((spent - now, -rankings[name].score[count]) if priority is None
+                       else priority(name, count, spent - now))
                 if best is None or key < best[0]:
                     best = (key, more)
         if best is None:

@@ -327,12 +327,17 @@ def plan_direction(model: nn.Module, direction: ClassDirection, calibration: Spl
     bias = _moved_bias(replay.model, direction)
     forget = torch.arange(len(forget_images))
     retain = torch.arange(len(forget_images), len(images))
-    dense = replay.logits[retain].argmax(1).cpu()
     with replay.before(direction.up) as run:
+        def predictions(index: Tensor) -> Tensor:  # (len(index),) in the same batches every time
+            parts = [run(index[start:start + batch_size]).argmax(1).cpu()
+                     for start in range(0, len(index), batch_size)]
+            return torch.cat(parts) if parts else index  # no retain images: nothing to run
+
+        dense = predictions(retain)  # before any edit: compared batch for batch with the edits'
+
         def predicted(gate: Gate, alpha: float, index: Tensor) -> Tensor:
             _write(replay.model, direction, gate, alpha, bias)
-            return torch.cat([run(index[start:start + batch_size]).argmax(1).cpu()
-                              for start in range(0, len(index), batch_size)])
+            return predictions(index)
 
         def accuracy(gate: Gate) -> Callable[[float], float]:
             return lambda alpha: float(
