@@ -1,9 +1,9 @@
-"""Run by tests/test_distributed.py under torchrun: one tiny seeded ResNet analysed, planned,
-pruned, recalibrated and evaluated by however many processes torchrun started; process 0 saves
-what every process must agree on (usage: torchrun ... distributed_worker.py OUT.pt). Every
-process then checks that leaving the group freed it: a group still held keeps gloo's threads
-running until the interpreter exits, which aborts the process now and then (SIGABRT), so a leak
-must fail every run. (The threads are not what is checked: a joined thread can still be listed
+"""Run by tests/test_distributed.py under torchrun (and alone, in pytest's process, as `main`):
+one tiny seeded ResNet analysed, planned, pruned, recalibrated and evaluated by however many
+processes torchrun started; process 0 saves what every process must agree on (usage: torchrun
+... distributed_worker.py OUT.pt). Every process then checks that leaving the group freed it: a
+group still held keeps gloo's threads running until the interpreter exits, which aborts the
+process now and then (SIGABRT), so a leak must fail every run. (The threads are not what is checked: a joined thread can still be listed
 in /proc for a moment after the group is freed, on a loaded machine.)"""
 import sys
 import weakref
@@ -40,8 +40,12 @@ def main(out: str) -> None:
     plan = analysis.plan(0.4, method="modhifi-greedy", round_to=1)
     pruned = analysis.apply(plan)
     sequential = analysis.apply(plan, compensation="sequential")  # collective at every layer
+    frontier = prune_apply.FRONTIER_BYTES  # put back: the one-process run is in pytest's own
     prune_apply.FRONTIER_BYTES = 0 if shard.is_main else 2**31  # process 0 alone cannot record
-    uneven = analysis.apply(plan, compensation="sequential")
+    try:
+        uneven = analysis.apply(plan, compensation="sequential")
+    finally:
+        prune_apply.FRONTIER_BYTES = frontier
     result = evaluate(pruned, test, device=torch.device("cpu"), num_classes=10, batch_size=32,
                       shard=shard)
     if shard.is_main:
