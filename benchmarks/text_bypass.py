@@ -40,7 +40,7 @@ def joint_moments(model, texts, blocks):
         def hook(module, args):
             z = torch.cat(args[:2], -1)[mask["real"]].double()  # (tokens, n + d)
             part = (z.T @ z, z.sum(0), len(z))
-            sums[name] = part if name not in sums else tuple(a + b for a, b in zip(sums[name], part))
+            sums[name] = tuple(map(sum, zip(sums[name], part))) if name in sums else part
         return hook
 
     with torch.inference_mode(), hooked(model, before={b: record(b) for b in blocks}) as run:
