@@ -2,7 +2,11 @@
 from it. Times are never asserted: a synthetic table whose time is bilinear in the widths makes
 every prediction checkable against the pruned model's real layer widths."""
 import dataclasses
+import fcntl
 import json
+import math
+import os
+import threading
 
 import pytest
 import torch
@@ -82,6 +86,41 @@ def test_a_bilinear_time_is_interpolated_exactly_and_held_outside_the_grid():
     assert times.at(4, 40) == pytest.approx(layer_time(8, 32))  # the nearest timed widths
 
 
+def test_a_table_timed_faster_at_a_larger_width_is_read_as_never_faster():
+    """Measured times fall as often as they rise between neighbouring widths on a small layer
+    (noise, 16-wide vector units): read raw, a plan's predicted saving fell as the pruning
+    strength rose, so the bisection and the "at most" of a refused target were wrong. The
+    envelope is the running maximum along both widths; a rising table is read as it is."""
+    widths = (8, 16, 24, 32)
+    raw = ((1.6, 1.5, 2.8, 2.6), (1.2, 1.9, 1.7, 3.0), (2.0, 1.8, 3.1, 2.9), (1.0, 2.2, 2.1, 3.3))
+    times = LayerTimes(widths, widths, raw, 1)
+    envelope = ((1.6, 1.6, 2.8, 2.8), (1.6, 1.9, 2.8, 3.0), (2.0, 2.0, 3.1, 3.1),
+                (2.0, 2.2, 3.1, 3.3))  # by hand: the largest time at no larger widths
+    assert times.envelope == envelope
+    grid = [(i, o) for i in range(8, 33) for o in range(8, 33)]
+    for c_in, c_out in grid:
+        assert times.at(c_in, c_out) <= times.at(c_in + 1, c_out) + 1e-12
+        assert times.at(c_in, c_out) <= times.at(c_in, c_out + 1) + 1e-12
+    rising = LayerTimes(widths, widths, tuple(tuple(layer_time(i, o) for o in widths)
+                                              for i in widths), 1)
+    assert rising.envelope == rising.ms
+
+
+def test_the_predicted_saving_grows_with_the_pruning_strength_on_measured_times(measured):
+    """On the times this machine measured (however noisy), the share of the latency a uniform
+    plan removes never falls as the knob rises, and the most any plan removes is the strongest
+    knob's: what a refused target's message says."""
+    from modhifi.options import FLOOR
+    from modhifi.prune.plan import most, removed_share
+
+    _, _, analysis, costs = measured
+    removed = removed_share(analysis.structure, analysis.ranking("modhifi"), "latency",
+                            "uniform", FLOOR, 8, costs=costs)
+    shares = [removed(k / 100) for k in range(101)]
+    assert all(a <= b + 1e-12 for a, b in zip(shares, shares[1:]))
+    assert most(removed) == math.floor(max(shares) * 1000) / 1000
+
+
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
 def test_a_latency_plan_predicts_the_pruned_models_time_and_meets_its_target(measured,
                                                                             allocation):
@@ -144,8 +183,8 @@ def test_the_cost_model_is_cached_beside_the_model_and_measured_again_when_unrea
 
 
 def test_a_latency_target_without_a_cost_model_or_with_another_models_is_one_clear_error(
-        measured):
-    _, _, analysis, costs = measured
+        measured, cpu):
+    _, batches, analysis, costs = measured
     with pytest.raises(UserError, match="latency target needs the model's measured"):
         analysis.plan(0.3, target_kind="latency")
     for layers in ({**costs.layers, "nowhere": next(iter(costs.layers.values()))},
@@ -153,6 +192,47 @@ def test_a_latency_target_without_a_cost_model_or_with_another_models_is_one_cle
         with pytest.raises(UserError, match="another model"):
             analysis.plan(0.3, target_kind="latency",
                           costs=dataclasses.replace(costs, layers=layers))
+    # the same layer names, twice as wide: the narrower model's grid would be read past its end
+    wide = nets.ResNet(widths=(32, 64, 128)).eval()
+    wider = analyse(wide, batches, device=torch.device("cpu"), input_shape=SHAPE)
+    with pytest.raises(UserError, match="wider than it was timed"):
+        wider.plan(0.3, target_kind="latency", costs=costs)
+
+
+def test_one_measurement_at_a_time_and_a_waiting_one_reads_what_was_written(
+        measured, tmp_path):
+    """Two threads ask for one cost model file: one measures (holding the folder's lock, which
+    another process's measurement also waits for), the other reads what it wrote."""
+    from modhifi.prune.latency import cached
+
+    costs = measured[3]
+    path, calls, started = tmp_path / "net.latency.json", [], threading.Event()
+
+    def measure() -> CostModel:
+        calls.append(threading.current_thread().name)
+        other = os.open(tmp_path, os.O_RDONLY)  # as another process would try
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(other)
+        started.wait()  # the second thread has asked meanwhile
+        return costs
+
+    got = {}
+
+    def ask(name: str) -> None:
+        if name == "second":
+            started.set()
+        got[name] = cached(path, CostModel.from_json, measure)
+
+    threads = [threading.Thread(target=ask, args=(n,), name=n) for n in ("first", "second")]
+    threads[0].start()
+    threads[1].start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and got["first"] == got["second"] == costs
+    assert CostModel.from_json(path.read_text()) == costs
 
 
 def test_an_override_keeps_its_share_when_blocks_are_given_back(measured):

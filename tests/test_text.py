@@ -666,6 +666,27 @@ def test_a_text_latency_plan_predicts_each_layers_saving_from_its_real_widths(
         analysis.plan(0.1, target_kind="latency")
 
 
+def test_a_cached_text_cost_model_timed_on_other_batches_is_measured_again(
+        model, text_costs, cpu, tmp_path, monkeypatch):
+    """The file's name does not say which texts were timed (another corpus, another
+    tokenizer's lengths): it is read only where its batches' shapes are the timing batches'."""
+    import dataclasses
+
+    from modhifi.text.latency import measured_text_costs
+
+    path = tmp_path / "encoder.latency.json"
+    path.write_text(text_costs.to_json())
+    measured = []
+    monkeypatch.setattr("modhifi.text.latency.measure_text_costs",
+                        lambda *a, **k: measured.append(1) or text_costs)
+    assert measured_text_costs(model, TEXTS, backend=cpu, batch_size=8, cache=path) == text_costs
+    assert not measured  # the same batches: read
+    other = dataclasses.replace(text_costs, shapes=((8, 3), (8, 5)))
+    path.write_text(other.to_json())
+    assert measured_text_costs(model, TEXTS, backend=cpu, batch_size=8, cache=path) == text_costs
+    assert measured == [1] and path.read_text() == text_costs.to_json()  # measured, replaced
+
+
 @pytest.mark.parametrize("kind", ["ffn", "heads"])
 def test_a_text_latency_target_holds_when_the_encoder_is_slower_than_planned(
         analysis, text_costs, cpu, kind, monkeypatch):

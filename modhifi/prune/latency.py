@@ -14,12 +14,16 @@ batch size, and cached on disk beside the model: `measured_costs(..., cache=FOLD
 from __future__ import annotations
 
 import bisect
+import fcntl
 import hashlib
+import itertools
 import json
 import os
 import platform
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -58,16 +62,28 @@ class LayerTimes:
         return cls(tuple(state["in_widths"]), tuple(state["out_widths"]),
                    tuple(map(tuple, state["ms"])), state["outputs"])
 
+    @cached_property
+    def envelope(self) -> tuple[tuple[float, ...], ...]:
+        """`ms` made non-decreasing along both widths (running maxima along each row, then each
+        column): a copy timed faster at a larger width (by noise, or where 32 channels run
+        faster than 24 on 16-wide vector units) is taken to cost what the narrower one did, so
+        that removing channels never adds time and a plan's predicted saving grows with the
+        share it removes (the planner bisects on it)."""
+        rows = [tuple(itertools.accumulate(row, max)) for row in self.ms]
+        return tuple(zip(*(itertools.accumulate(column, max) for column in zip(*rows))))
+
     def at(self, c_in: int, c_out: int) -> float:
-        """Milliseconds at `c_in` input and `c_out` output channels: interpolated linearly
-        between the two nearest widths timed in each dimension (the nearest outside them)."""
+        """Milliseconds at `c_in` input and `c_out` output channels, on the `envelope`:
+        interpolated linearly between the two nearest widths timed in each dimension (the
+        nearest outside them)."""
         i, a = _between(self.in_widths, c_in)
         j, b = _between(self.out_widths, c_out)
+        ms = self.envelope
 
         def along(row: tuple[float, ...]) -> float:  # at c_out, on one input width's row
             return (1 - b) * row[j] + b * row[j + 1] if b else row[j]
 
-        return (1 - a) * along(self.ms[i]) + a * along(self.ms[i + 1]) if a else along(self.ms[i])
+        return (1 - a) * along(ms[i]) + a * along(ms[i + 1]) if a else along(ms[i])
 
 
 def _between(widths: tuple[int, ...], width: int) -> tuple[int, float]:
@@ -119,6 +135,13 @@ class CostModel:
                             f"{(missing or strange)[0]!r}): it was measured for another model; "
                             "measure it again")
         sizes = {g.name: g.size for g in structure.groups}
+        wider = [name for name, t in self.layers.items()
+                 if _width(structure.layers[name].in_group, {}, sizes, 0) > t.in_widths[-1]
+                 or _width(structure.layers[name].out_group, {}, sizes, 0) > t.out_widths[-1]]
+        if wider:
+            raise UserError(f"the latency cost model does not fit this model (layer {wider[0]!r} "
+                            "is wider than it was timed): it was measured for another model; "
+                            "measure it again")
         spent = written = total = 0.0
         for name, times in self.layers.items():
             layer = structure.layers[name]
@@ -156,21 +179,54 @@ def from_json(text: str) -> dict:
 
 def cached(cache: Path | None, read: Callable[[str], T], measure: Callable[[], T]) -> T:
     """`read` of the file `cache` where it holds a readable cost model, else `measure()`, then
-    written there atomically (left unwritten in a read-only folder: measured again next time)."""
+    written there atomically (left unwritten in a read-only folder: measured again next time).
+    One thread or process at a time measures into a folder (`_one_at_a_time`): the others wait,
+    then read what it wrote, rather than time their copies against each other."""
     from modhifi.zoo import write_atomically
 
-    if cache is not None and cache.is_file():
-        try:
-            return read(cache.read_text())
-        except (ValueError, KeyError, TypeError):  # an older layout: measure again
-            pass
-    costs = measure()
-    if cache is not None:
+    def readable() -> T | None:
+        if cache is not None and cache.is_file():
+            try:
+                return read(cache.read_text())
+            except (ValueError, KeyError, TypeError):  # an older layout: measure again
+                pass
+        return None
+
+    if (costs := readable()) is not None or cache is None:
+        return costs if costs is not None else measure()
+    with _one_at_a_time(cache.parent):
+        if (costs := readable()) is not None:  # measured while this one waited
+            return costs
+        costs = measure()
         try:
             write_atomically(cache, lambda path: path.write_text(costs.to_json()))
         except OSError:
             pass
     return costs
+
+
+_FOLDER_LOCKS: dict[Path, threading.Lock] = {}
+_FOLDER_LOCKS_GUARD = threading.Lock()
+
+
+@contextmanager
+def _one_at_a_time(folder: Path) -> Iterator[None]:
+    """Hold `folder` for one measurement: a lock per folder for this process's threads, and an
+    advisory lock (flock) on the folder itself for other processes (none where it cannot be
+    opened: a folder not made yet, or not readable)."""
+    with _FOLDER_LOCKS_GUARD:
+        lock = _FOLDER_LOCKS.setdefault(folder.resolve(), threading.Lock())
+    with lock:
+        try:
+            descriptor = os.open(folder, os.O_RDONLY)
+        except OSError:
+            yield
+            return
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(descriptor)  # releases the flock
 
 
 def _width(group: str | None, kept: Mapping[str, int], sizes: Mapping[str, int],

@@ -82,6 +82,18 @@ class _Attention(nn.Module):
         return self.out(mixed.transpose(1, 2).reshape(b, t, -1))
 
 
+def timing_batches(model: nn.Module, texts: Sequence[str], *, batch_size: int,
+                   device: torch.device | str) -> list[dict]:
+    """The token batches a cost model times: the first `BATCHES × batch_size` texts."""
+    return [features for _, features in token_batches(model, list(texts[:BATCHES * batch_size]),
+                                                      batch_size=batch_size, device=device)]
+
+
+def shapes_of(batches: Sequence[dict]) -> tuple[tuple[int, int], ...]:
+    """(texts, padded tokens) of each batch."""
+    return tuple(tuple(features["input_ids"].shape) for features in batches)
+
+
 @torch.no_grad()
 def _time_blocks(blocks: Sequence[nn.Module], inputs: Sequence[torch.Tensor], *,
                  backend: Backend) -> tuple[float, ...]:
@@ -106,10 +118,8 @@ def measure_text_costs(model: nn.Module, texts: Sequence[str], *, backend: Backe
     up = model.get_submodule(layer.ffn_up)
     hidden, neurons = up.in_features, up.out_features
     heads = model.get_submodule(layer.query).out_features // layer.head_size
-    work = [features for _, features in token_batches(model, list(texts[:BATCHES * batch_size]),
-                                                      batch_size=batch_size,
-                                                      device=backend.device)]
-    shapes = tuple(tuple(f["input_ids"].shape) for f in work)
+    work = timing_batches(model, texts, batch_size=batch_size, device=backend.device)
+    shapes = shapes_of(work)
     inputs = [backend.random(b, t, hidden) for b, t in shapes]
     with torch.inference_mode():
         dense, = time_side_by_side(backend, [lambda: [model(dict(f)) for f in work]],
@@ -127,7 +137,16 @@ def measure_text_costs(model: nn.Module, texts: Sequence[str], *, backend: Backe
 
 def measured_text_costs(model: nn.Module, texts: Sequence[str], *, backend: Backend,
                         batch_size: int = 64, cache: Path | None = None) -> TextCosts:
-    """`measure_text_costs`, read from the file `cache` when it holds them, else measured and
+    """`measure_text_costs`, read from the file `cache` when it holds them for the same timing
+    batches (another corpus or tokenizer gives others: measured again), else measured and
     written there (`prune.latency.cached`)."""
-    return cached(cache, TextCosts.from_json,
+    shapes = shapes_of(timing_batches(model, texts, batch_size=batch_size, device="cpu"))
+
+    def read(text: str) -> TextCosts:
+        costs = TextCosts.from_json(text)
+        if costs.shapes != shapes:
+            raise ValueError("timed on other batches")
+        return costs
+
+    return cached(cache, read,
                   lambda: measure_text_costs(model, texts, backend=backend, batch_size=batch_size))
