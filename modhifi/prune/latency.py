@@ -185,15 +185,17 @@ def cached(cache: Path | None, read: Callable[[str], T], measure: Callable[[], T
     from modhifi.zoo import write_atomically
 
     def readable() -> T | None:
-        if cache is not None and cache.is_file():
+        if cache.is_file():
             try:
                 return read(cache.read_text())
             except (ValueError, KeyError, TypeError):  # an older layout: measure again
                 pass
         return None
 
-    if (costs := readable()) is not None or cache is None:
-        return costs if costs is not None else measure()
+    if cache is None:
+        return measure()
+    if (costs := readable()) is not None:
+        return costs
     with _one_at_a_time(cache.parent):
         if (costs := readable()) is not None:  # measured while this one waited
             return costs
@@ -212,21 +214,23 @@ _FOLDER_LOCKS_GUARD = threading.Lock()
 @contextmanager
 def _one_at_a_time(folder: Path) -> Iterator[None]:
     """Hold `folder` for one measurement: a lock per folder for this process's threads, and an
-    advisory lock (flock) on the folder itself for other processes (none where it cannot be
-    opened: a folder not made yet, or not readable)."""
+    advisory lock (flock) on the folder itself for other processes (made first where it can be;
+    none where it cannot be opened)."""
     with _FOLDER_LOCKS_GUARD:
         lock = _FOLDER_LOCKS.setdefault(folder.resolve(), threading.Lock())
     with lock:
         try:
+            folder.mkdir(parents=True, exist_ok=True)
             descriptor = os.open(folder, os.O_RDONLY)
-        except OSError:
-            yield
-            return
+        except OSError:  # read-only: this process's threads only
+            descriptor = None
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            if descriptor is not None:
+                fcntl.flock(descriptor, fcntl.LOCK_EX)
             yield
         finally:
-            os.close(descriptor)  # releases the flock
+            if descriptor is not None:
+                os.close(descriptor)  # releases the flock
 
 
 def _width(group: str | None, kept: Mapping[str, int], sizes: Mapping[str, int],
