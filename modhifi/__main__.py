@@ -225,6 +225,15 @@ def _scores(args: argparse.Namespace) -> dict:
 # Images per calibration batch: the unit processes share, and one BatchNorm recalibration pass
 # (`recalibrate_batchnorm`'s chunk), so that each batch's terms are the same however shared.
 CALIBRATION_BATCH = 128
+
+
+def calibration_batch(samples: int) -> int:
+    """CALIBRATION_BATCH, or the next size up that leaves no lone last image of `samples`
+    (BatchNorm in training mode cannot take one image of 1×1 maps)."""
+    size = CALIBRATION_BATCH
+    while samples > 1 and samples % size == 1:
+        size += 1
+    return size
 SHARED = ("info", "prune", "scores", "unlearn", "theory")  # whose work torchrun's processes share
 
 
@@ -273,11 +282,12 @@ def _calibration(subject, samples: int | None, shard, device) -> tuple:
     if not 0 < samples <= len(dataset.calibration):
         raise UserError(f"--calib-samples {samples} must be between 1 and "
                         f"{len(dataset.calibration)} for {dataset.name}")
-    shard.check_batches(samples, CALIBRATION_BATCH)
+    size = calibration_batch(samples)
+    shard.check_batches(samples, size)
     for caveat in calibration_caveats(subject.loaded.model, samples):
         progress(f"warning: {caveat}")
-    mine = dataset.calibration.subset(shard.indices(samples, CALIBRATION_BATCH))
-    return Batches(mine, CALIBRATION_BATCH, device=device), samples
+    mine = dataset.calibration.subset(shard.indices(samples, size))
+    return Batches(mine, size, device=device), samples
 
 
 def _shared(args: argparse.Namespace) -> bool:

@@ -157,6 +157,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         from modhifi.zoo import check_output
 
         check_output(Path(args.out))
+        if given("model") and Path(args.out).resolve() == Path(args.model).resolve():
+            raise UserError(f"--out {args.out} is the model given: the result would replace its "
+                            "own base; give another name")
         if args.command in ("prune", "unlearn") and kind == "text" and Path(args.out).exists():
             raise UserError(f"--out {args.out} exists; a text model is written as a new folder: "
                             "give a new name")

@@ -36,6 +36,11 @@ def to_device(batch: Batch, device: torch.device | str) -> Batch:
     return _apply(batch, lambda t: t.to(device))
 
 
+def clone(batch: Batch) -> Batch:
+    """A copy of every tensor (made outside inference mode, one autograd can record)."""
+    return _apply(batch, torch.clone)
+
+
 def head(batch: Batch, rows: int) -> Batch:
     """The first `rows` samples of every tensor."""
     return _apply(batch, lambda t: t[:rows])

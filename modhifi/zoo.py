@@ -129,6 +129,7 @@ def load_model(spec: str, *, device: torch.device, arch: str | None = None,
     return LoadedModel(path.name, arch, dataset or "", model.eval().to(device), True)
 
 
+@torch.inference_mode(False)  # the cut traces autograd: parameters made in inference mode cannot
 def _load_modified(path: Path, state: dict, *, device: torch.device) -> LoadedModel:
     """Rebuild a saved modified model: its base, the same channels cut, then its weights."""
     from modhifi.prune import cut_channels
@@ -342,8 +343,12 @@ def cost_cache(spec: str, model: nn.Module, backend, batch_size: int, inputs: ob
 
 
 def base_of(spec: str, arch: str | None, dataset: Dataset) -> dict:
-    """The `base` entry of a modified model's checkpoint: what `load_model` rebuilds it from."""
-    return {"model": spec, "arch": arch, "dataset": dataset.name,
+    """The `base` entry of a modified model's checkpoint: what `load_model` rebuilds it from,
+    its files named by absolute paths (read from any folder, not only the one it was made in)."""
+    kind, _, folder = dataset.name.partition(":")
+    data = f"{kind}:{Path(folder).resolve()}" if folder else dataset.name
+    model = str(Path(spec).resolve()) if spec not in ZOO and Path(spec).exists() else spec
+    return {"model": model, "arch": arch, "dataset": data,
             "num_classes": dataset.num_classes, "input_shape": list(dataset.input_shape)}
 
 

@@ -110,6 +110,8 @@ CLI_CASES = [
     ("base-bad-channels", ("info", "--model", "{base-bad-removed}"), "lists channels"),
     ("base-bad-group", ("info", "--model", "{base-bad-group}"), "lists channels"),
     ("base-is-modified", ("info", "--model", "{chain}"), "itself a modified model"),
+    ("out-is-the-model", ("prune", "--model", "{pruned}", "--target", "0.3", "--out",
+                          "{pruned}"), "is the model given"),
     ("pruned-on-rgb-data", ("info", "--model", "{pruned}", "--data", "imagefolder:{rgb}"),
      "use the dataset it was made for"),
     ("grey-data-for-rgb-arch", ("info", "--model", "random", "--arch", "resnet18", "--data",

@@ -104,6 +104,28 @@ def test_refit_beats_rescale_beats_no_compensation_on_every_layer():
         assert torch.all(errors[1] <= errors[2] * (1 + 1e-6) + 1e-12), name
 
 
+def _inputs(network, name, batches):
+    """The whole input of layer `name` over `batches`, captured by a hook."""
+    seen = []
+    handle = network.get_submodule(name).register_forward_pre_hook(
+        lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        for batch in batches:
+            network(batch)
+    handle.remove()
+    return torch.cat(seen)
+
+
+def _patches(layer, x):
+    """(N·L, d) the rows a layer multiplies by its weight: F.unfold's patches, channel-major."""
+    import torch.nn.functional as F
+
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    patches = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+
 def _sequential_oracle(dense, structure, plan, batches, recalibrating=True):
     """The sequential refit written out: in forward order, BatchNorm re-estimated by torch's own
     cumulative average, each consumer's pruned and dense inputs captured whole, unfolded by
@@ -111,8 +133,6 @@ def _sequential_oracle(dense, structure, plan, batches, recalibrating=True):
     torch.linalg.lstsq; then BatchNorm re-estimated once more. The removed inputs are zeroed,
     not cut (a masked dense model). Not `recalibrating`: no re-estimation and no centring."""
     import copy
-
-    import torch.nn.functional as F
 
     model, dense = copy.deepcopy(dense).eval(), copy.deepcopy(dense).eval()  # hooked below
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -129,22 +149,6 @@ def _sequential_oracle(dense, structure, plan, batches, recalibrating=True):
                 model(batch)
         model.eval()
 
-    def inputs(network, name):
-        seen = []
-        handle = network.get_submodule(name).register_forward_pre_hook(
-            lambda module, args: seen.append(args[0]))
-        with torch.no_grad():
-            for batch in batches:
-                network(batch)
-        handle.remove()
-        return torch.cat(seen)
-
-    def rows(layer, x):  # (N·L, d) patches, channel-major
-        if isinstance(layer, nn.Linear):
-            return x.reshape(-1, x.shape[-1])
-        patches = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
-        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
-
     removed = {}
     for group in plan.groups:
         for name, index in structure.group(group.name).consumers:
@@ -156,8 +160,8 @@ def _sequential_oracle(dense, structure, plan, batches, recalibrating=True):
         K = W.shape[1] // layer.weight.shape[1]
         keep = [i for i in range(layer.weight.shape[1]) if i not in removed[name]]
         C = [i * K + j for i in keep for j in range(K)]
-        Q = rows(layer, inputs(model, name))[:, C]                      # (N·L, |C|) pruned
-        P = rows(layer, inputs(dense, name))                            # (N·L, d) dense
+        Q = _patches(layer, _inputs(model, name, batches))[:, C]        # (N·L, |C|) pruned
+        P = _patches(layer, _inputs(dense, name, batches))              # (N·L, d) dense
         if recalibrating and name in structure.followed_by_norm:
             Q, P = Q - Q.mean(0), P - P.mean(0)
         new = torch.zeros_like(W)
@@ -461,6 +465,39 @@ def test_without_recalibration_the_sequential_refit_fits_the_whole_output():
         torch.testing.assert_close(pruned(probe), oracle(probe), rtol=1e-7, atol=1e-9)
 
 
+def test_without_recalibration_the_one_shot_refit_fits_the_whole_output():
+    """No BatchNorm re-estimation: the refit is least squares on the dense model's own inputs,
+    uncentred (with re-estimation the mean goes to BatchNorm; without, a refit on centred
+    statistics left it out: digits-cnn at 30% of the channels fell from 96.4% to 60.8%)."""
+    import copy
+
+    from modhifi.prune.apply import kept_inputs
+
+    torch.manual_seed(0)
+    model = nets.ResNet(widths=(8, 16, 32)).double().eval()
+    batches = [torch.randn(32, 1, 16, 16, dtype=torch.float64) for _ in range(4)]
+    recalibrate_batchnorm(model, batches)
+    analysis = analyse(model, batches, device=torch.device("cpu"), lam=0)
+    assert analysis.structure.followed_by_norm  # centred statistics are in play
+    plan = analysis.plan(0.5, target_kind="channels", method="modhifi", round_to=1)
+    pruned = analysis.apply(plan, compensation="refit", recalibrate=False)
+    oracle = copy.deepcopy(analysis.model)
+    for name, keep in kept_inputs(analysis.structure, analysis.model,
+                                  plan.removed_channels()).items():
+        layer = oracle.get_submodule(name)
+        W = layer.weight.detach().reshape(len(layer.weight), -1)       # (c_out, d)
+        K = W.shape[1] // layer.weight.shape[1]
+        C = [int(i) * K + j for i in keep for j in range(K)]
+        P = _patches(layer, _inputs(analysis.model, name, batches))     # (N·L, d) dense
+        new = torch.zeros_like(W)
+        new[:, C] = torch.linalg.lstsq(P[:, C], P @ W.T).solution.T
+        with torch.no_grad():
+            layer.weight.copy_(new.reshape(layer.weight.shape))
+    probe = torch.randn(16, 1, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(probe), oracle(probe), rtol=1e-7, atol=1e-9)
+
+
 class _Keyed(nets.ResNet):
     """A ResNet called with its images by keyword: calibration batches are dicts."""
 
@@ -493,6 +530,28 @@ def test_batchnorm_recalibration_matches_the_calibration_statistics():
     torch.testing.assert_close(model[1].running_mean, features.mean((1, 3, 4)).mean(0))
     torch.testing.assert_close(model[1].running_var, features.var((1, 3, 4)).mean(0))
     assert not model[1].training
+
+
+def test_a_lone_last_calibration_image_joins_the_pass_before_it():
+    """BatchNorm in training mode cannot take one image of 1×1 maps: 129 calibration images, in
+    passes of 128, left one; it now goes with the pass before it (torch's own statistics of
+    all 129 are the oracle), the command line's batches leave none, and a single image is one
+    clear error."""
+    from modhifi.__main__ import CALIBRATION_BATCH, calibration_batch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 4), nn.BatchNorm2d(3), nn.Flatten()).eval()  # 1×1 maps
+    images = torch.randn(129, 2, 4, 4) * 3 + 1
+    recalibrate_batchnorm(model, [images])
+    with torch.no_grad():
+        features = model[0](images)                                # (129, 3, 1, 1)
+    torch.testing.assert_close(model[1].running_mean, features.mean((0, 2, 3)))
+    torch.testing.assert_close(model[1].running_var, features.var((0, 2, 3)))
+    for samples in range(2, 2000):
+        size = calibration_batch(samples)
+        assert samples % size != 1 and (size == CALIBRATION_BATCH or samples % 128 == 1)
+    with pytest.raises(UserError, match="batches of 2 images or more"):
+        recalibrate_batchnorm(model, [images[:1]])
 
 
 def test_unreachable_target_and_bad_options_are_clear_errors():

@@ -134,3 +134,46 @@ def test_each_zoo_models_first_forget_class_follows_its_measured_rule():
                          for row in csv.DictReader(handle)}
         expected = 0 if agreement[0] >= 0.8 else max(agreement, key=agreement.get)
         assert entry.forget_class == expected, name
+
+
+def test_a_modified_models_base_names_its_files_by_absolute_paths(tmp_path, monkeypatch):
+    """Made from a checkpoint and an image folder named relative to the folder the command ran
+    in, a pruned model reloads from any other folder: its base names them absolutely (zoo names
+    and packaged datasets as they are)."""
+    import dataclasses
+
+    from modhifi.data import load_dataset
+    from modhifi.zoo import base_of
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "net.pt").write_bytes(b"")
+    (tmp_path / "images").mkdir()
+    digits = load_dataset("digits")
+    monkeypatch.chdir(tmp_path)
+    base = base_of("models/net.pt", "resnet18",
+                   dataclasses.replace(digits, name="imagefolder:images"))
+    assert base["model"] == str(tmp_path.resolve() / "models" / "net.pt")
+    assert base["dataset"] == f"imagefolder:{tmp_path.resolve() / 'images'}"
+    assert base_of("digits-cnn", None, digits)["model"] == "digits-cnn"
+    assert base_of("digits-cnn", None, digits)["dataset"] == "digits"
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_a_pruned_checkpoint_reloads_under_no_grad_and_inference_mode(mode, tmp_path):
+    """Rebuilding its shape traces the base's autograd graph (Torch-Pruning): a caller's
+    no_grad or inference_mode made that fail."""
+    from modhifi.prune import analyse
+    from modhifi.zoo import base_of, checkpoint_state
+
+    data = subject("digits-cnn")
+    analysis = analyse(data.loaded.model, list(data.dataset.calibration.batches(128)),
+                       device=torch.device("cpu"), input_shape=data.dataset.input_shape)
+    plan = analysis.plan(0.3)
+    pruned = analysis.apply(plan, compensation="none", recalibrate=False)
+    path = tmp_path / "pruned.pt"
+    torch.save(checkpoint_state(pruned, base=base_of("digits-cnn", None, data.dataset),
+                                removed=plan.removed_channels()), path)
+    images = next(data.dataset.test.batches(16))
+    with mode():
+        reloaded = load_model(str(path), device=torch.device("cpu")).model
+        torch.testing.assert_close(reloaded(images), pruned(images))

@@ -243,11 +243,15 @@ _CHUNK = 128  # images per forward pass: oneDNN's faster convolutions, activatio
 
 
 def _parts(batch: Batch, chunk: int = _CHUNK) -> list[Batch]:
-    """`batch` as forward passes: a tensor `chunk` images at a time in channels-last layout,
-    other forms whole."""
+    """`batch` as forward passes: a tensor `chunk` images at a time in channels-last layout (a
+    lone last image with the pass before it: BatchNorm in training mode cannot take one image
+    of 1×1 maps), other forms whole."""
     if not isinstance(batch, torch.Tensor):
         return [batch]
-    return [channels_last(part) for part in batch.split(chunk)]
+    parts = list(batch.split(chunk))
+    if len(parts) > 1 and len(parts[-1]) == 1:
+        parts[-2:] = [batch[-len(parts[-2]) - 1:]]
+    return [channels_last(part) for part in parts]
 
 
 def _run(model: nn.Module, part: Batch) -> None:
@@ -344,7 +348,14 @@ def _reestimate(model: nn.Module, norms: Mapping[str, nn.Module],
         m.train()
     try:
         with hooked(model, after={name: add_call(name) for name in norms}, private=True):
-            passes()
+            try:
+                passes()
+            except ValueError as error:  # torch's "Expected more than 1 value per channel"
+                if "more than 1 value per channel" not in str(error):
+                    raise
+                raise UserError("BatchNorm recalibration met a pass of one image with 1×1 "
+                                "feature maps, which has no variance: calibrate on batches of "
+                                "2 images or more (--calib-samples 2 or more)") from None
         shard.sum(sums)
         for name, m in norms.items():
             c, calls = m.num_features, parts[name][-1]

@@ -15,7 +15,7 @@ from torch import nn
 from torch_pruning.dependency import index_mapping
 from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
-from modhifi.batch import example_of
+from modhifi.batch import clone, example_of
 from modhifi.errors import UserError
 from modhifi.hooks import shared_copy
 from modhifi.metrics import count_cost
@@ -220,7 +220,11 @@ def dependency_graph(model: nn.Module, example: torch.Tensor) -> Iterator[_Graph
         UserError: when Torch-Pruning cannot trace the model at all.
     """
     try:
-        graph = _Graph().build_dependency(model, example_inputs=example, verbose=False)
+        # Torch-Pruning traces the autograd graph: built with gradients on, whatever the caller's
+        # mode (under no_grad or inference_mode there is none to trace).
+        with torch.inference_mode(False), torch.enable_grad():
+            graph = _Graph().build_dependency(model, example_inputs=clone(example),
+                                              verbose=False)
     except _TRACE_ERRORS as error:
         raise UserError(f"Torch-Pruning cannot trace the channels of this model "
                         f"({type(error).__name__} in its {_failing_stage(error)}): it cannot be "
