@@ -485,7 +485,8 @@ def test_the_address_reproduces_the_view_and_follows_the_widgets():
 
 def test_every_run_goes_into_the_session_history_once():
     """Each setting looked at is a row with the figures the page showed; coming back to a
-    setting moves it to the end instead of adding a copy; picked runs are drawn on the curve."""
+    setting updates its row (in place: picked rows stay the runs picked) instead of adding a
+    copy; picked runs are drawn on the curve."""
     from ui import figures
 
     app = open_page("pages/prune.py")
@@ -495,8 +496,8 @@ def test_every_run_goes_into_the_session_history_once():
         shown.append(metrics(app)["Accuracy"])
     assert not app.exception
     runs = app.session_state["prune.history"]
-    assert [r["target"] for r in runs] == [0.5, 0.3, 0.7] and [r["run"] for r in runs] == [1, 3, 4]
-    assert [f"{r['accuracy']:.2%}" for r in runs] == [shown[0], shown[2], shown[3]]
+    assert [r["target"] for r in runs] == [0.5, 0.7, 0.3] and [r["run"] for r in runs] == [1, 2, 3]
+    assert [f"{r['accuracy']:.2%}" for r in runs] == [shown[0], shown[3], shown[2]]
     curve = figures.sparsity_curve(__import__("pandas").DataFrame(
         {"macs_reduction": [1.0, 2.0], "accuracy": [0.9, 0.8], "method": ["m", "m"]}),
         pinned=[("run 1", 1.5, 0.85)])
@@ -719,3 +720,37 @@ def test_the_theory_page_says_whether_c_l_is_a_bound(monkeypatch, kind, words):
              json.loads(app.get("plotly_chart")[0].proto.spec)["data"] if "C_l²" in trace["name"]}
     assert names == {"composition": {"bound"}, "sequential": {"heuristic"},
                      "unavailable": set()}[kind]
+
+
+def _history_page():
+    import streamlit as st
+
+    from ui import history
+
+    model = st.selectbox("Model", ["A", "B"], key="model")
+    target = st.number_input("target", 0.0, 1.0, 0.1, key="target")
+    history.record({"model": model, "method": "m", "target": target, "target kind": "macs",
+                    "options": "", "accuracy": 0.9})
+    st.write(f"picked {len(history.show(model))}")
+
+
+def test_picked_runs_survive_a_switch_to_a_model_with_fewer_runs():
+    """The browser sends a table's picked rows by position, even once the table shows other
+    runs: three runs picked at row 2 on model A, then model B (one run) read row 2 and raised.
+    (The selection is sent as the browser sends it, through AppTest's widget states.)"""
+    app = AppTest.from_function(_history_page, default_timeout=60).run()
+    for target in (0.2, 0.3):
+        app.number_input(key="target").set_value(target).run()
+
+    def picking(rows):
+        states = app._tree.get_widget_states()
+        state = states.widgets.add()
+        state.id = app.dataframe[0].proto.id
+        state.string_value = json.dumps({"selection": {"rows": rows, "columns": [], "cells": []}})
+        return states
+
+    app._run(picking([2]))
+    assert not app.exception and app.markdown[-1].value == "picked 1"
+    app.selectbox(key="model").set_value("B")
+    app._run(picking([2]))
+    assert not app.exception and app.markdown[-1].value == "picked 0"

@@ -323,12 +323,48 @@ def _own_checkpoint(path: str, data: str) -> AppTest:
     ("base-bad-shape", "digits", "three positive integers"),
     ("pruned", "imagefolder:{rgb}", "use the dataset it was made for"),
     ("missing", "digits", "does not exist"),
+    ("pruned", "imagefolder:{outside}", "is not inside"),  # not a folder the owner published
 ])
-def test_the_dashboard_shows_one_error_box(name, data, message, files):
+def test_the_dashboard_shows_one_error_box(name, data, message, files, tmp_path, monkeypatch):
+    monkeypatch.setenv("MODHIFI_DATASETS_DIR", str(files["rgb"].parent))
     path = str(files.get(name, "/no/such/file.pt"))
-    app = _own_checkpoint(path, data.format(rgb=files["rgb"]))
+    app = _own_checkpoint(path, data.format(rgb=files["rgb"], outside=tmp_path))
     assert not app.exception
     assert len(app.error) == 1 and message in app.error[0].value
+
+
+def test_a_visitor_names_no_dataset_folder_where_the_owner_published_none(files, monkeypatch):
+    """A free path would list any folder of the server in the error box (torchvision names the
+    classes it found) and show its images: with no folder published, every folder is refused
+    before anything is read; packaged datasets pass."""
+    monkeypatch.delenv("MODHIFI_DATASETS_DIR", raising=False)
+    app = _own_checkpoint(str(files["pruned"]), f"imagefolder:{files['rgb']}")
+    assert not app.exception and len(app.error) == 1
+    assert "MODHIFI_DATASETS_DIR is unset" in app.error[0].value
+    assert "cat" not in app.error[0].value and "dog" not in app.error[0].value
+    app = _own_checkpoint(str(files["pruned"]), "digits")
+    assert not app.exception and not app.error
+
+
+def test_an_upload_with_a_long_name_is_kept_and_the_oldest_go_past_the_limit(tmp_path,
+                                                                              monkeypatch):
+    """Kept under $MODHIFI_CACHE/uploads with its name cut to fit the file system (a 243-byte
+    name raised "File name too long" in the sidebar, outside any page's error box); past the
+    limit the oldest other uploads are removed."""
+    import os
+
+    from ui import sidebar
+
+    monkeypatch.setenv("MODHIFI_CACHE", str(tmp_path))
+    monkeypatch.setattr(sidebar, "MOST_UPLOAD_BYTES", 250)
+    first = sidebar._store_upload("é" * 200 + ".pt", b"a" * 100)
+    assert first.parent == tmp_path / "uploads" and first.read_bytes() == b"a" * 100
+    assert len(first.name.encode()) <= 255 and first.name.endswith(".pt")
+    os.utime(first, (1, 1))  # the oldest
+    second = sidebar._store_upload("b.pt", b"b" * 100)
+    third = sidebar._store_upload("c.pt", b"c" * 100)  # 300 bytes: the oldest goes
+    assert not first.exists() and second.exists() and third.exists()
+    assert list(tmp_path.iterdir()) == [tmp_path / "uploads"]
 
 
 def test_the_dashboard_offers_only_the_servers_published_checkpoints(tmp_path, monkeypatch):

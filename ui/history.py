@@ -16,12 +16,16 @@ SETTINGS = ("model", "method", "target", "target kind", "options")  # what makes
 
 
 def record(run: dict) -> None:
-    """Add a run (a flat row: the settings, then the figures) unless it is the latest already;
-    a run seen again moves to the end with its newest figures (e.g. a speed-up measured)."""
+    """Add a run (a flat row: the settings, then the figures); a run seen again keeps its place
+    and number and takes its newest figures (e.g. a speed-up measured), so that the rows a
+    visitor picked still are the runs they picked."""
     runs = st.session_state.setdefault(keys.HISTORY, [])
     settings = {k: v for k, v in run.items() if k in SETTINGS}
-    runs[:] = [r for r in runs if {k: v for k, v in r.items() if k in SETTINGS} != settings]
-    runs.append({"run": (runs[-1]["run"] + 1) if runs else 1, **run})
+    for i, seen in enumerate(runs):
+        if {k: v for k, v in seen.items() if k in SETTINGS} == settings:
+            runs[i] = {"run": seen["run"], **run}
+            return
+    runs.append({"run": max(r["run"] for r in runs) + 1 if runs else 1, **run})
     del runs[:-MOST_RUNS]
 
 
@@ -48,8 +52,11 @@ def pick(model: str) -> pd.DataFrame:
     runs = table(model)
     if runs.empty:
         return runs
-    shown = st.dataframe(runs.drop(columns="model"), hide_index=True, key=keys.HISTORY_TABLE,
-                         on_select="rerun", selection_mode="multi-row", column_config={
+    # A table per model: the browser keeps a table's picked rows by position, whatever it shows.
+    shown = st.dataframe(runs.drop(columns="model"), hide_index=True,
+                         key=f"{keys.HISTORY_TABLE}.{model}", on_select="rerun",
+                         selection_mode="multi-row", column_config={
                              "accuracy": st.column_config.NumberColumn(format="percent"),
                              "MACs": st.column_config.NumberColumn(format="localized")})
-    return runs.iloc[sorted(shown.selection.rows)] if shown.selection.rows else runs.iloc[:0]
+    rows = sorted(row for row in shown.selection.rows if row < len(runs))  # older runs gone
+    return runs.iloc[rows]

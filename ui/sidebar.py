@@ -16,8 +16,9 @@ from ui import cache, keys, url
 
 OWN_CHECKPOINT = "your checkpoint…"
 CALIBRATION_CHOICES = (250, 500, 1000, 2000)
-UPLOADS = Path.home() / ".cache" / "modhifi" / "uploads"
 SERVER_MODELS_VARIABLE = "MODHIFI_MODEL_DIR"  # a folder whose checkpoints visitors may pick
+SERVER_DATA_VARIABLE = "MODHIFI_DATASETS_DIR"  # a folder whose subfolders visitors may name
+MOST_UPLOAD_BYTES = 2 * 2**30  # kept uploads past it go, the oldest first
 
 
 def sidebar() -> None:
@@ -27,13 +28,21 @@ def sidebar() -> None:
     st.sidebar.selectbox("Model", names, key=keys.MODEL, format_func=_model_label)
     if st.session_state[keys.MODEL] == OWN_CHECKPOINT:
         st.sidebar.selectbox("Architecture", zoo.torchvision_archs(), key=keys.CHECKPOINT_ARCH)
-        st.sidebar.text_input("Dataset", key=keys.CHECKPOINT_DATA, placeholder="cifar10:/data/cifar",
-                              help="fashion-mnist, digits, cifar10:DIR or imagefolder:DIR")
+        st.sidebar.text_input("Dataset", key=keys.CHECKPOINT_DATA, placeholder="fashion-mnist",
+                              help="fashion-mnist, digits, or cifar10:DIR / imagefolder:DIR for "
+                                   f"a folder DIR inside ${SERVER_DATA_VARIABLE}")
         upload = st.sidebar.file_uploader("Checkpoint (.pt state_dict)", type=["pt", "pth"],
                                           key=keys.CHECKPOINT_UPLOAD)
         if upload is not None:
-            st.session_state[keys.CHECKPOINT_PATH] = str(_store_upload(upload.name, upload.getvalue()))
-        elif server_checkpoints():
+            try:
+                stored = _store_upload(upload.name, upload.getvalue())
+                st.session_state[keys.CHECKPOINT_PATH] = str(stored)
+            except OSError as error:
+                st.sidebar.error(f"cannot keep the upload on the server ({error.strerror}): "
+                                 "try again later, or a smaller file")
+        elif _uploaded(st.session_state.get(keys.CHECKPOINT_PATH)):
+            del st.session_state[keys.CHECKPOINT_PATH]  # the upload was removed: so is its choice
+        if upload is None and server_checkpoints():
             # Only files the server's owner published: a free path field would tell a visitor
             # which files exist anywhere on the server.
             st.sidebar.selectbox(f"…or a checkpoint on the server ({SERVER_MODELS_VARIABLE})",
@@ -78,13 +87,60 @@ def server_checkpoints() -> list[str]:
     return sorted(str(p) for p in Path(folder).iterdir() if p.suffix in (".pt", ".pth") and p.is_file())
 
 
+def uploads() -> Path:
+    """Where uploads are kept: beside the other caches (`data.cache_root()`)."""
+    from modhifi.data import cache_root
+
+    return cache_root() / "uploads"
+
+
+def _uploaded(path: str | None) -> bool:
+    return bool(path) and Path(path).parent == uploads()
+
+
 def _store_upload(name: str, data: bytes) -> Path:
-    """Keep an upload on disk under a content-addressed name (checkpoints are read by path)."""
+    """Keep an upload on disk under a content-addressed name (checkpoints are read by path),
+    its name cut to 100 bytes (the file system allows 255); the oldest uploads go once they
+    hold more than MOST_UPLOAD_BYTES."""
     safe = Path(name).name.replace(SEPARATOR, "_")  # a ModelRef's path holds no separator
-    path = UPLOADS / f"{hashlib.sha256(data).hexdigest()[:16]}-{safe}"
+    safe = safe.encode()[-100:].decode(errors="ignore")
+    path = uploads() / f"{hashlib.sha256(data).hexdigest()[:16]}-{safe}"
     if not path.exists():
         zoo.write_atomically(path, lambda p: p.write_bytes(data))
+    _evict(keep=path)
     return path
+
+
+def _evict(keep: Path) -> None:
+    """Remove the oldest uploads but `keep` while they hold more than MOST_UPLOAD_BYTES (other
+    sessions may be storing or removing some at the same time)."""
+    seen = {}  # path -> (modified, bytes)
+    for path in uploads().iterdir():
+        try:
+            if path.is_file() and not path.name.startswith("."):  # not a write in progress
+                seen[path] = (path.stat().st_mtime, path.stat().st_size)
+        except FileNotFoundError:
+            continue
+    total = sum(size for _, size in seen.values())
+    for path in sorted(seen, key=seen.get):  # the oldest first
+        if total <= MOST_UPLOAD_BYTES:
+            break
+        if path != keep:
+            path.unlink(missing_ok=True)
+            total -= seen[path][1]
+
+
+def _published_data(spec: str) -> str:
+    """`spec` where its folder (`cifar10:DIR`, `imagefolder:DIR`) lies inside the folder the
+    server's owner published: a free path would let a visitor read any folder of the server."""
+    kind, _, folder = spec.partition(":")
+    root = os.environ.get(SERVER_DATA_VARIABLE)
+    if not folder or (root and Path(folder).resolve().is_relative_to(Path(root).resolve())):
+        return spec
+    where = f"inside {root}" if root else f"published here (${SERVER_DATA_VARIABLE} is unset)"
+    raise UserError(f"the dataset folder {folder} is not {where}: the dashboard reads only the "
+                    "folders its owner published; use fashion-mnist or digits, or ask them to "
+                    "put it there")
 
 
 def model() -> ModelRef:
@@ -100,7 +156,8 @@ def model() -> ModelRef:
     data = st.session_state.get(keys.CHECKPOINT_DATA) or ""
     if not path or not data:
         raise UserError("choose a checkpoint (upload or path) and its dataset in the sidebar")
-    return ModelRef(path, arch=st.session_state.get(keys.CHECKPOINT_ARCH), data=data)
+    return ModelRef(path, arch=st.session_state.get(keys.CHECKPOINT_ARCH),
+                    data=_published_data(data))
 
 
 def selection() -> cache.Selection:
