@@ -988,3 +988,21 @@ def test_the_trace_and_the_cut_let_go_of_the_weights_they_no_longer_need(monkeyp
         assert model.stem[0].out_channels == 30 and all(p() is None for p in replaced)
     finally:
         gc.enable()
+
+
+def test_a_target_the_later_rounds_cannot_reach_is_said_in_the_users_terms():
+    """Only a ViT's FFN neurons go, so at most a share of its MACs: a target past it, asked in
+    two rounds, passes the first round and fails the second, whose message names the target
+    asked for and the rounds (it named the second round's own share of what was left)."""
+    from modhifi.prune import prune_in_steps
+
+    torch.manual_seed(0)
+    model = nets.ViT(image_size=16, dim=16, depth=2, heads=2, hidden=32).eval()
+    batches = [torch.randn(16, 1, 16, 16)]
+    reach = analyse(model, batches, device=torch.device("cpu"),
+                    input_shape=(1, 16, 16)).most(target_kind="macs")
+    target = round(min(0.95, reach + 0.05), 2)
+    with pytest.raises(UserError, match=rf"^target {target:g} cannot be reached in 2 rounds: "
+                                        r"after round 1 .* lower the target or prune in fewer"):
+        prune_in_steps(model, batches, device=torch.device("cpu"), input_shape=(1, 16, 16),
+                       target=target, steps=2, target_kind="macs")

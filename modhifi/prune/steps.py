@@ -11,6 +11,7 @@ from modhifi.options import (DEFAULT_ALLOCATION, DEFAULT_METHOD, ROUND_TO, WHY_S
                              Compensation, Method, Scope, TargetKind, check_target, check_whole)
 from modhifi.data import reusable
 from modhifi.distributed import ALONE, Shard
+from modhifi.errors import UserError
 from modhifi.prune.analysis import analyse
 from modhifi.prune.latency import CostModel
 from modhifi.prune.plan import PrunePlan, check_costs
@@ -54,9 +55,19 @@ def prune_in_steps(model: nn.Module, calibration: Iterable[torch.Tensor], *, dev
         now = analysis.plan(0.0, target_kind=target_kind, scope=scope, costs=costs)  # as it is
         done = 1 - _size(now, target_kind) / _size(plans[0], target_kind) if plans else 0.0
         goal = target * step / steps  # share of the original model removed after this round
-        plan = analysis.plan(max(0.0, 1 - (1 - goal) / (1 - done)), target_kind=target_kind,
-                             allocation=allocation, method=method, scope=scope, round_to=round_to,
-                             costs=costs)
+        share = max(0.0, 1 - (1 - goal) / (1 - done))  # of what this round starts from
+        options = {"target_kind": target_kind, "allocation": allocation, "method": method,
+                   "scope": scope, "round_to": round_to, "costs": costs}
+        try:
+            plan = analysis.plan(share, **options)
+        except UserError:
+            if not plans:  # the first round's message is about the user's own target
+                raise
+            raise UserError(f"target {target:g} cannot be reached in {steps} rounds: after "
+                            f"round {step - 1} ({done:.3f} removed), round {step} can remove at "
+                            f"most {analysis.most(**options):g} of what is left, where "
+                            f"{share:.3f} is needed; lower the target or prune in fewer "
+                            "rounds") from None
         shard.check_same(plan.removed_channels(), "plans")  # else their models would differ
         current = analysis.apply(plan, compensation=compensation, recalibrate=recalibrate)
         plans.append(plan)
