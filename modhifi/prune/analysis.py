@@ -90,7 +90,7 @@ class Analysis:
         rankings = in_scope(self.structure, self.ranking(method, seed=seed), scope)
         check_overrides(rankings, overrides)
         return most(removed_share(self.structure, rankings, target_kind, allocation, floor,
-                                  round_to, overrides, costs))
+                                  round_to, overrides, costs), monotone=target_kind != "latency")
 
     def apply(self, plan: PrunePlan, *, compensation: Compensation = "refit",
               recalibrate: bool = True) -> nn.Module:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import bisect
 import fcntl
 import hashlib
-import itertools
 import json
 import os
 import platform
@@ -62,28 +61,17 @@ class LayerTimes:
         return cls(tuple(state["in_widths"]), tuple(state["out_widths"]),
                    tuple(map(tuple, state["ms"])), state["outputs"])
 
-    @cached_property
-    def envelope(self) -> tuple[tuple[float, ...], ...]:
-        """`ms` made non-decreasing along both widths (running maxima along each row, then each
-        column): a copy timed faster at a larger width (by noise, or where 32 channels run
-        faster than 24 on 16-wide vector units) is taken to cost what the narrower one did, so
-        that removing channels never adds time and a plan's predicted saving grows with the
-        share it removes (the planner bisects on it)."""
-        rows = [tuple(itertools.accumulate(row, max)) for row in self.ms]
-        return tuple(zip(*(itertools.accumulate(column, max) for column in zip(*rows))))
-
     def at(self, c_in: int, c_out: int) -> float:
-        """Milliseconds at `c_in` input and `c_out` output channels, on the `envelope`:
-        interpolated linearly between the two nearest widths timed in each dimension (the
-        nearest outside them)."""
+        """Milliseconds at `c_in` input and `c_out` output channels: interpolated linearly
+        between the two nearest widths timed in each dimension (the nearest outside them).
+        Not monotone: a narrower copy can be timed slower (16-wide vector units, noise)."""
         i, a = _between(self.in_widths, c_in)
         j, b = _between(self.out_widths, c_out)
-        ms = self.envelope
 
         def along(row: tuple[float, ...]) -> float:  # at c_out, on one input width's row
             return (1 - b) * row[j] + b * row[j + 1] if b else row[j]
 
-        return (1 - a) * along(ms[i]) + a * along(ms[i + 1]) if a else along(ms[i])
+        return (1 - a) * along(self.ms[i]) + a * along(self.ms[i + 1]) if a else along(self.ms[i])
 
 
 def _between(widths: tuple[int, ...], width: int) -> tuple[int, float]:
@@ -121,8 +109,8 @@ class CostModel:
 
         The layers' own times at the plan's widths, plus the rest shrunk with the share of the
         activations they write; where the rest is negative (the lone layers add up to more than
-        the pass), the layers' times scaled down to the pass instead, so that removing channels
-        never adds time.
+        the pass), the layers' times scaled down to the pass instead, so that the rest never
+        grows as channels go. (The layers' own times can: `LayerTimes.at`.)
 
         Args:
             structure: the model's channel groups, as traced now (a pruned model's in later steps).

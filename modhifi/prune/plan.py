@@ -151,30 +151,49 @@ def check_costs(target_kind: TargetKind, costs: CostModel | None) -> None:
                         "measured_text_costs(...) (the CLI and the pages measure them)")
 
 
-def least_knob(removed: Callable[[float], float], target: float, *, what: str) -> float:
+SCAN = 100  # knobs tried, evenly, where the share removed does not grow with the knob
+
+
+def _knobs(monotone: bool) -> list[float]:
+    """The knobs a search tries before it bisects: the strongest alone where the share removed
+    grows with the knob, else SCAN of them from the weakest up."""
+    strongest = 1.0 + 1e-9
+    return [strongest] if monotone else [k / SCAN for k in range(1, SCAN)] + [strongest]
+
+
+def least_knob(removed: Callable[[float], float], target: float, *, what: str,
+               monotone: bool = True) -> float:
     """The least pruning strength in [0, 1] whose plan removes at least `target`.
 
-    Removal grows with the knob (uniform: fraction removed; global: score threshold). A target
-    met up to rounding counts as met: 1/6 of 72 heads is 12 heads, though 1 − 60/72 falls a hair
-    short of 1/6 in floating point.
+    Channels and MACs removed grow with the knob (uniform: fraction removed; global: score
+    threshold). Predicted latency need not (`monotone=False`): a narrower layer can be timed
+    slower than a wider one, so the first of SCAN knobs that reaches the target is found, then
+    the boundary below it. A target met up to rounding counts as met: 1/6 of 72 heads is 12
+    heads, though 1 − 60/72 falls a hair short of 1/6 in floating point.
     """
     if target == 0:
         return 0.0
     reach = target - 1e-12
-    low, high = 0.0, 1.0 + 1e-9
-    if removed(high) < reach:
-        raise UserError(f"target {target:g} cannot be reached: at most {most(removed):g} of the "
-                        f"{what} can be removed with these options; lower it")
+    low = 0.0
+    for high in _knobs(monotone):
+        if removed(high) >= reach:
+            break
+        low = high
+    else:
+        raise UserError(f"target {target:g} cannot be reached: at most "
+                        f"{most(removed, monotone=monotone):g} of the {what} can be removed with "
+                        "these options; lower it")
     for _ in range(40):
         middle = (low + high) / 2
         low, high = (middle, high) if removed(middle) < reach else (low, middle)
     return high
 
 
-def most(removed: Callable[[float], float]) -> float:
-    """The largest share a plan can remove (floor and rounding keep the rest), rounded down to
-    0.001 so that it is itself reachable."""
-    return math.floor(removed(1.0 + 1e-9) * 1000) / 1000
+def most(removed: Callable[[float], float], *, monotone: bool = True) -> float:
+    """The largest share a plan can remove (floor and rounding keep the rest; the largest over
+    the knobs tried where it is not `monotone`), rounded down to 0.001 so that it is itself
+    reachable."""
+    return math.floor(max(map(removed, _knobs(monotone))) * 1000) / 1000
 
 
 def plan_pruning(structure: Structure, rankings: dict[str, Ranking], target: float, *,
@@ -218,7 +237,8 @@ def plan_pruning(structure: Structure, rankings: dict[str, Ranking], target: flo
     check_overrides(rankings, overrides)
     removed = removed_share(structure, rankings, target_kind, allocation, floor, round_to,
                             overrides, costs)
-    knob = least_knob(removed, target, what=TARGET_UNITS[target_kind])
+    knob = least_knob(removed, target, what=TARGET_UNITS[target_kind],
+                      monotone=target_kind != "latency")
     kept = kept_counts(rankings, knob, allocation, floor, round_to, overrides)
     if target_kind == "latency":
         kept = give_back(rankings, kept, lambda more: costs.predict(structure, more),

@@ -250,7 +250,8 @@ class TextAnalysis:
              method: Method = DEFAULT_METHOD, floor: float = FLOOR, round_to: int | None = None,
              seed: int = 0, costs: TextCosts | None = None) -> float:
         """The largest target a plan with these options can reach."""
-        return most(self._counts(kind, method, target_kind, floor, round_to, seed, costs)[1])
+        return most(self._counts(kind, method, target_kind, floor, round_to, seed, costs)[1],
+                    monotone=target_kind != "latency")
 
     def plan(self, target: float, *, kind: Component = "ffn", target_kind: TargetKind = "channels",
              method: Method = DEFAULT_METHOD, floor: float = FLOOR, round_to: int | None = None,
@@ -268,7 +269,8 @@ class TextAnalysis:
         check_target(target)
         counts, removed, rankings = self._counts(kind, method, target_kind, floor, round_to, seed,
                                                  costs)
-        kept = counts(least_knob(removed, target, what=target_units(kind, target_kind)))
+        kept = counts(least_knob(removed, target, what=target_units(kind, target_kind),
+                                 monotone=target_kind != "latency"))
         groups = self.groups(kind)
         chosen = tuple(tuple(sorted(rankings[g.name].order[:kept[g.name]])) for g in groups)
         latency = (costs.dense_ms, costs.predict(kind, list(kept.values()))) if costs else ()
