@@ -225,6 +225,7 @@ def _scores(args: argparse.Namespace) -> dict:
 # Images per calibration batch: the unit processes share, and one BatchNorm recalibration pass
 # (`recalibrate_batchnorm`'s chunk), so that each batch's terms are the same however shared.
 CALIBRATION_BATCH = 128
+SHARED = ("info", "prune", "scores", "unlearn", "theory")  # whose work torchrun's processes share
 
 
 def calibration_batch(samples: int) -> int:
@@ -234,7 +235,6 @@ def calibration_batch(samples: int) -> int:
     while samples > 1 and samples % size == 1:
         size += 1
     return size
-SHARED = ("info", "prune", "scores", "unlearn", "theory")  # whose work torchrun's processes share
 
 
 def _compensation(args: argparse.Namespace, method: str, model, calibration,

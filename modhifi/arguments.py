@@ -157,7 +157,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         from modhifi.zoo import check_output
 
         check_output(Path(args.out))
-        if given("model") and Path(args.out).resolve() == Path(args.model).resolve():
+        if given("model") and Path(args.model).is_file() and Path(args.out).resolve() == \
+                Path(args.model).resolve():  # a zoo name is no file, whatever --out is called
             raise UserError(f"--out {args.out} is the model given: the result would replace its "
                             "own base; give another name")
         if args.command in ("prune", "unlearn") and kind == "text" and Path(args.out).exists():

@@ -129,7 +129,7 @@ def load_model(spec: str, *, device: torch.device, arch: str | None = None,
     return LoadedModel(path.name, arch, dataset or "", model.eval().to(device), True)
 
 
-@torch.inference_mode(False)  # the cut traces autograd: parameters made in inference mode cannot
+@torch.inference_mode(False)  # the cut traces autograd, which inference-mode parameters cannot join
 def _load_modified(path: Path, state: dict, *, device: torch.device) -> LoadedModel:
     """Rebuild a saved modified model: its base, the same channels cut, then its weights."""
     from modhifi.prune import cut_channels

@@ -3,16 +3,6 @@ import streamlit as st
 
 from ui import cache, figures, keys, page, sidebar
 
-# What C_l is for each kind of network (`theory.lipschitz`)
-BOUND_KINDS = {
-    "composition": "C_l composed along the network (chains, and branch + shortcut in residual "
-                   "blocks): a bound, so every measured point lies below C_l² × local.",
-    "sequential": "The product of the constants of the modules after the layer, in forward order: "
-                  "a heuristic, not a bound, wherever the network branches.",
-    "unavailable": "a module after this layer (LayerNorm, attention) has no known Lipschitz "
-                   "constant, so the theorem gives no bound here.",
-}
-
 
 def render() -> None:
     chosen = sidebar.selection()
@@ -41,17 +31,20 @@ def render() -> None:
     cols[0].metric("Fitted global / local", f"{result.fitted_ratio:.3g}")
     cols[1].metric("Worst global / local", f"{result.worst_ratio:.3g}")
     squared, kind = result.bound_constant ** 2, result.bound_kind  # NaN where unavailable
-    cols[2].metric("Bound's C_l²", "—" if kind == "unavailable" else f"{squared:.3g}",
-                   help=BOUND_KINDS[kind])
-    st.plotly_chart(figures.local_global(
-        result.to_frame(), result.fitted_ratio, None if kind == "unavailable" else squared,
-        bound_name="bound" if kind == "composition" else "heuristic"), width="stretch")
-    line = {"composition": "The red line is the theorem's worst case: every point lies below it, "
-                           f"{squared / result.fitted_ratio:.3g}× above the fitted ratio.",
+    # What C_l is for each kind of network (`theory.lipschitz`)
+    line = {"composition": "The red line is the theorem's worst case (C_l composed along the "
+                           "network, branch and shortcut in residual blocks): every point lies "
+                           f"below it, {squared / result.fitted_ratio:.3g}× above the fitted "
+                           "ratio.",
             "sequential": "The red line is C_l² from the product of the constants of the modules "
                           "after the layer, in forward order: a heuristic, not a bound, where the "
                           "network branches.",
-            "unavailable": "No red line: " + BOUND_KINDS["unavailable"]}[kind]
+            "unavailable": "No red line: a module after this layer (LayerNorm, attention) has no "
+                           "known Lipschitz constant, so the theorem gives no bound here."}[kind]
+    cols[2].metric("Bound's C_l²", "—" if kind == "unavailable" else f"{squared:.3g}", help=line)
+    st.plotly_chart(figures.local_global(
+        result.to_frame(), result.fitted_ratio, None if kind == "unavailable" else squared,
+        bound_name="bound" if kind == "composition" else "heuristic"), width="stretch")
     st.caption("Each point is one mask over the layer's input channels (random, or the HiFi set of "
                "that size); global error measured on the calibration images, logits, no "
                f"recalibration. {line}")

@@ -109,11 +109,7 @@ class Analysis:
                            lam=self.fidelity[consumers[0]].lam,  # the analysis' (every layer's)
                            recalibrate=recalibrate, shard=self.shard)
         else:
-            # Centred statistics fit all but the output's mean, which recalibration then gives
-            # BatchNorm; without it the refit must carry the mean too.
-            fidelity = self.fidelity if recalibrate else {
-                name: layer.uncentred() for name, layer in self.fidelity.items() if name in kept}
-            compensate(pruned, fidelity, kept, compensation)
+            compensate(pruned, self.fidelity, kept, compensation, recalibrate=recalibrate)
         cut_channels(pruned, removed, self.input_shape)
         if recalibrate:
             recalibrate_batchnorm(pruned, self.calibration, shard=self.shard)

@@ -45,7 +45,8 @@ def kept_inputs(structure: Structure, model: nn.Module,
 
 @torch.no_grad()
 def compensate(model: nn.Module, fidelity: Mapping[str, LayerFidelity],
-               kept: Mapping[str, torch.Tensor], compensation: Compensation) -> None:
+               kept: Mapping[str, torch.Tensor], compensation: Compensation, *,
+               recalibrate: bool = True) -> None:
     """Overwrite, in place, each consumer's weight by its compensated weight for `kept` inputs.
 
     Args:
@@ -54,13 +55,16 @@ def compensate(model: nn.Module, fidelity: Mapping[str, LayerFidelity],
         kept: consumer -> kept input channels (`kept_inputs`).
         compensation: `refit` (least squares of all kept slices), `rescale` (δ*) or `none`
             (`sequential` is `refit_in_order`, which needs forward passes).
+        recalibrate: whether BatchNorm is re-estimated afterwards. A fidelity on centred
+            statistics fits all but the output's mean, which recalibration hands to BatchNorm;
+            without it the weight is fitted on the uncentred ones (as `refit_in_order`).
     """
     if check(Compensation, compensation) == "none":
         return
     if compensation == "sequential":
         raise ValueError("the sequential refit runs forward passes: call refit_in_order")
     for name, keep in kept.items():
-        layer = fidelity[name]
+        layer = fidelity[name] if recalibrate else fidelity[name].uncentred()
         weight = layer.refit_weight(keep) if compensation == "refit" else layer.rescaled_weight(keep)
         model.get_submodule(name).weight.copy_(weight)
 
