@@ -87,10 +87,9 @@ def _prune(args: argparse.Namespace) -> dict:
     costs = None
     if args.target_kind == "latency":
         cache = cost_cache(args.model, model, backend, args.batch_size, dataset.input_shape)
-        how = "read from" if cache.is_file() else "timing each layer at candidate widths, kept in"
-        progress(f"latency cost model: {how} {cache}")
         costs = measured_costs(model, structure, dataset.input_shape, backend=backend,
-                               batch_size=args.batch_size, cache=cache, shard=args.shard)
+                               batch_size=args.batch_size, cache=cache, shard=args.shard,
+                               progress=progress)
     progress("statistics and scores on the calibration images")
     start = time.perf_counter()
     options = {"allocation": allocation, "method": method, "scope": args.scope,

@@ -669,22 +669,28 @@ def test_a_text_latency_plan_predicts_each_layers_saving_from_its_real_widths(
 def test_a_cached_text_cost_model_timed_on_other_batches_is_measured_again(
         model, text_costs, cpu, tmp_path, monkeypatch):
     """The file's name does not say which texts were timed (another corpus, another
-    tokenizer's lengths): it is read only where its batches' shapes are the timing batches'."""
+    tokenizer's lengths): it is read only where its batches' shapes are the timing batches', and
+    the progress line says which happened."""
     import dataclasses
 
     from modhifi.text.latency import measured_text_costs
 
     path = tmp_path / "encoder.latency.json"
     path.write_text(text_costs.to_json())
-    measured = []
+    measured, lines = [], []
     monkeypatch.setattr("modhifi.text.latency.measure_text_costs",
                         lambda *a, **k: measured.append(1) or text_costs)
-    assert measured_text_costs(model, TEXTS, backend=cpu, batch_size=8, cache=path) == text_costs
+    assert measured_text_costs(model, TEXTS, backend=cpu, batch_size=8, cache=path,
+                               progress=lines.append) == text_costs
     assert not measured  # the same batches: read
+    assert lines == [f"latency cost model: read from {path}"]
     other = dataclasses.replace(text_costs, shapes=((8, 3), (8, 5)))
     path.write_text(other.to_json())
-    assert measured_text_costs(model, TEXTS, backend=cpu, batch_size=8, cache=path) == text_costs
+    lines.clear()
+    assert measured_text_costs(model, TEXTS, backend=cpu, batch_size=8, cache=path,
+                               progress=lines.append) == text_costs
     assert measured == [1] and path.read_text() == text_costs.to_json()  # measured, replaced
+    assert lines == [f"latency cost model: timing one FFN and one attention block, kept in {path}"]
 
 
 @pytest.mark.parametrize("kind", ["ffn", "heads"])

@@ -165,11 +165,13 @@ def from_json(text: str) -> dict:
     return state
 
 
-def cached(cache: Path | None, read: Callable[[str], T], measure: Callable[[], T]) -> T:
+def cached(cache: Path | None, read: Callable[[str], T], measure: Callable[[], T], *,
+           progress: Callable[[str], None] = lambda line: None, how: str = "measuring") -> T:
     """`read` of the file `cache` where it holds a readable cost model, else `measure()`, then
     written there atomically (left unwritten in a read-only folder: measured again next time).
     One thread or process at a time measures into a folder (`_one_at_a_time`): the others wait,
-    then read what it wrote, rather than time their copies against each other."""
+    then read what it wrote, rather than time their copies against each other. `progress` is
+    told which of the two happens, `how` saying what measuring does."""
     from modhifi.zoo import write_atomically
 
     def readable() -> T | None:
@@ -180,13 +182,20 @@ def cached(cache: Path | None, read: Callable[[str], T], measure: Callable[[], T
                 pass
         return None
 
+    def read_from() -> T | None:
+        if (costs := readable()) is not None:
+            progress(f"latency cost model: read from {cache}")
+        return costs
+
     if cache is None:
+        progress(f"latency cost model: {how}")
         return measure()
-    if (costs := readable()) is not None:
+    if (costs := read_from()) is not None:
         return costs
     with _one_at_a_time(cache.parent):
-        if (costs := readable()) is not None:  # measured while this one waited
+        if (costs := read_from()) is not None:  # measured while this one waited
             return costs
+        progress(f"latency cost model: {how}, kept in {cache}")
         costs = measure()
         try:
             write_atomically(cache, lambda path: path.write_text(costs.to_json()))
@@ -361,12 +370,14 @@ def cost_file(folder: Path, stem: str, model: nn.Module, backend: Backend, batch
 
 def measured_costs(model: nn.Module, structure: Structure, input_shape: tuple[int, ...], *,
                    backend: Backend, batch_size: int = 64, cache: Path | None = None,
-                   shard: Shard = ALONE) -> CostModel:
+                   shard: Shard = ALONE,
+                   progress: Callable[[str], None] = lambda line: None) -> CostModel:
     """`measure_costs`, read from the file `cache` when it holds them, else measured and
-    written there (`cached`); with several processes (`shard`), process 0 measures and the
-    others take its model, so that every process plans alike."""
+    written there (`cached`, which tells `progress` which); with several processes (`shard`),
+    process 0 measures and the others take its model, so that every process plans alike."""
     def measure() -> CostModel:
         return measure_costs(model, structure, input_shape, backend=backend,
                              batch_size=batch_size)
 
-    return shard.on_main(lambda: cached(cache, CostModel.from_json, measure))
+    return shard.on_main(lambda: cached(cache, CostModel.from_json, measure, progress=progress,
+                                        how="timing each layer at candidate widths"))

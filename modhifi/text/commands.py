@@ -67,10 +67,8 @@ def prune(args: argparse.Namespace) -> dict:
     timing = subject.corpus.calibration.texts  # whatever --calib-samples: the same batches
     if args.target_kind == "latency":
         cache = cost_cache(args.model, subject.model, backend, args.batch_size, "fortunes")
-        how = "read from" if cache.is_file() else "timing one FFN and one attention block, kept in"
-        progress(f"latency cost model: {how} {cache}")
         costs = measured_text_costs(subject.model, timing, backend=backend,
-                                    batch_size=args.batch_size, cache=cache)
+                                    batch_size=args.batch_size, cache=cache, progress=progress)
     progress(f"statistics and scores on {len(texts)} calibration texts")
     start = time.perf_counter()
     analysis = analyse_text(subject.model, texts, device=backend.device)

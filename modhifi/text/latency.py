@@ -11,7 +11,7 @@ times the dense and pruned encoders on.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -136,10 +136,11 @@ def measure_text_costs(model: nn.Module, texts: Sequence[str], *, backend: Backe
 
 
 def measured_text_costs(model: nn.Module, texts: Sequence[str], *, backend: Backend,
-                        batch_size: int = 64, cache: Path | None = None) -> TextCosts:
+                        batch_size: int = 64, cache: Path | None = None,
+                        progress: Callable[[str], None] = lambda line: None) -> TextCosts:
     """`measure_text_costs`, read from the file `cache` when it holds them for the same timing
     batches (another corpus or tokenizer gives others: measured again), else measured and
-    written there (`prune.latency.cached`)."""
+    written there (`prune.latency.cached`, which tells `progress` which)."""
     shapes = shapes_of(timing_batches(model, texts, batch_size=batch_size, device="cpu"))
 
     def read(text: str) -> TextCosts:
@@ -149,4 +150,5 @@ def measured_text_costs(model: nn.Module, texts: Sequence[str], *, backend: Back
         return costs
 
     return cached(cache, read,
-                  lambda: measure_text_costs(model, texts, backend=backend, batch_size=batch_size))
+                  lambda: measure_text_costs(model, texts, backend=backend, batch_size=batch_size),
+                  progress=progress, how="timing one FFN and one attention block")
