@@ -120,8 +120,7 @@ def _prune(args: argparse.Namespace) -> dict:
     if not args.shard.is_main:  # process 0 times, prints and writes
         return {}
     if args.out:
-        removed = [plan.removed_channels() for plan in plans]
-        _save_modified(args, subject, pruned, removed=removed[0] if len(removed) == 1 else removed)
+        _save_modified(args, subject, pruned, [plan.removed_channels() for plan in plans])
     return {"model": subject.loaded.name, "method": method, "target": args.target,
             "target_kind": args.target_kind, "allocation": allocation, "scope": args.scope,
             "round_to": round_to,
@@ -161,7 +160,7 @@ def _unlearn(args: argparse.Namespace) -> dict:
     if not args.shard.is_main:  # process 0 prints and writes
         return {}
     if args.out:
-        _save_modified(args, subject, result.model, removed={})
+        _save_modified(args, subject, result.model, [])
     return result.summary(model=subject.loaded.name, device=backend.description)
 
 
@@ -215,7 +214,12 @@ def _scores(args: argparse.Namespace) -> dict:
         scores = score_forget_class(subject.loaded.model, dataset.calibration, forget_class=forget,
                                     layers=unlearnable_layers(subject.loaded.model, example),
                                     device=backend.device).to_frame()
-        table = table.drop(columns="saliency").merge(scores, on=["layer", "out_channel", "in_channel"])
+        # every pair of either table (an edited layer pruning does not score, such as the first
+        # convolution or the classifier, has no singleton fidelity; a pruned one not edited, no
+        # forget-class saliency), in the contract's column order
+        pairs = ["layer", "out_channel", "in_channel"]
+        table = table.drop(columns="saliency").merge(scores, how="outer", on=pairs,
+                                                     sort=False)[table.columns]
     write_atomically(Path(args.out), lambda p: table.to_csv(p, index=False))
     return {"model": subject.loaded.name, "out": args.out, "rows": len(table),
             "layers": int(table["layer"].nunique()), "target": args.target}
@@ -291,25 +295,28 @@ def _calibration(subject, samples: int | None, shard, device) -> tuple:
 
 def _shared(args: argparse.Namespace) -> bool:
     """Whether this command's work is shared by the processes torchrun started (`SHARED`, on
-    image models); the others run on process 0 alone, with the one-process result."""
+    image models, but not `scores --forget-class`); the others run on process 0 alone, with the
+    one-process result."""
     return (args.command in SHARED and not is_text(args)
-            and getattr(args, "forget_class", None) is None)
+            and not (args.command == "scores" and args.forget_class is not None))
 
 
-def _save_modified(args: argparse.Namespace, subject, model, *, removed: dict | list) -> None:
-    """Write the model (reloadable by `--model FILE`) and, for a pruned one, its removed channels
-    beside it, as one unit (`zoo.write_together`): never one without the other."""
+def _save_modified(args: argparse.Namespace, subject, model, removed: list[dict]) -> None:
+    """Write the model (reloadable by `--model FILE`) and its removed channels beside it, as one
+    unit (`zoo.write_together`): never one without the other. `removed`: this command's rounds;
+    a model modified before keeps its own (`zoo.lineage`)."""
     import json
 
     import torch
 
-    from modhifi.zoo import base_of, checkpoint_state, write_together
+    from modhifi.zoo import checkpoint_state, lineage, write_together
 
     out = Path(args.out)
-    state = checkpoint_state(model, base=base_of(args.model, args.arch, subject.dataset),
-                             removed=removed)
+    meta = lineage(args.model, args.arch, subject.dataset, removed)
+    state = checkpoint_state(model, **meta)
     files = {out: lambda p: torch.save(state, p),  # the model (it holds its channel list too)
-             channels_path(out): lambda p: p.write_text(json.dumps(removed, indent=1) + "\n")}
+             channels_path(out):
+                 lambda p: p.write_text(json.dumps(meta["removed"], indent=1) + "\n")}
     write_together(files)
     progress(f"wrote {' and '.join(map(str, files))}")
 

@@ -37,14 +37,18 @@ def tenths(what: str) -> Callable[[float], None]:
 
 
 def class_index(dataset, name: str) -> int:
-    """A class given by index (`5`) or by name (`Sandal`)."""
+    """A class given by name (`Sandal`, any case) or by index (`5`). A name comes first: in an
+    image folder whose classes are `1, 10, 2`, `1` is the class named 1, not the second."""
+    classes = list(dataset.classes)
+    if name in classes:
+        return classes.index(name)
+    lowered = [c.lower() for c in classes]
+    if name.lower() in lowered:
+        return lowered.index(name.lower())
     if name.isascii() and name.isdigit():
         if int(name) >= len(dataset.classes):
             raise UserError(f"forget class {name} is out of range for {dataset.name}: use "
                             f"0..{len(dataset.classes) - 1} or a class name")
         return int(name)
-    lowered = [c.lower() for c in dataset.classes]
-    if name.lower() not in lowered:
-        raise UserError(f"no class {name!r} in {dataset.name}: use an index "
-                        f"0..{len(dataset.classes) - 1} or one of {', '.join(dataset.classes)}")
-    return lowered.index(name.lower())
+    raise UserError(f"no class {name!r} in {dataset.name}: use an index "
+                    f"0..{len(dataset.classes) - 1} or one of {', '.join(dataset.classes)}")

@@ -188,6 +188,9 @@ class UnlearnRequest:
         check(Score, self.score)
         object.__setattr__(self, "target_forget_accuracy", check_fraction(
             "target forget accuracy", self.target_forget_accuracy, why=WHY_FORGET_TARGET))
+        if self.k is not None and self.target_forget_accuracy > 0:
+            raise UserError("--forget-target steers the k chosen automatically, and --k gives "
+                            "it: leave one of them out")
         _whole_or_none("reference samples", self.reference_samples, "or None for all")
         _whole_or_none("retain samples", self.retain_samples, "or None for all")
         check_whole("batch size", self.batch_size, "images per forward pass")

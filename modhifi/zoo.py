@@ -352,6 +352,18 @@ def base_of(spec: str, arch: str | None, dataset: Dataset) -> dict:
             "num_classes": dataset.num_classes, "input_shape": list(dataset.input_shape)}
 
 
+def lineage(spec: str, arch: str | None, dataset: Dataset, removed: list[dict]) -> dict:
+    """The `base` and `removed` entries of the checkpoint of a model modified from model `spec`
+    by rounds of `removed` channels ({group: channels} each; none for an edit that keeps every
+    channel). Where `spec` is itself a modified model, its base and rounds come first: a chain of
+    modifications is rebuilt from the first base, which is never a modified model."""
+    state = read_checkpoint(Path(spec)) if spec not in ZOO and Path(spec).is_file() else {}
+    base, before = (_checked_base(state, Path(spec)) if "base" in state
+                    else (base_of(spec, arch, dataset), []))
+    rounds = [step for step in [*before, *removed] if step]
+    return {"base": base, "removed": rounds[0] if len(rounds) == 1 else rounds or {}}
+
+
 def checkpoint_state(model: nn.Module, **meta) -> dict:
     """A state_dict with plain metadata (loadable with weights_only=True).
 

@@ -156,11 +156,13 @@ def render() -> None:
             "calibration images; a little above 0 spares the other classes when 0 costs them much.")
         st.form_submit_button("Forget", type="primary", key=keys.UNLEARN_SUBMIT)
 
-    # The target only steers the automatic k.
+    # The target steers what is chosen automatically: k, or the direction edit's strength (a
+    # disabled toggle keeps the value it had).
+    automatic = auto or not pairs
     request = UnlearnRequest(forget_class=forget, edit=edit,
                              layers=None if layers is None or not pairs else int(layers),
-                             k=None if auto or not pairs else k,
-                             target_forget_accuracy=target if auto else 0.0)
+                             k=None if automatic else k,
+                             target_forget_accuracy=target if automatic else 0.0)
     result = cache.unlearned(opened, request)
     before, after = result.before, result.after
     audit_metrics(before, after)

@@ -216,6 +216,54 @@ def test_the_unlearn_form_runs_the_unlearning_on_submit_only(monkeypatch):
     assert calls == [8, 9] and "“9”" in app.subheader[-1].value
 
 
+def test_the_direction_edit_gets_the_forget_target_whatever_the_disabled_toggle_says(
+        monkeypatch):
+    """The direction edit always chooses its strength for the target: a "choose k
+    automatically" left off for the pair edits (now disabled) does not drop it."""
+    from modhifi import unlearn
+    from modhifi.errors import UserError
+
+    asked, real = [], unlearn.unlearn
+
+    def direction_refused(*args, **kwargs):  # the request is what is tested: no ViT needed
+        asked.append({key: kwargs[key] for key in ("edit", "k", "target_forget_accuracy")})
+        if kwargs["edit"] == "direction":
+            raise UserError("stopped here")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(unlearn, "unlearn", direction_refused)
+    app = open_page("pages/unlearn.py", **{"unlearn.class": 2})
+    app.toggle(key=keys.UNLEARN_AUTO).set_value(False)
+    submit(app)  # k by hand, for the pair edits
+    asked.clear()
+    app.number_input(key=keys.UNLEARN_TARGET).set_value(0.05)
+    app.selectbox(key=keys.UNLEARN_EDIT).set_value("direction")
+    submit(app)
+    assert app.toggle(key=keys.UNLEARN_AUTO).disabled and not app.exception
+    assert asked == [{"edit": "direction", "k": None, "target_forget_accuracy": 0.05}]
+
+
+def test_a_model_pruned_from_a_downloaded_pruned_model_downloads_and_reloads(tmp_path):
+    """The Prune page's download of a model opened from a pruned checkpoint (one a visitor
+    downloaded and uploaded again) reloads as the page's model: rebuilt from the first base."""
+    import torch
+
+    from modhifi.requests import ModelRef, PruneRequest
+    from modhifi.zoo import load_model
+    from ui.cache import Selection, pruned, pruned_download, subject
+
+    request = PruneRequest(target=0.2)
+    once = tmp_path / "once.pt"
+    once.write_bytes(pruned_download(Selection(ModelRef("digits-cnn"), "cpu", 250), request)[0])
+    selection = Selection(ModelRef(str(once)), "cpu", 250)
+    twice = tmp_path / "twice.pt"
+    twice.write_bytes(pruned_download(selection, request)[0])
+    reloaded = load_model(str(twice), device=torch.device("cpu")).model
+    images = next(subject(selection.opened).dataset.test.batches(64))
+    with torch.no_grad():
+        assert torch.equal(reloaded(images), pruned(selection, request)(images))
+
+
 # --- session-state keys: defined once in ui/keys.py, never spelled in a page ----------------------
 
 WIDGETS = {"button", "checkbox", "color_picker", "data_editor", "date_input", "download_button",

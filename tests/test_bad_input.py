@@ -98,6 +98,8 @@ CLI_CASES = [
     ("layers-too-many", (*UNLEARN, "--layers", "99"), "pass --layers 1..2"),
     ("unlearn-out-under-a-file", (*UNLEARN, "--out", "{file}/x.pt"), "is a file, not a folder"),
     ("direction-with-k", (*UNLEARN, "--edit", "direction", "--k", "0.1"), "leave them out"),
+    ("k-and-forget-target", (*UNLEARN, "--k", "0.1", "--forget-target", "0.05"),
+     "leave one of them out"),
     ("direction-on-a-cnn", (*UNLEARN, "--edit", "direction"), "is for Transformers"),
     ("theory-calib-zero", ("theory", *ZOO, "--calib-samples", "0"), "must be at least 1"),
     ("model-unknown", ("info", "--model", "no-such-model"), "not a zoo model"),
@@ -146,6 +148,19 @@ def test_the_cli_refuses_bad_input_in_one_line_with_exit_2(argv, message, files,
 
 EXAMPLES = {"arch": "resnet18", "data": "digits", "components": "heads", "allocation": "global",
             "steps": "2", "edit": "zero", "layers": "2", "k": "0.1"}
+
+
+def test_a_class_is_found_by_its_name_before_its_index():
+    """An image folder's classes may be numbers, sorted as text: `1` is the class named 1, not
+    the second class (named 10); a number that names no class is an index."""
+    from types import SimpleNamespace
+
+    from modhifi.console import class_index
+
+    folder = SimpleNamespace(name="imagefolder:x", classes=("1", "10", "2", "Sandal"))
+    assert [class_index(folder, name) for name in ("1", "10", "2", "sandal", "3")] == [0, 1, 2, 3, 3]
+    with pytest.raises(UserError, match="out of range"):
+        class_index(folder, "4")
 
 
 @pytest.mark.parametrize("command, option", list(ONE_KIND_ONLY))

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from oracles import command_line
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,3 +78,54 @@ def test_theory_prints_the_contract_keys(capfd):
     for layer in report["layers"]:
         assert {"layer", "local_error", "global_error", "ratio", "bound_constant"} <= set(layer)
         assert layer["global_error"] <= layer["bound_constant"] ** 2 * layer["local_error"] * (1 + 1e-6)
+
+
+def test_a_modified_model_modified_again_reloads_as_reported(tmp_path, capfd):
+    """Unlearn, prune the edited model, unlearn the pruned one: each `--out` reloads from the
+    first base (a base is never a modified model) with the figures its command reported, and
+    the channel list beside the last names every round removed."""
+    def cli(*args):
+        done = command_line(capfd, *args, "--json", "--device", "cpu")
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    edited, pruned, again = (tmp_path / name for name in ("edited.pt", "pruned.pt", "again.pt"))
+    first = cli("unlearn", "--model", "digits-cnn", "--forget-class", "3", "--out", str(edited))
+    cut = cli("prune", "--model", str(edited), "--target", "0.2", "--calib-samples", "200",
+              "--out", str(pruned))
+    last = cli("unlearn", "--model", str(pruned), "--forget-class", "5", "--out", str(again))
+    assert cli("info", "--model", str(edited))["per_class_accuracy"]["3"] == pytest.approx(
+        first["forget_accuracy_after"], abs=1e-9)
+    reloaded = cli("info", "--model", str(pruned))
+    assert (reloaded["accuracy"], reloaded["macs"]) == (cut["accuracy_after"], cut["macs_after"])
+    reloaded = cli("info", "--model", str(again))
+    assert reloaded["macs"] == cut["macs_after"]
+    assert reloaded["per_class_accuracy"]["5"] == pytest.approx(last["forget_accuracy_after"],
+                                                               abs=1e-9)
+    rounds = json.loads((tmp_path / "again.pt.channels.json").read_text())
+    assert rounds == json.loads((tmp_path / "pruned.pt.channels.json").read_text())
+    assert sum(map(len, rounds.values())) == cut["channels_before"] - cut["channels_after"]
+
+
+def test_scores_with_a_forget_class_keep_every_layer_of_both_scores(tmp_path, capfd):
+    """The pruning scores of every consumer and the forget-class saliency of every edited layer
+    (the first convolution and the classifier too), each empty where the other is not scored."""
+    import pandas as pd
+
+    def scores(*args):
+        out = tmp_path / f"{len(args)}.csv"
+        done = command_line(capfd, "scores", "--model", "digits-cnn", "--target", "0.3", *args,
+                            "--out", str(out), "--json")
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout), pd.read_csv(out)
+
+    (_, pruning), (forget, both) = scores(), scores("--forget-class", "3")
+    assert list(both.columns) == list(pruning.columns)  # the contract's order
+    pairs = ["layer", "out_channel", "in_channel"]
+    scored = both.dropna(subset="singleton_fidelity")
+    pd.testing.assert_frame_equal(  # the pruning scores, every row of them
+        scored[[*pairs, "singleton_fidelity"]].reset_index(drop=True),
+        pruning[[*pairs, "singleton_fidelity"]].reset_index(drop=True))
+    edited = set(both.dropna(subset="saliency")["layer"])
+    assert set(pruning["layer"]) < set(both["layer"]) == set(pruning["layer"]) | edited
+    assert forget["layers"] == both["layer"].nunique() and forget["rows"] == len(both)

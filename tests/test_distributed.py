@@ -191,9 +191,11 @@ def test_the_cli_prunes_with_three_processes_as_with_one(tmp_path, monkeypatch, 
 
 def shared_and_alone(capsys, processes: int, *command: str) -> tuple[dict, dict]:
     """The JSON of `modhifi COMMAND --json` under torchrun (one line, from process 0) and from
-    one process on one thread, as each torchrun process (this one: `oracles.command_line`)."""
+    one process on one thread, as each torchrun process (this one: `oracles.command_line`); the
+    command is one whose work the processes share."""
     many = torchrun(processes, "-m", "modhifi", *command, "--json")
     assert many.returncode == 0, failure(many)
+    assert "runs in process 0 alone" not in many.stderr
     with one_thread():
         one = command_line(capsys, *command, "--json")
     assert one.returncode == 0, one.stderr

@@ -335,14 +335,14 @@ def pruned_download(selection: Selection, request: PruneRequest) -> tuple[bytes,
     removed = plan(selection, request).removed_channels()
     csv = pd.DataFrame([(g, c) for g, cs in removed.items() for c in cs],
                        columns=["group", "channel"]).to_csv(index=False)
-    return (zoo.checkpoint_bytes(pruned(selection, request), base=_base(selection.opened),
-                                 removed=removed),
+    return (zoo.checkpoint_bytes(pruned(selection, request),
+                                 **_lineage(selection.opened, [removed])),
             json.dumps(removed, indent=1), csv)
 
 
-def _base(opened: Opened) -> dict:
-    """What a downloaded modified model is rebuilt from."""
-    return zoo.base_of(opened.model.spec, opened.model.arch, subject(opened).dataset)
+def _lineage(opened: Opened, removed: list[dict]) -> dict:
+    """What a downloaded modified model is rebuilt from (`zoo.lineage`)."""
+    return zoo.lineage(opened.model.spec, opened.model.arch, subject(opened).dataset, removed)
 
 
 @st.cache_data(show_spinner=False, max_entries=CACHED_TABLES)
@@ -475,7 +475,7 @@ def forget_examples(opened: Opened, request: UnlearnRequest, count: int = 8) -> 
 
 @st.cache_data(show_spinner="Packing the edited model…", max_entries=CACHED_DOWNLOADS)
 def unlearned_download(opened: Opened, request: UnlearnRequest) -> bytes:
-    return zoo.checkpoint_bytes(unlearned(opened, request).model, base=_base(opened), removed={})
+    return zoo.checkpoint_bytes(unlearned(opened, request).model, **_lineage(opened, []))
 
 
 @st.cache_data(show_spinner="Masking the layer's inputs: local error from statistics, global measured…",
