@@ -194,19 +194,23 @@ def test_macs_counted_while_another_session_runs_a_model_are_this_models_alone(m
 
 
 def test_saved_folders_reload_with_the_same_embeddings(model, analysis, tmp_path):
+    """Through modhifi, physically smaller; through the model's own library alone too (removed
+    heads saved as zeros: a config has one head count for every layer)."""
     from sentence_transformers import SentenceTransformer
+
+    from modhifi.text.surgery import shapes
 
     for kind in ("ffn", "heads"):
         pruned = apply_plan(analysis, analysis.plan(0.5, kind=kind, round_to=1))
         out = tmp_path / kind
         save_text_model(pruned, out, base="tiny", removed={})
         expected = embed(pruned, TEXTS, device="cpu")
-        torch.testing.assert_close(embed(load_encoder(str(out), device="cpu"), TEXTS, device="cpu"),
-                                   expected)
-        if kind == "ffn":  # uniform widths: the model's own library reads the folder alone
-            own = SentenceTransformer(str(out), device="cpu", local_files_only=True)
-            torch.testing.assert_close(own.encode(TEXTS, convert_to_tensor=True), expected,
-                                       rtol=1e-5, atol=1e-6)
+        reloaded = load_encoder(str(out), device="cpu")
+        assert shapes(reloaded) == shapes(pruned) != shapes(model)
+        torch.testing.assert_close(embed(reloaded, TEXTS, device="cpu"), expected)
+        own = SentenceTransformer(str(out), device="cpu", local_files_only=True)
+        torch.testing.assert_close(own.encode(TEXTS, convert_to_tensor=True), expected,
+                                   rtol=1e-5, atol=1e-6)
     with pytest.raises(UserError, match="exists"):
         save_text_model(pruned, tmp_path / "ffn", base="tiny", removed={})
 
@@ -264,11 +268,23 @@ def refused(capsys, *args) -> tuple[int, list[str]]:
     return done.returncode, done.stderr.strip().splitlines()
 
 
-def test_cli_prunes_a_local_folder_and_the_output_reloads(tiny, tmp_path, capsys, monkeypatch):
-    """To a latency target: the cost model is kept beside the folder, the JSON has the planned
-    speed-up beside the measured one and the targets tried."""
+def test_cli_prunes_a_local_folder_and_the_output_reloads(tiny, model, text_costs, cpu,
+                                                          tmp_path, capsys, monkeypatch):
+    """To a latency target: the cost model is read from beside the folder (a synthetic one, so
+    that what the plan can reach does not depend on the machine's load), the JSON has the
+    planned speed-up beside the measured one and the targets tried."""
+    import dataclasses
+
+    from modhifi.text.corpus import load_fortunes
+    from modhifi.text.latency import TextCosts, shapes_of, timing_batches
+    from modhifi.zoo import cost_cache
+
     out = tmp_path / "pruned"
     monkeypatch.setenv("MODHIFI_CACHE", str(tmp_path / "cache"))
+    timing = timing_batches(model, load_fortunes().calibration.texts, batch_size=64, device="cpu")
+    costs = dataclasses.replace(_synthetic_text_costs(text_costs), batch_size=64,
+                                shapes=shapes_of(timing))
+    cost_cache(str(tiny), model, cpu, 64, "fortunes").write_text(costs.to_json())
     monkeypatch.chdir(tiny.parent)  # the model named by a relative path
     done = cli(capsys, "prune", "--model", tiny.name, "--target", "0.1", "--target-kind",
                "latency", "--components", "heads", "--calib-samples", "64", "--json", "--out",
@@ -279,7 +295,8 @@ def test_cli_prunes_a_local_folder_and_the_output_reloads(tiny, tmp_path, capsys
     assert result["speedup_planned"] >= 1 / 0.9 - 1e-9 and result["speedup_measured"] > 0
     assert result["latency_targets_tried"][0] == 0.1  # cut, timed, and cut again if short
     assert isinstance(result["latency_target_met"], bool)
-    assert len(list(tiny.parent.glob(f"{tiny.name}.latency-b64-*.json"))) == 1
+    [cached] = tiny.parent.glob(f"{tiny.name}.latency-b64-*.json")
+    assert TextCosts.from_json(cached.read_text()) == costs  # read, not measured again
     assert PRUNE_KEYS <= set(result)  # the shared keys, and the text ones
     assert {"embedding_cosine", "retrieval_agreement", "sentences_per_second_before",
             "sentences_per_second_after"} <= set(result)
@@ -320,18 +337,29 @@ def test_a_command_with_no_text_path_says_so_in_one_line(tiny, capsys, command):
 
 def test_a_damaged_folder_is_one_line_naming_what_is_wrong(tiny, model, analysis, tmp_path,
                                                            capsys):
-    """A config.json that is not JSON, and a modhifi folder whose weights do not fit the widths
-    its config records: one line and exit 2, no traceback."""
+    """A config.json that is not JSON, truncated weights, no tokenizer files (the library falls
+    back to five tokens), and a modhifi folder whose weights do not fit the widths its config
+    records: one line and exit 2, no traceback."""
     broken = tmp_path / "broken"
     shutil.copytree(tiny, broken)
     (broken / "config.json").write_text("{")
     assert one_error(capsys, "info", "--model", str(broken)).startswith(
         f"{broken / 'config.json'} cannot be read as JSON (")
+    shutil.copy(tiny / "config.json", broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert one_error(capsys, "info", "--model", str(broken)).startswith(
+        f"cannot load the text model in {broken}: ")
+    shutil.copy(tiny / "model.safetensors", broken)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        (broken / name).unlink()
+    assert "its tokenizer files (tokenizer.json, vocab.txt) are missing" in one_error(
+        capsys, "info", "--model", str(broken))
     saved = tmp_path / "saved"
     save_text_model(apply_plan(analysis, analysis.plan(0.5, kind="heads", round_to=1)), saved,
                     base=str(tiny), removed={})
     config = json.loads((saved / "config.json").read_text())
-    config["modhifi_shapes"]["heads"] = [1, 1]  # the weights hold 2 heads a layer
+    config["modhifi_shapes"]["heads"] = [1, 1]  # the weights hold 2 heads a layer (then zeros)
     (saved / "config.json").write_text(json.dumps(config))
     assert "do not fit the widths its config records" in one_error(capsys, "info", "--model",
                                                                    str(saved))

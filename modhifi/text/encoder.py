@@ -74,6 +74,7 @@ def describe(spec: str) -> str:
 
 def load_encoder(spec: str, *, device: torch.device | str) -> nn.Module:
     """A sentence-transformers model in eval mode on `device`, from local files only."""
+    from safetensors import SafetensorError
     from sentence_transformers import SentenceTransformer
 
     from modhifi.text.surgery import needs_restore, restore_shapes
@@ -85,8 +86,15 @@ def load_encoder(spec: str, *, device: torch.device | str) -> nn.Module:
     try:
         model = SentenceTransformer(str(folder), device=str(device), local_files_only=True,
                                     model_kwargs=options)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # damaged files
         raise UserError(f"cannot load the text model in {folder}: {first_line(error)}") from None
+    # without its tokenizer files, the library falls back to a few special tokens: every word
+    # would be the same token, and every number computed on it meaningless
+    words, vocabulary = len(model.tokenizer), bert_of(model).config.vocab_size
+    if words < vocabulary // 2:
+        raise UserError(f"the tokenizer in {folder} knows {words} tokens where the model has "
+                        f"{vocabulary}: its tokenizer files (tokenizer.json, vocab.txt) are "
+                        "missing or damaged; restore them from the model's source")
     restore_shapes(model, folder)
     return model.eval()
 

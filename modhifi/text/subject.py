@@ -153,13 +153,20 @@ def save_text_model(model: nn.Module, out: Path, *, base: str, removed: dict) ->
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
+        from safetensors.torch import save_file
+
         from modhifi.hooks import shared_copy
+        from modhifi.text.surgery import full_width_state
 
         copy = shared_copy(model)  # its config gets the base; its weights are only written out
         # a folder by its absolute path: the saved model is opened from other folders too
         setattr(bert_of(copy).config, BASE_KEY,
                 base if base in ZOO_TEXT else str(Path(base).resolve()))
         copy.save(str(staging / "model"))
+        widened = full_width_state(copy)  # one head count for every layer: see text.surgery
+        if widened is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in widened.items()},
+                      str(staging / "model" / "model.safetensors"), metadata={"format": "pt"})
         listing = staging / "model" / "modhifi_removed.json"
         listing.write_text(json.dumps(removed, indent=1) + "\n")
         os.replace(staging / "model", out)

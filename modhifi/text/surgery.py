@@ -4,14 +4,17 @@ remove the components physically with Torch-Pruning's Linear pruners. Always on 
 A removed FFN neuron takes its up-projection row (and bias) and its down-projection column; a
 removed head takes its query, key and value rows and its block of output-projection columns.
 The per-layer widths go into the Hugging Face config (`intermediate_size` when every layer keeps
-the same number of neurons, so that sentence-transformers reloads the folder by itself, and
-`modhifi_shapes` always), and `restore_shapes` rebuilds any other shape on load.
+the same number of neurons, and `modhifi_shapes` always). A config has one head count for every
+layer, so a saved folder holds the removed heads (and FFN neurons past `intermediate_size`) as
+zeros after the kept ones (`full_width_state`): sentence-transformers reloads it by itself, with
+the same embeddings, and `restore_shapes` cuts the zeros off again when modhifi loads it.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
@@ -115,6 +118,49 @@ def record_shapes(model: nn.Module) -> None:
         config.intermediate_size = found["ffn"][0]
 
 
+def full_width_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The encoder's weights with every layer as wide as its config's uniform sizes (what the
+    model's own library builds), the components a layer lost as zeros after its kept ones; None
+    where every layer has those widths. The same function: a zero FFN neuron outputs GELU(0) = 0,
+    and a zero head attends evenly to zero values, its output columns zero too."""
+    bert = bert_of(model)
+    full = {"ffn": bert.config.intermediate_size, "heads": bert.config.num_attention_heads}
+    state, prefix = dict(bert.state_dict()), "0.model."  # bert_of's name in the whole model
+    widened = False
+    for layer in transformer_layers(model):
+        for kind in ("ffn", "heads"):
+            missing = full[kind] * block(layer, kind) - model.get_submodule(
+                consumer(layer, kind)).in_features
+            if missing <= 0:
+                continue
+            widened = True
+            name = consumer(layer, kind).removeprefix(prefix)
+            state[f"{name}.weight"] = F.pad(state[f"{name}.weight"], (0, missing))  # columns
+            for producer in producers(layer, kind):
+                name = producer.removeprefix(prefix)
+                state[f"{name}.weight"] = F.pad(state[f"{name}.weight"], (0, 0, 0, missing))
+                state[f"{name}.bias"] = F.pad(state[f"{name}.bias"], (0, missing))  # rows
+    return state if widened else None
+
+
+def _leading(saved: dict[str, torch.Tensor],
+             wanted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each saved tensor cut to the leading block of the shape the model has, where the rest is
+    zeros (a folder saved at full width); any other tensor as saved (its shape then fails the
+    strict load)."""
+    fitted = dict(saved)
+    for name, tensor in saved.items():
+        shape = wanted[name].shape if name in wanted else None
+        if shape is None or tensor.dim() != len(shape) or tensor.shape == shape or any(
+                s < w for s, w in zip(tensor.shape, shape)):
+            continue
+        lead = tensor[tuple(slice(0, w) for w in shape)]
+        if int(tensor.count_nonzero()) != int(lead.count_nonzero()):
+            raise RuntimeError(f"{name} holds more than the recorded widths")
+        fitted[name] = lead
+    return fitted
+
+
 def recorded_shapes(folder: Path) -> dict[str, list[int]] | None:
     """The widths a folder's config records (None for a model modhifi did not write)."""
     return read_config(folder).get(SHAPES_KEY)
@@ -132,7 +178,8 @@ def needs_restore(folder: Path) -> bool:
 
 @torch.no_grad()
 def restore_shapes(model: nn.Module, folder: Path) -> None:
-    """Give a just-loaded encoder the widths its config records, and load its saved weights.
+    """Give a just-loaded encoder the widths its config records, and load its saved weights
+    (saved at full width, `full_width_state`, or at the recorded widths, as modhifi once did).
 
     Only needed when layers differ from what the config's uniform sizes build (heads removed,
     or FFN widths that differ per layer); otherwise a no-op.
@@ -156,8 +203,9 @@ def restore_shapes(model: nn.Module, folder: Path) -> None:
     weights = Path(folder) / "model.safetensors"
     if not weights.is_file():
         raise UserError(f"{folder} has no model.safetensors; save the model with modhifi")
+    bert = bert_of(model)
     try:
-        bert_of(model).load_state_dict(load_file(str(weights)), strict=True)
+        bert.load_state_dict(_leading(load_file(str(weights)), bert.state_dict()), strict=True)
     except (SafetensorError, RuntimeError) as error:  # a damaged file, or other shapes
         raise UserError(f"the weights in {weights} do not fit the widths its config records "
                         f"({first_line(error)}); save the model again with modhifi") from None
