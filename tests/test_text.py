@@ -310,6 +310,38 @@ def test_cli_prunes_a_local_folder_and_the_output_reloads(tiny, model, text_cost
     assert json.loads((out / "modhifi_removed.json").read_text())["components"] == "heads"
 
 
+def test_a_folder_modified_again_lists_every_round_and_reloads_alone_too(tiny, analysis,
+                                                                         tmp_path, capsys):
+    """Heads pruned, then a category forgotten: the folder keeps the pruning's round and reloads
+    with its widths, through modhifi and through sentence-transformers alone, with the same
+    embeddings; a further round is listed after the earlier ones."""
+    from sentence_transformers import SentenceTransformer
+
+    from modhifi.text.subject import removed_rounds
+    from modhifi.text.surgery import shapes
+
+    once, forgot = tmp_path / "once", tmp_path / "forgot"
+    done = cli(capsys, "prune", "--model", str(tiny), "--components", "heads", "--target", "0.5",
+               "--calib-samples", "16", "--json", "--out", str(once))
+    assert done.returncode == 0, done.stderr
+    done = cli(capsys, "unlearn", "--model", str(once), "--forget-class", "art", "--json",
+               "--out", str(forgot))
+    assert done.returncode == 0, done.stderr
+    [pruning] = removed_rounds(str(forgot))
+    assert pruning == json.loads((once / "modhifi_removed.json").read_text())
+    assert pruning["components"] == "heads"
+    assert [len(heads) for heads in pruning["removed"].values()] == [2, 2]  # of 4 a layer
+    reloaded = load_encoder(str(forgot), device="cpu")
+    assert shapes(reloaded)["heads"] == [2, 2]
+    own = SentenceTransformer(str(forgot), device="cpu", local_files_only=True)
+    torch.testing.assert_close(own.encode(TEXTS, convert_to_tensor=True),
+                               embed(reloaded, TEXTS, device="cpu"), rtol=1e-5, atol=1e-6)
+    later = {"components": "ffn", "removed": {"0": [1]}}
+    save_text_model(reloaded, tmp_path / "again", base=str(tiny), removed=later,
+                    earlier=removed_rounds(str(forgot)))
+    assert removed_rounds(str(tmp_path / "again")) == [pruning, later]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--target", "0.99", "--components", "heads"], "cannot be reached"),
     (["--target", "0.3", "--calib-samples", "100000"], "--calib-samples"),

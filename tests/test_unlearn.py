@@ -565,6 +565,8 @@ def test_the_strength_is_the_weakest_that_reaches_the_target_or_the_reachable_fl
     assert weakest_strength(accuracy, 0.5, 0.01) == pytest.approx(2.0)  # reachable: on the grid
     # Out of reach: the weakest strength within the slack of the floor, 1 − α/4 ≤ 0.31.
     assert 2.76 - 1e-9 <= weakest_strength(accuracy, 0.0, 0.01) <= 2 ** 1.5
+    # A target the unedited model meets already: no strength (the grid starts at 1/4).
+    assert weakest_strength(accuracy, 1.0, 0.01) == 0.0
 
 
 def test_unlearn_with_the_direction_edit_changes_only_the_last_ffn_layer_and_reports_it():

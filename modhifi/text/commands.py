@@ -56,7 +56,7 @@ def prune(args: argparse.Namespace) -> dict:
     from modhifi.text.components import analyse_text
     from modhifi.text.hold import hold_text_latency
     from modhifi.text.latency import measured_text_costs
-    from modhifi.text.subject import compare_text, save_text_model
+    from modhifi.text.subject import compare_text, removed_rounds, save_text_model
     from modhifi.text.surgery import apply_plan
     from modhifi.zoo import cost_cache
 
@@ -88,7 +88,8 @@ def prune(args: argparse.Namespace) -> dict:
     result = compare_text(subject, pruned, backend=backend, batch_size=args.batch_size)
     if args.out:
         save_text_model(pruned, Path(args.out), base=subject.base,
-                        removed={"components": plan.kind, "removed": plan.removed()})
+                        removed={"components": plan.kind, "removed": plan.removed()},
+                        earlier=removed_rounds(subject.name))
         progress(f"wrote {args.out}")
     return {"model": subject.name, "method": method, "target": args.target,
             "target_kind": args.target_kind, "components": plan.kind,
@@ -106,7 +107,7 @@ def prune(args: argparse.Namespace) -> dict:
 def unlearn(args: argparse.Namespace) -> dict:
     """ModHiFi-U on a text encoder: one category of fortunes forgotten (`modhifi.text.forget`)."""
     from modhifi.text.forget import forget_category
-    from modhifi.text.subject import save_text_model
+    from modhifi.text.subject import removed_rounds, save_text_model
 
     corpus = load_fortunes()
     category = class_index(corpus, args.forget_class)  # before the model loads
@@ -115,7 +116,8 @@ def unlearn(args: argparse.Namespace) -> dict:
     result = forget_category(subject.model, subject.probe, corpus, category=category,
                              device=backend.device, target=args.forget_target)
     if args.out:
-        save_text_model(result.model, Path(args.out), base=subject.base, removed={})
+        save_text_model(result.model, Path(args.out), base=subject.base, removed={},
+                        earlier=removed_rounds(subject.name))
         progress(f"wrote {args.out}")
     return result.summary(model=subject.name, device=backend.description)
 

@@ -15,6 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from modhifi.text.quality import (Probe, accuracy, per_category_accuracy, senten
                                   train_probe)
 from modhifi.zoo import ASSETS
 
+REMOVED_FILE = "modhifi_removed.json"  # in a modified model's folder: what each round removed
 BASE_KEY = "modhifi_base"  # config.json of a modified model: the zoo name or folder it came from
 
 
@@ -57,6 +59,17 @@ def base_of(spec: str) -> str:
     if spec in ZOO_TEXT:
         return spec
     return read_config(model_folder(spec)).get(BASE_KEY) or spec
+
+
+def removed_rounds(spec: str) -> list[dict]:
+    """The rounds of removed components listed in a folder modhifi wrote (none elsewhere)."""
+    path = model_folder(spec) / REMOVED_FILE
+    try:
+        listing = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path} cannot be read as JSON ({error}); the folder is damaged: save "
+                        "the modified model again") from None
+    return listing if isinstance(listing, list) else [listing] if listing else []
 
 
 def reference_probe(base: str, corpus: Corpus, *, device: torch.device,
@@ -143,10 +156,12 @@ def compare_text(subject: TextSubject, modified: nn.Module, *, backend: Backend,
             "speedup_eager": after_speed / before_speed}
 
 
-def save_text_model(model: nn.Module, out: Path, *, base: str, removed: dict) -> None:
+def save_text_model(model: nn.Module, out: Path, *, base: str, removed: dict,
+                    earlier: Sequence[dict] = ()) -> None:
     """Write a modified encoder as a sentence-transformers folder, with the removed components
-    in `modhifi_removed.json` inside it: built in a temporary folder beside `out`, then renamed
-    into place, so a half-written folder never exists."""
+    in `REMOVED_FILE` inside it: the `earlier` rounds (`removed_rounds` of a model modified
+    before), then this one ({} for an edit that removes none). Built in a temporary folder
+    beside `out`, then renamed into place, so a half-written folder never exists."""
     out = Path(out)
     if out.exists():
         raise UserError(f"--out {out} exists; for a text model give a new folder name")
@@ -167,8 +182,9 @@ def save_text_model(model: nn.Module, out: Path, *, base: str, removed: dict) ->
         if widened is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in widened.items()},
                       str(staging / "model" / "model.safetensors"), metadata={"format": "pt"})
-        listing = staging / "model" / "modhifi_removed.json"
-        listing.write_text(json.dumps(removed, indent=1) + "\n")
+        rounds = [step for step in (*earlier, removed) if step]
+        listing = rounds[0] if len(rounds) == 1 else rounds or {}
+        (staging / "model" / REMOVED_FILE).write_text(json.dumps(listing, indent=1) + "\n")
         os.replace(staging / "model", out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -125,7 +125,9 @@ def weakest_strength(accuracy: Callable[[float], float], target: float, slack: f
     """The smallest α of `ALPHA_GRID` (refined) with `accuracy(α)` ≤ `target`, or where no grid
     strength reaches it, ≤ the lowest accuracy any grid strength reaches plus `slack`: past the
     strength that moves the recognised samples the accuracy levels off, and more strength only
-    costs the others."""
+    costs the others. No strength (0) where the unedited model meets a positive target."""
+    if target > 0 and accuracy(0.0) <= target:
+        return 0.0
     aim = max(target, min(accuracy(alpha) for alpha in ALPHA_GRID) + slack)
     return smallest_passing(lambda alpha: accuracy(alpha) <= aim + 1e-12, ALPHA_GRID,
                             ALPHA_REFINE_STEPS)
