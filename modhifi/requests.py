@@ -146,6 +146,13 @@ class TextPruneRequest:
             object.__setattr__(self, "compensation", default_compensation(self.method))
         check(TextCompensation, self.compensation)
 
+    def command(self, model: str, samples: int) -> str:
+        """The command line that makes this pruning of `model` with `samples` calibration texts
+        (add `--out DIR` to save it)."""
+        return (f"python -m modhifi prune --model {model} --target {self.target:g} --target-kind "
+                f"{self.target_kind} --components {self.components} --method {self.method} "
+                f"--compensation {self.compensation} --calib-samples {samples}")
+
     def plan_kwargs(self) -> dict:
         """Keyword arguments of `TextAnalysis.plan`."""
         return {"target": self.target, "kind": self.components, "target_kind": self.target_kind,
@@ -221,3 +228,9 @@ class TextUnlearnRequest:
                             "e.g. --forget-class 1")
         object.__setattr__(self, "target", check_fraction("target forget accuracy", self.target,
                                                           why=WHY_FORGET_TARGET))
+
+    def command(self, model: str, category: str) -> str:
+        """The command line that makes this forgetting of `model`'s category named `category`
+        (add `--out DIR` to save it)."""
+        return (f"python -m modhifi unlearn --model {model} --forget-class {category} "
+                f"--forget-target {self.target:g}")

@@ -101,9 +101,9 @@ def render_text(chosen: cache.Selection) -> None:
     if sentence.strip():
         page.side_by_side(text_cache.try_it(chosen, request, sentence.strip(), full))
     history.show(chosen.model.spec)
-    st.caption("Save a pruned folder with `python -m modhifi prune --model "
-               f"{chosen.model.spec} --target {target} --components {kind} --out DIR`; it reloads "
-               "with `modhifi info --model DIR` (and, for FFN pruning, with sentence-transformers).")
+    command = request.command(chosen.model.spec, chosen.samples)
+    st.caption(f"Save this pruned folder with `{command} --out DIR`; it reloads with `modhifi "
+               "info --model DIR` and with sentence-transformers.")
 
 
 def group_overrides(chosen: cache.Selection,

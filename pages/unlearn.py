@@ -100,9 +100,9 @@ def render_text(opened: cache.Opened) -> None:
                              "side by side", TRY_IT_SENTENCE, key=keys.UNLEARN_TRY_IT)
     if sentence.strip():
         page.side_by_side(text_cache.try_forgotten(opened, request, sentence.strip()))
-    st.caption("Save the edited folder with `python -m modhifi unlearn --model "
-               f"{opened.model.spec} --forget-class {categories[category]} --out DIR`; it "
-               "reloads with `modhifi info --model DIR` and with sentence-transformers.")
+    command = request.command(opened.model.spec, categories[category])
+    st.caption(f"Save the edited folder with `{command} --out DIR`; it reloads with `modhifi "
+               "info --model DIR` and with sentence-transformers.")
 
 
 def render() -> None:

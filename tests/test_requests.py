@@ -158,3 +158,27 @@ def test_a_request_drives_the_library(cpu):
     request = PruneRequest(target=0.4, target_kind="macs", method="l1", round_to=1)
     assert study.plan(**request.plan_kwargs()) == study.plan(0.4, target_kind="macs", method="l1",
                                                              round_to=1)
+
+
+def test_a_text_requests_command_line_asks_the_command_line_for_the_same():
+    """The pages' "save it with" lines: parsed by the command line's own parser, every option is
+    the request's (the page's calibration size too), and the checks pass."""
+    from modhifi.arguments import build_parser, check_arguments
+    from modhifi.requests import TextPruneRequest, TextUnlearnRequest
+
+    def parsed(command: str):
+        words = command.split()
+        assert words[:3] == ["python", "-m", "modhifi"]
+        args = build_parser().parse_args(words[3:])
+        check_arguments(args)
+        return args
+
+    prune = TextPruneRequest(target=0.35, components="heads", target_kind="macs",
+                             method="activation", compensation="rescale")
+    args = parsed(prune.command("minilm-l6", 250))
+    assert (args.model, args.target, args.components, args.target_kind, args.method,
+            args.compensation, args.calib_samples) == (
+        "minilm-l6", 0.35, "heads", "macs", "activation", "rescale", 250)
+    args = parsed(TextUnlearnRequest(category=2, target=0.05).command("minilm-l6", "definitions"))
+    assert (args.command, args.forget_class, args.forget_target) == (
+        "unlearn", "definitions", 0.05)

@@ -449,6 +449,16 @@ def test_cli_scores_of_a_text_model_cover_every_neuron_and_head(tiny, tmp_path, 
     assert table["singleton_fidelity"].between(0, 1).all()
     kept = table.drop_duplicates(["layer", "in_channel"]).groupby("layer")["kept"].mean()
     assert set(kept.round(3)) == {0.5}  # half of each layer's neurons and heads kept
+    # 0.8: out of the heads' reach (one of 4 stays), not of the neurons' (8 of 48 stay)
+    done = cli(capsys, "scores", "--model", str(tiny), "--target", "0.8", "--calib-samples",
+               "64", "--out", str(out), "--json")
+    assert done.returncode == 0, done.stderr
+    assert "attention heads: target 0.8 cannot be reached" in done.stderr
+    table = pd.read_csv(out)
+    heads = table["layer"].str.endswith("attention.output.dense")
+    assert table.loc[heads, "kept"].isna().all()
+    kept = table[~heads].drop_duplicates(["layer", "in_channel"]).groupby("layer")["kept"]
+    assert set(kept.mean().round(3)) == {round(8 / 48, 3)}
 
 
 # --- ModHiFi-U on text: forgetting a category (modhifi.text.forget) ---------------------------

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from modhifi.console import class_index, progress
 from modhifi.errors import UserError
-from modhifi.options import (CALIBRATION_TEXT, DEFAULT_COMPONENT, DEFAULT_METHOD, Component,
-                             TextCompensation, check, choices, default_compensation)
+from modhifi.options import (CALIBRATION_TEXT, COMPONENT_LABELS, DEFAULT_COMPONENT,
+                             DEFAULT_METHOD, Component, TextCompensation, check, choices,
+                             default_compensation)
 from modhifi.text.corpus import Corpus, load_fortunes
 
 
@@ -144,12 +145,18 @@ def scores(args: argparse.Namespace) -> dict:
         edited, values = statistics.layer.ffn_down, contrast(statistics).tolist()
         table["forget_contrast"] = [values[i] if layer == edited else None
                                     for layer, i in zip(table["layer"], table["in_channel"])]
-    if args.target is not None:
-        kept = {}
+    if args.target is not None:  # left empty for a kind of component out of the target's reach
+        kept, refusals = {}, []
         for kind in choices(Component):
-            kept.update(analysis.kept_by_consumer(analysis.plan(args.target, kind=kind,
-                                                                method=DEFAULT_METHOD)))
-        table["kept"] = [channel in kept[layer]
+            try:
+                kept.update(analysis.kept_by_consumer(analysis.plan(args.target, kind=kind,
+                                                                    method=DEFAULT_METHOD)))
+            except UserError as refusal:
+                refusals.append(refusal)
+                progress(f"{COMPONENT_LABELS[kind]}: {refusal}; their `kept` is left empty")
+        if not kept:
+            raise refusals[0]
+        table["kept"] = [channel in kept[layer] if layer in kept else None
                          for layer, channel in zip(table["layer"], table["in_channel"])]
     write_atomically(Path(args.out), lambda p: table.to_csv(p, index=False))
     return {"model": subject.name, "out": args.out, "rows": len(table),
