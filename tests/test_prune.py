@@ -41,6 +41,22 @@ def test_plan_costs_are_exact_and_the_input_model_is_untouched(allocation, targe
     assert all(p.grad is None for p in [*model.parameters(), *pruned.parameters()])
 
 
+@pytest.mark.parametrize("compensation", ["refit", "sequential", "rescale", "none"])
+def test_a_plan_that_removes_nothing_gives_the_model_as_it_is(compensation):
+    """Target 0: the same outputs, not BatchNorm statistics estimated again from calibration
+    images other than the ones the model was trained on."""
+    model = nets.ResNet().eval()
+    torch.manual_seed(0)
+    recalibrate_batchnorm(model, [torch.randn(32, 1, 28, 28) + 0.5])  # "training" statistics
+    calibration = [torch.randn(32, 1, 28, 28) for _ in range(2)]
+    analysis = analyse(model, calibration, device=torch.device("cpu"), input_shape=(1, 28, 28))
+    plan = analysis.plan(0.0)
+    assert plan.channels_after == plan.channels_before
+    images = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(analysis.apply(plan, compensation=compensation)(images), model(images))
+
+
 def test_resnet_groups_couple_residual_channels():
     groups = {g.name: g for g in trace_structure(nets.ResNet(), (1, 28, 28)).groups}
     # Each block's inner channels, and one residual stream per stage (stem + both convs + shortcut).
@@ -781,6 +797,24 @@ def test_iterative_mode_reaches_the_target_in_rounds(monkeypatch):
     _, given = prune_in_steps(model, batches, structure=trace_structure(model, (1, 16, 16)),
                               **rounds)
     assert len(traced) == 2 and given == plans
+
+
+def test_a_round_ranks_only_by_the_method_asked(monkeypatch):
+    """Sizing the model a round starts from needs no ranking of its own: a baseline's rounds
+    do not pay for the greedy ranking (seconds on wide layers), nor fail where it fails."""
+    from modhifi.prune import analysis as analysis_module, prune_in_steps
+
+    model = nets.ResNet(widths=(16, 32, 64)).eval()
+    torch.manual_seed(1)
+    batches = [torch.randn(32, 1, 16, 16) for _ in range(2)]
+    ranked = []
+    real = analysis_module.rank
+    monkeypatch.setattr(analysis_module, "rank",
+                        lambda groups, method, evidence: ranked.append(method)
+                        or real(groups, method, evidence))
+    prune_in_steps(model, batches, device=torch.device("cpu"), input_shape=(1, 16, 16),
+                   target=0.5, steps=2, method="l1")
+    assert ranked == ["l1", "l1"]  # once a round
 
 
 def test_the_command_line_traces_the_structure_once(monkeypatch, capsys):

@@ -98,9 +98,12 @@ class Analysis:
 
         `sequential` compensation runs about three forward passes over the calibration batches
         and an analysis' worth of statistics (`refit_in_order`): seconds, not the slider's
-        milliseconds."""
+        milliseconds. A plan that removes nothing gives the model as it is (BatchNorm statistics
+        estimated again from the calibration images would change it)."""
         pruned = private_copy(self.model)
         removed = plan.removed_channels()
+        if not removed:
+            return pruned
         kept = kept_inputs(self.structure, self.model, removed)
         if compensation == "sequential":
             consumers = self.structure.consumers

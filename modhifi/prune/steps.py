@@ -52,12 +52,12 @@ def prune_in_steps(model: nn.Module, calibration: Iterable[torch.Tensor], *, dev
     for step in range(1, steps + 1):
         analysis = analyse(current, batches, device=device, input_shape=input_shape, shard=shard,
                            progress=progress, structure=None if plans else structure)
-        now = analysis.plan(0.0, target_kind=target_kind, scope=scope, costs=costs)  # as it is
+        options = {"target_kind": target_kind, "allocation": allocation, "method": method,
+                   "scope": scope, "round_to": round_to, "costs": costs}
+        now = analysis.plan(0.0, **options)  # as it is (the ranking the round needs anyway)
         done = 1 - _size(now, target_kind) / _size(plans[0], target_kind) if plans else 0.0
         goal = target * step / steps  # share of the original model removed after this round
         share = max(0.0, 1 - (1 - goal) / (1 - done))  # of what this round starts from
-        options = {"target_kind": target_kind, "allocation": allocation, "method": method,
-                   "scope": scope, "round_to": round_to, "costs": costs}
         try:
             plan = analysis.plan(share, **options)
         except UserError:
