@@ -57,6 +57,29 @@ def test_a_plan_that_removes_nothing_gives_the_model_as_it_is(compensation):
         assert torch.equal(analysis.apply(plan, compensation=compensation)(images), model(images))
 
 
+def test_frozen_weights_are_pruned_like_trainable_ones_and_stay_frozen():
+    """Torch-Pruning traces autograd: a weight that requires no gradient would leave its layers
+    out of every group. The same groups and plan either way; the pruned model keeps each
+    weight's flag, and the input model's flags are its own."""
+    def resnet():
+        torch.manual_seed(3)
+        return nets.ResNet()
+
+    trainable = _analysis(resnet(), (1, 28, 28))
+    model = resnet()
+    model.stem.requires_grad_(False)  # a partly frozen model (as for transfer learning)
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    analysis = _analysis(model, (1, 28, 28))
+    assert analysis.structure.groups == trainable.structure.groups
+    plan = analysis.plan(0.5)
+    assert plan.removed_channels() == trainable.plan(0.5).removed_channels()
+    pruned = analysis.apply(plan)
+    assert {name for name, p in pruned.named_parameters() if not p.requires_grad} == frozen
+    assert {name for name, p in model.named_parameters() if not p.requires_grad} == frozen
+    whole = trace_structure(model.requires_grad_(False), (1, 28, 28))
+    assert whole.groups == trainable.structure.groups
+
+
 def test_resnet_groups_couple_residual_channels():
     groups = {g.name: g for g in trace_structure(nets.ResNet(), (1, 28, 28)).groups}
     # Each block's inner channels, and one residual stream per stage (stem + both convs + shortcut).

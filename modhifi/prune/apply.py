@@ -275,9 +275,11 @@ def _forward(model: nn.Module, batch: Batch, chunk: int = _CHUNK) -> None:
 def cut_channels(model: nn.Module, removed: dict[str, Iterable[int]], input_shape) -> None:
     """Remove channels in place: group (first producer's name) -> channel indices.
 
-    Torch-Pruning's dependency graph cuts every coupled layer of a group together.
+    Torch-Pruning's dependency graph cuts every coupled layer of a group together; the cut
+    weights it makes are frozen where the weights they replace were.
     """
     device = next(model.parameters()).device
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     with dependency_graph(model, example_of(input_shape, device)) as graph:
         for name, index in removed.items():
             index = sorted(int(i) for i in index)
@@ -294,6 +296,8 @@ def cut_channels(model: nn.Module, removed: dict[str, Iterable[int]], input_shap
                 raise UserError(f"cannot remove {len(index)} channels of {name}: a layer would "
                                 "be left with none; lower the target")
             group.prune()
+    for name in frozen:
+        model.get_parameter(name).requires_grad_(False)
 
 
 def batchnorms(model: nn.Module) -> dict[str, nn.Module]:

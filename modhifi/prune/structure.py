@@ -219,16 +219,23 @@ def dependency_graph(model: nn.Module, example: torch.Tensor) -> Iterator[_Graph
     Raises:
         UserError: when Torch-Pruning cannot trace the model at all.
     """
+    # Torch-Pruning traces the autograd graph: built with gradients on, whatever the caller's
+    # mode (under no_grad or inference_mode there is none to trace), and with every weight in
+    # it (a frozen one would leave its layers out of every group), frozen again after.
+    frozen = [p for p in model.parameters() if not p.requires_grad]
     try:
-        # Torch-Pruning traces the autograd graph: built with gradients on, whatever the caller's
-        # mode (under no_grad or inference_mode there is none to trace).
         with torch.inference_mode(False), torch.enable_grad():
+            for p in frozen:
+                p.requires_grad_(True)
             graph = _Graph().build_dependency(model, example_inputs=clone(example),
                                               verbose=False)
     except _TRACE_ERRORS as error:
         raise UserError(f"Torch-Pruning cannot trace the channels of this model "
                         f"({type(error).__name__} in its {_failing_stage(error)}): it cannot be "
                         "pruned") from None
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
     nodes = list(graph.module2node.values())
     flattening = frozenset(node for node in nodes if node.type == tp.ops.OPTYPE.RESHAPE and any(
         isinstance(m, _FlattenIndexMapping) for dep in node.dependencies for m in dep.index_mapping))
