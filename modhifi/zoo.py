@@ -90,7 +90,7 @@ class LoadedModel:
 
 def load_model(spec: str, *, device: torch.device, arch: str | None = None,
                dataset: str | None = None, num_classes: int = 10,
-               in_channels: int = 3, modified_ok: bool = True) -> LoadedModel:
+               in_channels: int = 3) -> LoadedModel:
     """Load a zoo model by name, or a checkpoint file (ours, pruned ones included, or a user's).
 
     Args:
@@ -98,7 +98,6 @@ def load_model(spec: str, *, device: torch.device, arch: str | None = None,
         arch: torchvision classification architecture of a user's checkpoint (`torchvision_archs`).
         dataset: dataset spec of a user's checkpoint (see data.load_dataset).
         num_classes, in_channels: shape of the torchvision head and stem.
-        modified_ok: accept a modified model's checkpoint (a base is never one: no chains).
     """
     if spec in ZOO:
         entry = ZOO[spec]
@@ -117,9 +116,6 @@ def load_model(spec: str, *, device: torch.device, arch: str | None = None,
     path = Path(spec)
     state = read_checkpoint(path)
     if "base" in state:  # one of ours: a modified copy of a base model
-        if not modified_ok:
-            raise UserError(f"{path} is itself a modified model and cannot be the base of "
-                            "another; the checkpoint was edited: save the modified model again")
         return _load_modified(path, state, device=device)
     if arch is None:
         raise UserError(f"{spec!r} is not a zoo model ({', '.join(ZOO)}); for a checkpoint file "
@@ -131,24 +127,32 @@ def load_model(spec: str, *, device: torch.device, arch: str | None = None,
 
 @torch.inference_mode(False)  # the cut traces autograd, which inference-mode parameters cannot join
 def _load_modified(path: Path, state: dict, *, device: torch.device) -> LoadedModel:
-    """Rebuild a saved modified model: its base, the same channels cut, then its weights."""
+    """Rebuild a saved modified model: its base's architecture (the base's weights are not
+    read: the file holds every weight, and is read where the base is not), the same channels
+    cut, then its weights."""
     from modhifi.prune import cut_channels
 
     base, removed = _checked_base(state, path)
-    loaded = load_model(base["model"], device=torch.device("cpu"), arch=base.get("arch"),
-                        dataset=base.get("dataset"), num_classes=base["num_classes"],
-                        in_channels=base["input_shape"][0], modified_ok=False)
-    model = loaded.model
+    spec, arch = base["model"], base.get("arch")
+    if spec in ZOO:
+        model, arch, dataset = ZOO[spec].build(), ZOO[spec].arch, ZOO[spec].dataset
+    elif arch is not None:
+        model = build_torchvision(arch, num_classes=base["num_classes"],
+                                  in_channels=base["input_shape"][0])
+        dataset = base.get("dataset") or ""
+    else:
+        raise UserError(f"checkpoint {path} names no architecture for its base {spec}; the file "
+                        "is damaged or was edited: save the modified model again")
     try:
         for step in removed:  # iterative pruning: one step per round
             cut_channels(model, step, tuple(base["input_shape"]))
     except (UserError, AttributeError, IndexError, RuntimeError) as error:
-        raise UserError(f"checkpoint {path} lists channels its base model {base['model']} does "
-                        f"not have ({type(error).__name__}); the file is damaged or was edited: "
-                        "save the modified model again") from None
+        raise UserError(f"checkpoint {path} lists channels its base model {spec} does not have "
+                        f"({type(error).__name__}); the file is damaged or was edited: save the "
+                        "modified model again") from None
     _load_state(model, state["state_dict"], path)
-    return LoadedModel(path.name, f"{loaded.arch}, modified", loaded.dataset,
-                       model.eval().to(device), True)
+    return LoadedModel(path.name, f"{arch}, modified", dataset, model.eval().to(device),
+                       trained=spec != "random")
 
 
 def _checked_base(state: dict, path: Path) -> tuple[dict, list[dict]]:

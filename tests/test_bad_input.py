@@ -49,9 +49,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
     for name, meta in variants.items():
         made[name] = root / f"{name}.pt"
         torch.save(checkpoint_state(tiny, **meta), made[name])
-    made["chain"] = root / "chain.pt"  # a modified model whose base is itself modified
+    made["no-arch"] = root / "no-arch.pt"  # its base a file, with no architecture to build
     torch.save(checkpoint_state(tiny, base={**base, "model": str(made["pruned"])}, removed={}),
-               made["chain"])
+               made["no-arch"])
     for name in ("rgb", "images"):  # two-class RGB image folders; "images" has a broken file
         made[name] = root / name
         for label in ("cat", "dog"):
@@ -111,7 +111,7 @@ CLI_CASES = [
     ("base-bad-shape", ("info", "--model", "{base-bad-shape}"), "three positive integers"),
     ("base-bad-channels", ("info", "--model", "{base-bad-removed}"), "lists channels"),
     ("base-bad-group", ("info", "--model", "{base-bad-group}"), "lists channels"),
-    ("base-is-modified", ("info", "--model", "{chain}"), "itself a modified model"),
+    ("base-without-arch", ("info", "--model", "{no-arch}"), "names no architecture for its base"),
     ("out-is-the-model", ("prune", "--model", "{pruned}", "--target", "0.3", "--out",
                           "{pruned}"), "is the model given"),
     ("pruned-on-rgb-data", ("info", "--model", "{pruned}", "--data", "imagefolder:{rgb}"),

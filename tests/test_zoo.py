@@ -177,3 +177,34 @@ def test_a_pruned_checkpoint_reloads_under_no_grad_and_inference_mode(mode, tmp_
     with mode():
         reloaded = load_model(str(path), device=torch.device("cpu")).model
         torch.testing.assert_close(reloaded(images), pruned(images))
+
+
+def test_a_pruned_checkpoint_reloads_without_its_base_file(tmp_path):
+    """The file holds every weight: its base's architecture is built, not read, so the pruned
+    model reloads where the base checkpoint is not (moved, deleted, or another machine's); one
+    made from an untrained network says so."""
+    from types import SimpleNamespace
+
+    import torchvision
+
+    from modhifi.prune import analyse
+    from modhifi.zoo import base_of, checkpoint_state
+
+    torch.manual_seed(0)
+    base = tmp_path / "net.pt"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), base)
+    loaded = load_model(str(base), device=torch.device("cpu"), arch="resnet18")
+    images = [torch.randn(16, 3, 32, 32) for _ in range(2)]
+    analysis = analyse(loaded.model, images, device=torch.device("cpu"), input_shape=(3, 32, 32))
+    plan = analysis.plan(0.3)
+    pruned = analysis.apply(plan)
+    data = SimpleNamespace(name="imagefolder:pictures", num_classes=10, input_shape=(3, 32, 32))
+    path = tmp_path / "pruned.pt"
+    for spec, trained in ((str(base), True), ("random", False)):
+        torch.save(checkpoint_state(pruned, base=base_of(spec, "resnet18", data),
+                                    removed=plan.removed_channels()), path)
+        base.unlink(missing_ok=True)
+        reloaded = load_model(str(path), device=torch.device("cpu"))
+        assert reloaded.trained is trained
+        with torch.no_grad():
+            assert torch.equal(reloaded.model(images[0]), pruned(images[0]))
