@@ -9,7 +9,9 @@ caller is never hooked, put in another mode or moved.
 Two kinds of copy: `private_copy` copies the weights too, for a call that edits them (surgery,
 compensation, unlearning edits); `shared_copy` copies the modules and buffers but shares the
 weights' storage, for a call that only hooks, traces or runs the model (its mode and its
-BatchNorm statistics are its own): a large model is gigabytes of weights.
+BatchNorm statistics are its own): a large model is gigabytes of weights. Neither carries the
+caller's own forward and backward hooks: they would see the library's internal passes, and
+ride along in the models it returns.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ def private_copy(model: nn.Module, *, channels_last: bool = False) -> nn.Module:
     Returns:
         The copy (same device and dtype).
     """
-    copied = copy.deepcopy(model).eval()
+    copied = _unhooked(copy.deepcopy(model)).eval()
     return copied.to(memory_format=torch.channels_last) if channels_last else copied
 
 
@@ -59,7 +61,18 @@ def shared_copy(model: nn.Module, *, device: torch.device | str | None = None) -
         memo[id(p)] = nn.Parameter(data, requires_grad=p.requires_grad)
     for b in model.buffers():  # BatchNorm statistics: a pass in train mode updates them
         memo[id(b)] = b.detach().to(place or b.device, copy=True)
-    return copy.deepcopy(model, memo).eval()
+    return _unhooked(copy.deepcopy(model, memo)).eval()
+
+
+def _unhooked(copied: nn.Module) -> nn.Module:
+    """`copied` (a deep copy: its hook tables are its own) without forward or backward hooks."""
+    for module in copied.modules():
+        for table in (module._forward_hooks, module._forward_hooks_with_kwargs,
+                      module._forward_hooks_always_called, module._forward_pre_hooks,
+                      module._forward_pre_hooks_with_kwargs, module._backward_hooks,
+                      module._backward_pre_hooks):
+            table.clear()
+    return copied
 
 
 @contextmanager

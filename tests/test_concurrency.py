@@ -174,6 +174,27 @@ def test_two_sessions_graphs_take_turns_on_torch_pruning_s_shared_pruners(monkey
             assert (first.result(), second.result()) == (8, 16)
 
 
+def test_the_callers_own_hooks_see_none_of_the_librarys_passes_and_stay_on_its_model():
+    """A hook the caller put on the model sees only the caller's passes: not the analysis's, the
+    surgery's or the pruned model's, whose modules carry none."""
+    from modhifi import nets
+    from modhifi.prune import analyse
+
+    torch.manual_seed(0)
+    model = nets.ResNet(widths=(16, 32)).eval()
+    seen = []
+    model.stem[0].register_forward_hook(lambda module, args, output: seen.append("forward"))
+    model.stem[0].register_forward_pre_hook(lambda module, args: seen.append("pre"))
+    analysis = analyse(model, [torch.randn(8, 1, 28, 28)], device=torch.device("cpu"),
+                       input_shape=(1, 28, 28))
+    pruned = analysis.apply(analysis.plan(0.25))
+    pruned(torch.randn(2, 1, 28, 28))
+    assert seen == [] and not any(m._forward_hooks or m._forward_pre_hooks
+                                  for m in pruned.modules())
+    model(torch.randn(2, 1, 28, 28))
+    assert seen == ["pre", "forward"]
+
+
 def test_a_hooked_copy_shares_only_the_weights_and_leaves_the_model_alone():
     """`hooked` runs a copy that shares the storage of the model's weights (a large model is
     gigabytes) but has its own modules, parameter objects, modes and BatchNorm statistics, so
