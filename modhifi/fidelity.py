@@ -350,7 +350,9 @@ class _Complement:
         self.K, self.lam = K, fidelity.lam
         self.index = torch.as_tensor(index, device=H.device)      # component -> input channel
         # Below this a block's complement is rounding: its input is already explained (or dead).
-        self.negligible = float(1e-9 * H.diagonal().mean())
+        # Positive: centred statistics of inputs that do not vary (a layer whose inputs are the
+        # same for every sample) are rounding only, and can sum to zero or less.
+        self.negligible = max(float(1e-9 * H.diagonal().mean()), torch.finfo(H.dtype).tiny)
         # Where each input channel's block is among those still held (-1: dropped).
         self.position = torch.arange(c_in, device=H.device)
         norm = fidelity.energy.clamp(min=1e-30).sqrt()             # (c_out,)

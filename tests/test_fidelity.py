@@ -1,6 +1,7 @@
 """Oracles for modhifi.fidelity: every formula against explicit per-sample contributions A_ci."""
 import copy
 import itertools
+import math
 
 import pytest
 import torch
@@ -425,6 +426,17 @@ def test_greedy_subset_ranks_a_duplicate_and_a_dead_channel_last():
     assert set(order[-2:]) == {later_twin, 6}
     assert gains[-2:] == pytest.approx([0, 0], abs=1e-9)
     assert sum(gains) == pytest.approx(4)  # all kept: each of the 4 outputs is fully explained
+
+
+def test_greedy_subset_orders_inputs_that_never_vary():
+    """Centred statistics of inputs that are the same for every sample (a layer deep in a
+    network that ignores its input) are rounding: a zero or negative diagonal, a negative mean.
+    Greedy still orders every component (it divided by a zero block before)."""
+    torch.manual_seed(0)
+    H = torch.diag(torch.tensor([-1e-9, 0.0, 0.0, 1e-10], dtype=torch.float64))
+    fidelity = LayerFidelity(H, torch.randn(3, 4, dtype=torch.float64), lam=1e-4)
+    order, gains = greedy_subset([(fidelity, range(4))], 4)
+    assert sorted(order) == [0, 1, 2, 3] and all(math.isfinite(g) for g in gains)
 
 
 def test_a_centred_fidelity_gives_back_the_uncentred_statistics():
