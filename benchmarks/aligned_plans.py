@@ -27,7 +27,7 @@ import torch
 from _table import markdown
 from speed_anatomy import BATCH, whole_models
 
-from modhifi.__main__ import CALIBRATION_BATCH
+from modhifi.distributed import CALIBRATION_BATCH
 from modhifi.backend import choose_backend
 from modhifi.metrics import evaluate
 from modhifi.options import FLOOR

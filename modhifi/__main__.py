@@ -83,7 +83,8 @@ def _prune(args: argparse.Namespace) -> dict:
     calibration, samples = _calibration(subject, args.calib_samples, args.shard,
                                         backend.device)
     structure = trace_structure(model, dataset.input_shape)  # once: the analysis reuses it
-    compensation = _compensation(args, method, model, calibration, structure.consumers)
+    compensation = _compensation(args, method, model, calibration, samples,
+                                 structure.consumers)
     costs = None
     if args.target_kind == "latency":
         cache = cost_cache(args.model, model, backend, args.batch_size, dataset.input_shape)
@@ -186,7 +187,8 @@ def _bench(args: argparse.Namespace) -> dict:
     _image_only(args, "bench --quick")
     backend, subject = _open(args)
     return {"model": subject.loaded.name,
-            **quick(subject.loaded.model, subject.dataset, backend=backend)}
+            **quick(subject.loaded.model, subject.dataset, backend=backend,
+                    batch_size=args.batch_size)}
 
 
 def _scores(args: argparse.Namespace) -> dict:
@@ -225,27 +227,16 @@ def _scores(args: argparse.Namespace) -> dict:
             "layers": int(table["layer"].nunique()), "target": args.target}
 
 
-# Images per calibration batch: the unit processes share, and one BatchNorm recalibration pass
-# (`recalibrate_batchnorm`'s chunk), so that each batch's terms are the same however shared.
-CALIBRATION_BATCH = 128
 SHARED = ("info", "prune", "scores", "unlearn", "theory")  # whose work torchrun's processes share
 
 
-def calibration_batch(samples: int) -> int:
-    """CALIBRATION_BATCH, or the next size up that leaves no lone last image of `samples`
-    (BatchNorm in training mode cannot take one image of 1×1 maps)."""
-    size = CALIBRATION_BATCH
-    while samples > 1 and samples % size == 1:
-        size += 1
-    return size
-
-
-def _compensation(args: argparse.Namespace, method: str, model, calibration,
+def _compensation(args: argparse.Namespace, method: str, model, calibration, samples: int,
                   order: tuple[str, ...]) -> str:
     """--compensation, else the sequential refit for ModHiFi's selections where its recordings
-    of this process's calibration images fit in memory (one analysis more, and the most
+    of all `samples` calibration images fit in memory (one analysis more, and the most
     accurate), else the one-shot refit, and none for the baselines; a line on stderr says why
-    where the sequential refit is left out or will run long."""
+    where the sequential refit is left out or will run long. Judged on every image, not this
+    process's share: the choice, and so the model, is the one process would make."""
     from modhifi.batch import head
     from modhifi.prune import sequential_recordings
     from modhifi.prune.apply import FRONTIER_BYTES
@@ -255,14 +246,13 @@ def _compensation(args: argparse.Namespace, method: str, model, calibration,
         return chosen
     if not order:  # nothing to prune: the analysis says why
         return chosen
-    recordings = sequential_recordings(model, head(calibration[0], 1), order,
-                                       len(calibration.split), shard=args.shard)
+    recordings = sequential_recordings(model, head(calibration[0], 1), order, samples,
+                                       shard=args.shard)
     if recordings.fits:
         return "sequential"
     over = (f"the sequential refit would record at least {recordings.nbytes / 2**30:.1f} GiB "
             f"of activations per pass, over the {FRONTIER_BYTES / 2**30:.0f} GiB it keeps")
-    # at least that much per image: an upper bound on the images that fit, over every process
-    most = FRONTIER_BYTES * len(calibration.split) // recordings.nbytes * args.shard.world
+    most = FRONTIER_BYTES * samples // recordings.nbytes  # at least that much per image
     fewer = f"--calib-samples {most} or fewer might fit" if most else "no image fits"
     if args.compensation == "sequential":
         progress(f"warning: {over}: each of its passes runs from the input, which takes far "
@@ -278,6 +268,7 @@ def _calibration(subject, samples: int | None, shard, device) -> tuple:
     batches, made on `device` again at each pass), and how many images all of them hold; a
     warning on stderr when too few. Returns (`data.Batches`, images)."""
     from modhifi.data import Batches
+    from modhifi.distributed import calibration_batch
     from modhifi.prune import calibration_caveats
 
     dataset = subject.dataset
@@ -286,7 +277,7 @@ def _calibration(subject, samples: int | None, shard, device) -> tuple:
         raise UserError(f"--calib-samples {samples} must be between 1 and "
                         f"{len(dataset.calibration)} for {dataset.name}")
     size = calibration_batch(samples)
-    shard.check_batches(samples, size)
+    shard.check_batches(samples, len(dataset.calibration))
     for caveat in calibration_caveats(subject.loaded.model, samples):
         progress(f"warning: {caveat}")
     mine = dataset.calibration.subset(shard.indices(samples, size))
@@ -385,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
                       "models)")
         result = COMMANDS[args.command](args)
     except UserError as error:
-        print(f"modhifi: error: {error}", file=sys.stderr)
+        if RANK == 0:  # every process meets the same refusal (what the data decides is agreed)
+            print(f"modhifi: error: {error}", file=sys.stderr)
         return 2
     distributed.leave()  # after every process is done with the others
     if args.shard.is_main:

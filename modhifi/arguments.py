@@ -7,7 +7,8 @@ import argparse
 from pathlib import Path
 
 from modhifi.errors import UserError
-from modhifi.options import (COMPONENT_LABELS, DEFAULT_ALLOCATION, DEFAULT_COMPONENT,
+from modhifi.options import (CALIBRATION_CLI, CALIBRATION_TEXT, CALIBRATION_THEORY,
+                             COMPONENT_LABELS, DEFAULT_ALLOCATION, DEFAULT_COMPONENT,
                              DEFAULT_METHOD, METHOD_LABELS, ROUND_TO, WHY_FORGET_TARGET, WHY_K,
                              WHY_ROUND_TO, WHY_STEPS, Allocation, Compensation, Component,
                              DeviceChoice, Edit, Method, Scope, TargetKind, check_fraction,
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="batch size for latency timing")
         if name in ("prune", "scores", "theory"):
             command.add_argument("--calib-samples", type=int,
-                                 help="unlabeled calibration images (default: 2000, or all if fewer)")
+                                 help=f"unlabeled calibration images ({_default_samples(name)})")
         if name == "unlearn":
             command.add_argument("--forget-class", required=True, help="class index or name")
             command.add_argument("--edit", choices=choices(Edit),
@@ -125,6 +126,13 @@ ONE_KIND_ONLY = {
 }
 
 
+def _default_samples(command: str) -> str:
+    """What `command` reads without --calib-samples."""
+    images = CALIBRATION_THEORY if command == "theory" else CALIBRATION_CLI
+    texts = "" if command == "theory" else f"; {CALIBRATION_TEXT} texts for a text model"
+    return f"default: {images:,} images, or all if fewer{texts}"
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     """Every option meant for this kind of model, every numeric one in range and every output
     path writable, before any work starts."""
@@ -142,7 +150,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 
     for option, label, why in (("batch_size", "--batch-size", "images per timed batch"),
                                ("calib_samples", "--calib-samples", "leave it out for the "
-                                "default: 2,000, or all if fewer"),
+                                + _default_samples(args.command)),
                                ("steps", "--steps", WHY_STEPS), ("round_to", "--round-to", WHY_ROUND_TO),
                                ("layers", "--layers", "how many layers to edit")):
         if given(option) is not None:

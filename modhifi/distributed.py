@@ -38,6 +38,24 @@ from modhifi.errors import UserError
 
 T = TypeVar("T")
 
+# Images per calibration batch: the unit processes share, and one BatchNorm recalibration pass
+# (`recalibrate_batchnorm`'s chunk), so that each batch's terms are the same however shared.
+CALIBRATION_BATCH = 128
+
+
+def calibration_batch(samples: int) -> int:
+    """CALIBRATION_BATCH, or the next size up that leaves no lone last image of `samples`
+    (BatchNorm in training mode cannot take one image of 1×1 maps)."""
+    size = CALIBRATION_BATCH
+    while samples > 1 and samples % size == 1:
+        size += 1
+    return size
+
+
+def calibration_batches(samples: int) -> int:
+    """How many batches of `calibration_batch(samples)` the first `samples` images make."""
+    return -(-samples // calibration_batch(samples))
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -65,13 +83,17 @@ class Shard:
         return torch.cat([torch.arange(start, min(start + batch_size, samples))
                           for start in starts] or [torch.zeros(0, dtype=torch.long)])
 
-    def check_batches(self, samples: int, batch_size: int) -> None:
-        """A one-line UserError unless `samples` make at least one batch for every process."""
-        if -(-samples // batch_size) < self.world:
-            least = batch_size * (self.world - 1) + 1
-            raise UserError(f"{samples} calibration images make too few batches of "
-                            f"{batch_size} for {self.world} processes: give --calib-samples "
-                            f"at least {least}, or start fewer")
+    def check_batches(self, samples: int, available: int) -> None:
+        """A one-line UserError unless `samples` calibration images make at least one batch
+        (`calibration_batch`) for every process, its advice within the `available` images."""
+        if calibration_batches(samples) >= self.world:
+            return
+        least = next((n for n in range(samples + 1, available + 1)
+                      if calibration_batches(n) >= self.world), None)
+        advice = (f"give --calib-samples at least {least}, or start fewer" if least else
+                  f"the dataset has {available}, enough for {calibration_batches(available)}")
+        raise UserError(f"{samples} calibration images make too few batches of "
+                        f"{calibration_batch(samples)} for {self.world} processes: {advice}")
 
     def sum(self, tensor: Tensor) -> Tensor:
         """`tensor` summed over every process, in place (and returned)."""

@@ -101,7 +101,7 @@ CLI_CASES = [
     ("k-and-forget-target", (*UNLEARN, "--k", "0.1", "--forget-target", "0.05"),
      "leave one of them out"),
     ("direction-on-a-cnn", (*UNLEARN, "--edit", "direction"), "is for Transformers"),
-    ("theory-calib-zero", ("theory", *ZOO, "--calib-samples", "0"), "must be at least 1"),
+    ("theory-calib-zero", ("theory", *ZOO, "--calib-samples", "0"), "default: 500 images"),
     ("model-unknown", ("info", "--model", "no-such-model"), "not a zoo model"),
     ("checkpoint-missing", ("info", "--model", "/no/file.pt", "--arch", "resnet18", "--data",
                             "digits"), "does not exist"),

@@ -45,11 +45,12 @@ def test_bad_input_is_one_line_on_stderr_and_exit_2():
 
 def test_bench_quick_prints_its_keys(capfd):
     done = command_line(capfd, "bench", "--quick", "--model", "digits-cnn", "--json", "--device",
-                        "cpu")
+                        "cpu", "--batch-size", "8")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert {"accuracy_modhifi", "accuracy_best_baseline", "macs_ratio", "speedup_measured",
             "slider_median_s", "slider_p95_s"} <= set(result)
+    assert result["batch_size"] == 8  # the speed-ups timed at the batch size asked
     assert result["macs_ratio"] >= 2.0 and 0 < result["slider_median_s"] <= result["slider_p95_s"]
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from modhifi import nets
 from modhifi.distributed import ALONE, Shard
+from modhifi.errors import UserError
 from modhifi.prune import recalibrate_batchnorm
 from oracles import cache_synthetic_costs, command_line, one_thread
 
@@ -226,11 +227,30 @@ def test_too_few_calibration_batches_for_the_processes_is_one_line():
                        "--calib-samples", "100")
     assert too_few.returncode != 0 and ("modhifi: error: 100 calibration images make too few "
                                         "batches of 128 for 2 processes: give --calib-samples at "
-                                        "least 129, or start fewer") in too_few.stderr
+                                        "least 130, or start fewer") in too_few.stderr
+    assert too_few.stderr.count("modhifi: error:") == 1  # process 0 says it for all
+
+
+@pytest.mark.parametrize("world, samples, advice", [
+    (2, 100, "give --calib-samples at least 130"),  # 129 makes one batch of 129: no lone image
+    (3, 257, "give --calib-samples at least 258"),
+    (4, 300, "the dataset has 300, enough for 3"),  # not "at least 385": there are not so many
+])
+def test_the_least_calibration_images_advised_make_a_batch_for_every_process(world, samples,
+                                                                             advice):
+    from modhifi.distributed import calibration_batches
+
+    shard = Shard(rank=0, world=world)
+    with pytest.raises(UserError, match=advice) as refused:
+        shard.check_batches(samples, 300)
+    least = str(refused.value).rsplit("at least ", 1)[-1].split(",")[0]
+    if least.isdigit():
+        assert calibration_batches(int(least)) >= world > calibration_batches(int(least) - 1)
+        shard.check_batches(int(least), 300)  # the advice is taken
 
 
 def test_the_theory_report_shares_its_statistics_and_global_errors(capsys):
-    """`theory` with 2 processes (digits: 300 calibration images, batches of 250): moments and
+    """`theory` with 2 processes (digits: 300 calibration images, batches of 128): moments and
     measured output errors summed over both give the one-process local and global errors, to
     float64 rounding, and the same HiFi shares (the untrained architecture on every process)."""
     shared, alone = shared_and_alone(capsys, 2, "theory", "--model", "digits-cnn")

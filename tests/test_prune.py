@@ -488,6 +488,30 @@ def test_the_cli_says_how_many_calibration_images_the_sequential_refit_takes(mon
     assert _cli_compensation(capsys, 101)[0] == "refit"
 
 
+def test_the_default_compensation_is_judged_on_every_process_s_images(monkeypatch):
+    """Under torchrun each process holds a share of the calibration images: the default is
+    chosen for all of them, as one process chooses it (a share fits where the whole does not),
+    so that the pruned model does not depend on how many processes there are."""
+    import argparse
+
+    from modhifi.__main__ import _compensation
+    from modhifi.data import Batches
+    from modhifi.distributed import ALONE
+    from modhifi.prune import apply as prune_apply
+    from modhifi.prune import sequential_recordings
+    from modhifi.zoo import open_subject
+
+    subject = open_subject("digits-cnn", device=torch.device("cpu"))
+    model, shape = subject.loaded.model, subject.dataset.input_shape
+    order = trace_structure(model, shape).consumers
+    per_image = sequential_recordings(model, torch.zeros(1, *shape), order, 1).nbytes
+    monkeypatch.setattr(prune_apply, "FRONTIER_BYTES", 150 * per_image)
+    share = Batches(subject.dataset.calibration.subset(slice(0, 100)), 100)  # half of 200
+    args = argparse.Namespace(compensation=None, shard=ALONE)
+    assert _compensation(args, "modhifi-greedy", model, share, 200, order) == "refit"
+    assert _compensation(args, "modhifi-greedy", model, share, 100, order) == "sequential"
+
+
 def test_without_recalibration_the_sequential_refit_fits_the_whole_output():
     """No BatchNorm re-estimation: nothing would remove a mean left out, so nothing is centred."""
     torch.manual_seed(0)
@@ -576,7 +600,7 @@ def test_a_lone_last_calibration_image_joins_the_pass_before_it():
     passes of 128, left one; it now goes with the pass before it (torch's own statistics of
     all 129 are the oracle), the command line's batches leave none, and a single image is one
     clear error."""
-    from modhifi.__main__ import CALIBRATION_BATCH, calibration_batch
+    from modhifi.distributed import CALIBRATION_BATCH, calibration_batch
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 4), nn.BatchNorm2d(3), nn.Flatten()).eval()  # 1×1 maps

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from modhifi.data import Dataset
-from modhifi.distributed import ALONE, Shard
+from modhifi.distributed import ALONE, Shard, calibration_batch
 from modhifi.errors import UserError
 from modhifi.options import CALIBRATION_THEORY, HIFI_LEVEL, HIFI_SHARE
 from modhifi.prune import analyse
@@ -17,7 +17,6 @@ from modhifi.prune.tables import hifi_table
 from modhifi.theory.existence import UNTRAINED_IMAGES, untrained_analysis
 from modhifi.theory.local_global import layer_errors
 
-THEORY_BATCH = 250  # calibration images per forward pass; each process reads whole batches
 
 
 def _plain(value: float) -> float | None:
@@ -57,10 +56,11 @@ def theory_report(model: nn.Module, dataset: Dataset, *, device: torch.device, n
                         f"{len(calibration)} for {dataset.name}")
     if not 0 < kept < 1:
         raise UserError(f"kept share {kept} must be in (0, 1): the share of inputs a mask keeps")
-    shard.check_batches(calib_samples, THEORY_BATCH)
+    shard.check_batches(calib_samples, len(calibration))
+    size = calibration_batch(calib_samples)  # each process reads whole batches
     start = time.perf_counter()
-    mine = calibration.subset(shard.indices(calib_samples, THEORY_BATCH))
-    analysis = analyse(model, list(mine.batches(THEORY_BATCH, device=device)), device=device,
+    mine = calibration.subset(shard.indices(calib_samples, size))
+    analysis = analyse(model, list(mine.batches(size, device=device)), device=device,
                        input_shape=dataset.input_shape, shard=shard)
     errors = layer_errors(analysis, kept=kept, masks=masks, seed=seed)
     hifi = hifi_table(analysis, level=HIFI_LEVEL)
