@@ -38,19 +38,22 @@ def render_text(opened: cache.Opened) -> None:
 
 
 def guided_start(model: str) -> None:
-    """Three steps for a first look (or a lecture), each a link to the page set up for it."""
+    """Three steps for a first look (or a lecture), each a link to the page set up for it (a
+    zoo model named in it, so that it opens the same in another session; a checkpoint is not:
+    its path is the server's)."""
+    named = {"model": model} if sidebar.is_zoo(model) else {}
     with st.container(border=True):
         st.markdown("**A first look in three steps**")
         st.page_link("pages/fidelity.py", icon=":material/looks_one:",
                      label="Which channels matter: each row of the heatmap is a layer, its "
                            "bright cells the few input channels that explain the outputs.")
         st.page_link("pages/prune.py", icon=":material/looks_two:",
-                     query_params={"model": model, "kind": "macs", "target": "0.5",
+                     query_params={**named, "kind": "macs", "target": "0.5",
                                    "method": "modhifi-greedy"},
                      label="Prune half the MACs, then set Compensation to none and turn "
                            "BatchNorm recalibration off: watch what each one saves.")
         st.page_link("pages/prune.py", icon=":material/looks_3:",
-                     query_params={"model": model, "kind": "macs", "target": "0.5",
+                     query_params={**named, "kind": "macs", "target": "0.5",
                                    "method": "l1"},
                      label="The same cut chosen by weight size (L1), the usual baseline: "
                            "compare the accuracy, and the curve at the bottom of the page.")

@@ -1,4 +1,6 @@
 """Theory: check the two theories the method rests on, on the chosen model."""
+import math
+
 import streamlit as st
 
 from ui import cache, figures, keys, page, sidebar
@@ -60,15 +62,18 @@ def render() -> None:
 
     st.subheader("Do HiFi sets exist?")
     existence = cache.hifi_existence(chosen)
+    trained, untrained = existence.share("trained"), existence.share("untrained")
+    compared = not math.isnan(untrained)  # a zoo model's architecture is rebuilt untrained
     cols = st.columns(2)
-    cols[0].metric("Layers where < 20% of inputs reach fidelity 0.8 (trained)",
-                   f"{existence.share('trained'):.0%}")
-    cols[1].metric("…the same architecture untrained", f"{existence.share('untrained'):.0%}")
+    cols[0].metric("Layers where < 20% of inputs reach fidelity 0.8 (trained)", f"{trained:.0%}")
+    cols[1].metric("…the same architecture untrained", f"{untrained:.0%}" if compared else "—",
+                   help=None if compared else "Only for the zoo's models: a checkpoint's "
+                   "network is not rebuilt untrained here.")
     st.write("The paper's first observation: in trained networks a few inputs explain most of an "
              "output; untrained networks lack that structure. Bars: the median over output "
              "channels of the smallest share of inputs reaching fidelity 0.8, by the top-k of "
              "singleton fidelity and by the best of several random subsets.")
-    if existence.share("trained") <= existence.share("untrained"):
+    if compared and trained <= untrained:
         st.warning("On this model the observation does not hold: the untrained network has as "
                    "many layers with small HiFi sets as the trained one (small layers, where a "
                    "few inputs are a large share, make both look alike). The bars show it as "

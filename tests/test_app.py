@@ -1,5 +1,6 @@
 """Every dashboard page renders headlessly (Streamlit AppTest); controls change the numbers."""
 import ast
+import io
 import json
 import re
 from pathlib import Path
@@ -78,6 +79,26 @@ def test_moving_the_sparsity_slider_changes_accuracy_and_macs():
     assert (after["Accuracy"], after["MACs / image"]) == prune_page_numbers(
         "digits-cnn", 0.7, samples=250)
     assert float(after["MACs / image"].split()[0]) < float(before["MACs / image"].split()[0])
+
+
+def test_the_guided_links_of_a_checkpoint_name_no_server_path(tmp_path):
+    """A zoo model is named in the links (they open the same anywhere); a checkpoint's path is
+    the server's (an upload's, under its cache), so it is left out: the session keeps it."""
+    import torch
+
+    from modhifi.zoo import checkpoint_state, load_model
+
+    path = tmp_path / "mine.pt"
+    digits = load_model("digits-cnn", device=torch.device("cpu"))
+    torch.save(checkpoint_state(digits.model, base={"model": "digits-cnn", "arch": None,
+                                                    "dataset": "digits", "num_classes": 10,
+                                                    "input_shape": [1, 8, 8]}, removed={}), path)
+    app = open_page("pages/overview.py", **{"sidebar.model": "your checkpoint…",
+                                            "sidebar.checkpoint_path": str(path),
+                                            "sidebar.checkpoint_data": "digits"})
+    assert not app.exception
+    links = [link.proto.query_string for link in app.get("page_link")]
+    assert links and "method=l1" in links[-1] and not any("model=" in q for q in links)
 
 
 def test_a_bad_upload_shows_an_error_not_an_exception(tmp_path):
@@ -768,6 +789,46 @@ def test_the_theory_page_says_whether_c_l_is_a_bound(monkeypatch, kind, words):
              json.loads(app.get("plotly_chart")[0].proto.spec)["data"] if "C_l²" in trace["name"]}
     assert names == {"composition": {"bound"}, "sequential": {"heuristic"},
                      "unavailable": set()}[kind]
+
+
+def test_the_theory_page_of_a_checkpoint_with_dead_channels(tmp_path):
+    """A mask that removes only dead inputs has local and global error 0, which log axes cannot
+    show (the page raised); a checkpoint has no untrained reference ("—", not "nan%", and no
+    comparison drawn from it)."""
+    import base64
+
+    import numpy as np
+    import torch
+
+    from modhifi.requests import ModelRef, PruneRequest
+    from ui import cache
+
+    selection = cache.Selection(ModelRef("digits-cnn"), "cpu", 250)
+    state = torch.load(io.BytesIO(cache.pruned_download(selection, PruneRequest(target=0.3))[0]),
+                       weights_only=True)
+    for channel in (0, 1):  # the first BatchNorm's outputs 0 and 1: always zero after the ReLU
+        state["state_dict"]["1.weight"][channel] = state["state_dict"]["1.bias"][channel] = 0.0
+    path = tmp_path / "dead.pt"
+    torch.save(state, path)
+    app = open_page("pages/theory.py", **{"sidebar.model": "your checkpoint…",
+                                          "sidebar.checkpoint_path": str(path),
+                                          "sidebar.checkpoint_data": "digits"})
+    app.selectbox(key=keys.THEORY_LAYER).set_value("3").run()
+    assert not app.exception and not app.error
+    assert metrics(app)["…the same architecture untrained"] == "—"
+    points = [trace["x"] for trace in json.loads(app.get("plotly_chart")[0].proto.spec)["data"]
+              if trace.get("mode") == "markers"]
+    local = [np.frombuffer(base64.b64decode(x["bdata"]), x["dtype"]) if isinstance(x, dict)
+             else np.array(x) for x in points]  # plotly packs numbers as base64 bytes
+    assert local and all((x > 0).all() for x in local)
+
+
+def test_the_fidelity_page_says_how_many_images_were_analysed():
+    """The sidebar's 2,000 of digits' 300 calibration images: 300 analysed, and said."""
+    app = open_page("pages/fidelity.py", **{"sidebar.calibration": 2000})
+    assert not app.exception
+    assert any(c.value.startswith("Statistics from 300 unlabeled calibration images")
+               for c in app.caption)
 
 
 def _history_page():

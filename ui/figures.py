@@ -111,11 +111,15 @@ def confusion(matrix: list[list[int]], classes: list[str]) -> go.Figure:
 def local_global(table: pd.DataFrame, fitted: float, bound: float | None = None, *,
                  bound_name: str = "bound") -> go.Figure:
     """Measured global error against the local error of each mask, with the fitted ratio and
-    the theorem's bound C_l² × local (`bound` = C_l²; None: no line)."""
+    the theorem's bound C_l² × local (`bound` = C_l²; None: no line). Log axes: a mask that
+    removes only dead inputs (both errors 0) has no place on them and is left off."""
+    table = table[(table["local_error"] > 0) & (table["global_error"] > 0)]
     figure = px.scatter(table, x="local_error", y="global_error", color="kind", symbol="kind",
                         hover_data=["kept_share", "ratio"], log_x=True, log_y=True,
                         labels={"local_error": "local error Σ_c (1−m)ᵀQ_c(1−m)",
                                 "global_error": "global error E‖f(x) − f_m(x)‖²"})
+    if table.empty:
+        return figure
     span = np.geomspace(table["local_error"].min(), table["local_error"].max(), 20)
     figure.add_scatter(x=span, y=fitted * span, mode="lines", name=f"fitted ratio {fitted:.3g}",
                        line={"dash": "dash", "color": "grey"})

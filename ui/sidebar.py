@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import streamlit as st
@@ -143,12 +144,17 @@ def _published_data(spec: str) -> str:
                     "put it there")
 
 
+def is_zoo(name: str) -> bool:
+    """Whether `name` is one of the zoo's models (images or text): what an address may name."""
+    return name in zoo.ZOO or name in ZOO_TEXT
+
+
 def model() -> ModelRef:
     """The model picked in the sidebar: a zoo name, or the visitor's checkpoint."""
     # The sidebar's choice; before the sidebar has run (a page opened by its own address), the
     # address's model.
     name = (st.session_state.get(keys.MODEL)
-            or url.initial(keys.MODEL, lambda name: name in zoo.ZOO or name in ZOO_TEXT)
+            or url.initial(keys.MODEL, is_zoo)
             or next(iter(zoo.ZOO)))
     if name != OWN_CHECKPOINT:
         return ModelRef(name)
@@ -170,4 +176,5 @@ def selection() -> cache.Selection:
     images = min(chosen.samples, len(opened.dataset.calibration))
     for caveat in opened.dataset.caveats + prune.calibration_caveats(opened.loaded.model, images):
         st.warning(caveat)  # legal but meaningless: say so above the numbers
-    return chosen
+    # what is analysed: the pages say it, and 1,000 or 2,000 of digits' 300 are one analysis
+    return replace(chosen, samples=images)
