@@ -158,7 +158,8 @@ def test_a_class_is_found_by_its_name_before_its_index():
     from modhifi.console import class_index
 
     folder = SimpleNamespace(name="imagefolder:x", classes=("1", "10", "2", "Sandal"))
-    assert [class_index(folder, name) for name in ("1", "10", "2", "sandal", "3")] == [0, 1, 2, 3, 3]
+    found = [class_index(folder, name) for name in ("1", "10", "2", "sandal", "3")]
+    assert found == [0, 1, 2, 3, 3]
     with pytest.raises(UserError, match="out of range"):
         class_index(folder, "4")
 
