@@ -14,6 +14,7 @@ import pickle
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -159,7 +160,7 @@ def _checked_base(state: dict, path: Path) -> tuple[dict, list[dict]]:
     """The `base` entry and the removed channels (one dict per round) of a modified model's
     checkpoint, or a one-line UserError naming what is malformed."""
     base, removed = state.get("base"), state.get("removed", {})
-    steps = removed if isinstance(removed, list) else [removed]
+    steps = listed_rounds(removed)
     shape = base.get("input_shape") if isinstance(base, dict) else None
     problem = (
         "`base` is not a dict" if not isinstance(base, dict) else
@@ -364,8 +365,19 @@ def lineage(spec: str, arch: str | None, dataset: Dataset, removed: list[dict]) 
     state = read_checkpoint(Path(spec)) if spec not in ZOO and Path(spec).is_file() else {}
     base, before = (_checked_base(state, Path(spec)) if "base" in state
                     else (base_of(spec, arch, dataset), []))
-    rounds = [step for step in [*before, *removed] if step]
-    return {"base": base, "removed": rounds[0] if len(rounds) == 1 else rounds or {}}
+    return {"base": base, "removed": rounds_listing([*before, *removed])}
+
+
+def rounds_listing(rounds: Iterable[dict]) -> dict | list[dict]:
+    """Rounds of removed channels (or components) as a checkpoint or a folder lists them: one
+    round as it is, several as a list, none as {} (a round that removed nothing left out)."""
+    rounds = [step for step in rounds if step]
+    return rounds[0] if len(rounds) == 1 else rounds or {}
+
+
+def listed_rounds(listing: dict | list) -> list:
+    """The rounds a `rounds_listing` lists (its inverse)."""
+    return listing if isinstance(listing, list) else [listing] if listing else []
 
 
 def checkpoint_state(model: nn.Module, **meta) -> dict:

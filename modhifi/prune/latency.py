@@ -177,23 +177,20 @@ def cached(cache: Path | None, read: Callable[[str], T], measure: Callable[[], T
     def readable() -> T | None:
         if cache.is_file():
             try:
-                return read(cache.read_text())
+                costs = read(cache.read_text())
             except (ValueError, KeyError, TypeError):  # an older layout: measure again
-                pass
-        return None
-
-    def read_from() -> T | None:
-        if (costs := readable()) is not None:
+                return None
             progress(f"latency cost model: read from {cache}")
-        return costs
+            return costs
+        return None
 
     if cache is None:
         progress(f"latency cost model: {how}")
         return measure()
-    if (costs := read_from()) is not None:
+    if (costs := readable()) is not None:
         return costs
     with _one_at_a_time(cache.parent):
-        if (costs := read_from()) is not None:  # measured while this one waited
+        if (costs := readable()) is not None:  # measured while this one waited
             return costs
         progress(f"latency cost model: {how}, kept in {cache}")
         costs = measure()

@@ -29,7 +29,7 @@ from modhifi.text.encoder import (ZOO_TEXT, bert_of, describe, embed, load_encod
                                   read_config)
 from modhifi.text.quality import (Probe, accuracy, per_category_accuracy, sentences_per_second,
                                   train_probe)
-from modhifi.zoo import ASSETS
+from modhifi.zoo import ASSETS, listed_rounds, rounds_listing
 
 REMOVED_FILE = "modhifi_removed.json"  # in a modified model's folder: what each round removed
 BASE_KEY = "modhifi_base"  # config.json of a modified model: the zoo name or folder it came from
@@ -69,7 +69,7 @@ def removed_rounds(spec: str) -> list[dict]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserError(f"{path} cannot be read as JSON ({error}); the folder is damaged: save "
                         "the modified model again") from None
-    return listing if isinstance(listing, list) else [listing] if listing else []
+    return listed_rounds(listing)
 
 
 def reference_probe(base: str, corpus: Corpus, *, device: torch.device,
@@ -182,8 +182,7 @@ def save_text_model(model: nn.Module, out: Path, *, base: str, removed: dict,
         if widened is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in widened.items()},
                       str(staging / "model" / "model.safetensors"), metadata={"format": "pt"})
-        rounds = [step for step in (*earlier, removed) if step]
-        listing = rounds[0] if len(rounds) == 1 else rounds or {}
+        listing = rounds_listing([*earlier, removed])
         (staging / "model" / REMOVED_FILE).write_text(json.dumps(listing, indent=1) + "\n")
         os.replace(staging / "model", out)
     finally:
